@@ -121,10 +121,11 @@ def reattention_attn(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
             raise ValueError(f"pass either config or the keywords {clash}, not both")
         sink, local, chunk, topk = config.sink, config.local, config.chunk, config.topk
         query_block, rep, positions = config.query_block, config.rep, config.positions
+    # Validate everything before the selection kernel runs.
     ops.check_cache(q, k_cache, v_cache)
     if inv_freq is None:
         inv_freq = default_inv_freq(q.shape[-1], rope_theta, q.device)
-    backend = ops.resolve_backend(backend, q)
+    ops.check_attention_args(q, inv_freq, scale, rope_scale, rope_style, positions)
     idx = select_chunks(q, k_cache, cache_seqlens, reps=reps, sink=sink, local=local,
                         chunk=chunk, topk=topk, query_block=query_block, rep=rep,
                         backend=backend)

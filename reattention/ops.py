@@ -374,10 +374,11 @@ def select_chunks(q: torch.Tensor, k_cache: torch.Tensor,
     check_params(sink=sink, local=local, chunk=chunk, topk=topk, query_block=query_block)
     _check_choice("rep", rep, REP_MODES)
     seqlens = check_seqlens(cache_seqlens, k_cache, q.shape[2])
+    if reps is not None or rep == "max":
+        check_reps(reps, k_cache, lq=q.shape[2], sink=sink, local=local, chunk=chunk, rep=rep)
     be = resolve_backend(backend, q)
-    if rep != "max" and reps is None:
+    if reps is None and rep != "max":
         reps = chunk_reps(k_cache, seqlens, sink=sink, chunk=chunk, rep=rep, backend=be)
-    check_reps(reps, k_cache, lq=q.shape[2], sink=sink, local=local, chunk=chunk, rep=rep)
     q, k_cache = q.contiguous(), k_cache.contiguous()
     if be == "reference":
         return reference.select_chunks_ref(q, k_cache, reps, seqlens, sink, local, chunk, topk,
@@ -385,6 +386,21 @@ def select_chunks(q: torch.Tensor, k_cache: torch.Tensor,
     reps = reps.contiguous() if reps is not None else None
     return _op("select_chunks", be)(q, k_cache, reps, seqlens, sink, local, chunk, topk, rep,
                                     query_block)
+
+
+def check_attention_args(q: torch.Tensor, inv_freq: torch.Tensor, scale, rope_scale,
+                         rope_style: str, positions: str) -> tuple[torch.Tensor, float]:
+    """Validate the RoPE/softmax arguments; return (float32 inv_freq on q's device, scale)."""
+    _check_choice("rope_style", rope_style, ROPE_STYLES)
+    _check_choice("positions", positions, POSITION_MODES)
+    _need(isinstance(rope_scale, (int, float)) and math.isfinite(rope_scale),
+          f"rope_scale must be a finite number, got {rope_scale!r}")
+    inv_freq = check_inv_freq(inv_freq, q)
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    _need(isinstance(scale, (int, float)) and math.isfinite(scale),
+          f"scale must be a finite number or None, got {scale!r}")
+    return inv_freq, float(scale)
 
 
 def check_idx(idx, q: torch.Tensor, k_cache: torch.Tensor, query_block: int) -> None:
@@ -425,23 +441,15 @@ def gather_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     """
     check_cache(q, k_cache, v_cache)
     check_params(sink=sink, local=local, chunk=chunk, query_block=query_block)
-    _check_choice("rope_style", rope_style, ROPE_STYLES)
-    _check_choice("positions", positions, POSITION_MODES)
-    _need(isinstance(rope_scale, (int, float)) and math.isfinite(rope_scale),
-          f"rope_scale must be a finite number, got {rope_scale!r}")
+    inv_freq, scale = check_attention_args(q, inv_freq, scale, rope_scale, rope_style, positions)
     check_idx(idx, q, k_cache, query_block)
     seqlens = check_seqlens(cache_seqlens, k_cache, q.shape[2])
-    inv_freq = check_inv_freq(inv_freq, q)
-    if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[-1])
-    _need(isinstance(scale, (int, float)) and math.isfinite(scale),
-          f"scale must be a finite number or None, got {scale!r}")
     be = resolve_backend(backend, q)
     q, k_cache, v_cache, idx = (t.contiguous() for t in (q, k_cache, v_cache, idx))
     if be == "reference":
         return reference.gather_attention_ref(q, k_cache, v_cache, seqlens, idx, inv_freq, sink,
-                                              local, chunk, query_block, float(scale),
+                                              local, chunk, query_block, scale,
                                               float(rope_scale), rope_style, positions)
     return _op("gather_attention", be)(q, k_cache, v_cache, seqlens, idx, inv_freq, sink, local,
-                                       chunk, query_block, float(scale), float(rope_scale),
+                                       chunk, query_block, scale, float(rope_scale),
                                        rope_style, positions)

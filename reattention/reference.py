@@ -78,8 +78,12 @@ def apply_rope(x: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor,
     """
     half = inv_freq.shape[0]
     r = 2 * half
-    ang = rope_angles(pos, inv_freq).to(x.dtype)
-    cos, sin = ang.cos() * rope_scale, ang.sin() * rope_scale
+    ang = rope_angles(pos, inv_freq)
+    if x.dtype == torch.float64:
+        ang = ang.to(torch.float64)
+    # cos/sin in (at least) float32, then rounded to x's dtype, as Hugging Face does.
+    cos = (ang.cos() * rope_scale).to(x.dtype)
+    sin = (ang.sin() * rope_scale).to(x.dtype)
     out = x.clone()
     if style == "half":
         x1, x2 = x[..., :half], x[..., half:r]
@@ -210,6 +214,7 @@ def gather_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
                          inv_freq: torch.Tensor, sink: int, local: int, chunk: int,
                          query_block: int, scale: float, rope_scale: float = 1.0,
                          rope_style: str = "half", positions: str = "compact",
+                         compute_dtype: torch.dtype | None = None,
                          ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention over [sink | selected chunks | local] with RoPE at re-assigned positions.
 
@@ -219,6 +224,8 @@ def gather_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     k_cache, v_cache : [B, Hkv, Nmax, D] raw keys and values.
     idx : int32 [B, Hkv, n_blocks, topk], ascending, -1 padded (from ``select_chunks``).
     positions : "compact" (key r of the gathered sequence at position r) or "original".
+    compute_dtype : arithmetic dtype, default float32 (float64 for float64 inputs). Tests pass
+        q's own low-precision dtype to measure PyTorch's rounding error (STYLE.md tolerance).
 
     Returns
     -------
@@ -227,7 +234,7 @@ def gather_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     b_, hq, lq, d = q.shape
     hkv, nmax = k_cache.shape[1], k_cache.shape[2]
     g = hq // hkv
-    acc = _acc_dtype(q)
+    acc = compute_dtype or _acc_dtype(q)
     dev = q.device
     out = torch.empty(b_, hq, lq, d, dtype=acc, device=dev)
     lse = torch.empty(b_, hq, lq, dtype=acc, device=dev)

@@ -1,0 +1,49 @@
+"""Shared fixtures: the backend list and how each one is skipped or required.
+
+Set REATTENTION_REQUIRE=cpu,triton (CI does) to turn a skip of those backends into a
+failure, so a broken build can never pass as "skipped".
+"""
+import os
+
+import pytest
+import torch
+
+from reattention import ops
+
+PARITY_BACKENDS = ["reference", "cpu", "triton", "cuda"]
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA device")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def device_for(backend: str) -> str:
+    """The device a backend's parity test runs on; skips "cuda" on a machine without one."""
+    if backend == "cuda" and not torch.cuda.is_available():
+        pytest.skip("the cuda backend needs a CUDA device")
+    if backend == "cuda" or (backend == "triton" and torch.cuda.is_available()):
+        return "cuda"
+    return "cpu"
+
+
+def require(backend: str, like: torch.Tensor) -> None:
+    """Skip (or fail, when required) if ``backend`` cannot run tensors like ``like``."""
+    why = ops._kernel_refusal(backend, like)
+    if why is None:
+        return
+    required = os.environ.get("REATTENTION_REQUIRE", "").split(",")
+    # A head dim or dtype a kernel does not support is a legitimate skip; an absent
+    # backend that CI requires is a failure.
+    unsupported = ("head dims" in why) or ("takes float16" in why) or ("float64" in why)
+    if backend in required and not unsupported:
+        pytest.fail(f"backend {backend!r} is required but unavailable: {why}")
+    pytest.skip(why)

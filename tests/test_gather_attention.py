@@ -1,0 +1,82 @@
+"""gather_attention and reattention_attn parity against the reference (STYLE.md rule)."""
+import math
+
+import pytest
+import torch
+
+import reattention
+from reattention import reference
+from reattention.testing import assert_close_rule, lowp_attention, make_inputs
+
+from cases import CASES, IDS
+from conftest import PARITY_BACKENDS, device_for, require
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+ROPE = [("half", "compact", 1.0), ("interleaved", "original", 1.0), ("half", "compact", 1.25)]
+
+
+def check_against_reference(case, q, k, v, lens, idx, inv_freq, out, lse, scale, style,
+                            positions, rope_scale):
+    dtype = q.dtype
+    cpu = [None if t is None else t.cpu() for t in (q, k, v, lens, idx, inv_freq)]
+    q_, k_, v_, lens_, idx_, inv_ = cpu
+    kw = dict(rope_scale=rope_scale, rope_style=style, positions=positions)
+    ref, ref_lse = reference.gather_attention_ref(q_.float(), k_.float(), v_.float(), lens_, idx_,
+                                                  inv_, case.sink, case.local, case.chunk,
+                                                  case.query_block, scale, **kw)
+    low, low_lse = lowp_attention(q_, k_, v_, lens_, idx_, inv_, case, scale, **kw)
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    assert_close_rule(out.cpu(), ref, low, dtype, "out")
+    assert_close_rule(lse.cpu(), ref_lse, low_lse, dtype, "lse")
+
+
+@pytest.mark.parametrize("backend", PARITY_BACKENDS)
+@pytest.mark.parametrize("style,positions,rope_scale", ROPE, ids=lambda x: str(x))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_gather_attention(case, dtype, style, positions, rope_scale, backend):
+    q, k, v, lens, inv_freq = make_inputs(case, dtype, device_for(backend))
+    require(backend, q)
+    idx = reference.select_chunks_ref(q.cpu(), k.cpu(), None,
+                                      None if lens is None else lens.cpu(), case.sink,
+                                      case.local, case.chunk, case.topk, "max",
+                                      case.query_block).to(q.device)
+    scale = 1 / math.sqrt(case.d)
+    out, lse = reattention.gather_attention(q, k, v, idx, lens, inv_freq=inv_freq,
+                                            sink=case.sink, local=case.local, chunk=case.chunk,
+                                            query_block=case.query_block, scale=scale,
+                                            rope_scale=rope_scale, rope_style=style,
+                                            positions=positions, backend=backend)
+    check_against_reference(case, q, k, v, lens, idx, inv_freq, out, lse, scale, style,
+                            positions, rope_scale)
+
+
+@pytest.mark.parametrize("backend", PARITY_BACKENDS)
+@pytest.mark.parametrize("rep", ["max", "bound", "mean"])
+@pytest.mark.parametrize("case", CASES[:4], ids=IDS[:4])
+def test_reattention_attn(case, rep, backend):
+    """End to end: the backend's own selection, then outputs vs the reference on that idx."""
+    dtype = torch.bfloat16
+    q, k, v, lens, inv_freq = make_inputs(case, dtype, device_for(backend))
+    require(backend, q)
+    kw = dict(sink=case.sink, local=case.local, chunk=case.chunk, topk=case.topk,
+              query_block=case.query_block, rep=rep)
+    out, lse = reattention.reattention_attn(q, k, v, lens, inv_freq=inv_freq, backend=backend,
+                                            return_lse=True, **kw)
+    idx = reattention.select_chunks(q, k, lens, backend=backend, **kw)
+    check_against_reference(case, q, k, v, lens, idx, inv_freq, out, lse, 1 / math.sqrt(case.d),
+                            "half", "compact", 1.0)
+
+
+def test_config_matches_keywords():
+    case = CASES[0]
+    q, k, v, lens, _ = make_inputs(case, torch.float32)
+    cfg = reattention.ReAttentionConfig(sink=case.sink, local=case.local, chunk=case.chunk,
+                                        topk=case.topk, query_block=case.query_block)
+    a = reattention.reattention_attn(q, k, v, lens, config=cfg, backend="reference")
+    b = reattention.reattention_attn(q, k, v, lens, sink=case.sink, local=case.local,
+                                     chunk=case.chunk, topk=case.topk,
+                                     query_block=case.query_block, backend="reference")
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="either config or the keywords"):
+        reattention.reattention_attn(q, k, v, config=cfg, topk=case.topk + 1)

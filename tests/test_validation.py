@@ -1,0 +1,90 @@
+"""Every bad input of DESIGN.md section 3 raises ValueError naming the argument, per backend."""
+import pytest
+import torch
+
+import reattention
+
+BACKENDS = ["auto", "reference", "cpu", "triton", "cuda"]
+
+
+def inputs(**over):
+    t = dict(q=torch.randn(1, 4, 2, 16), k=torch.randn(1, 2, 300, 16),
+             v=torch.randn(1, 2, 300, 16), lens=None)
+    t.update(over)
+    return t
+
+
+KW = dict(sink=4, local=32, chunk=8, topk=2, query_block=4, rep="max")
+
+BAD = {
+    "q rank": (dict(q=torch.randn(4, 2, 16)), {}, "q must have 4 dims"),
+    "k rank": (dict(k=torch.randn(2, 300, 16)), {}, "k_cache must have 4 dims"),
+    "v shape": (dict(v=torch.randn(1, 2, 299, 16)), {}, "v_cache shape"),
+    "k dtype": (dict(k=torch.randn(1, 2, 300, 16, dtype=torch.float16)), {}, "k_cache dtype"),
+    "v dtype": (dict(v=torch.randn(1, 2, 300, 16, dtype=torch.bfloat16)), {}, "v_cache dtype"),
+    "q dtype": (dict(q=torch.randint(0, 3, (1, 4, 2, 16)), k=torch.randint(0, 3, (1, 2, 300, 16)),
+                     v=torch.randint(0, 3, (1, 2, 300, 16))), {}, "q must be float16"),
+    "device": (dict(k=torch.randn(1, 2, 300, 16, device="meta")), {}, "k_cache is on meta"),
+    "gqa": (dict(q=torch.randn(1, 3, 2, 16)), {}, "multiple of k_cache heads"),
+    "odd D": (dict(q=torch.randn(1, 4, 2, 15), k=torch.randn(1, 2, 300, 15),
+                   v=torch.randn(1, 2, 300, 15)), {}, "head dim D"),
+    "batch": (dict(k=torch.randn(2, 2, 300, 16), v=torch.randn(2, 2, 300, 16)), {}, "k_cache must be"),
+    "lens low": (dict(lens=torch.tensor([1], dtype=torch.int32)), {}, "cache_seqlens must lie in"),
+    "lens high": (dict(lens=torch.tensor([301], dtype=torch.int32)), {}, "cache_seqlens must lie in"),
+    "lens dtype": (dict(lens=torch.tensor([100])), {}, "cache_seqlens must be int32"),
+    "lens size": (dict(lens=torch.tensor([100, 100], dtype=torch.int32)), {}, "cache_seqlens must have"),
+    "topk": ({}, dict(topk=0), "topk must be an int >= 1"),
+    "chunk": ({}, dict(chunk=0), "chunk must be an int >= 1"),
+    "sink": ({}, dict(sink=-1), "sink must be an int >= 0"),
+    "local": ({}, dict(local=-5), "local must be an int >= 0"),
+    "query_block": ({}, dict(query_block=0), "query_block must be an int >= 1"),
+    "mode": ({}, dict(rep="median"), "rep must be one of"),
+    "rope_style": ({}, dict(rope_style="neox"), "rope_style must be one of"),
+    "positions": ({}, dict(positions="absolute"), "positions must be one of"),
+    "inv_freq": ({}, dict(inv_freq=torch.ones(9)), "inv_freq must have between 1 and D/2"),
+    "reps with max": ({}, dict(reps=torch.zeros(1, 2, 37, 16)), "reps must be None with rep='max'"),
+    "reps shape": ({}, dict(rep="mean", reps=torch.zeros(1, 2, 37, 8)), "reps for rep='mean'"),
+    "backend": ({}, dict(backend="metal"), "backend must be one of"),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", list(BAD))
+def test_bad_input_raises_value_error(name, backend):
+    t_over, kw_over, msg = BAD[name]
+    t = inputs(**t_over)
+    kw = dict(KW, backend=backend)
+    kw.update(kw_over)
+    with pytest.raises(ValueError, match=msg):
+        reattention.reattention_attn(t["q"], t["k"], t["v"], t["lens"], **kw)
+
+
+def test_named_backend_that_cannot_run_says_why():
+    t = inputs()
+    with pytest.raises(ValueError, match="backend='cuda' cannot run this call"):
+        reattention.reattention_attn(t["q"], t["k"], t["v"], backend="cuda", **KW)
+
+
+def test_chunk_reps_rejects_max_and_bad_start():
+    k = torch.randn(1, 2, 100, 16)
+    with pytest.raises(ValueError, match="rep must be one of"):
+        reattention.chunk_reps(k, sink=4, chunk=8, rep="max")
+    with pytest.raises(ValueError, match="start_chunk must be"):
+        reattention.chunk_reps(k, sink=4, chunk=8, rep="bound", start_chunk=-1)
+
+
+def test_gather_attention_checks_idx():
+    t = inputs()
+    inv = reattention.default_inv_freq(16)
+    for idx, msg in ((torch.zeros(1, 2, 1, 2), "idx must be int32"),
+                     (torch.zeros(1, 2, 3, 2, dtype=torch.int32), r"idx must be \[B=1")):
+        with pytest.raises(ValueError, match=msg):
+            reattention.gather_attention(t["q"], t["k"], t["v"], idx, inv_freq=inv, sink=4,
+                                         local=32, chunk=8, query_block=4)
+
+
+def test_config_validates():
+    with pytest.raises(ValueError, match="topk must be"):
+        reattention.ReAttentionConfig(topk=0)
+    with pytest.raises(ValueError, match="rep must be one of"):
+        reattention.ReAttentionConfig(rep="avg")
