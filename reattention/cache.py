@@ -83,6 +83,7 @@ class LayerCache:
         self.reps: torch.Tensor | None = None
         self.cache_seqlens: torch.Tensor | None = None
         self.length = 0
+        self._first_capacity = 0  # raised by reserve() before the first append
 
     # ------------------------------------------------------------------ views and sizes
     @property
@@ -134,18 +135,20 @@ class LayerCache:
         self.length = 0
 
     def reserve(self, n: int) -> None:
-        """Make room for ``n`` tokens in total, reallocating at most once (needs allocation).
+        """Make room for ``n`` tokens in total, reallocating at most once.
 
         Use it before a long prefill whose length is known, so the cache is not regrown on
-        the way (each regrowth briefly holds the old and the new buffers).
+        the way (each regrowth briefly holds the old and the new buffers). Before the first
+        append it only sets the size of the first allocation.
         """
-        if not self.is_allocated:
-            raise ValueError("reserve() needs the buffers' shape: call allocate() or append() first")
-        if n <= self.capacity:
-            return
         if self.max_length is not None:
-            raise ValueError(f"cannot hold {n} tokens: max_length={self.max_length}")
-        self._regrow(_aligned(n))
+            if n > self.max_length:
+                raise ValueError(f"cannot hold {n} tokens: max_length={self.max_length}")
+            return
+        if not self.is_allocated:
+            self._first_capacity = max(self._first_capacity, _aligned(n))
+        elif n > self.capacity:
+            self._regrow(_aligned(n))
 
     def _regrow(self, capacity: int) -> None:
         b, h, _, d = self.k_buffer.shape
@@ -184,8 +187,8 @@ class LayerCache:
             raise ValueError(f"v shape {tuple(v.shape)} must equal k shape {tuple(k.shape)}")
         b, h, n_new, d = k.shape
         if not self.is_allocated:
-            first = self.max_length if self.max_length is not None else _aligned(
-                max(n_new, _MIN_CAPACITY))
+            first = self.max_length if self.max_length is not None else max(
+                _aligned(max(n_new, _MIN_CAPACITY)), self._first_capacity)
             self.allocate(b, h, d, k.dtype, k.device, first)
         want = self.k_buffer.shape
         if (b, h, d) != (want[0], want[1], want[3]):

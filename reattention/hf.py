@@ -1,0 +1,449 @@
+"""Hugging Face transformers integration: any RoPE decoder, unchanged model code.
+
+:func:`enable` turns a stock transformers model into a ReAttention model in place:
+
+* the model's rotary module is hooked to return ``cos = 1, sin = 0``, so the model's own
+  ``apply_rotary_pos_emb`` becomes an exact identity: the cache receives raw keys and the
+  attention function raw queries;
+* an attention function registered as ``"reattention"`` in ``transformers.AttentionInterface``
+  applies RoPE itself at re-assigned positions (through :func:`reattention.reattention_attn`),
+  with the ``inv_freq`` and ``attention_scaling`` taken from the original rotary module, so
+  default, linear, llama3, yarn, dynamic and longrope scalings carry over (dynamic and
+  longrope at their trained-length frequencies);
+* no mask function is registered for it, so ``create_causal_mask`` returns None and no
+  N x N mask is ever built; the attention function is causal by construction. Padding
+  masks are refused by a check on the decoder's inputs.
+
+:class:`ReAttentionCache` is a transformers ``Cache`` whose layers are
+:class:`reattention.cache.LayerCache` buffers (raw K/V written in place, chunk reps kept
+current), and :func:`prefill` feeds a long prompt through it in chunks.
+
+Example
+-------
+>>> import reattention
+>>> from reattention import hf
+>>> cfg = reattention.ReAttentionConfig(sink=64, local=4096, chunk=64, topk=32, rep="max")
+>>> model = hf.enable(model, cfg)
+>>> cache = hf.ReAttentionCache(model, cfg)
+>>> logits = hf.prefill(model, input_ids, cache, chunk_size=4096)
+>>> out = model.generate(input_ids, past_key_values=cache, max_new_tokens=32)
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import warnings
+
+import torch
+import transformers
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from . import ReAttentionConfig, ops, reattention_attn
+from .cache import LayerCache
+
+__all__ = ["enable", "disable", "is_enabled", "ReAttentionCache", "prefill", "ATTN_NAME"]
+
+ATTN_NAME = "reattention"
+# Rope types whose inv_freq depends on the sequence length: we fix it at the trained length.
+_LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
+# Attribute that carries the per-model state on the model and on its attention modules.
+_STATE_ATTR = "_reattention_state"
+# Attribute that ties the key tensor returned by a cache update to its LayerCache.
+_LAYER_TAG = "_reattention_layer"
+
+
+@dataclasses.dataclass
+class _State:
+    config: ReAttentionConfig
+    inv_freq: torch.Tensor  # float32 [R/2], moved to the queries' device on first use there
+    rope_scale: float
+    rope_style: str
+    backend: str
+    trained_length: int
+    previous_attn: str
+    hooks: list
+    tagged: list
+    warned_scope: bool = False
+
+    def inv_freq_on(self, device: torch.device) -> torch.Tensor:
+        if self.inv_freq.device != device:
+            self.inv_freq = self.inv_freq.to(device)
+        return self.inv_freq
+
+
+# --------------------------------------------------------------------------- attention
+def _warn_scope(state: _State, n: int, lq: int) -> None:
+    """Warn once when re-assigned positions can leave the model's trained range.
+
+    Under compact positions the last query sits below sink + topk*chunk + (N - mid_end),
+    and N - mid_end < local + chunk + Lq; with N tokens in all it is also below N.
+    """
+    cfg = state.config
+    reach = min(n, cfg.scope + cfg.chunk + lq)
+    if state.warned_scope or reach <= state.trained_length:
+        return
+    state.warned_scope = True
+    warnings.warn(
+        f"reattention: positions reach {reach} > the model's trained length "
+        f"{state.trained_length} (sink {cfg.sink} + topk*chunk {cfg.topk * cfg.chunk} + local "
+        f"{cfg.local} + chunk {cfg.chunk} + {lq} queries); use smaller local/topk or a "
+        f"smaller prefill chunk_size", stacklevel=3)
+
+
+def _attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
+               value: torch.Tensor, attention_mask: torch.Tensor | None,
+               scaling: float | None = None, dropout: float = 0.0,
+               sliding_window: int | None = None, softcap: float | None = None, **kwargs):
+    """The ``"reattention"`` entry of ``transformers.AttentionInterface``.
+
+    Parameters
+    ----------
+    module : the model's attention module (carries the state set by :func:`enable`).
+    query : [B, Hq, Lq, D] raw queries of the newest Lq tokens.
+    key, value : [B, Hkv, N, D] raw keys/values; when they come from a
+        :class:`ReAttentionCache` their full buffers, lengths and reps are used instead.
+    attention_mask : must be None (no mask function is registered for this attention).
+
+    Returns
+    -------
+    (out [B, Lq, Hq, D], None)
+    """
+    state = getattr(module, _STATE_ATTR, None)
+    if state is None:
+        raise RuntimeError(f"attn_implementation {ATTN_NAME!r} needs reattention.hf.enable(model)")
+    if dropout:
+        raise ValueError("reattention: attention dropout (training) is not supported")
+    if softcap is not None:
+        raise ValueError(f"reattention: attention logit softcapping (softcap={softcap}) is not "
+                         f"supported")
+    if attention_mask is not None:
+        raise ValueError("reattention: attention masks are not supported (no padding, no custom "
+                         "4-D masks); causality is built in")
+    layer = getattr(key, _LAYER_TAG, None)
+    if layer is not None:
+        k_cache, v_cache, seqlens, reps = (layer.k_buffer, layer.v_buffer, layer.cache_seqlens,
+                                           layer.reps)
+        n = layer.length
+    else:
+        # No ReAttention cache (use_cache=False or a stock cache): the keys are the whole
+        # sequence, queries last; reps for bound/mean are computed on the fly.
+        k_cache, v_cache, seqlens, reps = key, value, None, None
+        n = key.shape[2]
+    if sliding_window is not None and n > sliding_window:
+        raise ValueError(f"reattention: this layer uses sliding-window attention (window "
+                         f"{sliding_window}) and {n} tokens exceed the window; sliding-window "
+                         f"layers are not supported past their window")
+    _warn_scope(state, n, query.shape[2])
+    out = reattention_attn(query, k_cache, v_cache, seqlens, config=state.config, reps=reps,
+                           inv_freq=state.inv_freq_on(query.device),
+                           rope_scale=state.rope_scale, rope_style=state.rope_style,
+                           scale=scaling, backend=state.backend)
+    return out.transpose(1, 2), None
+
+
+transformers.AttentionInterface.register(ATTN_NAME, _attention)
+
+
+# --------------------------------------------------------------------------- hooks
+def _identity_rotary(module, args, output):
+    """Replace (cos, sin) by (1, 0): apply_rotary_pos_emb then returns q and k unchanged."""
+    cos, sin = output
+    return torch.ones_like(cos), torch.zeros_like(sin)
+
+
+def _refuse_masks(module, args, kwargs):
+    """Decoder pre-hook: masks are dropped by create_causal_mask, so refuse padding here."""
+    mask = kwargs.get("attention_mask")
+    if mask is None:
+        return None
+    if mask.dim() != 2:
+        raise ValueError(f"reattention: custom {mask.dim()}-D attention masks are not supported")
+    if not bool(mask.all()):
+        raise ValueError("reattention: padded batches are not supported (attention_mask has "
+                         "zeros); run sequences one at a time or batch equal lengths unpadded")
+    return None
+
+
+def _find_rotary(decoder: torch.nn.Module) -> torch.nn.Module:
+    rotary = getattr(decoder, "rotary_emb", None)
+    if rotary is None:
+        found = [m for m in decoder.modules() if isinstance(getattr(m, "inv_freq", None),
+                                                            torch.Tensor)]
+        if len(found) != 1:
+            raise ValueError(f"reattention: expected exactly one rotary embedding module in "
+                             f"{type(decoder).__name__}, found {len(found)}; models with "
+                             f"several (e.g. per-layer-type RoPE) are not supported")
+        rotary = found[0]
+    if not isinstance(getattr(rotary, "rope_type", None), str):
+        raise ValueError(f"reattention: {type(rotary).__name__} has per-layer-type RoPE "
+                         f"(rope_type={getattr(rotary, 'rope_type', None)!r}); not supported")
+    return rotary
+
+
+def _rope_of(rotary: torch.nn.Module, text_config) -> tuple[torch.Tensor, float, int]:
+    """(inv_freq float32 [R/2], attention scaling, trained length) of a rotary module."""
+    if rotary.rope_type in _LENGTH_DEPENDENT_ROPE:
+        # The frequencies valid at the trained length: re-assigned positions stay below it.
+        inv_freq = rotary.original_inv_freq
+    else:
+        inv_freq = rotary.inv_freq
+    trained = text_config.max_position_embeddings
+    if rotary.rope_type == "longrope":
+        # longrope's short factors are what the model saw up to its original length.
+        trained = text_config.rope_parameters.get("original_max_position_embeddings", trained)
+    return inv_freq.detach().to(torch.float32).clone(), float(rotary.attention_scaling), trained
+
+
+# --------------------------------------------------------------------------- enable/disable
+def is_enabled(model: torch.nn.Module) -> bool:
+    """True when :func:`enable` is in effect on ``model``."""
+    return isinstance(getattr(model, _STATE_ATTR, None), _State)
+
+
+def enable(model: "transformers.PreTrainedModel", config: ReAttentionConfig | None = None, *,
+           backend: str = "auto", rope_style: str = "half") -> "transformers.PreTrainedModel":
+    """Make ``model`` use ReAttention, in place; :func:`disable` restores stock behaviour.
+
+    Parameters
+    ----------
+    model : a transformers decoder with rotary position embedding (Llama, Mistral, Qwen2,
+        Qwen3, ...) whose attention goes through ``AttentionInterface``.
+    config : ReAttentionConfig, default ``ReAttentionConfig()``.
+    backend : backend of the ops ("auto", "cpu", "cuda", "triton", "reference").
+    rope_style : "half" (the transformers convention, default) or "interleaved".
+
+    Returns
+    -------
+    The same model object.
+
+    Example
+    -------
+    >>> model = hf.enable(model, reattention.ReAttentionConfig(sink=64, local=4096))
+    >>> hf.disable(model)
+    """
+    config = ReAttentionConfig() if config is None else config
+    if not isinstance(config, ReAttentionConfig):
+        raise ValueError(f"config must be a ReAttentionConfig, got {type(config).__name__}")
+    if backend not in ops.BACKENDS:
+        raise ValueError(f"backend must be one of {ops.BACKENDS}, got {backend!r}")
+    if rope_style not in ops.ROPE_STYLES:
+        raise ValueError(f"rope_style must be one of {ops.ROPE_STYLES}, got {rope_style!r}")
+    if is_enabled(model):
+        disable(model)
+    decoder = model.get_decoder()
+    rotary = _find_rotary(decoder)
+    text_config = model.config.get_text_config(decoder=True)
+    inv_freq, rope_scale, trained = _rope_of(rotary, text_config)
+    state = _State(config=config, inv_freq=inv_freq, rope_scale=rope_scale,
+                   rope_style=rope_style, backend=backend, trained_length=trained,
+                   previous_attn=model.config._attn_implementation, hooks=[], tagged=[])
+    model.set_attn_implementation(ATTN_NAME)
+    state.hooks.append(rotary.register_forward_hook(_identity_rotary))
+    state.hooks.append(decoder.register_forward_pre_hook(_refuse_masks, with_kwargs=True))
+    # Attention modules are the ones that know their layer; the attention function gets
+    # the module, so the state rides on it.
+    for m in [model, *(m for m in decoder.modules() if hasattr(m, "layer_idx"))]:
+        setattr(m, _STATE_ATTR, state)
+        state.tagged.append(m)
+    return model
+
+
+def disable(model: "transformers.PreTrainedModel") -> "transformers.PreTrainedModel":
+    """Undo :func:`enable`: remove the hooks and restore the previous attention implementation.
+
+    Returns the same model object; a no-op when ReAttention is not enabled.
+    """
+    state = getattr(model, _STATE_ATTR, None)
+    if not isinstance(state, _State):
+        return model
+    for h in state.hooks:
+        h.remove()
+    for m in state.tagged:
+        delattr(m, _STATE_ATTR)
+    model.set_attn_implementation(state.previous_attn)
+    return model
+
+
+def _require_state(model) -> _State:
+    state = getattr(model, _STATE_ATTR, None)
+    if not isinstance(state, _State):
+        raise ValueError("reattention: call reattention.hf.enable(model, config) first")
+    return state
+
+
+# --------------------------------------------------------------------------- cache
+class ReAttentionLayer(CacheLayerMixin):
+    """A transformers cache layer backed by a :class:`reattention.cache.LayerCache`.
+
+    ``update`` appends raw K/V in place and returns views [B, Hkv, N, D] of the valid tokens
+    (what any attention function expects); the key view also carries its LayerCache so the
+    ReAttention attention function reads the full buffers, lengths and reps instead.
+    """
+
+    is_compileable = False
+    is_sliding = False
+    is_croppable = True
+
+    def __init__(self, config: ReAttentionConfig, max_length: int | None = None,
+                 backend: str = "auto"):
+        super().__init__()
+        self.kv = LayerCache(config, max_length=max_length, backend=backend)
+
+    def _publish(self) -> None:
+        self.keys, self.values = self.kv.keys, self.kv.values
+        if self.keys is not None:
+            setattr(self.keys, _LAYER_TAG, self.kv)
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        b, h, _, d = key_states.shape
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.kv.allocate(b, h, d, key_states.dtype, key_states.device)
+        self.is_initialized = True
+        self._publish()
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs,
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        self.kv.append(key_states, value_states)
+        if not self.is_initialized:
+            self.dtype, self.device = key_states.dtype, key_states.device
+            self.is_initialized = True
+        self._publish()
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.kv.length
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.kv.length + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1 if self.kv.max_length is None else self.kv.max_length
+
+    def reset(self) -> None:
+        self.kv.reset()
+        self._publish()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Negative: remove that many tokens; positive (legacy): keep that many at most."""
+        n = self.kv.length
+        keep = min(tokens_to_remove, n) if tokens_to_remove > 0 else max(0, n + tokens_to_remove)
+        self.kv.crop(keep)
+        self._publish()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.kv.select_batch(beam_idx)
+        self._publish()
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.kv.is_allocated:
+            b = self.kv.k_buffer.shape[0]
+            self.kv.select_batch(torch.arange(b).repeat_interleave(repeats))
+            self._publish()
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        indices = torch.as_tensor(indices)
+        if indices.dtype == torch.bool:
+            indices = indices.nonzero().flatten()
+        self.kv.select_batch(indices)
+        self._publish()
+
+
+class ReAttentionCache(Cache):
+    """A transformers ``Cache`` of raw keys and values for a model with ReAttention enabled.
+
+    Parameters
+    ----------
+    model : a model passed to :func:`enable`.
+    config : ReAttentionConfig, default the one given to :func:`enable` (must equal it).
+    max_length : int, optional
+        Preallocate every layer for this many tokens (appending past it raises); default
+        grows geometrically.
+    backend : backend for the rep updates, default the one given to :func:`enable`.
+
+    Example
+    -------
+    >>> cache = hf.ReAttentionCache(model)
+    >>> out = model.generate(input_ids, past_key_values=cache, max_new_tokens=32)
+    """
+
+    def __init__(self, model: "transformers.PreTrainedModel",
+                 config: ReAttentionConfig | None = None, *, max_length: int | None = None,
+                 backend: str | None = None):
+        state = _require_state(model)
+        if config is not None and config != state.config:
+            raise ValueError(f"config {config} differs from the one given to enable(): "
+                             f"{state.config}")
+        text_config = model.config.get_text_config(decoder=True)
+        layers = [ReAttentionLayer(state.config, max_length,
+                                   state.backend if backend is None else backend)
+                  for _ in range(text_config.num_hidden_layers)]
+        super().__init__(layers=layers)
+        self.config = state.config
+
+    def reserve(self, n: int) -> None:
+        """Make room for ``n`` tokens in every layer (before or after the first update)."""
+        for layer in self.layers:
+            layer.kv.reserve(n)
+
+
+# --------------------------------------------------------------------------- prefill
+@torch.no_grad()
+def prefill(model: "transformers.PreTrainedModel", input_ids: torch.Tensor,
+            cache: ReAttentionCache, chunk_size: int = 4096, progress: bool = True, *,
+            reserve_new_tokens: int = 1024) -> torch.Tensor:
+    """Feed a long prompt through the model in chunks and return the last token's logits.
+
+    The cache then holds every prompt token but the last, so that
+    ``model.generate(input_ids, past_key_values=cache, ...)`` (which feeds the tokens the
+    cache lacks) starts by feeding exactly that one. A non-empty cache is treated as
+    holding ``input_ids[:, :cache.get_seq_length()]``.
+
+    Parameters
+    ----------
+    model : a model passed to :func:`enable`.
+    input_ids : int64 [B, L], unpadded.
+    cache : a :class:`ReAttentionCache` of this model.
+    chunk_size : prompt tokens per forward pass (queries per ReAttention call).
+    progress : show a tqdm progress bar.
+    reserve_new_tokens : room reserved beyond the prompt, so generation does not regrow the
+        buffers at once.
+
+    Returns
+    -------
+    logits : [B, vocab] float, the next-token logits after the whole prompt.
+
+    Example
+    -------
+    >>> logits = hf.prefill(model, input_ids, cache, chunk_size=4096)
+    >>> out = model.generate(input_ids, past_key_values=cache, max_new_tokens=32)
+    """
+    _require_state(model)
+    if not isinstance(cache, ReAttentionCache):
+        raise ValueError(f"cache must be a ReAttentionCache, got {type(cache).__name__}")
+    if not (isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2):
+        raise ValueError(f"input_ids must be a [B, L] tensor, got "
+                         f"{getattr(input_ids, 'shape', type(input_ids).__name__)}")
+    if not (isinstance(chunk_size, int) and chunk_size >= 1):
+        raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
+    total = input_ids.shape[1]
+    start = cache.get_seq_length()
+    if start >= total:
+        raise ValueError(f"the cache already holds {start} tokens, input_ids has {total}: "
+                         f"nothing to prefill")
+    cache.reserve(total + reserve_new_tokens)
+    keep_one = ({"logits_to_keep": 1}
+                if "logits_to_keep" in inspect.signature(model.forward).parameters else {})
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=total - start, unit="tok", desc="reattention prefill")
+    for s in range(start, total, chunk_size):
+        e = min(total, s + chunk_size)
+        out = model(input_ids=input_ids[:, s:e], past_key_values=cache, use_cache=True,
+                    **keep_one)
+        if bar is not None:
+            bar.update(e - s)
+    if bar is not None:
+        bar.close()
+    cache.crop(-1)
+    return out.logits[:, -1]
