@@ -1,0 +1,188 @@
+"""reattention.cache: in-place appends, geometric growth, incremental reps, crop, attend.
+
+Every check compares against the same data held in one tensor and processed at once by the
+reference (reps via chunk_reps_ref from chunk 0, attention via reattention_attn).
+"""
+import pytest
+import torch
+
+import reattention
+from reattention import reference
+from reattention.cache import KVCache, LayerCache
+
+B, HKV, D = 2, 2, 16
+SPLITS = {                      # how a 700-token sequence arrives
+    "one-shot": [700],
+    "decode": [1] * 700,
+    "odd": [63, 1, 200, 5, 1, 430],
+}
+
+
+def _cfg(rep="bound", **kw):
+    base = dict(sink=4, local=16, chunk=8, topk=3, query_block=4, rep=rep)
+    base.update(kw)
+    return reattention.ReAttentionConfig(**base)
+
+
+def _kv(n, b=B, h=HKV, d=D, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(b, h, n, d, generator=g).to(dtype),
+            torch.randn(b, h, n, d, generator=g).to(dtype))
+
+
+def _feed(layer, k, v, sizes):
+    s = 0
+    for n in sizes:
+        layer.append(k[:, :, s:s + n], v[:, :, s:s + n])
+        s += n
+    return s
+
+
+def _full_reps(k, cfg):
+    reps = reference.new_reps(k, cfg.sink, cfg.chunk, cfg.rep)
+    reference.chunk_reps_ref(k, None, reps, cfg.sink, cfg.chunk, cfg.rep, 0)
+    return reps
+
+
+@pytest.mark.parametrize("rep", ["max", "bound", "mean"])
+@pytest.mark.parametrize("split", list(SPLITS), ids=list(SPLITS))
+def test_append_matches_one_tensor(rep, split):
+    cfg = _cfg(rep)
+    k, v = _kv(700)
+    layer = LayerCache(cfg, backend="reference")
+    buffers = set()
+    s = 0
+    for n in SPLITS[split]:
+        layer.append(k[:, :, s:s + n], v[:, :, s:s + n])
+        s += n
+        buffers.add(layer.k_buffer.data_ptr())
+    assert layer.length == 700 and layer.keys.shape == (B, HKV, 700, D)
+    assert torch.equal(layer.keys, k) and torch.equal(layer.values, v)
+    assert layer.cache_seqlens.tolist() == [700] * B
+    assert layer.cache_seqlens.dtype == torch.int32
+    # Geometric growth: 700 tokens one at a time reallocate a handful of times, not 700.
+    assert len(buffers) <= 5
+    assert layer.capacity < 2 * 700
+    if rep == "max":
+        assert layer.reps is None
+    else:
+        full = _full_reps(k, cfg)
+        assert torch.equal(layer.reps[:, :, :full.shape[2]], full)
+
+
+@pytest.mark.parametrize("rep", ["max", "bound", "mean"])
+@pytest.mark.parametrize("hq,lq", [(4, 1), (2, 63), (14, 5)], ids=["Hq4-Lq1", "Hq2-Lq63", "Hq14-Lq5"])
+def test_attend_matches_reattention_attn(rep, hq, lq):
+    cfg = _cfg(rep)
+    n = 437  # not a multiple of the chunk
+    k, v = _kv(n)
+    layer = LayerCache(cfg, backend="reference")
+    _feed(layer, k, v, [n - lq, lq])
+    q = torch.randn(B, hq, lq, D, generator=torch.Generator().manual_seed(1))
+    inv_freq = reattention.default_inv_freq(D, 500.0)
+    out, lse = layer.attend(q, inv_freq=inv_freq, rope_scale=1.25, scale=0.3, return_lse=True)
+    want, want_lse = reattention.reattention_attn(q, k, v, config=cfg, inv_freq=inv_freq,
+                                                  rope_scale=1.25, scale=0.3,
+                                                  backend="reference", return_lse=True)
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+    torch.testing.assert_close(lse, want_lse, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("rep", ["bound", "mean"])
+def test_crop_then_append_recomputes_stale_reps(rep):
+    cfg = _cfg(rep)
+    k, v = _kv(300, seed=2)
+    k2, v2 = _kv(300, seed=3)
+    layer = LayerCache(cfg, backend="reference")
+    _feed(layer, k, v, [300])
+    layer.crop(101)  # cuts chunk 12 ([100, 108)) in the middle
+    _feed(layer, k2[:, :, 101:], v2[:, :, 101:], [7, 192])
+    kk = torch.cat([k[:, :, :101], k2[:, :, 101:]], dim=2)
+    assert torch.equal(layer.keys, kk)
+    full = _full_reps(kk, cfg)
+    assert torch.equal(layer.reps[:, :, :full.shape[2]], full)
+
+
+def test_max_length_preallocates_and_refuses_overflow():
+    layer = LayerCache(_cfg(), max_length=100, backend="reference")
+    k, v = _kv(101)
+    layer.append(k[:, :, :10], v[:, :, :10])
+    ptr = layer.k_buffer.data_ptr()
+    assert layer.capacity == 100
+    layer.append(k[:, :, 10:100], v[:, :, 10:100])
+    assert layer.k_buffer.data_ptr() == ptr and layer.length == 100
+    with pytest.raises(ValueError, match="max_length"):
+        layer.append(k[:, :, 100:], v[:, :, 100:])
+    with pytest.raises(ValueError, match="max_length"):
+        layer.reserve(101)
+
+
+def test_reserve_sizes_the_first_allocation_and_regrows_once():
+    layer = LayerCache(_cfg(), backend="reference")
+    layer.reserve(5000)
+    k, v = _kv(3)
+    layer.append(k, v)
+    assert layer.capacity >= 5000
+    ptr = layer.k_buffer.data_ptr()
+    layer.reserve(4000)
+    assert layer.k_buffer.data_ptr() == ptr
+    layer.reserve(9000)
+    assert layer.capacity >= 9000 and torch.equal(layer.keys, k)
+
+
+def test_reset_keeps_buffers():
+    layer = LayerCache(_cfg(), backend="reference")
+    k, v = _kv(50)
+    layer.append(k, v)
+    ptr = layer.k_buffer.data_ptr()
+    layer.reset()
+    assert layer.length == 0 and layer.cache_seqlens.tolist() == [0] * B
+    layer.append(k[:, :, :5], v[:, :, :5])
+    assert layer.k_buffer.data_ptr() == ptr and torch.equal(layer.keys, k[:, :, :5])
+
+
+def test_select_batch_reorders_and_repeats():
+    cfg = _cfg("mean")
+    k, v = _kv(90, b=3)
+    layer = LayerCache(cfg, backend="reference")
+    layer.append(k, v)
+    index = torch.tensor([2, 0, 0, 1])
+    layer.select_batch(index)
+    assert torch.equal(layer.keys, k[index]) and torch.equal(layer.values, v[index])
+    assert layer.cache_seqlens.tolist() == [90] * 4
+    full = _full_reps(k[index], cfg)
+    assert torch.equal(layer.reps[:, :, :full.shape[2]], full)
+
+
+def test_bad_appends_name_the_argument():
+    layer = LayerCache(_cfg(), backend="reference")
+    k, v = _kv(10)
+    with pytest.raises(ValueError, match="v shape"):
+        layer.append(k, v[:, :, :5])
+    with pytest.raises(ValueError, match="4-D"):
+        layer.append(k[0], v[0])
+    layer.append(k, v)
+    with pytest.raises(ValueError, match="Hkv"):
+        layer.append(k[:, :1], v[:, :1])
+    with pytest.raises(ValueError, match="float64"):
+        layer.append(k.double(), v.double())
+    with pytest.raises(ValueError, match="length"):
+        layer.crop(11)
+    with pytest.raises(ValueError, match="Lq"):
+        layer.attend(torch.randn(B, 2, 11, D))
+    with pytest.raises(ValueError, match="config"):
+        LayerCache({"sink": 4})
+
+
+def test_kvcache_stack():
+    cfg = _cfg("bound")
+    cache = KVCache(3, cfg, backend="reference")
+    k, v = _kv(40)
+    for layer in cache:
+        layer.append(k, v)
+    assert len(cache) == 3 and cache.seq_length == 40
+    cache.crop(25)
+    assert all(layer.length == 25 for layer in cache)
+    assert torch.equal(cache[2].keys, k[:, :, :25])
+    cache.reset()
+    assert cache.seq_length == 0
