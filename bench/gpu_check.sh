@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The GPU check, run by the device tool from the repository root on a CUDA machine:
+#   bash bench/gpu_check.sh [tests|bench|all]      (default all)
+# Installs the checkout (no build isolation: such machines have no registry), runs the whole
+# test suite with every GPU backend required, then the benchmarks. Logs and JSON go to $OUT
+# (default bench/results/local).
+set -euo pipefail
+what=${1:-all}
+repo=$(pwd)
+out=${OUT:-$repo/bench/results/local}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 REATTENTION_COMMIT=${REATTENTION_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+t0=$(date +%s)
+python3 -m pip install --no-build-isolation --no-deps -q . 2>&1 | tail -5
+echo "install: $(( $(date +%s) - t0 )) s"
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader || true
+if [ "$what" = tests ] || [ "$what" = all ]; then
+  # Run from /tmp so the installed package, not the source tree, is imported.
+  (cd /tmp && REATTENTION_REQUIRE=cpu,cuda,triton python3 -m pytest "$repo/tests" -q -x \
+     -p no:cacheprovider -o junit_family=xunit2 --junitxml="$out/pytest.xml" 2>&1 \
+     | tee "$out/pytest.log" | tail -25)
+  echo "tests: $(( $(date +%s) - t0 )) s"
+fi
+if [ "$what" = bench ] || [ "$what" = all ]; then
+  (cd /tmp && python3 "$repo/bench/bench_attn.py" --out "$out" 2>&1 | tee "$out/bench.log" | tail -40)
+  echo "bench: $(( $(date +%s) - t0 )) s"
+fi
