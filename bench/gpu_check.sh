@@ -16,7 +16,7 @@ echo "install: $(( $(date +%s) - t0 )) s"
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader || true
 if [ "$what" = tests ] || [ "$what" = all ]; then
   # Run from /tmp so the installed package, not the source tree, is imported.
-  (cd /tmp && REATTENTION_REQUIRE=cpu,cuda,triton python3 -m pytest "$repo/tests" -q -x \
+  (cd /tmp && REATTENTION_REQUIRE=cpu,cuda,triton python3 -m pytest "$repo/tests" -q --maxfail=30 \
      -p no:cacheprovider -o junit_family=xunit2 --junitxml="$out/pytest.xml" 2>&1 \
      | tee "$out/pytest.log" | tail -25)
   echo "tests: $(( $(date +%s) - t0 )) s"
