@@ -1,0 +1,107 @@
+// chunk_reps: per-chunk representatives of the raw keys, built incrementally.
+//
+// One CTA per (chunk j, kv head, sequence). Chunk j covers tokens [S + jC, S + (j+1)C); only
+// chunks in [start_chunk, min(n_chunks, (N_b - S) / C)) are written, nothing else is touched.
+// Thread t owns the 8-element slice (t % (D/8)) of the head dim and walks the chunk's tokens
+// with a stride of 128 / (D/8) rows; partial results meet in shared memory.
+//   bound: reps[b, h, j, 0, :] = min over tokens, reps[b, h, j, 1, :] = max (exact, cache dtype)
+//   mean : reps[b, h, j, :]    = fp32 sum over tokens / C, rounded once to the cache dtype
+#pragma once
+
+#include "device_utils.cuh"
+
+namespace reattention::kernels {
+
+struct ChunkRepsParams {
+  const void* k;          // [B, Hkv, Nmax, D]
+  const int* seqlens;     // [B]
+  void* reps;             // bound [B, Hkv, n_chunks, 2, D] or mean [B, Hkv, n_chunks, D]
+  int64_t k_sb, k_sh, k_sn;       // k strides (elements); the last dim is contiguous
+  int64_t r_sb, r_sh, r_sj;       // reps strides of dims 0..2; inner dims are contiguous
+  int batch, heads, n_chunks, sink, chunk, start_chunk;
+  bool mean;
+};
+
+constexpr int kRepsThreads = 128;
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kRepsThreads) chunk_reps_kernel(ChunkRepsParams p) {
+  constexpr int kVec = 8;                       // elements per 16-byte load
+  constexpr int kSlices = D / kVec;             // threads across the head dim
+  constexpr int kRows = kRepsThreads / kSlices;  // tokens read in parallel
+  static_assert(kRepsThreads % kSlices == 0, "head dim must divide the CTA");
+
+  const int j = p.start_chunk + blockIdx.x;
+  const int h = blockIdx.y;
+  const int b = blockIdx.z;
+  const int n = p.seqlens[b];
+  const int complete = n > p.sink ? (n - p.sink) / p.chunk : 0;
+  if (j >= p.n_chunks || j >= complete) return;
+
+  const int slice = threadIdx.x % kSlices;
+  const int row = threadIdx.x / kSlices;
+  const T* base = static_cast<const T*>(p.k) + b * p.k_sb + h * p.k_sh +
+                  (static_cast<int64_t>(p.sink) + static_cast<int64_t>(j) * p.chunk) * p.k_sn +
+                  slice * kVec;
+
+  float lo[kVec], hi[kVec];  // min / max, or (sum, unused) for mean
+#pragma unroll
+  for (int e = 0; e < kVec; ++e) {
+    lo[e] = p.mean ? 0.f : INFINITY;
+    hi[e] = -INFINITY;
+  }
+  for (int t = row; t < p.chunk; t += kRows) {
+    const uint4 raw = *reinterpret_cast<const uint4*>(base + t * p.k_sn);
+    const T* v = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+    for (int e = 0; e < kVec; ++e) {
+      const float x = Dtype<T>::to_float(v[e]);
+      if (p.mean) {
+        lo[e] += x;
+      } else {
+        lo[e] = fminf(lo[e], x);
+        hi[e] = fmaxf(hi[e], x);
+      }
+    }
+  }
+
+  __shared__ float s_lo[kRows][D];
+  __shared__ float s_hi[kRows][D];
+#pragma unroll
+  for (int e = 0; e < kVec; ++e) {
+    s_lo[row][slice * kVec + e] = lo[e];
+    s_hi[row][slice * kVec + e] = hi[e];
+  }
+  __syncthreads();
+
+  T* out = static_cast<T*>(p.reps) + b * p.r_sb + h * p.r_sh + j * p.r_sj;
+  for (int d = threadIdx.x; d < D; d += kRepsThreads) {
+    float a = s_lo[0][d], c = s_hi[0][d];
+    for (int r = 1; r < kRows; ++r) {
+      if (p.mean) {
+        a += s_lo[r][d];
+      } else {
+        a = fminf(a, s_lo[r][d]);
+        c = fmaxf(c, s_hi[r][d]);
+      }
+    }
+    if (p.mean) {
+      out[d] = Dtype<T>::from_float(a / static_cast<float>(p.chunk));
+    } else {
+      // min and max of values of type T are values of type T: the rounding is exact.
+      out[d] = Dtype<T>::from_float(a);
+      out[D + d] = Dtype<T>::from_float(c);
+    }
+  }
+}
+
+template <typename T, int D>
+cudaError_t launch_chunk_reps(const ChunkRepsParams& p, cudaStream_t stream) {
+  const int todo = p.n_chunks - p.start_chunk;
+  if (todo <= 0 || p.batch == 0 || p.heads == 0) return cudaSuccess;
+  const dim3 grid(todo, p.heads, p.batch);
+  chunk_reps_kernel<T, D><<<grid, kRepsThreads, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace reattention::kernels

@@ -1,0 +1,161 @@
+// Device helpers shared by the reattention CUDA kernels; no torch dependency.
+//
+// Tensor-core tiles use mma.sync m16n8k16 (fp16/bf16 in, fp32 accumulate, sm80+), fed by
+// ldmatrix from shared memory that cp.async fills. Shared tiles hold rows of `kRow` 16-bit
+// elements with their 16-byte chunks XOR-swizzled by (row % 8), so the eight row addresses
+// of one ldmatrix phase fall in eight different bank groups (kRow >= 64 keeps that valid).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace reattention::kernels {
+
+template <typename T>
+struct Dtype;
+
+template <>
+struct Dtype<__half> {
+  static __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+  static __device__ __forceinline__ __half from_float(float x) { return __float2half_rn(x); }
+  static __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+    __half2 h = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+};
+
+template <>
+struct Dtype<__nv_bfloat16> {
+  static __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+  static __device__ __forceinline__ __nv_bfloat16 from_float(float x) {
+    return __float2bfloat16_rn(x);
+  }
+  static __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+    __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+};
+
+// D += A * B for one m16n8k16 tile. A: 4 regs (row-major 16x16), B: 2 regs (16x8, k-major).
+template <typename T>
+__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                          uint32_t b1);
+
+template <>
+__device__ __forceinline__ void mma_16816<__half>(float (&d)[4], const uint32_t (&a)[4],
+                                                  uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+template <>
+__device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&d)[4], const uint32_t (&a)[4],
+                                                         uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem) {
+  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* smem) {
+  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+// 16-byte global -> shared copy; when `valid` is false nothing is read and zeros land.
+__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool valid) {
+  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  const int src_bytes = valid ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(addr), "l"(gmem),
+               "r"(src_bytes));
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
+}
+
+// Element offset of (row, col) in a swizzled tile with kRow elements per row.
+template <int kRow>
+__device__ __forceinline__ int swz(int row, int col) {
+  static_assert(kRow % 64 == 0, "swizzle needs at least 8 chunks of 16 bytes per row");
+  return row * kRow + ((((col >> 3) ^ (row & 7)) << 3) | (col & 7));
+}
+
+// S[16 x 8*kNT] = A[16 x kK] * B[8*kNT x kK]^T for one warp. A rows a_row0.., B rows (the
+// columns of S) b_row0.., both swizzled tiles of kK elements per row. S's fragment layout:
+// s[nt][0..1] = row lane/4, cols nt*8 + 2*(lane%4) + {0,1}; s[nt][2..3] = the same at row +8.
+template <typename T, int kK, int kNT>
+__device__ __forceinline__ void warp_gemm_abt(float (&s)[kNT][4], const T* sa, int a_row0,
+                                              const T* sb, int b_row0, int lane) {
+  static_assert(kNT % 2 == 0, "B fragments are loaded for pairs of 8-column tiles");
+#pragma unroll
+  for (int nt = 0; nt < kNT; ++nt) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) s[nt][e] = 0.f;
+  }
+#pragma unroll
+  for (int kk = 0; kk < kK / 16; ++kk) {
+    uint32_t a[4];
+    ldmatrix_x4(a, sa + swz<kK>(a_row0 + (lane & 15), kk * 16 + (lane >> 4) * 8));
+#pragma unroll
+    for (int np = 0; np < kNT / 2; ++np) {
+      uint32_t b[4];
+      ldmatrix_x4(b, sb + swz<kK>(b_row0 + np * 16 + (lane & 7) + ((lane >> 4) << 3),
+                                  kk * 16 + ((lane >> 3) & 1) * 8));
+      mma_16816<T>(s[2 * np], a, b[0], b[1]);
+      mma_16816<T>(s[2 * np + 1], a, b[2], b[3]);
+    }
+  }
+}
+
+// Order-preserving map float -> uint32 (larger float, larger key; -inf above every NaN).
+__device__ __forceinline__ uint32_t float_to_key(float f) {
+  const uint32_t u = __float_as_uint(f);
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+__device__ __forceinline__ float quad_max(float x) {
+  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+  return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+}
+
+__device__ __forceinline__ float quad_sum(float x) {
+  x += __shfl_xor_sync(0xffffffffu, x, 1);
+  return x + __shfl_xor_sync(0xffffffffu, x, 2);
+}
+
+// Segment bounds of one sequence (DESIGN.md section 2), shared by every kernel.
+struct Segments {
+  int sink_len;  // min(S, N)
+  int mid_end;   // S + C * M
+  int n_mid;     // M whole middle chunks
+};
+
+__host__ __device__ __forceinline__ Segments segments(int n, int lq, int sink, int local,
+                                                     int chunk) {
+  const int p0 = n - lq;
+  const int free_tokens = p0 - local - sink;
+  const int m = free_tokens > 0 ? free_tokens / chunk : 0;
+  return {n < sink ? n : sink, sink + chunk * m, m};
+}
+
+}  // namespace reattention::kernels

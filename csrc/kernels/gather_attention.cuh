@@ -1,0 +1,444 @@
+// gather_attention: fused gather + RoPE + attention over [sink | selected chunks | local].
+//
+// One CTA of 4 warps owns (sequence b, kv head h, query block beta, a tile of BM rows, a split of
+// the gathered keys). Rows pack the block's queries with the group's q heads (row = query *
+// group + head), so the GQA heads share every key tile and decode (Lq = 1) still forms an
+// m16 tensor-core tile. Gathered key r maps to its cache token through the sink, the chunk ids
+// in idx (ascending, -1 padded: the valid ones are a prefix) and the local window; cp.async
+// copies K and V tiles of BN tokens straight from the [B, Hkv, Nmax, D] cache into swizzled
+// shared memory (two stages), the CTA rotates the K tile in place (fp32 angles, accurate
+// sincosf) and the warps run QK^T and PV with mma.sync m16n8k16 and an online softmax in the
+// exp2 domain. Masking compares original positions (key visible iff its position <= the
+// query's), so padding rows (position -1) and tail keys (position INT_MAX) drop out.
+//
+// Two warp layouts: decode (<= 16 rows per block) puts the 4 warps side by side over the key
+// tile, each with its own softmax state, merged through shared memory at the end; prefill
+// stacks the warps over 64 rows. When the grid is too small for the GPU the gathered keys are
+// cut into splits whose normalised partial outputs and lse go to a workspace sized from static
+// shapes, and merge_splits_kernel combines them; the decode step never syncs with the host.
+#pragma once
+
+#include <climits>
+
+#include "device_utils.cuh"
+
+namespace reattention::kernels {
+
+struct AttnParams {
+  const void* q;          // [B, Hq, Lq, D]
+  const void* k;          // [B, Hkv, Nmax, D]
+  const void* v;          // [B, Hkv, Nmax, D]
+  const int* seqlens;     // [B]
+  const int* idx;         // [B, Hkv, n_blocks, topk]
+  const float* inv_freq;  // [R/2]
+  void* out;              // [B, Hq, Lq, D] contiguous, q's dtype
+  float* lse;             // [B, Hq, Lq] contiguous
+  float* o_part;          // [splits, B, Hq, Lq, D] when num_splits > 1
+  float* lse_part;        // [splits, B, Hq, Lq]
+  int64_t q_sb, q_sh, q_sl;
+  int64_t k_sb, k_sh, k_sn;
+  int64_t v_sb, v_sh, v_sn;
+  int64_t i_sb, i_sh, i_sblk;
+  int batch, hq, hkv, lq, nmax, topk;
+  int sink, local, chunk, query_block, n_blocks;
+  int half_rot;           // R / 2 = len(inv_freq)
+  float scale_log2;       // softmax scale * log2(e)
+  float rope_scale;
+  bool interleaved;       // rope style: pairs (2i, 2i+1) instead of (i, i + R/2)
+  bool compact;           // positions: compact (re-assigned) or original
+  int row_tiles;          // row tiles per query block
+  int num_splits;         // splits of the gathered keys
+  int tiles_per_split;    // key tiles of BN per split
+};
+
+constexpr int kAttnThreads = 128;
+
+struct AttnTile {
+  int warps_n;
+  int block_m;
+  int block_n;
+};
+
+__host__ __device__ constexpr AttnTile attn_tile(bool decode, int head_dim) {
+  return decode ? AttnTile{4, 16, 64} : AttnTile{1, 64, head_dim >= 256 ? 32 : 64};
+}
+
+__host__ __device__ inline bool attn_decode(int lq, int query_block, int group) {
+  return (lq < query_block ? lq : query_block) * group <= 16;
+}
+
+// Shared memory: Q tile, two K and V stages (reused by the epilogue's per-warp outputs), key
+// positions, inverse frequencies, query positions, per-warp softmax state.
+template <int D, int kWarpsN, int kBM, int kBN>
+__host__ __device__ constexpr int attn_smem_bytes() {
+  constexpr int stages = 2 * 2 * kBN * D * 2;
+  constexpr int epilogue = kWarpsN * kBM * (D + 8) * 4;
+  return kBM * D * 2 + (stages > epilogue ? stages : epilogue) + 2 * kBN * 4 + (D / 2) * 4 +
+         kBM * 4 + 2 * kWarpsN * kBM * 4;
+}
+
+// Dims (d0, d1) rotated together by frequency i < R/2. Slots i in [R/2, D/2) name the
+// pass-through pairs (2i, 2i + 1), which in the half style start at R = 2 * (R/2) as well.
+__device__ __forceinline__ void rope_pair(int i, int half_rot, bool interleaved, int& d0, int& d1) {
+  const bool split_halves = !interleaved && i < half_rot;
+  d0 = split_halves ? i : 2 * i;
+  d1 = split_halves ? i + half_rot : 2 * i + 1;
+}
+
+__device__ __forceinline__ void rope_rotate(float& x0, float& x1, int pos, float inv_freq,
+                                            float rope_scale) {
+  float s, c;
+  sincosf(static_cast<float>(pos) * inv_freq, &s, &c);
+  c *= rope_scale;
+  s *= rope_scale;
+  const float y0 = x0 * c - x1 * s;
+  const float y1 = x1 * c + x0 * s;
+  x0 = y0;
+  x1 = y1;
+}
+
+template <typename T, int D, int kWarpsN>
+__global__ void __launch_bounds__(kAttnThreads) gather_attention_kernel(AttnParams p) {
+  constexpr AttnTile kTile = attn_tile(kWarpsN == 4, D);
+  constexpr int kBM = kTile.block_m, kBN = kTile.block_n;
+  constexpr int kNW = kBN / kWarpsN;  // keys per warp per tile
+  constexpr int kNT = kNW / 8;
+  constexpr int kDT = D / 8;          // 8-wide output column tiles
+  constexpr int kOStride = D + 8;     // epilogue row stride (floats), off the bank period
+  static_assert(kTile.warps_n == kWarpsN, "tile shape and warp layout disagree");
+  static_assert(kNW % 16 == 0, "each warp needs whole k16 steps of keys for PV");
+
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* s_q = reinterpret_cast<T*>(smem_raw);
+  T* s_kv = s_q + kBM * D;  // K stage 0, K stage 1, V stage 0, V stage 1
+  constexpr int kStageBytes = 2 * 2 * kBN * D * 2;
+  constexpr int kEpiBytes = kWarpsN * kBM * kOStride * 4;
+  float* s_o = reinterpret_cast<float*>(s_kv);
+  int* s_kpos = reinterpret_cast<int*>(reinterpret_cast<unsigned char*>(s_kv) +
+                                       (kStageBytes > kEpiBytes ? kStageBytes : kEpiBytes));
+  float* s_invf = reinterpret_cast<float*>(s_kpos + 2 * kBN);
+  int* s_qpos = reinterpret_cast<int*>(s_invf + D / 2);
+  float* s_m = reinterpret_cast<float*>(s_qpos + kBM);
+  float* s_l = s_m + kWarpsN * kBM;
+  __shared__ int s_nsel;
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int wm = warp / kWarpsN, wn = warp % kWarpsN;
+  const int rt = blockIdx.x % p.row_tiles, beta = blockIdx.x / p.row_tiles;
+  const int h = blockIdx.y / p.num_splits, split = blockIdx.y % p.num_splits;
+  const int b = blockIdx.z;
+  const int group = p.hq / p.hkv;
+  const int q0 = beta * p.query_block;
+  const int rows = (min(p.lq, q0 + p.query_block) - q0) * group;
+  const int row0 = rt * kBM;
+  if (row0 >= rows) return;
+
+  const int n = p.seqlens[b];
+  const Segments seg = segments(n, p.lq, p.sink, p.local, p.chunk);
+  const int p0 = n - p.lq;
+  const int* sel = p.idx + b * p.i_sb + h * p.i_sh + beta * p.i_sblk;
+  if (tid == 0) s_nsel = 0;
+  __syncthreads();
+  int mine = 0;
+  for (int i = tid; i < p.topk; i += kAttnThreads) mine += sel[i] >= 0;
+  if (mine) atomicAdd(&s_nsel, mine);
+  for (int i = tid; i < D / 2; i += kAttnThreads) s_invf[i] = i < p.half_rot ? p.inv_freq[i] : 0.f;
+  __syncthreads();
+  const int n_sel = s_nsel;
+  const int loc0 = seg.sink_len + n_sel * p.chunk;       // gathered index of the local window
+  const int n_keys = loc0 + max(0, n - seg.mid_end);
+  const int shift = p.sink + n_sel * p.chunk - seg.mid_end;  // compact query position - P
+
+  // Q rows, rotated at their (compact or original) positions, rounded once to T.
+  const T* q_base = static_cast<const T*>(p.q) + b * p.q_sb;
+  for (int id = tid; id < kBM * (D / 2); id += kAttnThreads) {
+    const int r = id / (D / 2), i = id % (D / 2);
+    const int gr = row0 + r;
+    int d0, d1;
+    rope_pair(i, p.half_rot, p.interleaved, d0, d1);
+    float x0 = 0.f, x1 = 0.f;
+    if (gr < rows) {
+      const int head = h * group + gr % group, query = q0 + gr / group;
+      const T* qr = q_base + head * p.q_sh + query * p.q_sl;
+      x0 = Dtype<T>::to_float(qr[d0]);
+      x1 = Dtype<T>::to_float(qr[d1]);
+      const int pos = p0 + query;
+      if (i < p.half_rot) rope_rotate(x0, x1, p.compact ? pos + shift : pos, s_invf[i], p.rope_scale);
+      if (i == 0) s_qpos[r] = pos;
+    } else if (i == 0) {
+      s_qpos[r] = -1;
+    }
+    s_q[swz<D>(r, d0)] = Dtype<T>::from_float(x0);
+    s_q[swz<D>(r, d1)] = Dtype<T>::from_float(x1);
+  }
+
+  // Cache token of gathered key r (r < n_keys). Clamped so a malformed idx cannot read outside
+  // the cache; a well-formed one never needs it.
+  auto key_token = [&](int r) -> int {
+    int tok;
+    if (r < seg.sink_len) {
+      tok = r;
+    } else if (r < loc0) {
+      const int c = (r - seg.sink_len) / p.chunk;
+      tok = p.sink + sel[c] * p.chunk + (r - seg.sink_len - c * p.chunk);
+    } else {
+      tok = seg.mid_end + (r - loc0);
+    }
+    return min(max(tok, 0), p.nmax - 1);
+  };
+
+  const T* k_base = static_cast<const T*>(p.k) + b * p.k_sb + h * p.k_sh;
+  const T* v_base = static_cast<const T*>(p.v) + b * p.v_sb + h * p.v_sh;
+  auto load_tile = [&](int stage, int tile) {
+    T* sk = s_kv + stage * kBN * D;
+    T* sv = s_kv + (2 + stage) * kBN * D;
+    for (int id = tid; id < kBN * (D / 8); id += kAttnThreads) {
+      const int r = id / (D / 8), ch = id % (D / 8);
+      const int key = tile * kBN + r;
+      const bool valid = key < n_keys;
+      const int tok = valid ? key_token(key) : 0;
+      cp_async_16(sk + swz<D>(r, ch * 8), k_base + tok * p.k_sn + ch * 8, valid);
+      cp_async_16(sv + swz<D>(r, ch * 8), v_base + tok * p.v_sn + ch * 8, valid);
+      if (ch == 0) s_kpos[stage * kBN + r] = valid ? tok : INT_MAX;
+    }
+    cp_async_commit();
+  };
+
+  const int n_tiles = (n_keys + kBN - 1) / kBN;
+  const int t_begin = split * p.tiles_per_split;
+  const int t_end = min(n_tiles, t_begin + p.tiles_per_split);
+
+  float o[kDT][4];
+#pragma unroll
+  for (int dt = 0; dt < kDT; ++dt) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) o[dt][e] = 0.f;
+  }
+  float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
+  const int g = lane >> 2, t4 = lane & 3;
+  const int ra = wm * 16 + g;  // this thread's two rows in the tile: ra and ra + 8
+
+  if (t_begin < t_end) load_tile(0, t_begin);
+  for (int tile = t_begin; tile < t_end; ++tile) {
+    const int stage = (tile - t_begin) & 1;
+    cp_async_wait<0>();
+    __syncthreads();
+    if (tile + 1 < t_end) load_tile(stage ^ 1, tile + 1);
+
+    T* sk = s_kv + stage * kBN * D;
+    const T* sv = s_kv + (2 + stage) * kBN * D;
+    const int* kpos = s_kpos + stage * kBN;
+    for (int r = warp; r < kBN; r += kAttnThreads / 32) {
+      const int key = tile * kBN + r;
+      if (key >= n_keys) break;
+      const int pos = p.compact ? key : kpos[r];
+      for (int i = lane; i < p.half_rot; i += 32) {
+        int d0, d1;
+        rope_pair(i, p.half_rot, p.interleaved, d0, d1);
+        float x0 = Dtype<T>::to_float(sk[swz<D>(r, d0)]);
+        float x1 = Dtype<T>::to_float(sk[swz<D>(r, d1)]);
+        rope_rotate(x0, x1, pos, s_invf[i], p.rope_scale);
+        sk[swz<D>(r, d0)] = Dtype<T>::from_float(x0);
+        sk[swz<D>(r, d1)] = Dtype<T>::from_float(x1);
+      }
+    }
+    __syncthreads();
+
+    float s[kNT][4];
+    warp_gemm_abt<T, D, kNT>(s, s_q, wm * 16, sk, wn * kNW, lane);
+
+    const int qpos[2] = {s_qpos[ra], s_qpos[ra + 8]};
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      float mx = -INFINITY;
+#pragma unroll
+      for (int nt = 0; nt < kNT; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int col = wn * kNW + nt * 8 + 2 * t4 + e;
+          float& x = s[nt][2 * half + e];
+          x = kpos[col] <= qpos[half] ? x * p.scale_log2 : -INFINITY;
+          mx = fmaxf(mx, x);
+        }
+      }
+      mx = quad_max(mx);
+      const float m_new = fmaxf(m_run[half], mx);
+      const float m_use = m_new == -INFINITY ? 0.f : m_new;  // nothing visible yet: no NaN
+      const float alpha = exp2f(m_run[half] - m_use);
+      m_run[half] = m_new;
+      float sum = 0.f;
+#pragma unroll
+      for (int nt = 0; nt < kNT; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          float& x = s[nt][2 * half + e];
+          x = exp2f(x - m_use);
+          sum += x;
+        }
+      }
+      l_run[half] = l_run[half] * alpha + sum;
+#pragma unroll
+      for (int dt = 0; dt < kDT; ++dt) {
+        o[dt][2 * half] *= alpha;
+        o[dt][2 * half + 1] *= alpha;
+      }
+    }
+
+#pragma unroll
+    for (int kk = 0; kk < kNW / 16; ++kk) {
+      uint32_t a[4];
+      a[0] = Dtype<T>::pack2(s[2 * kk][0], s[2 * kk][1]);
+      a[1] = Dtype<T>::pack2(s[2 * kk][2], s[2 * kk][3]);
+      a[2] = Dtype<T>::pack2(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+      a[3] = Dtype<T>::pack2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+#pragma unroll
+      for (int dp = 0; dp < D / 16; ++dp) {
+        uint32_t bv[4];
+        ldmatrix_x4_trans(bv, sv + swz<D>(wn * kNW + kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8,
+                                          dp * 16 + (lane >> 4) * 8));
+        mma_16816<T>(o[2 * dp], a, bv[0], bv[1]);
+        mma_16816<T>(o[2 * dp + 1], a, bv[2], bv[3]);
+      }
+    }
+  }
+
+  // Epilogue: per-warp (m, l, unnormalised O) through shared memory, merged over the warps
+  // that split the key tile, normalised, written as the output or as this split's partial.
+  __syncthreads();  // every warp is done with the K/V stages that s_o overlays
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int r = ra + 8 * half;
+    const float l = quad_sum(l_run[half]);
+    if (t4 == 0) {
+      s_m[wn * kBM + r] = m_run[half];
+      s_l[wn * kBM + r] = l;
+    }
+#pragma unroll
+    for (int dt = 0; dt < kDT; ++dt) {
+      float* dst = s_o + (wn * kBM + r) * kOStride + dt * 8 + 2 * t4;
+      dst[0] = o[dt][2 * half];
+      dst[1] = o[dt][2 * half + 1];
+    }
+  }
+  __syncthreads();
+
+  const int64_t row_stride = static_cast<int64_t>(p.lq);
+  for (int id = tid; id < kBM * (D / 4); id += kAttnThreads) {
+    const int r = id / (D / 4), d = (id % (D / 4)) * 4;
+    const int gr = row0 + r;
+    if (gr >= rows) continue;
+    float m_all = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < kWarpsN; ++w) m_all = fmaxf(m_all, s_m[w * kBM + r]);
+    float l_all = 0.f, acc[4] = {0.f, 0.f, 0.f, 0.f};
+    if (m_all != -INFINITY) {
+#pragma unroll
+      for (int w = 0; w < kWarpsN; ++w) {
+        const float f = exp2f(s_m[w * kBM + r] - m_all);
+        l_all += s_l[w * kBM + r] * f;
+        const float4 x = *reinterpret_cast<const float4*>(s_o + (w * kBM + r) * kOStride + d);
+        acc[0] += x.x * f;
+        acc[1] += x.y * f;
+        acc[2] += x.z * f;
+        acc[3] += x.w * f;
+      }
+    }
+    const float inv = l_all > 0.f ? 1.f / l_all : 0.f;
+    const float lse = l_all > 0.f ? (m_all + log2f(l_all)) * 0.69314718055994531f : -INFINITY;
+    const int head = h * group + gr % group, query = q0 + gr / group;
+    const int64_t orow = (static_cast<int64_t>(b) * p.hq + head) * row_stride + query;
+    if (p.num_splits == 1) {
+      T* dst = static_cast<T*>(p.out) + orow * D + d;
+      uint2 packed;
+      packed.x = Dtype<T>::pack2(acc[0] * inv, acc[1] * inv);
+      packed.y = Dtype<T>::pack2(acc[2] * inv, acc[3] * inv);
+      *reinterpret_cast<uint2*>(dst) = packed;
+      if (d == 0) p.lse[orow] = lse;
+    } else {
+      const int64_t prow = static_cast<int64_t>(split) * p.batch * p.hq * row_stride + orow;
+      *reinterpret_cast<float4*>(p.o_part + prow * D + d) =
+          make_float4(acc[0] * inv, acc[1] * inv, acc[2] * inv, acc[3] * inv);
+      if (d == 0) p.lse_part[prow] = lse;
+    }
+  }
+}
+
+// One warp per output row: lse-weighted sum of the splits' normalised partial outputs.
+template <typename T, int D>
+__global__ void __launch_bounds__(128) merge_splits_kernel(AttnParams p) {
+  constexpr int kPer = D / 32;  // contiguous dims per lane
+  const int64_t n_rows = static_cast<int64_t>(p.batch) * p.hq * p.lq;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * 4 + (threadIdx.x >> 5);
+  const int lane = threadIdx.x & 31;
+  if (row >= n_rows) return;
+  float m_all = -INFINITY;
+  for (int s = 0; s < p.num_splits; ++s) m_all = fmaxf(m_all, p.lse_part[s * n_rows + row]);
+  float acc[kPer], total = 0.f;
+#pragma unroll
+  for (int e = 0; e < kPer; ++e) acc[e] = 0.f;
+  if (m_all != -INFINITY) {
+    for (int s = 0; s < p.num_splits; ++s) {
+      const float f = expf(p.lse_part[s * n_rows + row] - m_all);
+      total += f;
+      const float* src = p.o_part + (s * n_rows + row) * D + lane * kPer;
+#pragma unroll
+      for (int e = 0; e < kPer; ++e) acc[e] += f * src[e];
+    }
+  }
+  const float inv = total > 0.f ? 1.f / total : 0.f;
+  T* dst = static_cast<T*>(p.out) + row * D + lane * kPer;
+#pragma unroll
+  for (int e = 0; e < kPer; ++e) dst[e] = Dtype<T>::from_float(acc[e] * inv);
+  if (lane == 0) p.lse[row] = total > 0.f ? m_all + logf(total) : -INFINITY;
+}
+
+template <typename T, int D, int kWarpsN>
+cudaError_t launch_attention_tiles(const AttnParams& p, cudaStream_t stream) {
+  constexpr AttnTile kTile = attn_tile(kWarpsN == 4, D);
+  constexpr int smem = attn_smem_bytes<D, kWarpsN, kTile.block_m, kTile.block_n>();
+  auto kernel = gather_attention_kernel<T, D, kWarpsN>;
+  cudaError_t err =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (err != cudaSuccess) return err;
+  const dim3 grid(p.n_blocks * p.row_tiles, p.hkv * p.num_splits, p.batch);
+  kernel<<<grid, kAttnThreads, smem, stream>>>(p);
+  return cudaGetLastError();
+}
+
+// Host-side plan: row_tiles, num_splits and tiles_per_split from static shapes only (the
+// longest gathered sequence any length in [Lq, Nmax] can produce), so the workspace size
+// never depends on device data.
+inline void plan_attention(AttnParams& p, int head_dim, int num_sms) {
+  const int group = p.hq / p.hkv;
+  const bool decode = attn_decode(p.lq, p.query_block, group);
+  const AttnTile tile = attn_tile(decode, head_dim);
+  const int rows = (p.lq < p.query_block ? p.lq : p.query_block) * group;
+  p.row_tiles = (rows + tile.block_m - 1) / tile.block_m;
+  const int64_t local_max = static_cast<int64_t>(p.lq) + p.local + p.chunk - 1;
+  const int64_t keys_max = (p.sink < p.nmax ? p.sink : p.nmax) +
+                           static_cast<int64_t>(p.topk) * p.chunk +
+                           (local_max < p.nmax ? local_max : p.nmax);
+  const int64_t tiles_max = (keys_max + tile.block_n - 1) / tile.block_n;
+  const int64_t ctas = static_cast<int64_t>(p.batch) * p.hkv * p.n_blocks * p.row_tiles;
+  // Aim for about three CTAs per SM; never more splits than key tiles.
+  int64_t splits = (3 * static_cast<int64_t>(num_sms) + ctas - 1) / ctas;
+  splits = splits < 1 ? 1 : (splits > tiles_max ? tiles_max : splits);
+  splits = splits > 1024 ? 1024 : splits;
+  const int64_t per = (tiles_max + splits - 1) / splits;
+  p.tiles_per_split = static_cast<int>(per < 1 ? 1 : per);
+  p.num_splits = static_cast<int>(per < 1 ? 1 : (tiles_max + per - 1) / per);
+}
+
+template <typename T, int D>
+cudaError_t launch_gather_attention(const AttnParams& p, cudaStream_t stream) {
+  if (p.batch == 0 || p.hq == 0 || p.lq == 0) return cudaSuccess;
+  const bool decode = attn_decode(p.lq, p.query_block, p.hq / p.hkv);
+  cudaError_t err = decode ? launch_attention_tiles<T, D, 4>(p, stream)
+                           : launch_attention_tiles<T, D, 1>(p, stream);
+  if (err != cudaSuccess || p.num_splits == 1) return err;
+  const int64_t n_rows = static_cast<int64_t>(p.batch) * p.hq * p.lq;
+  merge_splits_kernel<T, D><<<static_cast<unsigned>((n_rows + 3) / 4), 128, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace reattention::kernels
