@@ -1,0 +1,26 @@
+// The three reattention op schemas (DESIGN.md section 3). Kernels register beside their code:
+// CPU in csrc/cpu/*.cpp (library _C, with these schemas), CUDA in csrc/cuda/*.cu (_C_cuda),
+// Triton in triton_kernels/ (as reattention::<op>_triton), fake kernels in reattention/ops.py.
+//
+// At this level cache_seqlens is always an int32 [B] tensor on the inputs' device, inv_freq a
+// float32 [R/2] tensor on that device and scale a float: the Python wrappers fill defaults.
+// The rep-mode argument is named `rep`, not `mode`: torch.compile's auto_functionalize passes
+// a mutable op's arguments by name, and one called `mode` collides with the `mode` parameter
+// of torch's own HOP dispatch (opcheck fails with "got multiple values for argument 'mode'").
+#include "common.h"
+
+STABLE_TORCH_LIBRARY(reattention, m) {
+  // Fills reps in place for the complete chunks j in [start_chunk, min(n_chunks, (N_b-sink)/chunk)).
+  m.def(
+      "chunk_reps(Tensor k_cache, Tensor cache_seqlens, Tensor(a!) reps, int sink, int chunk, "
+      "str rep, int start_chunk) -> ()");
+  // int32 [B, Hkv, ceil(Lq/query_block), topk], ascending, -1 padded.
+  m.def(
+      "select_chunks(Tensor q, Tensor k_cache, Tensor? reps, Tensor cache_seqlens, int sink, "
+      "int local, int chunk, int topk, str rep, int query_block) -> Tensor");
+  // (out [B, Hq, Lq, D] in q's dtype, lse [B, Hq, Lq] float32).
+  m.def(
+      "gather_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens, "
+      "Tensor idx, Tensor inv_freq, int sink, int local, int chunk, int query_block, "
+      "float scale, float rope_scale, str rope_style, str positions) -> (Tensor, Tensor)");
+}
