@@ -1,0 +1,138 @@
+"""The build itself: the libraries load, register the ops, link only what every torch >= 2.10
+provides, and the wheel is tagged abi3.
+
+CI sets REATTENTION_TEST_INSTALLED=1 (the package under test must be the installed one, not
+the source tree) and REATTENTION_WHEEL=<path of the wheel it built>.
+"""
+import os
+import re
+import shutil
+import subprocess
+import sys
+import sysconfig
+import zipfile
+
+import pytest
+import torch
+
+import reattention
+from reattention import ops
+
+PKG_DIR = os.path.dirname(os.path.abspath(reattention.__file__))
+CPU_LIB = ops._find_library("_C")
+CUDA_LIB = ops._find_library("_C_cuda")
+OPS = ("chunk_reps", "select_chunks", "gather_attention")
+# Libraries that exist only in CUDA builds of torch (or CUDA itself): _C must need none.
+CUDA_ONLY = re.compile(r"cuda|cudart|cublas|nvrtc|c10_cuda|torch_cuda")
+
+needs_binutils = pytest.mark.skipif(shutil.which("readelf") is None or shutil.which("nm") is None,
+                                    reason="binutils (readelf, nm) not installed")
+
+
+def needed_libraries(path):
+    out = subprocess.run(["readelf", "-d", path], check=True, capture_output=True, text=True).stdout
+    return re.findall(r"\(NEEDED\)\s+Shared library: \[([^\]]+)\]", out)
+
+
+def dynamic_symbols(path, undefined):
+    flag = "--undefined-only" if undefined else "--defined-only"
+    out = subprocess.run(["nm", "-D", flag, path], check=True, capture_output=True,
+                         text=True).stdout
+    # Lines are "[address] TYPE name[@version]"; weak undefined symbols ("w") may stay unresolved.
+    syms = set()
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) >= 2 and parts[-2] not in ("w", "v"):
+            syms.add(parts[-1])
+    return syms
+
+
+def torch_lib(name):
+    path = os.path.join(os.path.dirname(torch.__file__), "lib", name)
+    assert os.path.exists(path), f"{name} not found in this torch ({torch.__version__})"
+    return path
+
+
+def test_cpu_library_loads_and_registers_the_ops():
+    assert CPU_LIB is not None, f"no _C library in {PKG_DIR}"
+    assert ops.available_backends()["cpu"] is None, ops.available_backends()["cpu"]
+    for name in OPS:
+        packet = getattr(torch.ops.reattention, name)
+        assert "CPU" in torch._C._dispatch_dump(f"reattention::{name}"), name
+        assert packet.default._schema.name == f"reattention::{name}"
+    schema = str(torch.ops.reattention.gather_attention.default._schema)
+    assert schema.endswith("-> (Tensor, Tensor)"), schema
+
+
+def test_tests_run_the_installed_package():
+    if os.environ.get("REATTENTION_TEST_INSTALLED") != "1":
+        pytest.skip("REATTENTION_TEST_INSTALLED is not set (a source-tree run)")
+    site = {os.path.realpath(sysconfig.get_paths()[k]) for k in ("purelib", "platlib")}
+    assert os.path.dirname(os.path.realpath(PKG_DIR)) in site, (
+        f"reattention imported from {PKG_DIR}, not from site-packages {sorted(site)}")
+
+
+@needs_binutils
+def test_cpu_library_needs_no_cuda_library():
+    assert CPU_LIB is not None
+    needed = needed_libraries(CPU_LIB)
+    assert "libtorch_cpu.so" in needed, needed
+    assert not [n for n in needed if CUDA_ONLY.search(n)], needed
+
+
+@needs_binutils
+@pytest.mark.parametrize("lib", ["_C", "_C_cuda"])
+def test_undefined_symbols_resolve_in_this_torch(lib):
+    """Every unversioned undefined symbol is exported by this torch's libraries.
+
+    Versioned ones (GLIBC_*, GLIBCXX_*, CXXABI_*, GCC_*) come from the C/C++ runtime. Run under
+    an older torch (CI's torch 2.13 venv) this shows the build needs nothing newer.
+    """
+    path = CPU_LIB if lib == "_C" else CUDA_LIB
+    if path is None:
+        pytest.skip(f"{lib} was not built")
+    providers = ["libtorch_cpu.so"]
+    if lib == "_C_cuda":
+        if not torch.version.cuda:
+            pytest.skip("a CPU build of torch has no libtorch_cuda.so")
+        providers.append("libtorch_cuda.so")
+        assert not [n for n in needed_libraries(path) if "cudart" in n], "cudart must be static"
+    exported = set()
+    for name in providers:
+        exported |= dynamic_symbols(torch_lib(name), undefined=False)
+    wanted = {s for s in dynamic_symbols(path, undefined=True) if "@" not in s}
+    missing = sorted(wanted - exported)
+    assert not missing, f"{lib} needs symbols torch {torch.__version__} lacks: {missing[:20]}"
+
+
+def test_cuda_library_loads_without_a_gpu():
+    """_C_cuda loads under any CUDA build of torch, GPU or not (only registration runs)."""
+    if CUDA_LIB is None:
+        pytest.skip("_C_cuda was not built (no nvcc at build time)")
+    if not torch.version.cuda:
+        assert ops.available_backends()["cuda"] is not None, "CPU torch must not load _C_cuda"
+        pytest.skip("a CPU build of torch cannot load a CUDA library")
+    code = ("import sys, torch\n"
+            "for path in sys.argv[1:]: torch.ops.load_library(path)\n"
+            "print(torch._C._dispatch_dump('reattention::select_chunks'))")
+    res = subprocess.run([sys.executable, "-c", code, CPU_LIB, CUDA_LIB], capture_output=True,
+                         text=True)
+    assert res.returncode == 0, res.stderr
+    assert "CUDA" in res.stdout, res.stdout
+
+
+def test_wheel_is_abi3():
+    wheel = os.environ.get("REATTENTION_WHEEL")
+    if not wheel:
+        pytest.skip("REATTENTION_WHEEL is not set (no wheel was built for this run)")
+    with zipfile.ZipFile(wheel) as zf:
+        names = zf.namelist()
+        meta = next(n for n in names if n.endswith(".dist-info/WHEEL"))
+        info = zf.read(meta).decode()
+    assert re.search(r"^Tag: cp39-abi3-\S+$", info, re.M), info
+    assert "Root-Is-Purelib: false" in info, info
+    assert "-cp39-abi3-" in os.path.basename(wheel), wheel
+    assert "reattention/_C.abi3.so" in names, names
+    assert "reattention/__init__.py" in names and "triton_kernels/__init__.py" in names, names
+    if os.environ.get("REATTENTION_WHEEL_CUDA") == "1":
+        assert "reattention/_C_cuda.abi3.so" in names, names
