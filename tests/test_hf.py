@@ -138,6 +138,24 @@ def test_greedy_generate_is_token_identical(name):
     assert torch.equal(model.generate(ids, **kw), want)  # no cache given: a stock cache
 
 
+def test_beam_search_and_sampling_match_stock():
+    """Beams reorder the cache (reorder_cache); several samples repeat it (batch_repeat_interleave)."""
+    model = _model("llama3")
+    ids = _ids(40)
+    runs = [dict(num_beams=3, num_return_sequences=2, do_sample=False),
+            dict(num_return_sequences=3, do_sample=True)]
+    want = []
+    for kw in runs:
+        torch.manual_seed(3)
+        want.append(model.generate(ids, max_new_tokens=6, pad_token_id=0, **kw))
+    hf.enable(model, DENSE)
+    for kw, w in zip(runs, want):
+        torch.manual_seed(3)
+        got = model.generate(ids, past_key_values=hf.ReAttentionCache(model), max_new_tokens=6,
+                             pad_token_id=0, **kw)
+        assert torch.equal(got, w)
+
+
 @pytest.mark.parametrize("rep", ["max", "bound", "mean"])
 def test_cache_path_equals_stock_cache_path_while_selecting(rep):
     model = _model("llama3")
