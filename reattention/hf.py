@@ -93,7 +93,8 @@ def _warn_scope(state: _State, n: int, lq: int) -> None:
 def _attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
                value: torch.Tensor, attention_mask: torch.Tensor | None,
                scaling: float | None = None, dropout: float = 0.0,
-               sliding_window: int | None = None, softcap: float | None = None, **kwargs):
+               sliding_window: int | None = None, softcap: float | None = None,
+               **kwargs):  # position_ids, use_cache, ...: positions follow from the cache
     """The ``"reattention"`` entry of ``transformers.AttentionInterface``.
 
     Parameters
@@ -238,6 +239,10 @@ def enable(model: "transformers.PreTrainedModel", config: ReAttentionConfig | No
                    rope_style=rope_style, backend=backend, trained_length=trained,
                    previous_attn=model.config._attn_implementation, hooks=[], tagged=[])
     model.set_attn_implementation(ATTN_NAME)
+    if model.config._attn_implementation != ATTN_NAME:
+        # transformers only logs this; with raw q/k and stock attention the model would be wrong.
+        raise ValueError(f"reattention: {type(model).__name__} does not route attention through "
+                         f"transformers.AttentionInterface, so it cannot be enabled")
     state.hooks.append(rotary.register_forward_hook(_identity_rotary))
     state.hooks.append(decoder.register_forward_pre_hook(_refuse_masks, with_kwargs=True))
     # Attention modules are the ones that know their layer; the attention function gets

@@ -61,11 +61,17 @@ def _config(name: str, **over):
         return t.Phi3Config(num_attention_heads=4, num_key_value_heads=2, rope_parameters=rope,
                             pad_token_id=0, eos_token_id=1, bos_token_id=1, **kw), \
             t.Phi3ForCausalLM
+    if name == "gemma":
+        return t.GemmaConfig(num_attention_heads=4, num_key_value_heads=1, head_dim=16, **kw), \
+            t.GemmaForCausalLM
+    if name == "gemma2-softcap":
+        return t.Gemma2Config(num_attention_heads=4, num_key_value_heads=2, head_dim=16, **kw), \
+            t.Gemma2ForCausalLM
     raise KeyError(name)
 
 
 MODELS = ["llama3", "llama-dynamic", "mistral", "qwen2-yarn", "qwen3-qknorm", "phi-partial",
-          "phi3-longrope"]
+          "phi3-longrope", "gemma"]
 
 
 def _model(name="llama3", attn="sdpa", **over):
@@ -271,6 +277,13 @@ def test_sliding_window_layers_raise_past_their_window():
     torch.testing.assert_close(_stock_logits(model, ids[:, :32]), stock, rtol=1e-5, atol=2e-5)
     with pytest.raises(ValueError, match="sliding-window"):
         _stock_logits(model, ids)
+
+
+def test_softcap_raises():
+    model = _model("gemma2-softcap", attn="eager")
+    hf.enable(model, DENSE)
+    with pytest.raises(ValueError, match="softcap"):
+        _stock_logits(model, _ids(10))
 
 
 def test_cache_interface():
