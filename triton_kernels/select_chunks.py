@@ -1,0 +1,286 @@
+"""Triton chunk selection: score the middle chunks, then an exact deterministic top-k.
+
+Stage 1 (scores): program (b, kv head h, chunk tile, query block beta) computes, for each of
+its TILE_C chunks, the max over the block's rows of the rep score, where the rows are the
+(query, q head of h's group) pairs of the block, row = i * G + g. Modes:
+  max   : q . k_t for every raw key of the chunk (tl.dot over token tiles), then a segmented
+          max of the per-token maxima into the tile's chunk slots;
+  bound : sum_d max(q_d kmin_d, q_d kmax_d) = max(q, 0) . kmax + min(q, 0) . kmin, two dots
+          (exact rewrite: q_d >= 0 picks kmax_d because kmax >= kmin);
+  mean  : q . mean.
+Scores go to an fp32 buffer [B, Hkv, n_blocks, n_cols], -inf where j >= M_b (not a middle
+chunk of sequence b). Query blocks vary fastest in the grid so a reps tile is read from memory
+once and reused from L2 by every block.
+
+Stage 2 (top-k): each score becomes one int64 key, (order-preserving int of the fp32 score)
+* 2^31 + (2^31 - 1 - j), so sorting keys descending sorts by score with ties to the lower
+chunk index, and every key is distinct. Level kernels sort segments of SEG keys and keep the
+best KP = next_pow2(topk) of each until one segment is left; the final kernel sorts it, keeps
+the first K_eff = min(topk, M_b) (candidates always outrank non-candidates, even at -inf,
+because they have lower indices), sorts those indices ascending and pads with -1.
+
+Invariants: output int32 [B, Hkv, n_blocks, topk], ascending, -1 padded; the launch shapes
+depend only on tensor shapes (never on the lengths' values), so it is CUDA-graph safe.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+_MODES = {"max": 0, "bound": 1, "mean": 2}
+# Padding key: below every real key (a real key is >= -2^31 * 2^31).
+_PAD_KEY = -(2 ** 62) - 1
+
+
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    # fp32 inputs must not silently drop to tf32: the reference is exact fp32. The CPU
+    # interpreter multiplies bf16 bit patterns as integers, so there (UPCAST) both operands go
+    # to fp32 first: bf16/fp16 products are exact in fp32 either way.
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    elif IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def _load_query_rows(q_ptr, row0, n_rows, group, q_row0, head0, stride_qh, stride_ql, offs_d,
+                     head_dim, BLOCK_M: tl.constexpr):
+    # Rows row0.. of a (kv head, query block): row = i * G + g -> q[head0 + g, q_row0 + i].
+    rows = row0 + tl.arange(0, BLOCK_M)
+    i = rows // group
+    g = rows - i * group
+    ptrs = q_ptr + (head0 + g).to(tl.int64)[:, None] * stride_qh \
+        + (q_row0 + i).to(tl.int64)[:, None] * stride_ql + offs_d[None, :]
+    valid = rows < n_rows
+    x = tl.load(ptrs, mask=valid[:, None] & (offs_d < head_dim)[None, :], other=0.0)
+    return x, valid
+
+
+@triton.jit
+def _chunk_scores_kernel(q_ptr, k_ptr, reps_ptr, seqlens_ptr, scores_ptr,
+                         stride_qb, stride_qh, stride_ql,
+                         stride_kb, stride_kh, stride_kn,
+                         stride_rb, stride_rh, stride_rj, stride_rs,
+                         n_kv_heads, group, lq, query_block, n_blocks, n_tiles, n_cols,
+                         head_dim, sink, local, chunk,
+                         MODE: tl.constexpr, TILE_C: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
+                         UPCAST: tl.constexpr):
+    pid = tl.program_id(0)
+    beta = pid % n_blocks
+    rest = pid // n_blocks
+    tile = rest % n_tiles
+    bh = rest // n_tiles
+    b = bh // n_kv_heads
+    h = bh % n_kv_heads
+    n = tl.load(seqlens_ptr + b)
+    m_chunks = tl.maximum(n - lq - local - sink, 0) // chunk
+    c0 = tile * TILE_C
+    offs_c = c0 + tl.arange(0, TILE_C)
+    offs_d = tl.arange(0, BLOCK_D)
+    best = tl.full((TILE_C,), float("-inf"), tl.float32)
+    if c0 < m_chunks:
+        q_row0 = beta * query_block
+        n_rows = group * tl.minimum(query_block, lq - q_row0)
+        qb_ptr = q_ptr + b.to(tl.int64) * stride_qb
+        head0 = h * group
+        if MODE == 0:
+            kb_ptr = k_ptr + b.to(tl.int64) * stride_kb + h * stride_kh
+            t_start = sink + c0 * chunk
+            t_end = sink + tl.minimum(c0 + TILE_C, m_chunks) * chunk
+            slots = tl.arange(0, TILE_C)
+            for t0 in range(t_start, t_end, BLOCK_N):
+                offs_t = t0 + tl.arange(0, BLOCK_N)
+                t_ok = offs_t < t_end
+                kt = tl.load(kb_ptr + offs_t.to(tl.int64)[:, None] * stride_kn + offs_d[None, :],
+                             mask=t_ok[:, None] & (offs_d < head_dim)[None, :], other=0.0)
+                tok_best = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+                for row0 in range(0, n_rows, BLOCK_M):
+                    qr, r_ok = _load_query_rows(qb_ptr, row0, n_rows, group, q_row0, head0,
+                                                stride_qh, stride_ql, offs_d, head_dim, BLOCK_M)
+                    s = _dot(qr, tl.trans(kt), IEEE, UPCAST)
+                    s = tl.where(r_ok[:, None], s, float("-inf"))
+                    tok_best = tl.maximum(tok_best, tl.max(s, axis=0))
+                # Segmented max of the token maxima into the tile's chunk slots.
+                slot = (offs_t - sink) // chunk - c0
+                hit = (slot[None, :] == slots[:, None]) & t_ok[None, :]
+                best = tl.maximum(best, tl.max(tl.where(hit, tok_best[None, :], float("-inf")),
+                                               axis=1))
+        else:
+            rb_ptr = reps_ptr + b.to(tl.int64) * stride_rb + h * stride_rh \
+                + offs_c.to(tl.int64)[:, None] * stride_rj + offs_d[None, :]
+            r_mask = (offs_c < m_chunks)[:, None] & (offs_d < head_dim)[None, :]
+            if MODE == 1:
+                kmin = tl.load(rb_ptr, mask=r_mask, other=0.0)
+                kmax = tl.load(rb_ptr + stride_rs, mask=r_mask, other=0.0)
+            else:
+                kmean = tl.load(rb_ptr, mask=r_mask, other=0.0)
+            for row0 in range(0, n_rows, BLOCK_M):
+                qr, r_ok = _load_query_rows(qb_ptr, row0, n_rows, group, q_row0, head0,
+                                            stride_qh, stride_ql, offs_d, head_dim, BLOCK_M)
+                if MODE == 1:
+                    # Split q by sign in fp32 (exact) and back: no bf16 arithmetic needed.
+                    qf = qr.to(tl.float32)
+                    s = _dot(tl.maximum(qf, 0.0).to(qr.dtype), tl.trans(kmax), IEEE, UPCAST)
+                    s += _dot(tl.minimum(qf, 0.0).to(qr.dtype), tl.trans(kmin), IEEE, UPCAST)
+                else:
+                    s = _dot(qr, tl.trans(kmean), IEEE, UPCAST)
+                s = tl.where(r_ok[:, None], s, float("-inf"))
+                best = tl.maximum(best, tl.max(s, axis=0))
+    best = tl.where(offs_c < m_chunks, best, float("-inf"))
+    tl.store(scores_ptr + (bh * n_blocks + beta).to(tl.int64) * n_cols + offs_c, best,
+             mask=offs_c < n_cols)
+
+
+@triton.jit
+def _load_keys(src_ptr, offs, valid, FROM_SCORES: tl.constexpr, PAD: tl.constexpr):
+    # int64 sort keys: score order first, then the lower chunk index; padding sorts last.
+    if FROM_SCORES:
+        s = tl.load(src_ptr + offs, mask=valid, other=float("-inf"))
+        bits = s.to(tl.int32, bitcast=True)
+        mono = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+        key = (mono.to(tl.int64) << 31) | (0x7FFFFFFF - offs).to(tl.int64)
+    else:
+        key = tl.load(src_ptr + offs, mask=valid, other=PAD)
+    return tl.where(valid, key, PAD)
+
+
+@triton.jit
+def _topk_level_kernel(src_ptr, dst_ptr, src_len, n_segs,
+                       FROM_SCORES: tl.constexpr, SEG: tl.constexpr, KP: tl.constexpr,
+                       PAD: tl.constexpr):
+    pid = tl.program_id(0)
+    seg = pid % n_segs
+    row = pid // n_segs
+    offs = seg * SEG + tl.arange(0, SEG)
+    key = _load_keys(src_ptr + row.to(tl.int64) * src_len, offs, offs < src_len, FROM_SCORES,
+                     PAD)
+    key = tl.sort(key, descending=True)
+    rank = tl.arange(0, SEG)
+    tl.store(dst_ptr + row.to(tl.int64) * (n_segs * KP) + seg * KP + rank, key, mask=rank < KP)
+
+
+@triton.jit
+def _topk_final_kernel(src_ptr, seqlens_ptr, idx_ptr, src_len, rows_per_batch, lq, sink, local,
+                       chunk, topk, FROM_SCORES: tl.constexpr, SEG: tl.constexpr,
+                       PAD: tl.constexpr):
+    row = tl.program_id(0)
+    n = tl.load(seqlens_ptr + row // rows_per_batch)
+    k_eff = tl.minimum(topk, tl.maximum(n - lq - local - sink, 0) // chunk)
+    rank = tl.arange(0, SEG)
+    key = _load_keys(src_ptr + row.to(tl.int64) * src_len, rank, rank < src_len, FROM_SCORES,
+                     PAD)
+    key = tl.sort(key, descending=True)
+    j = (0x7FFFFFFF - (key & 0x7FFFFFFF)).to(tl.int32)
+    j = tl.where(rank < k_eff, j, 0x7FFFFFFF)
+    j = tl.sort(j)
+    tl.store(idx_ptr + row.to(tl.int64) * topk + rank, tl.where(rank < k_eff, j, -1),
+             mask=rank < topk)
+
+
+def _score_config(mode: str, n_rows: int, head_dim: int, on_gpu: bool, n_cols: int):
+    """(TILE_C, BLOCK_M, BLOCK_N, num_warps) for the scoring kernel.
+
+    GPU: tiles of 64 reps (32 at D=256 to stay in registers) or 16 chunks of raw keys in
+    64-token steps keep >= 2 programs per SM at batch 1 from ~128K tokens on. Interpreter:
+    one tile per row, since there each program costs Python overhead.
+    """
+    block_m = min(128, max(16, triton.next_power_of_2(n_rows)))
+    if not on_gpu:
+        return min(1024, triton.next_power_of_2(n_cols)), block_m, 128, 4
+    if mode == "max":
+        tile_c, block_n = 16, 64
+    else:
+        tile_c, block_n = (32 if head_dim > 128 else 64), 16
+    return tile_c, block_m, block_n, (8 if block_m >= 128 else 4)
+
+
+@triton_op("reattention::select_chunks_triton", mutates_args=())
+def select_chunks_triton(q: torch.Tensor, k_cache: torch.Tensor, reps: Optional[torch.Tensor],
+                         cache_seqlens: torch.Tensor, sink: int, local: int, chunk: int,
+                         topk: int, mode: str, query_block: int) -> torch.Tensor:
+    """Top-k middle chunks per (batch, kv head, query block) (Triton).
+
+    Parameters
+    ----------
+    q : [B, Hq, Lq, D] raw queries; k_cache : [B, Hkv, Nmax, D] raw keys (read for "max").
+    reps : "bound" [B, Hkv, n_chunks, 2, D], "mean" [B, Hkv, n_chunks, D], None for "max".
+    cache_seqlens : int32 [B] on q's device.
+    sink, local, chunk, topk, query_block : DESIGN.md section 2; topk <= 256 is tuned for.
+    mode : "max", "bound" or "mean".
+
+    Returns
+    -------
+    idx : int32 [B, Hkv, ceil(Lq / query_block), topk], ascending, padded with -1.
+
+    Example
+    -------
+    >>> idx = torch.ops.reattention.select_chunks_triton(q, k, None, lens, 64, 4096, 64, 32,
+    ...                                                  "max", 128)
+    """
+    if mode not in _MODES:
+        raise ValueError(f"mode must be 'max', 'bound' or 'mean', got {mode!r}")
+    if mode != "max" and reps is None:
+        raise ValueError(f"reps must be given for mode {mode!r}")
+    b, hq, lq, d = q.shape
+    hkv, nmax = k_cache.shape[1], k_cache.shape[2]
+    if d > 256:
+        raise ValueError(f"the triton backend supports head dim D <= 256, got head dim {d}")
+    group = hq // hkv
+    n_blocks = triton.cdiv(lq, query_block)
+    idx = torch.empty((b, hkv, n_blocks, topk), dtype=torch.int32, device=q.device)
+    # Most middle chunks any sequence can have; reps are validated to hold at least this many.
+    n_cols = max(0, nmax - lq - local - sink) // chunk
+    if n_cols == 0 or b * hkv == 0:
+        return idx.fill_(-1)
+    if q.stride(3) != 1 or k_cache.stride(3) != 1 or (reps is not None and reps.stride(-1) != 1):
+        raise ValueError("select_chunks_triton needs q, k_cache, reps contiguous in the head dim")
+    on_gpu = q.device.type == "cuda"
+    n_rows = group * min(query_block, lq)
+    tile_c, block_m, block_n, warps = _score_config(mode, n_rows, d, on_gpu, n_cols)
+    n_tiles = triton.cdiv(n_cols, tile_c)
+    scores = torch.empty((b, hkv, n_blocks, n_cols), dtype=torch.float32, device=q.device)
+    r = reps if reps is not None else q  # any tensor: the pointer is unused for "max"
+    r_strides = (0, 0, 0, 0) if reps is None else (
+        reps.stride(0), reps.stride(1), reps.stride(2), reps.stride(3) if mode == "bound" else 0)
+    wrap_triton(_chunk_scores_kernel)[(n_blocks * n_tiles * b * hkv,)](
+        q, k_cache, r, cache_seqlens, scores,
+        q.stride(0), q.stride(1), q.stride(2),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), *r_strides,
+        hkv, group, lq, query_block, n_blocks, n_tiles, n_cols, d, sink, local, chunk,
+        MODE=_MODES[mode], TILE_C=tile_c, BLOCK_M=block_m, BLOCK_N=block_n,
+        BLOCK_D=max(16, triton.next_power_of_2(d)), IEEE=q.dtype == torch.float32,
+        UPCAST=not on_gpu, num_warps=warps)
+
+    # Top-k: shrink each row by segments until one segment remains, then the final pass.
+    rows = b * hkv * n_blocks
+    kp = triton.next_power_of_2(topk)
+    seg, final_max = max(512, 4 * kp), max(2048, 2 * kp)
+    src, length, from_scores = scores, n_cols, True
+    while length > final_max:
+        n_segs = triton.cdiv(length, seg)
+        dst = torch.empty((rows, n_segs * kp), dtype=torch.int64, device=q.device)
+        wrap_triton(_topk_level_kernel)[(rows * n_segs,)](
+            src, dst, length, n_segs, FROM_SCORES=from_scores, SEG=seg, KP=kp, PAD=_PAD_KEY,
+            num_warps=4)
+        src, length, from_scores = dst, n_segs * kp, False
+    final_seg = max(triton.next_power_of_2(length), kp)
+    wrap_triton(_topk_final_kernel)[(rows,)](
+        src, cache_seqlens, idx, length, hkv * n_blocks, lq, sink, local, chunk, topk,
+        FROM_SCORES=from_scores, SEG=final_seg, PAD=_PAD_KEY,
+        num_warps=8 if final_seg >= 2048 else 4)
+    return idx
+
+
+@select_chunks_triton.register_fake
+def _select_chunks_triton_fake(q, k_cache, reps, cache_seqlens, sink, local, chunk, topk, mode,
+                               query_block):
+    n_blocks = -(-q.shape[2] // query_block)
+    return q.new_empty((q.shape[0], k_cache.shape[1], n_blocks, topk), dtype=torch.int32)
