@@ -12,6 +12,7 @@ except ImportError as e:  # re-raised with the reason so the backend list can sh
     raise ImportError(f"the triton backend needs the triton package ({e})") from e
 
 from .chunk_reps import chunk_reps_triton
+from .gather_attention import gather_attention_triton
 from .select_chunks import select_chunks_triton
 
-__all__ = ["chunk_reps_triton", "select_chunks_triton"]
+__all__ = ["chunk_reps_triton", "gather_attention_triton", "select_chunks_triton"]

@@ -1,0 +1,339 @@
+"""Triton gather-attention: [sink | selected chunks | local] with RoPE applied in the kernel.
+
+Per (b, kv head h, query block beta) the gathered sequence is r = 0 .. L-1 with
+    r <  n_sink                 -> token t = r                         (sink)
+    r <  n_sink + K*C           -> token t = S + idx[slot]*C + offset  (selected chunks)
+    otherwise                   -> token t = mid_end + (r - n_sink - K*C)  (local window)
+where K is the number of valid (>= 0) entries of idx. Key r sits at position r ("compact") or
+t ("original"); a query at original P sits at P - mid_end + S + K*C or P. A key is visible iff
+t <= P (original positions), so the local window is causal and everything before it is not.
+
+Tiling: one program per (b, h, beta, row tile, key split). The rows of a tile are the
+(query i, q head g of h's group) pairs, row = i * G + g, so the GQA group shares every K/V
+tile (decode packs the G heads of one token into one tile). Keys stream in BLOCK_N tiles
+gathered straight from the [B, Hkv, Nmax, D] cache by the index map above. RoPE is never
+materialised: with x1/x2 the rotated pair halves ("half": dims i, i+R/2; "interleaved": 2i,
+2i+1) and x3 the pass-through dims R..D, q.k = q1'.k1' + q2'.k2' + q3.k3, three dots over
+separately loaded column groups. Angles are fp32(pos) * inv_freq in fp32 with libdevice
+cos/sin (accurate, with full range reduction; the interpreter uses numpy's). Online softmax
+in base 2; lse out in natural log.
+
+Decode (few rows per (b, h)): the gathered keys are split across programs (flash-decoding);
+each writes a normalised partial output and its base-2 lse, and a merge kernel combines them.
+Launch shapes depend only on tensor shapes, so a decode step is CUDA-graph capturable.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+from triton.language.extra import libdevice
+
+from .select_chunks import _dot
+
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _rotate(x1, x2, pos, inv_freq, rope_scale, ACCURATE: tl.constexpr):
+    # x1, x2 [rows, BLOCK_R] fp32 pair halves; pos [rows] int32; inv_freq [BLOCK_R] fp32.
+    ang = pos.to(tl.float32)[:, None] * inv_freq[None, :]
+    if ACCURATE:
+        c = libdevice.cos(ang)
+        s = libdevice.sin(ang)
+    else:
+        c = tl.cos(ang)
+        s = tl.sin(ang)
+    c = c * rope_scale
+    s = s * rope_scale
+    return x1 * c - x2 * s, x2 * c + x1 * s
+
+
+@triton.jit
+def _gather_attn_kernel(
+        q_ptr, k_ptr, v_ptr, seqlens_ptr, idx_ptr, inv_freq_ptr, out_ptr, lse_ptr,
+        stride_qb, stride_qh, stride_ql,
+        stride_kb, stride_kh, stride_kn,
+        stride_vb, stride_vh, stride_vn,
+        stride_ib, stride_ih, stride_iblk,
+        stride_ob, stride_oh, stride_ol,
+        n_kv_heads, group, lq, query_block, n_blocks, n_row_tiles, n_splits, split_len,
+        head_dim, half_rot, sink, local, chunk, topk, qk_scale, rope_scale,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+        BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+        HAS_PASS: tl.constexpr, INTERLEAVED: tl.constexpr, ORIGINAL: tl.constexpr,
+        SPLIT: tl.constexpr, ACCURATE: tl.constexpr, IEEE: tl.constexpr,
+        UPCAST: tl.constexpr):
+    pid = tl.program_id(0)
+    split = pid % n_splits
+    rest = pid // n_splits
+    tile = rest % n_row_tiles
+    rest = rest // n_row_tiles
+    beta = rest % n_blocks
+    bh = rest // n_blocks
+    b = bh // n_kv_heads
+    h = bh % n_kv_heads
+    q_row0 = beta * query_block
+    nq = tl.minimum(query_block, lq - q_row0)
+    n_rows = group * nq
+    row0 = tile * BLOCK_M
+    if row0 < n_rows:
+        dtype = q_ptr.dtype.element_ty
+        # Segments of sequence b (DESIGN.md section 2) and this block's selection.
+        n = tl.load(seqlens_ptr + b)
+        p0 = n - lq
+        mid_end = sink + (tl.maximum(p0 - local - sink, 0) // chunk) * chunk
+        n_sink = tl.minimum(sink, n)
+        idx_row = idx_ptr + b.to(tl.int64) * stride_ib + h * stride_ih + beta * stride_iblk
+        offs_k = tl.arange(0, BLOCK_K)
+        sel = tl.load(idx_row + offs_k, mask=offs_k < topk, other=-1)
+        n_sel = tl.sum((sel >= 0).to(tl.int32), axis=0)
+        sel_end = n_sink + n_sel * chunk
+        length = sel_end + tl.maximum(n - mid_end, 0)
+
+        rows = row0 + tl.arange(0, BLOCK_M)
+        qi = rows // group
+        head = h * group + (rows - qi * group)
+        row_ok = rows < n_rows
+        p_q = p0 + q_row0 + qi
+        if ORIGINAL:
+            pos_q = p_q
+        else:
+            pos_q = p_q - mid_end + sink + n_sel * chunk
+        # Keys past the tile's last query are invisible to all its rows: stop there.
+        p_last = p0 + q_row0 + tl.minimum((row0 + BLOCK_M - 1) // group, nq - 1)
+        r_hi = tl.where(p_last >= mid_end, sel_end + p_last - mid_end + 1,
+                        tl.minimum(n_sink, p_last + 1))
+        r_hi = tl.minimum(r_hi, length)
+        lo = split * split_len
+        hi = tl.minimum(lo + split_len, r_hi)
+
+        # Column groups: rotated pair halves (c1, c2) and the pass-through dims (c3).
+        offs_r = tl.arange(0, BLOCK_R)
+        r_cols = offs_r < half_rot
+        if INTERLEAVED:
+            c1 = 2 * offs_r
+            c2 = c1 + 1
+        else:
+            c1 = offs_r
+            c2 = offs_r + half_rot
+        c3 = 2 * half_rot + tl.arange(0, BLOCK_P)
+        p_cols = c3 < head_dim
+        offs_d = tl.arange(0, BLOCK_D)
+        d_cols = offs_d < head_dim
+        inv_freq = tl.load(inv_freq_ptr + offs_r, mask=r_cols, other=0.0)
+
+        q_rows = q_ptr + b.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh \
+            + (q_row0 + qi).to(tl.int64) * stride_ql
+        qm = row_ok[:, None] & r_cols[None, :]
+        q1 = tl.load(q_rows[:, None] + c1[None, :], mask=qm, other=0.0).to(tl.float32)
+        q2 = tl.load(q_rows[:, None] + c2[None, :], mask=qm, other=0.0).to(tl.float32)
+        q1, q2 = _rotate(q1, q2, pos_q, inv_freq, rope_scale, ACCURATE)
+        q1 = q1.to(dtype)
+        q2 = q2.to(dtype)
+        if HAS_PASS:
+            q3 = tl.load(q_rows[:, None] + c3[None, :], mask=row_ok[:, None] & p_cols[None, :],
+                         other=0.0)
+
+        kb = k_ptr + b.to(tl.int64) * stride_kb + h * stride_kh
+        vb = v_ptr + b.to(tl.int64) * stride_vb + h * stride_vh
+        m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+        l_i = tl.zeros((BLOCK_M,), tl.float32)
+        acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+        for start in range(lo, hi, BLOCK_N):
+            r = start + tl.arange(0, BLOCK_N)
+            r_ok = r < hi
+            in_sel = (r >= n_sink) & (r < sel_end)
+            rel = r - n_sink
+            slot = tl.where(in_sel, rel // chunk, 0)
+            j = tl.load(idx_row + slot, mask=in_sel & r_ok, other=0)
+            t = tl.where(r < n_sink, r,
+                         tl.where(in_sel, sink + j * chunk + (rel - slot * chunk),
+                                  mid_end + (r - sel_end)))
+            t = tl.where(r_ok, t, 0)
+            k_rows = kb + t.to(tl.int64)[:, None] * stride_kn
+            km = r_ok[:, None] & r_cols[None, :]
+            k1 = tl.load(k_rows + c1[None, :], mask=km, other=0.0).to(tl.float32)
+            k2 = tl.load(k_rows + c2[None, :], mask=km, other=0.0).to(tl.float32)
+            if ORIGINAL:
+                k1, k2 = _rotate(k1, k2, t, inv_freq, rope_scale, ACCURATE)
+            else:
+                k1, k2 = _rotate(k1, k2, r, inv_freq, rope_scale, ACCURATE)
+            s = _dot(q1, tl.trans(k1.to(dtype)), IEEE, UPCAST)
+            s += _dot(q2, tl.trans(k2.to(dtype)), IEEE, UPCAST)
+            if HAS_PASS:
+                k3 = tl.load(k_rows + c3[None, :], mask=r_ok[:, None] & p_cols[None, :],
+                             other=0.0)
+                s += _dot(q3, tl.trans(k3), IEEE, UPCAST)
+            visible = r_ok[None, :] & (t[None, :] <= p_q[:, None])
+            s = tl.where(visible, s * qk_scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            # A row with nothing visible yet keeps m = -inf; shift by 0 to avoid inf - inf.
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(s - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            v = tl.load(vb + t.to(tl.int64)[:, None] * stride_vn + offs_d[None, :],
+                        mask=r_ok[:, None] & d_cols[None, :], other=0.0)
+            acc = acc * alpha[:, None] + _dot(p.to(dtype), v, IEEE, UPCAST)
+            m_i = m_new
+
+        has = l_i > 0.0
+        o = acc / tl.where(has, l_i, 1.0)[:, None]
+        lse2 = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
+        om = row_ok[:, None] & d_cols[None, :]
+        if SPLIT:
+            # Partials [B, Hq, Lq, n_splits, (D)] fp32, base-2 lse, merged by _merge_kernel.
+            prow = ((b * n_kv_heads * group + head).to(tl.int64) * lq + q_row0 + qi) * n_splits \
+                + split
+            tl.store(out_ptr + prow[:, None] * head_dim + offs_d[None, :], o, mask=om)
+            tl.store(lse_ptr + prow, lse2, mask=row_ok)
+        else:
+            o_rows = out_ptr + b.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh \
+                + (q_row0 + qi).to(tl.int64) * stride_ol
+            tl.store(o_rows[:, None] + offs_d[None, :], o.to(out_ptr.dtype.element_ty), mask=om)
+            lrow = (b * n_kv_heads * group + head).to(tl.int64) * lq + q_row0 + qi
+            tl.store(lse_ptr + lrow, lse2 * 0.6931471805599453, mask=row_ok)
+
+
+@triton.jit
+def _merge_kernel(opart_ptr, lpart_ptr, out_ptr, lse_ptr, n_splits, n_heads, lq, head_dim,
+                  stride_ob, stride_oh, stride_ol,
+                  BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    # One (b, q head, query) row: out = sum_s 2^(lse_s - lse) o_s over the key splits.
+    row = tl.program_id(0)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    s_ok = offs_s < n_splits
+    lse_s = tl.load(lpart_ptr + row.to(tl.int64) * n_splits + offs_s, mask=s_ok,
+                    other=float("-inf"))
+    top = tl.max(lse_s, axis=0)
+    w = tl.exp2(lse_s - top)
+    o = tl.load(opart_ptr + (row.to(tl.int64) * n_splits + offs_s)[:, None] * head_dim
+                + offs_d[None, :], mask=s_ok[:, None] & (offs_d < head_dim)[None, :], other=0.0)
+    total = tl.sum(w, axis=0)
+    res = tl.sum(w[:, None] * o, axis=0) / total
+    b = row // (n_heads * lq)
+    hd = (row // lq) % n_heads
+    i = row % lq
+    tl.store(out_ptr + b.to(tl.int64) * stride_ob + hd.to(tl.int64) * stride_oh
+             + i.to(tl.int64) * stride_ol + offs_d, res.to(out_ptr.dtype.element_ty),
+             mask=offs_d < head_dim)
+    tl.store(lse_ptr + row, (top + tl.log2(total)) * 0.6931471805599453)
+
+
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _attn_config(head_dim: int, rows_per_block: int, on_gpu: bool):
+    """(BLOCK_M, BLOCK_N, num_warps, target programs) for the attention kernel.
+
+    GPU: BLOCK_M covers the packed rows of a decode step (16 for G <= 16) and 128 rows for
+    prefill at D <= 128 (64 at D = 256, whose fp32 accumulator would otherwise spill); 64-key
+    tiles. The interpreter gets big key tiles (fewer Python-level steps) and a small program
+    target so the split/merge path still runs in the CPU tests.
+    """
+    block_m = min(128 if head_dim <= 128 else 64, max(16, triton.next_power_of_2(rows_per_block)))
+    if not on_gpu:
+        return block_m, 128, 4, 8
+    block_n = 64 if head_dim <= 128 else 32
+    return block_m, block_n, (8 if block_m * head_dim >= 128 * 128 else 4), None
+
+
+@triton_op("reattention::gather_attention_triton", mutates_args=())
+def gather_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            cache_seqlens: torch.Tensor, idx: torch.Tensor,
+                            inv_freq: torch.Tensor, sink: int, local: int, chunk: int,
+                            query_block: int, scale: float, rope_scale: float, rope_style: str,
+                            positions: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention over [sink | chunks in idx | local] with in-kernel RoPE (Triton).
+
+    Parameters
+    ----------
+    q : [B, Hq, Lq, D] raw queries; k_cache, v_cache : [B, Hkv, Nmax, D] raw keys and values
+        (last dim contiguous; D even, <= 256).
+    cache_seqlens : int32 [B]; idx : int32 [B, Hkv, ceil(Lq/query_block), topk], ascending,
+        -1 padded; inv_freq : fp32 [R/2], R <= D.
+    scale, rope_scale : softmax scale; cos/sin multiplier.
+    rope_style : "half" or "interleaved"; positions : "compact" or "original".
+
+    Returns
+    -------
+    out : [B, Hq, Lq, D] in q's dtype; lse : [B, Hq, Lq] fp32 (natural log).
+
+    Example
+    -------
+    >>> out, lse = torch.ops.reattention.gather_attention_triton(
+    ...     q, k, v, lens, idx, inv_freq, 64, 4096, 64, 128, 128 ** -0.5, 1.0, "half", "compact")
+    """
+    if rope_style not in ("half", "interleaved"):
+        raise ValueError(f"rope_style must be 'half' or 'interleaved', got {rope_style!r}")
+    if positions not in ("compact", "original"):
+        raise ValueError(f"positions must be 'compact' or 'original', got {positions!r}")
+    b, hq, lq, d = q.shape
+    hkv, nmax = k_cache.shape[1], k_cache.shape[2]
+    if d > 256 or d % 2:
+        raise ValueError(f"the triton backend supports even head dim D <= 256, got head dim {d}")
+    if any(t.stride(-1) != 1 for t in (q, k_cache, v_cache, idx)):
+        raise ValueError("gather_attention_triton needs q, k/v caches and idx contiguous "
+                         "in the last dim")
+    group = hq // hkv
+    topk = idx.shape[3]
+    half_rot = inv_freq.shape[0]
+    n_blocks = triton.cdiv(lq, query_block)
+    out = torch.empty_like(q)
+    lse = torch.empty((b, hq, lq), dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out, lse
+    on_gpu = q.device.type == "cuda"
+    rows_per_block = group * min(query_block, lq)
+    block_m, block_n, warps, target = _attn_config(d, rows_per_block, on_gpu)
+    if target is None:
+        target = 2 * _num_sms(q.device)
+    n_row_tiles = triton.cdiv(rows_per_block, block_m)
+    # Longest gathered sequence any (b, h, beta) can have: sink + topk chunks + local window
+    # (at most local + chunk - 1 before the queries) + the queries; never more than Nmax.
+    l_max = min(nmax, sink + topk * chunk + local + chunk - 1 + lq)
+    n_base = b * hkv * n_blocks * n_row_tiles
+    n_tiles = triton.cdiv(l_max, block_n)
+    n_splits = max(1, min(triton.cdiv(target, n_base), n_tiles))
+    split_len = triton.cdiv(n_tiles, n_splits) * block_n
+    n_splits = triton.cdiv(l_max, split_len)
+    if n_splits > 1:
+        o_dst = torch.empty((b, hq, lq, n_splits, d), dtype=torch.float32, device=q.device)
+        l_dst = torch.empty((b, hq, lq, n_splits), dtype=torch.float32, device=q.device)
+    else:
+        o_dst, l_dst = out, lse
+    rot_block = max(16, triton.next_power_of_2(half_rot))
+    pass_dims = d - 2 * half_rot
+    wrap_triton(_gather_attn_kernel)[(n_base * n_splits,)](
+        q, k_cache, v_cache, cache_seqlens, idx, inv_freq, o_dst, l_dst,
+        q.stride(0), q.stride(1), q.stride(2),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        idx.stride(0), idx.stride(1), idx.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        hkv, group, lq, query_block, n_blocks, n_row_tiles, n_splits, split_len,
+        d, half_rot, sink, local, chunk, topk, float(scale) * _LOG2E, float(rope_scale),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=rot_block,
+        BLOCK_P=max(16, triton.next_power_of_2(max(pass_dims, 1))),
+        BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_K=triton.next_power_of_2(topk),
+        HAS_PASS=pass_dims > 0, INTERLEAVED=rope_style == "interleaved",
+        ORIGINAL=positions == "original", SPLIT=n_splits > 1, ACCURATE=on_gpu,
+        IEEE=q.dtype == torch.float32, UPCAST=not on_gpu, num_warps=warps)
+    if n_splits > 1:
+        wrap_triton(_merge_kernel)[(b * hq * lq,)](
+            o_dst, l_dst, out, lse, n_splits, hq, lq, d,
+            out.stride(0), out.stride(1), out.stride(2),
+            BLOCK_S=triton.next_power_of_2(n_splits), BLOCK_D=triton.next_power_of_2(d),
+            num_warps=4)
+    return out, lse
+
+
+@gather_attention_triton.register_fake
+def _gather_attention_triton_fake(q, k_cache, v_cache, cache_seqlens, idx, inv_freq, sink,
+                                  local, chunk, query_block, scale, rope_scale, rope_style,
+                                  positions):
+    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
