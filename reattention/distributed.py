@@ -1,0 +1,550 @@
+"""Context parallel ReAttention: one sequence's KV cache split across ranks (torch.distributed).
+
+An 8B model at 4M tokens holds ~512 GB of KV cache, more than one GPU. Here every rank holds
+one contiguous piece of each sequence's cache and the result equals single-device
+:func:`reattention.reattention_attn` up to rounding, on NCCL (GPUs) or gloo (CPUs).
+
+The split: contiguous, chunk-aligned token ranges
+-------------------------------------------------
+Rank r holds global tokens ``[starts[r], starts[r+1])`` (the last rank up to Nmax), and every
+start after rank 0's is a chunk boundary ``sink + j * chunk`` (:class:`CPLayout`). So the
+sink lives on rank 0, each middle chunk on exactly one rank, and the newest tokens (the local
+window and the queries' own keys) on the last rank that holds any of the sequence; a local
+window straddling two ranks is fine, since each rank attends to whatever part of
+``[sink | selected chunks | local]`` lies in its range. Contiguous rather than round-robin
+because:
+
+- each shard is an ordinary ``[B, Hkv, n, D]`` cache with aligned chunks (sink 0 on ranks
+  > 0), so the single-device ``select_chunks``/``chunk_reps`` kernels score it unchanged, and a
+  decode step appends to one rank only;
+- a rank's keys form one contiguous run of the gathered sequence, so their compact positions
+  follow from the global selection by a count (how many selected chunks precede them);
+- the cost that grows with the context is scoring N/chunk reps (N keys for ``rep="max"``),
+  which any equal split balances; attention reads at most topk*chunk middle keys in all, so
+  an uneven share of the selected chunks costs little.
+
+One call, per rank (``q``, lengths and settings identical on every rank)
+-----------------------------------------------------------------------
+1. Local candidates: the backend's ``select_chunks`` scores the shard's chunks except at most
+   ceil(Lq/chunk) at the shard's end (the op needs the Lq query slots inside its cache); those
+   are added as candidates, every candidate's exact score is recomputed the way
+   :func:`reattention.reference.chunk_scores_ref` does (topk*chunk keys per block, cheap), and
+   the rank keeps its top-k (higher score first, then lower chunk index).
+2. One ``all_gather`` of R*topk (score, global chunk id) per (batch, kv head, query block);
+   every rank sorts them by the same rule, which is DESIGN.md's, so all ranks hold the same
+   selection and it is the single-device one: a chunk of the global top-k is in its own
+   rank's top-k under the same order.
+3. Attention over the rank's part of the gathered sequence, in PyTorch (fp32 accumulate),
+   with RoPE at positions from the GLOBAL selection; gives (out_r, lse_r) per rank. The
+   ``gather_attention`` op cannot be reused here: a rank's keys start at a compact position
+   that differs per (kv head, query block), and shifting positions instead would change the
+   fp32 RoPE angles' rounding.
+4. One ``all_gather`` of (out_r, lse_r); every rank merges them by lse in rank order.
+
+Two collectives per call; the host reads ``cache_seqlens`` once (a sync on GPUs).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.distributed as dist
+
+from . import ReAttentionConfig, ops
+from .reference import apply_rope, segments
+from .rope import default_inv_freq
+
+__all__ = [
+    "CPLayout",
+    "chunk_reps_cp",
+    "select_chunks_cp",
+    "gather_attention_cp",
+    "reattention_attn_cp",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class CPLayout:
+    """Which global tokens each rank holds: rank r has ``[starts[r], starts[r+1])``.
+
+    Parameters
+    ----------
+    starts : first global token of each rank's shard; ``starts[0] == 0``, strictly increasing.
+        For a call with ``sink`` and ``chunk`` every later start must be a chunk boundary
+        ``sink + j * chunk`` (checked per call).
+    nmax : global capacity (the Nmax of the unsharded cache); the last rank holds
+        ``[starts[-1], nmax)``.
+
+    Example
+    -------
+    >>> layout = CPLayout.split(1 << 20, 4, sink=64, chunk=64)
+    >>> layout.bounds(1)
+    (262144, 524288)
+    """
+
+    starts: tuple[int, ...]
+    nmax: int
+
+    def __post_init__(self):
+        starts = tuple(self.starts)
+        object.__setattr__(self, "starts", starts)
+        ok = (len(starts) >= 1 and all(isinstance(s, int) for s in starts) and starts[0] == 0
+              and all(a < b for a, b in zip(starts, starts[1:])))
+        if not ok:
+            raise ValueError(f"starts must be ints, starting at 0, strictly increasing; "
+                             f"got {starts}")
+        if not (isinstance(self.nmax, int) and self.nmax > starts[-1]):
+            raise ValueError(f"nmax must be an int > starts[-1]={starts[-1]} (the last rank holds "
+                             f"at least one token), got {self.nmax!r}")
+
+    @classmethod
+    def split(cls, nmax: int, world_size: int, *, sink: int, chunk: int) -> "CPLayout":
+        """Split the middle chunks of a cache of ``nmax`` tokens evenly over ``world_size`` ranks.
+
+        Rank 0 also holds the sink; the last rank also the tokens after the last whole chunk.
+        """
+        ops.check_params(sink=sink, chunk=chunk)
+        n_chunks = max(0, nmax - sink) // chunk
+        if not (isinstance(world_size, int) and 1 <= world_size <= max(1, n_chunks)):
+            raise ValueError(f"world_size must be an int in [1, {max(1, n_chunks)}] (one whole "
+                             f"chunk per rank at least), got {world_size!r}")
+        starts = [0] + [sink + (r * n_chunks // world_size) * chunk for r in range(1, world_size)]
+        return cls(tuple(starts), nmax)
+
+    @property
+    def world_size(self) -> int:
+        return len(self.starts)
+
+    def bounds(self, rank: int) -> tuple[int, int]:
+        """Global token range ``(start, end)`` of ``rank``'s shard."""
+        ends = self.starts[1:] + (self.nmax,)
+        return self.starts[rank], ends[rank]
+
+    def shard(self, t: torch.Tensor, rank: int) -> torch.Tensor:
+        """``rank``'s slice (a view) of a full cache-like tensor ``[B, H, Nmax, ...]``."""
+        start, end = self.bounds(rank)
+        return t[:, :, start:end]
+
+    def shard_seqlens(self, cache_seqlens: torch.Tensor, rank: int) -> torch.Tensor:
+        """Valid tokens of each sequence inside ``rank``'s shard: int32 [B]."""
+        start, end = self.bounds(rank)
+        return (cache_seqlens - start).clamp(0, end - start).to(torch.int32)
+
+    def shard_sink(self, rank: int, sink: int) -> int:
+        """The sink as the shard sees it: chunks are aligned to it, so 0 after rank 0."""
+        return sink if rank == 0 else 0
+
+    def chunk_range(self, rank: int, sink: int, chunk: int) -> tuple[int, int]:
+        """Global middle-chunk ids ``[lo, hi)`` whose tokens lie in ``rank``'s shard."""
+        start, end = self.bounds(rank)
+        lo = 0 if rank == 0 else (start - sink) // chunk
+        return lo, max(0, end - sink) // chunk
+
+    def check(self, sink: int, chunk: int) -> None:
+        """Every start after rank 0's must be a chunk boundary at or after the sink."""
+        bad = [s for s in self.starts[1:] if s < sink or (s - sink) % chunk]
+        if bad:
+            raise ValueError(f"layout starts {bad} are not chunk boundaries sink + j*chunk "
+                             f"(sink={sink}, chunk={chunk}): rank 0 must hold the whole sink "
+                             f"and every chunk must lie on one rank")
+
+
+# --------------------------------------------------------------------------- plumbing
+def _rank_world(group) -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        rank = dist.get_rank(group)
+        if rank < 0:
+            raise ValueError("this process is not a member of group")
+        return rank, dist.get_world_size(group)
+    if group is not None:
+        raise ValueError("group given but torch.distributed is not initialized")
+    return 0, 1
+
+
+def _all_gather(t: torch.Tensor, group, world: int) -> list[torch.Tensor]:
+    if world == 1:
+        return [t]
+    # A list all_gather: all_gather_into_tensor is deprecated on newer torch, and its
+    # replacement is missing on the GPU box's 2.11.
+    parts = [torch.empty_like(t) for _ in range(world)]
+    dist.all_gather(parts, t.contiguous(), group=group)
+    return parts
+
+
+def _acc(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _check_shard(q, k_shard, v_shard, layout: CPLayout, group, sink: int, chunk: int) -> int:
+    """Validate the shard against the layout; return this process's rank in ``group``."""
+    if not isinstance(layout, CPLayout):
+        raise ValueError(f"layout must be a CPLayout, got {type(layout).__name__}")
+    # A shard may be shorter than the queries, so check_cache's Nmax >= Lq test does not
+    # apply; one query column checks everything else (ranks, dtypes, devices, heads).
+    ops.check_cache(q[:, :, :1] if isinstance(q, torch.Tensor) and q.dim() == 4 else q,
+                    k_shard, v_shard)
+    rank, world = _rank_world(group)
+    if layout.world_size != world:
+        raise ValueError(f"layout has {layout.world_size} shards but the group has {world} ranks")
+    layout.check(sink, chunk)
+    start, end = layout.bounds(rank)
+    if k_shard.shape[2] != end - start:
+        raise ValueError(f"k_shard of rank {rank} must hold tokens [{start}, {end}) of the "
+                         f"layout ({end - start}), got {k_shard.shape[2]}")
+    return rank
+
+
+def _global_seqlens(cache_seqlens, q, k_shard, layout: CPLayout) -> list[int]:
+    # check_seqlens reads (B, Nmax, device) off a cache; a zero-size stand-in gives it the
+    # global Nmax without allocating anything.
+    stand_in = k_shard.new_empty((k_shard.shape[0], 0, layout.nmax, 0))
+    return [int(n) for n in ops.check_seqlens(cache_seqlens, stand_in, q.shape[2]).tolist()]
+
+
+def _resolve_config(config, given: dict) -> dict:
+    """Settings from ``config``; a keyword set to neither its default nor config's value clashes."""
+    if config is None:
+        return given
+    if not isinstance(config, ReAttentionConfig):
+        raise ValueError(f"config must be a ReAttentionConfig, got {type(config).__name__}")
+    defaults = ReAttentionConfig()
+    clash = [k for k, v in given.items() if v != getattr(defaults, k) and v != getattr(config, k)]
+    if clash:
+        raise ValueError(f"pass either config or the keywords {clash}, not both")
+    return {k: getattr(config, k) for k in given}
+
+
+# --------------------------------------------------------------------------- reps
+def chunk_reps_cp(k_shard: torch.Tensor, layout: CPLayout,
+                  cache_seqlens: torch.Tensor | None = None, *, sink: int, chunk: int, rep: str,
+                  backend: str = "auto", group=None) -> torch.Tensor:
+    """Chunk representatives of this rank's shard (no communication).
+
+    Parameters
+    ----------
+    k_shard : [B, Hkv, n_r, D] this rank's raw keys, tokens ``layout.bounds(rank)``.
+    layout : the :class:`CPLayout` shared by all ranks.
+    cache_seqlens : int32 [B] GLOBAL valid tokens per sequence, or None for ``layout.nmax``.
+    rep : "bound" or "mean".
+
+    Returns
+    -------
+    reps : "bound" [B, Hkv, n_c, 2, D] or "mean" [B, Hkv, n_c, D] for the shard's chunks in
+        shard order (shard chunk i is global chunk ``layout.chunk_range(rank, ...)[0] + i``),
+        ``n_c = (n_r - shard_sink) // chunk``.
+
+    Example
+    -------
+    >>> reps = chunk_reps_cp(k_shard, layout, sink=64, chunk=64, rep="bound")
+    """
+    rank, _ = _rank_world(group)
+    lens = cache_seqlens if cache_seqlens is not None else torch.full(
+        (k_shard.shape[0],), layout.nmax, dtype=torch.int32, device=k_shard.device)
+    return ops.chunk_reps(k_shard, layout.shard_seqlens(lens, rank),
+                          sink=layout.shard_sink(rank, sink), chunk=chunk, rep=rep,
+                          backend=backend)
+
+
+# --------------------------------------------------------------------------- selection
+def _best_first(scores: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Order along the last dim: higher score first, then lower id (DESIGN.md tie rule)."""
+    by_id = ids.argsort(dim=-1, stable=True)
+    by_score = scores.gather(-1, by_id).argsort(dim=-1, descending=True, stable=True)
+    return by_id.gather(-1, by_score)
+
+
+def _block_ranges(lq: int, query_block: int) -> list[tuple[int, int]]:
+    return [(s, min(lq, s + query_block)) for s in range(0, lq, query_block)]
+
+
+def _candidate_scores(q, k_shard, reps, cand, shard_sink, chunk, rep, query_block):
+    """Exact scores of shard-local chunk ids ``cand`` [B, Hkv, n_blocks, K] (-1: none).
+
+    Same arithmetic as reference.chunk_scores_ref, restricted to the candidates; returns
+    fp32 (fp64 for fp64 input) [B, Hkv, n_blocks, K], -inf where ``cand`` is -1.
+    """
+    b_, hq, _, d = q.shape
+    hkv = k_shard.shape[1]
+    acc = _acc(q)
+    valid = cand >= 0
+    cand = cand.clamp(min=0)
+    out = torch.empty(cand.shape, dtype=acc, device=q.device)
+    offs = torch.arange(chunk, device=q.device)
+    for beta, (s, e) in enumerate(_block_ranges(q.shape[2], query_block)):
+        qs = q[:, :, s:e].reshape(b_, hkv, -1, d).to(acc)  # [B, Hkv, G*nq, D]
+        cb = cand[:, :, beta]  # [B, Hkv, K]
+        if rep == "max":
+            tok = (shard_sink + cb[..., None] * chunk + offs).flatten(2)  # [B, Hkv, K*C]
+            keys = k_shard.gather(2, tok[..., None].expand(-1, -1, -1, d)).to(acc)
+            sc = (qs @ keys.transpose(-1, -2)).unflatten(-1, (cb.shape[-1], chunk)).amax(-1)
+        elif rep == "bound":
+            r = reps.gather(2, cb[..., None, None].expand(-1, -1, -1, 2, d)).to(acc)
+            qd = qs[:, :, :, None, :]
+            sc = torch.maximum(qd * r[:, :, None, :, 0], qd * r[:, :, None, :, 1]).sum(-1)
+        else:
+            mean = reps.gather(2, cb[..., None].expand(-1, -1, -1, d)).to(acc)
+            sc = qs @ mean.transpose(-1, -2)
+        out[:, :, beta] = sc.amax(2)
+    return out.masked_fill(~valid, -math.inf)
+
+
+def _local_topk(q, k_shard, reps, lens, layout, rank, *, sink, local, chunk, topk,
+                query_block, rep, backend):
+    """This rank's top-k middle chunks: (scores [B,Hkv,nb,topk], global ids int64, -1 pad)."""
+    b_, _, lq, _ = q.shape
+    hkv, cap = k_shard.shape[1], k_shard.shape[2]
+    lo, hi = layout.chunk_range(rank, sink, chunk)
+    s0 = layout.shard_sink(rank, sink)
+    owned = [max(0, min(hi, segments(n, lq, sink, local, chunk)[2]) - lo) for n in lens]
+    # The op scores a shard chunk only if the Lq query slots still fit after it (sink 0
+    # locally, local 0): chunks up to (cap - Lq - s0) // chunk; the rest, at most
+    # ceil(Lq / chunk), are added by hand.
+    seen = (cap - lq - s0) // chunk if cap >= s0 + lq else 0
+    cover = [min(o, seen) for o in owned]
+    tail = -(-lq // chunk)
+    n_blocks = -(-lq // query_block)
+    cand = torch.full((b_, hkv, n_blocks, topk + tail), -1, dtype=torch.int64, device=q.device)
+    if any(cover):
+        seqlens = torch.tensor([s0 + c * chunk + lq for c in cover], dtype=torch.int32,
+                               device=q.device)
+        cand[..., :topk] = ops.select_chunks(q, k_shard, seqlens, reps=reps, sink=s0, local=0,
+                                             chunk=chunk, topk=topk, query_block=query_block,
+                                             rep=rep, backend=backend)
+    for b, (c, o) in enumerate(zip(cover, owned)):
+        cand[b, :, :, topk:topk + o - c] = torch.arange(c, o, device=q.device)
+    scores = _candidate_scores(q, k_shard, reps, cand, s0, chunk, rep, query_block)
+    order = _best_first(scores, cand)[..., :topk]
+    ids = cand.gather(-1, order)
+    return scores.gather(-1, order), torch.where(ids >= 0, ids + lo, ids)
+
+
+def select_chunks_cp(q: torch.Tensor, k_shard: torch.Tensor, layout: CPLayout,
+                     cache_seqlens: torch.Tensor | None = None, *,
+                     reps: torch.Tensor | None = None, sink: int, local: int, chunk: int,
+                     topk: int, query_block: int, rep: str, backend: str = "auto",
+                     group=None) -> torch.Tensor:
+    """Top-k middle chunks over the whole sharded cache: the single-device selection.
+
+    Parameters
+    ----------
+    q : [B, Hq, Lq, D] raw queries of the last Lq tokens, the same on every rank.
+    k_shard : [B, Hkv, n_r, D] this rank's raw keys (tokens ``layout.bounds(rank)``).
+    layout : the :class:`CPLayout` shared by all ranks.
+    cache_seqlens : int32 [B] GLOBAL valid tokens per sequence (each in [Lq, layout.nmax]),
+        the same on every rank; None means ``layout.nmax``.
+    reps : this rank's reps for "bound"/"mean" (:func:`chunk_reps_cp`), computed when None.
+    backend : runs ``select_chunks``/``chunk_reps`` on the shard; see reattention.ops.
+
+    Returns
+    -------
+    idx : int32 [B, Hkv, ceil(Lq / query_block), topk] GLOBAL chunk ids, ascending, -1
+        padded, identical on every rank.
+
+    Example
+    -------
+    >>> idx = select_chunks_cp(q, k_shard, layout, sink=64, local=4096, chunk=64, topk=32,
+    ...                        query_block=128, rep="max")
+    """
+    rank = _check_shard(q, k_shard, None, layout, group, sink, chunk)
+    _, world = _rank_world(group)
+    ops.check_params(sink=sink, local=local, chunk=chunk, topk=topk, query_block=query_block)
+    if rep not in ops.REP_MODES:
+        raise ValueError(f"rep must be one of {ops.REP_MODES}, got {rep!r}")
+    lens = _global_seqlens(cache_seqlens, q, k_shard, layout)
+    if rep == "max":
+        ops.check_reps(reps, k_shard, lq=0, sink=0, local=0, chunk=chunk, rep=rep)
+    elif reps is None:
+        reps = chunk_reps_cp(k_shard, layout, torch.tensor(lens, dtype=torch.int32,
+                                                           device=q.device),
+                             sink=sink, chunk=chunk, rep=rep, backend=backend, group=group)
+    else:
+        # lq=0, local=0: the candidates may reach the shard's last whole chunk.
+        ops.check_reps(reps, k_shard, lq=0, sink=layout.shard_sink(rank, sink), local=0,
+                       chunk=chunk, rep=rep)
+    scores, ids = _local_topk(q, k_shard, reps, lens, layout, rank, sink=sink, local=local,
+                              chunk=chunk, topk=topk, query_block=query_block, rep=rep,
+                              backend=backend)
+    # One collective: ids travel bit-cast inside the score tensor.
+    bits = torch.int64 if scores.dtype == torch.float64 else torch.int32
+    parts = _all_gather(torch.stack([scores, ids.to(bits).view(scores.dtype)]), group, world)
+    all_scores = torch.cat([p[0] for p in parts], -1)
+    all_ids = torch.cat([p[1].view(bits) for p in parts], -1).long()
+    best = all_ids.gather(-1, _best_first(all_scores, all_ids)[..., :topk])
+    idx = torch.full_like(best, -1)
+    for b, n in enumerate(lens):
+        k_eff = min(topk, segments(n, q.shape[2], sink, local, chunk)[2])
+        idx[b, ..., :k_eff] = best[b, ..., :k_eff].sort(dim=-1).values
+    return idx.to(torch.int32)
+
+
+# --------------------------------------------------------------------------- attention
+def _span(lo: int, hi: int, device) -> torch.Tensor:
+    """Token ids ``[lo, hi)``, empty when ``hi <= lo``."""
+    return torch.arange(lo, max(lo, hi), device=device)
+
+
+def _attend_shard(q, k_shard, v_shard, idx, lens, start, lo, hi, *, inv_freq, sink, local,
+                  chunk, query_block, scale, rope_scale, rope_style, positions):
+    """This rank's part of the attention: (out [B,Hq,Lq,D], lse [B,Hq,Lq]) in fp32/fp64.
+
+    Keys of the gathered sequence held here: the sink (rank 0), the selected chunks in
+    ``[lo, hi)``, and the local window's tokens in the shard. Positions are the global ones.
+    Queries that see no key here get lse -inf and out 0.
+    """
+    b_, hq, lq, d = q.shape
+    hkv, cap = k_shard.shape[1], k_shard.shape[2]
+    g = hq // hkv
+    acc = _acc(q)
+    dev = q.device
+    out = torch.zeros(b_, hq, lq, d, dtype=acc, device=dev)
+    lse = torch.full((b_, hq, lq), -math.inf, dtype=acc, device=dev)
+    offs = torch.arange(chunk, device=dev)
+    topk = idx.shape[-1]
+    for b, n in enumerate(lens):
+        sink_len, mid_end, _ = segments(n, lq, sink, local, chunk)
+        end = min(start + cap, n)  # this shard's valid tokens: [start, end)
+        sink_tok = _span(start, min(sink_len, end), dev)
+        loc_tok = _span(max(start, mid_end), end, dev)
+        p0 = n - lq
+        for beta, (s, e) in enumerate(_block_ranges(lq, query_block)):
+            sel = idx[b, :, beta].long()  # [Hkv, topk] global ids, ascending, -1 padded
+            n_sel = (sel >= 0).sum(-1, keepdim=True)  # [Hkv, 1]
+            here = ((sel >= lo) & (sel < hi)).repeat_interleave(chunk, -1)  # [Hkv, topk*C]
+            ctok = (sink + sel.clamp(min=0)[..., None] * chunk + offs).flatten(1)
+            tok = torch.cat([sink_tok.expand(hkv, -1), ctok, loc_tok.expand(hkv, -1)], -1)
+            valid = torch.cat([torch.ones_like(sink_tok, dtype=torch.bool).expand(hkv, -1),
+                               here, torch.ones_like(loc_tok, dtype=torch.bool).expand(hkv, -1)],
+                              -1)
+            q_orig = torch.arange(p0 + s, p0 + e, device=dev)
+            if positions == "compact":
+                # Local keys and queries move by the same shift; slot i of the selection
+                # sits right after the sink whatever rank holds it.
+                shift = sink + n_sel * chunk - mid_end  # [Hkv, 1]
+                slot = (sink_len + torch.arange(topk * chunk, device=dev)).expand(hkv, -1)
+                kpos = torch.cat([sink_tok.expand(hkv, -1), slot, loc_tok + shift], -1)
+                qpos = (q_orig + shift).repeat_interleave(g, 0)  # [Hq, nq]
+            else:
+                kpos, qpos = tok, q_orig.expand(hq, -1)
+            gi = (tok - start).clamp(0, cap - 1)[..., None].expand(-1, -1, d)
+            k = k_shard[b].gather(1, gi).to(acc)  # [Hkv, L, D]
+            v = v_shard[b].gather(1, gi).to(acc)
+            k = apply_rope(k.flatten(0, 1), kpos.flatten(), inv_freq, rope_scale,
+                           rope_style).view_as(k)
+            qb = q[b, :, s:e].to(acc)  # [Hq, nq, D]
+            qb = apply_rope(qb.flatten(0, 1), qpos.flatten(), inv_freq, rope_scale,
+                            rope_style).view(hkv, -1, d)  # [Hkv, G*nq, D]
+            logits = scale * (qb @ k.transpose(-1, -2))  # [Hkv, G*nq, L]
+            seen = valid[:, None, :] & (tok[:, None, :] <= q_orig.repeat(g)[None, :, None])
+            logits = logits.masked_fill(~seen, -math.inf)
+            lse_blk = torch.logsumexp(logits, dim=-1)  # [Hkv, G*nq]
+            prob = torch.exp(logits - lse_blk[..., None]).nan_to_num(0.0)
+            out[b, :, s:e] = (prob @ v).view(hq, e - s, d)
+            lse[b, :, s:e] = lse_blk.view(hq, e - s)
+    return out, lse
+
+
+def gather_attention_cp(q: torch.Tensor, k_shard: torch.Tensor, v_shard: torch.Tensor,
+                        idx: torch.Tensor, layout: CPLayout,
+                        cache_seqlens: torch.Tensor | None = None, *, inv_freq: torch.Tensor,
+                        sink: int, local: int, chunk: int, query_block: int,
+                        scale: float | None = None, rope_scale: float = 1.0,
+                        rope_style: str = "half", positions: str = "compact",
+                        group=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention over [sink | chunks in ``idx`` | local] of the sharded cache, merged by lse.
+
+    Parameters
+    ----------
+    q : [B, Hq, Lq, D] raw queries, the same on every rank.
+    k_shard, v_shard : [B, Hkv, n_r, D] this rank's raw keys and values.
+    idx : int32 [B, Hkv, n_blocks, topk] GLOBAL chunk ids (:func:`select_chunks_cp`).
+    layout, cache_seqlens : as in :func:`select_chunks_cp`.
+    inv_freq, scale, rope_scale, rope_style, positions : as in reattention.gather_attention.
+
+    Returns
+    -------
+    out : [B, Hq, Lq, D] in q's dtype; lse : [B, Hq, Lq] float32; identical on every rank.
+
+    Example
+    -------
+    >>> out, lse = gather_attention_cp(q, k_shard, v_shard, idx, layout,
+    ...                                inv_freq=default_inv_freq(128), sink=64, local=4096,
+    ...                                chunk=64, query_block=128)
+    """
+    rank = _check_shard(q, k_shard, v_shard, layout, group, sink, chunk)
+    _, world = _rank_world(group)
+    ops.check_params(sink=sink, local=local, chunk=chunk, query_block=query_block)
+    inv_freq, scale = ops.check_attention_args(q, inv_freq, scale, rope_scale, rope_style,
+                                               positions)
+    ops.check_idx(idx, q, k_shard, query_block)
+    lens = _global_seqlens(cache_seqlens, q, k_shard, layout)
+    start, _ = layout.bounds(rank)
+    lo, hi = layout.chunk_range(rank, sink, chunk)
+    out, lse = _attend_shard(q, k_shard, v_shard, idx, lens, start, lo, hi, inv_freq=inv_freq,
+                             sink=sink, local=local, chunk=chunk, query_block=query_block,
+                             scale=scale, rope_scale=float(rope_scale), rope_style=rope_style,
+                             positions=positions)
+    d = q.shape[-1]
+    parts = torch.stack(_all_gather(torch.cat([out, lse[..., None]], -1), group, world))
+    lse_r = parts[..., d]  # [R, B, Hq, Lq]
+    lse = torch.logsumexp(lse_r, dim=0)
+    out = (torch.exp(lse_r - lse)[..., None] * parts[..., :d]).sum(0)
+    return out.to(q.dtype), lse.to(torch.float32)
+
+
+def reattention_attn_cp(q: torch.Tensor, k_shard: torch.Tensor, v_shard: torch.Tensor,
+                        layout: CPLayout, cache_seqlens: torch.Tensor | None = None, *,
+                        sink: int = 64, local: int = 4096, chunk: int = 64, topk: int = 32,
+                        query_block: int = 128, rep: str = "max",
+                        reps: torch.Tensor | None = None, inv_freq: torch.Tensor | None = None,
+                        rope_theta: float = 10000.0, rope_scale: float = 1.0,
+                        rope_style: str = "half", positions: str = "compact",
+                        scale: float | None = None, backend: str = "auto",
+                        return_lse: bool = False, config: ReAttentionConfig | None = None,
+                        group=None):
+    """:func:`reattention.reattention_attn` over a cache sharded across the ranks of ``group``.
+
+    Every rank of ``group`` calls it with the same ``q``, ``cache_seqlens`` and settings and
+    its own shard; every rank gets the same result, equal to the single-device call on the
+    full cache up to rounding (the selection is the same).
+
+    Parameters
+    ----------
+    q : [B, Hq, Lq, D] raw queries of the last Lq tokens of each sequence.
+    k_shard, v_shard : [B, Hkv, n_r, D] this rank's raw keys and values: global tokens
+        ``layout.bounds(rank)`` of the [B, Hkv, Nmax, D] cache (``layout.shard(k, rank)``).
+    layout : :class:`CPLayout`, e.g. ``CPLayout.split(Nmax, world_size, sink=..., chunk=...)``.
+    cache_seqlens : int32 [B] GLOBAL valid tokens per sequence, or None for ``layout.nmax``.
+    reps : this rank's reps for "bound"/"mean" (:func:`chunk_reps_cp`), computed when None.
+    backend : backend of the shard's selection ops ("auto", "cuda", "triton", "cpu",
+        "reference"); the attention part runs in PyTorch.
+    group : the process group holding the shards (default: the whole world). Without an
+        initialized torch.distributed the call runs as one rank.
+    Other keywords : as in :func:`reattention.reattention_attn`.
+
+    Returns
+    -------
+    out : [B, Hq, Lq, D] in q's dtype, or (out, lse [B, Hq, Lq] float32) with ``return_lse``.
+
+    Example
+    -------
+    >>> layout = CPLayout.split(k.shape[2], dist.get_world_size(), sink=64, chunk=64)
+    >>> r = dist.get_rank()
+    >>> out = reattention_attn_cp(q, layout.shard(k, r), layout.shard(v, r), layout)
+    """
+    cfg = _resolve_config(config, dict(sink=sink, local=local, chunk=chunk, topk=topk,
+                                       query_block=query_block, rep=rep, positions=positions))
+    _check_shard(q, k_shard, v_shard, layout, group, cfg["sink"], cfg["chunk"])
+    if inv_freq is None:
+        inv_freq = default_inv_freq(q.shape[-1], rope_theta, q.device)
+    ops.check_attention_args(q, inv_freq, scale, rope_scale, rope_style, cfg["positions"])
+    idx = select_chunks_cp(q, k_shard, layout, cache_seqlens, reps=reps, sink=cfg["sink"],
+                           local=cfg["local"], chunk=cfg["chunk"], topk=cfg["topk"],
+                           query_block=cfg["query_block"], rep=cfg["rep"], backend=backend,
+                           group=group)
+    out, lse = gather_attention_cp(q, k_shard, v_shard, idx, layout, cache_seqlens,
+                                   inv_freq=inv_freq, sink=cfg["sink"], local=cfg["local"],
+                                   chunk=cfg["chunk"], query_block=cfg["query_block"],
+                                   scale=scale, rope_scale=rope_scale, rope_style=rope_style,
+                                   positions=cfg["positions"], group=group)
+    return (out, lse) if return_lse else out

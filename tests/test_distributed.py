@@ -1,0 +1,260 @@
+"""Context parallel (reattention.distributed) against single-process reattention_attn.
+
+One spawn of 3 gloo processes runs every multi-rank case (3-rank cases on the world group,
+2-rank cases on a subgroup of ranks 0 and 1, which also exercises ``group=``) and the CPU
+smoke run of bench/bench_cp.py; each case's test then asserts on what the ranks recorded:
+the same selection as one process, outputs to fp32 rounding (the STYLE.md rule for bf16),
+and identical results on every rank.
+"""
+import dataclasses
+import datetime
+import importlib.util
+import json
+import math
+import os
+import sys
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import reattention
+from reattention.distributed import (CPLayout, gather_attention_cp, reattention_attn_cp,
+                                     select_chunks_cp)
+from reattention.testing import NOISE, Case, assert_close_rule, lowp_attention, make_inputs
+
+from conftest import require
+
+WORLD = 3
+BENCH = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "bench",
+                     "bench_cp.py")
+
+
+@dataclasses.dataclass(frozen=True)
+class CPCase:
+    case: Case
+    rep: str
+    world: int
+    starts: tuple[int, ...] | None = None  # None: CPLayout.split
+    backend: str = "reference"
+    dtype: torch.dtype = torch.float32
+    rope: tuple[str, str, float] = ("half", "compact", 1.0)  # style, positions, rope_scale
+
+    @property
+    def id(self) -> str:
+        lay = "split" if self.starts is None else "at" + "_".join(map(str, self.starts[1:]))
+        style, positions, rope_scale = self.rope
+        return (f"R{self.world}-{self.rep}-{self.case.id}-{lay}-{self.backend}-"
+                f"{str(self.dtype)[6:]}-{style}-{positions}-s{rope_scale}")
+
+
+#              b  hq hkv  lq  nmax   d  sink local chunk topk qb
+DECODE = Case(1, 8, 2, 1, 700, 64, 8, 64, 16, 4, 1)
+VARLEN = Case(2, 4, 4, 1, 700, 32, 8, 64, 16, 5, 1, lens=(700, 300))
+PREFILL = Case(1, 8, 2, 40, 700, 64, 8, 64, 16, 4, 16)
+GQA7 = Case(1, 7, 1, 1, 523, 128, 4, 40, 8, 8, 1)
+ODD = Case(2, 4, 1, 63, 650, 32, 0, 32, 16, 3, 16, lens=(650, 400))
+DENSE = Case(1, 4, 2, 9, 200, 32, 8, 64, 16, 16, 4)  # M <= topk: dense attention
+
+CP_CASES = [
+    CPCase(DECODE, "max", 2),
+    CPCase(DECODE, "bound", 3),
+    CPCase(VARLEN, "bound", 3),  # the short sequence ends on rank 1; rank 2 holds none of it
+    CPCase(PREFILL, "max", 2),
+    CPCase(PREFILL, "bound", 3),
+    # Rank 1 holds two middle chunks and the local window's first tokens, fewer tokens than
+    # the queries, so the selection op cannot run there; the window straddles ranks 1 and 2.
+    CPCase(PREFILL, "max", 3, starts=(0, 552, 600)),
+    CPCase(PREFILL, "mean", 3, starts=(0, 552, 600)),
+    CPCase(GQA7, "mean", 3),
+    CPCase(ODD, "max", 3, rope=("interleaved", "original", 1.0)),
+    CPCase(ODD, "bound", 2, rope=("half", "compact", 1.25)),
+    CPCase(DENSE, "max", 2),
+    CPCase(DECODE, "max", 3, dtype=torch.bfloat16),
+    CPCase(PREFILL, "bound", 2, dtype=torch.bfloat16),
+    CPCase(DECODE, "bound", 3, backend="cpu"),
+    CPCase(PREFILL, "max", 2, backend="cpu"),
+    CPCase(ODD, "mean", 3, backend="cpu"),
+]
+BENCH_ARGS = ["--tiny", "--iters", "2", "--warmup", "1", "--reps", "bound"]
+
+
+def _run_case(c: CPCase, rank: int, group) -> dict:
+    case = c.case
+    style, positions, rope_scale = c.rope
+    q, k, v, lens, inv_freq = make_inputs(case, c.dtype)
+    kw = dict(sink=case.sink, local=case.local, chunk=case.chunk, topk=case.topk,
+              query_block=case.query_block, rep=c.rep)
+    att = dict(inv_freq=inv_freq, rope_style=style, positions=positions, rope_scale=rope_scale)
+    layout = (CPLayout.split(case.nmax, c.world, sink=case.sink, chunk=case.chunk)
+              if c.starts is None else CPLayout(c.starts, case.nmax))
+    ks, vs = layout.shard(k, rank), layout.shard(v, rank)
+    idx = select_chunks_cp(q, ks, layout, lens, backend=c.backend, group=group, **kw)
+    out, lse = reattention_attn_cp(q, ks, vs, layout, lens, backend=c.backend,
+                                   return_lse=True, group=group, **kw, **att)
+    ref_idx = reattention.select_chunks(q, k, lens, backend=c.backend, **kw)
+    ref, ref_lse = reattention.reattention_attn(q, k, v, lens, backend=c.backend,
+                                                return_lse=True, **kw, **att)
+    res = dict(idx_equal=torch.equal(idx, ref_idx),
+               out_err=(out.double() - ref.double()).abs().max().item(),
+               lse_err=(lse.double() - ref_lse.double()).abs().max().item())
+    # The same selection and merge on every rank: gather both and compare bit for bit.
+    mine = torch.cat([out.float().flatten(), lse.flatten(), idx.float().flatten()])
+    parts = [torch.empty_like(mine) for _ in range(c.world)]
+    dist.all_gather(parts, mine, group=group)
+    res["ranks_identical"] = all(torch.equal(p, parts[0]) for p in parts)
+    if c.dtype != torch.float32:
+        # STYLE.md rule against the fp32 reference on the same selection.
+        scale = 1 / math.sqrt(case.d)
+        f32, _ = reattention.reference.gather_attention_ref(
+            q.float(), k.float(), v.float(), lens, idx, inv_freq, case.sink, case.local,
+            case.chunk, case.query_block, scale, rope_scale, style, positions)
+        low, _ = lowp_attention(q, k, v, lens, idx, inv_freq, case, scale,
+                                rope_scale=rope_scale, rope_style=style, positions=positions)
+        try:
+            assert_close_rule(out, f32, low, c.dtype, "cp out")
+            res["rule"] = "ok"
+        except AssertionError as e:
+            res["rule"] = str(e)
+    return res
+
+
+def _load_bench():
+    spec = importlib.util.spec_from_file_location("bench_cp", BENCH)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _worker(rank: int, init: str, out_dir: str) -> None:
+    torch.set_num_threads(1)  # 3 processes share the CI machine's 2 cores
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=120))
+    pair = dist.new_group([0, 1])
+    results = {}
+    for c in CP_CASES:
+        if c.world == 2 and rank == 2:
+            continue
+        if c.backend != "reference" and reattention.available_backends()[c.backend] is not None:
+            continue
+        try:
+            results[c.id] = _run_case(c, rank, pair if c.world == 2 else None)
+        except Exception:  # recorded and asserted by the case's test
+            results[c.id] = dict(error=traceback.format_exc())
+    try:
+        _load_bench().main(BENCH_ARGS + ["--out", os.path.join(out_dir, "bench.json")])
+    except Exception:
+        results["bench"] = dict(error=traceback.format_exc())
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(results, f)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def cp_results(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cp")
+    mp.spawn(_worker, args=(f"file://{d / 'rendezvous'}", str(d)), nprocs=WORLD, join=True)
+    ranks = []
+    for r in range(WORLD):
+        with open(d / f"rank{r}.json") as f:
+            ranks.append(json.load(f))
+    bench = d / "bench.json"
+    return ranks, json.loads(bench.read_text()) if bench.exists() else None
+
+
+@pytest.mark.parametrize("c", CP_CASES, ids=[c.id for c in CP_CASES])
+def test_cp_matches_single_process(c, cp_results):
+    if c.backend != "reference":
+        require(c.backend, torch.empty(0, dtype=c.dtype))
+    ranks, _ = cp_results
+    tol = NOISE[torch.float32]
+    for rank in range(c.world):
+        res = ranks[rank][c.id]
+        where = f"rank {rank}"
+        assert "error" not in res, f"{where}:\n{res.get('error')}"
+        assert res["idx_equal"], f"{where}: selection differs from the single-process one"
+        assert res["ranks_identical"], f"{where}: ranks disagree"
+        if c.dtype == torch.float32:
+            assert res["out_err"] <= tol, f"{where}: out error {res['out_err']:.3g}"
+            assert res["lse_err"] <= tol, f"{where}: lse error {res['lse_err']:.3g}"
+        else:
+            assert res["rule"] == "ok", f"{where}: {res['rule']}"
+
+
+def test_bench_cp_runs_on_gloo(cp_results):
+    ranks, bench = cp_results
+    for r in ranks:
+        assert "bench" not in r, r.get("bench", {}).get("error")
+    assert bench is not None and bench["header"]["world_size"] == WORLD
+    modes = {(row["mode"], row["rep"]) for row in bench["rows"]}
+    assert modes == {("decode", "bound"), ("prefill", "bound")}
+    for row in bench["rows"]:
+        assert row["cp_ms"] > 0 and row["single_ms"] > 0
+        assert row["max_err"] <= NOISE[torch.float32], row
+
+
+# --------------------------------------------------------------------------- one process
+def test_one_rank_without_distributed_equals_single_device():
+    case = PREFILL
+    q, k, v, lens, inv_freq = make_inputs(case, torch.float32)
+    kw = dict(sink=case.sink, local=case.local, chunk=case.chunk, topk=case.topk,
+              query_block=case.query_block, rep="bound", inv_freq=inv_freq)
+    layout = CPLayout.split(case.nmax, 1, sink=case.sink, chunk=case.chunk)
+    out, lse = reattention_attn_cp(q, k, v, layout, lens, backend="reference",
+                                   return_lse=True, **kw)
+    ref, ref_lse = reattention.reattention_attn(q, k, v, lens, backend="reference",
+                                                return_lse=True, **kw)
+    assert (out - ref).abs().max().item() <= NOISE[torch.float32]
+    assert (lse - ref_lse).abs().max().item() <= NOISE[torch.float32]
+
+
+def test_layout_split():
+    layout = CPLayout.split(1000, 3, sink=8, chunk=16)
+    # 62 whole chunks: 20, 21 and 21 of them, the sink on rank 0, the ragged tail on rank 2.
+    assert layout.starts == (0, 8 + 20 * 16, 8 + 41 * 16)
+    assert layout.bounds(2) == (664, 1000)
+    assert layout.chunk_range(0, 8, 16) == (0, 20)
+    assert layout.chunk_range(2, 8, 16) == (41, 62)
+    lens = torch.tensor([1000, 400, 5], dtype=torch.int32)
+    assert layout.shard_seqlens(lens, 1).tolist() == [336, 72, 0]
+
+
+@pytest.mark.parametrize("starts,nmax,match", [
+    ((1, 50), 100, "starts"),
+    ((0, 50, 50), 100, "starts"),
+    ((0, 50), 50, "nmax"),
+])
+def test_layout_rejects_bad_bounds(starts, nmax, match):
+    with pytest.raises(ValueError, match=match):
+        CPLayout(starts, nmax)
+
+
+def test_layout_rejects_more_ranks_than_chunks():
+    with pytest.raises(ValueError, match="world_size"):
+        CPLayout.split(100, 7, sink=8, chunk=16)
+
+
+def test_bad_shards_raise():
+    case = DECODE
+    q, k, v, lens, inv_freq = make_inputs(case, torch.float32)
+    kw = dict(sink=case.sink, local=case.local, chunk=case.chunk, topk=case.topk,
+              query_block=case.query_block, backend="reference")
+    with pytest.raises(ValueError, match="chunk boundaries"):
+        CPLayout((0, 20), case.nmax).check(case.sink, case.chunk)
+    with pytest.raises(ValueError, match="k_shard of rank 0"):
+        reattention_attn_cp(q, k[:, :, :500], v[:, :, :500], CPLayout((0,), case.nmax), lens,
+                            **kw)
+    with pytest.raises(ValueError, match="2 shards"):
+        reattention_attn_cp(q, k, v, CPLayout((0, 40), case.nmax), lens, **kw)
+    with pytest.raises(ValueError, match="cache_seqlens"):
+        reattention_attn_cp(q, k, v, CPLayout((0,), case.nmax),
+                            torch.tensor([case.nmax + 1], dtype=torch.int32), **kw)
+    idx = torch.zeros(1, case.hkv, 2, case.topk, dtype=torch.int32)
+    with pytest.raises(ValueError, match="idx"):
+        gather_attention_cp(q, k, v, idx, CPLayout((0,), case.nmax), lens, inv_freq=inv_freq,
+                            sink=case.sink, local=case.local, chunk=case.chunk,
+                            query_block=case.query_block)
