@@ -176,14 +176,28 @@ def _acc(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def _check_shard(q, k_shard, v_shard, layout: CPLayout, group, sink: int, chunk: int) -> int:
-    """Validate the shard against the layout; return this process's rank in ``group``."""
+@dataclasses.dataclass(frozen=True)
+class _Shard:
+    """What one call knows about this rank's place, validated once per public call."""
+
+    layout: CPLayout
+    group: object
+    rank: int
+    world: int
+    lens: list[int]  # GLOBAL valid tokens per sequence, on the host
+
+    @property
+    def start(self) -> int:
+        return self.layout.bounds(self.rank)[0]
+
+
+def _place(k_shard, layout: CPLayout, group, sink: int, chunk: int) -> tuple[int, int]:
+    """Check the shard against the layout and the group; return (rank, world size)."""
     if not isinstance(layout, CPLayout):
         raise ValueError(f"layout must be a CPLayout, got {type(layout).__name__}")
-    # A shard may be shorter than the queries, so check_cache's Nmax >= Lq test does not
-    # apply; one query column checks everything else (ranks, dtypes, devices, heads).
-    ops.check_cache(q[:, :, :1] if isinstance(q, torch.Tensor) and q.dim() == 4 else q,
-                    k_shard, v_shard)
+    if not (isinstance(k_shard, torch.Tensor) and k_shard.dim() == 4):
+        raise ValueError("k_shard must be a [B, Hkv, n_r, D] tensor")
+    ops.check_params(sink=sink, chunk=chunk)
     rank, world = _rank_world(group)
     if layout.world_size != world:
         raise ValueError(f"layout has {layout.world_size} shards but the group has {world} ranks")
@@ -192,14 +206,27 @@ def _check_shard(q, k_shard, v_shard, layout: CPLayout, group, sink: int, chunk:
     if k_shard.shape[2] != end - start:
         raise ValueError(f"k_shard of rank {rank} must hold tokens [{start}, {end}) of the "
                          f"layout ({end - start}), got {k_shard.shape[2]}")
-    return rank
+    return rank, world
 
 
-def _global_seqlens(cache_seqlens, q, k_shard, layout: CPLayout) -> list[int]:
+def _global_seqlens(cache_seqlens, k_shard, layout: CPLayout, lq: int) -> torch.Tensor:
+    """Validated GLOBAL lengths, int32 [B] on the shard's device (None: layout.nmax)."""
     # check_seqlens reads (B, Nmax, device) off a cache; a zero-size stand-in gives it the
     # global Nmax without allocating anything.
     stand_in = k_shard.new_empty((k_shard.shape[0], 0, layout.nmax, 0))
-    return [int(n) for n in ops.check_seqlens(cache_seqlens, stand_in, q.shape[2]).tolist()]
+    return ops.check_seqlens(cache_seqlens, stand_in, lq)
+
+
+def _shard(q, k_shard, v_shard, layout: CPLayout, cache_seqlens, group, sink: int,
+           chunk: int) -> _Shard:
+    """Validate q and the shard, and read the global lengths to the host (one sync)."""
+    # A shard may be shorter than the queries, so check_cache's Nmax >= Lq test does not
+    # apply; one query column checks everything else (ranks, dtypes, devices, heads).
+    ops.check_cache(q[:, :, :1] if isinstance(q, torch.Tensor) and q.dim() == 4 else q,
+                    k_shard, v_shard)
+    rank, world = _place(k_shard, layout, group, sink, chunk)
+    lens = _global_seqlens(cache_seqlens, k_shard, layout, q.shape[2]).tolist()
+    return _Shard(layout, group, rank, world, [int(n) for n in lens])
 
 
 def _resolve_config(config, given: dict) -> dict:
@@ -238,9 +265,8 @@ def chunk_reps_cp(k_shard: torch.Tensor, layout: CPLayout,
     -------
     >>> reps = chunk_reps_cp(k_shard, layout, sink=64, chunk=64, rep="bound")
     """
-    rank, _ = _rank_world(group)
-    lens = cache_seqlens if cache_seqlens is not None else torch.full(
-        (k_shard.shape[0],), layout.nmax, dtype=torch.int32, device=k_shard.device)
+    rank, _ = _place(k_shard, layout, group, sink, chunk)
+    lens = _global_seqlens(cache_seqlens, k_shard, layout, 0)
     return ops.chunk_reps(k_shard, layout.shard_seqlens(lens, rank),
                           sink=layout.shard_sink(rank, sink), chunk=chunk, rep=rep,
                           backend=backend)
@@ -289,14 +315,14 @@ def _candidate_scores(q, k_shard, reps, cand, shard_sink, chunk, rep, query_bloc
     return out.masked_fill(~valid, -math.inf)
 
 
-def _local_topk(q, k_shard, reps, lens, layout, rank, *, sink, local, chunk, topk,
-                query_block, rep, backend):
+def _local_topk(q, k_shard, reps, sh: _Shard, *, sink, local, chunk, topk, query_block, rep,
+                backend):
     """This rank's top-k middle chunks: (scores [B,Hkv,nb,topk], global ids int64, -1 pad)."""
     b_, _, lq, _ = q.shape
     hkv, cap = k_shard.shape[1], k_shard.shape[2]
-    lo, hi = layout.chunk_range(rank, sink, chunk)
-    s0 = layout.shard_sink(rank, sink)
-    owned = [max(0, min(hi, segments(n, lq, sink, local, chunk)[2]) - lo) for n in lens]
+    lo, hi = sh.layout.chunk_range(sh.rank, sink, chunk)
+    s0 = sh.layout.shard_sink(sh.rank, sink)
+    owned = [max(0, min(hi, segments(n, lq, sink, local, chunk)[2]) - lo) for n in sh.lens]
     # The op scores a shard chunk only if the Lq query slots still fit after it (sink 0
     # locally, local 0): chunks up to (cap - Lq - s0) // chunk; the rest, at most
     # ceil(Lq / chunk), are added by hand.
@@ -346,33 +372,37 @@ def select_chunks_cp(q: torch.Tensor, k_shard: torch.Tensor, layout: CPLayout,
     >>> idx = select_chunks_cp(q, k_shard, layout, sink=64, local=4096, chunk=64, topk=32,
     ...                        query_block=128, rep="max")
     """
-    rank = _check_shard(q, k_shard, None, layout, group, sink, chunk)
-    _, world = _rank_world(group)
+    sh = _shard(q, k_shard, None, layout, cache_seqlens, group, sink, chunk)
+    return _select(q, k_shard, reps, sh, sink=sink, local=local, chunk=chunk, topk=topk,
+                   query_block=query_block, rep=rep, backend=backend)
+
+
+def _select(q, k_shard, reps, sh: _Shard, *, sink, local, chunk, topk, query_block, rep,
+            backend) -> torch.Tensor:
     ops.check_params(sink=sink, local=local, chunk=chunk, topk=topk, query_block=query_block)
     if rep not in ops.REP_MODES:
         raise ValueError(f"rep must be one of {ops.REP_MODES}, got {rep!r}")
-    lens = _global_seqlens(cache_seqlens, q, k_shard, layout)
+    s0 = sh.layout.shard_sink(sh.rank, sink)
     if rep == "max":
-        ops.check_reps(reps, k_shard, lq=0, sink=0, local=0, chunk=chunk, rep=rep)
+        ops.check_reps(reps, k_shard, lq=0, sink=s0, local=0, chunk=chunk, rep=rep)
     elif reps is None:
-        reps = chunk_reps_cp(k_shard, layout, torch.tensor(lens, dtype=torch.int32,
-                                                           device=q.device),
-                             sink=sink, chunk=chunk, rep=rep, backend=backend, group=group)
+        lens = torch.tensor(sh.lens, dtype=torch.int32, device=q.device)
+        reps = ops.chunk_reps(k_shard, sh.layout.shard_seqlens(lens, sh.rank), sink=s0,
+                              chunk=chunk, rep=rep, backend=backend)
     else:
         # lq=0, local=0: the candidates may reach the shard's last whole chunk.
-        ops.check_reps(reps, k_shard, lq=0, sink=layout.shard_sink(rank, sink), local=0,
-                       chunk=chunk, rep=rep)
-    scores, ids = _local_topk(q, k_shard, reps, lens, layout, rank, sink=sink, local=local,
-                              chunk=chunk, topk=topk, query_block=query_block, rep=rep,
-                              backend=backend)
+        ops.check_reps(reps, k_shard, lq=0, sink=s0, local=0, chunk=chunk, rep=rep)
+    scores, ids = _local_topk(q, k_shard, reps, sh, sink=sink, local=local, chunk=chunk,
+                              topk=topk, query_block=query_block, rep=rep, backend=backend)
     # One collective: ids travel bit-cast inside the score tensor.
     bits = torch.int64 if scores.dtype == torch.float64 else torch.int32
-    parts = _all_gather(torch.stack([scores, ids.to(bits).view(scores.dtype)]), group, world)
+    parts = _all_gather(torch.stack([scores, ids.to(bits).view(scores.dtype)]), sh.group,
+                        sh.world)
     all_scores = torch.cat([p[0] for p in parts], -1)
     all_ids = torch.cat([p[1].view(bits) for p in parts], -1).long()
     best = all_ids.gather(-1, _best_first(all_scores, all_ids)[..., :topk])
     idx = torch.full_like(best, -1)
-    for b, n in enumerate(lens):
+    for b, n in enumerate(sh.lens):
         k_eff = min(topk, segments(n, q.shape[2], sink, local, chunk)[2])
         idx[b, ..., :k_eff] = best[b, ..., :k_eff].sort(dim=-1).values
     return idx.to(torch.int32)
@@ -384,8 +414,8 @@ def _span(lo: int, hi: int, device) -> torch.Tensor:
     return torch.arange(lo, max(lo, hi), device=device)
 
 
-def _attend_shard(q, k_shard, v_shard, idx, lens, start, lo, hi, *, inv_freq, sink, local,
-                  chunk, query_block, scale, rope_scale, rope_style, positions):
+def _attend_shard(q, k_shard, v_shard, idx, sh: _Shard, *, inv_freq, sink, local, chunk,
+                  query_block, scale, rope_scale, rope_style, positions):
     """This rank's part of the attention: (out [B,Hq,Lq,D], lse [B,Hq,Lq]) in fp32/fp64.
 
     Keys of the gathered sequence held here: the sink (rank 0), the selected chunks in
@@ -401,7 +431,9 @@ def _attend_shard(q, k_shard, v_shard, idx, lens, start, lo, hi, *, inv_freq, si
     lse = torch.full((b_, hq, lq), -math.inf, dtype=acc, device=dev)
     offs = torch.arange(chunk, device=dev)
     topk = idx.shape[-1]
-    for b, n in enumerate(lens):
+    start = sh.start
+    lo, hi = sh.layout.chunk_range(sh.rank, sink, chunk)
+    for b, n in enumerate(sh.lens):
         sink_len, mid_end, _ = segments(n, lq, sink, local, chunk)
         end = min(start + cap, n)  # this shard's valid tokens: [start, end)
         sink_tok = _span(start, min(sink_len, end), dev)
@@ -471,21 +503,21 @@ def gather_attention_cp(q: torch.Tensor, k_shard: torch.Tensor, v_shard: torch.T
     ...                                inv_freq=default_inv_freq(128), sink=64, local=4096,
     ...                                chunk=64, query_block=128)
     """
-    rank = _check_shard(q, k_shard, v_shard, layout, group, sink, chunk)
-    _, world = _rank_world(group)
+    sh = _shard(q, k_shard, v_shard, layout, cache_seqlens, group, sink, chunk)
     ops.check_params(sink=sink, local=local, chunk=chunk, query_block=query_block)
     inv_freq, scale = ops.check_attention_args(q, inv_freq, scale, rope_scale, rope_style,
                                                positions)
     ops.check_idx(idx, q, k_shard, query_block)
-    lens = _global_seqlens(cache_seqlens, q, k_shard, layout)
-    start, _ = layout.bounds(rank)
-    lo, hi = layout.chunk_range(rank, sink, chunk)
-    out, lse = _attend_shard(q, k_shard, v_shard, idx, lens, start, lo, hi, inv_freq=inv_freq,
-                             sink=sink, local=local, chunk=chunk, query_block=query_block,
-                             scale=scale, rope_scale=float(rope_scale), rope_style=rope_style,
-                             positions=positions)
+    return _gather(q, k_shard, v_shard, idx, sh, inv_freq=inv_freq, sink=sink, local=local,
+                   chunk=chunk, query_block=query_block, scale=scale,
+                   rope_scale=float(rope_scale), rope_style=rope_style, positions=positions)
+
+
+def _gather(q, k_shard, v_shard, idx, sh: _Shard, **kw) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's part, then one all_gather and the same lse merge on every rank."""
+    out, lse = _attend_shard(q, k_shard, v_shard, idx, sh, **kw)
     d = q.shape[-1]
-    parts = torch.stack(_all_gather(torch.cat([out, lse[..., None]], -1), group, world))
+    parts = torch.stack(_all_gather(torch.cat([out, lse[..., None]], -1), sh.group, sh.world))
     lse_r = parts[..., d]  # [R, B, Hq, Lq]
     lse = torch.logsumexp(lse_r, dim=0)
     out = (torch.exp(lse_r - lse)[..., None] * parts[..., :d]).sum(0)
@@ -534,17 +566,17 @@ def reattention_attn_cp(q: torch.Tensor, k_shard: torch.Tensor, v_shard: torch.T
     """
     cfg = _resolve_config(config, dict(sink=sink, local=local, chunk=chunk, topk=topk,
                                        query_block=query_block, rep=rep, positions=positions))
-    _check_shard(q, k_shard, v_shard, layout, group, cfg["sink"], cfg["chunk"])
+    # Validate everything before the selection kernels run.
+    sh = _shard(q, k_shard, v_shard, layout, cache_seqlens, group, cfg["sink"], cfg["chunk"])
     if inv_freq is None:
         inv_freq = default_inv_freq(q.shape[-1], rope_theta, q.device)
-    ops.check_attention_args(q, inv_freq, scale, rope_scale, rope_style, cfg["positions"])
-    idx = select_chunks_cp(q, k_shard, layout, cache_seqlens, reps=reps, sink=cfg["sink"],
-                           local=cfg["local"], chunk=cfg["chunk"], topk=cfg["topk"],
-                           query_block=cfg["query_block"], rep=cfg["rep"], backend=backend,
-                           group=group)
-    out, lse = gather_attention_cp(q, k_shard, v_shard, idx, layout, cache_seqlens,
-                                   inv_freq=inv_freq, sink=cfg["sink"], local=cfg["local"],
-                                   chunk=cfg["chunk"], query_block=cfg["query_block"],
-                                   scale=scale, rope_scale=rope_scale, rope_style=rope_style,
-                                   positions=cfg["positions"], group=group)
+    inv_freq, scale = ops.check_attention_args(q, inv_freq, scale, rope_scale, rope_style,
+                                               cfg["positions"])
+    seg = dict(sink=cfg["sink"], local=cfg["local"], chunk=cfg["chunk"],
+               query_block=cfg["query_block"])
+    idx = _select(q, k_shard, reps, sh, topk=cfg["topk"], rep=cfg["rep"], backend=backend,
+                  **seg)
+    out, lse = _gather(q, k_shard, v_shard, idx, sh, inv_freq=inv_freq, scale=scale,
+                       rope_scale=float(rope_scale), rope_style=rope_style,
+                       positions=cfg["positions"], **seg)
     return (out, lse) if return_lse else out
