@@ -33,6 +33,8 @@ from triton.language.extra import libdevice
 from .select_chunks import _dot
 
 _LOG2E = 1.4426950408889634
+# Pre-rotate keys when at least this many (query block, row tile) programs share a kv head.
+_PREROTATE_MIN_PROGRAMS = 4
 
 
 @triton.jit
@@ -51,20 +53,80 @@ def _rotate(x1, x2, pos, inv_freq, rope_scale, ACCURATE: tl.constexpr):
 
 
 @triton.jit
+def _segments(seqlens_ptr, b, lq, sink, local, chunk, topk):
+    # (n, p0, mid_end, n_sink, K_eff) of sequence b, DESIGN.md section 2.
+    n = tl.load(seqlens_ptr + b)
+    p0 = n - lq
+    m = tl.maximum(p0 - local - sink, 0) // chunk
+    return n, p0, sink + m * chunk, tl.minimum(sink, n), tl.minimum(topk, m)
+
+
+@triton.jit
+def _rotate_keys_kernel(k_ptr, seqlens_ptr, idx_ptr, inv_freq_ptr, kr_ptr,
+                        stride_kb, stride_kh, stride_kn, stride_ib, stride_ih, stride_iblk,
+                        n_kv_heads, lq, topk, sink, local, chunk, half_rot, rows_sel, rows_all,
+                        n_tiles, rope_scale,
+                        BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+                        INTERLEAVED: tl.constexpr, ACCURATE: tl.constexpr):
+    # Workspace rows per (b, h): [block beta's chunk slots, topk*C each | sink | local].
+    # Row -> (token t, compact position); stores the rotated pair halves side by side.
+    pid = tl.program_id(0)
+    tile = pid % n_tiles
+    bh = pid // n_tiles
+    b = bh // n_kv_heads
+    h = bh % n_kv_heads
+    n, p0, mid_end, n_sink, k_eff = _segments(seqlens_ptr, b, lq, sink, local, chunk, topk)
+    row = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    per_block = topk * chunk
+    is_sel = row < rows_sel
+    beta = row // per_block
+    w = row - beta * per_block
+    slot = w // chunk
+    j = tl.load(idx_ptr + b.to(tl.int64) * stride_ib + h * stride_ih + beta * stride_iblk + slot,
+                mask=is_sel, other=-1)
+    e = row - rows_sel
+    is_sink = (~is_sel) & (e < sink)
+    t = tl.where(is_sel, sink + j * chunk + (w - slot * chunk),
+                 tl.where(is_sink, e, mid_end + (e - sink)))
+    pos = tl.where(is_sel, n_sink + w, tl.where(is_sink, e, n_sink + k_eff * chunk + (e - sink)))
+    ok = tl.where(is_sel, j >= 0, tl.where(is_sink, e < n_sink, t < n)) & (row < rows_all)
+    t = tl.where(ok, t, 0)
+    offs_r = tl.arange(0, BLOCK_R)
+    r_cols = offs_r < half_rot
+    if INTERLEAVED:
+        c1 = 2 * offs_r
+        c2 = c1 + 1
+    else:
+        c1 = offs_r
+        c2 = offs_r + half_rot
+    k_rows = k_ptr + b.to(tl.int64) * stride_kb + h * stride_kh \
+        + t.to(tl.int64)[:, None] * stride_kn
+    m = ok[:, None] & r_cols[None, :]
+    x1 = tl.load(k_rows + c1[None, :], mask=m, other=0.0).to(tl.float32)
+    x2 = tl.load(k_rows + c2[None, :], mask=m, other=0.0).to(tl.float32)
+    inv_freq = tl.load(inv_freq_ptr + offs_r, mask=r_cols, other=0.0)
+    x1, x2 = _rotate(x1, x2, pos, inv_freq, rope_scale, ACCURATE)
+    dst = kr_ptr + (bh.to(tl.int64) * rows_all + row)[:, None] * (2 * half_rot) + offs_r[None, :]
+    dtype = kr_ptr.dtype.element_ty
+    tl.store(dst, x1.to(dtype), mask=m)
+    tl.store(dst + half_rot, x2.to(dtype), mask=m)
+
+
+@triton.jit
 def _gather_attn_kernel(
-        q_ptr, k_ptr, v_ptr, seqlens_ptr, idx_ptr, inv_freq_ptr, out_ptr, lse_ptr,
+        q_ptr, k_ptr, v_ptr, seqlens_ptr, idx_ptr, inv_freq_ptr, out_ptr, lse_ptr, kr_ptr,
         stride_qb, stride_qh, stride_ql,
         stride_kb, stride_kh, stride_kn,
         stride_vb, stride_vh, stride_vn,
         stride_ib, stride_ih, stride_iblk,
         stride_ob, stride_oh, stride_ol,
         n_kv_heads, group, lq, query_block, n_blocks, n_row_tiles, n_splits, split_len,
-        head_dim, half_rot, sink, local, chunk, topk, qk_scale, rope_scale,
+        head_dim, half_rot, sink, local, chunk, topk, qk_scale, rope_scale, rows_sel, rows_all,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
         BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
         HAS_PASS: tl.constexpr, INTERLEAVED: tl.constexpr, ORIGINAL: tl.constexpr,
-        SPLIT: tl.constexpr, ACCURATE: tl.constexpr, IEEE: tl.constexpr,
-        UPCAST: tl.constexpr):
+        SPLIT: tl.constexpr, PREROT: tl.constexpr, ACCURATE: tl.constexpr,
+        IEEE: tl.constexpr, UPCAST: tl.constexpr):
     pid = tl.program_id(0)
     split = pid % n_splits
     rest = pid // n_splits
@@ -81,16 +143,19 @@ def _gather_attn_kernel(
     if row0 < n_rows:
         dtype = q_ptr.dtype.element_ty
         # Segments of sequence b (DESIGN.md section 2) and this block's selection.
-        n = tl.load(seqlens_ptr + b)
-        p0 = n - lq
-        mid_end = sink + (tl.maximum(p0 - local - sink, 0) // chunk) * chunk
-        n_sink = tl.minimum(sink, n)
+        n, p0, mid_end, n_sink, k_eff = _segments(seqlens_ptr, b, lq, sink, local, chunk, topk)
         idx_row = idx_ptr + b.to(tl.int64) * stride_ib + h * stride_ih + beta * stride_iblk
         offs_k = tl.arange(0, BLOCK_K)
         sel = tl.load(idx_row + offs_k, mask=offs_k < topk, other=-1)
         n_sel = tl.sum((sel >= 0).to(tl.int32), axis=0)
         sel_end = n_sink + n_sel * chunk
         length = sel_end + tl.maximum(n - mid_end, 0)
+        # The pre-rotated keys assume K_eff chunks; a hand-made idx with fewer rotates here.
+        if PREROT:
+            use_kr = n_sel == k_eff
+        else:
+            use_kr = False
+        kr_rows = kr_ptr + bh.to(tl.int64) * rows_all * (2 * half_rot)
 
         rows = row0 + tl.arange(0, BLOCK_M)
         qi = rows // group
@@ -154,14 +219,23 @@ def _gather_attn_kernel(
             t = tl.where(r_ok, t, 0)
             k_rows = kb + t.to(tl.int64)[:, None] * stride_kn
             km = r_ok[:, None] & r_cols[None, :]
-            k1 = tl.load(k_rows + c1[None, :], mask=km, other=0.0).to(tl.float32)
-            k2 = tl.load(k_rows + c2[None, :], mask=km, other=0.0).to(tl.float32)
-            if ORIGINAL:
-                k1, k2 = _rotate(k1, k2, t, inv_freq, rope_scale, ACCURATE)
+            if use_kr:
+                w = tl.where(in_sel, beta * topk * chunk + rel,
+                             rows_sel + tl.where(r < n_sink, r, sink + (r - sel_end)))
+                w_rows = kr_rows + w.to(tl.int64)[:, None] * (2 * half_rot)
+                k1 = tl.load(w_rows + offs_r[None, :], mask=km, other=0.0)
+                k2 = tl.load(w_rows + half_rot + offs_r[None, :], mask=km, other=0.0)
             else:
-                k1, k2 = _rotate(k1, k2, r, inv_freq, rope_scale, ACCURATE)
-            s = _dot(q1, tl.trans(k1.to(dtype)), IEEE, UPCAST)
-            s += _dot(q2, tl.trans(k2.to(dtype)), IEEE, UPCAST)
+                k1 = tl.load(k_rows + c1[None, :], mask=km, other=0.0).to(tl.float32)
+                k2 = tl.load(k_rows + c2[None, :], mask=km, other=0.0).to(tl.float32)
+                if ORIGINAL:
+                    k1, k2 = _rotate(k1, k2, t, inv_freq, rope_scale, ACCURATE)
+                else:
+                    k1, k2 = _rotate(k1, k2, r, inv_freq, rope_scale, ACCURATE)
+                k1 = k1.to(dtype)
+                k2 = k2.to(dtype)
+            s = _dot(q1, tl.trans(k1), IEEE, UPCAST)
+            s += _dot(q2, tl.trans(k2), IEEE, UPCAST)
             if HAS_PASS:
                 k3 = tl.load(k_rows + c3[None, :], mask=r_ok[:, None] & p_cols[None, :],
                              other=0.0)
@@ -308,8 +382,25 @@ def gather_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         o_dst, l_dst = out, lse
     rot_block = max(16, triton.next_power_of_2(half_rot))
     pass_dims = d - 2 * half_rot
+    # Prefill: every (query block, row tile) program would rotate the same sink and local keys
+    # again; rotate them (and each block's chunks) once into a workspace instead.
+    prerot = positions == "compact" and n_blocks * n_row_tiles >= _PREROTATE_MIN_PROGRAMS
+    rows_sel = n_blocks * topk * chunk
+    rows_all = rows_sel + sink + min(nmax, local + chunk - 1 + lq)
+    if prerot:
+        kr = torch.empty((b * hkv, rows_all, 2 * half_rot), dtype=q.dtype, device=q.device)
+        kr_tiles = triton.cdiv(rows_all, 64)
+        wrap_triton(_rotate_keys_kernel)[(b * hkv * kr_tiles,)](
+            k_cache, cache_seqlens, idx, inv_freq, kr,
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            idx.stride(0), idx.stride(1), idx.stride(2),
+            hkv, lq, topk, sink, local, chunk, half_rot, rows_sel, rows_all, kr_tiles,
+            float(rope_scale), BLOCK_N=64, BLOCK_R=rot_block,
+            INTERLEAVED=rope_style == "interleaved", ACCURATE=on_gpu, num_warps=4)
+    else:
+        kr = q  # unused pointer
     wrap_triton(_gather_attn_kernel)[(n_base * n_splits,)](
-        q, k_cache, v_cache, cache_seqlens, idx, inv_freq, o_dst, l_dst,
+        q, k_cache, v_cache, cache_seqlens, idx, inv_freq, o_dst, l_dst, kr,
         q.stride(0), q.stride(1), q.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -317,11 +408,11 @@ def gather_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         out.stride(0), out.stride(1), out.stride(2),
         hkv, group, lq, query_block, n_blocks, n_row_tiles, n_splits, split_len,
         d, half_rot, sink, local, chunk, topk, float(scale) * _LOG2E, float(rope_scale),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=rot_block,
+        rows_sel, rows_all, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=rot_block,
         BLOCK_P=max(16, triton.next_power_of_2(max(pass_dims, 1))),
         BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_K=triton.next_power_of_2(topk),
         HAS_PASS=pass_dims > 0, INTERLEAVED=rope_style == "interleaved",
-        ORIGINAL=positions == "original", SPLIT=n_splits > 1, ACCURATE=on_gpu,
+        ORIGINAL=positions == "original", SPLIT=n_splits > 1, PREROT=prerot, ACCURATE=on_gpu,
         IEEE=q.dtype == torch.float32, UPCAST=not on_gpu, num_warps=warps)
     if n_splits > 1:
         wrap_triton(_merge_kernel)[(b * hq * lq,)](
