@@ -10,7 +10,10 @@ The model only ever sees sequences of at most ``TRAINED_LENGTH`` tokens; everyth
 past that length measures length extrapolation.
 """
 
+import contextlib
 import math
+import os
+import time
 
 import torch
 
@@ -182,3 +185,378 @@ def make_batch(batch, length, generator, max_pairs=8, device="cpu"):
     ids[rows[keep], pos[keep]] = tokens[keep]
     labels[rows[keep], pos[keep]] = target[keep]
     return ids, labels
+
+
+# --------------------------------------------------------------------------- model
+DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "needle_data")
+
+
+def load_model(device="cpu", dtype=torch.float32):
+    """The shipped needle model, ready for inference.
+
+    Parameters
+    ----------
+    device : str or torch.device
+    dtype : torch.dtype
+        Weights are stored in fp16; fp32 on the CPU, bf16 or fp16 on a GPU (the CUDA
+        kernels take 16-bit inputs).
+
+    Returns
+    -------
+    model : transformers.LlamaForCausalLM
+        In eval mode, stock ``sdpa`` attention.
+    config : transformers.LlamaConfig
+
+    Examples
+    --------
+    >>> model, config = load_model()
+    >>> config.max_position_embeddings
+    512
+    """
+    from transformers import LlamaForCausalLM
+    from transformers.utils import logging
+
+    # A bar for loading 38 small tensors only clutters the demo's output.
+    bar = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        model = LlamaForCausalLM.from_pretrained(DATA_DIR, dtype=dtype, attn_implementation="sdpa")
+    finally:
+        if bar:
+            logging.enable_progress_bar()
+    return model.to(device).eval(), model.config
+
+
+# --------------------------------------------------------------------------- methods
+METHODS = ("dense", "window", "reattention-max", "reattention-bound", "reattention-mean")
+# Panel titles of the heatmap.
+METHOD_TITLES = {
+    "dense": "dense RoPE",
+    "window": "sink + window\n(StreamingLLM-style)",
+    "reattention-max": "ReAttention\nmax (exact)",
+    "reattention-bound": "ReAttention\nbound reps",
+    "reattention-mean": "ReAttention\nmean reps",
+}
+# The DESIGN.md section 6 anchor: scope 16 + 4 * 32 + 96 = 240 keys. Prefill chunks of
+# 240 queries keep every re-assigned position below 240 + 32 + 240 = 512, the trained length.
+NEEDLE_SETTINGS = dict(sink=16, local=96, chunk=32, topk=4, query_block=64)
+PREFILL_CHUNK = 240
+_WINDOW_ATTN = "needle-window"
+_WINDOW_ATTR = "_needle_window"
+
+
+def method_config(method):
+    """The ReAttentionConfig a method runs with (None for dense)."""
+    from . import ReAttentionConfig
+
+    if method == "dense":
+        return None
+    rep = method.split("-")[1] if method.startswith("reattention-") else "max"
+    return ReAttentionConfig(**NEEDLE_SETTINGS, rep=rep)
+
+
+def _window_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                      **kwargs):
+    """Attention over the sink and the local window only, at contiguous positions.
+
+    It is what ReAttention keeps when it selects no chunk: cut the middle out of the raw
+    cache, and what remains is attended densely at positions 0, 1, 2, ...
+    """
+    from . import reattention_attn, reference
+
+    config, inv_freq, backend = getattr(module, _WINDOW_ATTR)
+    sink, mid_end, _ = reference.segments(key.shape[2], query.shape[2], config.sink,
+                                          config.local, config.chunk)
+    k = torch.cat([key[:, :, :sink], key[:, :, mid_end:]], dim=2)
+    v = torch.cat([value[:, :, :sink], value[:, :, mid_end:]], dim=2)
+    # With the middle gone no chunk is left to select: this is dense causal attention.
+    out = reattention_attn(query, k, v, config=config, inv_freq=inv_freq, scale=scaling,
+                           backend=backend)
+    return out.transpose(1, 2), None
+
+
+@contextlib.contextmanager
+def use_method(model, method, backend="auto"):
+    """Run ``model`` with one of :data:`METHODS` inside the block, stock outside.
+
+    ReAttention and the window go through :func:`reattention.hf.enable`, so their caches
+    hold raw keys; the window then swaps in its own attention function.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if method == "dense":
+        yield
+        return
+    import transformers
+
+    from . import hf
+
+    hf.enable(model, method_config(method), backend=backend)
+    modules = [m for m in model.get_decoder().modules() if hasattr(m, "layer_idx")]
+    try:
+        if method == "window":
+            transformers.AttentionInterface.register(_WINDOW_ATTN, _window_attention)
+            inv_freq = model.get_decoder().rotary_emb.inv_freq.float()
+            for m in modules:
+                setattr(m, _WINDOW_ATTR, (method_config(method), inv_freq, backend))
+            model.set_attn_implementation(_WINDOW_ATTN)
+        yield
+    finally:
+        for m in modules:
+            if hasattr(m, _WINDOW_ATTR):
+                delattr(m, _WINDOW_ATTR)
+        hf.disable(model)
+
+
+@torch.no_grad()
+def answer(model, method, input_ids, chunk_size=PREFILL_CHUNK):
+    """Greedy answer of ``model`` (inside ``use_method(model, method)``) to prompts.
+
+    The prompt but its last token is prefilled (in chunks of ``chunk_size`` for the
+    cached methods), then the last token and each answer token are decoded one at a time,
+    so the question's own query chooses the chunks that answer it.
+
+    Parameters
+    ----------
+    input_ids : torch.LongTensor [B, L] on the model's device, equal lengths.
+
+    Returns
+    -------
+    torch.LongTensor [B, VALUE_LEN]
+    """
+    if method == "dense":
+        out = model(input_ids=input_ids[:, :-1], use_cache=True, logits_to_keep=1)
+        cache = out.past_key_values
+    else:
+        from . import hf
+
+        cache = hf.ReAttentionCache(model)
+        hf.prefill(model, input_ids, cache, chunk_size=chunk_size, progress=False,
+                   reserve_new_tokens=VALUE_LEN)
+    tok, out = input_ids[:, -1:], []
+    for _ in range(VALUE_LEN):
+        logits = model(input_ids=tok, past_key_values=cache, use_cache=True).logits[:, -1]
+        tok = logits.argmax(-1, keepdim=True)
+        out.append(tok)
+    return torch.cat(out, dim=1)
+
+
+# --------------------------------------------------------------------------- evaluation
+def _sample_seed(seed, length, depth_index, sample):
+    return ((seed * 7919 + length) * 104729 + depth_index) * 1_000_003 + sample
+
+
+def evaluate(model, lengths, depths, samples, methods=METHODS, *, batch=4,
+             chunk_size=PREFILL_CHUNK, dense_max_len=None, backend="auto", seed=0, log=None):
+    """Needle accuracy of each method over lengths x depths.
+
+    Every method answers the same prompts: ``samples`` per (length, depth), batched
+    ``batch`` at a time.
+
+    Parameters
+    ----------
+    model : the needle model (:func:`load_model`).
+    lengths : list of int, prompt lengths in tokens.
+    depths : list of float in [0, 1], needle depths.
+    samples : int, prompts per (length, depth).
+    methods : names from :data:`METHODS`.
+    dense_max_len : int, optional
+        Skip dense attention above this length (its cost grows as the square).
+    log : callable(str), optional
+        Gets one line per (length, method) as results come in.
+
+    Returns
+    -------
+    dict
+        ``accuracy[method]`` is a [len(lengths)][len(depths)] list of fractions (None where
+        skipped); ``seconds[method]`` a [len(lengths)] list; plus the settings.
+
+    Examples
+    --------
+    >>> model, _ = load_model()
+    >>> res = evaluate(model, [512, 8192], [0.0, 0.5, 1.0], samples=2)
+    >>> print(format_table(res))
+    """
+    for m in methods:
+        if m not in METHODS:
+            raise ValueError(f"methods must be among {METHODS}, got {m!r}")
+    device = model.device
+    res = {
+        "trained_length": TRAINED_LENGTH,
+        "lengths": list(lengths),
+        "depths": list(depths),
+        "samples": samples,
+        "methods": list(methods),
+        "settings": dict(NEEDLE_SETTINGS, prefill_chunk=chunk_size),
+        "device": str(device),
+        "dtype": str(model.dtype),
+        "accuracy": {m: [[None] * len(depths) for _ in lengths] for m in methods},
+        "seconds": {m: [None] * len(lengths) for m in methods},
+    }
+    cases = [(d, s) for d in range(len(depths)) for s in range(samples)]
+    for li, length in enumerate(lengths):
+        for m in methods:
+            if m == "dense" and dense_max_len is not None and length > dense_max_len:
+                continue
+            hits = [0] * len(depths)
+            t0 = time.perf_counter()
+            with use_method(model, m, backend):
+                for i in range(0, len(cases), batch):
+                    group = cases[i : i + batch]
+                    pairs = [make_sample(length, depths[d], _sample_seed(seed, length, d, s))
+                             for d, s in group]
+                    ids = torch.stack([p[0] for p in pairs]).to(device)
+                    want = torch.stack([p[1] for p in pairs])
+                    got = answer(model, m, ids, chunk_size).cpu()
+                    for (d, _), ok in zip(group, (got == want).all(dim=1).tolist()):
+                        hits[d] += ok
+            res["seconds"][m][li] = round(time.perf_counter() - t0, 2)
+            res["accuracy"][m][li] = [h / samples for h in hits]
+            if log is not None:
+                acc = sum(hits) / len(cases)
+                log(f"  {length:>8} tokens  {m:<18} {100 * acc:5.1f}%  "
+                    f"({res['seconds'][m][li]:.1f} s)")
+    return res
+
+
+def _length_label(length):
+    mult = length / TRAINED_LENGTH
+    size = f"{length // 1024}K" if length >= 1024 and length % 1024 == 0 else str(length)
+    return f"{size} ({mult:g}x)"
+
+
+def format_table(res):
+    """Accuracy per method and length (mean over depths), as a markdown table."""
+    head = ["method"] + [_length_label(n) for n in res["lengths"]]
+    rows = []
+    for m in res["methods"]:
+        cells = []
+        for per_depth in res["accuracy"][m]:
+            cells.append("-" if per_depth is None else
+                         f"{100 * sum(per_depth) / len(per_depth):.0f}%")
+        rows.append([m] + cells)
+    widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
+    line = lambda r: "| " + " | ".join(c.rjust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
+    rule = "|" + "|".join("-" * (w + 1) + ":" for w in widths) + "|"
+    return "\n".join([line(head), rule] + [line(r) for r in rows])
+
+
+def plot_heatmap(res, path, methods=None):
+    """Depth x length accuracy heatmaps, one panel per method, written to ``path`` (PNG).
+
+    Parameters
+    ----------
+    res : dict from :func:`evaluate`.
+    path : str, output file.
+    methods : list of str, optional; default every method in ``res``.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = list(methods or res["methods"])
+    lengths, depths = res["lengths"], res["depths"]
+    panel = max(1.7, 0.42 * len(lengths))
+    fig, axes = plt.subplots(1, len(methods), squeeze=False, sharey=True,
+                             figsize=(1.0 + panel * len(methods), 1.6 + 0.25 * len(depths)))
+    cmap = matplotlib.colors.LinearSegmentedColormap.from_list(
+        "needle", ["#d7301f", "#fdae61", "#ffffbf", "#66bd63", "#1a9850"])
+    for ax, m in zip(axes[0], methods):
+        grid = torch.full((len(depths), len(lengths)), float("nan"))
+        for li, per_depth in enumerate(res["accuracy"][m]):
+            if per_depth is not None:
+                grid[:, li] = torch.tensor(per_depth)
+        image = ax.imshow(grid.numpy(), cmap=cmap, vmin=0, vmax=1, aspect="auto")
+        ax.set_title(METHOD_TITLES[m], fontsize=9)
+        ax.set_xticks(range(len(lengths)), [_length_label(n).split(" ")[0] for n in lengths],
+                      rotation=90, fontsize=7)
+        ax.set_yticks(range(len(depths)), [f"{100 * d:.0f}%" for d in depths], fontsize=7)
+        ax.set_xlabel("context length", fontsize=8)
+    axes[0][0].set_ylabel("needle depth", fontsize=8)
+    fig.colorbar(image, ax=axes[0].tolist(), fraction=0.02, pad=0.01, label="accuracy")
+    fig.suptitle(f"Needle retrieval of a model trained at {res['trained_length']} tokens "
+                 f"({res['samples']} samples per cell)", fontsize=10, y=1.08)
+    fig.savefig(path, dpi=150, bbox_inches="tight")
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------- command line
+def default_lengths(max_len=None):
+    """1x, 16x, 64x the trained length (the CPU demo), or with ``max_len`` 1x, 4x, 16x,
+    64x, 128x and then x4 steps up to ``max_len`` (included)."""
+    if max_len is None:
+        return [TRAINED_LENGTH * m for m in (1, 16, 64)]
+    lengths = [TRAINED_LENGTH * m for m in (1, 4, 16, 64, 128) if TRAINED_LENGTH * m <= max_len]
+    while lengths[-1] * 4 <= max_len:
+        lengths.append(lengths[-1] * 4)
+    if lengths[-1] != max_len and max_len > TRAINED_LENGTH:
+        lengths.append(max_len)
+    return lengths
+
+
+def main(argv=None):
+    """``python -m reattention``: the needle demo; prints the accuracy table.
+
+    Examples
+    --------
+    >>> main(["--samples", "1", "--depths", "3"])                 # CPU, 1x 16x 64x
+    >>> main(["--device", "cuda", "--max-len", "1048576", "--plot", "needle.png"])
+    """
+    import argparse
+    import json
+    import sys
+
+    p = argparse.ArgumentParser(
+        prog="python -m reattention",
+        description="Needle in a haystack: a tiny Llama trained at 512 tokens, asked for a "
+                    "key's value far past that length, with dense attention, a sink + local "
+                    "window, and ReAttention.")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--max-len", type=int, default=None,
+                   help="longest prompt; lengths 1x 4x 16x 64x 128x then x4 up to it "
+                        "(default: 1x 16x 64x = 512, 8K, 32K tokens)")
+    p.add_argument("--lengths", type=lambda s: [int(x) for x in s.split(",")], default=None,
+                   help="explicit comma-separated prompt lengths (overrides --max-len)")
+    p.add_argument("--depths", type=int, default=5, help="needle depths, evenly from 0%% to 100%%")
+    p.add_argument("--samples", type=int, default=2, help="prompts per (length, depth)")
+    p.add_argument("--methods", type=lambda s: s.split(","), default=list(METHODS),
+                   help="comma-separated, from " + ", ".join(METHODS))
+    p.add_argument("--batch", type=int, default=None,
+                   help="prompts per forward pass (default 5 on the CPU, 16 on a GPU)")
+    p.add_argument("--dense-max-len", type=int, default=None,
+                   help="skip dense attention above this length (default 32768 on the CPU, "
+                        "131072 on a GPU: it costs N^2)")
+    p.add_argument("--chunk-size", type=int, default=PREFILL_CHUNK, help="prefill chunk")
+    p.add_argument("--backend", default="auto", help="ReAttention op backend")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, help="write the results as JSON here")
+    p.add_argument("--plot", default=None, help="write the depth x length heatmap PNG here")
+    args = p.parse_args(argv)
+
+    device = torch.device(args.device)
+    gpu = device.type == "cuda"
+    # The CUDA kernels take 16-bit inputs; the CPU runs fp32.
+    model, _ = load_model(device, torch.bfloat16 if gpu else torch.float32)
+    lengths = args.lengths or default_lengths(args.max_len)
+    depths = [i / (args.depths - 1) for i in range(args.depths)] if args.depths > 1 else [0.5]
+    batch = args.batch or (16 if gpu else 5)
+    dense_max = args.dense_max_len or (131072 if gpu else 32768)
+    print(f"needle: model trained at {TRAINED_LENGTH} tokens; {len(depths)} depths x "
+          f"{args.samples} samples per length; ReAttention {NEEDLE_SETTINGS}, prefill chunk "
+          f"{args.chunk_size}; {device} {model.dtype}", flush=True)
+    t0 = time.perf_counter()
+    res = evaluate(model, lengths, depths, args.samples, args.methods, batch=batch,
+                   chunk_size=args.chunk_size, dense_max_len=dense_max, backend=args.backend,
+                   seed=args.seed, log=lambda line: print(line, flush=True))
+    res["total_seconds"] = round(time.perf_counter() - t0, 1)
+    print()
+    print(format_table(res))
+    print(f"\n{res['total_seconds']:.0f} s; '-': skipped (dense above {dense_max} tokens)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=1)
+    if args.plot:
+        plot_heatmap(res, args.plot)
+        print(f"heatmap written to {args.plot}", file=sys.stderr)
+    return 0
