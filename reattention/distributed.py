@@ -245,7 +245,8 @@ def _resolve_config(config, given: dict) -> dict:
 # --------------------------------------------------------------------------- reps
 def chunk_reps_cp(k_shard: torch.Tensor, layout: CPLayout,
                   cache_seqlens: torch.Tensor | None = None, *, sink: int, chunk: int, rep: str,
-                  backend: str = "auto", group=None) -> torch.Tensor:
+                  backend: str = "auto", reps: torch.Tensor | None = None,
+                  start_chunk: int = 0, group=None) -> torch.Tensor:
     """Chunk representatives of this rank's shard (no communication).
 
     Parameters
@@ -254,6 +255,9 @@ def chunk_reps_cp(k_shard: torch.Tensor, layout: CPLayout,
     layout : the :class:`CPLayout` shared by all ranks.
     cache_seqlens : int32 [B] GLOBAL valid tokens per sequence, or None for ``layout.nmax``.
     rep : "bound" or "mean".
+    reps, start_chunk : update an existing reps tensor in place from shard chunk
+        ``start_chunk`` on (a decode step appending to the last rank), as in
+        reattention.chunk_reps.
 
     Returns
     -------
@@ -269,7 +273,7 @@ def chunk_reps_cp(k_shard: torch.Tensor, layout: CPLayout,
     lens = _global_seqlens(cache_seqlens, k_shard, layout, 0)
     return ops.chunk_reps(k_shard, layout.shard_seqlens(lens, rank),
                           sink=layout.shard_sink(rank, sink), chunk=chunk, rep=rep,
-                          backend=backend)
+                          backend=backend, reps=reps, start_chunk=start_chunk)
 
 
 # --------------------------------------------------------------------------- selection

@@ -21,8 +21,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import reattention
-from reattention.distributed import (CPLayout, gather_attention_cp, reattention_attn_cp,
-                                     select_chunks_cp)
+from reattention.distributed import (CPLayout, chunk_reps_cp, gather_attention_cp,
+                                     reattention_attn_cp, select_chunks_cp)
 from reattention import ops
 from reattention.testing import (NOISE, Case, assert_close_rule, assert_selection_equivalent,
                                  lowp_attention, make_inputs)
@@ -266,6 +266,20 @@ def test_one_rank_without_distributed_equals_single_device():
                                                 return_lse=True, **kw)
     assert (out - ref).abs().max().item() <= NOISE[torch.float32]
     assert (lse - ref_lse).abs().max().item() <= NOISE[torch.float32]
+
+
+def test_chunk_reps_cp_incremental():
+    """Growing the cache and updating reps from the first new chunk equals a fresh build."""
+    case = DECODE
+    _, k, _, _, _ = make_inputs(case, torch.float32)
+    layout = CPLayout((0,), case.nmax)
+    kw = dict(sink=case.sink, chunk=case.chunk, rep="bound", backend="reference")
+    short = torch.tensor([300], dtype=torch.int32)
+    reps = chunk_reps_cp(k, layout, short, **kw)
+    done = (300 - case.sink) // case.chunk
+    chunk_reps_cp(k, layout, None, reps=reps, start_chunk=done, **kw)
+    full = chunk_reps_cp(k, layout, None, **kw)
+    assert torch.equal(reps, full)
 
 
 def test_layout_split():
