@@ -199,7 +199,7 @@ Tensor select_chunks_cuda(Tensor q, Tensor k_cache, std::optional<Tensor> reps,
   const k::ScoreMode score_mode = a.mode == RepMode::kMax     ? k::ScoreMode::kMax
                                   : a.mode == RepMode::kBound ? k::ScoreMode::kBound
                                                               : k::ScoreMode::kMean;
-  k::plan_select(p, score_mode, static_cast<int>(d.d), sm_count(q.get_device_index()));
+  k::plan_select(p, score_mode, static_cast<int>(d.d));
   const cudaStream_t stream = current_stream(q);
   Tensor scores = torch::stable::new_empty(
       q, {std::max<int64_t>(1, d.batch * d.hkv * d.n_blocks * p.n_cols)}, ScalarType::Int);

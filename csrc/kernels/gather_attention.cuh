@@ -149,29 +149,6 @@ __global__ void __launch_bounds__(kAttnThreads) gather_attention_kernel(AttnPara
   const int n_keys = loc0 + max(0, n - seg.mid_end);
   const int shift = p.sink + n_sel * p.chunk - seg.mid_end;  // compact query position - P
 
-  // Q rows, rotated at their (compact or original) positions, rounded once to T.
-  const T* q_base = static_cast<const T*>(p.q) + b * p.q_sb;
-  for (int id = tid; id < kBM * (D / 2); id += kAttnThreads) {
-    const int r = id / (D / 2), i = id % (D / 2);
-    const int gr = row0 + r;
-    int d0, d1;
-    rope_pair(i, p.half_rot, p.interleaved, d0, d1);
-    float x0 = 0.f, x1 = 0.f;
-    if (gr < rows) {
-      const int head = h * group + gr % group, query = q0 + gr / group;
-      const T* qr = q_base + head * p.q_sh + query * p.q_sl;
-      x0 = Dtype<T>::to_float(qr[d0]);
-      x1 = Dtype<T>::to_float(qr[d1]);
-      const int pos = p0 + query;
-      if (i < p.half_rot) rope_rotate(x0, x1, p.compact ? pos + shift : pos, s_invf[i], p.rope_scale);
-      if (i == 0) s_qpos[r] = pos;
-    } else if (i == 0) {
-      s_qpos[r] = -1;
-    }
-    s_q[swz<D>(r, d0)] = Dtype<T>::from_float(x0);
-    s_q[swz<D>(r, d1)] = Dtype<T>::from_float(x1);
-  }
-
   // Cache token of gathered key r (r < n_keys). Clamped so a malformed idx cannot read outside
   // the cache; a well-formed one never needs it.
   auto key_token = [&](int r) -> int {
@@ -207,6 +184,31 @@ __global__ void __launch_bounds__(kAttnThreads) gather_attention_kernel(AttnPara
   const int n_tiles = (n_keys + kBN - 1) / kBN;
   const int t_begin = split * p.tiles_per_split;
   const int t_end = min(n_tiles, t_begin + p.tiles_per_split);
+  // The first tile is in flight while the Q rows are loaded and rotated.
+  if (t_begin < t_end) load_tile(0, t_begin);
+
+  // Q rows, rotated at their (compact or original) positions, rounded once to T.
+  const T* q_base = static_cast<const T*>(p.q) + b * p.q_sb;
+  for (int id = tid; id < kBM * (D / 2); id += kAttnThreads) {
+    const int r = id / (D / 2), i = id % (D / 2);
+    const int gr = row0 + r;
+    int d0, d1;
+    rope_pair(i, p.half_rot, p.interleaved, d0, d1);
+    float x0 = 0.f, x1 = 0.f;
+    if (gr < rows) {
+      const int head = h * group + gr % group, query = q0 + gr / group;
+      const T* qr = q_base + head * p.q_sh + query * p.q_sl;
+      x0 = Dtype<T>::to_float(qr[d0]);
+      x1 = Dtype<T>::to_float(qr[d1]);
+      const int pos = p0 + query;
+      if (i < p.half_rot) rope_rotate(x0, x1, p.compact ? pos + shift : pos, s_invf[i], p.rope_scale);
+      if (i == 0) s_qpos[r] = pos;
+    } else if (i == 0) {
+      s_qpos[r] = -1;
+    }
+    s_q[swz<D>(r, d0)] = Dtype<T>::from_float(x0);
+    s_q[swz<D>(r, d1)] = Dtype<T>::from_float(x1);
+  }
 
   float o[kDT][4];
 #pragma unroll
@@ -218,7 +220,6 @@ __global__ void __launch_bounds__(kAttnThreads) gather_attention_kernel(AttnPara
   const int g = lane >> 2, t4 = lane & 3;
   const int ra = wm * 16 + g;  // this thread's two rows in the tile: ra and ra + 8
 
-  if (t_begin < t_end) load_tile(0, t_begin);
   for (int tile = t_begin; tile < t_end; ++tile) {
     const int stage = (tile - t_begin) & 1;
     cp_async_wait<0>();
@@ -363,33 +364,63 @@ __global__ void __launch_bounds__(kAttnThreads) gather_attention_kernel(AttnPara
   }
 }
 
-// One warp per output row: lse-weighted sum of the splits' normalised partial outputs.
+// One CTA per output row: lse-weighted sum of the splits' normalised partial outputs. The
+// splits are spread over the CTA (warp w takes splits w, w + 4, ...; a lane owns D/32 dims)
+// so their loads are in flight together instead of one dependent load per split.
+constexpr int kMergeWarps = 4;
+
 template <typename T, int D>
-__global__ void __launch_bounds__(128) merge_splits_kernel(AttnParams p) {
+__global__ void __launch_bounds__(kMergeWarps * 32) merge_splits_kernel(AttnParams p) {
   constexpr int kPer = D / 32;  // contiguous dims per lane
+  __shared__ float s_part_max[kMergeWarps];
+  __shared__ float s_sum[kMergeWarps];
+  __shared__ float s_acc[kMergeWarps][D];
   const int64_t n_rows = static_cast<int64_t>(p.batch) * p.hq * p.lq;
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * 4 + (threadIdx.x >> 5);
-  const int lane = threadIdx.x & 31;
-  if (row >= n_rows) return;
-  float m_all = -INFINITY;
-  for (int s = 0; s < p.num_splits; ++s) m_all = fmaxf(m_all, p.lse_part[s * n_rows + row]);
-  float acc[kPer], total = 0.f;
+  const int64_t row = blockIdx.x;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+
+  float m = -INFINITY;
+  for (int s = threadIdx.x; s < p.num_splits; s += kMergeWarps * 32) {
+    m = fmaxf(m, p.lse_part[s * n_rows + row]);
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+  if (lane == 0) s_part_max[warp] = m;
+  __syncthreads();
+  float m_all = s_part_max[0];
+#pragma unroll
+  for (int w = 1; w < kMergeWarps; ++w) m_all = fmaxf(m_all, s_part_max[w]);
+
+  float acc[kPer], sum = 0.f;
 #pragma unroll
   for (int e = 0; e < kPer; ++e) acc[e] = 0.f;
   if (m_all != -INFINITY) {
-    for (int s = 0; s < p.num_splits; ++s) {
-      const float f = expf(p.lse_part[s * n_rows + row] - m_all);
-      total += f;
+#pragma unroll 4
+    for (int s = warp; s < p.num_splits; s += kMergeWarps) {
+      const float w = expf(p.lse_part[s * n_rows + row] - m_all);
       const float* src = p.o_part + (s * n_rows + row) * D + lane * kPer;
+      sum += w;
 #pragma unroll
-      for (int e = 0; e < kPer; ++e) acc[e] += f * src[e];
+      for (int e = 0; e < kPer; ++e) acc[e] += w * src[e];
     }
   }
-  const float inv = total > 0.f ? 1.f / total : 0.f;
-  T* dst = static_cast<T*>(p.out) + row * D + lane * kPer;
 #pragma unroll
-  for (int e = 0; e < kPer; ++e) dst[e] = Dtype<T>::from_float(acc[e] * inv);
-  if (lane == 0) p.lse[row] = total > 0.f ? m_all + logf(total) : -INFINITY;
+  for (int e = 0; e < kPer; ++e) s_acc[warp][lane * kPer + e] = acc[e];
+  if (lane == 0) s_sum[warp] = sum;
+  __syncthreads();
+
+  float total = 0.f;
+#pragma unroll
+  for (int w = 0; w < kMergeWarps; ++w) total += s_sum[w];
+  const float inv = total > 0.f ? 1.f / total : 0.f;
+  T* dst = static_cast<T*>(p.out) + row * D;
+  for (int d = threadIdx.x; d < D; d += kMergeWarps * 32) {
+    float o = 0.f;
+#pragma unroll
+    for (int w = 0; w < kMergeWarps; ++w) o += s_acc[w][d];
+    dst[d] = Dtype<T>::from_float(o * inv);
+  }
+  if (threadIdx.x == 0) p.lse[row] = total > 0.f ? m_all + logf(total) : -INFINITY;
 }
 
 template <typename T, int D, int kWarpsN>
@@ -437,7 +468,7 @@ cudaError_t launch_gather_attention(const AttnParams& p, cudaStream_t stream) {
                            : launch_attention_tiles<T, D, 1>(p, stream);
   if (err != cudaSuccess || p.num_splits == 1) return err;
   const int64_t n_rows = static_cast<int64_t>(p.batch) * p.hq * p.lq;
-  merge_splits_kernel<T, D><<<static_cast<unsigned>((n_rows + 3) / 4), 128, 0, stream>>>(p);
+  merge_splits_kernel<T, D><<<static_cast<unsigned>(n_rows), kMergeWarps * 32, 0, stream>>>(p);
   return cudaGetLastError();
 }
 

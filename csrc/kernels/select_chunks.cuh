@@ -17,6 +17,8 @@
 //    keeps key > T and the lowest-index keys == T (ties go low) and writes them ascending.
 #pragma once
 
+#include <algorithm>
+
 #include "device_utils.cuh"
 
 namespace reattention::kernels {
@@ -34,16 +36,16 @@ struct SelectParams {
   int batch, hq, hkv, lq, sink, local, chunk, topk, query_block, n_blocks;
   int n_cols;             // static upper bound of M over the batch (scores' last dim)
   int row_tiles;          // row tiles per query block
-  int chunks_per_cta;     // chunk range of one scoring CTA
-  int col_splits;         // ceil(n_cols / chunks_per_cta)
+  int chunks_per_cta;     // chunk range of one scoring CTA (set at launch)
+  int col_splits;         // ceil(n_cols / chunks_per_cta) (set at launch)
   bool atomic;            // row_tiles > 1: scores was zeroed, CTAs combine by atomicMax
 };
 
+// Bound on one scoring CTA's chunk range (its per-chunk maxima live in shared memory).
+constexpr int kMaxChunksPerCta = 2048;
+
 // Tile shape of the scoring GEMM: the decode shape (one 16-row tile, 4 warps across columns)
 // when a block has at most 16 rows, else 4 warps across 64 rows.
-// Bound on one scoring CTA's chunk range (its per-chunk maxima live in shared memory).
-constexpr int kMaxChunksPerCta = 4096;
-
 struct ScoreTile {
   int warps_n;
   int block_m;
@@ -60,9 +62,9 @@ __host__ __device__ inline bool select_few_rows(int lq, int query_block, int gro
   return (lq < query_block ? lq : query_block) * group <= 16;
 }
 
-// Host-side plan: fills row_tiles, chunks_per_cta, col_splits and atomic from the static
-// shapes already in `p` (n_cols, lq, query_block, heads, batch) and the SM count.
-inline void plan_select(SelectParams& p, ScoreMode mode, int head_dim, int num_sms) {
+// Host-side plan of the row tiling: row_tiles and atomic (the caller zeroes `scores` when
+// atomic). The chunk range of a CTA is chosen at launch, from the kernel's occupancy.
+inline void plan_select(SelectParams& p, ScoreMode mode, int head_dim) {
   const int group = p.hq / p.hkv;
   const bool few = select_few_rows(p.lq, p.query_block, group);
   const int vec_len = mode == ScoreMode::kBound ? 2 * head_dim : head_dim;
@@ -70,17 +72,6 @@ inline void plan_select(SelectParams& p, ScoreMode mode, int head_dim, int num_s
   const int rows = (p.lq < p.query_block ? p.lq : p.query_block) * group;
   p.row_tiles = (rows + tile.block_m - 1) / tile.block_m;
   p.atomic = p.row_tiles > 1;
-  const int cols_per_chunk = mode == ScoreMode::kMax ? p.chunk : 1;
-  const int64_t col_tiles =
-      (static_cast<int64_t>(p.n_cols) * cols_per_chunk + tile.block_n - 1) / tile.block_n;
-  const int64_t base = static_cast<int64_t>(p.batch) * p.hkv * p.n_blocks * p.row_tiles;
-  const int64_t want_splits = (4 * static_cast<int64_t>(num_sms) + base - 1) / base;
-  int64_t tiles_per_cta = (col_tiles + want_splits - 1) / want_splits;
-  if (tiles_per_cta < 1) tiles_per_cta = 1;
-  int64_t chunks = (tiles_per_cta * tile.block_n + cols_per_chunk - 1) / cols_per_chunk;
-  chunks = chunks < 1 ? 1 : (chunks > kMaxChunksPerCta ? kMaxChunksPerCta : chunks);
-  p.chunks_per_cta = static_cast<int>(chunks);
-  p.col_splits = p.n_cols > 0 ? (p.n_cols + p.chunks_per_cta - 1) / p.chunks_per_cta : 0;
 }
 
 template <int kVec, int kBM, int kBN>
@@ -119,6 +110,26 @@ __global__ void __launch_bounds__(kScoreThreads) chunk_scores_kernel(SelectParam
   const int row0 = rt * kBM;
   if (j0 >= j1 || row0 >= rows) return;
 
+  // Columns of this CTA: chunks [j0, j1) or, for "max", their keys.
+  constexpr bool kTokens = kMode == ScoreMode::kMax;
+  const int n_cols = kTokens ? (j1 - j0) * p.chunk : j1 - j0;
+  const int64_t col_first = kTokens ? p.sink + static_cast<int64_t>(j0) * p.chunk : j0;
+  const T* c_base = static_cast<const T*>(p.cols) + b * p.c_sb + h * p.c_sh + col_first * p.c_sn;
+  const int n_tiles = (n_cols + kBN - 1) / kBN;
+
+  auto load_tile = [&](int stage, int tile) {
+    T* dst = s_b + stage * kBN * kVec;
+    for (int id = tid; id < kBN * kChunksPerRow; id += kScoreThreads) {
+      const int r = id / kChunksPerRow, ch = id % kChunksPerRow;
+      const int c = tile * kBN + r;
+      const bool valid = c < n_cols;
+      cp_async_16(dst + swz<kVec>(r, ch * 8), c_base + (valid ? c : 0) * p.c_sn + ch * 8, valid);
+    }
+    cp_async_commit();
+  };
+
+  load_tile(0, 0);  // in flight while the A tile is built
+
   // A tile: rows (query-major: row = query * group + head) x kVec.
   const T* q_base = static_cast<const T*>(p.q) + b * p.q_sb;
   for (int id = tid; id < kBM * (D / 8); id += kScoreThreads) {
@@ -149,25 +160,6 @@ __global__ void __launch_bounds__(kScoreThreads) chunk_scores_kernel(SelectParam
   }
   for (int i = tid; i < j1 - j0; i += kScoreThreads) s_best[i] = 0u;
 
-  // Columns of this CTA: chunks [j0, j1) or, for "max", their keys.
-  constexpr bool kTokens = kMode == ScoreMode::kMax;
-  const int n_cols = kTokens ? (j1 - j0) * p.chunk : j1 - j0;
-  const int64_t col_first = kTokens ? p.sink + static_cast<int64_t>(j0) * p.chunk : j0;
-  const T* c_base = static_cast<const T*>(p.cols) + b * p.c_sb + h * p.c_sh + col_first * p.c_sn;
-  const int n_tiles = (n_cols + kBN - 1) / kBN;
-
-  auto load_tile = [&](int stage, int tile) {
-    T* dst = s_b + stage * kBN * kVec;
-    for (int id = tid; id < kBN * kChunksPerRow; id += kScoreThreads) {
-      const int r = id / kChunksPerRow, ch = id % kChunksPerRow;
-      const int c = tile * kBN + r;
-      const bool valid = c < n_cols;
-      cp_async_16(dst + swz<kVec>(r, ch * 8), c_base + (valid ? c : 0) * p.c_sn + ch * 8, valid);
-    }
-    cp_async_commit();
-  };
-
-  load_tile(0, 0);
   const int g = lane >> 2, t4 = lane & 3;
   const bool row_a_ok = row0 + wm * 16 + g < rows;
   const bool row_b_ok = row0 + wm * 16 + g + 8 < rows;
@@ -257,9 +249,15 @@ __global__ void __launch_bounds__(kThreads) topk_kernel(SelectParams p, bool sta
   for (int shift = 24; shift >= 0; shift -= 8) {
     for (int i = tid; i < 256; i += kThreads) s_hist[i] = 0;
     __syncthreads();
-    for (int i = tid; i < m; i += kThreads) {
-      const uint32_t key = src[i];
-      if ((key & mask) == prefix) atomicAdd(&s_hist[(key >> shift) & 255u], 1);
+    // Scores cluster in few digits (a shared exponent): lanes hitting the same bin add
+    // once per warp, or the atomics on one address would serialise the whole pass.
+    for (int base = 0; base < m; base += kThreads) {
+      const int i = base + tid;
+      const uint32_t key = i < m ? src[i] : 0u;
+      const bool hit = i < m && (key & mask) == prefix;
+      const int bin = hit ? static_cast<int>((key >> shift) & 255u) : -1;
+      const unsigned same = __match_any_sync(0xffffffffu, bin);
+      if (hit && lane == __ffs(same) - 1) atomicAdd(&s_hist[bin], __popc(same));
     }
     __syncthreads();
     if (warp == 0) {
@@ -315,14 +313,36 @@ __global__ void __launch_bounds__(kThreads) topk_kernel(SelectParams p, bool sta
 }
 
 template <typename T, int D, ScoreMode kMode, int kWarpsN>
-cudaError_t launch_chunk_scores(const SelectParams& p, cudaStream_t stream) {
+cudaError_t launch_chunk_scores(const SelectParams& plan, cudaStream_t stream) {
   constexpr int kVec = kMode == ScoreMode::kBound ? 2 * D : D;
   constexpr ScoreTile kTile = score_tile(kWarpsN == 4, kVec);
-  const int smem = score_smem_bytes<kVec, kTile.block_m, kTile.block_n>(p.chunks_per_cta);
+  constexpr int kMaxSmem = score_smem_bytes<kVec, kTile.block_m, kTile.block_n>(kMaxChunksPerCta);
   auto kernel = chunk_scores_kernel<T, D, kMode, kWarpsN>;
   cudaError_t err =
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kMaxSmem);
   if (err != cudaSuccess) return err;
+  int device = 0, sms = 0, per_sm = 0;
+  if ((err = cudaGetDevice(&device)) != cudaSuccess) return err;
+  if ((err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device)) != cudaSuccess)
+    return err;
+  err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kScoreThreads, kMaxSmem);
+  if (err != cudaSuccess) return err;
+
+  // One wave of equal CTAs: split every (sequence, head, block, row tile) into chunk ranges
+  // so that all CTAs fit on the GPU at once, with at least one column tile each. A second,
+  // partly filled wave would leave most SMs idle at the end of a memory-bound decode step.
+  SelectParams p = plan;
+  const int64_t slots = static_cast<int64_t>(per_sm > 0 ? per_sm : 1) * sms;
+  const int cols_per_chunk = kMode == ScoreMode::kMax ? p.chunk : 1;
+  const int64_t col_tiles =
+      (static_cast<int64_t>(p.n_cols) * cols_per_chunk + kTile.block_n - 1) / kTile.block_n;
+  const int64_t units = static_cast<int64_t>(p.batch) * p.hkv * p.n_blocks * p.row_tiles;
+  const int64_t splits_wanted = std::max<int64_t>(1, slots / std::max<int64_t>(1, units));
+  const int64_t tiles_per_cta = std::max<int64_t>(1, (col_tiles + splits_wanted - 1) / splits_wanted);
+  const int64_t chunks = (tiles_per_cta * kTile.block_n + cols_per_chunk - 1) / cols_per_chunk;
+  p.chunks_per_cta = static_cast<int>(std::min<int64_t>(std::max<int64_t>(chunks, 1), kMaxChunksPerCta));
+  p.col_splits = (p.n_cols + p.chunks_per_cta - 1) / p.chunks_per_cta;
+  const int smem = score_smem_bytes<kVec, kTile.block_m, kTile.block_n>(p.chunks_per_cta);
   const dim3 grid(p.col_splits * p.n_blocks * p.row_tiles, p.hkv, p.batch);
   kernel<<<grid, kScoreThreads, smem, stream>>>(p);
   return cudaGetLastError();

@@ -1,0 +1,309 @@
+"""The CUDA backend on the GPU: parity with the reference (and Triton), opcheck, CUDA graphs.
+
+Every test needs a CUDA device and the compiled _C_cuda library (skipped cleanly without
+them, a failure when REATTENTION_REQUIRE names cuda). References run on the GPU in float32
+so the 1M-token cases stay fast; the low-precision baseline of the tolerance rule is the same
+reference run in the kernel's dtype.
+"""
+import functools
+import math
+
+import pytest
+import torch
+
+import reattention
+from reattention import ops, reference
+from reattention.testing import (Case, assert_close_rule, assert_selection_equivalent,
+                                 lowp_attention, make_inputs)
+
+from conftest import require
+
+pytestmark = pytest.mark.gpu
+
+DTYPES = [torch.bfloat16, torch.float16]
+
+#        b  hq hkv  lq    nmax    d  sink local chunk topk qb
+CASES = [
+    Case(1, 4, 4, 1, 777, 64, 8, 64, 16, 4, 1),                             # decode, MHA
+    Case(1, 7, 1, 5, 523, 128, 4, 40, 8, 8, 2),                             # Hq/Hkv 7, 3 blocks
+    Case(2, 4, 1, 63, 1000, 64, 0, 32, 32, 3, 16, lens=(1000, 700)),        # sink 0, 4 blocks
+    Case(3, 8, 2, 1, 300, 64, 16, 32, 16, 2, 1, lens=(40, 300, 129)),       # one with M = 0
+    Case(2, 4, 2, 3, 100, 64, 64, 16, 16, 4, 4, lens=(10, 100)),            # N < sink
+    Case(1, 2, 2, 9, 200, 64, 8, 64, 16, 16, 4),                            # M <= topk: dense
+    Case(1, 4, 2, 3, 640, 128, 8, 48, 16, 5, 2, rotary=64),                 # partial rotary
+    Case(1, 8, 2, 63, 3000, 128, 64, 256, 64, 8, 128),                      # 126 rows, 2 tiles
+    Case(2, 8, 2, 1, 2000, 256, 16, 128, 32, 8, 1, lens=(2000, 1501)),      # D 256 decode
+    Case(1, 4, 2, 40, 1200, 256, 8, 100, 24, 6, 40),                        # D 256 prefill
+    Case(1, 4, 1, 1, 5000, 128, 4, 64, 8, 256, 1),                          # topk 256
+]
+IDS = [c.id for c in CASES]
+
+# Long caches: batch 3 of different lengths, and the 1M decode shape of DESIGN.md section 5.
+LONG = [
+    Case(3, 8, 2, 1, 1 << 18, 128, 64, 4096, 64, 32, 1, lens=(1 << 18, 100_003, 5_000)),
+    Case(1, 32, 8, 1, 1 << 20, 128, 64, 4096, 64, 32, 128),
+    Case(1, 8, 2, 128, 1 << 20, 128, 64, 4096, 64, 32, 128),
+]
+LONG_IDS = [c.id for c in LONG]
+
+ROPE = [("half", "compact", 1.0), ("interleaved", "original", 1.0), ("half", "original", 1.25)]
+# Cross-checks with Triton compile a kernel per shape: a few cases keep the run short.
+TRITON_CASES = CASES[:4]
+
+
+def cuda_inputs(case: Case, dtype: torch.dtype, seed: int = 0):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    q, k, v, lens, inv_freq = make_inputs(case, dtype, "cuda", seed)
+    require("cuda", q)
+    return q, k, v, lens, inv_freq
+
+
+@functools.lru_cache(maxsize=1)
+def long_inputs(case: Case):
+    """make_inputs' structure (per-chunk key offsets) drawn on the GPU: 1M-token caches."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    kw = dict(device="cuda", generator=g)
+    q = torch.randn(case.b, case.hq, case.lq, case.d, **kw).bfloat16()
+    n_rows = -(-case.nmax // case.chunk)
+    offs = torch.randn(case.b, case.hkv, n_rows, 1, case.d, **kw) * 0.7
+    k = torch.randn(case.b, case.hkv, n_rows, case.chunk, case.d, **kw).add_(offs)
+    k = k.flatten(2, 3)[:, :, :case.nmax].bfloat16()
+    v = torch.randn(case.b, case.hkv, case.nmax, case.d, **kw).bfloat16()
+    lens = torch.tensor(case.lens or (case.nmax,) * case.b, dtype=torch.int32, device="cuda")
+    inv_freq = reattention.default_inv_freq(case.d, device="cuda")
+    require("cuda", q)
+    return q, k.contiguous(), v, lens, inv_freq
+
+
+def make_reps(k, lens, case, rep):
+    if rep == "max":
+        return None
+    reps = reference.new_reps(k, case.sink, case.chunk, rep)
+    reference.chunk_reps_ref(k, lens, reps, case.sink, case.chunk, rep, 0)
+    return reps
+
+
+def triton_ready(name: str, like: torch.Tensor, case: Case) -> bool:
+    return (case in TRITON_CASES and like.dtype == torch.bfloat16
+            and ops._kernel_refusal("triton", like) is None
+            and hasattr(torch.ops.reattention, name + "_triton"))
+
+
+# --------------------------------------------------------------------------- chunk_reps
+@pytest.mark.parametrize("rep", ["bound", "mean"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_chunk_reps(case, dtype, rep):
+    _, k, _, lens, _ = cuda_inputs(case, dtype)
+    got = reference.new_reps(k, case.sink, case.chunk, rep).fill_(float("nan"))
+    torch.ops.reattention.chunk_reps(k, ops.check_seqlens(lens, k, 1), got, case.sink,
+                                     case.chunk, rep, 0)
+    want = reference.new_reps(k, case.sink, case.chunk, rep).fill_(float("nan"))
+    reference.chunk_reps_ref(k, lens, want, case.sink, case.chunk, rep, 0)
+    # Incomplete chunks stay untouched (NaN) in both.
+    assert torch.equal(got.isnan(), want.isnan())
+    done = ~want.isnan()
+    if rep == "bound":
+        assert torch.equal(got[done], want[done])
+    else:  # one rounding of an fp32 sum: at most one unit in the last place apart
+        torch.testing.assert_close(got[done].float(), want[done].float(), rtol=8e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("rep", ["bound", "mean"])
+def test_chunk_reps_incremental(rep):
+    case = Case(2, 2, 2, 1, 1000, 128, 5, 16, 16, 4, 1)
+    _, k, _, _, _ = cuda_inputs(case, torch.bfloat16)
+    reps = reference.new_reps(k, 5, 16, rep).fill_(float("nan"))
+    short = torch.tensor([300, 37], dtype=torch.int32, device="cuda")
+    torch.ops.reattention.chunk_reps(k, short, reps, 5, 16, rep, 0)
+    before = reps.clone()
+    full = torch.tensor([1000, 1000], dtype=torch.int32, device="cuda")
+    torch.ops.reattention.chunk_reps(k, full, reps, 5, 16, rep, 18)  # (300 - 5) // 16 = 18
+    want = reference.new_reps(k, 5, 16, rep).fill_(float("nan"))
+    reference.chunk_reps_ref(k, full, want, 5, 16, rep, 0)
+    # Chunks below 18 keep what the first call wrote (NaN for sequence 1 beyond its 2).
+    assert torch.equal(reps[:, :, :18].nan_to_num(), before[:, :, :18].nan_to_num())
+    assert torch.equal(reps[:, :, 18:].float().nan_to_num(), want[:, :, 18:].float().nan_to_num())
+
+
+# --------------------------------------------------------------------------- select_chunks
+def check_selection(q, k, reps, lens, case, rep, idx):
+    ref = reference.select_chunks_ref(q, k, reps, lens, case.sink, case.local, case.chunk,
+                                      case.topk, rep, case.query_block)
+    scores = reference.chunk_scores_ref(q, k, reps, lens, case.sink, case.local, case.chunk, rep,
+                                        case.query_block)
+    assert_selection_equivalent(idx, ref, scores)
+    return scores
+
+
+@pytest.mark.parametrize("rep", ["max", "bound", "mean"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_select_chunks(case, dtype, rep):
+    q, k, _, lens, _ = cuda_inputs(case, dtype)
+    reps = make_reps(k, lens, case, rep)
+    kw = dict(sink=case.sink, local=case.local, chunk=case.chunk, topk=case.topk,
+              query_block=case.query_block, rep=rep)
+    idx = reattention.select_chunks(q, k, lens, reps=reps, backend="cuda", **kw)
+    scores = check_selection(q, k, reps, lens, case, rep, idx)
+    if triton_ready("select_chunks", q, case):
+        other = reattention.select_chunks(q, k, lens, reps=reps, backend="triton", **kw)
+        assert_selection_equivalent(idx, other, scores)
+
+
+def test_select_chunks_ties_go_low():
+    """Exact ties (duplicated chunks) resolve to the lower index, as the reference does."""
+    case = Case(1, 2, 1, 1, 8 + 400 * 8 + 17, 64, 8, 16, 8, 256, 1)
+    q, k, _, _, _ = cuda_inputs(case, torch.bfloat16, seed=1)
+    k[:, :, 8 + 100 * 8: 8 + 110 * 8] = k[:, :, 8 + 50 * 8: 8 + 60 * 8]
+    lens = ops.check_seqlens(None, k, 1)
+    for rep in ("max", "bound", "mean"):
+        reps = make_reps(k, None, case, rep)
+        idx = torch.ops.reattention.select_chunks(q, k, reps, lens, 8, 16, 8, 256, rep, 1)
+        check_selection(q, k, reps, lens, case, rep, idx)
+        chosen = set(idx.flatten().tolist())
+        for j in range(10):  # a copy is never taken without its lower-index original
+            assert 50 + j in chosen or 100 + j not in chosen, (rep, j)
+
+
+# --------------------------------------------------------------------------- gather_attention
+def check_attention(case, q, k, v, lens, idx, inv_freq, out, lse, scale, **kw):
+    ref, ref_lse = reference.gather_attention_ref(q.float(), k.float(), v.float(), lens, idx,
+                                                  inv_freq, case.sink, case.local, case.chunk,
+                                                  case.query_block, scale, **kw)
+    low, low_lse = lowp_attention(q, k, v, lens, idx, inv_freq, case, scale, **kw)
+    assert_close_rule(out, ref, low, q.dtype, "out")
+    assert_close_rule(lse, ref_lse, low_lse, q.dtype, "lse")
+    return low
+
+
+# Both dtypes with the default RoPE; the other RoPE variants in bf16.
+ATTN_VARIANTS = [(torch.bfloat16, *ROPE[0]), (torch.float16, *ROPE[0]),
+                 *[(torch.bfloat16, *r) for r in ROPE[1:]]]
+
+
+@pytest.mark.parametrize("dtype,style,positions,rope_scale", ATTN_VARIANTS,
+                         ids=lambda x: str(x).replace("torch.", ""))
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_gather_attention(case, dtype, style, positions, rope_scale):
+    q, k, v, lens, inv_freq = cuda_inputs(case, dtype)
+    idx = reference.select_chunks_ref(q, k, None, lens, case.sink, case.local, case.chunk,
+                                      case.topk, "max", case.query_block)
+    kw = dict(rope_scale=rope_scale, rope_style=style, positions=positions)
+    scale = 1 / math.sqrt(case.d)
+    out, lse = reattention.gather_attention(q, k, v, idx, lens, inv_freq=inv_freq,
+                                            sink=case.sink, local=case.local, chunk=case.chunk,
+                                            query_block=case.query_block, scale=scale,
+                                            backend="cuda", **kw)
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    low = check_attention(case, q, k, v, lens, idx, inv_freq, out, lse, scale, **kw)
+    if triton_ready("gather_attention", q, case):
+        other, _ = reattention.gather_attention(q, k, v, idx, lens, inv_freq=inv_freq,
+                                                sink=case.sink, local=case.local,
+                                                chunk=case.chunk, query_block=case.query_block,
+                                                scale=scale, backend="triton", **kw)
+        assert_close_rule(out, other.float(), low, dtype, "out vs triton")
+
+
+@pytest.mark.parametrize("rep", ["max", "bound", "mean"])  # fastest: one cache per case
+@pytest.mark.parametrize("case", LONG, ids=LONG_IDS)
+def test_long_cache(case, rep):
+    """Selection then attention at up to 1M tokens, batch 3 of different lengths."""
+    q, k, v, lens, inv_freq = long_inputs(case)
+    reps = None
+    if rep != "max":
+        reps = reattention.chunk_reps(k, lens, sink=case.sink, chunk=case.chunk, rep=rep,
+                                      backend="cuda")
+    kw = dict(sink=case.sink, local=case.local, chunk=case.chunk, query_block=case.query_block)
+    idx = reattention.select_chunks(q, k, lens, reps=reps, topk=case.topk, rep=rep,
+                                    backend="cuda", **kw)
+    check_selection(q, k, reps, lens, case, rep, idx)
+    out, lse = reattention.gather_attention(q, k, v, idx, lens, inv_freq=inv_freq,
+                                            backend="cuda", **kw)
+    check_attention(case, q, k, v, lens, idx, inv_freq, out, lse, 1 / math.sqrt(case.d))
+
+
+def test_float32_is_refused():
+    case = CASES[0]
+    q, k, v, lens, inv_freq = cuda_inputs(case, torch.bfloat16)
+    q, k, v = q.float(), k.float(), v.float()
+    idx = torch.full((1, 4, 1, 4), -1, dtype=torch.int32, device="cuda")
+    with pytest.raises(RuntimeError, match="float16 or bfloat16"):
+        torch.ops.reattention.gather_attention(q, k, v, ops.check_seqlens(None, k, 1), idx,
+                                               inv_freq, 8, 64, 16, 1, 0.125, 1.0, "half",
+                                               "compact")
+
+
+# --------------------------------------------------------------------------- opcheck, graphs
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("lq,qb", [(1, 1), (40, 16)])
+def test_opcheck(dtype, lq, qb):
+    case = Case(2, 8, 2, lq, 700, 128, 8, 64, 16, 4, qb, lens=(700, 433))
+    q, k, v, lens, inv = cuda_inputs(case, dtype)
+    for rep in ("bound", "mean"):
+        reps = torch.zeros(ops.reps_shape(k, 8, 16, rep), dtype=dtype, device="cuda")
+        torch.library.opcheck(torch.ops.reattention.chunk_reps.default,
+                              (k, lens, reps, 8, 16, rep, 0))
+        torch.library.opcheck(torch.ops.reattention.select_chunks.default,
+                              (q, k, reps, lens, 8, 64, 16, 4, rep, qb))
+    torch.library.opcheck(torch.ops.reattention.select_chunks.default,
+                          (q, k, None, lens, 8, 64, 16, 4, "max", qb))
+    idx = torch.ops.reattention.select_chunks(q, k, None, lens, 8, 64, 16, 4, "max", qb)
+    torch.library.opcheck(torch.ops.reattention.gather_attention.default,
+                          (q, k, v, lens, idx, inv, 8, 64, 16, qb, 0.125, 1.0, "half",
+                           "compact"))
+
+
+@pytest.mark.parametrize("rep", ["bound", "max"])
+def test_cuda_graph_decode_step(rep):
+    """select + attend captured once, replayed on new queries and longer caches."""
+    case = Case(2, 8, 2, 1, 20_000, 128, 64, 1024, 64, 8, 1, lens=(20_000, 9_000))
+    q, k, v, lens, inv_freq = cuda_inputs(case, torch.bfloat16)
+    reps = make_reps(k, None, case, rep)
+    kw = dict(sink=case.sink, local=case.local, chunk=case.chunk, query_block=1)
+
+    def step():
+        idx = reattention.select_chunks(q, k, lens, reps=reps, topk=case.topk, rep=rep,
+                                        backend="cuda", **kw)
+        return reattention.gather_attention(q, k, v, idx, lens, inv_freq=inv_freq,
+                                            backend="cuda", **kw)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, lse = step()
+    for n0, n1, seed in ((20_000, 9_000, 1), (15_555, 19_999, 2)):
+        g = torch.Generator(device="cuda").manual_seed(seed)
+        q.copy_(torch.randn(q.shape, generator=g, device="cuda"))
+        lens.copy_(torch.tensor([n0, n1], dtype=torch.int32))
+        graph.replay()
+        want_out, want_lse = step()
+        torch.testing.assert_close(out, want_out, rtol=0, atol=0)
+        torch.testing.assert_close(lse, want_lse, rtol=0, atol=0)
+
+
+def test_sanitizer_smoke():
+    """A tiny run of every kernel path, small enough for compute-sanitizer (-k sanitizer)."""
+    for case, rep in ((Case(2, 8, 2, 1, 700, 64, 8, 64, 16, 4, 1, lens=(700, 301)), "bound"),
+                      (Case(1, 4, 2, 40, 600, 128, 8, 64, 16, 4, 16), "max"),
+                      (Case(1, 4, 2, 3, 500, 256, 8, 64, 24, 4, 2), "mean")):
+        q, k, v, lens, inv_freq = cuda_inputs(case, torch.bfloat16)
+        reps = None
+        if rep != "max":
+            reps = reattention.chunk_reps(k, lens, sink=case.sink, chunk=case.chunk, rep=rep,
+                                          backend="cuda")
+        kw = dict(sink=case.sink, local=case.local, chunk=case.chunk,
+                  query_block=case.query_block)
+        idx = reattention.select_chunks(q, k, lens, reps=reps, topk=case.topk, rep=rep,
+                                        backend="cuda", **kw)
+        check_selection(q, k, reps, lens, case, rep, idx)
+        out, lse = reattention.gather_attention(q, k, v, idx, lens, inv_freq=inv_freq,
+                                                backend="cuda", **kw)
+        check_attention(case, q, k, v, lens, idx, inv_freq, out, lse, 1 / math.sqrt(case.d))
