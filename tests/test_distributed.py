@@ -6,6 +6,8 @@ smoke run of bench/bench_cp.py; each case's test then asserts on what the ranks 
 the same selection as one process, outputs to fp32 rounding (the STYLE.md rule for bf16),
 and identical results on every rank.
 """
+from __future__ import annotations
+
 import dataclasses
 import datetime
 import importlib.util
