@@ -34,6 +34,10 @@ from torch.library import triton_op, wrap_triton
 _MODES = {"max": 0, "bound": 1, "mean": 2}
 # Padding key: below every real key (a real key is >= -2^31 * 2^31).
 _PAD_KEY = -(2 ** 62) - 1
+# Top-k: level kernels sort segments of max(_SEG_MIN, 4*KP) keys; the final kernel takes rows
+# of up to max(_FINAL_MIN, 2*KP) keys in one sort (1M tokens, chunk 64: 16K scores -> 1K keys).
+_SEG_MIN = 512
+_FINAL_MIN = 2048
 
 
 @triton.jit
@@ -262,7 +266,7 @@ def select_chunks_triton(q: torch.Tensor, k_cache: torch.Tensor, reps: Optional[
     # Top-k: shrink each row by segments until one segment remains, then the final pass.
     rows = b * hkv * n_blocks
     kp = triton.next_power_of_2(topk)
-    seg, final_max = max(512, 4 * kp), max(2048, 2 * kp)
+    seg, final_max = max(_SEG_MIN, 4 * kp), max(_FINAL_MIN, 2 * kp)
     src, length, from_scores = scores, n_cols, True
     while length > final_max:
         n_segs = triton.cdiv(length, seg)
