@@ -68,10 +68,13 @@ CP_CASES = [
     CPCase(VARLEN, "bound", 3),  # the short sequence ends on rank 1; rank 2 holds none of it
     CPCase(PREFILL, "max", 2),
     CPCase(PREFILL, "bound", 3),
-    # Rank 1 holds two middle chunks and the local window's first tokens, fewer tokens than
-    # the queries, so the selection op cannot run there; the window straddles ranks 1 and 2.
+    # Rank 1 holds two middle chunks and the local window's first tokens: 48 tokens, too few
+    # for the selection op to score a chunk beside 40 query slots; the window straddles
+    # ranks 1 and 2.
     CPCase(PREFILL, "max", 3, starts=(0, 552, 600)),
     CPCase(PREFILL, "mean", 3, starts=(0, 552, 600)),
+    # Rank 1 holds one middle chunk, fewer tokens than the queries.
+    CPCase(PREFILL, "bound", 3, starts=(0, 568, 584)),
     CPCase(GQA7, "mean", 3),
     CPCase(ODD, "max", 3, rope=("interleaved", "original", 1.0)),
     CPCase(ODD, "bound", 2, rope=("half", "compact", 1.25)),
