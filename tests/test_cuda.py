@@ -208,11 +208,8 @@ def test_gather_attention(case, dtype, style, positions, rope_scale):
         assert_close_rule(out, other.float(), low, dtype, "out vs triton")
 
 
-@pytest.mark.parametrize("rep", ["max", "bound", "mean"])  # fastest: one cache per case
-@pytest.mark.parametrize("case", LONG, ids=LONG_IDS)
-def test_long_cache(case, rep):
-    """Selection then attention at up to 1M tokens, batch 3 of different lengths."""
-    q, k, v, lens, inv_freq = long_inputs(case)
+def select_then_attend(case, rep, q, k, v, lens, inv_freq):
+    """The whole CUDA path (reps, selection, attention), each stage checked."""
     reps = None
     if rep != "max":
         reps = reattention.chunk_reps(k, lens, sink=case.sink, chunk=case.chunk, rep=rep,
@@ -224,6 +221,13 @@ def test_long_cache(case, rep):
     out, lse = reattention.gather_attention(q, k, v, idx, lens, inv_freq=inv_freq,
                                             backend="cuda", **kw)
     check_attention(case, q, k, v, lens, idx, inv_freq, out, lse, 1 / math.sqrt(case.d))
+
+
+@pytest.mark.parametrize("rep", ["max", "bound", "mean"])  # fastest: one cache per case
+@pytest.mark.parametrize("case", LONG, ids=LONG_IDS)
+def test_long_cache(case, rep):
+    """Selection then attention at up to 1M tokens, batch 3 of different lengths."""
+    select_then_attend(case, rep, *long_inputs(case))
 
 
 def test_float32_is_refused():
@@ -294,16 +298,4 @@ def test_sanitizer_smoke():
     for case, rep in ((Case(2, 8, 2, 1, 700, 64, 8, 64, 16, 4, 1, lens=(700, 301)), "bound"),
                       (Case(1, 4, 2, 40, 600, 128, 8, 64, 16, 4, 16), "max"),
                       (Case(1, 4, 2, 3, 500, 256, 8, 64, 24, 4, 2), "mean")):
-        q, k, v, lens, inv_freq = cuda_inputs(case, torch.bfloat16)
-        reps = None
-        if rep != "max":
-            reps = reattention.chunk_reps(k, lens, sink=case.sink, chunk=case.chunk, rep=rep,
-                                          backend="cuda")
-        kw = dict(sink=case.sink, local=case.local, chunk=case.chunk,
-                  query_block=case.query_block)
-        idx = reattention.select_chunks(q, k, lens, reps=reps, topk=case.topk, rep=rep,
-                                        backend="cuda", **kw)
-        check_selection(q, k, reps, lens, case, rep, idx)
-        out, lse = reattention.gather_attention(q, k, v, idx, lens, inv_freq=inv_freq,
-                                                backend="cuda", **kw)
-        check_attention(case, q, k, v, lens, idx, inv_freq, out, lse, 1 / math.sqrt(case.d))
+        select_then_attend(case, rep, *cuda_inputs(case, torch.bfloat16))

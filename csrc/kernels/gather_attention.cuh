@@ -53,20 +53,6 @@ struct AttnParams {
 
 constexpr int kAttnThreads = 128;
 
-struct AttnTile {
-  int warps_n;
-  int block_m;
-  int block_n;
-};
-
-__host__ __device__ constexpr AttnTile attn_tile(bool decode, int head_dim) {
-  return decode ? AttnTile{4, 16, 64} : AttnTile{1, 64, head_dim >= 256 ? 32 : 64};
-}
-
-__host__ __device__ inline bool attn_decode(int lq, int query_block, int group) {
-  return (lq < query_block ? lq : query_block) * group <= 16;
-}
-
 // Shared memory: Q tile, two K and V stages (reused by the epilogue's per-warp outputs), key
 // positions, inverse frequencies, query positions, per-warp softmax state.
 template <int D, int kWarpsN, int kBM, int kBN>
@@ -99,7 +85,7 @@ __device__ __forceinline__ void rope_rotate(float& x0, float& x1, int pos, float
 
 template <typename T, int D, int kWarpsN>
 __global__ void __launch_bounds__(kAttnThreads) gather_attention_kernel(AttnParams p) {
-  constexpr AttnTile kTile = attn_tile(kWarpsN == 4, D);
+  constexpr TileShape kTile = tile_shape(kWarpsN == 4, 2 * D);
   constexpr int kBM = kTile.block_m, kBN = kTile.block_n;
   constexpr int kNW = kBN / kWarpsN;  // keys per warp per tile
   constexpr int kNT = kNW / 8;
@@ -425,7 +411,7 @@ __global__ void __launch_bounds__(kMergeWarps * 32) merge_splits_kernel(AttnPara
 
 template <typename T, int D, int kWarpsN>
 cudaError_t launch_attention_tiles(const AttnParams& p, cudaStream_t stream) {
-  constexpr AttnTile kTile = attn_tile(kWarpsN == 4, D);
+  constexpr TileShape kTile = tile_shape(kWarpsN == 4, 2 * D);
   constexpr int smem = attn_smem_bytes<D, kWarpsN, kTile.block_m, kTile.block_n>();
   auto kernel = gather_attention_kernel<T, D, kWarpsN>;
   cudaError_t err =
@@ -441,8 +427,8 @@ cudaError_t launch_attention_tiles(const AttnParams& p, cudaStream_t stream) {
 // never depends on device data.
 inline void plan_attention(AttnParams& p, int head_dim, int num_sms) {
   const int group = p.hq / p.hkv;
-  const bool decode = attn_decode(p.lq, p.query_block, group);
-  const AttnTile tile = attn_tile(decode, head_dim);
+  const bool decode = few_rows(p.lq, p.query_block, group);
+  const TileShape tile = tile_shape(decode, 2 * head_dim);
   const int rows = (p.lq < p.query_block ? p.lq : p.query_block) * group;
   p.row_tiles = (rows + tile.block_m - 1) / tile.block_m;
   const int64_t local_max = static_cast<int64_t>(p.lq) + p.local + p.chunk - 1;
@@ -463,7 +449,7 @@ inline void plan_attention(AttnParams& p, int head_dim, int num_sms) {
 template <typename T, int D>
 cudaError_t launch_gather_attention(const AttnParams& p, cudaStream_t stream) {
   if (p.batch == 0 || p.hq == 0 || p.lq == 0) return cudaSuccess;
-  const bool decode = attn_decode(p.lq, p.query_block, p.hq / p.hkv);
+  const bool decode = few_rows(p.lq, p.query_block, p.hq / p.hkv);
   cudaError_t err = decode ? launch_attention_tiles<T, D, 4>(p, stream)
                            : launch_attention_tiles<T, D, 1>(p, stream);
   if (err != cudaSuccess || p.num_splits == 1) return err;

@@ -44,31 +44,15 @@ struct SelectParams {
 // Bound on one scoring CTA's chunk range (its per-chunk maxima live in shared memory).
 constexpr int kMaxChunksPerCta = 2048;
 
-// Tile shape of the scoring GEMM: the decode shape (one 16-row tile, 4 warps across columns)
-// when a block has at most 16 rows, else 4 warps across 64 rows.
-struct ScoreTile {
-  int warps_n;
-  int block_m;
-  int block_n;
-};
-
-__host__ __device__ constexpr ScoreTile score_tile(bool few_rows, int vec_len) {
-  return few_rows ? ScoreTile{4, 16, 64} : ScoreTile{1, 64, vec_len >= 512 ? 32 : 64};
-}
-
 constexpr int kScoreThreads = 128;
-
-__host__ __device__ inline bool select_few_rows(int lq, int query_block, int group) {
-  return (lq < query_block ? lq : query_block) * group <= 16;
-}
 
 // Host-side plan of the row tiling: row_tiles and atomic (the caller zeroes `scores` when
 // atomic). The chunk range of a CTA is chosen at launch, from the kernel's occupancy.
 inline void plan_select(SelectParams& p, ScoreMode mode, int head_dim) {
   const int group = p.hq / p.hkv;
-  const bool few = select_few_rows(p.lq, p.query_block, group);
+  const bool few = few_rows(p.lq, p.query_block, group);
   const int vec_len = mode == ScoreMode::kBound ? 2 * head_dim : head_dim;
-  const ScoreTile tile = score_tile(few, vec_len);
+  const TileShape tile = tile_shape(few, vec_len);
   const int rows = (p.lq < p.query_block ? p.lq : p.query_block) * group;
   p.row_tiles = (rows + tile.block_m - 1) / tile.block_m;
   p.atomic = p.row_tiles > 1;
@@ -82,7 +66,7 @@ __host__ __device__ constexpr int score_smem_bytes(int chunks_per_cta) {
 template <typename T, int D, ScoreMode kMode, int kWarpsN>
 __global__ void __launch_bounds__(kScoreThreads) chunk_scores_kernel(SelectParams p) {
   constexpr int kVec = kMode == ScoreMode::kBound ? 2 * D : D;
-  constexpr ScoreTile kTile = score_tile(kWarpsN == 4, kVec);
+  constexpr TileShape kTile = tile_shape(kWarpsN == 4, kVec);
   constexpr int kBM = kTile.block_m, kBN = kTile.block_n;
   constexpr int kNW = kBN / kWarpsN;  // columns per warp
   constexpr int kNT = kNW / 8;
@@ -315,7 +299,7 @@ __global__ void __launch_bounds__(kThreads) topk_kernel(SelectParams p, bool sta
 template <typename T, int D, ScoreMode kMode, int kWarpsN>
 cudaError_t launch_chunk_scores(const SelectParams& plan, cudaStream_t stream) {
   constexpr int kVec = kMode == ScoreMode::kBound ? 2 * D : D;
-  constexpr ScoreTile kTile = score_tile(kWarpsN == 4, kVec);
+  constexpr TileShape kTile = tile_shape(kWarpsN == 4, kVec);
   constexpr int kMaxSmem = score_smem_bytes<kVec, kTile.block_m, kTile.block_n>(kMaxChunksPerCta);
   auto kernel = chunk_scores_kernel<T, D, kMode, kWarpsN>;
   cudaError_t err =
@@ -354,20 +338,20 @@ template <typename T, int D>
 cudaError_t launch_select_chunks(const SelectParams& p, ScoreMode mode, cudaStream_t stream) {
   if (p.batch == 0 || p.hkv == 0) return cudaSuccess;
   if (p.n_cols > 0) {
-    const bool few_rows = select_few_rows(p.lq, p.query_block, p.hq / p.hkv);
+    const bool few = few_rows(p.lq, p.query_block, p.hq / p.hkv);
     cudaError_t err = cudaSuccess;
     switch (mode) {
       case ScoreMode::kMax:
-        err = few_rows ? launch_chunk_scores<T, D, ScoreMode::kMax, 4>(p, stream)
-                       : launch_chunk_scores<T, D, ScoreMode::kMax, 1>(p, stream);
+        err = few ? launch_chunk_scores<T, D, ScoreMode::kMax, 4>(p, stream)
+                  : launch_chunk_scores<T, D, ScoreMode::kMax, 1>(p, stream);
         break;
       case ScoreMode::kBound:
-        err = few_rows ? launch_chunk_scores<T, D, ScoreMode::kBound, 4>(p, stream)
-                       : launch_chunk_scores<T, D, ScoreMode::kBound, 1>(p, stream);
+        err = few ? launch_chunk_scores<T, D, ScoreMode::kBound, 4>(p, stream)
+                  : launch_chunk_scores<T, D, ScoreMode::kBound, 1>(p, stream);
         break;
       case ScoreMode::kMean:
-        err = few_rows ? launch_chunk_scores<T, D, ScoreMode::kMean, 4>(p, stream)
-                       : launch_chunk_scores<T, D, ScoreMode::kMean, 1>(p, stream);
+        err = few ? launch_chunk_scores<T, D, ScoreMode::kMean, 4>(p, stream)
+                  : launch_chunk_scores<T, D, ScoreMode::kMean, 1>(p, stream);
         break;
     }
     if (err != cudaSuccess) return err;
