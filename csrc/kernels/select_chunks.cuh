@@ -234,14 +234,17 @@ __global__ void __launch_bounds__(kThreads) topk_kernel(SelectParams p, bool sta
     for (int i = tid; i < 256; i += kThreads) s_hist[i] = 0;
     __syncthreads();
     // Scores cluster in few digits (a shared exponent): lanes hitting the same bin add
-    // once per warp, or the atomics on one address would serialise the whole pass.
+    // once per warp, or the atomics on one address would serialise the whole pass. Later
+    // passes see few keys under the prefix, so warps without a hit skip the match.
     for (int base = 0; base < m; base += kThreads) {
       const int i = base + tid;
       const uint32_t key = i < m ? src[i] : 0u;
       const bool hit = i < m && (key & mask) == prefix;
-      const int bin = hit ? static_cast<int>((key >> shift) & 255u) : -1;
-      const unsigned same = __match_any_sync(0xffffffffu, bin);
-      if (hit && lane == __ffs(same) - 1) atomicAdd(&s_hist[bin], __popc(same));
+      if (__any_sync(0xffffffffu, hit)) {
+        const int bin = hit ? static_cast<int>((key >> shift) & 255u) : -1;
+        const unsigned same = __match_any_sync(0xffffffffu, bin);
+        if (hit && lane == __ffs(same) - 1) atomicAdd(&s_hist[bin], __popc(same));
+      }
     }
     __syncthreads();
     if (warp == 0) {
