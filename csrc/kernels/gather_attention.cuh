@@ -6,7 +6,7 @@
 // m16 tensor-core tile. Gathered key r maps to its cache token through the sink, the chunk ids
 // in idx (ascending, -1 padded: the valid ones are a prefix) and the local window; cp.async
 // copies K and V tiles of BN tokens straight from the [B, Hkv, Nmax, D] cache into swizzled
-// shared memory (two stages), the CTA rotates the K tile in place (fp32 angles, accurate
+// shared memory (two stages, both filled before the first tile is used), the CTA rotates the K tile in place (fp32 angles, accurate
 // sincosf) and the warps run QK^T and PV with mma.sync m16n8k16 and an online softmax in the
 // exp2 domain. Masking compares original positions (key visible iff its position <= the
 // query's), so padding rows (position -1) and tail keys (position INT_MAX) drop out.
@@ -170,8 +170,11 @@ __global__ void __launch_bounds__(kAttnThreads) gather_attention_kernel(AttnPara
   const int n_tiles = (n_keys + kBN - 1) / kBN;
   const int t_begin = split * p.tiles_per_split;
   const int t_end = min(n_tiles, t_begin + p.tiles_per_split);
-  // The first tile is in flight while the Q rows are loaded and rotated.
-  if (t_begin < t_end) load_tile(0, t_begin);
+  // The first two tiles are in flight while the Q rows are loaded and rotated. Every loop
+  // iteration then commits exactly one copy group (empty past the end), so "at most one
+  // group pending" always means the current tile has landed.
+  if (t_begin < t_end) load_tile(0, t_begin); else cp_async_commit();
+  if (t_begin + 1 < t_end) load_tile(1, t_begin + 1); else cp_async_commit();
 
   // Q rows, rotated at their (compact or original) positions, rounded once to T.
   const T* q_base = static_cast<const T*>(p.q) + b * p.q_sb;
@@ -208,9 +211,8 @@ __global__ void __launch_bounds__(kAttnThreads) gather_attention_kernel(AttnPara
 
   for (int tile = t_begin; tile < t_end; ++tile) {
     const int stage = (tile - t_begin) & 1;
-    cp_async_wait<0>();
+    cp_async_wait<1>();
     __syncthreads();
-    if (tile + 1 < t_end) load_tile(stage ^ 1, tile + 1);
 
     T* sk = s_kv + stage * kBN * D;
     const T* sv = s_kv + (2 + stage) * kBN * D;
@@ -287,11 +289,14 @@ __global__ void __launch_bounds__(kAttnThreads) gather_attention_kernel(AttnPara
         mma_16816<T>(o[2 * dp + 1], a, bv[2], bv[3]);
       }
     }
+    __syncthreads();  // every warp is done with this stage before it is refilled
+    if (tile + 2 < t_end) load_tile(stage, tile + 2); else cp_async_commit();
   }
 
   // Epilogue: per-warp (m, l, unnormalised O) through shared memory, merged over the warps
   // that split the key tile, normalised, written as the output or as this split's partial.
-  __syncthreads();  // every warp is done with the K/V stages that s_o overlays
+  cp_async_wait<0>();  // only empty groups can be left; s_o overlays the K/V stages
+  __syncthreads();
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
     const int r = ra + 8 * half;

@@ -199,7 +199,7 @@ __device__ __forceinline__ int block_prefix_count(bool flag, int* s_warp, int& t
   return before + __popc(ballot & ((1u << lane) - 1u));
 }
 
-constexpr int kTopkThreads = 512;
+constexpr int kTopkThreads = 1024;
 
 // Rows whose keys fit in this much shared memory are staged there once (the radix passes then
 // re-read shared memory instead of L2).
