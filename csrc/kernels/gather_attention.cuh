@@ -6,9 +6,9 @@
 // m16 tensor-core tile. Gathered key r maps to its cache token through the sink, the chunk ids
 // in idx (ascending, -1 padded: the valid ones are a prefix) and the local window; cp.async
 // copies K and V tiles of BN tokens straight from the [B, Hkv, Nmax, D] cache into swizzled
-// shared memory (two stages, both filled before the first tile is used), the CTA rotates the K tile in place (fp32 angles, accurate
-// sincosf) and the warps run QK^T and PV with mma.sync m16n8k16 and an online softmax in the
-// exp2 domain. Masking compares original positions (key visible iff its position <= the
+// shared memory (two stages, both in flight from the start), the CTA rotates the K tile in
+// place (fp32 angles, accurate sincosf) and the warps run QK^T and PV with mma.sync m16n8k16
+// and an online softmax in the exp2 domain. Masking compares original positions (key visible iff its position <= the
 // query's), so padding rows (position -1) and tail keys (position INT_MAX) drop out.
 //
 // Two warp layouts: decode (<= 16 rows per block) puts the 4 warps side by side over the key
