@@ -5,7 +5,8 @@ nvcc to use) and copies the results into the package:
 
 - ``reattention/_C.abi3.so``: op schemas and CPU kernels; links libtorch_cpu only.
 - ``reattention/_C_cuda.abi3.so``: CUDA kernels; built whenever nvcc is found (CUDA_HOME or
-  PATH), whatever torch.cuda.is_available() says, so a GPU-less machine still compiles them.
+  PATH) and the building torch is a CUDA build (it links libtorch_cuda), whatever
+  torch.cuda.is_available() says, so a GPU-less machine still compiles them.
 
 Both use only the LibTorch stable ABI and no Python C API, so they are loaded with
 ``torch.ops.load_library`` and the wheel is tagged ``cp39-abi3``: one build for every
@@ -54,6 +55,7 @@ class CMakeBuild(build_ext):
         super().run()
 
     def _configure_and_build(self):
+        import torch
         from torch.utils import cpp_extension
 
         build_temp = os.path.abspath(self.build_temp)
@@ -61,6 +63,17 @@ class CMakeBuild(build_ext):
         include_dirs = cpp_extension.include_paths()
         library_dirs = cpp_extension.library_paths()
         nvcc = None if os.environ.get("REATTENTION_NO_CUDA") == "1" else find_nvcc()
+        has_torch_cuda = any(os.path.exists(os.path.join(d, "libtorch_cuda.so"))
+                             for d in library_dirs)
+        if nvcc is None:
+            print("reattention: no nvcc, building the CPU library only", flush=True)
+        elif not has_torch_cuda:
+            # A CPU build of torch has no libtorch_cuda to link the CUDA library against.
+            print(f"reattention: torch {torch.__version__} is a CPU build, "
+                  "building the CPU library only", flush=True)
+            nvcc = None
+        else:
+            print(f"reattention: building the CUDA library with {nvcc}", flush=True)
         args = [
             "cmake", "-S", ROOT, "-B", build_temp, "-G", "Ninja",
             "-DCMAKE_BUILD_TYPE=" + os.environ.get("REATTENTION_BUILD_TYPE", "Release"),
@@ -70,24 +83,19 @@ class CMakeBuild(build_ext):
         ]
         if nvcc:
             args.append("-DCMAKE_CUDA_COMPILER=" + nvcc)
-        self.announce("reattention: " + (f"building the CUDA library with {nvcc}" if nvcc
-                                         else "nvcc not found, building the CPU library only"),
-                      level=3)
         subprocess.check_call(args)
         build = ["cmake", "--build", build_temp]
         if self.parallel:
             build += ["--parallel", str(self.parallel)]
         subprocess.check_call(build)
-        self._built = {}
-        for ext in self.extensions:
-            path = os.path.join(build_temp, ext.target + ".so")
-            if os.path.exists(path):
-                self._built[ext.name] = path
-        # The CUDA library is optional: drop it from the package when it was not built.
-        self.extensions = [e for e in self.extensions if e.name in self._built]
-        missing = {"reattention._C"} - set(self._built)
+        # Package only this build's targets: a library left in build_temp by an earlier
+        # configuration (the CUDA one, say) must not slip in.
+        targets = {"_C"} | ({"_C_cuda"} if nvcc else set())
+        self.extensions = [e for e in self.extensions if e.target in targets]
+        self._built = {e.name: os.path.join(build_temp, e.target + ".so") for e in self.extensions}
+        missing = [p for p in self._built.values() if not os.path.exists(p)]
         if missing:
-            raise RuntimeError(f"CMake did not produce {sorted(missing)} in {build_temp}")
+            raise RuntimeError(f"CMake did not produce {missing}")
 
     def build_extension(self, ext):
         dest = self.get_ext_fullpath(ext.name)
