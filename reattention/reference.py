@@ -247,7 +247,7 @@ def gather_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
                 key_pos = torch.cat([
                     torch.arange(sink_len),
                     *[torch.arange(sink + j * chunk, sink + (j + 1) * chunk) for j in sel],
-                    torch.arange(mid_end, n),
+                    torch.arange(mid_end, max(mid_end, n)),  # empty when N < sink
                 ]).to(dev)
                 q_pos = torch.arange(p0 + s, p0 + e, device=dev)
                 if positions == "compact":

@@ -9,5 +9,6 @@ CASES = [
     Case(3, 8, 2, 1, 300, 64, 16, 32, 16, 2, 1, lens=(40, 300, 129)),  # batch 3, one with M = 0
     Case(1, 2, 2, 9, 200, 16, 8, 64, 16, 16, 4),                     # M <= topk: dense
     Case(1, 4, 2, 3, 640, 32, 8, 48, 16, 5, 2, rotary=16),           # partial rotary
+    Case(2, 4, 2, 3, 100, 64, 64, 16, 8, 2, 2, lens=(10, 100)),      # N < sink: sink only
 ]
 IDS = [c.id for c in CASES]
