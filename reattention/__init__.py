@@ -61,13 +61,28 @@ class ReAttentionConfig:
             raise ValueError(f"positions must be one of {ops.POSITION_MODES}, "
                              f"got {self.positions!r}")
 
+    @staticmethod
+    def resolve(config: "ReAttentionConfig | None", given: dict) -> dict:
+        """The settings a call runs with: ``config``'s when given, else the keywords.
+
+        ``given`` maps setting names to the keyword values of the call; a keyword set to
+        neither its default nor the config's value is ambiguous and raises ValueError.
+        """
+        if config is None:
+            return given
+        if not isinstance(config, ReAttentionConfig):
+            raise ValueError(f"config must be a ReAttentionConfig, got {type(config).__name__}")
+        defaults = ReAttentionConfig()
+        clash = [k for k, v in given.items()
+                 if v != getattr(defaults, k) and v != getattr(config, k)]
+        if clash:
+            raise ValueError(f"pass either config or the keywords {clash}, not both")
+        return {k: getattr(config, k) for k in given}
+
     @property
     def scope(self) -> int:
         """Keys a query block sees at most, queries excluded."""
         return self.sink + self.topk * self.chunk + self.local
-
-
-_DEFAULTS = ReAttentionConfig()
 
 
 def reattention_attn(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -110,17 +125,11 @@ def reattention_attn(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     >>> out.shape
     torch.Size([1, 32, 1, 128])
     """
-    if config is not None:
-        if not isinstance(config, ReAttentionConfig):
-            raise ValueError(f"config must be a ReAttentionConfig, got {type(config).__name__}")
-        given = dict(sink=sink, local=local, chunk=chunk, topk=topk, query_block=query_block,
-                     rep=rep, positions=positions)
-        clash = [k for k, v in given.items() if v != getattr(_DEFAULTS, k)
-                 and v != getattr(config, k)]
-        if clash:
-            raise ValueError(f"pass either config or the keywords {clash}, not both")
-        sink, local, chunk, topk = config.sink, config.local, config.chunk, config.topk
-        query_block, rep, positions = config.query_block, config.rep, config.positions
+    cfg = ReAttentionConfig.resolve(config, dict(
+        sink=sink, local=local, chunk=chunk, topk=topk, query_block=query_block, rep=rep,
+        positions=positions))
+    sink, local, chunk, topk = cfg["sink"], cfg["local"], cfg["chunk"], cfg["topk"]
+    query_block, rep, positions = cfg["query_block"], cfg["rep"], cfg["positions"]
     # Validate everything before the selection kernel runs.
     ops.check_cache(q, k_cache, v_cache)
     if inv_freq is None:

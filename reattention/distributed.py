@@ -229,19 +229,6 @@ def _shard(q, k_shard, v_shard, layout: CPLayout, cache_seqlens, group, sink: in
     return _Shard(layout, group, rank, world, [int(n) for n in lens])
 
 
-def _resolve_config(config, given: dict) -> dict:
-    """Settings from ``config``; a keyword set to neither its default nor config's value clashes."""
-    if config is None:
-        return given
-    if not isinstance(config, ReAttentionConfig):
-        raise ValueError(f"config must be a ReAttentionConfig, got {type(config).__name__}")
-    defaults = ReAttentionConfig()
-    clash = [k for k, v in given.items() if v != getattr(defaults, k) and v != getattr(config, k)]
-    if clash:
-        raise ValueError(f"pass either config or the keywords {clash}, not both")
-    return {k: getattr(config, k) for k in given}
-
-
 # --------------------------------------------------------------------------- reps
 def chunk_reps_cp(k_shard: torch.Tensor, layout: CPLayout,
                   cache_seqlens: torch.Tensor | None = None, *, sink: int, chunk: int, rep: str,
@@ -568,7 +555,7 @@ def reattention_attn_cp(q: torch.Tensor, k_shard: torch.Tensor, v_shard: torch.T
     >>> r = dist.get_rank()
     >>> out = reattention_attn_cp(q, layout.shard(k, r), layout.shard(v, r), layout)
     """
-    cfg = _resolve_config(config, dict(sink=sink, local=local, chunk=chunk, topk=topk,
+    cfg = ReAttentionConfig.resolve(config, dict(sink=sink, local=local, chunk=chunk, topk=topk,
                                        query_block=query_block, rep=rep, positions=positions))
     # Validate everything before the selection kernels run.
     sh = _shard(q, k_shard, v_shard, layout, cache_seqlens, group, cfg["sink"], cfg["chunk"])
