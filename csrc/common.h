@@ -135,6 +135,61 @@ struct OpArgs {
   int64_t start_chunk = 0;
 };
 
+// OpArgs of each op's arguments, shared by its CPU and CUDA entry points. The result points at
+// the given tensors, so it lives no longer than they do (the op's own parameters).
+inline OpArgs chunk_reps_args(const Tensor& k_cache, const Tensor& cache_seqlens,
+                              const Tensor& reps, int64_t sink, int64_t chunk,
+                              const std::string& rep, int64_t start_chunk) {
+  OpArgs a;
+  a.k_cache = &k_cache;
+  a.cache_seqlens = &cache_seqlens;
+  a.reps = &reps;
+  a.mode = parse_rep_mode(rep);
+  STD_TORCH_CHECK(a.mode != RepMode::kMax, "chunk_reps takes rep 'bound' or 'mean'");
+  a.sink = sink;
+  a.chunk = chunk;
+  a.start_chunk = start_chunk;
+  return a;
+}
+
+inline OpArgs select_chunks_args(const Tensor& q, const Tensor& k_cache,
+                                 const std::optional<Tensor>& reps, const Tensor& cache_seqlens,
+                                 int64_t sink, int64_t local, int64_t chunk, int64_t topk,
+                                 const std::string& rep, int64_t query_block) {
+  OpArgs a;
+  a.q = &q;
+  a.k_cache = &k_cache;
+  a.cache_seqlens = &cache_seqlens;
+  a.reps = reps ? &*reps : nullptr;
+  a.mode = parse_rep_mode(rep);
+  STD_TORCH_CHECK(a.mode == RepMode::kMax || reps.has_value(), "select_chunks with rep '", rep,
+                  "' needs reps (chunk_reps)");
+  a.sink = sink;
+  a.local = local;
+  a.chunk = chunk;
+  a.topk = topk;
+  a.query_block = query_block;
+  return a;
+}
+
+inline OpArgs gather_attention_args(const Tensor& q, const Tensor& k_cache,
+                                    const Tensor& v_cache, const Tensor& cache_seqlens,
+                                    const Tensor& idx, const Tensor& inv_freq, int64_t sink,
+                                    int64_t local, int64_t chunk, int64_t query_block) {
+  OpArgs a;
+  a.q = &q;
+  a.k_cache = &k_cache;
+  a.v_cache = &v_cache;
+  a.cache_seqlens = &cache_seqlens;
+  a.idx = &idx;
+  a.inv_freq = &inv_freq;
+  a.sink = sink;
+  a.local = local;
+  a.chunk = chunk;
+  a.query_block = query_block;
+  return a;
+}
+
 struct Dims {
   int64_t batch, hq, hkv, group, lq, nmax, d;
   int64_t n_blocks;  // ceil(Lq / query_block), 0 without q

@@ -71,14 +71,8 @@ void chunk_reps_kernel(const Tensor& k_cache, const Tensor& cache_seqlens, const
 
 void chunk_reps_cpu(Tensor k_cache, Tensor cache_seqlens, Tensor reps, int64_t sink,
                     int64_t chunk, std::string rep, int64_t start_chunk) {
-  OpArgs a;
-  a.k_cache = &k_cache;
-  a.cache_seqlens = &cache_seqlens;
-  a.reps = &reps;
-  a.mode = parse_rep_mode(rep);
-  a.sink = sink;
-  a.chunk = chunk;
-  a.start_chunk = start_chunk;
+  const OpArgs a =
+      chunk_reps_args(k_cache, cache_seqlens, reps, sink, chunk, rep, start_chunk);
   const Dims d = check_inputs(a);
   dispatch_float(k_cache.scalar_type(), "k_cache", [&](auto tag) {
     using T = typename decltype(tag)::type;

@@ -178,17 +178,8 @@ std::tuple<Tensor, Tensor> gather_attention_cpu(Tensor q, Tensor k_cache, Tensor
                                                 int64_t chunk, int64_t query_block, double scale,
                                                 double rope_scale, std::string rope_style,
                                                 std::string positions) {
-  OpArgs a;
-  a.q = &q;
-  a.k_cache = &k_cache;
-  a.v_cache = &v_cache;
-  a.cache_seqlens = &cache_seqlens;
-  a.idx = &idx;
-  a.inv_freq = &inv_freq;
-  a.sink = sink;
-  a.local = local;
-  a.chunk = chunk;
-  a.query_block = query_block;
+  const OpArgs a = gather_attention_args(q, k_cache, v_cache, cache_seqlens, idx, inv_freq,
+                                         sink, local, chunk, query_block);
   GatherArgs g{check_inputs(a), sink, local, chunk, query_block,
                static_cast<float>(scale), static_cast<float>(rope_scale),
                parse_rope_style(rope_style), parse_positions(positions), {}, {}, {}, {}, 1};

@@ -125,19 +125,8 @@ void pick_top(const float* scores, const SelectArgs& s, int64_t topk, int32_t* i
 Tensor select_chunks_cpu(Tensor q, Tensor k_cache, std::optional<Tensor> reps,
                          Tensor cache_seqlens, int64_t sink, int64_t local, int64_t chunk,
                          int64_t topk, std::string rep, int64_t query_block) {
-  OpArgs a;
-  a.q = &q;
-  a.k_cache = &k_cache;
-  a.cache_seqlens = &cache_seqlens;
-  a.reps = reps ? &*reps : nullptr;
-  a.mode = parse_rep_mode(rep);
-  a.sink = sink;
-  a.local = local;
-  a.chunk = chunk;
-  a.topk = topk;
-  a.query_block = query_block;
-  STD_TORCH_CHECK(a.mode == RepMode::kMax || reps.has_value(), "rep '", rep,
-                  "' needs reps (chunk_reps)");
+  const OpArgs a = select_chunks_args(q, k_cache, reps, cache_seqlens, sink, local, chunk,
+                                      topk, rep, query_block);
   SelectArgs s{check_inputs(a), sink, local, chunk, query_block, 0, a.mode, {}};
   const Dims& d = s.d;
   const int32_t* lens = cache_seqlens.const_data_ptr<int32_t>();
