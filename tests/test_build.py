@@ -136,3 +136,57 @@ def test_wheel_is_abi3():
     assert "reattention/__init__.py" in names and "triton_kernels/__init__.py" in names, names
     if os.environ.get("REATTENTION_WHEEL_CUDA") == "1":
         assert "reattention/_C_cuda.abi3.so" in names, names
+
+
+def _op_inputs():
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 4, 2, 16, generator=g)
+    k = torch.randn(1, 2, 100, 16, generator=g)
+    lens = torch.tensor([90], dtype=torch.int32)
+    inv = torch.ones(8)
+    # sink 4, local 8, chunk 8: (90 - 2 - 8 - 4) // 8 = 9 middle chunks.
+    idx = torch.tensor([0, 3, 8, -1], dtype=torch.int32).expand(1, 2, 1, 4).contiguous()
+    return q, k, lens, inv, idx
+
+
+def _gather(q, k, lens, idx, inv):
+    return torch.ops.reattention.gather_attention(q, k, k, lens, idx, inv, 4, 8, 8, 8, 0.25, 1.0,
+                                                  "half", "compact")
+
+
+BAD_CALLS = {
+    # name: (what the message names, call)
+    "seqlen_past_nmax": ("cache_seqlens", lambda q, k, lens, inv, idx:
+                         _gather(q, k, torch.tensor([101], dtype=torch.int32), idx, inv)),
+    "seqlen_int64": ("cache_seqlens", lambda q, k, lens, inv, idx:
+                     _gather(q, k, lens.long(), idx, inv)),
+    "idx_past_middle": ("idx", lambda q, k, lens, inv, idx:
+                        _gather(q, k, lens, torch.full_like(idx, 9), inv)),
+    "idx_below_minus_one": ("idx", lambda q, k, lens, inv, idx:
+                            _gather(q, k, lens, torch.full_like(idx, -2), inv)),
+    "idx_wrong_blocks": ("idx", lambda q, k, lens, inv, idx:
+                         _gather(q, k, lens, idx.expand(1, 2, 2, 4).contiguous(), inv)),
+    "inv_freq_too_long": ("inv_freq", lambda q, k, lens, inv, idx:
+                          _gather(q, k, lens, idx, torch.ones(9))),
+    "q_dtype": ("q", lambda q, k, lens, inv, idx: _gather(q.double(), k, lens, idx, inv)),
+    "gqa": ("Hq", lambda q, k, lens, inv, idx: _gather(q[:, :3], k, lens, idx, inv)),
+    "reps_too_short": ("reps", lambda q, k, lens, inv, idx: torch.ops.reattention.select_chunks(
+        q, k, torch.zeros(1, 2, 3, 2, 16), lens, 4, 8, 8, 2, "bound", 8)),
+    "reps_missing": ("reps", lambda q, k, lens, inv, idx: torch.ops.reattention.select_chunks(
+        q, k, None, lens, 4, 8, 8, 2, "mean", 8)),
+    "chunk_reps_max": ("rep", lambda q, k, lens, inv, idx: torch.ops.reattention.chunk_reps(
+        k, lens, torch.zeros(1, 2, 12, 16), 4, 8, "max", 0)),
+    "unknown_style": ("rope_style", lambda q, k, lens, inv, idx:
+                      torch.ops.reattention.gather_attention(q, k, k, lens, idx, inv, 4, 8, 8, 8,
+                                                             0.25, 1.0, "spiral", "compact")),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CALLS))
+def test_cpu_kernels_refuse_out_of_bounds_inputs(case):
+    """The C++ input check (csrc/common.h) raises before a CPU kernel could read out of bounds."""
+    what, call = BAD_CALLS[case]
+    q, k, lens, inv, idx = _op_inputs()
+    _gather(q, k, lens, idx, inv)  # the unmodified call is fine
+    with pytest.raises(RuntimeError, match=what):
+        call(q, k, lens, inv, idx)
