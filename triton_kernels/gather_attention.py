@@ -301,19 +301,35 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _attn_config(head_dim: int, rows_per_block: int, on_gpu: bool):
-    """(BLOCK_M, BLOCK_N, num_warps, target programs) for the attention kernel.
+# (fp32, head-dim bucket) -> (decode BLOCK_N, decode warps, prefill BLOCK_M cap, prefill
+# BLOCK_N, prefill warps): the largest tiles that compile for sm_90 without register spills
+# beyond libdevice's own stack frame (checked with ptxas; fp32 "ieee" dots hold both operands
+# in registers, so fp32 gets small tiles). Decode is a tile of 16 packed rows.
+_TILES = {
+    (False, 64): (32, 4, 128, 64, 8),
+    (False, 128): (32, 4, 128, 64, 8),
+    (False, 256): (32, 8, 32, 32, 8),
+    (True, 64): (16, 4, 64, 32, 8),
+    (True, 128): (16, 8, 32, 16, 8),
+    (True, 256): (16, 8, 16, 16, 8),
+}
 
-    GPU: BLOCK_M covers the packed rows of a decode step (16 for G <= 16) and 128 rows for
-    prefill at D <= 128 (64 at D = 256, whose fp32 accumulator would otherwise spill); 64-key
-    tiles. The interpreter gets big key tiles (fewer Python-level steps) and a small program
-    target so the split/merge path still runs in the CPU tests.
+
+def _attn_config(head_dim: int, rows_per_block: int, fp32: bool, on_gpu: bool):
+    """(BLOCK_M, BLOCK_N, num_warps, target programs or None = 2 per SM) for the attention.
+
+    The interpreter gets big key tiles (fewer Python-level steps) and a small program target
+    so the split/merge path still runs in the CPU tests.
     """
-    block_m = min(128 if head_dim <= 128 else 64, max(16, triton.next_power_of_2(rows_per_block)))
+    rows = max(16, triton.next_power_of_2(rows_per_block))
     if not on_gpu:
-        return block_m, 128, 4, 8
-    block_n = 64 if head_dim <= 128 else 32
-    return block_m, block_n, (8 if block_m * head_dim >= 128 * 128 else 4), None
+        return min(128, rows), 128, 4, 8
+    bucket = 64 if head_dim <= 64 else (128 if head_dim <= 128 else 256)
+    dec_n, dec_w, cap_m, pre_n, pre_w = _TILES[(fp32, bucket)]
+    block_m = min(cap_m, rows)
+    if block_m == 16:
+        return 16, dec_n, dec_w, None
+    return block_m, pre_n, pre_w, None
 
 
 @triton_op("reattention::gather_attention_triton", mutates_args=())
@@ -363,16 +379,23 @@ def gather_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         return out, lse
     on_gpu = q.device.type == "cuda"
     rows_per_block = group * min(query_block, lq)
-    block_m, block_n, warps, target = _attn_config(d, rows_per_block, on_gpu)
+    block_m, block_n, warps, target = _attn_config(d, rows_per_block, q.dtype == torch.float32,
+                                                    on_gpu)
     if target is None:
         target = 2 * _num_sms(q.device)
     n_row_tiles = triton.cdiv(rows_per_block, block_m)
+    # Prefill: every (query block, row tile) program would rotate the same sink and local keys
+    # again; rotate them (and each block's chunks) once into a workspace instead.
+    prerot = positions == "compact" and n_blocks * n_row_tiles >= _PREROTATE_MIN_PROGRAMS
+    if not prerot and block_m > 16 and on_gpu:
+        # Rotating keys in the loop of a prefill tile needs registers for the angles too.
+        block_n = min(block_n, 32)
     # Longest gathered sequence any (b, h, beta) can have: sink + topk chunks + local window
     # (at most local + chunk - 1 before the queries) + the queries; never more than Nmax.
     l_max = min(nmax, sink + topk * chunk + local + chunk - 1 + lq)
     n_base = b * hkv * n_blocks * n_row_tiles
     n_tiles = triton.cdiv(l_max, block_n)
-    n_splits = max(1, min(triton.cdiv(target, n_base), n_tiles))
+    n_splits = max(1, min(target // n_base, n_tiles))
     split_len = triton.cdiv(n_tiles, n_splits) * block_n
     n_splits = triton.cdiv(l_max, split_len)
     if n_splits > 1:
@@ -382,20 +405,19 @@ def gather_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         o_dst, l_dst = out, lse
     rot_block = max(16, triton.next_power_of_2(half_rot))
     pass_dims = d - 2 * half_rot
-    # Prefill: every (query block, row tile) program would rotate the same sink and local keys
-    # again; rotate them (and each block's chunks) once into a workspace instead.
-    prerot = positions == "compact" and n_blocks * n_row_tiles >= _PREROTATE_MIN_PROGRAMS
     rows_sel = n_blocks * topk * chunk
     rows_all = rows_sel + sink + min(nmax, local + chunk - 1 + lq)
     if prerot:
         kr = torch.empty((b * hkv, rows_all, 2 * half_rot), dtype=q.dtype, device=q.device)
-        kr_tiles = triton.cdiv(rows_all, 64)
+        # ~2K pairs per program: no spills at any rotary width.
+        kr_rows = 32 if rot_block <= 64 else 16
+        kr_tiles = triton.cdiv(rows_all, kr_rows)
         wrap_triton(_rotate_keys_kernel)[(b * hkv * kr_tiles,)](
             k_cache, cache_seqlens, idx, inv_freq, kr,
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             idx.stride(0), idx.stride(1), idx.stride(2),
             hkv, lq, topk, sink, local, chunk, half_rot, rows_sel, rows_all, kr_tiles,
-            float(rope_scale), BLOCK_N=64, BLOCK_R=rot_block,
+            float(rope_scale), BLOCK_N=kr_rows, BLOCK_R=rot_block,
             INTERLEAVED=rope_style == "interleaved", ACCURATE=on_gpu, num_warps=4)
     else:
         kr = q  # unused pointer

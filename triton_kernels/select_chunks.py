@@ -189,21 +189,24 @@ def _topk_final_kernel(src_ptr, seqlens_ptr, idx_ptr, src_len, rows_per_batch, l
              mask=rank < topk)
 
 
-def _score_config(mode: str, n_rows: int, head_dim: int, on_gpu: bool, n_cols: int):
+def _score_config(mode: str, n_rows: int, head_dim: int, fp32: bool, on_gpu: bool, n_cols: int):
     """(TILE_C, BLOCK_M, BLOCK_N, num_warps) for the scoring kernel.
 
-    GPU: tiles of 64 reps (32 at D=256 to stay in registers) or 16 chunks of raw keys in
-    64-token steps keep >= 2 programs per SM at batch 1 from ~128K tokens on. Interpreter:
-    one tile per row, since there each program costs Python overhead.
+    GPU: tiles of 64 reps (32 at D=256 or fp32) or 16 chunks of raw keys in 64-token steps
+    (32 for fp32) keep >= 2 programs per SM at batch 1 from ~128K tokens on; the sizes are the
+    largest that compile for sm_90 without register spills (fp32 "ieee" dots keep both operands
+    in registers, hence its smaller row tiles). Interpreter: one tile per row, since there each
+    program costs Python overhead.
     """
-    block_m = min(128, max(16, triton.next_power_of_2(n_rows)))
+    rows = max(16, triton.next_power_of_2(n_rows))
     if not on_gpu:
-        return min(1024, triton.next_power_of_2(n_cols)), block_m, 128, 4
+        return min(1024, triton.next_power_of_2(n_cols)), min(128, rows), 128, 4
+    block_m = min(32 if fp32 else 128, rows)
     if mode == "max":
-        tile_c, block_n = 16, 64
+        tile_c, block_n = 16, (32 if fp32 else 64)
     else:
-        tile_c, block_n = (32 if head_dim > 128 else 64), 16
-    return tile_c, block_m, block_n, (8 if block_m >= 128 else 4)
+        tile_c, block_n = (32 if fp32 or head_dim > 128 else 64), 16
+    return tile_c, block_m, block_n, (8 if block_m >= (32 if fp32 else 128) else 4)
 
 
 @triton_op("reattention::select_chunks_triton", mutates_args=())
@@ -248,7 +251,8 @@ def select_chunks_triton(q: torch.Tensor, k_cache: torch.Tensor, reps: Optional[
         raise ValueError("select_chunks_triton needs q, k_cache, reps contiguous in the head dim")
     on_gpu = q.device.type == "cuda"
     n_rows = group * min(query_block, lq)
-    tile_c, block_m, block_n, warps = _score_config(mode, n_rows, d, on_gpu, n_cols)
+    tile_c, block_m, block_n, warps = _score_config(mode, n_rows, d, q.dtype == torch.float32,
+                                                   on_gpu, n_cols)
     n_tiles = triton.cdiv(n_cols, tile_c)
     scores = torch.empty((b, hkv, n_blocks, n_cols), dtype=torch.float32, device=q.device)
     r = reps if reps is not None else q  # any tensor: the pointer is unused for "max"
