@@ -241,6 +241,8 @@ METHOD_TITLES = {
 # 240 queries keep every re-assigned position below 240 + 32 + 240 = 512, the trained length.
 NEEDLE_SETTINGS = dict(sink=16, local=96, chunk=32, topk=4, query_block=64)
 PREFILL_CHUNK = 240
+# Exact max scores cost N^2 over a prefill, too slow for the CPU demo's 3 minutes.
+CPU_DEMO_METHODS = ("dense", "window", "reattention-bound")
 _WINDOW_ATTN = "needle-window"
 _WINDOW_ATTR = "_needle_window"
 
@@ -347,7 +349,8 @@ def _sample_seed(seed, length, depth_index, sample):
 
 
 def evaluate(model, lengths, depths, samples, methods=METHODS, *, batch=4,
-             chunk_size=PREFILL_CHUNK, dense_max_len=None, backend="auto", seed=0, log=None):
+             chunk_size=PREFILL_CHUNK, dense_max_len=None, backend="auto", seed=0,
+             progress=None):
     """Needle accuracy of each method over lengths x depths.
 
     Every method answers the same prompts: ``samples`` per (length, depth), batched
@@ -362,14 +365,16 @@ def evaluate(model, lengths, depths, samples, methods=METHODS, *, batch=4,
     methods : names from :data:`METHODS`.
     dense_max_len : int, optional
         Skip dense attention above this length (its cost grows as the square).
-    log : callable(str), optional
-        Gets one line per (length, method) as results come in.
+    progress : callable(line, results), optional
+        Called after each (length, method) with a one-line summary and the results so far
+        (to print them, or save them before a long run ends).
 
     Returns
     -------
     dict
-        ``accuracy[method]`` is a [len(lengths)][len(depths)] list of fractions (None where
-        skipped); ``seconds[method]`` a [len(lengths)] list; plus the settings.
+        ``accuracy[method][i]`` is the list of per-depth fractions at ``lengths[i]``, or None
+        where the method was skipped; ``seconds[method]`` a [len(lengths)] list; plus the
+        settings.
 
     Examples
     --------
@@ -390,7 +395,7 @@ def evaluate(model, lengths, depths, samples, methods=METHODS, *, batch=4,
         "settings": dict(NEEDLE_SETTINGS, prefill_chunk=chunk_size),
         "device": str(device),
         "dtype": str(model.dtype),
-        "accuracy": {m: [[None] * len(depths) for _ in lengths] for m in methods},
+        "accuracy": {m: [None] * len(lengths) for m in methods},
         "seconds": {m: [None] * len(lengths) for m in methods},
     }
     cases = [(d, s) for d in range(len(depths)) for s in range(samples)]
@@ -412,17 +417,17 @@ def evaluate(model, lengths, depths, samples, methods=METHODS, *, batch=4,
                         hits[d] += ok
             res["seconds"][m][li] = round(time.perf_counter() - t0, 2)
             res["accuracy"][m][li] = [h / samples for h in hits]
-            if log is not None:
+            if progress is not None:
                 acc = sum(hits) / len(cases)
-                log(f"  {length:>8} tokens  {m:<18} {100 * acc:5.1f}%  "
-                    f"({res['seconds'][m][li]:.1f} s)")
+                progress(f"  {length:>8} tokens  {m:<18} {100 * acc:5.1f}%  "
+                         f"({res['seconds'][m][li]:.1f} s)", res)
     return res
 
 
 def _length_label(length):
     mult = length / TRAINED_LENGTH
     size = f"{length // 1024}K" if length >= 1024 and length % 1024 == 0 else str(length)
-    return f"{size} ({mult:g}x)"
+    return f"{size} ({mult:.3g}x)"
 
 
 def format_table(res):
@@ -481,6 +486,89 @@ def plot_heatmap(res, path, methods=None):
     plt.close(fig)
 
 
+# --------------------------------------------------------------------------- diagnosis
+_PROBE_ATTN = "needle-probe"
+_PROBE_ATTR = "_needle_probe"
+
+
+def _probe_attention(module, query, key, value, attention_mask, **kwargs):
+    """ReAttention that also records, at decode steps, which chunks each kv head selected."""
+    import transformers
+
+    from . import hf, select_chunks
+
+    config, picks = getattr(module, _PROBE_ATTR)
+    if query.shape[2] == 1:
+        idx = select_chunks(query, key, sink=config.sink, local=config.local,
+                            chunk=config.chunk, topk=config.topk,
+                            query_block=config.query_block, rep=config.rep)
+        picks.append((module.layer_idx, idx[:, :, 0].cpu()))  # [B, Hkv, topk]
+    attend = transformers.AttentionInterface._global_mapping[hf.ATTN_NAME]
+    return attend(module, query, key, value, attention_mask, **kwargs)
+
+
+@torch.no_grad()
+def selection_recall(model, method, length, depths, samples, *, chunk_size=PREFILL_CHUNK,
+                     backend="auto", seed=0):
+    """How often the chunk holding the needle's first value token is selected.
+
+    Measured at the decode step of the question's last token, the step that must find the
+    needle, per layer and kv head. When ReAttention misses a needle, this says whether the
+    selection or the attention after it failed.
+
+    Parameters
+    ----------
+    model : the needle model; method : a ReAttention method of :data:`METHODS`.
+    length : int; depths : list of float; samples : int per depth.
+
+    Returns
+    -------
+    torch.Tensor [num_layers, num_kv_heads] float, the fraction of prompts whose needle
+    chunk was selected.
+
+    Examples
+    --------
+    >>> model, _ = load_model()
+    >>> selection_recall(model, "reattention-mean", 8192, [0.25, 0.5, 0.75], samples=2)
+    """
+    import transformers
+
+    if not method.startswith("reattention-"):
+        raise ValueError(f"method must be a ReAttention method, got {method!r}")
+    config = method_config(method)
+    transformers.AttentionInterface.register(_PROBE_ATTN, _probe_attention)
+    cfg = model.config
+    hits = torch.zeros(cfg.num_hidden_layers, cfg.num_key_value_heads)
+    total = 0
+    with use_method(model, method, backend):
+        modules = [m for m in model.get_decoder().modules() if hasattr(m, "layer_idx")]
+        model.set_attn_implementation(_PROBE_ATTN)
+        try:
+            for d_i, depth in enumerate(depths):
+                for s in range(samples):
+                    ids, _ = make_sample(length, depth, _sample_seed(seed, length, d_i, s))
+                    picks = []
+                    for m in modules:
+                        setattr(m, _PROBE_ATTR, (config, picks))
+                    from . import hf
+
+                    cache = hf.ReAttentionCache(model)
+                    ids = ids[None].to(model.device)
+                    hf.prefill(model, ids, cache, chunk_size=chunk_size, progress=False)
+                    model(input_ids=ids[:, -1:], past_key_values=cache, use_cache=True)
+                    value_pos = 1 + round(depth * (length - 1 - QUESTION_LEN - NEEDLE_LEN))
+                    value_pos += NEEDLE_LEN - VALUE_LEN
+                    chunk = (value_pos - config.sink) // config.chunk
+                    for layer, idx in picks:
+                        hits[layer] += (idx[0] == chunk).any(-1).float()
+                    total += 1
+        finally:
+            for m in modules:
+                if hasattr(m, _PROBE_ATTR):
+                    delattr(m, _PROBE_ATTR)
+    return hits / total
+
+
 # --------------------------------------------------------------------------- command line
 def default_lengths(max_len=None):
     """1x, 16x, 64x the trained length (the CPU demo), or with ``max_len`` 1x, 4x, 16x,
@@ -518,15 +606,19 @@ def main(argv=None):
                         "(default: 1x 16x 64x = 512, 8K, 32K tokens)")
     p.add_argument("--lengths", type=lambda s: [int(x) for x in s.split(",")], default=None,
                    help="explicit comma-separated prompt lengths (overrides --max-len)")
-    p.add_argument("--depths", type=int, default=5, help="needle depths, evenly from 0%% to 100%%")
-    p.add_argument("--samples", type=int, default=2, help="prompts per (length, depth)")
-    p.add_argument("--methods", type=lambda s: s.split(","), default=list(METHODS),
-                   help="comma-separated, from " + ", ".join(METHODS))
+    p.add_argument("--depths", type=int, default=None,
+                   help="needle depths, evenly from 0%% to 100%% (default 5 on the CPU, 11 on "
+                        "a GPU)")
+    p.add_argument("--samples", type=int, default=None,
+                   help="prompts per (length, depth) (default 1 on the CPU, 4 on a GPU)")
+    p.add_argument("--methods", type=lambda s: s.split(","), default=None,
+                   help="comma-separated, from " + ", ".join(METHODS) + " (default on the CPU: "
+                        + ", ".join(CPU_DEMO_METHODS) + "; on a GPU: all)")
     p.add_argument("--batch", type=int, default=None,
                    help="prompts per forward pass (default 5 on the CPU, 16 on a GPU)")
     p.add_argument("--dense-max-len", type=int, default=None,
-                   help="skip dense attention above this length (default 32768 on the CPU, "
-                        "131072 on a GPU: it costs N^2)")
+                   help="skip dense attention above this length (default 8192 on the CPU, "
+                        "131072 on a GPU: it costs N^2 and fails from 4x on)")
     p.add_argument("--chunk-size", type=int, default=PREFILL_CHUNK, help="prefill chunk")
     p.add_argument("--backend", default="auto", help="ReAttention op backend")
     p.add_argument("--seed", type=int, default=0)
@@ -539,23 +631,34 @@ def main(argv=None):
     # The CUDA kernels take 16-bit inputs; the CPU runs fp32.
     model, _ = load_model(device, torch.bfloat16 if gpu else torch.float32)
     lengths = args.lengths or default_lengths(args.max_len)
-    depths = [i / (args.depths - 1) for i in range(args.depths)] if args.depths > 1 else [0.5]
+    n_depths = args.depths or (11 if gpu else 5)
+    depths = [i / (n_depths - 1) for i in range(n_depths)] if n_depths > 1 else [0.5]
+    samples = args.samples or (4 if gpu else 1)
+    methods = args.methods or (list(METHODS) if gpu else list(CPU_DEMO_METHODS))
     batch = args.batch or (16 if gpu else 5)
-    dense_max = args.dense_max_len or (131072 if gpu else 32768)
+    dense_max = args.dense_max_len or (131072 if gpu else 8192)
     print(f"needle: model trained at {TRAINED_LENGTH} tokens; {len(depths)} depths x "
-          f"{args.samples} samples per length; ReAttention {NEEDLE_SETTINGS}, prefill chunk "
+          f"{samples} samples per length; ReAttention {NEEDLE_SETTINGS}, prefill chunk "
           f"{args.chunk_size}; {device} {model.dtype}", flush=True)
+
+    def save(res):
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(res, f, indent=1)
+
+    def progress(line, res):
+        print(line, flush=True)
+        save(res)  # a run cut short still leaves what it measured
+
     t0 = time.perf_counter()
-    res = evaluate(model, lengths, depths, args.samples, args.methods, batch=batch,
+    res = evaluate(model, lengths, depths, samples, methods, batch=batch,
                    chunk_size=args.chunk_size, dense_max_len=dense_max, backend=args.backend,
-                   seed=args.seed, log=lambda line: print(line, flush=True))
+                   seed=args.seed, progress=progress)
     res["total_seconds"] = round(time.perf_counter() - t0, 1)
+    save(res)
     print()
     print(format_table(res))
     print(f"\n{res['total_seconds']:.0f} s; '-': skipped (dense above {dense_max} tokens)")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=1)
     if args.plot:
         plot_heatmap(res, args.plot)
         print(f"heatmap written to {args.plot}", file=sys.stderr)

@@ -1,0 +1,107 @@
+"""The needle model: the task's layout, and retrieval past the trained length (CI's reduced check).
+
+The reduced check is 16x the trained length (8192 tokens), 10 needles spread over the middle
+of the haystack: ReAttention must find >= 90% of them, dense RoPE <= 30% (DESIGN.md section 6).
+"""
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from reattention import needle  # noqa: E402
+
+MIDDLE = [0.1 + 0.8 * i / 9 for i in range(10)]  # needles outside the sink and the window
+
+
+@pytest.fixture(scope="module")
+def model():
+    return needle.load_model()[0]
+
+
+@pytest.mark.parametrize("length,depth", [(64, 0.0), (512, 0.37), (1000, 1.0), (4099, 0.5)])
+def test_make_sample_layout(length, depth):
+    ids, answer = needle.make_sample(length, depth, seed=3)
+    again, _ = needle.make_sample(length, depth, seed=3)
+    assert torch.equal(ids, again)
+    assert ids.shape == (length,) and ids.dtype == torch.long and answer.shape == (4,)
+    assert ids[0] == needle.BOS
+    start = (ids == needle.KEY).nonzero().flatten().tolist()
+    assert start == [1 + round(depth * (length - 1 - needle.QUESTION_LEN - needle.NEEDLE_LEN))]
+    s = start[0]
+    keys = ids[s + 1 : s + 1 + needle.KEY_LEN]
+    assert ids[s + 1 + needle.KEY_LEN] == needle.VAL
+    assert torch.equal(ids[s + needle.NEEDLE_LEN - needle.VALUE_LEN : s + needle.NEEDLE_LEN], answer)
+    assert torch.equal(ids[-needle.QUESTION_LEN:],
+                       torch.cat([torch.tensor([needle.QUERY]), keys, torch.tensor([needle.VAL])]))
+    # Filler is content only: the markers occur in the needle and the question alone.
+    assert int((ids < needle.FIRST_CONTENT).sum()) == 1 + 2 + 2
+
+
+def test_make_sample_distractors_have_other_keys():
+    ids, answer = needle.make_sample(2048, 0.5, seed=1, distractors=5)
+    starts = (ids == needle.KEY).nonzero().flatten().tolist()
+    assert len(starts) == 6
+    keys = {tuple(ids[s + 1 : s + 1 + needle.KEY_LEN].tolist()) for s in starts}
+    assert len(keys) == 6
+    with pytest.raises(ValueError, match="depth"):
+        needle.make_sample(512, 1.5, seed=0)
+
+
+def test_make_batch_labels_are_the_asked_values():
+    g = torch.Generator().manual_seed(0)
+    ids, labels = needle.make_batch(6, 512, g, max_pairs=8)
+    assert ids.shape == labels.shape == (6, 512)
+    for row, lab in zip(ids.tolist(), labels.tolist()):
+        pairs = {}  # key -> (position, values)
+        for i, t in enumerate(row):
+            if t == needle.KEY:
+                pairs[tuple(row[i + 1 : i + 3])] = (i, row[i + 4 : i + 8])
+        asked = [i for i, t in enumerate(row) if t == needle.QUERY]
+        assert 1 <= len(pairs) == len(asked) <= 8
+        for i in asked:
+            where, values = pairs[tuple(row[i + 1 : i + 3])]
+            assert where < i
+            assert lab[i + 4 : i + 8] == values == row[i + 4 : i + 8]
+        assert sum(x != -100 for x in lab) == 4 * len(asked)
+
+
+def test_trained_length_dense_and_reattention_agree_with_the_answer(model):
+    res = needle.evaluate(model, [512], [0.0, 0.5, 1.0], samples=2,
+                          methods=["dense", "reattention-max"], batch=6)
+    assert res["accuracy"]["dense"] == [[1.0, 1.0, 1.0]]
+    assert res["accuracy"]["reattention-max"] == [[1.0, 1.0, 1.0]]
+
+
+def test_needle_16x_reattention_finds_it_dense_does_not(model):
+    res = needle.evaluate(model, [16 * needle.TRAINED_LENGTH], MIDDLE, samples=1,
+                          methods=["dense", "reattention-max"], batch=5)
+    acc = {m: sum(res["accuracy"][m][0]) / len(MIDDLE) for m in res["methods"]}
+    assert acc["reattention-max"] >= 0.9, acc
+    assert acc["dense"] <= 0.3, acc
+
+
+def test_window_sees_the_sink_and_the_window_only(model):
+    res = needle.evaluate(model, [4096], [0.0, 0.5, 1.0], samples=2, methods=["window"], batch=6)
+    assert res["accuracy"]["window"] == [[1.0, 0.0, 1.0]]
+
+
+def test_main_writes_table_json_and_plot(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    out, png = tmp_path / "needle.json", tmp_path / "needle.png"
+    assert needle.main(["--lengths", "512,600", "--depths", "2", "--samples", "1",
+                        "--methods", ",".join(needle.METHODS), "--dense-max-len", "512",
+                        "--json", str(out), "--plot", str(png)]) == 0
+    printed = capsys.readouterr().out
+    res = json.loads(out.read_text())
+    assert res["lengths"] == [512, 600] and res["methods"] == list(needle.METHODS)
+    assert "| 512 (1x) | 600 (1.17x) |" in printed
+    rows = {r[0]: r[1:] for r in (
+        [c.strip() for c in line.strip("|").split("|")] for line in printed.splitlines()
+        if line.startswith("|"))}
+    assert rows["dense"] == ["100%", "-"] and res["accuracy"]["dense"][1] is None
+    for m in needle.METHODS[1:]:
+        assert len(rows[m]) == 2
+        assert [len(a) for a in res["accuracy"][m]] == [2, 2]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
