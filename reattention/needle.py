@@ -620,6 +620,9 @@ def main(argv=None):
                    help="skip dense attention above this length (default 8192 on the CPU, "
                         "131072 on a GPU: it costs N^2 and fails from 4x on)")
     p.add_argument("--chunk-size", type=int, default=PREFILL_CHUNK, help="prefill chunk")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                   help="model dtype (default float32 on the CPU, bfloat16 on a GPU, whose "
+                        "kernels take 16-bit inputs)")
     p.add_argument("--backend", default="auto", help="ReAttention op backend")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write the results as JSON here")
@@ -628,8 +631,8 @@ def main(argv=None):
 
     device = torch.device(args.device)
     gpu = device.type == "cuda"
-    # The CUDA kernels take 16-bit inputs; the CPU runs fp32.
-    model, _ = load_model(device, torch.bfloat16 if gpu else torch.float32)
+    dtype = getattr(torch, args.dtype or ("bfloat16" if gpu else "float32"))
+    model, _ = load_model(device, dtype)
     lengths = args.lengths or default_lengths(args.max_len)
     n_depths = args.depths or (11 if gpu else 5)
     depths = [i / (n_depths - 1) for i in range(n_depths)] if n_depths > 1 else [0.5]
