@@ -248,13 +248,19 @@ _WINDOW_ATTR = "_needle_window"
 
 
 def method_config(method):
-    """The ReAttentionConfig a method runs with (None for dense)."""
+    """The ReAttentionConfig a method runs with (None for dense).
+
+    The window gets ReAttention's whole budget of keys: its local window also takes the
+    ``topk * chunk`` keys that ReAttention spends on selected chunks.
+    """
     from . import ReAttentionConfig
 
     if method == "dense":
         return None
-    rep = method.split("-")[1] if method.startswith("reattention-") else "max"
-    return ReAttentionConfig(**NEEDLE_SETTINGS, rep=rep)
+    if method == "window":
+        s = NEEDLE_SETTINGS
+        return ReAttentionConfig(**dict(s, local=s["local"] + s["topk"] * s["chunk"]))
+    return ReAttentionConfig(**NEEDLE_SETTINGS, rep=method.split("-")[1])
 
 
 def _window_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
@@ -514,7 +520,8 @@ def selection_recall(model, method, length, depths, samples, *, chunk_size=PREFI
 
     Measured at the decode step of the question's last token, the step that must find the
     needle, per layer and kv head. When ReAttention misses a needle, this says whether the
-    selection or the attention after it failed.
+    selection or the attention after it failed. Use depths that put the needle in the
+    middle of the cache: in the sink or the local window it is never a selectable chunk.
 
     Parameters
     ----------
@@ -533,6 +540,8 @@ def selection_recall(model, method, length, depths, samples, *, chunk_size=PREFI
     """
     import transformers
 
+    from . import hf
+
     if not method.startswith("reattention-"):
         raise ValueError(f"method must be a ReAttention method, got {method!r}")
     config = method_config(method)
@@ -550,15 +559,12 @@ def selection_recall(model, method, length, depths, samples, *, chunk_size=PREFI
                     picks = []
                     for m in modules:
                         setattr(m, _PROBE_ATTR, (config, picks))
-                    from . import hf
-
+                    value_pos = int((ids == VAL).nonzero()[0]) + 1
+                    chunk = (value_pos - config.sink) // config.chunk
                     cache = hf.ReAttentionCache(model)
                     ids = ids[None].to(model.device)
                     hf.prefill(model, ids, cache, chunk_size=chunk_size, progress=False)
                     model(input_ids=ids[:, -1:], past_key_values=cache, use_cache=True)
-                    value_pos = 1 + round(depth * (length - 1 - QUESTION_LEN - NEEDLE_LEN))
-                    value_pos += NEEDLE_LEN - VALUE_LEN
-                    chunk = (value_pos - config.sink) // config.chunk
                     for layer, idx in picks:
                         hits[layer] += (idx[0] == chunk).any(-1).float()
                     total += 1
