@@ -11,8 +11,8 @@ t <= P (original positions), so the local window is causal and everything before
 Tiling: one program per (b, h, beta, row tile, key split). The rows of a tile are the
 (query i, q head g of h's group) pairs, row = i * G + g, so the GQA group shares every K/V
 tile (decode packs the G heads of one token into one tile). Keys stream in BLOCK_N tiles
-gathered straight from the [B, Hkv, Nmax, D] cache by the index map above. RoPE is never
-materialised: with x1/x2 the rotated pair halves ("half": dims i, i+R/2; "interleaved": 2i,
+gathered straight from the [B, Hkv, Nmax, D] cache by the index map above. RoPE is applied
+per column group: with x1/x2 the rotated pair halves ("half": dims i, i+R/2; "interleaved": 2i,
 2i+1) and x3 the pass-through dims R..D, q.k = q1'.k1' + q2'.k2' + q3.k3, three dots over
 separately loaded column groups. Angles are fp32(pos) * inv_freq in fp32 with libdevice
 cos/sin (accurate, with full range reduction; the interpreter uses numpy's). Online softmax
@@ -20,6 +20,12 @@ in base 2; lse out in natural log.
 
 Decode (few rows per (b, h)): the gathered keys are split across programs (flash-decoding);
 each writes a normalised partial output and its base-2 lse, and a merge kernel combines them.
+Prefill ("compact" positions, >= 4 query blocks x row tiles per kv head): sink and local keys
+have the same compact positions in every query block (K_eff is per sequence), so
+_rotate_keys_kernel rotates them, and each block's chunks, once into a workspace
+[B*Hkv, n_blocks*topk*C + S + local rows, R] that the attention loop reads instead of
+computing sin/cos per (block, row tile) program. A block whose idx holds fewer than K_eff
+chunks (a hand-made idx) falls back to rotating in the loop.
 Launch shapes depend only on tensor shapes, so a decode step is CUDA-graph capturable.
 """
 from __future__ import annotations
@@ -62,6 +68,19 @@ def _segments(seqlens_ptr, b, lq, sink, local, chunk, topk):
 
 
 @triton.jit
+def _pair_columns(half_rot, BLOCK_R: tl.constexpr, INTERLEAVED: tl.constexpr):
+    # Columns of the rotated pair halves: "half" (i, i + R/2) or "interleaved" (2i, 2i + 1).
+    offs_r = tl.arange(0, BLOCK_R)
+    if INTERLEAVED:
+        c1 = 2 * offs_r
+        c2 = c1 + 1
+    else:
+        c1 = offs_r
+        c2 = offs_r + half_rot
+    return offs_r, offs_r < half_rot, c1, c2
+
+
+@triton.jit
 def _rotate_keys_kernel(k_ptr, seqlens_ptr, idx_ptr, inv_freq_ptr, kr_ptr,
                         stride_kb, stride_kh, stride_kn, stride_ib, stride_ih, stride_iblk,
                         n_kv_heads, lq, topk, sink, local, chunk, half_rot, rows_sel, rows_all,
@@ -91,14 +110,7 @@ def _rotate_keys_kernel(k_ptr, seqlens_ptr, idx_ptr, inv_freq_ptr, kr_ptr,
     pos = tl.where(is_sel, n_sink + w, tl.where(is_sink, e, n_sink + k_eff * chunk + (e - sink)))
     ok = tl.where(is_sel, j >= 0, tl.where(is_sink, e < n_sink, t < n)) & (row < rows_all)
     t = tl.where(ok, t, 0)
-    offs_r = tl.arange(0, BLOCK_R)
-    r_cols = offs_r < half_rot
-    if INTERLEAVED:
-        c1 = 2 * offs_r
-        c2 = c1 + 1
-    else:
-        c1 = offs_r
-        c2 = offs_r + half_rot
+    offs_r, r_cols, c1, c2 = _pair_columns(half_rot, BLOCK_R, INTERLEAVED)
     k_rows = k_ptr + b.to(tl.int64) * stride_kb + h * stride_kh \
         + t.to(tl.int64)[:, None] * stride_kn
     m = ok[:, None] & r_cols[None, :]
@@ -175,14 +187,7 @@ def _gather_attn_kernel(
         hi = tl.minimum(lo + split_len, r_hi)
 
         # Column groups: rotated pair halves (c1, c2) and the pass-through dims (c3).
-        offs_r = tl.arange(0, BLOCK_R)
-        r_cols = offs_r < half_rot
-        if INTERLEAVED:
-            c1 = 2 * offs_r
-            c2 = c1 + 1
-        else:
-            c1 = offs_r
-            c2 = offs_r + half_rot
+        offs_r, r_cols, c1, c2 = _pair_columns(half_rot, BLOCK_R, INTERLEAVED)
         c3 = 2 * half_rot + tl.arange(0, BLOCK_P)
         p_cols = c3 < head_dim
         offs_d = tl.arange(0, BLOCK_D)
