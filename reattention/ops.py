@@ -27,7 +27,8 @@ REP_MODES = ("max", "bound", "mean")
 ROPE_STYLES = ("half", "interleaved")
 POSITION_MODES = ("compact", "original")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-KERNEL_HEAD_DIMS = (64, 128, 256)
+KERNEL_HEAD_DIMS = (64, 128, 256)  # the CUDA kernels' instantiations
+TRITON_MAX_HEAD_DIM = 256  # any even head dim up to this
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _status: dict[str, str | None] = {}  # backend -> None when usable, else why not
@@ -262,8 +263,11 @@ def _kernel_refusal(backend: str, t: torch.Tensor) -> str | None:
             return f"the cuda backend takes float16/bfloat16, got {t.dtype}"
     if backend == "triton" and dev == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         return "the triton backend needs CUDA tensors (or TRITON_INTERPRET=1)"
-    if backend in ("cuda", "triton") and t.shape[-1] not in KERNEL_HEAD_DIMS:
-        return f"the {backend} backend supports head dims {KERNEL_HEAD_DIMS}, got {t.shape[-1]}"
+    if backend == "cuda" and t.shape[-1] not in KERNEL_HEAD_DIMS:
+        return f"the cuda backend supports head dims {KERNEL_HEAD_DIMS}, got {t.shape[-1]}"
+    if backend == "triton" and t.shape[-1] > TRITON_MAX_HEAD_DIM:
+        return (f"the triton backend supports head dims up to {TRITON_MAX_HEAD_DIM}, "
+                f"got {t.shape[-1]}")
     if backend != "reference" and t.dtype == torch.float64:
         return "float64 runs only on the reference backend"
     return None
