@@ -70,7 +70,9 @@ void dispatch_kernel(ScalarType dtype, int64_t head_dim, const char* op, F&& f) 
 
 cudaStream_t current_stream(const Tensor& t) {
   void* stream = nullptr;
-  STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_get_current_cuda_stream(t.get_device_index(), &stream));
+  // Checked by hand: the STABLE_TORCH_ERROR_CODE_CHECK macro is missing from torch 2.11's headers.
+  const AOTITorchError err = aoti_torch_get_current_cuda_stream(t.get_device_index(), &stream);
+  STD_TORCH_CHECK(err == AOTI_TORCH_SUCCESS, "reattention: could not get the current CUDA stream");
   return static_cast<cudaStream_t>(stream);
 }
 
