@@ -461,7 +461,10 @@ def plot_heatmap(res, path, methods=None):
     path : str, output file.
     methods : list of str, optional; default every method in ``res``.
     """
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError as e:
+        raise ImportError("plot_heatmap needs matplotlib (pip install matplotlib)") from e
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
