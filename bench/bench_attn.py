@@ -141,7 +141,12 @@ def flex_setup(idx: torch.Tensor, n: int, lq: int):
 
     def count(t):
         return torch.full(t.shape[:3], t.shape[3], dtype=torch.int32, device="cuda")
-    return BlockMask.from_kv_blocks(count(part), part, count(full), full,
+
+    def padded(t):
+        # Older torch (2.11) sizes the transposed mask by kv_indices' last dim: give it one
+        # column per KV block of the whole cache (only the first `count` are read).
+        return F.pad(t, (0, -(-n // CHUNK) - t.shape[-1]))
+    return BlockMask.from_kv_blocks(count(part), padded(part), count(full), padded(full),
                                     BLOCK_SIZE=(QB, CHUNK), mask_mod=causal,
                                     seq_lengths=(lq, n))
 

@@ -12,6 +12,15 @@ from reattention import ops
 
 PARITY_BACKENDS = ["reference", "cpu", "triton", "cuda"]
 
+# A C++ exception raised inside a stable-ABI kernel (STD_TORCH_CHECK) crashed the process with a
+# segfault under torch 2.11 on the GPU box, while 2.13 and 2.14 turn it into a RuntimeError.
+# The public API validates in Python first, so only direct torch.ops calls with bad input reach
+# those checks; tests that provoke them run where the error path works.
+_torch_version = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
+needs_cpp_error_path = pytest.mark.skipif(
+    _torch_version < (2, 13),
+    reason="C++ exceptions from stable-ABI kernels crash torch < 2.13 (seen on 2.11)")
+
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device")

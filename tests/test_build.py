@@ -15,6 +15,8 @@ import zipfile
 import pytest
 import torch
 
+from conftest import needs_cpp_error_path
+
 import reattention
 from reattention import ops
 
@@ -182,6 +184,7 @@ BAD_CALLS = {
 }
 
 
+@needs_cpp_error_path
 @pytest.mark.parametrize("case", sorted(BAD_CALLS))
 def test_cpu_kernels_refuse_out_of_bounds_inputs(case):
     """The C++ input check (csrc/common.h) raises before a CPU kernel could read out of bounds."""

@@ -16,7 +16,7 @@ from reattention import ops, reference
 from reattention.testing import (Case, assert_close_rule, assert_selection_equivalent,
                                  lowp_attention, make_inputs)
 
-from conftest import require
+from conftest import needs_cpp_error_path, require
 
 pytestmark = pytest.mark.gpu
 
@@ -230,6 +230,7 @@ def test_long_cache(case, rep):
     select_then_attend(case, rep, *long_inputs(case))
 
 
+@needs_cpp_error_path
 def test_float32_is_refused():
     case = CASES[0]
     q, k, v, lens, inv_freq = cuda_inputs(case, torch.bfloat16)
