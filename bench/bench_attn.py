@@ -122,31 +122,39 @@ def flex_setup(idx: torch.Tensor, n: int, lq: int):
     mid_end = SINK + m * CHUNK
     assert SINK % CHUNK == 0 and mid_end % CHUNK == 0
     n_qb = -(-lq // QB)
-    rows_full, rows_part = [], []
-    sink_blocks = torch.arange(SINK // CHUNK, device="cuda")
+    width = -(-n // CHUNK)  # one column per KV block of the cache (torch 2.11 sizes by it)
+    full = torch.zeros(1, HQ, n_qb, width, dtype=torch.int32, device=idx.device)
+    part = torch.zeros_like(full)
+    n_full = torch.zeros(1, HQ, n_qb, dtype=torch.int32, device=idx.device)
+    n_part = torch.zeros_like(n_full)
+    dev = idx.device
+    sink_blocks = torch.arange(SINK // CHUNK, device=dev)
     for beta in range(n_qb):
         sel = idx[0, :, beta].long() + SINK // CHUNK  # [HKV, TOPK] kv block ids
         q_lo = p0 + beta * QB
         q_hi = min(n, p0 + (beta + 1) * QB)
-        local_full = torch.arange(mid_end // CHUNK, q_lo // CHUNK, device="cuda")
-        part = torch.arange(q_lo // CHUNK, -(-q_hi // CHUNK), device="cuda")
-        full = torch.cat([sink_blocks.expand(HKV, -1), sel, local_full.expand(HKV, -1)], 1)
-        rows_full.append(full.repeat_interleave(HQ // HKV, 0))
-        rows_part.append(part.expand(HQ, -1))
-    full = torch.stack(rows_full, 1)[None].int()  # [1, HQ, n_qb, nf]
-    part = torch.stack(rows_part, 1)[None].int()
+        # Blocks wholly before the block's first query are fully visible; the rest are causal.
+        local_full = torch.arange(mid_end // CHUNK, q_lo // CHUNK, device=dev)
+        diag = torch.arange(q_lo // CHUNK, -(-q_hi // CHUNK), device=dev)
+        rows = torch.cat([sink_blocks.expand(HKV, -1), sel, local_full.expand(HKV, -1)], 1)
+        rows = rows.repeat_interleave(HQ // HKV, 0)
+        full[0, :, beta, :rows.shape[1]] = rows.int()
+        n_full[0, :, beta] = rows.shape[1]
+        part[0, :, beta, :diag.numel()] = diag.int()
+        n_part[0, :, beta] = diag.numel()
+
+    # The mask_mod states the whole key set too (eager flex applies only the mask_mod); the
+    # compiled kernel skips it on full blocks, so the lookup costs only on diagonal blocks.
+    hits = torch.zeros(HQ, n_qb, width, dtype=torch.int32, device=dev)
+    for t, c in ((full, n_full), (part, n_part)):
+        valid = torch.arange(width, device=dev)[None, None, :] < c[0, :, :, None]
+        hits.scatter_add_(2, t[0].long(), valid.int())  # padding entries add 0
+    allowed = hits > 0
 
     def causal(b, h, q_idx, kv_idx):
-        return kv_idx <= q_idx + p0
+        return allowed[h, q_idx // QB, kv_idx // CHUNK] & (kv_idx <= q_idx + p0)
 
-    def count(t):
-        return torch.full(t.shape[:3], t.shape[3], dtype=torch.int32, device="cuda")
-
-    def padded(t):
-        # Older torch (2.11) sizes the transposed mask by kv_indices' last dim: give it one
-        # column per KV block of the whole cache (only the first `count` are read).
-        return F.pad(t, (0, -(-n // CHUNK) - t.shape[-1]))
-    return BlockMask.from_kv_blocks(count(part), padded(part), count(full), padded(full),
+    return BlockMask.from_kv_blocks(n_part, part, n_full, full,
                                     BLOCK_SIZE=(QB, CHUNK), mask_mod=causal,
                                     seq_lengths=(lq, n))
 
