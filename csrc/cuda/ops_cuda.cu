@@ -107,15 +107,8 @@ void check_int32_range(const Dims& d, int64_t sink, int64_t local, int64_t chunk
 
 void chunk_reps_cuda(Tensor k_cache, Tensor cache_seqlens, Tensor reps, int64_t sink,
                      int64_t chunk, std::string mode, int64_t start_chunk) {
-  OpArgs a;
-  a.k_cache = &k_cache;
-  a.cache_seqlens = &cache_seqlens;
-  a.reps = &reps;
-  a.mode = parse_rep_mode(mode);
-  a.sink = sink;
-  a.chunk = chunk;
-  a.start_chunk = start_chunk;
-  STD_TORCH_CHECK(a.mode != RepMode::kMax, "chunk_reps mode must be 'bound' or 'mean'");
+  const OpArgs a =
+      chunk_reps_args(k_cache, cache_seqlens, reps, sink, chunk, mode, start_chunk);
   const Dims d = check_inputs(a);
   check_int32_range(d, sink, 0, chunk, 1);
   STD_TORCH_CHECK(k_cache.is_cuda(), "chunk_reps (cuda) needs CUDA tensors");
@@ -152,22 +145,11 @@ void chunk_reps_cuda(Tensor k_cache, Tensor cache_seqlens, Tensor reps, int64_t 
 Tensor select_chunks_cuda(Tensor q, Tensor k_cache, std::optional<Tensor> reps,
                           Tensor cache_seqlens, int64_t sink, int64_t local, int64_t chunk,
                           int64_t topk, std::string mode, int64_t query_block) {
-  OpArgs a;
-  a.q = &q;
-  a.k_cache = &k_cache;
-  a.cache_seqlens = &cache_seqlens;
-  a.reps = reps ? &*reps : nullptr;
-  a.mode = parse_rep_mode(mode);
-  a.sink = sink;
-  a.local = local;
-  a.chunk = chunk;
-  a.topk = topk;
-  a.query_block = query_block;
+  const OpArgs a = select_chunks_args(q, k_cache, reps, cache_seqlens, sink, local, chunk, topk,
+                                      mode, query_block);
   const Dims d = check_inputs(a);
   check_int32_range(d, sink, local, chunk, topk);
   STD_TORCH_CHECK(q.is_cuda(), "select_chunks (cuda) needs CUDA tensors");
-  STD_TORCH_CHECK(a.mode == RepMode::kMax || reps.has_value(), "select_chunks mode '", mode,
-                  "' needs reps");
   torch::stable::accelerator::DeviceGuard guard(q.get_device_index());
 
   const Tensor qv = vector_ready(q);
@@ -224,17 +206,8 @@ std::tuple<Tensor, Tensor> gather_attention_cuda(Tensor q, Tensor k_cache, Tenso
                                                  int64_t chunk, int64_t query_block,
                                                  double scale, double rope_scale,
                                                  std::string rope_style, std::string positions) {
-  OpArgs a;
-  a.q = &q;
-  a.k_cache = &k_cache;
-  a.v_cache = &v_cache;
-  a.cache_seqlens = &cache_seqlens;
-  a.idx = &idx;
-  a.inv_freq = &inv_freq;
-  a.sink = sink;
-  a.local = local;
-  a.chunk = chunk;
-  a.query_block = query_block;
+  const OpArgs a = gather_attention_args(q, k_cache, v_cache, cache_seqlens, idx, inv_freq, sink,
+                                        local, chunk, query_block);
   const Dims d = check_inputs(a);
   check_int32_range(d, sink, local, chunk, d.topk);
   STD_TORCH_CHECK(q.is_cuda(), "gather_attention (cuda) needs CUDA tensors");
