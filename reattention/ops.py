@@ -35,35 +35,34 @@ _status: dict[str, str | None] = {}  # backend -> None when usable, else why not
 
 
 def _find_library(stem: str) -> str | None:
+    """Path of the built library reattention/<stem>.*.so, or None."""
     hits = sorted(p for p in glob.glob(os.path.join(_HERE, stem + ".*"))
                   if p.endswith((".so", ".pyd", ".dylib")))
     return hits[0] if hits else None
 
 
-def _load_libraries() -> None:
-    path = _find_library("_C")
+def _load(stem: str, missing: str) -> str | None:
+    """Load reattention/<stem>.*.so; return None on success, else why it is unusable."""
+    path = _find_library(stem)
     if path is None:
-        _status["cpu"] = "the compiled extension reattention/_C is not built (pip install .)"
-    else:
-        try:
-            torch.ops.load_library(path)
-            _status["cpu"] = None
-        except OSError as e:
-            _status["cpu"] = f"loading {os.path.basename(path)} failed: {e}"
+        return missing
+    try:
+        torch.ops.load_library(path)
+        return None
+    except OSError as e:
+        return f"loading {os.path.basename(path)} failed: {e}"
+
+
+def _load_libraries() -> None:
+    _status["cpu"] = _load("_C", "the compiled extension reattention/_C is not built "
+                                 "(pip install .)")
     if _status["cpu"] is not None:
         _status["cuda"] = "needs the _C library: " + _status["cpu"]
     elif not (torch.version.cuda and torch.cuda.is_available()):
         _status["cuda"] = "torch has no usable CUDA device"
     else:
-        path = _find_library("_C_cuda")
-        if path is None:
-            _status["cuda"] = "reattention/_C_cuda was not built (no nvcc at build time)"
-        else:
-            try:
-                torch.ops.load_library(path)
-                _status["cuda"] = None
-            except OSError as e:
-                _status["cuda"] = f"loading {os.path.basename(path)} failed: {e}"
+        _status["cuda"] = _load("_C_cuda", "reattention/_C_cuda was not built (no nvcc at "
+                                           "build time, or a CPU build of torch)")
     try:
         import triton_kernels  # noqa: F401  (registers reattention::*_triton)
         interp = os.environ.get("TRITON_INTERPRET") == "1"
