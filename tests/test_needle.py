@@ -15,6 +15,16 @@ from reattention import needle  # noqa: E402
 MIDDLE = [0.1 + 0.8 * i / 9 for i in range(10)]  # needles outside the sink and the window
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # The model runs in 240-token chunks: ops too small to gain from a second thread, and
+    # threads that spin at every barrier slow ~5x when the CI machine is busy elsewhere.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def model():
     return needle.load_model()[0]
