@@ -476,6 +476,7 @@ def plot_heatmap(res, path, methods=None):
                              figsize=(1.0 + panel * len(methods), 1.6 + 0.25 * len(depths)))
     cmap = matplotlib.colors.LinearSegmentedColormap.from_list(
         "needle", ["#d7301f", "#fdae61", "#ffffbf", "#66bd63", "#1a9850"])
+    cmap.set_bad("#d9d9d9")  # cells a method skipped
     for ax, m in zip(axes[0], methods):
         grid = torch.full((len(depths), len(lengths)), float("nan"))
         for li, per_depth in enumerate(res["accuracy"][m]):
@@ -489,8 +490,9 @@ def plot_heatmap(res, path, methods=None):
         ax.set_xlabel("context length", fontsize=8)
     axes[0][0].set_ylabel("needle depth", fontsize=8)
     fig.colorbar(image, ax=axes[0].tolist(), fraction=0.02, pad=0.01, label="accuracy")
+    n = res["samples"]
     fig.suptitle(f"Needle retrieval of a model trained at {res['trained_length']} tokens "
-                 f"({res['samples']} samples per cell)", fontsize=10, y=1.08)
+                 f"({n} sample{'s' * (n != 1)} per cell; grey: not run)", fontsize=10, y=1.08)
     fig.savefig(path, dpi=150, bbox_inches="tight")
     plt.close(fig)
 
