@@ -11,7 +11,6 @@ past that length measures length extrapolation.
 """
 
 import contextlib
-import math
 import os
 import time
 
@@ -151,7 +150,10 @@ def make_batch(batch, length, generator, max_pairs=8, device="cpu"):
     fill = length - 1 - n_items * item
     if fill < 0:
         raise ValueError(f"length {length} cannot hold {max_pairs} pairs")
-    rand = lambda *s: torch.rand(s, generator=generator, device=device)  # noqa: E731
+
+    def rand(*shape):
+        return torch.rand(shape, generator=generator, device=device)
+
     ids = _content(generator, batch, length, device=device)
     ids[:, 0] = BOS
     labels = torch.full_like(ids, -100)
@@ -171,7 +173,10 @@ def make_batch(batch, length, generator, max_pairs=8, device="cpu"):
     used = torch.arange(max_pairs, device=device) < n_pairs
     keys = _content(generator, batch, max_pairs, KEY_LEN, device=device)
     values = _content(generator, batch, max_pairs, VALUE_LEN, device=device)
-    marker = lambda tok: torch.full((batch, max_pairs, 1), tok, device=device)  # noqa: E731
+
+    def marker(tok):
+        return torch.full((batch, max_pairs, 1), tok, device=device)
+
     pair = torch.cat([marker(KEY), keys, marker(VAL), values], dim=2)
     question = torch.cat([marker(QUERY), keys, marker(VAL), values], dim=2)
     tokens = torch.cat([pair, question], dim=1)  # [batch, n_items, item]
@@ -239,7 +244,7 @@ METHOD_TITLES = {
 }
 # The DESIGN.md section 6 anchor: scope 16 + 4 * 32 + 96 = 240 keys. Prefill chunks of
 # 240 queries keep every re-assigned position below 240 + 32 + 240 = 512, the trained length.
-NEEDLE_SETTINGS = dict(sink=16, local=96, chunk=32, topk=4, query_block=64)
+NEEDLE_SETTINGS = {"sink": 16, "local": 96, "chunk": 32, "topk": 4, "query_block": 64}
 PREFILL_CHUNK = 240
 # Exact max scores cost N^2 over a prefill, too slow for the CPU demo's 3 minutes.
 CPU_DEMO_METHODS = ("dense", "window", "reattention-bound")
@@ -447,7 +452,10 @@ def format_table(res):
                          f"{100 * sum(per_depth) / len(per_depth):.0f}%")
         rows.append([m] + cells)
     widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
-    line = lambda r: "| " + " | ".join(c.rjust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
+
+    def line(r):
+        return "| " + " | ".join(c.rjust(w) for c, w in zip(r, widths)) + " |"
+
     rule = "|" + "|".join("-" * (w + 1) + ":" for w in widths) + "|"
     return "\n".join([line(head), rule] + [line(r) for r in rows])
 
@@ -653,8 +661,9 @@ def main(argv=None):
     batch = args.batch or (16 if gpu else 3)
     dense_max = args.dense_max_len or (131072 if gpu else 8192)
     print(f"needle: model trained at {TRAINED_LENGTH} tokens; {len(depths)} depths x "
-          f"{samples} samples per length; ReAttention {NEEDLE_SETTINGS}, prefill chunk "
-          f"{args.chunk_size}; {device} {model.dtype}", flush=True)
+          f"{samples} sample{'s' * (samples != 1)} per length; ReAttention "
+          f"{NEEDLE_SETTINGS}, prefill chunk {args.chunk_size}; {device} {model.dtype}",
+          flush=True)
 
     def save(res):
         if args.json:

@@ -10,7 +10,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from reattention import needle  # noqa: E402
+from reattention import needle
 
 MIDDLE = [0.1 + 0.8 * i / 9 for i in range(10)]  # needles outside the sink and the window
 
@@ -42,7 +42,8 @@ def test_make_sample_layout(length, depth):
     s = start[0]
     keys = ids[s + 1 : s + 1 + needle.KEY_LEN]
     assert ids[s + 1 + needle.KEY_LEN] == needle.VAL
-    assert torch.equal(ids[s + needle.NEEDLE_LEN - needle.VALUE_LEN : s + needle.NEEDLE_LEN], answer)
+    values = ids[s + needle.NEEDLE_LEN - needle.VALUE_LEN : s + needle.NEEDLE_LEN]
+    assert torch.equal(values, answer)
     assert torch.equal(ids[-needle.QUESTION_LEN:],
                        torch.cat([torch.tensor([needle.QUERY]), keys, torch.tensor([needle.VAL])]))
     # Filler is content only: the markers occur in the needle and the question alone.
@@ -50,7 +51,7 @@ def test_make_sample_layout(length, depth):
 
 
 def test_make_sample_distractors_have_other_keys():
-    ids, answer = needle.make_sample(2048, 0.5, seed=1, distractors=5)
+    ids, _ = needle.make_sample(2048, 0.5, seed=1, distractors=5)
     starts = (ids == needle.KEY).nonzero().flatten().tolist()
     assert len(starts) == 6
     keys = {tuple(ids[s + 1 : s + 1 + needle.KEY_LEN].tolist()) for s in starts}

@@ -15,7 +15,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
-from reattention import needle  # noqa: E402
+from reattention import needle
 
 
 def merge(runs):

@@ -145,12 +145,14 @@ def main(argv=None):
 
     os.makedirs(args.out, exist_ok=True)
     # fp16 halves the file; the weights are small and well inside fp16's range.
-    state = {k: v.detach().to(torch.float16).cpu().contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().to(torch.float16).cpu().contiguous()
+             for k, v in model.state_dict().items()}
     state.pop("lm_head.weight", None)  # tied to the embedding
     save_file(state, os.path.join(args.out, "model.safetensors"))
     config.save_pretrained(args.out)
     log = {
-        "command": "python bench/needle/train.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python bench/needle/train.py "
+        + " ".join(argv if argv is not None else sys.argv[1:]),
         "args": vars(args),
         "params": params,
         "steps": step,
