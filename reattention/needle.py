@@ -483,8 +483,8 @@ def plot_heatmap(res, path, methods=None):
     fig, axes = plt.subplots(1, len(methods), squeeze=False, sharey=True,
                              figsize=(1.0 + panel * len(methods), 1.6 + 0.25 * len(depths)))
     cmap = matplotlib.colors.LinearSegmentedColormap.from_list(
-        "needle", ["#d7301f", "#fdae61", "#ffffbf", "#66bd63", "#1a9850"])
-    cmap.set_bad("#d9d9d9")  # cells a method skipped
+        "needle", ["#d7301f", "#fdae61", "#ffffbf", "#66bd63", "#1a9850"]
+    ).with_extremes(bad="#d9d9d9")  # cells a method skipped
     for ax, m in zip(axes[0], methods):
         grid = torch.full((len(depths), len(lengths)), float("nan"))
         for li, per_depth in enumerate(res["accuracy"][m]):
