@@ -72,7 +72,7 @@ def make_sample(length, depth, seed, distractors=0):
     ----------
     length : int
         Prompt length in tokens, question included (at least
-        ``1 + (1 + distractors) * NEEDLE_LEN + QUESTION_LEN``).
+        ``1 + 2 * (1 + distractors) * NEEDLE_LEN + QUESTION_LEN``).
     depth : float
         Where the needle starts, as a fraction of the haystack: 0.0 right after BOS,
         1.0 right before the question.
@@ -97,7 +97,8 @@ def make_sample(length, depth, seed, distractors=0):
     if not 0.0 <= depth <= 1.0:
         raise ValueError(f"depth must lie in [0, 1], got {depth}")
     haystack = length - 1 - QUESTION_LEN
-    if haystack < (1 + distractors) * NEEDLE_LEN:
+    # Twice the needles' length guarantees room for a random place that overlaps none.
+    if haystack < 2 * (1 + distractors) * NEEDLE_LEN:
         raise ValueError(f"length {length} is too short for {1 + distractors} needles")
     g = torch.Generator().manual_seed(seed)
     ids = _content(g, length)
