@@ -200,11 +200,7 @@ def check_params(*, sink: int, chunk: int, local: int | None = None, topk: int |
         _need(is_int(value) and value >= low, f"{name} must be an int >= {low}, got {value!r}")
 
 
-def reps_shape(k_cache: torch.Tensor, sink: int, chunk: int, rep: str) -> tuple[int, ...]:
-    """Shape of the representatives of ``k_cache`` for ``rep`` "bound" or "mean"."""
-    b, h, nmax, d = k_cache.shape
-    n_chunks = max(0, nmax - sink) // chunk
-    return (b, h, n_chunks, 2, d) if rep == "bound" else (b, h, n_chunks, d)
+reps_shape = reference.reps_shape
 
 
 def check_reps(reps, k_cache: torch.Tensor, *, lq: int, sink: int, local: int, chunk: int,
@@ -334,7 +330,7 @@ def chunk_reps(k_cache: torch.Tensor, cache_seqlens: torch.Tensor | None = None,
           f"start_chunk must be an int >= 0, got {start_chunk!r}")
     seqlens = check_seqlens(cache_seqlens, k_cache, 0)
     if reps is None:
-        reps = k_cache.new_empty(reps_shape(k_cache, sink, chunk, rep))
+        reps = reference.new_reps(k_cache, sink, chunk, rep)
     else:
         check_reps(reps, k_cache, lq=1, sink=sink, local=0, chunk=chunk, rep=rep)
     k_cache = k_cache.contiguous()

@@ -29,6 +29,7 @@ __all__ = [
     "select_chunks_ref",
     "gather_attention_ref",
     "reattention_attn_ref",
+    "reps_shape",
     "new_reps",
 ]
 
@@ -289,13 +290,18 @@ def reattention_attn_ref(q, k_cache, v_cache, cache_seqlens, inv_freq, *, sink, 
     return out, lse, idx
 
 
-def new_reps(k_cache: torch.Tensor, sink: int, chunk: int, mode: str) -> torch.Tensor:
-    """Allocate an (uninitialised) reps tensor for ``k_cache`` [B, Hkv, Nmax, D].
+def reps_shape(k_cache: torch.Tensor, sink: int, chunk: int, mode: str) -> tuple[int, ...]:
+    """Shape of the representatives of ``k_cache`` [B, Hkv, Nmax, D].
 
     "bound" -> [B, Hkv, n_chunks, 2, D], "mean" -> [B, Hkv, n_chunks, D], with
-    ``n_chunks = max(0, (Nmax - sink) // chunk)``, in the cache dtype and device.
+    ``n_chunks = max(0, (Nmax - sink) // chunk)``.
     """
     b_, h_, nmax, d = k_cache.shape
     n_chunks = max(0, nmax - sink) // chunk
-    shape = (b_, h_, n_chunks, 2, d) if mode == "bound" else (b_, h_, n_chunks, d)
-    return k_cache.new_empty(shape)
+    return (b_, h_, n_chunks, 2, d) if mode == "bound" else (b_, h_, n_chunks, d)
+
+
+def new_reps(k_cache: torch.Tensor, sink: int, chunk: int, mode: str) -> torch.Tensor:
+    """Allocate an (uninitialised) reps tensor of :func:`reps_shape` in the cache's dtype and
+    device."""
+    return k_cache.new_empty(reps_shape(k_cache, sink, chunk, mode))
