@@ -278,14 +278,15 @@ def _window_attention(module, query, key, value, attention_mask, scaling=None, d
     """
     from . import reattention_attn, reference
 
-    config, inv_freq, backend = getattr(module, _WINDOW_ATTR)
+    config, state, backend = getattr(module, _WINDOW_ATTR)
     sink, mid_end, _ = reference.segments(key.shape[2], query.shape[2], config.sink,
                                           config.local, config.chunk)
     k = torch.cat([key[:, :, :sink], key[:, :, mid_end:]], dim=2)
     v = torch.cat([value[:, :, :sink], value[:, :, mid_end:]], dim=2)
     # With the middle gone no chunk is left to select: this is dense causal attention.
-    out = reattention_attn(query, k, v, config=config, inv_freq=inv_freq, scale=scaling,
-                           backend=backend)
+    out = reattention_attn(query, k, v, config=config, inv_freq=state.inv_freq_on(query.device),
+                           rope_scale=state.rope_scale, rope_style=state.rope_style,
+                           scale=scaling, backend=backend)
     return out.transpose(1, 2), None
 
 
@@ -310,9 +311,10 @@ def use_method(model, method, backend="auto"):
     try:
         if method == "window":
             transformers.AttentionInterface.register(_WINDOW_ATTN, _window_attention)
-            inv_freq = model.get_decoder().rotary_emb.inv_freq.float()
+            # The RoPE that hf.enable read off the model (inv_freq, scaling, style).
+            state = hf._require_state(model)
             for m in modules:
-                setattr(m, _WINDOW_ATTR, (method_config(method), inv_freq, backend))
+                setattr(m, _WINDOW_ATTR, (method_config(method), state, backend))
             model.set_attn_implementation(_WINDOW_ATTN)
         yield
     finally:
