@@ -51,7 +51,7 @@ import math
 import torch
 import torch.distributed as dist
 
-from . import ReAttentionConfig, ops
+from . import ReAttentionConfig, ops, reference
 from .reference import apply_rope, segments
 from .rope import default_inv_freq
 
@@ -172,10 +172,6 @@ def _all_gather(t: torch.Tensor, group, world: int) -> list[torch.Tensor]:
     return parts
 
 
-def _acc(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
 @dataclasses.dataclass(frozen=True)
 class _Shard:
     """What one call knows about this rank's place, validated once per public call."""
@@ -271,10 +267,6 @@ def _best_first(scores: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return by_id.gather(-1, by_score)
 
 
-def _block_ranges(lq: int, query_block: int) -> list[tuple[int, int]]:
-    return [(s, min(lq, s + query_block)) for s in range(0, lq, query_block)]
-
-
 def _candidate_scores(q, k_shard, reps, cand, shard_sink, chunk, rep, query_block):
     """Exact scores of shard-local chunk ids ``cand`` [B, Hkv, n_blocks, K] (-1: none).
 
@@ -283,12 +275,12 @@ def _candidate_scores(q, k_shard, reps, cand, shard_sink, chunk, rep, query_bloc
     """
     b_, hq, _, d = q.shape
     hkv = k_shard.shape[1]
-    acc = _acc(q)
+    acc = reference._acc_dtype(q)
     valid = cand >= 0
     cand = cand.clamp(min=0)
     out = torch.empty(cand.shape, dtype=acc, device=q.device)
     offs = torch.arange(chunk, device=q.device)
-    for beta, (s, e) in enumerate(_block_ranges(q.shape[2], query_block)):
+    for beta, (s, e) in enumerate(reference._block_ranges(q.shape[2], query_block)):
         qs = q[:, :, s:e].reshape(b_, hkv, -1, d).to(acc)  # [B, Hkv, G*nq, D]
         cb = cand[:, :, beta]  # [B, Hkv, K]
         if rep == "max":
@@ -416,7 +408,7 @@ def _attend_shard(q, k_shard, v_shard, idx, sh: _Shard, *, inv_freq, sink, local
     b_, hq, lq, d = q.shape
     hkv, cap = k_shard.shape[1], k_shard.shape[2]
     g = hq // hkv
-    acc = _acc(q)
+    acc = reference._acc_dtype(q)
     dev = q.device
     out = torch.zeros(b_, hq, lq, d, dtype=acc, device=dev)
     lse = torch.full((b_, hq, lq), -math.inf, dtype=acc, device=dev)
@@ -430,7 +422,7 @@ def _attend_shard(q, k_shard, v_shard, idx, sh: _Shard, *, inv_freq, sink, local
         sink_tok = _span(start, min(sink_len, end), dev)
         loc_tok = _span(max(start, mid_end), end, dev)
         p0 = n - lq
-        for beta, (s, e) in enumerate(_block_ranges(lq, query_block)):
+        for beta, (s, e) in enumerate(reference._block_ranges(lq, query_block)):
             sel = idx[b, :, beta].long()  # [Hkv, topk] global ids, ascending, -1 padded
             n_sel = (sel >= 0).sum(-1, keepdim=True)  # [Hkv, 1]
             here = ((sel >= lo) & (sel < hi)).repeat_interleave(chunk, -1)  # [Hkv, topk*C]
