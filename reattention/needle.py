@@ -429,6 +429,9 @@ def evaluate(model, lengths, depths, samples, methods=METHODS, *, batch=4,
                     got = answer(model, m, ids, chunk_size).cpu()
                     for (d, _), ok in zip(group, (got == want).all(dim=1).tolist()):
                         hits[d] += ok
+                    if progress is not None and len(cases) > batch:  # long cells show life
+                        print(f"    {length} tokens {m}: {i + len(group)}/{len(cases)} prompts, "
+                              f"{time.perf_counter() - t0:.1f} s", flush=True)
             res["seconds"][m][li] = round(time.perf_counter() - t0, 2)
             res["accuracy"][m][li] = [h / samples for h in hits]
             if progress is not None:
