@@ -1,18 +1,27 @@
 // select_chunks: score the middle chunks of each (sequence, kv head, query block) and keep the
-// top-k, ascending, -1 padded. Two kernels:
+// top-k, ascending, -1 padded. Every score is a max over the block's rows (queries x the group's
+// q heads, packed query-major: row = query * group + head) of a dot product, so one tensor-core
+// GEMM tile serves all three modes: rows x column vectors, then a max over rows (and over a
+// chunk's tokens):
+//   max  : columns are the raw keys of the middle, A = q, reduced per chunk of C tokens
+//   mean : columns are the mean reps,              A = q
+//   bound: columns are [kmin | kmax] (2D long),     A = [min(q, 0) | max(q, 0)], since
+//          max(q kmin, q kmax) = min(q,0) kmin + max(q,0) kmax whenever kmin <= kmax.
+// A CTA owns one tile of rows (kept in shared memory) and a range of chunks; row tiles of the same
+// chunk range are adjacent in the grid so their column reads share L2. Scores leave as
+// order-preserving uint32 keys; with several row tiles per block they meet by atomicMax in a
+// zeroed buffer (max is exact and order-free, so the result is deterministic). Three kernels:
 //
-// 1. chunk_scores_kernel (multi-CTA). Every score is a max over the block's rows (queries x the
-//    group's q heads, packed query-major) of a dot product, so one tensor-core GEMM tile serves
-//    all three modes: rows x column vectors, then a max over rows (and over a chunk's tokens):
-//      max  : columns are the raw keys of the middle, A = q, reduced per chunk of C tokens
-//      mean : columns are the mean reps,              A = q
-//      bound: columns are [kmin | kmax] (2D long),     A = [min(q, 0) | max(q, 0)], since
-//             max(q kmin, q kmax) = min(q,0) kmin + max(q,0) kmax whenever kmin <= kmax.
-//    A CTA owns one tile of BM rows and a range of chunks; row tiles of the same chunk range are
-//    adjacent in the grid so their column reads share L2. Scores leave as order-preserving
-//    uint32 keys; with several row tiles per block they meet by atomicMax in a zeroed buffer
-//    (max is exact and order-free, so the result is deterministic).
-// 2. topk_kernel, one CTA per (sequence, kv head, block): radix select (4 passes of 8 bits) finds
+// 1. chunk_scores_kernel (few rows: decode, <= 16 rows): one m16 row tile, 4 warps side by side
+//    over the columns; memory-bound, so it streams wide column tiles.
+// 2. chunk_scores_gemm_kernel (many rows: prefill blocks, exact selection): 8 warps, a CTA tile
+//    of 128 rows x 256 columns (64 x 256 when a column holds 512 elements), warp tiles of
+//    64 rows x 64 (or 32) columns, so each k16 step issues 4 A and 4 (2) B ldmatrix.x4 for
+//    32 (16) mma. Column tiles stream through a cp.async ring in slices of 64 elements; the
+//    epilogue reduces over rows in registers, then a butterfly reduce-scatter over the 8 row
+//    lanes leaves each lane the max of its own columns, which meets the other M warps in a
+//    shared atomicMax per column (per warp when the warp's columns lie in one chunk).
+// 3. topk_kernel, one CTA per (sequence, kv head, block): radix select (4 passes of 8 bits) finds
 //    the K-th largest key T and how many keys equal to T to keep; one pass in index order then
 //    keeps key > T and the lowest-index keys == T (ties go low) and writes them ascending.
 #pragma once
@@ -41,10 +50,14 @@ struct SelectParams {
   bool atomic;            // row_tiles > 1: scores was zeroed, CTAs combine by atomicMax
 };
 
-// Bound on one scoring CTA's chunk range (its per-chunk maxima live in shared memory).
+// Bound on one few-rows scoring CTA's chunk range (its per-chunk maxima live in shared memory).
 constexpr int kMaxChunksPerCta = 2048;
 
 constexpr int kScoreThreads = 128;
+
+// Rows of the many-rows (GEMM) kernel's CTA tile: its A tile of block_m x vec_len elements
+// stays in shared memory, so the longest vectors (bound, D = 256) take half the rows.
+__host__ __device__ constexpr int gemm_block_m(int vec_len) { return vec_len >= 512 ? 64 : 128; }
 
 // Host-side plan of the row tiling: row_tiles and atomic (the caller zeroes `scores` when
 // atomic). The chunk range of a CTA is chosen at launch, from the kernel's occupancy.
@@ -52,9 +65,9 @@ inline void plan_select(SelectParams& p, ScoreMode mode, int head_dim) {
   const int group = p.hq / p.hkv;
   const bool few = few_rows(p.lq, p.query_block, group);
   const int vec_len = mode == ScoreMode::kBound ? 2 * head_dim : head_dim;
-  const TileShape tile = tile_shape(few, vec_len);
+  const int block_m = few ? tile_shape(true, vec_len).block_m : gemm_block_m(vec_len);
   const int rows = (p.lq < p.query_block ? p.lq : p.query_block) * group;
-  p.row_tiles = (rows + tile.block_m - 1) / tile.block_m;
+  p.row_tiles = (rows + block_m - 1) / block_m;
   p.atomic = p.row_tiles > 1;
 }
 
@@ -63,65 +76,49 @@ __host__ __device__ constexpr int score_smem_bytes(int chunks_per_cta) {
   return (kBM * kVec + 2 * kBN * kVec) * 2 + chunks_per_cta * 4;
 }
 
-template <typename T, int D, ScoreMode kMode, int kWarpsN>
-__global__ void __launch_bounds__(kScoreThreads) chunk_scores_kernel(SelectParams p) {
-  constexpr int kVec = kMode == ScoreMode::kBound ? 2 * D : D;
-  constexpr TileShape kTile = tile_shape(kWarpsN == 4, kVec);
-  constexpr int kBM = kTile.block_m, kBN = kTile.block_n;
-  constexpr int kNW = kBN / kWarpsN;  // columns per warp
-  constexpr int kNT = kNW / 8;
-  constexpr int kChunksPerRow = kVec / 8;
-  static_assert(kTile.warps_n == kWarpsN, "tile shape and warp layout disagree");
+// What one scoring CTA owns: sequence b, kv head h, query block beta (first query q0, `rows`
+// rows), the row tile starting at row0, and chunks [j0, j1) of the middle, whose columns are
+// n_cols vectors from index col_first of the column tensor's dim 2 (tokens for "max").
+struct ScoreTile {
+  int b, h, beta, q0, rows, row0, j0, j1, n_cols;
+  int64_t col_first;
+  __device__ bool empty() const { return j0 >= j1 || row0 >= rows; }
+};
 
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  T* s_a = reinterpret_cast<T*>(smem_raw);
-  T* s_b = s_a + kBM * kVec;                                   // 2 stages of kBN x kVec
-  uint32_t* s_best = reinterpret_cast<uint32_t*>(s_b + 2 * kBN * kVec);
-
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int wm = warp / kWarpsN, wn = warp % kWarpsN;
+// Grid: x = (chunk range * n_blocks + beta) * row_tiles + row tile, y = kv head, z = sequence.
+__device__ __forceinline__ ScoreTile score_tile(const SelectParams& p, int block_m, bool tokens) {
+  ScoreTile t;
   const int rt = blockIdx.x % p.row_tiles;
-  const int beta = (blockIdx.x / p.row_tiles) % p.n_blocks;
   const int cs = blockIdx.x / (p.row_tiles * p.n_blocks);
-  const int h = blockIdx.y, b = blockIdx.z;
+  t.beta = (blockIdx.x / p.row_tiles) % p.n_blocks;
+  t.h = blockIdx.y;
+  t.b = blockIdx.z;
+  const Segments seg = segments(p.seqlens[t.b], p.lq, p.sink, p.local, p.chunk);
+  t.j0 = cs * p.chunks_per_cta;
+  t.j1 = min(seg.n_mid, t.j0 + p.chunks_per_cta);
+  t.q0 = t.beta * p.query_block;
+  t.rows = (min(p.lq, t.q0 + p.query_block) - t.q0) * (p.hq / p.hkv);
+  t.row0 = rt * block_m;
+  t.n_cols = tokens ? (t.j1 - t.j0) * p.chunk : t.j1 - t.j0;
+  t.col_first = tokens ? p.sink + static_cast<int64_t>(t.j0) * p.chunk : t.j0;
+  return t;
+}
+
+// Stages rows [row0, row0 + kRows) of the tile's query block as the A tile (kVec elements per
+// row, swizzled; bound splits q by sign). Rows at or past `rows` are zero: callers mask them out
+// of the row max.
+template <typename T, int D, ScoreMode kMode, int kRows, int kThreads>
+__device__ __forceinline__ void stage_query_rows(T* s_a, const SelectParams& p,
+                                                 const ScoreTile& t) {
+  constexpr int kVec = kMode == ScoreMode::kBound ? 2 * D : D;
   const int group = p.hq / p.hkv;
-
-  const Segments seg = segments(p.seqlens[b], p.lq, p.sink, p.local, p.chunk);
-  const int j0 = cs * p.chunks_per_cta;
-  const int j1 = min(seg.n_mid, j0 + p.chunks_per_cta);
-  const int q0 = beta * p.query_block;
-  const int rows = (min(p.lq, q0 + p.query_block) - q0) * group;
-  const int row0 = rt * kBM;
-  if (j0 >= j1 || row0 >= rows) return;
-
-  // Columns of this CTA: chunks [j0, j1) or, for "max", their keys.
-  constexpr bool kTokens = kMode == ScoreMode::kMax;
-  const int n_cols = kTokens ? (j1 - j0) * p.chunk : j1 - j0;
-  const int64_t col_first = kTokens ? p.sink + static_cast<int64_t>(j0) * p.chunk : j0;
-  const T* c_base = static_cast<const T*>(p.cols) + b * p.c_sb + h * p.c_sh + col_first * p.c_sn;
-  const int n_tiles = (n_cols + kBN - 1) / kBN;
-
-  auto load_tile = [&](int stage, int tile) {
-    T* dst = s_b + stage * kBN * kVec;
-    for (int id = tid; id < kBN * kChunksPerRow; id += kScoreThreads) {
-      const int r = id / kChunksPerRow, ch = id % kChunksPerRow;
-      const int c = tile * kBN + r;
-      const bool valid = c < n_cols;
-      cp_async_16(dst + swz<kVec>(r, ch * 8), c_base + (valid ? c : 0) * p.c_sn + ch * 8, valid);
-    }
-    cp_async_commit();
-  };
-
-  load_tile(0, 0);  // in flight while the A tile is built
-
-  // A tile: rows (query-major: row = query * group + head) x kVec.
-  const T* q_base = static_cast<const T*>(p.q) + b * p.q_sb;
-  for (int id = tid; id < kBM * (D / 8); id += kScoreThreads) {
+  const T* q_base = static_cast<const T*>(p.q) + t.b * p.q_sb;
+  for (int id = threadIdx.x; id < kRows * (D / 8); id += kThreads) {
     const int r = id / (D / 8), ch = id % (D / 8);
-    const int gr = row0 + r;
+    const int gr = t.row0 + r;
     uint4 raw = make_uint4(0, 0, 0, 0);
-    if (gr < rows) {
-      const int head = h * group + gr % group, query = q0 + gr / group;
+    if (gr < t.rows) {
+      const int head = t.h * group + gr % group, query = t.q0 + gr / group;
       raw = *reinterpret_cast<const uint4*>(q_base + head * p.q_sh + query * p.q_sl + ch * 8);
     }
     if constexpr (kMode == ScoreMode::kBound) {
@@ -142,11 +139,69 @@ __global__ void __launch_bounds__(kScoreThreads) chunk_scores_kernel(SelectParam
       *reinterpret_cast<uint4*>(s_a + swz<kVec>(r, ch * 8)) = raw;
     }
   }
-  for (int i = tid; i < j1 - j0; i += kScoreThreads) s_best[i] = 0u;
+}
+
+// Writes the CTA's per-chunk maxima (call after a barrier): a plain store with one row tile
+// per block, else an atomicMax into the zeroed buffer.
+template <int kThreads>
+__device__ __forceinline__ void store_chunk_maxima(const SelectParams& p, const ScoreTile& t,
+                                                   const uint32_t* s_best) {
+  uint32_t* dst =
+      p.scores + ((static_cast<int64_t>(t.b) * p.hkv + t.h) * p.n_blocks + t.beta) * p.n_cols;
+  for (int i = threadIdx.x; i < t.j1 - t.j0; i += kThreads) {
+    if (p.atomic) {
+      atomicMax(dst + t.j0 + i, s_best[i]);
+    } else {
+      dst[t.j0 + i] = s_best[i];
+    }
+  }
+}
+
+template <typename T, int D, ScoreMode kMode, int kWarpsN>
+__global__ void __launch_bounds__(kScoreThreads) chunk_scores_kernel(SelectParams p) {
+  constexpr int kVec = kMode == ScoreMode::kBound ? 2 * D : D;
+  constexpr TileShape kTile = tile_shape(kWarpsN == 4, kVec);
+  constexpr int kBM = kTile.block_m, kBN = kTile.block_n;
+  constexpr int kNW = kBN / kWarpsN;  // columns per warp
+  constexpr int kNT = kNW / 8;
+  constexpr int kChunksPerRow = kVec / 8;
+  static_assert(kTile.warps_n == kWarpsN, "tile shape and warp layout disagree");
+
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* s_a = reinterpret_cast<T*>(smem_raw);
+  T* s_b = s_a + kBM * kVec;                                   // 2 stages of kBN x kVec
+  uint32_t* s_best = reinterpret_cast<uint32_t*>(s_b + 2 * kBN * kVec);
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int wm = warp / kWarpsN, wn = warp % kWarpsN;
+  constexpr bool kTokens = kMode == ScoreMode::kMax;
+  const ScoreTile t = score_tile(p, kBM, kTokens);
+  if (t.empty()) return;
+
+  // Columns of this CTA: chunks [j0, j1) or, for "max", their keys.
+  const int n_cols = t.n_cols;
+  const T* c_base =
+      static_cast<const T*>(p.cols) + t.b * p.c_sb + t.h * p.c_sh + t.col_first * p.c_sn;
+  const int n_tiles = (n_cols + kBN - 1) / kBN;
+
+  auto load_tile = [&](int stage, int tile) {
+    T* dst = s_b + stage * kBN * kVec;
+    for (int id = tid; id < kBN * kChunksPerRow; id += kScoreThreads) {
+      const int r = id / kChunksPerRow, ch = id % kChunksPerRow;
+      const int c = tile * kBN + r;
+      const bool valid = c < n_cols;
+      cp_async_16(dst + swz<kVec>(r, ch * 8), c_base + (valid ? c : 0) * p.c_sn + ch * 8, valid);
+    }
+    cp_async_commit();
+  };
+
+  load_tile(0, 0);  // in flight while the A tile is built
+  stage_query_rows<T, D, kMode, kBM, kScoreThreads>(s_a, p, t);
+  for (int i = tid; i < t.j1 - t.j0; i += kScoreThreads) s_best[i] = 0u;
 
   const int g = lane >> 2, t4 = lane & 3;
-  const bool row_a_ok = row0 + wm * 16 + g < rows;
-  const bool row_b_ok = row0 + wm * 16 + g + 8 < rows;
+  const bool row_a_ok = t.row0 + wm * 16 + g < t.rows;
+  const bool row_b_ok = t.row0 + wm * 16 + g + 8 < t.rows;
   for (int tile = 0; tile < n_tiles; ++tile) {
     const int stage = tile & 1;
     cp_async_wait<0>();
@@ -169,15 +224,205 @@ __global__ void __launch_bounds__(kScoreThreads) chunk_scores_kernel(SelectParam
     }
   }
   __syncthreads();
+  store_chunk_maxima<kScoreThreads>(p, t, s_best);
+}
 
-  uint32_t* dst = p.scores + ((static_cast<int64_t>(b) * p.hkv + h) * p.n_blocks + beta) * p.n_cols;
-  for (int i = tid; i < j1 - j0; i += kScoreThreads) {
-    if (p.atomic) {
-      atomicMax(dst + j0 + i, s_best[i]);
+// Shapes of the many-rows kernel for column vectors of kVec elements: 8 warps, kWarpsM x
+// kWarpsN, each owning 64 rows x kWN columns of the kBM x kBN CTA tile. Column tiles arrive in
+// slices of kKStep elements through a ring of kStages buffers. Shared memory (A tile, ring,
+// per-chunk maxima) stays within 160 KB so that sm_80 (163 KB per CTA) runs the same tiles.
+template <int kVec>
+struct GemmTile {
+  static constexpr int kThreads = 256;
+  static constexpr int kBM = gemm_block_m(kVec);
+  static constexpr int kBN = 256;
+  static constexpr int kWM = 64;
+  static constexpr int kWarpsM = kBM / kWM;
+  static constexpr int kWarpsN = kThreads / 32 / kWarpsM;
+  static constexpr int kWN = kBN / kWarpsN;
+  static constexpr int kKStep = 64;
+  static constexpr int kKSteps = kVec / kKStep;
+  static constexpr int kMaxChunks = 4096;  // a CTA's chunk range (its maxima live in shared memory)
+  static constexpr int kABytes = kBM * kVec * 2;
+  static constexpr int kSliceBytes = kBN * kKStep * 2;
+  static constexpr int kStages =
+      kABytes + 3 * kSliceBytes + kMaxChunks * 4 <= 160 * 1024 ? 3 : 2;
+  static constexpr int kFixedSmem = kABytes + kStages * kSliceBytes;  // + 4 bytes per chunk
+  static_assert(kVec % kKStep == 0 && kBN * kKStep / 8 % kThreads == 0, "slice shape");
+};
+
+// One step of a butterfly reduce-scatter of a max over the lanes that differ in `lane_bit`:
+// the lower lane keeps values [0, kHalf), the upper one [kHalf, 2 kHalf), each taking the max
+// with its partner's copy; both end with their kept half in v[0, kHalf).
+template <int kHalf>
+__device__ __forceinline__ void max_fold(float* v, int lane, int lane_bit) {
+  const bool upper = lane & lane_bit;
+#pragma unroll
+  for (int i = 0; i < kHalf; ++i) {
+    const float keep = upper ? v[i + kHalf] : v[i];
+    const float give = upper ? v[i] : v[i + kHalf];
+    v[i] = fmaxf(keep, __shfl_xor_sync(0xffffffffu, give, lane_bit));
+  }
+}
+
+template <typename T, int D, ScoreMode kMode>
+__global__ void __launch_bounds__(256, 1) chunk_scores_gemm_kernel(SelectParams p) {
+  constexpr int kVec = kMode == ScoreMode::kBound ? 2 * D : D;
+  using G = GemmTile<kVec>;
+  constexpr int kMT = G::kWM / 16, kNT = G::kWN / 8;
+  // A thread's accumulators cover 2 * kNT columns; after the reduce-scatter over the 8 row
+  // lanes (lane bits 4, 3, 2) each lane owns kPerLane of the warp's kWN columns.
+  constexpr int kPerLane = kNT / 4;
+  static_assert(G::kThreads == 256 && kNT % 4 == 0, "warp layout and reduce-scatter disagree");
+  constexpr bool kTokens = kMode == ScoreMode::kMax;
+
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* s_a = reinterpret_cast<T*>(smem_raw);
+  T* s_b = s_a + G::kBM * kVec;
+  uint32_t* s_best = reinterpret_cast<uint32_t*>(s_b + G::kStages * G::kBN * G::kKStep);
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int wm = warp / G::kWarpsN, wn = warp % G::kWarpsN;
+  const ScoreTile t = score_tile(p, G::kBM, kTokens);
+  if (t.empty()) return;
+
+  const int n_cols = t.n_cols;
+  const T* c_base =
+      static_cast<const T*>(p.cols) + t.b * p.c_sb + t.h * p.c_sh + t.col_first * p.c_sn;
+  const int n_steps = (n_cols + G::kBN - 1) / G::kBN * G::kKSteps;  // (column tile, slice)
+
+  auto load_step = [&](int step) {
+    T* dst = s_b + (step % G::kStages) * (G::kBN * G::kKStep);
+    const int tile = step / G::kKSteps, k0 = step % G::kKSteps * G::kKStep;
+    constexpr int kPieces = G::kKStep / 8;
+#pragma unroll
+    for (int i = 0; i < G::kBN * kPieces / G::kThreads; ++i) {
+      const int id = tid + i * G::kThreads;
+      const int r = id / kPieces, ch = id % kPieces;
+      const int c = tile * G::kBN + r;
+      const bool valid = c < n_cols;
+      cp_async_16(dst + swz<G::kKStep>(r, ch * 8),
+                  c_base + (valid ? c : 0) * p.c_sn + k0 + ch * 8, valid);
+    }
+  };
+
+  // The first kStages - 1 slices fly while the A tile is built. Every iteration commits one
+  // group (empty past the end), so wait_group counts stay uniform.
+#pragma unroll
+  for (int s = 0; s < G::kStages - 1; ++s) {
+    if (s < n_steps) load_step(s);
+    cp_async_commit();
+  }
+  stage_query_rows<T, D, kMode, G::kBM, G::kThreads>(s_a, p, t);
+  for (int i = tid; i < t.j1 - t.j0; i += G::kThreads) s_best[i] = 0u;
+
+  const int g = lane >> 2, t4 = lane & 3;
+  const int warp_row0 = t.row0 + wm * G::kWM;
+  const bool ragged = warp_row0 + G::kWM > t.rows;  // zero rows of A must not lift a max
+  float acc[kMT][kNT][4];
+  for (int step = 0; step < n_steps; ++step) {
+    cp_async_wait<G::kStages - 2>();
+    __syncthreads();  // slice `step` landed for all; the buffer refilled below is free
+    if (step + G::kStages - 1 < n_steps) load_step(step + G::kStages - 1);
+    cp_async_commit();
+
+    const int ks = step % G::kKSteps;
+    if (ks == 0) {
+#pragma unroll
+      for (int mt = 0; mt < kMT; ++mt) {
+#pragma unroll
+        for (int nt = 0; nt < kNT; ++nt) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) acc[mt][nt][e] = 0.f;
+        }
+      }
+    }
+    const T* sb = s_b + (step % G::kStages) * (G::kBN * G::kKStep);
+#pragma unroll
+    for (int kk = 0; kk < G::kKStep / 16; ++kk) {
+      uint32_t a[kMT][4];
+#pragma unroll
+      for (int mt = 0; mt < kMT; ++mt) {
+        ldmatrix_x4(a[mt], s_a + swz<kVec>(wm * G::kWM + mt * 16 + (lane & 15),
+                                           ks * G::kKStep + kk * 16 + (lane >> 4) * 8));
+      }
+#pragma unroll
+      for (int np = 0; np < kNT / 2; ++np) {
+        uint32_t bf[4];
+        ldmatrix_x4(bf, sb + swz<G::kKStep>(wn * G::kWN + np * 16 + (lane & 7) + ((lane >> 4) << 3),
+                                            kk * 16 + ((lane >> 3) & 1) * 8));
+#pragma unroll
+        for (int mt = 0; mt < kMT; ++mt) {
+          mma_16816<T>(acc[mt][2 * np], a[mt], bf[0], bf[1]);
+          mma_16816<T>(acc[mt][2 * np + 1], a[mt], bf[2], bf[3]);
+        }
+      }
+    }
+    if (ks != G::kKSteps - 1) continue;
+
+    // Epilogue of column tile step / kKSteps: fragment rows are g and g + 8 of each m16 tile,
+    // columns nt * 8 + 2 * t4 + {0, 1}.
+    if (ragged) {
+#pragma unroll
+      for (int mt = 0; mt < kMT; ++mt) {
+        const bool lo = warp_row0 + mt * 16 + g < t.rows;
+        const bool hi = warp_row0 + mt * 16 + g + 8 < t.rows;
+#pragma unroll
+        for (int nt = 0; nt < kNT; ++nt) {
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            if (!lo) acc[mt][nt][e] = -INFINITY;
+            if (!hi) acc[mt][nt][e + 2] = -INFINITY;
+          }
+        }
+      }
+    }
+    float v[2 * kNT];  // v[2 nt + e]: column nt * 8 + 2 * t4 + e
+#pragma unroll
+    for (int nt = 0; nt < kNT; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        float m = fmaxf(acc[0][nt][e], acc[0][nt][e + 2]);
+#pragma unroll
+        for (int mt = 1; mt < kMT; ++mt) m = fmaxf(m, fmaxf(acc[mt][nt][e], acc[mt][nt][e + 2]));
+        v[2 * nt + e] = m;
+      }
+    }
+    max_fold<kNT>(v, lane, 16);
+    max_fold<kNT / 2>(v, lane, 8);
+    max_fold<kNT / 4>(v, lane, 4);
+    // Lane (g, t4) now holds v[i] = the max over the warp's rows of value g * kPerLane + i.
+    const int warp_col0 = step / G::kKSteps * G::kBN + wn * G::kWN;
+    auto column = [&](int i) {
+      const int x = g * kPerLane + i;
+      return warp_col0 + (x >> 1) * 8 + 2 * t4 + (x & 1);
+    };
+    if constexpr (kTokens) {
+      const int first = warp_col0 / p.chunk;
+      if (warp_col0 + G::kWN <= n_cols && (warp_col0 + G::kWN - 1) / p.chunk == first) {
+        float m = v[0];
+#pragma unroll
+        for (int i = 1; i < kPerLane; ++i) m = fmaxf(m, v[i]);
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+        if (lane == 0) atomicMax(&s_best[first], float_to_key(m));
+      } else {  // the warp's columns straddle chunks or run past the last one
+#pragma unroll
+        for (int i = 0; i < kPerLane; ++i) {
+          const int c = column(i);
+          if (c < n_cols) atomicMax(&s_best[c / p.chunk], float_to_key(v[i]));
+        }
+      }
     } else {
-      dst[j0 + i] = s_best[i];
+#pragma unroll
+      for (int i = 0; i < kPerLane; ++i) {
+        const int c = column(i);
+        if (c < n_cols) atomicMax(&s_best[c], float_to_key(v[i]));
+      }
     }
   }
+  __syncthreads();
+  store_chunk_maxima<G::kThreads>(p, t, s_best);
 }
 
 // Exclusive prefix count of `flag` over the CTA in thread order; `total` gets the CTA's sum.
@@ -299,40 +544,56 @@ __global__ void __launch_bounds__(kThreads) topk_kernel(SelectParams p, bool sta
   }
 }
 
-template <typename T, int D, ScoreMode kMode, int kWarpsN>
-cudaError_t launch_chunk_scores(const SelectParams& plan, cudaStream_t stream) {
-  constexpr int kVec = kMode == ScoreMode::kBound ? 2 * D : D;
-  constexpr TileShape kTile = tile_shape(kWarpsN == 4, kVec);
-  constexpr int kMaxSmem = score_smem_bytes<kVec, kTile.block_m, kTile.block_n>(kMaxChunksPerCta);
-  auto kernel = chunk_scores_kernel<T, D, kMode, kWarpsN>;
+// Launches a scoring kernel as one wave of equal CTAs: every (sequence, head, block, row tile)
+// is split into chunk ranges so that all CTAs fit on the GPU at once, with at least one column
+// tile each. A second, partly filled wave would leave most SMs idle at the end of a
+// memory-bound decode step. Dynamic shared memory: fixed_smem + 4 bytes per chunk of the range.
+template <typename Kernel>
+cudaError_t launch_scores_one_wave(Kernel kernel, const SelectParams& plan, int threads,
+                                   int fixed_smem, int block_n, int max_chunks,
+                                   int cols_per_chunk, cudaStream_t stream) {
+  const int max_smem = fixed_smem + max_chunks * 4;
   cudaError_t err =
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kMaxSmem);
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, max_smem);
   if (err != cudaSuccess) return err;
   int device = 0, sms = 0, per_sm = 0;
   if ((err = cudaGetDevice(&device)) != cudaSuccess) return err;
   if ((err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device)) != cudaSuccess)
     return err;
-  err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kScoreThreads, kMaxSmem);
+  err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, max_smem);
   if (err != cudaSuccess) return err;
 
-  // One wave of equal CTAs: split every (sequence, head, block, row tile) into chunk ranges
-  // so that all CTAs fit on the GPU at once, with at least one column tile each. A second,
-  // partly filled wave would leave most SMs idle at the end of a memory-bound decode step.
   SelectParams p = plan;
   const int64_t slots = static_cast<int64_t>(per_sm > 0 ? per_sm : 1) * sms;
-  const int cols_per_chunk = kMode == ScoreMode::kMax ? p.chunk : 1;
   const int64_t col_tiles =
-      (static_cast<int64_t>(p.n_cols) * cols_per_chunk + kTile.block_n - 1) / kTile.block_n;
+      (static_cast<int64_t>(p.n_cols) * cols_per_chunk + block_n - 1) / block_n;
   const int64_t units = static_cast<int64_t>(p.batch) * p.hkv * p.n_blocks * p.row_tiles;
   const int64_t splits_wanted = std::max<int64_t>(1, slots / std::max<int64_t>(1, units));
   const int64_t tiles_per_cta = std::max<int64_t>(1, (col_tiles + splits_wanted - 1) / splits_wanted);
-  const int64_t chunks = (tiles_per_cta * kTile.block_n + cols_per_chunk - 1) / cols_per_chunk;
-  p.chunks_per_cta = static_cast<int>(std::min<int64_t>(std::max<int64_t>(chunks, 1), kMaxChunksPerCta));
+  const int64_t chunks = (tiles_per_cta * block_n + cols_per_chunk - 1) / cols_per_chunk;
+  p.chunks_per_cta = static_cast<int>(std::min<int64_t>(std::max<int64_t>(chunks, 1), max_chunks));
   p.col_splits = (p.n_cols + p.chunks_per_cta - 1) / p.chunks_per_cta;
-  const int smem = score_smem_bytes<kVec, kTile.block_m, kTile.block_n>(p.chunks_per_cta);
   const dim3 grid(p.col_splits * p.n_blocks * p.row_tiles, p.hkv, p.batch);
-  kernel<<<grid, kScoreThreads, smem, stream>>>(p);
+  kernel<<<grid, threads, fixed_smem + p.chunks_per_cta * 4, stream>>>(p);
   return cudaGetLastError();
+}
+
+template <typename T, int D, ScoreMode kMode, int kWarpsN>
+cudaError_t launch_chunk_scores(const SelectParams& plan, cudaStream_t stream) {
+  constexpr int kVec = kMode == ScoreMode::kBound ? 2 * D : D;
+  constexpr TileShape kTile = tile_shape(kWarpsN == 4, kVec);
+  return launch_scores_one_wave(chunk_scores_kernel<T, D, kMode, kWarpsN>, plan, kScoreThreads,
+                                score_smem_bytes<kVec, kTile.block_m, kTile.block_n>(0),
+                                kTile.block_n, kMaxChunksPerCta,
+                                kMode == ScoreMode::kMax ? plan.chunk : 1, stream);
+}
+
+template <typename T, int D, ScoreMode kMode>
+cudaError_t launch_chunk_scores_gemm(const SelectParams& plan, cudaStream_t stream) {
+  using G = GemmTile<kMode == ScoreMode::kBound ? 2 * D : D>;
+  return launch_scores_one_wave(chunk_scores_gemm_kernel<T, D, kMode>, plan, G::kThreads,
+                                G::kFixedSmem, G::kBN, G::kMaxChunks,
+                                kMode == ScoreMode::kMax ? plan.chunk : 1, stream);
 }
 
 // Scores (when any middle chunk can exist) then top-k. `p.scores` must be zeroed by the
@@ -346,15 +607,15 @@ cudaError_t launch_select_chunks(const SelectParams& p, ScoreMode mode, cudaStre
     switch (mode) {
       case ScoreMode::kMax:
         err = few ? launch_chunk_scores<T, D, ScoreMode::kMax, 4>(p, stream)
-                  : launch_chunk_scores<T, D, ScoreMode::kMax, 1>(p, stream);
+                  : launch_chunk_scores_gemm<T, D, ScoreMode::kMax>(p, stream);
         break;
       case ScoreMode::kBound:
         err = few ? launch_chunk_scores<T, D, ScoreMode::kBound, 4>(p, stream)
-                  : launch_chunk_scores<T, D, ScoreMode::kBound, 1>(p, stream);
+                  : launch_chunk_scores_gemm<T, D, ScoreMode::kBound>(p, stream);
         break;
       case ScoreMode::kMean:
         err = few ? launch_chunk_scores<T, D, ScoreMode::kMean, 4>(p, stream)
-                  : launch_chunk_scores<T, D, ScoreMode::kMean, 1>(p, stream);
+                  : launch_chunk_scores_gemm<T, D, ScoreMode::kMean>(p, stream);
         break;
     }
     if (err != cudaSuccess) return err;
