@@ -270,7 +270,7 @@ def _best_first(scores: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 def _candidate_scores(q, k_shard, reps, cand, shard_sink, chunk, rep, query_block):
     """Exact scores of shard-local chunk ids ``cand`` [B, Hkv, n_blocks, K] (-1: none).
 
-    Same arithmetic as reference.chunk_scores_ref, restricted to the candidates; returns
+    reference.rep_scores over the candidates (chunk_scores_ref's arithmetic); returns
     fp32 (fp64 for fp64 input) [B, Hkv, n_blocks, K], -inf where ``cand`` is -1.
     """
     b_, hq, _, d = q.shape
@@ -285,16 +285,12 @@ def _candidate_scores(q, k_shard, reps, cand, shard_sink, chunk, rep, query_bloc
         cb = cand[:, :, beta]  # [B, Hkv, K]
         if rep == "max":
             tok = (shard_sink + cb[..., None] * chunk + offs).flatten(2)  # [B, Hkv, K*C]
-            keys = k_shard.gather(2, tok[..., None].expand(-1, -1, -1, d)).to(acc)
-            sc = (qs @ keys.transpose(-1, -2)).unflatten(-1, (cb.shape[-1], chunk)).amax(-1)
+            cols = k_shard.gather(2, tok[..., None].expand(-1, -1, -1, d))
         elif rep == "bound":
-            r = reps.gather(2, cb[..., None, None].expand(-1, -1, -1, 2, d)).to(acc)
-            qd = qs[:, :, :, None, :]
-            sc = torch.maximum(qd * r[:, :, None, :, 0], qd * r[:, :, None, :, 1]).sum(-1)
+            cols = reps.gather(2, cb[..., None, None].expand(-1, -1, -1, 2, d))
         else:
-            mean = reps.gather(2, cb[..., None].expand(-1, -1, -1, d)).to(acc)
-            sc = qs @ mean.transpose(-1, -2)
-        out[:, :, beta] = sc.amax(2)
+            cols = reps.gather(2, cb[..., None].expand(-1, -1, -1, d))
+        out[:, :, beta] = reference.rep_scores(qs, cols.to(acc), rep, chunk).amax(2)
     return out.masked_fill(~valid, -math.inf)
 
 

@@ -136,6 +136,30 @@ def _block_ranges(lq: int, query_block: int) -> list[tuple[int, int]]:
     return [(s, min(lq, s + query_block)) for s in range(0, lq, query_block)]
 
 
+def rep_scores(qs: torch.Tensor, cols: torch.Tensor, mode: str, chunk: int) -> torch.Tensor:
+    """Score of every (row, chunk) pair before the max over rows.
+
+    Parameters
+    ----------
+    qs : [..., R, D] query rows, in the accumulation dtype.
+    cols : the chunks, in the same dtype: "max" their raw keys [..., M * chunk, D], "bound"
+        [..., M, 2, D] (min, max), "mean" [..., M, D].
+
+    Returns
+    -------
+    [..., R, M]: "max" max_t q.k_t over the chunk's keys, "bound" sum_d max(q_d kmin_d,
+    q_d kmax_d), "mean" q.mean.
+    """
+    if mode == "max":
+        return (qs @ cols.transpose(-1, -2)).unflatten(-1, (-1, chunk)).amax(-1)
+    if mode == "bound":
+        qd = qs[..., :, None, :]
+        return torch.maximum(qd * cols[..., None, :, 0, :], qd * cols[..., None, :, 1, :]).sum(-1)
+    if mode == "mean":
+        return qs @ cols.transpose(-1, -2)
+    raise ValueError(f"mode must be 'max', 'bound' or 'mean', got {mode!r}")
+
+
 def chunk_scores_ref(q: torch.Tensor, k_cache: torch.Tensor, reps: torch.Tensor | None,
                      cache_seqlens: torch.Tensor | None, sink: int, local: int, chunk: int,
                      mode: str, query_block: int) -> torch.Tensor:
@@ -163,24 +187,12 @@ def chunk_scores_ref(q: torch.Tensor, k_cache: torch.Tensor, reps: torch.Tensor 
         if m == 0:
             continue
         for h in range(hkv):
-            if mode == "max":
-                keys = k_cache[b, h, sink: sink + m * chunk].to(acc)  # [M*C, D]
-            elif mode == "bound":
-                kmin, kmax = reps[b, h, :m, 0].to(acc), reps[b, h, :m, 1].to(acc)  # [M, D]
-            elif mode == "mean":
-                mean = reps[b, h, :m].to(acc)
-            else:
-                raise ValueError(f"mode must be 'max', 'bound' or 'mean', got {mode!r}")
+            # [M*C, D] raw keys of the middle, or the first M reps
+            cols = (k_cache[b, h, sink: sink + m * chunk] if mode == "max" else reps[b, h, :m])
+            cols = cols.to(acc)
             for beta, (s, e) in enumerate(blocks):
                 qs = q[b, h * g:(h + 1) * g, s:e].reshape(-1, d).to(acc)  # [G*nq, D]
-                if mode == "max":
-                    sc = (qs @ keys.T).reshape(-1, m, chunk).amax(dim=2)
-                elif mode == "bound":
-                    qd = qs[:, None, :]
-                    sc = torch.maximum(qd * kmin[None], qd * kmax[None]).sum(dim=2)
-                else:
-                    sc = qs @ mean.T
-                out[b, h, beta, :m] = sc.amax(dim=0)
+                out[b, h, beta, :m] = rep_scores(qs, cols, mode, chunk).amax(dim=0)
     return out
 
 
