@@ -1,0 +1,419 @@
+// gather_attention, many-rows layout (query blocks of more than 16 rows): FlashAttention-2 shape.
+//
+// One CTA of 8 warps owns (sequence b, kv head h, query block beta, a tile of kBM = 128 rows,
+// a split of the gathered keys); warp w owns rows 16w..16w+15 of the tile (row = query * group
+// + head, as in gather_attention_kernel) with its own online softmax, so no cross-warp merge.
+// Q is rotated once and, for D <= 128, kept in registers as mma A fragments. K/V tiles of kBN
+// gathered keys (key_token(): sink, the chunks of idx, local) go through a ring of kStages
+// cp.async stages with one barrier per tile: past it the CTA issues the copy of tile
+// t + kStages - 1, rotates tile t + 1 in place and runs S = Q K^T, the exp2-domain online
+// softmax and P V on tile t, so one tile's rotation overlaps the tensor-core work on the
+// previous one across warps. RoPE at compact positions reads (cos, sin) * rope_scale from a
+// table filled once per call by rope_table_kernel with the same sincosf on the same fp32
+// angle, hence bit-identical to computing it in place; positions past the table and original
+// positions (any token, angles up to ~1e6 rad) call sincosf. Masking compares original
+// positions (padding rows -1, tail keys INT_MAX); local keys after the CTA's last query are
+// invisible to all its rows, so their tiles are skipped. Outputs and lse are written as
+// gather_attention_kernel writes them (o_part/lse_part when the keys are split).
+//
+// Included by gather_attention.cuh after AttnParams and rope_pair.
+#pragma once
+
+#include <climits>
+#include <cstdint>
+
+#include "gather_attention.cuh"
+
+namespace reattention::kernels {
+
+constexpr int kPrefillThreads = 256;
+// Positions covered by the RoPE table (larger ones fall back to sincosf): 32 MiB at R/2 = 64.
+constexpr int64_t kRopeTableMaxPositions = int64_t{1} << 16;
+
+template <int D>
+struct PrefillShape {
+  static constexpr int kBM = 128;                    // rows per CTA, 16 per warp
+  static constexpr int kBN = D >= 256 ? 32 : 64;     // keys per tile
+  static constexpr int kStages = D >= 256 ? 3 : 4;  // K/V tiles in the ring
+  static constexpr bool kQInRegs = D <= 128;         // D = 256 rereads Q from shared memory
+  static constexpr int kMinBlocks = D <= 64 ? 2 : 1;  // CTAs per SM (shared memory allows it)
+};
+
+// Shared memory: Q tile, kStages K tiles, kStages V tiles, key positions, inverse frequencies.
+template <int D>
+__host__ __device__ constexpr int prefill_smem_bytes() {
+  using S = PrefillShape<D>;
+  return S::kBM * D * 2 + 2 * S::kStages * S::kBN * D * 2 + S::kStages * S::kBN * 4 + (D / 2) * 4;
+}
+
+// Longest gathered sequence any length in [Lq, Nmax] can produce (static shapes only). Compact
+// positions of keys and queries are gathered indices, so they all lie below it.
+inline int64_t gathered_keys_max(const AttnParams& p) {
+  const int64_t local_max = static_cast<int64_t>(p.lq) + p.local + p.chunk - 1;
+  return (p.sink < p.nmax ? p.sink : p.nmax) + static_cast<int64_t>(p.topk) * p.chunk +
+         (local_max < p.nmax ? local_max : p.nmax);
+}
+
+// Rows of the RoPE table the many-rows path uses (0: none, every angle through sincosf).
+inline int rope_table_positions(const AttnParams& p) {
+  if (!p.compact || p.half_rot == 0 || few_rows(p.lq, p.query_block, p.hq / p.hkv)) return 0;
+  const int64_t n = gathered_keys_max(p);
+  return static_cast<int>(n < kRopeTableMaxPositions ? n : kRopeTableMaxPositions);
+}
+
+// float2 elements of the RoPE table workspace the launcher must allocate ([positions, R/2]).
+inline int64_t rope_table_elems(const AttnParams& p) {
+  return static_cast<int64_t>(rope_table_positions(p)) * p.half_rot;
+}
+
+// (cos, sin) * rope_scale of angle fl(pos * inv_freq) for frequency i: from the table when pos
+// is in it, else computed exactly as the table was.
+__device__ __forceinline__ float2 rope_cos_sin(int pos, int i, const float2* __restrict__ table,
+                                               int n_pos, int half_rot, float inv_freq,
+                                               float rope_scale) {
+  if (static_cast<unsigned>(pos) < static_cast<unsigned>(n_pos)) {
+    return __ldg(table + static_cast<int64_t>(pos) * half_rot + i);
+  }
+  float s, c;
+  sincosf(static_cast<float>(pos) * inv_freq, &s, &c);
+  return make_float2(c * rope_scale, s * rope_scale);
+}
+
+__device__ __forceinline__ void rope_apply(float& x0, float& x1, float2 cs) {
+  const float y0 = x0 * cs.x - x1 * cs.y;
+  const float y1 = x1 * cs.x + x0 * cs.y;
+  x0 = y0;
+  x1 = y1;
+}
+
+// table[pos * R/2 + i] = (cos, sin)(fl(pos * inv_freq[i])) * rope_scale for pos < n_pos.
+__global__ void rope_table_kernel(float2* table, const float* inv_freq, int n_pos, int half_rot,
+                                  float rope_scale) {
+  const int64_t n = static_cast<int64_t>(n_pos) * half_rot;
+  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < n;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int pos = static_cast<int>(e / half_rot), i = static_cast<int>(e % half_rot);
+    table[e] = rope_cos_sin(pos, i, nullptr, 0, half_rot, inv_freq[i], rope_scale);
+  }
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kPrefillThreads, PrefillShape<D>::kMinBlocks)
+    gather_attention_prefill_kernel(AttnParams p, const float2* __restrict__ table, int n_pos) {
+  using Shape = PrefillShape<D>;
+  constexpr int kBM = Shape::kBM, kBN = Shape::kBN, kStages = Shape::kStages;
+  constexpr int kNT = kBN / 8;  // 8-wide key column tiles of S
+  constexpr int kDT = D / 8;    // 8-wide output column tiles
+  constexpr int kKT = D / 16;   // k16 steps of Q K^T
+  static_assert(kBM == 16 * (kPrefillThreads / 32), "one m16 row tile per warp");
+  static_assert(kStages >= 3, "the ring holds the tile in use, the one rotated and one in flight");
+
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* s_q = reinterpret_cast<T*>(smem_raw);
+  T* s_k = s_q + kBM * D;
+  T* s_v = s_k + kStages * kBN * D;
+  int* s_kpos = reinterpret_cast<int*>(s_v + kStages * kBN * D);
+  float* s_invf = reinterpret_cast<float*>(s_kpos + kStages * kBN);
+  __shared__ int s_nsel;
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int rt = blockIdx.x % p.row_tiles, beta = blockIdx.x / p.row_tiles;
+  const int h = blockIdx.y / p.num_splits, split = blockIdx.y % p.num_splits;
+  const int b = blockIdx.z;
+  const int group = p.hq / p.hkv;
+  const int q0 = beta * p.query_block;
+  const int rows = (min(p.lq, q0 + p.query_block) - q0) * group;
+  const int row0 = rt * kBM;
+  if (row0 >= rows) return;
+
+  const int n = p.seqlens[b];
+  const Segments seg = segments(n, p.lq, p.sink, p.local, p.chunk);
+  const int p0 = n - p.lq;
+  const int* sel = p.idx + b * p.i_sb + h * p.i_sh + beta * p.i_sblk;
+  if (tid == 0) s_nsel = 0;
+  __syncthreads();
+  int mine = 0;
+  for (int i = tid; i < p.topk; i += kPrefillThreads) mine += sel[i] >= 0;
+  if (mine) atomicAdd(&s_nsel, mine);
+  for (int i = tid; i < D / 2; i += kPrefillThreads) {
+    s_invf[i] = i < p.half_rot ? p.inv_freq[i] : 0.f;
+  }
+  __syncthreads();
+  const int n_sel = s_nsel;
+  const int loc0 = seg.sink_len + n_sel * p.chunk;  // gathered index of the local window
+  const int n_keys = loc0 + max(0, n - seg.mid_end);
+  const int shift = p.sink + n_sel * p.chunk - seg.mid_end;  // compact query position - P
+  // Sink and chunk keys precede every query; local key r sits at mid_end + r - loc0, so the
+  // ones after this CTA's last query are masked for all its rows.
+  const int q_last = p0 + q0 + (min(rows, row0 + kBM) - 1) / group;
+  const int n_vis = min(n_keys, loc0 + max(0, q_last - seg.mid_end + 1));
+
+  auto key_token = [&](int r) -> int {
+    int tok;
+    if (r < seg.sink_len) {
+      tok = r;
+    } else if (r < loc0) {
+      const int c = (r - seg.sink_len) / p.chunk;
+      tok = p.sink + sel[c] * p.chunk + (r - seg.sink_len - c * p.chunk);
+    } else {
+      tok = seg.mid_end + (r - loc0);
+    }
+    return min(max(tok, 0), p.nmax - 1);  // a malformed idx cannot read outside the cache
+  };
+
+  const T* k_base = static_cast<const T*>(p.k) + b * p.k_sb + h * p.k_sh;
+  const T* v_base = static_cast<const T*>(p.v) + b * p.v_sb + h * p.v_sh;
+  auto load_tile = [&](int stage, int tile) {
+    T* sk = s_k + stage * kBN * D;
+    T* sv = s_v + stage * kBN * D;
+    for (int id = tid; id < kBN * (D / 8); id += kPrefillThreads) {
+      const int r = id / (D / 8), ch = id % (D / 8);
+      const int key = tile * kBN + r;
+      const bool valid = key < n_keys;
+      const int tok = valid ? key_token(key) : 0;
+      cp_async_16(sk + swz<D>(r, ch * 8), k_base + tok * p.k_sn + ch * 8, valid);
+      cp_async_16(sv + swz<D>(r, ch * 8), v_base + tok * p.v_sn + ch * 8, valid);
+      if (ch == 0) s_kpos[stage * kBN + r] = valid ? tok : INT_MAX;
+    }
+    cp_async_commit();
+  };
+  // Rotates the K tile of `stage` in place: all threads, one (key, pair) each per step.
+  auto rotate_tile = [&](int stage, int tile) {
+    T* sk = s_k + stage * kBN * D;
+    const int* kpos = s_kpos + stage * kBN;
+    for (int id = tid; id < kBN * (D / 2); id += kPrefillThreads) {
+      const int r = id / (D / 2), i = id % (D / 2);
+      const int key = tile * kBN + r;
+      if (i >= p.half_rot || key >= n_keys) continue;
+      int d0, d1;
+      rope_pair(i, p.half_rot, p.interleaved, d0, d1);
+      float x0 = Dtype<T>::to_float(sk[swz<D>(r, d0)]);
+      float x1 = Dtype<T>::to_float(sk[swz<D>(r, d1)]);
+      rope_apply(x0, x1, rope_cos_sin(p.compact ? key : kpos[r], i, table, n_pos, p.half_rot,
+                                      s_invf[i], p.rope_scale));
+      sk[swz<D>(r, d0)] = Dtype<T>::from_float(x0);
+      sk[swz<D>(r, d1)] = Dtype<T>::from_float(x1);
+    }
+  };
+
+  const int n_tiles = (n_vis + kBN - 1) / kBN;
+  const int t_begin = split * p.tiles_per_split;
+  const int t_end = min(n_tiles, t_begin + p.tiles_per_split);
+  // kStages - 1 tiles in flight from the start; every iteration then commits exactly one copy
+  // group (empty past the end), so "at most kStages - 3 groups pending" at the top of
+  // iteration t means tile t + 1 has landed.
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (t_begin + s < t_end) load_tile(s, t_begin + s); else cp_async_commit();
+  }
+
+  // Q rows, rotated at their (compact or original) positions, rounded once to T.
+  const T* q_base = static_cast<const T*>(p.q) + b * p.q_sb;
+  for (int id = tid; id < kBM * (D / 2); id += kPrefillThreads) {
+    const int r = id / (D / 2), i = id % (D / 2);
+    const int gr = row0 + r;
+    int d0, d1;
+    rope_pair(i, p.half_rot, p.interleaved, d0, d1);
+    float x0 = 0.f, x1 = 0.f;
+    if (gr < rows) {
+      const int head = h * group + gr % group, query = q0 + gr / group;
+      const T* qr = q_base + head * p.q_sh + query * p.q_sl;
+      x0 = Dtype<T>::to_float(qr[d0]);
+      x1 = Dtype<T>::to_float(qr[d1]);
+      const int pos = p0 + query;
+      if (i < p.half_rot) {
+        rope_apply(x0, x1, rope_cos_sin(p.compact ? pos + shift : pos, i, table, n_pos,
+                                        p.half_rot, s_invf[i], p.rope_scale));
+      }
+    }
+    s_q[swz<D>(r, d0)] = Dtype<T>::from_float(x0);
+    s_q[swz<D>(r, d1)] = Dtype<T>::from_float(x1);
+  }
+  cp_async_wait<kStages - 2>();  // tile t_begin has landed
+  __syncthreads();               // ... for every thread, and the Q tile is complete
+  if (t_begin < t_end) rotate_tile(0, t_begin);
+
+  const int g = lane >> 2, t4 = lane & 3;
+  const int ra = warp * 16 + g;  // this thread's two rows in the tile: ra and ra + 8
+  int qpos[2];
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int gr = row0 + ra + 8 * half;
+    qpos[half] = gr < rows ? p0 + q0 + gr / group : -1;
+  }
+  // A warp whose 16 rows are all padding only helps with copies and rotations.
+  const bool active = row0 + warp * 16 < rows;
+
+  uint32_t qf[Shape::kQInRegs ? kKT : 1][4];
+  if constexpr (Shape::kQInRegs) {
+#pragma unroll
+    for (int kk = 0; kk < kKT; ++kk) {
+      ldmatrix_x4(qf[kk], s_q + swz<D>(warp * 16 + (lane & 15), kk * 16 + (lane >> 4) * 8));
+    }
+  }
+
+  float o[kDT][4];
+#pragma unroll
+  for (int dt = 0; dt < kDT; ++dt) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) o[dt][e] = 0.f;
+  }
+  float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
+
+  for (int tile = t_begin; tile < t_end; ++tile) {
+    const int it = tile - t_begin;
+    cp_async_wait<kStages - 3>();
+    // Tile tile + 1 is visible, tile's rotation is complete and every warp is done with
+    // tile - 1, whose stage the next copy refills.
+    __syncthreads();
+    const int next = tile + kStages - 1;
+    if (next < t_end) load_tile((it + kStages - 1) % kStages, next); else cp_async_commit();
+    if (tile + 1 < t_end) rotate_tile((it + 1) % kStages, tile + 1);
+    if (!active) continue;
+
+    const int stage = it % kStages;
+    const T* sk = s_k + stage * kBN * D;
+    const T* sv = s_v + stage * kBN * D;
+    const int* kpos = s_kpos + stage * kBN;
+    float s[kNT][4];
+    if constexpr (Shape::kQInRegs) {
+#pragma unroll
+      for (int nt = 0; nt < kNT; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[nt][e] = 0.f;
+      }
+#pragma unroll
+      for (int kk = 0; kk < kKT; ++kk) {
+#pragma unroll
+        for (int np = 0; np < kNT / 2; ++np) {
+          uint32_t bk[4];
+          ldmatrix_x4(bk, sk + swz<D>(np * 16 + (lane & 7) + ((lane >> 4) << 3),
+                                      kk * 16 + ((lane >> 3) & 1) * 8));
+          mma_16816<T>(s[2 * np], qf[kk], bk[0], bk[1]);
+          mma_16816<T>(s[2 * np + 1], qf[kk], bk[2], bk[3]);
+        }
+      }
+    } else {
+      warp_gemm_abt<T, D, kNT>(s, s_q, warp * 16, sk, 0, lane);
+    }
+
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      float mx = -INFINITY;
+#pragma unroll
+      for (int nt = 0; nt < kNT; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          float& x = s[nt][2 * half + e];
+          x = kpos[nt * 8 + 2 * t4 + e] <= qpos[half] ? x * p.scale_log2 : -INFINITY;
+          mx = fmaxf(mx, x);
+        }
+      }
+      mx = quad_max(mx);
+      const float m_new = fmaxf(m_run[half], mx);
+      const float m_use = m_new == -INFINITY ? 0.f : m_new;  // nothing visible yet: no NaN
+      const float alpha = exp2f(m_run[half] - m_use);
+      m_run[half] = m_new;
+      float sum = 0.f;
+#pragma unroll
+      for (int nt = 0; nt < kNT; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          float& x = s[nt][2 * half + e];
+          x = exp2f(x - m_use);
+          sum += x;
+        }
+      }
+      l_run[half] = l_run[half] * alpha + sum;
+#pragma unroll
+      for (int dt = 0; dt < kDT; ++dt) {
+        o[dt][2 * half] *= alpha;
+        o[dt][2 * half + 1] *= alpha;
+      }
+    }
+
+#pragma unroll
+    for (int kk = 0; kk < kBN / 16; ++kk) {
+      uint32_t a[4];
+      a[0] = Dtype<T>::pack2(s[2 * kk][0], s[2 * kk][1]);
+      a[1] = Dtype<T>::pack2(s[2 * kk][2], s[2 * kk][3]);
+      a[2] = Dtype<T>::pack2(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+      a[3] = Dtype<T>::pack2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+#pragma unroll
+      for (int dp = 0; dp < D / 16; ++dp) {
+        uint32_t bv[4];
+        ldmatrix_x4_trans(bv, sv + swz<D>(kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8,
+                                          dp * 16 + (lane >> 4) * 8));
+        mma_16816<T>(o[2 * dp], a, bv[0], bv[1]);
+        mma_16816<T>(o[2 * dp + 1], a, bv[2], bv[3]);
+      }
+    }
+  }
+  cp_async_wait<0>();  // only empty groups can be left
+
+  // Epilogue straight from the fragments: each row lives in one warp, so (m, l, O) are final.
+  const int64_t row_stride = static_cast<int64_t>(p.lq);
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const float l = quad_sum(l_run[half]);
+    const int gr = row0 + ra + 8 * half;
+    if (gr >= rows) continue;
+    const float inv = l > 0.f ? 1.f / l : 0.f;
+    const float lse = l > 0.f ? (m_run[half] + log2f(l)) * 0.69314718055994531f : -INFINITY;
+    const int head = h * group + gr % group, query = q0 + gr / group;
+    const int64_t orow = (static_cast<int64_t>(b) * p.hq + head) * row_stride + query;
+    if (p.num_splits == 1) {
+      uint32_t* dst = reinterpret_cast<uint32_t*>(static_cast<T*>(p.out) + orow * D + 2 * t4);
+#pragma unroll
+      for (int dt = 0; dt < kDT; ++dt) {
+        dst[dt * 4] = Dtype<T>::pack2(o[dt][2 * half] * inv, o[dt][2 * half + 1] * inv);
+      }
+      if (t4 == 0) p.lse[orow] = lse;
+    } else {
+      const int64_t prow = static_cast<int64_t>(split) * p.batch * p.hq * row_stride + orow;
+      float2* dst = reinterpret_cast<float2*>(p.o_part + prow * D + 2 * t4);
+#pragma unroll
+      for (int dt = 0; dt < kDT; ++dt) {
+        dst[dt * 4] = make_float2(o[dt][2 * half] * inv, o[dt][2 * half + 1] * inv);
+      }
+      if (t4 == 0) p.lse_part[prow] = lse;
+    }
+  }
+}
+
+// Launches the many-rows kernel with its own row tiles (kBM rows) and the split count
+// plan_attention chose (the o_part/lse_part workspace is sized by it; splits left without
+// tiles write lse -inf, which merge_splits_kernel weighs as zero). rope_table: a workspace of
+// rope_table_elems(p) float2, or null to compute every angle with sincosf.
+template <typename T, int D>
+cudaError_t launch_prefill_attention(const AttnParams& p, float2* rope_table,
+                                     cudaStream_t stream) {
+  using Shape = PrefillShape<D>;
+  AttnParams a = p;
+  const int rows = (p.lq < p.query_block ? p.lq : p.query_block) * (p.hq / p.hkv);
+  a.row_tiles = (rows + Shape::kBM - 1) / Shape::kBM;
+  const int64_t tiles_max = (gathered_keys_max(p) + Shape::kBN - 1) / Shape::kBN;
+  const int64_t per = (tiles_max + p.num_splits - 1) / p.num_splits;
+  a.tiles_per_split = static_cast<int>(per < 1 ? 1 : per);
+
+  const int n_pos = rope_table != nullptr ? rope_table_positions(p) : 0;
+  if (n_pos > 0) {
+    const int64_t elems = static_cast<int64_t>(n_pos) * p.half_rot;
+    const int64_t blocks = (elems + 255) / 256;
+    rope_table_kernel<<<static_cast<unsigned>(blocks < 4096 ? blocks : 4096), 256, 0, stream>>>(
+        rope_table, p.inv_freq, n_pos, p.half_rot, p.rope_scale);
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
+
+  constexpr int smem = prefill_smem_bytes<D>();
+  auto kernel = gather_attention_prefill_kernel<T, D>;
+  cudaError_t err =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (err != cudaSuccess) return err;
+  const dim3 grid(p.n_blocks * a.row_tiles, p.hkv * p.num_splits, p.batch);
+  kernel<<<grid, kPrefillThreads, smem, stream>>>(a, rope_table, n_pos);
+  return cudaGetLastError();
+}
+
+}  // namespace reattention::kernels
