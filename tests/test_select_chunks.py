@@ -47,3 +47,24 @@ def test_select_chunks_large_topk(backend):
                                     rep="max", backend=backend)
     ref = reference.select_chunks_ref(q.cpu(), k.cpu(), None, None, 8, 16, 8, 256, "max", 1)
     assert torch.equal(idx.cpu(), ref)
+
+
+@pytest.mark.parametrize("backend", PARITY_BACKENDS)
+def test_select_chunks_many_chunks(backend, rep="bound"):
+    """2100 chunks, topk 100, two sequences: Triton's top-k goes through two levels of segment
+    sorts (2100 -> 640 -> 256 keys) and CUDA's decode scoring splits the row over many CTAs."""
+    dev = device_for(backend)
+    torch.manual_seed(2)
+    sink, chunk, local = 4, 8, 16
+    n = sink + 2100 * chunk + local + 1
+    q = torch.randn(2, 4, 1, 64, device=dev, dtype=torch.bfloat16)
+    k = torch.randn(2, 2, n, 64, device=dev, dtype=torch.bfloat16)
+    lens = torch.tensor([n, 2345], dtype=torch.int32, device=dev)
+    require(backend, q)
+    reps = reattention.chunk_reps(k, lens, sink=sink, chunk=chunk, rep=rep, backend="reference")
+    kw = dict(sink=sink, local=local, chunk=chunk, topk=100, query_block=1, rep=rep)
+    idx = reattention.select_chunks(q, k, lens, reps=reps, backend=backend, **kw)
+    cpu = [t.cpu() for t in (q, k, reps, lens)]
+    args = (*cpu, sink, local, chunk)
+    ref = reference.select_chunks_ref(*args, 100, rep, 1)
+    assert_selection_equivalent(idx, ref, reference.chunk_scores_ref(*args, rep, 1))

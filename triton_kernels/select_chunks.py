@@ -35,9 +35,11 @@ _MODES = {"max": 0, "bound": 1, "mean": 2}
 # Padding key: below every real key (a real key is >= -2^31 * 2^31).
 _PAD_KEY = -(2 ** 62) - 1
 # Top-k: level kernels sort segments of max(_SEG_MIN, 4*KP) keys; the final kernel takes rows
-# of up to max(_FINAL_MIN, 2*KP) keys in one sort (1M tokens, chunk 64: 16K scores -> 1K keys).
+# of up to max(_FINAL_MIN, 2*KP) keys in one sort. One program sorting 2048 keys took 44 us on
+# the H200 (128K tokens, chunk 64: 2000 scores) against 6.5 us for a level of 512-key segments
+# spread over many programs, so rows longer than 512 keys first go through levels.
 _SEG_MIN = 512
-_FINAL_MIN = 2048
+_FINAL_MIN = 512
 
 
 @triton.jit
