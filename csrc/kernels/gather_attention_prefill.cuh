@@ -87,11 +87,14 @@ __device__ __forceinline__ void rope_apply(float& x0, float& x1, float2 cs) {
 }
 
 // table[pos * R/2 + i] = (cos, sin)(fl(pos * inv_freq[i])) * rope_scale for pos < n_pos.
-__global__ void rope_table_kernel(float2* table, const float* inv_freq, int n_pos, int half_rot,
-                                  float rope_scale) {
+// (A template, so every instantiation file may define it: header kernels need weak linkage.)
+template <int kThreads>
+__global__ void __launch_bounds__(kThreads) rope_table_kernel(float2* table, const float* inv_freq,
+                                                              int n_pos, int half_rot,
+                                                              float rope_scale) {
   const int64_t n = static_cast<int64_t>(n_pos) * half_rot;
-  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < n;
-       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+  for (int64_t e = blockIdx.x * static_cast<int64_t>(kThreads) + threadIdx.x; e < n;
+       e += static_cast<int64_t>(gridDim.x) * kThreads) {
     const int pos = static_cast<int>(e / half_rot), i = static_cast<int>(e % half_rot);
     table[e] = rope_cos_sin(pos, i, nullptr, 0, half_rot, inv_freq[i], rope_scale);
   }
@@ -399,9 +402,11 @@ cudaError_t launch_prefill_attention(const AttnParams& p, float2* rope_table,
   const int n_pos = rope_table != nullptr ? rope_table_positions(p) : 0;
   if (n_pos > 0) {
     const int64_t elems = static_cast<int64_t>(n_pos) * p.half_rot;
-    const int64_t blocks = (elems + 255) / 256;
-    rope_table_kernel<<<static_cast<unsigned>(blocks < 4096 ? blocks : 4096), 256, 0, stream>>>(
-        rope_table, p.inv_freq, n_pos, p.half_rot, p.rope_scale);
+    constexpr int kThreads = 256;
+    const int64_t blocks = (elems + kThreads - 1) / kThreads;
+    rope_table_kernel<kThreads>
+        <<<static_cast<unsigned>(blocks < 4096 ? blocks : 4096), kThreads, 0, stream>>>(
+            rope_table, p.inv_freq, n_pos, p.half_rot, p.rope_scale);
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
