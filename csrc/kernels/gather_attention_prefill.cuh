@@ -86,6 +86,14 @@ __device__ __forceinline__ void rope_apply(float& x0, float& x1, float2 cs) {
   x1 = y1;
 }
 
+// Two T in one 32-bit word (element 0 in the low half, as Dtype<T>::pack2 stores them).
+template <typename T>
+__device__ __forceinline__ float2 unpack2(uint32_t u) {
+  T h[2];
+  memcpy(h, &u, sizeof(u));
+  return make_float2(Dtype<T>::to_float(h[0]), Dtype<T>::to_float(h[1]));
+}
+
 // table[pos * R/2 + i] = (cos, sin)(fl(pos * inv_freq[i])) * rope_scale for pos < n_pos.
 // (A template, so every instantiation file may define it: header kernels need weak linkage.)
 template <int kThreads>
@@ -180,10 +188,41 @@ __global__ void __launch_bounds__(kPrefillThreads, PrefillShape<D>::kMinBlocks)
     }
     cp_async_commit();
   };
-  // Rotates the K tile of `stage` in place: all threads, one (key, pair) each per step.
+  // Rotates the K tile of `stage` in place, all threads together. With R/2 even a step takes
+  // two adjacent pairs i, i + 1 (i even): one float4 of the table and two 32-bit shared words,
+  // (x0, x1) of each pair in the interleaved style, (x0 of both, x1 of both) in the half style.
   auto rotate_tile = [&](int stage, int tile) {
     T* sk = s_k + stage * kBN * D;
     const int* kpos = s_kpos + stage * kBN;
+    if (p.half_rot % 2 == 0) {
+      const bool il = p.interleaved;
+      for (int id = tid; id < kBN * (D / 4); id += kPrefillThreads) {
+        const int r = id / (D / 4), i = 2 * (id % (D / 4));
+        const int key = tile * kBN + r;
+        if (i >= p.half_rot || key >= n_keys) continue;
+        const int pos = p.compact ? key : kpos[r];
+        float2 cs0, cs1;
+        if (static_cast<unsigned>(pos) < static_cast<unsigned>(n_pos)) {
+          const float4 t = __ldg(reinterpret_cast<const float4*>(
+              table + static_cast<int64_t>(pos) * p.half_rot + i));
+          cs0 = make_float2(t.x, t.y);
+          cs1 = make_float2(t.z, t.w);
+        } else {
+          cs0 = rope_cos_sin(pos, i, table, 0, p.half_rot, s_invf[i], p.rope_scale);
+          cs1 = rope_cos_sin(pos, i + 1, table, 0, p.half_rot, s_invf[i + 1], p.rope_scale);
+        }
+        uint32_t* u0 = reinterpret_cast<uint32_t*>(sk + swz<D>(r, il ? 2 * i : i));
+        uint32_t* u1 = il ? u0 + 1 : reinterpret_cast<uint32_t*>(sk + swz<D>(r, i + p.half_rot));
+        const float2 w0 = unpack2<T>(*u0), w1 = unpack2<T>(*u1);
+        float a0 = w0.x, a1 = il ? w0.y : w1.x;  // pair i
+        float c0 = il ? w1.x : w0.y, c1 = w1.y;  // pair i + 1
+        rope_apply(a0, a1, cs0);
+        rope_apply(c0, c1, cs1);
+        *u0 = il ? Dtype<T>::pack2(a0, a1) : Dtype<T>::pack2(a0, c0);
+        *u1 = il ? Dtype<T>::pack2(c0, c1) : Dtype<T>::pack2(a1, c1);
+      }
+      return;
+    }
     for (int id = tid; id < kBN * (D / 2); id += kPrefillThreads) {
       const int r = id / (D / 2), i = id % (D / 2);
       const int key = tile * kBN + r;
