@@ -186,7 +186,8 @@ Tensor select_chunks_cuda(Tensor q, Tensor k_cache, std::optional<Tensor> reps,
   k::plan_select(p, score_mode, static_cast<int>(d.d));
   const cudaStream_t stream = current_stream(q);
   Tensor scores = torch::stable::new_empty(
-      q, {std::max<int64_t>(1, d.batch * d.hkv * d.n_blocks * p.n_cols)}, ScalarType::Int);
+      q, {std::max<int64_t>(1, k::select_workspace_words(p, score_mode, static_cast<int>(d.d)))},
+      ScalarType::Int);
   p.scores = static_cast<uint32_t*>(scores.data_ptr());
   if (p.atomic) {
     check_launch(cudaMemsetAsync(p.scores, 0, scores.numel() * sizeof(uint32_t), stream),

@@ -48,12 +48,30 @@ struct SelectParams {
   int chunks_per_cta;     // chunk range of one scoring CTA (set at launch)
   int col_splits;         // ceil(n_cols / chunks_per_cta) (set at launch)
   bool atomic;            // row_tiles > 1: scores was zeroed, CTAs combine by atomicMax
+  bool fused;             // decode top-k inside the scoring kernel (set at launch, see below)
 };
 
 // Bound on one few-rows scoring CTA's chunk range (its per-chunk maxima live in shared memory).
 constexpr int kMaxChunksPerCta = 2048;
 
 constexpr int kScoreThreads = 128;
+
+// The fused decode top-k (fused_topk) runs when a row has at most this many candidates
+// (col_splits * topk): its last CTA's 128 threads then make at most 32 steps per radix pass.
+constexpr int64_t kFusedMaxCandidates = 4096;
+
+// uint32 words of select_chunks' `scores` workspace (from static shapes only): the dense chunk
+// scores of every row, or, when the few-rows kernel may fuse the top-k (bound/mean), one
+// arrival counter per row plus 2 * topk candidate words for each chunk range of the row, of
+// which there are at most ceil(n_cols / block_n) (a range holds at least one column tile).
+inline int64_t select_workspace_words(const SelectParams& p, ScoreMode mode, int head_dim) {
+  const int64_t rows = static_cast<int64_t>(p.batch) * p.hkv * p.n_blocks;
+  const int64_t dense = rows * p.n_cols;
+  if (mode == ScoreMode::kMax || !few_rows(p.lq, p.query_block, p.hq / p.hkv)) return dense;
+  const int block_n = tile_shape(true, mode == ScoreMode::kBound ? 2 * head_dim : head_dim).block_n;
+  const int64_t splits = (static_cast<int64_t>(p.n_cols) + block_n - 1) / block_n;
+  return std::max(dense, rows * (1 + 2 * static_cast<int64_t>(p.topk) * splits));
+}
 
 // Rows of the many-rows (GEMM) kernel's CTA tile: its A tile of block_m x vec_len elements
 // stays in shared memory, so the longest vectors (bound, D = 256) take half the rows.
@@ -157,6 +175,166 @@ __device__ __forceinline__ void store_chunk_maxima(const SelectParams& p, const 
   }
 }
 
+// Exclusive prefix count of `flag` over the CTA in thread order; `total` gets the CTA's sum.
+template <int kThreads>
+__device__ __forceinline__ int block_prefix_count(bool flag, int* s_warp, int& total) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const unsigned ballot = __ballot_sync(0xffffffffu, flag);
+  if (lane == 0) s_warp[warp] = __popc(ballot);
+  __syncthreads();
+  int before = 0;
+  total = 0;
+#pragma unroll
+  for (int w = 0; w < kThreads / 32; ++w) {
+    const int c = s_warp[w];
+    before += w < warp ? c : 0;
+    total += c;
+  }
+  __syncthreads();
+  return before + __popc(ballot & ((1u << lane) - 1u));
+}
+
+// Shared memory of block_topk.
+template <int kThreads>
+struct TopkSmem {
+  int hist[256];
+  int warp[kThreads / 32];
+  int digit, above;
+};
+
+// Top-k of the m keys load(0..m) over one CTA, ties to the lower position: radix select (4
+// passes of 8 bits) finds the k-th largest key T and how many keys equal to T to keep; one pass
+// in position order then keeps key > T and the lowest-position keys == T and calls
+// emit(rank, position) for them in ascending position order (rank 0, 1, ...). 0 < k <= m;
+// every thread of the CTA must call it.
+template <int kThreads, typename Load, typename Emit>
+__device__ void block_topk(int m, int k, Load load, Emit emit, TopkSmem<kThreads>& sm) {
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  uint32_t prefix = 0, mask = 0;
+  int remaining = k;  // how many of the keys matching `prefix` are still to be taken
+  for (int shift = 24; shift >= 0; shift -= 8) {
+    for (int i = tid; i < 256; i += kThreads) sm.hist[i] = 0;
+    __syncthreads();
+    // Scores cluster in few digits (a shared exponent): lanes hitting the same bin add
+    // once per warp, or the atomics on one address would serialise the whole pass. Later
+    // passes see few keys under the prefix, so warps without a hit skip the match.
+    for (int base = 0; base < m; base += kThreads) {
+      const int i = base + tid;
+      const uint32_t key = i < m ? load(i) : 0u;
+      const bool hit = i < m && (key & mask) == prefix;
+      if (__any_sync(0xffffffffu, hit)) {
+        const int bin = hit ? static_cast<int>((key >> shift) & 255u) : -1;
+        const unsigned same = __match_any_sync(0xffffffffu, bin);
+        if (hit && lane == __ffs(same) - 1) atomicAdd(&sm.hist[bin], __popc(same));
+      }
+    }
+    __syncthreads();
+    if (warp == 0) {
+      // Lane l holds digits 255-8l .. 248-8l, so a scan over lanes walks digits downwards.
+      int c[8], sum = 0;
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        c[e] = sm.hist[255 - lane * 8 - e];
+        sum += c[e];
+      }
+      int incl = sum;
+#pragma unroll
+      for (int o = 1; o < 32; o <<= 1) {
+        const int y = __shfl_up_sync(0xffffffffu, incl, o);
+        if (lane >= o) incl += y;
+      }
+      int acc = incl - sum;
+      if (acc < remaining && incl >= remaining) {
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+          if (acc + c[e] >= remaining) {
+            sm.digit = 255 - lane * 8 - e;
+            sm.above = acc;
+            break;
+          }
+          acc += c[e];
+        }
+      }
+    }
+    __syncthreads();
+    prefix |= static_cast<uint32_t>(sm.digit) << shift;
+    mask |= 255u << shift;
+    remaining -= sm.above;
+    __syncthreads();  // digit / above are rewritten by the next pass
+  }
+
+  // prefix is now the k-th largest key; keep every key above it and the first `remaining`
+  // keys equal to it in position order.
+  int eq_seen = 0, written = 0;
+  for (int base = 0; base < m && written < k; base += kThreads) {
+    const int i = base + tid;
+    const uint32_t key = i < m ? load(i) : 0u;
+    const bool eq = i < m && key == prefix;
+    int eq_total;
+    const int eq_rank = eq_seen + block_prefix_count<kThreads>(eq, sm.warp, eq_total);
+    const bool take = (i < m && key > prefix) || (eq && eq_rank < remaining);
+    int take_total;
+    const int pos = written + block_prefix_count<kThreads>(take, sm.warp, take_total);
+    if (take) emit(pos, i);
+    eq_seen += eq_total;
+    written += take_total;
+  }
+}
+
+// Decode top-k inside the few-rows scoring kernel (p.fused). Every scoring CTA of a (sequence,
+// kv head, block) row keeps the top-k of its own chunk range as candidates (keys and chunk ids,
+// padded with key 0, which ranks below every score); the last CTA of the row to finish selects
+// the row's top-k among the col_splits * topk candidates. The global top-k is among them: a
+// chunk outranked by fewer than k chunks overall is outranked by fewer than k in its range,
+// under the same order (key, then lower index), and candidate positions grow with chunk ids,
+// so the tie rule and the ascending output carry over. Workspace p.scores: one zeroed arrival
+// counter per row, then per row col_splits * topk keys and as many chunk ids.
+// s_stage: shared scratch of kFusedMaxCandidates words (the scoring kernel's column stages,
+// idle by then) into which the last CTA copies the row's candidate keys once, so its radix
+// passes read shared memory instead of waiting on L2 for every step.
+__device__ __forceinline__ void fused_topk(const SelectParams& p, const ScoreTile& t,
+                                           const uint32_t* s_best, uint32_t* s_stage) {
+  __shared__ TopkSmem<kScoreThreads> sm;
+  __shared__ bool s_last;
+  const int tid = threadIdx.x;
+  const int64_t row = (static_cast<int64_t>(t.b) * p.hkv + t.h) * p.n_blocks + t.beta;
+  const int64_t n_rows = static_cast<int64_t>(p.batch) * p.hkv * p.n_blocks;
+  const int n_cand = p.col_splits * p.topk;
+  uint32_t* keys = p.scores + n_rows + row * 2 * n_cand;
+  int* ids = reinterpret_cast<int*>(keys + n_cand);
+  const int slot = blockIdx.x / (p.row_tiles * p.n_blocks);  // this CTA's chunk range
+  const int mine = max(0, t.j1 - t.j0);
+  const int k_mine = min(p.topk, mine);
+  for (int i = k_mine + tid; i < p.topk; i += kScoreThreads) keys[slot * p.topk + i] = 0u;
+  if (k_mine > 0) {
+    block_topk<kScoreThreads>(
+        mine, k_mine, [&](int i) { return s_best[i]; },
+        [&](int rank, int i) {
+          keys[slot * p.topk + rank] = s_best[i];
+          ids[slot * p.topk + rank] = t.j0 + i;
+        },
+        sm);
+  }
+  // Publish the candidates, then count this CTA in; the last one sees every slot.
+  __threadfence();
+  __syncthreads();
+  if (tid == 0) s_last = atomicAdd(p.scores + row, 1u) == static_cast<uint32_t>(p.col_splits - 1);
+  __syncthreads();
+  if (!s_last) return;
+  __threadfence();
+
+  const int m = segments(p.seqlens[t.b], p.lq, p.sink, p.local, p.chunk).n_mid;
+  const int k = min(p.topk, m);
+  int* out = p.idx + row * p.topk;
+  for (int i = k + tid; i < p.topk; i += kScoreThreads) out[i] = -1;
+  if (k == 0) return;
+  // Other CTAs wrote the candidates: read them from L2 (__ldcg), never a stale L1 line.
+  for (int i = tid; i < n_cand; i += kScoreThreads) s_stage[i] = __ldcg(keys + i);
+  block_topk<kScoreThreads>(
+      n_cand, k, [&](int i) { return s_stage[i]; },
+      [&](int rank, int i) { out[rank] = __ldcg(ids + i); }, sm);
+}
+
 template <typename T, int D, ScoreMode kMode, int kWarpsN>
 __global__ void __launch_bounds__(kScoreThreads) chunk_scores_kernel(SelectParams p) {
   constexpr int kVec = kMode == ScoreMode::kBound ? 2 * D : D;
@@ -176,7 +354,13 @@ __global__ void __launch_bounds__(kScoreThreads) chunk_scores_kernel(SelectParam
   const int wm = warp / kWarpsN, wn = warp % kWarpsN;
   constexpr bool kTokens = kMode == ScoreMode::kMax;
   const ScoreTile t = score_tile(p, kBM, kTokens);
-  if (t.empty()) return;
+  static_assert(2 * kBN * kVec * sizeof(T) >= kFusedMaxCandidates * sizeof(uint32_t),
+                "fused_topk stages the candidates in the column stages");
+  uint32_t* s_stage = reinterpret_cast<uint32_t*>(s_b);
+  if (t.empty()) {
+    if (p.fused) fused_topk(p, t, s_best, s_stage);  // its slot still counts for the last CTA
+    return;
+  }
 
   // Columns of this CTA: chunks [j0, j1) or, for "max", their keys.
   const int n_cols = t.n_cols;
@@ -224,7 +408,11 @@ __global__ void __launch_bounds__(kScoreThreads) chunk_scores_kernel(SelectParam
     }
   }
   __syncthreads();
-  store_chunk_maxima<kScoreThreads>(p, t, s_best);
+  if (p.fused) {
+    fused_topk(p, t, s_best, s_stage);  // the stages are idle: every copy has been waited for
+  } else {
+    store_chunk_maxima<kScoreThreads>(p, t, s_best);
+  }
 }
 
 // Shapes of the many-rows kernel for column vectors of kVec elements: 8 warps, kWarpsM x
@@ -425,25 +613,6 @@ __global__ void __launch_bounds__(256, 1) chunk_scores_gemm_kernel(SelectParams 
   store_chunk_maxima<G::kThreads>(p, t, s_best);
 }
 
-// Exclusive prefix count of `flag` over the CTA in thread order; `total` gets the CTA's sum.
-template <int kThreads>
-__device__ __forceinline__ int block_prefix_count(bool flag, int* s_warp, int& total) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const unsigned ballot = __ballot_sync(0xffffffffu, flag);
-  if (lane == 0) s_warp[warp] = __popc(ballot);
-  __syncthreads();
-  int before = 0;
-  total = 0;
-#pragma unroll
-  for (int w = 0; w < kThreads / 32; ++w) {
-    const int c = s_warp[w];
-    before += w < warp ? c : 0;
-    total += c;
-  }
-  __syncthreads();
-  return before + __popc(ballot & ((1u << lane) - 1u));
-}
-
 constexpr int kTopkThreads = 1024;
 
 // Rows whose keys fit in this much shared memory are staged there once (the radix passes then
@@ -453,13 +622,10 @@ constexpr int kTopkSmemRowBytes = 64 * 1024;
 template <int kThreads>
 __global__ void __launch_bounds__(kThreads) topk_kernel(SelectParams p, bool stage_row) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  __shared__ int s_hist[256];
-  __shared__ int s_warp[kThreads / 32];
-  __shared__ int s_digit, s_above;
-
+  __shared__ TopkSmem<kThreads> sm;
   const int row = blockIdx.x;  // (b * hkv + h) * n_blocks + beta
   const int b = row / (p.hkv * p.n_blocks);
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int tid = threadIdx.x;
   const int m = segments(p.seqlens[b], p.lq, p.sink, p.local, p.chunk).n_mid;
   const int k = min(p.topk, m);
   int* out = p.idx + static_cast<int64_t>(row) * p.topk;
@@ -470,88 +636,23 @@ __global__ void __launch_bounds__(kThreads) topk_kernel(SelectParams p, bool sta
   if (stage_row) {
     uint32_t* s_row = reinterpret_cast<uint32_t*>(smem_raw);
     for (int i = tid; i < m; i += kThreads) s_row[i] = src[i];
-    src = s_row;  // generic addressing: the loops below read shared or global alike
+    src = s_row;  // generic addressing: the passes read shared or global alike
   }
-
-  uint32_t prefix = 0, mask = 0;
-  int remaining = k;  // how many of the keys matching `prefix` are still to be taken
-  for (int shift = 24; shift >= 0; shift -= 8) {
-    for (int i = tid; i < 256; i += kThreads) s_hist[i] = 0;
-    __syncthreads();
-    // Scores cluster in few digits (a shared exponent): lanes hitting the same bin add
-    // once per warp, or the atomics on one address would serialise the whole pass. Later
-    // passes see few keys under the prefix, so warps without a hit skip the match.
-    for (int base = 0; base < m; base += kThreads) {
-      const int i = base + tid;
-      const uint32_t key = i < m ? src[i] : 0u;
-      const bool hit = i < m && (key & mask) == prefix;
-      if (__any_sync(0xffffffffu, hit)) {
-        const int bin = hit ? static_cast<int>((key >> shift) & 255u) : -1;
-        const unsigned same = __match_any_sync(0xffffffffu, bin);
-        if (hit && lane == __ffs(same) - 1) atomicAdd(&s_hist[bin], __popc(same));
-      }
-    }
-    __syncthreads();
-    if (warp == 0) {
-      // Lane l holds digits 255-8l .. 248-8l, so a scan over lanes walks digits downwards.
-      int c[8], sum = 0;
-#pragma unroll
-      for (int e = 0; e < 8; ++e) {
-        c[e] = s_hist[255 - lane * 8 - e];
-        sum += c[e];
-      }
-      int incl = sum;
-#pragma unroll
-      for (int o = 1; o < 32; o <<= 1) {
-        const int y = __shfl_up_sync(0xffffffffu, incl, o);
-        if (lane >= o) incl += y;
-      }
-      int acc = incl - sum;
-      if (acc < remaining && incl >= remaining) {
-#pragma unroll
-        for (int e = 0; e < 8; ++e) {
-          if (acc + c[e] >= remaining) {
-            s_digit = 255 - lane * 8 - e;
-            s_above = acc;
-            break;
-          }
-          acc += c[e];
-        }
-      }
-    }
-    __syncthreads();
-    prefix |= static_cast<uint32_t>(s_digit) << shift;
-    mask |= 255u << shift;
-    remaining -= s_above;
-    __syncthreads();  // s_digit / s_above are rewritten by the next pass
-  }
-
-  // prefix is now the K-th largest key; keep every key above it and the first `remaining`
-  // keys equal to it in index order, writing positions in index order (ascending output).
-  int eq_seen = 0, written = 0;
-  for (int base = 0; base < m && written < k; base += kThreads) {
-    const int i = base + tid;
-    const uint32_t key = i < m ? src[i] : 0u;
-    const bool eq = i < m && key == prefix;
-    int eq_total;
-    const int eq_rank = eq_seen + block_prefix_count<kThreads>(eq, s_warp, eq_total);
-    const bool take = (i < m && key > prefix) || (eq && eq_rank < remaining);
-    int take_total;
-    const int pos = written + block_prefix_count<kThreads>(take, s_warp, take_total);
-    if (take) out[pos] = i;
-    eq_seen += eq_total;
-    written += take_total;
-  }
+  block_topk<kThreads>(
+      m, k, [&](int i) { return src[i]; }, [&](int rank, int i) { out[rank] = i; }, sm);
 }
 
 // Launches a scoring kernel as one wave of equal CTAs: every (sequence, head, block, row tile)
 // is split into chunk ranges so that all CTAs fit on the GPU at once, with at least one column
 // tile each. A second, partly filled wave would leave most SMs idle at the end of a
 // memory-bound decode step. Dynamic shared memory: fixed_smem + 4 bytes per chunk of the range.
+// With may_fuse (few-rows bound/mean) the decode top-k runs inside the kernel (fused_topk) when
+// the row's candidates stay few; *fused says whether it did, else topk_kernel must follow.
 template <typename Kernel>
 cudaError_t launch_scores_one_wave(Kernel kernel, const SelectParams& plan, int threads,
                                    int fixed_smem, int block_n, int max_chunks,
-                                   int cols_per_chunk, cudaStream_t stream) {
+                                   int cols_per_chunk, bool may_fuse, bool* fused,
+                                   cudaStream_t stream) {
   const int max_smem = fixed_smem + max_chunks * 4;
   cudaError_t err =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, max_smem);
@@ -564,36 +665,56 @@ cudaError_t launch_scores_one_wave(Kernel kernel, const SelectParams& plan, int 
   if (err != cudaSuccess) return err;
 
   SelectParams p = plan;
-  const int64_t slots = static_cast<int64_t>(per_sm > 0 ? per_sm : 1) * sms;
   const int64_t col_tiles =
       (static_cast<int64_t>(p.n_cols) * cols_per_chunk + block_n - 1) / block_n;
   const int64_t units = static_cast<int64_t>(p.batch) * p.hkv * p.n_blocks * p.row_tiles;
-  const int64_t splits_wanted = std::max<int64_t>(1, slots / std::max<int64_t>(1, units));
-  const int64_t tiles_per_cta = std::max<int64_t>(1, (col_tiles + splits_wanted - 1) / splits_wanted);
-  const int64_t chunks = (tiles_per_cta * block_n + cols_per_chunk - 1) / cols_per_chunk;
-  p.chunks_per_cta = static_cast<int>(std::min<int64_t>(std::max<int64_t>(chunks, 1), max_chunks));
+  auto chunks_for = [&](int ctas_per_sm) {
+    const int64_t slots = static_cast<int64_t>(ctas_per_sm > 0 ? ctas_per_sm : 1) * sms;
+    const int64_t splits_wanted = std::max<int64_t>(1, slots / std::max<int64_t>(1, units));
+    const int64_t tiles_per_cta =
+        std::max<int64_t>(1, (col_tiles + splits_wanted - 1) / splits_wanted);
+    const int64_t chunks = (tiles_per_cta * block_n + cols_per_chunk - 1) / cols_per_chunk;
+    return static_cast<int>(std::min<int64_t>(std::max<int64_t>(chunks, 1), max_chunks));
+  };
+  p.chunks_per_cta = chunks_for(per_sm);
+  // The occupancy above assumed the largest chunk range; the planned one may leave room for
+  // more CTAs per SM (more bytes in flight for a memory-bound decode step): plan for those.
+  int per_sm_planned = 0;
+  err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm_planned, kernel, threads,
+                                                      fixed_smem + p.chunks_per_cta * 4);
+  if (err != cudaSuccess) return err;
+  if (per_sm_planned > per_sm) p.chunks_per_cta = chunks_for(per_sm_planned);
   p.col_splits = (p.n_cols + p.chunks_per_cta - 1) / p.chunks_per_cta;
+  p.fused = may_fuse && p.row_tiles == 1 &&
+            static_cast<int64_t>(p.col_splits) * p.topk <= kFusedMaxCandidates;
+  *fused = p.fused;
+  if (p.fused) {  // the arrival counters, one per row
+    const size_t rows = static_cast<size_t>(p.batch) * p.hkv * p.n_blocks;
+    if ((err = cudaMemsetAsync(p.scores, 0, rows * sizeof(uint32_t), stream)) != cudaSuccess)
+      return err;
+  }
   const dim3 grid(p.col_splits * p.n_blocks * p.row_tiles, p.hkv, p.batch);
   kernel<<<grid, threads, fixed_smem + p.chunks_per_cta * 4, stream>>>(p);
   return cudaGetLastError();
 }
 
 template <typename T, int D, ScoreMode kMode, int kWarpsN>
-cudaError_t launch_chunk_scores(const SelectParams& plan, cudaStream_t stream) {
+cudaError_t launch_chunk_scores(const SelectParams& plan, bool* fused, cudaStream_t stream) {
   constexpr int kVec = kMode == ScoreMode::kBound ? 2 * D : D;
   constexpr TileShape kTile = tile_shape(kWarpsN == 4, kVec);
   return launch_scores_one_wave(chunk_scores_kernel<T, D, kMode, kWarpsN>, plan, kScoreThreads,
                                 score_smem_bytes<kVec, kTile.block_m, kTile.block_n>(0),
                                 kTile.block_n, kMaxChunksPerCta,
-                                kMode == ScoreMode::kMax ? plan.chunk : 1, stream);
+                                kMode == ScoreMode::kMax ? plan.chunk : 1,
+                                kMode != ScoreMode::kMax, fused, stream);
 }
 
 template <typename T, int D, ScoreMode kMode>
-cudaError_t launch_chunk_scores_gemm(const SelectParams& plan, cudaStream_t stream) {
+cudaError_t launch_chunk_scores_gemm(const SelectParams& plan, bool* fused, cudaStream_t stream) {
   using G = GemmTile<kMode == ScoreMode::kBound ? 2 * D : D>;
   return launch_scores_one_wave(chunk_scores_gemm_kernel<T, D, kMode>, plan, G::kThreads,
                                 G::kFixedSmem, G::kBN, G::kMaxChunks,
-                                kMode == ScoreMode::kMax ? plan.chunk : 1, stream);
+                                kMode == ScoreMode::kMax ? plan.chunk : 1, false, fused, stream);
 }
 
 // Scores (when any middle chunk can exist) then top-k. `p.scores` must be zeroed by the
@@ -601,24 +722,25 @@ cudaError_t launch_chunk_scores_gemm(const SelectParams& plan, cudaStream_t stre
 template <typename T, int D>
 cudaError_t launch_select_chunks(const SelectParams& p, ScoreMode mode, cudaStream_t stream) {
   if (p.batch == 0 || p.hkv == 0) return cudaSuccess;
+  bool fused = false;
   if (p.n_cols > 0) {
     const bool few = few_rows(p.lq, p.query_block, p.hq / p.hkv);
     cudaError_t err = cudaSuccess;
     switch (mode) {
       case ScoreMode::kMax:
-        err = few ? launch_chunk_scores<T, D, ScoreMode::kMax, 4>(p, stream)
-                  : launch_chunk_scores_gemm<T, D, ScoreMode::kMax>(p, stream);
+        err = few ? launch_chunk_scores<T, D, ScoreMode::kMax, 4>(p, &fused, stream)
+                  : launch_chunk_scores_gemm<T, D, ScoreMode::kMax>(p, &fused, stream);
         break;
       case ScoreMode::kBound:
-        err = few ? launch_chunk_scores<T, D, ScoreMode::kBound, 4>(p, stream)
-                  : launch_chunk_scores_gemm<T, D, ScoreMode::kBound>(p, stream);
+        err = few ? launch_chunk_scores<T, D, ScoreMode::kBound, 4>(p, &fused, stream)
+                  : launch_chunk_scores_gemm<T, D, ScoreMode::kBound>(p, &fused, stream);
         break;
       case ScoreMode::kMean:
-        err = few ? launch_chunk_scores<T, D, ScoreMode::kMean, 4>(p, stream)
-                  : launch_chunk_scores_gemm<T, D, ScoreMode::kMean>(p, stream);
+        err = few ? launch_chunk_scores<T, D, ScoreMode::kMean, 4>(p, &fused, stream)
+                  : launch_chunk_scores_gemm<T, D, ScoreMode::kMean>(p, &fused, stream);
         break;
     }
-    if (err != cudaSuccess) return err;
+    if (err != cudaSuccess || fused) return err;
   }
   const bool stage_row = static_cast<int64_t>(p.n_cols) * 4 <= kTopkSmemRowBytes;
   const int smem = stage_row ? p.n_cols * 4 : 0;
