@@ -16,7 +16,7 @@
 // invisible to all its rows, so their tiles are skipped. Outputs and lse are written as
 // gather_attention_kernel writes them (o_part/lse_part when the keys are split).
 //
-// Included by gather_attention.cuh after AttnParams and rope_pair.
+// Included by gather_attention.cuh after AttnParams and rope_pair (between two namespace blocks).
 #pragma once
 
 #include <climits>
@@ -105,6 +105,75 @@ __global__ void __launch_bounds__(kThreads) rope_table_kernel(float2* table, con
        e += static_cast<int64_t>(gridDim.x) * kThreads) {
     const int pos = static_cast<int>(e / half_rot), i = static_cast<int>(e % half_rot);
     table[e] = rope_cos_sin(pos, i, nullptr, 0, half_rot, inv_freq[i], rope_scale);
+  }
+}
+
+// One key tile of the exp2-domain online softmax for a thread's two rows, S in the fragment
+// layout of warp_gemm_abt (kpos: the positions of the warp's 8 * kNT key columns; qpos: the
+// rows' positions, -1 for padding). Masks keys after the row's position, updates (m, l),
+// rescales the O accumulators and leaves P = exp2(S * scale_log2 - m) in s.
+template <int kNT, int kDT>
+__device__ __forceinline__ void online_softmax_tile(float (&s)[kNT][4], float (&o)[kDT][4],
+                                                    float (&m_run)[2], float (&l_run)[2],
+                                                    const int* kpos, const int (&qpos)[2],
+                                                    float scale_log2, int t4) {
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    float mx = -INFINITY;
+#pragma unroll
+    for (int nt = 0; nt < kNT; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        float& x = s[nt][2 * half + e];
+        x = kpos[nt * 8 + 2 * t4 + e] <= qpos[half] ? x * scale_log2 : -INFINITY;
+        mx = fmaxf(mx, x);
+      }
+    }
+    mx = quad_max(mx);
+    const float m_new = fmaxf(m_run[half], mx);
+    const float m_use = m_new == -INFINITY ? 0.f : m_new;  // nothing visible yet: no NaN
+    const float alpha = exp2f(m_run[half] - m_use);
+    m_run[half] = m_new;
+    float sum = 0.f;
+#pragma unroll
+    for (int nt = 0; nt < kNT; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        float& x = s[nt][2 * half + e];
+        x = exp2f(x - m_use);
+        sum += x;
+      }
+    }
+    l_run[half] = l_run[half] * alpha + sum;
+#pragma unroll
+    for (int dt = 0; dt < kDT; ++dt) {
+      o[dt][2 * half] *= alpha;
+      o[dt][2 * half + 1] *= alpha;
+    }
+  }
+}
+
+// O[16 x D] += P[16 x 8 kNT] V[key0 .., D] for one warp: P from the softmax fragments (rounded
+// to T), V rows key0 .. key0 + 8 kNT - 1 of a swizzled tile through ldmatrix.trans.
+template <typename T, int D, int kNT>
+__device__ __forceinline__ void pv_tile(float (&o)[D / 8][4], const float (&s)[kNT][4],
+                                        const T* sv, int key0, int lane) {
+  static_assert(kNT % 2 == 0, "P V takes keys in k16 steps");
+#pragma unroll
+  for (int kk = 0; kk < kNT / 2; ++kk) {
+    uint32_t a[4];
+    a[0] = Dtype<T>::pack2(s[2 * kk][0], s[2 * kk][1]);
+    a[1] = Dtype<T>::pack2(s[2 * kk][2], s[2 * kk][3]);
+    a[2] = Dtype<T>::pack2(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+    a[3] = Dtype<T>::pack2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+#pragma unroll
+    for (int dp = 0; dp < D / 16; ++dp) {
+      uint32_t bv[4];
+      ldmatrix_x4_trans(bv, sv + swz<D>(key0 + kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8,
+                                        dp * 16 + (lane >> 4) * 8));
+      mma_16816<T>(o[2 * dp], a, bv[0], bv[1]);
+      mma_16816<T>(o[2 * dp + 1], a, bv[2], bv[3]);
+    }
   }
 }
 
@@ -339,57 +408,8 @@ __global__ void __launch_bounds__(kPrefillThreads, PrefillShape<D>::kMinBlocks)
       warp_gemm_abt<T, D, kNT>(s, s_q, warp * 16, sk, 0, lane);
     }
 
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      float mx = -INFINITY;
-#pragma unroll
-      for (int nt = 0; nt < kNT; ++nt) {
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          float& x = s[nt][2 * half + e];
-          x = kpos[nt * 8 + 2 * t4 + e] <= qpos[half] ? x * p.scale_log2 : -INFINITY;
-          mx = fmaxf(mx, x);
-        }
-      }
-      mx = quad_max(mx);
-      const float m_new = fmaxf(m_run[half], mx);
-      const float m_use = m_new == -INFINITY ? 0.f : m_new;  // nothing visible yet: no NaN
-      const float alpha = exp2f(m_run[half] - m_use);
-      m_run[half] = m_new;
-      float sum = 0.f;
-#pragma unroll
-      for (int nt = 0; nt < kNT; ++nt) {
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          float& x = s[nt][2 * half + e];
-          x = exp2f(x - m_use);
-          sum += x;
-        }
-      }
-      l_run[half] = l_run[half] * alpha + sum;
-#pragma unroll
-      for (int dt = 0; dt < kDT; ++dt) {
-        o[dt][2 * half] *= alpha;
-        o[dt][2 * half + 1] *= alpha;
-      }
-    }
-
-#pragma unroll
-    for (int kk = 0; kk < kBN / 16; ++kk) {
-      uint32_t a[4];
-      a[0] = Dtype<T>::pack2(s[2 * kk][0], s[2 * kk][1]);
-      a[1] = Dtype<T>::pack2(s[2 * kk][2], s[2 * kk][3]);
-      a[2] = Dtype<T>::pack2(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-      a[3] = Dtype<T>::pack2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
-#pragma unroll
-      for (int dp = 0; dp < D / 16; ++dp) {
-        uint32_t bv[4];
-        ldmatrix_x4_trans(bv, sv + swz<D>(kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8,
-                                          dp * 16 + (lane >> 4) * 8));
-        mma_16816<T>(o[2 * dp], a, bv[0], bv[1]);
-        mma_16816<T>(o[2 * dp + 1], a, bv[2], bv[3]);
-      }
-    }
+    online_softmax_tile(s, o, m_run, l_run, kpos, qpos, p.scale_log2, t4);
+    pv_tile<T, D>(o, s, sv, 0, lane);
   }
   cp_async_wait<0>();  // only empty groups can be left
 
