@@ -21,6 +21,7 @@
 
 #include <climits>
 #include <cstdint>
+#include <cstring>
 
 #include "gather_attention.cuh"
 
