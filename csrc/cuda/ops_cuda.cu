@@ -269,6 +269,12 @@ std::tuple<Tensor, Tensor> gather_attention_cuda(Tensor q, Tensor k_cache, Tenso
     p.o_part = static_cast<float*>(o_part.data_ptr());
     p.lse_part = static_cast<float*>(lse_part.data_ptr());
   }
+  // RoPE table of the many-rows kernel, also sized from static shapes only.
+  Tensor rope_table;
+  if (const int64_t elems = k::rope_table_elems(p); elems > 0) {
+    rope_table = torch::stable::new_empty(q, {2 * elems}, ScalarType::Float);
+    p.rope_table = static_cast<float2*>(rope_table.data_ptr());
+  }
   const cudaStream_t stream = current_stream(q);
   dispatch_kernel(q.scalar_type(), d.d, "gather_attention", [&](auto tag, auto dim) {
     using T = typename decltype(tag)::type;

@@ -143,18 +143,16 @@ __device__ __forceinline__ float quad_sum(float x) {
   return x + __shfl_xor_sync(0xffffffffu, x, 2);
 }
 
-// CTA tile of the tensor-core kernels (4 warps). A query block with at most 16 rows (decode)
-// is one m16 tile with the warps side by side over 64 columns; otherwise the warps stack over
-// 64 rows, with 32-column tiles when a column holds 512 or more elements (shared memory).
+// CTA tile of the few-rows (decode) kernels, 4 warps: a query block with at most 16 rows is
+// one m16 tile, with the warps side by side over 64 columns (keys, or chunks' vectors). Query
+// blocks with more rows have their own kernels (GemmTile, PrefillShape).
 struct TileShape {
   int warps_n;
   int block_m;
   int block_n;
 };
 
-__host__ __device__ constexpr TileShape tile_shape(bool few, int col_elems) {
-  return few ? TileShape{4, 16, 64} : TileShape{1, 64, col_elems >= 512 ? 32 : 64};
-}
+constexpr TileShape kFewRowsTile{4, 16, 64};
 
 // Rows of a query block (its queries times the group's q heads) fit one m16 tile.
 __host__ __device__ inline bool few_rows(int lq, int query_block, int group) {

@@ -1,21 +1,23 @@
 // gather_attention: fused gather + RoPE + attention over [sink | selected chunks | local].
 //
-// One CTA of 4 warps owns (sequence b, kv head h, query block beta, a tile of BM rows, a split of
-// the gathered keys). Rows pack the block's queries with the group's q heads (row = query *
-// group + head), so the GQA heads share every key tile and decode (Lq = 1) still forms an
-// m16 tensor-core tile. Gathered key r maps to its cache token through the sink, the chunk ids
-// in idx (ascending, -1 padded: the valid ones are a prefix) and the local window; cp.async
-// copies K and V tiles of BN tokens straight from the [B, Hkv, Nmax, D] cache into swizzled
-// shared memory (two stages, both in flight from the start), the CTA rotates the K tile in
-// place (fp32 angles, accurate sincosf) and the warps run QK^T and PV with mma.sync m16n8k16
-// and an online softmax in the exp2 domain. Masking compares original positions (key visible iff its position <= the
-// query's), so padding rows (position -1) and tail keys (position INT_MAX) drop out.
+// A CTA owns (sequence b, kv head h, query block beta, a tile of rows, a split of the gathered
+// keys). Rows pack the block's queries with the group's q heads (row = query * group + head),
+// so the GQA heads share every key tile and decode (Lq = 1) still forms an m16 tensor-core
+// tile. Gathered key r maps to its cache token through the sink, the chunk ids in idx
+// (ascending, -1 padded: the valid ones are a prefix) and the local window; cp.async copies K
+// and V tiles straight from the [B, Hkv, Nmax, D] cache into swizzled shared memory, the CTA
+// rotates the K tile in place (fp32 angles fl(pos * inv_freq), accurate sincosf, or for
+// compact positions the same values from a table rope_table_kernel fills once per call) and
+// the warps run QK^T and PV with mma.sync m16n8k16 and an online softmax in the exp2 domain.
+// Masking compares original positions (key visible iff its position <= the query's), so
+// padding rows (position -1) and tail keys (position INT_MAX) drop out.
 //
-// Two warp layouts: decode (<= 16 rows per block) puts the 4 warps side by side over the key
-// tile, each with its own softmax state, merged through shared memory at the end; prefill
-// stacks the warps over 64 rows. When the grid is too small for the GPU the gathered keys are
-// cut into splits whose normalised partial outputs and lse go to a workspace sized from static
-// shapes, and merge_splits_kernel combines them; the decode step never syncs with the host.
+// Two kernels: gather_attention_kernel here for decode (<= 16 rows per block: 4 warps side by
+// side over a 64-key tile, each with its own softmax state, merged through shared memory at
+// the end) and gather_attention_prefill_kernel (gather_attention_prefill.cuh) for more rows.
+// When the grid is too small for the GPU the gathered keys are cut into splits whose
+// normalised partial outputs and lse go to a workspace sized from static shapes, and
+// merge_splits_kernel combines them; the decode step never syncs with the host.
 #pragma once
 
 #include <climits>
@@ -35,6 +37,7 @@ struct AttnParams {
   float* lse;             // [B, Hq, Lq] contiguous
   float* o_part;          // [splits, B, Hq, Lq, D] when num_splits > 1
   float* lse_part;        // [splits, B, Hq, Lq]
+  float2* rope_table;     // [rope_table_elems(p)] (cos, sin) of the many-rows path, or null
   int64_t q_sb, q_sh, q_sl;
   int64_t k_sb, k_sh, k_sn;
   int64_t v_sb, v_sh, v_sn;
@@ -71,27 +74,24 @@ __device__ __forceinline__ void rope_pair(int i, int half_rot, bool interleaved,
   d1 = split_halves ? i + half_rot : 2 * i + 1;
 }
 
-__device__ __forceinline__ void rope_rotate(float& x0, float& x1, int pos, float inv_freq,
-                                            float rope_scale) {
-  float s, c;
-  sincosf(static_cast<float>(pos) * inv_freq, &s, &c);
-  c *= rope_scale;
-  s *= rope_scale;
-  const float y0 = x0 * c - x1 * s;
-  const float y1 = x1 * c + x0 * s;
-  x0 = y0;
-  x1 = y1;
-}
+}  // namespace reattention::kernels
 
-template <typename T, int D, int kWarpsN>
-__global__ void __launch_bounds__(kAttnThreads) gather_attention_kernel(AttnParams p) {
-  constexpr TileShape kTile = tile_shape(kWarpsN == 4, 2 * D);
+// The many-rows (prefill) kernel; it needs AttnParams and rope_pair above.
+#include "gather_attention_prefill.cuh"
+
+namespace reattention::kernels {
+
+// rope_table: (cos, sin) rows for compact positions < n_pos (rope_table_kernel), else null.
+template <typename T, int D>
+__global__ void __launch_bounds__(kAttnThreads) gather_attention_kernel(
+    AttnParams p, const float2* __restrict__ rope_table, int n_pos) {
+  constexpr TileShape kTile = kFewRowsTile;
+  constexpr int kWarpsN = kTile.warps_n;
   constexpr int kBM = kTile.block_m, kBN = kTile.block_n;
   constexpr int kNW = kBN / kWarpsN;  // keys per warp per tile
   constexpr int kNT = kNW / 8;
   constexpr int kDT = D / 8;          // 8-wide output column tiles
   constexpr int kOStride = D + 8;     // epilogue row stride (floats), off the bank period
-  static_assert(kTile.warps_n == kWarpsN, "tile shape and warp layout disagree");
   static_assert(kNW % 16 == 0, "each warp needs whole k16 steps of keys for PV");
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -190,7 +190,10 @@ __global__ void __launch_bounds__(kAttnThreads) gather_attention_kernel(AttnPara
       x0 = Dtype<T>::to_float(qr[d0]);
       x1 = Dtype<T>::to_float(qr[d1]);
       const int pos = p0 + query;
-      if (i < p.half_rot) rope_rotate(x0, x1, p.compact ? pos + shift : pos, s_invf[i], p.rope_scale);
+      if (i < p.half_rot) {
+        rope_apply(x0, x1, rope_cos_sin(p.compact ? pos + shift : pos, i, rope_table, n_pos,
+                                        p.half_rot, s_invf[i], p.rope_scale));
+      }
       if (i == 0) s_qpos[r] = pos;
     } else if (i == 0) {
       s_qpos[r] = -1;
@@ -226,7 +229,8 @@ __global__ void __launch_bounds__(kAttnThreads) gather_attention_kernel(AttnPara
         rope_pair(i, p.half_rot, p.interleaved, d0, d1);
         float x0 = Dtype<T>::to_float(sk[swz<D>(r, d0)]);
         float x1 = Dtype<T>::to_float(sk[swz<D>(r, d1)]);
-        rope_rotate(x0, x1, pos, s_invf[i], p.rope_scale);
+        rope_apply(x0, x1, rope_cos_sin(pos, i, rope_table, n_pos, p.half_rot, s_invf[i],
+                                        p.rope_scale));
         sk[swz<D>(r, d0)] = Dtype<T>::from_float(x0);
         sk[swz<D>(r, d1)] = Dtype<T>::from_float(x1);
       }
@@ -237,58 +241,8 @@ __global__ void __launch_bounds__(kAttnThreads) gather_attention_kernel(AttnPara
     warp_gemm_abt<T, D, kNT>(s, s_q, wm * 16, sk, wn * kNW, lane);
 
     const int qpos[2] = {s_qpos[ra], s_qpos[ra + 8]};
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      float mx = -INFINITY;
-#pragma unroll
-      for (int nt = 0; nt < kNT; ++nt) {
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int col = wn * kNW + nt * 8 + 2 * t4 + e;
-          float& x = s[nt][2 * half + e];
-          x = kpos[col] <= qpos[half] ? x * p.scale_log2 : -INFINITY;
-          mx = fmaxf(mx, x);
-        }
-      }
-      mx = quad_max(mx);
-      const float m_new = fmaxf(m_run[half], mx);
-      const float m_use = m_new == -INFINITY ? 0.f : m_new;  // nothing visible yet: no NaN
-      const float alpha = exp2f(m_run[half] - m_use);
-      m_run[half] = m_new;
-      float sum = 0.f;
-#pragma unroll
-      for (int nt = 0; nt < kNT; ++nt) {
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          float& x = s[nt][2 * half + e];
-          x = exp2f(x - m_use);
-          sum += x;
-        }
-      }
-      l_run[half] = l_run[half] * alpha + sum;
-#pragma unroll
-      for (int dt = 0; dt < kDT; ++dt) {
-        o[dt][2 * half] *= alpha;
-        o[dt][2 * half + 1] *= alpha;
-      }
-    }
-
-#pragma unroll
-    for (int kk = 0; kk < kNW / 16; ++kk) {
-      uint32_t a[4];
-      a[0] = Dtype<T>::pack2(s[2 * kk][0], s[2 * kk][1]);
-      a[1] = Dtype<T>::pack2(s[2 * kk][2], s[2 * kk][3]);
-      a[2] = Dtype<T>::pack2(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-      a[3] = Dtype<T>::pack2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
-#pragma unroll
-      for (int dp = 0; dp < D / 16; ++dp) {
-        uint32_t bv[4];
-        ldmatrix_x4_trans(bv, sv + swz<D>(wn * kNW + kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8,
-                                          dp * 16 + (lane >> 4) * 8));
-        mma_16816<T>(o[2 * dp], a, bv[0], bv[1]);
-        mma_16816<T>(o[2 * dp + 1], a, bv[2], bv[3]);
-      }
-    }
+    online_softmax_tile(s, o, m_run, l_run, kpos + wn * kNW, qpos, p.scale_log2, t4);
+    pv_tile<T, D>(o, s, sv, wn * kNW, lane);
     __syncthreads();  // every warp is done with this stage before it is refilled
     if (tile + 2 < t_end) load_tile(stage, tile + 2); else cp_async_commit();
   }
@@ -414,33 +368,32 @@ __global__ void __launch_bounds__(kMergeWarps * 32) merge_splits_kernel(AttnPara
   if (threadIdx.x == 0) p.lse[row] = total > 0.f ? m_all + logf(total) : -INFINITY;
 }
 
-template <typename T, int D, int kWarpsN>
-cudaError_t launch_attention_tiles(const AttnParams& p, cudaStream_t stream) {
-  constexpr TileShape kTile = tile_shape(kWarpsN == 4, 2 * D);
-  constexpr int smem = attn_smem_bytes<D, kWarpsN, kTile.block_m, kTile.block_n>();
-  auto kernel = gather_attention_kernel<T, D, kWarpsN>;
-  cudaError_t err =
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+template <typename T, int D>
+cudaError_t launch_decode_attention(const AttnParams& p, cudaStream_t stream) {
+  constexpr TileShape kTile = kFewRowsTile;
+  constexpr int smem = attn_smem_bytes<D, kTile.warps_n, kTile.block_m, kTile.block_n>();
+  int n_pos = 0;
+  cudaError_t err = launch_rope_table(p, &n_pos, stream);
+  if (err != cudaSuccess) return err;
+  auto kernel = gather_attention_kernel<T, D>;
+  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
   const dim3 grid(p.n_blocks * p.row_tiles, p.hkv * p.num_splits, p.batch);
-  kernel<<<grid, kAttnThreads, smem, stream>>>(p);
+  kernel<<<grid, kAttnThreads, smem, stream>>>(p, p.rope_table, n_pos);
   return cudaGetLastError();
 }
 
-// Host-side plan: row_tiles, num_splits and tiles_per_split from static shapes only (the
-// longest gathered sequence any length in [Lq, Nmax] can produce), so the workspace size
-// never depends on device data.
+// Host-side plan: row_tiles, num_splits and tiles_per_split of the decode (<= 16 rows) or the
+// prefill kernel, from static shapes only (the longest gathered sequence any length in
+// [Lq, Nmax] can produce), so the workspace size never depends on device data.
 inline void plan_attention(AttnParams& p, int head_dim, int num_sms) {
   const int group = p.hq / p.hkv;
   const bool decode = few_rows(p.lq, p.query_block, group);
-  const TileShape tile = tile_shape(decode, 2 * head_dim);
+  const int block_m = decode ? kFewRowsTile.block_m : kPrefillBlockM;
+  const int block_n = decode ? kFewRowsTile.block_n : prefill_block_n(head_dim);
   const int rows = (p.lq < p.query_block ? p.lq : p.query_block) * group;
-  p.row_tiles = (rows + tile.block_m - 1) / tile.block_m;
-  const int64_t local_max = static_cast<int64_t>(p.lq) + p.local + p.chunk - 1;
-  const int64_t keys_max = (p.sink < p.nmax ? p.sink : p.nmax) +
-                           static_cast<int64_t>(p.topk) * p.chunk +
-                           (local_max < p.nmax ? local_max : p.nmax);
-  const int64_t tiles_max = (keys_max + tile.block_n - 1) / tile.block_n;
+  p.row_tiles = (rows + block_m - 1) / block_m;
+  const int64_t tiles_max = (gathered_keys_max(p) + block_n - 1) / block_n;
   const int64_t ctas = static_cast<int64_t>(p.batch) * p.hkv * p.n_blocks * p.row_tiles;
   // Aim for about three CTAs per SM; never more splits than key tiles.
   int64_t splits = (3 * static_cast<int64_t>(num_sms) + ctas - 1) / ctas;
@@ -455,8 +408,8 @@ template <typename T, int D>
 cudaError_t launch_gather_attention(const AttnParams& p, cudaStream_t stream) {
   if (p.batch == 0 || p.hq == 0 || p.lq == 0) return cudaSuccess;
   const bool decode = few_rows(p.lq, p.query_block, p.hq / p.hkv);
-  cudaError_t err = decode ? launch_attention_tiles<T, D, 4>(p, stream)
-                           : launch_attention_tiles<T, D, 1>(p, stream);
+  cudaError_t err = decode ? launch_decode_attention<T, D>(p, stream)
+                           : launch_prefill_attention<T, D>(p, stream);
   if (err != cudaSuccess || p.num_splits == 1) return err;
   const int64_t n_rows = static_cast<int64_t>(p.batch) * p.hq * p.lq;
   merge_splits_kernel<T, D><<<static_cast<unsigned>(n_rows), kMergeWarps * 32, 0, stream>>>(p);

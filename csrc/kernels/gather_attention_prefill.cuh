@@ -31,10 +31,13 @@ constexpr int kPrefillThreads = 256;
 // Positions covered by the RoPE table (larger ones fall back to sincosf): 32 MiB at R/2 = 64.
 constexpr int64_t kRopeTableMaxPositions = int64_t{1} << 16;
 
+constexpr int kPrefillBlockM = 128;  // rows per CTA, 16 per warp
+__host__ __device__ constexpr int prefill_block_n(int head_dim) { return head_dim >= 256 ? 32 : 64; }
+
 template <int D>
 struct PrefillShape {
-  static constexpr int kBM = 128;                    // rows per CTA, 16 per warp
-  static constexpr int kBN = D >= 256 ? 32 : 64;     // keys per tile
+  static constexpr int kBM = kPrefillBlockM;
+  static constexpr int kBN = prefill_block_n(D);     // keys per tile
   static constexpr int kStages = D >= 256 ? 3 : 4;  // K/V tiles in the ring
   static constexpr bool kQInRegs = D <= 128;         // D = 256 rereads Q from shared memory
   static constexpr int kMinBlocks = D <= 64 ? 2 : 1;  // CTAs per SM (shared memory allows it)
@@ -55,9 +58,11 @@ inline int64_t gathered_keys_max(const AttnParams& p) {
          (local_max < p.nmax ? local_max : p.nmax);
 }
 
-// Rows of the RoPE table the many-rows path uses (0: none, every angle through sincosf).
+// Rows of the RoPE table (0: none, every angle through sincosf). Compact positions only: they
+// are gathered indices, the same few thousand for every (sequence, head, block, split), so one
+// table serves all CTAs; original positions are any token of the cache.
 inline int rope_table_positions(const AttnParams& p) {
-  if (!p.compact || p.half_rot == 0 || few_rows(p.lq, p.query_block, p.hq / p.hkv)) return 0;
+  if (!p.compact || p.half_rot == 0) return 0;
   const int64_t n = gathered_keys_max(p);
   return static_cast<int>(n < kRopeTableMaxPositions ? n : kRopeTableMaxPositions);
 }
@@ -107,6 +112,20 @@ __global__ void __launch_bounds__(kThreads) rope_table_kernel(float2* table, con
     const int pos = static_cast<int>(e / half_rot), i = static_cast<int>(e % half_rot);
     table[e] = rope_cos_sin(pos, i, nullptr, 0, half_rot, inv_freq[i], rope_scale);
   }
+}
+
+// Fills p.rope_table (rope_table_elems(p) float2 from the launcher, or null); *n_pos gets the
+// rows the attention kernels may read from it (0: none, every angle through sincosf).
+inline cudaError_t launch_rope_table(const AttnParams& p, int* n_pos, cudaStream_t stream) {
+  *n_pos = p.rope_table != nullptr ? rope_table_positions(p) : 0;
+  if (*n_pos == 0) return cudaSuccess;
+  const int64_t elems = static_cast<int64_t>(*n_pos) * p.half_rot;
+  constexpr int kThreads = 256;
+  const int64_t blocks = (elems + kThreads - 1) / kThreads;
+  rope_table_kernel<kThreads><<<static_cast<unsigned>(blocks < 4096 ? blocks : 4096), kThreads,
+                                0, stream>>>(p.rope_table, p.inv_freq, *n_pos, p.half_rot,
+                                             p.rope_scale);
+  return cudaGetLastError();
 }
 
 // One key tile of the exp2-domain online softmax for a thread's two rows, S in the fragment
@@ -444,40 +463,20 @@ __global__ void __launch_bounds__(kPrefillThreads, PrefillShape<D>::kMinBlocks)
   }
 }
 
-// Launches the many-rows kernel with its own row tiles (kBM rows) and the split count
-// plan_attention chose (the o_part/lse_part workspace is sized by it; splits left without
-// tiles write lse -inf, which merge_splits_kernel weighs as zero). rope_table: a workspace of
-// rope_table_elems(p) float2, or null to compute every angle with sincosf.
+// Launches the many-rows kernel on plan_attention's row tiles (kBM rows) and splits (the
+// o_part/lse_part workspace is sized by them; splits left without tiles write lse -inf, which
+// merge_splits_kernel weighs as zero).
 template <typename T, int D>
-cudaError_t launch_prefill_attention(const AttnParams& p, float2* rope_table,
-                                     cudaStream_t stream) {
-  using Shape = PrefillShape<D>;
-  AttnParams a = p;
-  const int rows = (p.lq < p.query_block ? p.lq : p.query_block) * (p.hq / p.hkv);
-  a.row_tiles = (rows + Shape::kBM - 1) / Shape::kBM;
-  const int64_t tiles_max = (gathered_keys_max(p) + Shape::kBN - 1) / Shape::kBN;
-  const int64_t per = (tiles_max + p.num_splits - 1) / p.num_splits;
-  a.tiles_per_split = static_cast<int>(per < 1 ? 1 : per);
-
-  const int n_pos = rope_table != nullptr ? rope_table_positions(p) : 0;
-  if (n_pos > 0) {
-    const int64_t elems = static_cast<int64_t>(n_pos) * p.half_rot;
-    constexpr int kThreads = 256;
-    const int64_t blocks = (elems + kThreads - 1) / kThreads;
-    rope_table_kernel<kThreads>
-        <<<static_cast<unsigned>(blocks < 4096 ? blocks : 4096), kThreads, 0, stream>>>(
-            rope_table, p.inv_freq, n_pos, p.half_rot, p.rope_scale);
-    const cudaError_t err = cudaGetLastError();
-    if (err != cudaSuccess) return err;
-  }
-
+cudaError_t launch_prefill_attention(const AttnParams& p, cudaStream_t stream) {
+  int n_pos = 0;
+  cudaError_t err = launch_rope_table(p, &n_pos, stream);
+  if (err != cudaSuccess) return err;
   constexpr int smem = prefill_smem_bytes<D>();
   auto kernel = gather_attention_prefill_kernel<T, D>;
-  cudaError_t err =
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
-  const dim3 grid(p.n_blocks * a.row_tiles, p.hkv * p.num_splits, p.batch);
-  kernel<<<grid, kPrefillThreads, smem, stream>>>(a, rope_table, n_pos);
+  const dim3 grid(p.n_blocks * p.row_tiles, p.hkv * p.num_splits, p.batch);
+  kernel<<<grid, kPrefillThreads, smem, stream>>>(p, p.rope_table, n_pos);
   return cudaGetLastError();
 }
 

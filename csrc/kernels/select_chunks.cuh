@@ -68,7 +68,7 @@ inline int64_t select_workspace_words(const SelectParams& p, ScoreMode mode, int
   const int64_t rows = static_cast<int64_t>(p.batch) * p.hkv * p.n_blocks;
   const int64_t dense = rows * p.n_cols;
   if (mode == ScoreMode::kMax || !few_rows(p.lq, p.query_block, p.hq / p.hkv)) return dense;
-  const int block_n = tile_shape(true, mode == ScoreMode::kBound ? 2 * head_dim : head_dim).block_n;
+  const int block_n = kFewRowsTile.block_n;
   const int64_t splits = (static_cast<int64_t>(p.n_cols) + block_n - 1) / block_n;
   return std::max(dense, rows * (1 + 2 * static_cast<int64_t>(p.topk) * splits));
 }
@@ -83,7 +83,7 @@ inline void plan_select(SelectParams& p, ScoreMode mode, int head_dim) {
   const int group = p.hq / p.hkv;
   const bool few = few_rows(p.lq, p.query_block, group);
   const int vec_len = mode == ScoreMode::kBound ? 2 * head_dim : head_dim;
-  const int block_m = few ? tile_shape(true, vec_len).block_m : gemm_block_m(vec_len);
+  const int block_m = few ? kFewRowsTile.block_m : gemm_block_m(vec_len);
   const int rows = (p.lq < p.query_block ? p.lq : p.query_block) * group;
   p.row_tiles = (rows + block_m - 1) / block_m;
   p.atomic = p.row_tiles > 1;
@@ -335,15 +335,14 @@ __device__ __forceinline__ void fused_topk(const SelectParams& p, const ScoreTil
       [&](int rank, int i) { out[rank] = __ldcg(ids + i); }, sm);
 }
 
-template <typename T, int D, ScoreMode kMode, int kWarpsN>
+template <typename T, int D, ScoreMode kMode>
 __global__ void __launch_bounds__(kScoreThreads) chunk_scores_kernel(SelectParams p) {
   constexpr int kVec = kMode == ScoreMode::kBound ? 2 * D : D;
-  constexpr TileShape kTile = tile_shape(kWarpsN == 4, kVec);
-  constexpr int kBM = kTile.block_m, kBN = kTile.block_n;
+  constexpr int kBM = kFewRowsTile.block_m, kBN = kFewRowsTile.block_n;
+  constexpr int kWarpsN = kFewRowsTile.warps_n;
   constexpr int kNW = kBN / kWarpsN;  // columns per warp
   constexpr int kNT = kNW / 8;
   constexpr int kChunksPerRow = kVec / 8;
-  static_assert(kTile.warps_n == kWarpsN, "tile shape and warp layout disagree");
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* s_a = reinterpret_cast<T*>(smem_raw);
@@ -698,11 +697,11 @@ cudaError_t launch_scores_one_wave(Kernel kernel, const SelectParams& plan, int 
   return cudaGetLastError();
 }
 
-template <typename T, int D, ScoreMode kMode, int kWarpsN>
+template <typename T, int D, ScoreMode kMode>
 cudaError_t launch_chunk_scores(const SelectParams& plan, bool* fused, cudaStream_t stream) {
   constexpr int kVec = kMode == ScoreMode::kBound ? 2 * D : D;
-  constexpr TileShape kTile = tile_shape(kWarpsN == 4, kVec);
-  return launch_scores_one_wave(chunk_scores_kernel<T, D, kMode, kWarpsN>, plan, kScoreThreads,
+  constexpr TileShape kTile = kFewRowsTile;
+  return launch_scores_one_wave(chunk_scores_kernel<T, D, kMode>, plan, kScoreThreads,
                                 score_smem_bytes<kVec, kTile.block_m, kTile.block_n>(0),
                                 kTile.block_n, kMaxChunksPerCta,
                                 kMode == ScoreMode::kMax ? plan.chunk : 1,
@@ -728,15 +727,15 @@ cudaError_t launch_select_chunks(const SelectParams& p, ScoreMode mode, cudaStre
     cudaError_t err = cudaSuccess;
     switch (mode) {
       case ScoreMode::kMax:
-        err = few ? launch_chunk_scores<T, D, ScoreMode::kMax, 4>(p, &fused, stream)
+        err = few ? launch_chunk_scores<T, D, ScoreMode::kMax>(p, &fused, stream)
                   : launch_chunk_scores_gemm<T, D, ScoreMode::kMax>(p, &fused, stream);
         break;
       case ScoreMode::kBound:
-        err = few ? launch_chunk_scores<T, D, ScoreMode::kBound, 4>(p, &fused, stream)
+        err = few ? launch_chunk_scores<T, D, ScoreMode::kBound>(p, &fused, stream)
                   : launch_chunk_scores_gemm<T, D, ScoreMode::kBound>(p, &fused, stream);
         break;
       case ScoreMode::kMean:
-        err = few ? launch_chunk_scores<T, D, ScoreMode::kMean, 4>(p, &fused, stream)
+        err = few ? launch_chunk_scores<T, D, ScoreMode::kMean>(p, &fused, stream)
                   : launch_chunk_scores_gemm<T, D, ScoreMode::kMean>(p, &fused, stream);
         break;
     }
