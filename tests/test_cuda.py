@@ -50,6 +50,8 @@ IDS = [c.id for c in CASES]
 # Long caches: batch 3 of different lengths, and the 1M decode shape of DESIGN.md section 5.
 LONG = [
     Case(3, 8, 2, 1, 1 << 18, 128, 64, 4096, 64, 32, 1, lens=(1 << 18, 100_003, 5_000)),
+    # 4369 chunks: the fused decode top-k, with every CTA of the short sequence empty
+    Case(2, 8, 2, 1, 70_000, 64, 16, 64, 16, 32, 1, lens=(70_000, 3_000)),
     Case(1, 32, 8, 1, 1 << 20, 128, 64, 4096, 64, 32, 128),
     Case(1, 8, 2, 128, 1 << 20, 128, 64, 4096, 64, 32, 128),
 ]

@@ -6,8 +6,8 @@
 // tile. Gathered key r maps to its cache token through the sink, the chunk ids in idx
 // (ascending, -1 padded: the valid ones are a prefix) and the local window; cp.async copies K
 // and V tiles straight from the [B, Hkv, Nmax, D] cache into swizzled shared memory, the CTA
-// rotates the K tile in place (fp32 angles fl(pos * inv_freq), accurate sincosf, or for
-// compact positions the same values from a table rope_table_kernel fills once per call) and
+// rotates the K tile in place (fp32 angles fl(pos * inv_freq), accurate sincosf, or in the
+// prefill kernel for compact positions the same values from a table filled once per call) and
 // the warps run QK^T and PV with mma.sync m16n8k16 and an online softmax in the exp2 domain.
 // Masking compares original positions (key visible iff its position <= the query's), so
 // padding rows (position -1) and tail keys (position INT_MAX) drop out.
@@ -81,10 +81,8 @@ __device__ __forceinline__ void rope_pair(int i, int half_rot, bool interleaved,
 
 namespace reattention::kernels {
 
-// rope_table: (cos, sin) rows for compact positions < n_pos (rope_table_kernel), else null.
 template <typename T, int D>
-__global__ void __launch_bounds__(kAttnThreads) gather_attention_kernel(
-    AttnParams p, const float2* __restrict__ rope_table, int n_pos) {
+__global__ void __launch_bounds__(kAttnThreads) gather_attention_kernel(AttnParams p) {
   constexpr TileShape kTile = kFewRowsTile;
   constexpr int kWarpsN = kTile.warps_n;
   constexpr int kBM = kTile.block_m, kBN = kTile.block_n;
@@ -191,7 +189,7 @@ __global__ void __launch_bounds__(kAttnThreads) gather_attention_kernel(
       x1 = Dtype<T>::to_float(qr[d1]);
       const int pos = p0 + query;
       if (i < p.half_rot) {
-        rope_apply(x0, x1, rope_cos_sin(p.compact ? pos + shift : pos, i, rope_table, n_pos,
+        rope_apply(x0, x1, rope_cos_sin(p.compact ? pos + shift : pos, i, nullptr, 0,
                                         p.half_rot, s_invf[i], p.rope_scale));
       }
       if (i == 0) s_qpos[r] = pos;
@@ -229,7 +227,7 @@ __global__ void __launch_bounds__(kAttnThreads) gather_attention_kernel(
         rope_pair(i, p.half_rot, p.interleaved, d0, d1);
         float x0 = Dtype<T>::to_float(sk[swz<D>(r, d0)]);
         float x1 = Dtype<T>::to_float(sk[swz<D>(r, d1)]);
-        rope_apply(x0, x1, rope_cos_sin(pos, i, rope_table, n_pos, p.half_rot, s_invf[i],
+        rope_apply(x0, x1, rope_cos_sin(pos, i, nullptr, 0, p.half_rot, s_invf[i],
                                         p.rope_scale));
         sk[swz<D>(r, d0)] = Dtype<T>::from_float(x0);
         sk[swz<D>(r, d1)] = Dtype<T>::from_float(x1);
@@ -372,14 +370,12 @@ template <typename T, int D>
 cudaError_t launch_decode_attention(const AttnParams& p, cudaStream_t stream) {
   constexpr TileShape kTile = kFewRowsTile;
   constexpr int smem = attn_smem_bytes<D, kTile.warps_n, kTile.block_m, kTile.block_n>();
-  int n_pos = 0;
-  cudaError_t err = launch_rope_table(p, &n_pos, stream);
-  if (err != cudaSuccess) return err;
   auto kernel = gather_attention_kernel<T, D>;
-  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  cudaError_t err =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
   const dim3 grid(p.n_blocks * p.row_tiles, p.hkv * p.num_splits, p.batch);
-  kernel<<<grid, kAttnThreads, smem, stream>>>(p, p.rope_table, n_pos);
+  kernel<<<grid, kAttnThreads, smem, stream>>>(p);
   return cudaGetLastError();
 }
 
