@@ -3,7 +3,8 @@
 #   bash bench/gpu_check.sh [tests|bench|all]      (default all)
 # Installs the checkout (no build isolation: such machines have no registry), runs the whole
 # test suite with every GPU backend required, then the benchmarks. Logs and JSON go to $OUT
-# (default bench/results/local).
+# (default bench/results/local). The device tool copies the working tree but its .git may be
+# an older one, so name the commit from here: REATTENTION_COMMIT=<hash> bash bench/gpu_check.sh
 set -euo pipefail
 what=${1:-all}
 repo=$(pwd)
