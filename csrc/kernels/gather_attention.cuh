@@ -74,6 +74,99 @@ __device__ __forceinline__ void rope_pair(int i, int half_rot, bool interleaved,
   d1 = split_halves ? i + half_rot : 2 * i + 1;
 }
 
+// What one CTA owns. Grid: x = query block * row_tiles + row tile, y = kv head * num_splits +
+// split, z = sequence. Rows of a block: its queries times the group's q heads.
+struct AttnTile {
+  int beta, h, split, b, group;
+  int q0;    // the block's first query
+  int rows;  // the block's rows
+  int row0;  // the CTA's first row (row0 >= rows: nothing to do)
+};
+
+__device__ __forceinline__ AttnTile attn_tile(const AttnParams& p, int block_m) {
+  AttnTile t;
+  t.beta = blockIdx.x / p.row_tiles;
+  t.h = blockIdx.y / p.num_splits;
+  t.split = blockIdx.y % p.num_splits;
+  t.b = blockIdx.z;
+  t.group = p.hq / p.hkv;
+  t.q0 = t.beta * p.query_block;
+  t.rows = (min(p.lq, t.q0 + p.query_block) - t.q0) * t.group;
+  t.row0 = blockIdx.x % p.row_tiles * block_m;
+  return t;
+}
+
+// The gathered sequence of one (sequence, kv head, query block): [sink | the chunks of idx |
+// local window], and where each gathered key sits in the cache.
+struct GatheredKeys {
+  Segments seg;
+  const int* sel;  // the block's chunk ids (ascending, -1 padded: the valid ones are a prefix)
+  int p0;          // original position of the sequence's first query
+  int loc0;        // gathered index of the local window
+  int n_keys;      // gathered keys
+  int shift;       // compact query position - original query position
+
+  // Cache token of gathered key r (r < n_keys). Clamped so a malformed idx cannot read outside
+  // the cache; a well-formed one never needs it.
+  __device__ __forceinline__ int token(int r, const AttnParams& p) const {
+    int tok;
+    if (r < seg.sink_len) {
+      tok = r;
+    } else if (r < loc0) {
+      const int c = (r - seg.sink_len) / p.chunk;
+      tok = p.sink + sel[c] * p.chunk + (r - seg.sink_len - c * p.chunk);
+    } else {
+      tok = seg.mid_end + (r - loc0);
+    }
+    return min(max(tok, 0), p.nmax - 1);
+  }
+};
+
+// The CTA's gathered sequence: counts the block's selected chunks (in *s_nsel) and stages the
+// inverse frequencies, zero past R/2, in s_invf[D / 2]. Every thread calls it (two barriers).
+template <int D, int kThreads>
+__device__ __forceinline__ GatheredKeys gathered_keys(const AttnParams& p, int b, int h,
+                                                      int beta, float* s_invf, int* s_nsel) {
+  GatheredKeys g;
+  const int n = p.seqlens[b];
+  g.seg = segments(n, p.lq, p.sink, p.local, p.chunk);
+  g.p0 = n - p.lq;
+  g.sel = p.idx + b * p.i_sb + h * p.i_sh + beta * p.i_sblk;
+  if (threadIdx.x == 0) *s_nsel = 0;
+  __syncthreads();
+  int mine = 0;
+  for (int i = threadIdx.x; i < p.topk; i += kThreads) mine += g.sel[i] >= 0;
+  if (mine) atomicAdd(s_nsel, mine);
+  for (int i = threadIdx.x; i < D / 2; i += kThreads) {
+    s_invf[i] = i < p.half_rot ? p.inv_freq[i] : 0.f;
+  }
+  __syncthreads();
+  const int n_sel = *s_nsel;
+  g.loc0 = g.seg.sink_len + n_sel * p.chunk;
+  g.n_keys = g.loc0 + max(0, n - g.seg.mid_end);
+  g.shift = p.sink + n_sel * p.chunk - g.seg.mid_end;
+  return g;
+}
+
+// Copies the K and V rows of gathered keys [tile * kBN, tile * kBN + kBN) from the cache into
+// the swizzled tiles sk and sv (cp.async, one commit group; zero-filled past n_keys) and their
+// cache tokens into kpos (INT_MAX past n_keys, so the mask drops them).
+template <typename T, int D, int kBN, int kThreads>
+__device__ __forceinline__ void load_kv_tile(T* sk, T* sv, int* kpos, const GatheredKeys& g,
+                                             const AttnParams& p, const T* k_base,
+                                             const T* v_base, int tile) {
+  for (int id = threadIdx.x; id < kBN * (D / 8); id += kThreads) {
+    const int r = id / (D / 8), ch = id % (D / 8);
+    const int key = tile * kBN + r;
+    const bool valid = key < g.n_keys;
+    const int tok = valid ? g.token(key, p) : 0;
+    cp_async_16(sk + swz<D>(r, ch * 8), k_base + tok * p.k_sn + ch * 8, valid);
+    cp_async_16(sv + swz<D>(r, ch * 8), v_base + tok * p.v_sn + ch * 8, valid);
+    if (ch == 0) kpos[r] = valid ? tok : INT_MAX;
+  }
+  cp_async_commit();
+}
+
 }  // namespace reattention::kernels
 
 // The many-rows (prefill) kernel; it needs AttnParams and rope_pair above.
@@ -108,61 +201,18 @@ __global__ void __launch_bounds__(kAttnThreads) gather_attention_kernel(AttnPara
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int wm = warp / kWarpsN, wn = warp % kWarpsN;
-  const int rt = blockIdx.x % p.row_tiles, beta = blockIdx.x / p.row_tiles;
-  const int h = blockIdx.y / p.num_splits, split = blockIdx.y % p.num_splits;
-  const int b = blockIdx.z;
-  const int group = p.hq / p.hkv;
-  const int q0 = beta * p.query_block;
-  const int rows = (min(p.lq, q0 + p.query_block) - q0) * group;
-  const int row0 = rt * kBM;
-  if (row0 >= rows) return;
+  const AttnTile at = attn_tile(p, kBM);
+  if (at.row0 >= at.rows) return;
+  const int beta = at.beta, h = at.h, split = at.split, b = at.b, group = at.group;
+  const int q0 = at.q0, rows = at.rows, row0 = at.row0;
 
-  const int n = p.seqlens[b];
-  const Segments seg = segments(n, p.lq, p.sink, p.local, p.chunk);
-  const int p0 = n - p.lq;
-  const int* sel = p.idx + b * p.i_sb + h * p.i_sh + beta * p.i_sblk;
-  if (tid == 0) s_nsel = 0;
-  __syncthreads();
-  int mine = 0;
-  for (int i = tid; i < p.topk; i += kAttnThreads) mine += sel[i] >= 0;
-  if (mine) atomicAdd(&s_nsel, mine);
-  for (int i = tid; i < D / 2; i += kAttnThreads) s_invf[i] = i < p.half_rot ? p.inv_freq[i] : 0.f;
-  __syncthreads();
-  const int n_sel = s_nsel;
-  const int loc0 = seg.sink_len + n_sel * p.chunk;       // gathered index of the local window
-  const int n_keys = loc0 + max(0, n - seg.mid_end);
-  const int shift = p.sink + n_sel * p.chunk - seg.mid_end;  // compact query position - P
-
-  // Cache token of gathered key r (r < n_keys). Clamped so a malformed idx cannot read outside
-  // the cache; a well-formed one never needs it.
-  auto key_token = [&](int r) -> int {
-    int tok;
-    if (r < seg.sink_len) {
-      tok = r;
-    } else if (r < loc0) {
-      const int c = (r - seg.sink_len) / p.chunk;
-      tok = p.sink + sel[c] * p.chunk + (r - seg.sink_len - c * p.chunk);
-    } else {
-      tok = seg.mid_end + (r - loc0);
-    }
-    return min(max(tok, 0), p.nmax - 1);
-  };
-
+  const GatheredKeys gk = gathered_keys<D, kAttnThreads>(p, b, h, beta, s_invf, &s_nsel);
+  const int n_keys = gk.n_keys;
   const T* k_base = static_cast<const T*>(p.k) + b * p.k_sb + h * p.k_sh;
   const T* v_base = static_cast<const T*>(p.v) + b * p.v_sb + h * p.v_sh;
   auto load_tile = [&](int stage, int tile) {
-    T* sk = s_kv + stage * kBN * D;
-    T* sv = s_kv + (2 + stage) * kBN * D;
-    for (int id = tid; id < kBN * (D / 8); id += kAttnThreads) {
-      const int r = id / (D / 8), ch = id % (D / 8);
-      const int key = tile * kBN + r;
-      const bool valid = key < n_keys;
-      const int tok = valid ? key_token(key) : 0;
-      cp_async_16(sk + swz<D>(r, ch * 8), k_base + tok * p.k_sn + ch * 8, valid);
-      cp_async_16(sv + swz<D>(r, ch * 8), v_base + tok * p.v_sn + ch * 8, valid);
-      if (ch == 0) s_kpos[stage * kBN + r] = valid ? tok : INT_MAX;
-    }
-    cp_async_commit();
+    load_kv_tile<T, D, kBN, kAttnThreads>(s_kv + stage * kBN * D, s_kv + (2 + stage) * kBN * D,
+                                          s_kpos + stage * kBN, gk, p, k_base, v_base, tile);
   };
 
   const int n_tiles = (n_keys + kBN - 1) / kBN;
@@ -174,31 +224,8 @@ __global__ void __launch_bounds__(kAttnThreads) gather_attention_kernel(AttnPara
   if (t_begin < t_end) load_tile(0, t_begin); else cp_async_commit();
   if (t_begin + 1 < t_end) load_tile(1, t_begin + 1); else cp_async_commit();
 
-  // Q rows, rotated at their (compact or original) positions, rounded once to T.
-  const T* q_base = static_cast<const T*>(p.q) + b * p.q_sb;
-  for (int id = tid; id < kBM * (D / 2); id += kAttnThreads) {
-    const int r = id / (D / 2), i = id % (D / 2);
-    const int gr = row0 + r;
-    int d0, d1;
-    rope_pair(i, p.half_rot, p.interleaved, d0, d1);
-    float x0 = 0.f, x1 = 0.f;
-    if (gr < rows) {
-      const int head = h * group + gr % group, query = q0 + gr / group;
-      const T* qr = q_base + head * p.q_sh + query * p.q_sl;
-      x0 = Dtype<T>::to_float(qr[d0]);
-      x1 = Dtype<T>::to_float(qr[d1]);
-      const int pos = p0 + query;
-      if (i < p.half_rot) {
-        rope_apply(x0, x1, rope_cos_sin(p.compact ? pos + shift : pos, i, nullptr, 0,
-                                        p.half_rot, s_invf[i], p.rope_scale));
-      }
-      if (i == 0) s_qpos[r] = pos;
-    } else if (i == 0) {
-      s_qpos[r] = -1;
-    }
-    s_q[swz<D>(r, d0)] = Dtype<T>::from_float(x0);
-    s_q[swz<D>(r, d1)] = Dtype<T>::from_float(x1);
-  }
+  stage_rotated_q<T, D, kBM, kAttnThreads, true>(s_q, s_qpos, p, gk, b, h, group, q0, row0,
+                                                  rows, s_invf, nullptr, 0);
 
   float o[kDT][4];
 #pragma unroll

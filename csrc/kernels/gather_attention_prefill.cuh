@@ -32,7 +32,9 @@ constexpr int kPrefillThreads = 256;
 constexpr int64_t kRopeTableMaxPositions = int64_t{1} << 16;
 
 constexpr int kPrefillBlockM = 128;  // rows per CTA, 16 per warp
-__host__ __device__ constexpr int prefill_block_n(int head_dim) { return head_dim >= 256 ? 32 : 64; }
+__host__ __device__ constexpr int prefill_block_n(int head_dim) {
+  return head_dim >= 256 ? 32 : 64;  // keys per tile
+}
 
 template <int D>
 struct PrefillShape {
@@ -93,6 +95,41 @@ __device__ __forceinline__ void rope_apply(float& x0, float& x1, float2 cs) {
   const float y1 = x1 * cs.x + x0 * cs.y;
   x0 = y0;
   x1 = y1;
+}
+
+// Stages rows [row0, row0 + kBM) of the block's query rows (row = query * group + head; rows
+// at or past `rows` are zero) rotated at their compact or original positions, rounded once to
+// T, into the swizzled tile s_q; with kQpos, also each row's original position (-1: padding)
+// into s_qpos. table/n_pos: the RoPE table (rope_table_kernel) or null/0.
+template <typename T, int D, int kBM, int kThreads, bool kQpos>
+__device__ __forceinline__ void stage_rotated_q(T* s_q, int* s_qpos, const AttnParams& p,
+                                                const GatheredKeys& gk, int b, int h, int group,
+                                                int q0, int row0, int rows, const float* s_invf,
+                                                const float2* table, int n_pos) {
+  const T* q_base = static_cast<const T*>(p.q) + b * p.q_sb;
+  for (int id = threadIdx.x; id < kBM * (D / 2); id += kThreads) {
+    const int r = id / (D / 2), i = id % (D / 2);
+    const int gr = row0 + r;
+    int d0, d1;
+    rope_pair(i, p.half_rot, p.interleaved, d0, d1);
+    float x0 = 0.f, x1 = 0.f;
+    if (gr < rows) {
+      const int head = h * group + gr % group, query = q0 + gr / group;
+      const T* qr = q_base + head * p.q_sh + query * p.q_sl;
+      x0 = Dtype<T>::to_float(qr[d0]);
+      x1 = Dtype<T>::to_float(qr[d1]);
+      const int pos = gk.p0 + query;
+      if (i < p.half_rot) {
+        rope_apply(x0, x1, rope_cos_sin(p.compact ? pos + gk.shift : pos, i, table, n_pos,
+                                        p.half_rot, s_invf[i], p.rope_scale));
+      }
+      if (kQpos && i == 0) s_qpos[r] = pos;
+    } else if (kQpos && i == 0) {
+      s_qpos[r] = -1;
+    }
+    s_q[swz<D>(r, d0)] = Dtype<T>::from_float(x0);
+    s_q[swz<D>(r, d1)] = Dtype<T>::from_float(x1);
+  }
 }
 
 // Two T in one 32-bit word (element 0 in the low half, as Dtype<T>::pack2 stores them).
@@ -220,65 +257,24 @@ __global__ void __launch_bounds__(kPrefillThreads, PrefillShape<D>::kMinBlocks)
   __shared__ int s_nsel;
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int rt = blockIdx.x % p.row_tiles, beta = blockIdx.x / p.row_tiles;
-  const int h = blockIdx.y / p.num_splits, split = blockIdx.y % p.num_splits;
-  const int b = blockIdx.z;
-  const int group = p.hq / p.hkv;
-  const int q0 = beta * p.query_block;
-  const int rows = (min(p.lq, q0 + p.query_block) - q0) * group;
-  const int row0 = rt * kBM;
-  if (row0 >= rows) return;
+  const AttnTile at = attn_tile(p, kBM);
+  if (at.row0 >= at.rows) return;
+  const int beta = at.beta, h = at.h, split = at.split, b = at.b, group = at.group;
+  const int q0 = at.q0, rows = at.rows, row0 = at.row0;
 
-  const int n = p.seqlens[b];
-  const Segments seg = segments(n, p.lq, p.sink, p.local, p.chunk);
-  const int p0 = n - p.lq;
-  const int* sel = p.idx + b * p.i_sb + h * p.i_sh + beta * p.i_sblk;
-  if (tid == 0) s_nsel = 0;
-  __syncthreads();
-  int mine = 0;
-  for (int i = tid; i < p.topk; i += kPrefillThreads) mine += sel[i] >= 0;
-  if (mine) atomicAdd(&s_nsel, mine);
-  for (int i = tid; i < D / 2; i += kPrefillThreads) {
-    s_invf[i] = i < p.half_rot ? p.inv_freq[i] : 0.f;
-  }
-  __syncthreads();
-  const int n_sel = s_nsel;
-  const int loc0 = seg.sink_len + n_sel * p.chunk;  // gathered index of the local window
-  const int n_keys = loc0 + max(0, n - seg.mid_end);
-  const int shift = p.sink + n_sel * p.chunk - seg.mid_end;  // compact query position - P
+  const GatheredKeys gk = gathered_keys<D, kPrefillThreads>(p, b, h, beta, s_invf, &s_nsel);
+  const Segments seg = gk.seg;
+  const int p0 = gk.p0, loc0 = gk.loc0, n_keys = gk.n_keys;
   // Sink and chunk keys precede every query; local key r sits at mid_end + r - loc0, so the
   // ones after this CTA's last query are masked for all its rows.
   const int q_last = p0 + q0 + (min(rows, row0 + kBM) - 1) / group;
   const int n_vis = min(n_keys, loc0 + max(0, q_last - seg.mid_end + 1));
 
-  auto key_token = [&](int r) -> int {
-    int tok;
-    if (r < seg.sink_len) {
-      tok = r;
-    } else if (r < loc0) {
-      const int c = (r - seg.sink_len) / p.chunk;
-      tok = p.sink + sel[c] * p.chunk + (r - seg.sink_len - c * p.chunk);
-    } else {
-      tok = seg.mid_end + (r - loc0);
-    }
-    return min(max(tok, 0), p.nmax - 1);  // a malformed idx cannot read outside the cache
-  };
-
   const T* k_base = static_cast<const T*>(p.k) + b * p.k_sb + h * p.k_sh;
   const T* v_base = static_cast<const T*>(p.v) + b * p.v_sb + h * p.v_sh;
   auto load_tile = [&](int stage, int tile) {
-    T* sk = s_k + stage * kBN * D;
-    T* sv = s_v + stage * kBN * D;
-    for (int id = tid; id < kBN * (D / 8); id += kPrefillThreads) {
-      const int r = id / (D / 8), ch = id % (D / 8);
-      const int key = tile * kBN + r;
-      const bool valid = key < n_keys;
-      const int tok = valid ? key_token(key) : 0;
-      cp_async_16(sk + swz<D>(r, ch * 8), k_base + tok * p.k_sn + ch * 8, valid);
-      cp_async_16(sv + swz<D>(r, ch * 8), v_base + tok * p.v_sn + ch * 8, valid);
-      if (ch == 0) s_kpos[stage * kBN + r] = valid ? tok : INT_MAX;
-    }
-    cp_async_commit();
+    load_kv_tile<T, D, kBN, kPrefillThreads>(s_k + stage * kBN * D, s_v + stage * kBN * D,
+                                             s_kpos + stage * kBN, gk, p, k_base, v_base, tile);
   };
   // Rotates the K tile of `stage` in place, all threads together. With R/2 even a step takes
   // two adjacent pairs i, i + 1 (i even): one float4 of the table and two 32-bit shared words,
@@ -341,28 +337,8 @@ __global__ void __launch_bounds__(kPrefillThreads, PrefillShape<D>::kMinBlocks)
     if (t_begin + s < t_end) load_tile(s, t_begin + s); else cp_async_commit();
   }
 
-  // Q rows, rotated at their (compact or original) positions, rounded once to T.
-  const T* q_base = static_cast<const T*>(p.q) + b * p.q_sb;
-  for (int id = tid; id < kBM * (D / 2); id += kPrefillThreads) {
-    const int r = id / (D / 2), i = id % (D / 2);
-    const int gr = row0 + r;
-    int d0, d1;
-    rope_pair(i, p.half_rot, p.interleaved, d0, d1);
-    float x0 = 0.f, x1 = 0.f;
-    if (gr < rows) {
-      const int head = h * group + gr % group, query = q0 + gr / group;
-      const T* qr = q_base + head * p.q_sh + query * p.q_sl;
-      x0 = Dtype<T>::to_float(qr[d0]);
-      x1 = Dtype<T>::to_float(qr[d1]);
-      const int pos = p0 + query;
-      if (i < p.half_rot) {
-        rope_apply(x0, x1, rope_cos_sin(p.compact ? pos + shift : pos, i, table, n_pos,
-                                        p.half_rot, s_invf[i], p.rope_scale));
-      }
-    }
-    s_q[swz<D>(r, d0)] = Dtype<T>::from_float(x0);
-    s_q[swz<D>(r, d1)] = Dtype<T>::from_float(x1);
-  }
+  stage_rotated_q<T, D, kBM, kPrefillThreads, false>(s_q, nullptr, p, gk, b, h, group, q0, row0,
+                                                      rows, s_invf, table, n_pos);
   cp_async_wait<kStages - 2>();  // tile t_begin has landed
   __syncthreads();               // ... for every thread, and the Q tile is complete
   if (t_begin < t_end) rotate_tile(0, t_begin);
