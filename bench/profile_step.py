@@ -19,11 +19,9 @@ from collections import defaultdict
 import torch
 
 import reattention
+from bench_attn import B, CHUNK, D, DTYPE, HQ, LOCAL, QB, SINK, TOPK, bench, header, make_cache
 from reattention import ops
 
-B, HQ, HKV, D = 1, 32, 8, 128
-SINK, CHUNK, TOPK, LOCAL, QB = 64, 64, 32, 4096, 128
-DTYPE = torch.bfloat16
 STEPS = 20
 
 
@@ -51,15 +49,12 @@ def main(argv=None):
     p.add_argument("--backends", default="cuda,triton")
     p.add_argument("--reps", default="bound,mean")
     a = p.parse_args(argv)
-    import triton.testing as tt
     reattention.set_device_checks(False)
     inv = reattention.default_inv_freq(D, device="cuda")
     rows = []
     for n in (int(x) for x in a.lengths.split(",")):
-        g = torch.Generator(device="cuda").manual_seed(0)
-        k = torch.randn(B, HKV, n, D, device="cuda", dtype=DTYPE, generator=g)
-        v = torch.randn_like(k)
-        q = torch.randn(B, HQ, 1, D, device="cuda", dtype=DTYPE, generator=g)
+        k, v = make_cache(n)
+        q = torch.randn(B, HQ, 1, D, device="cuda", dtype=DTYPE)
         lens = torch.full((B,), n, dtype=torch.int32, device="cuda")
         for rep in a.reps.split(","):
             reps = reattention.chunk_reps(k, lens, sink=SINK, chunk=CHUNK, rep=rep)
@@ -71,9 +66,7 @@ def main(argv=None):
                     return reattention.reattention_attn(
                         q, k, v, lens, sink=SINK, local=LOCAL, chunk=CHUNK, topk=TOPK,
                         query_block=QB, rep=rep, reps=reps, inv_freq=inv, backend=be)
-                step()
-                torch.cuda.synchronize()
-                graph_us = 1e3 * tt.do_bench_cudagraph(step, rep=100, return_mode="median")
+                graph_us = 1e3 * bench(step, graph=True)  # as bench_attn.py times a step
                 kernels = kernel_times(step)
                 row = dict(n=n, backend=be, rep=rep, graph_us=graph_us,
                            kernel_sum_us=sum(kernels.values()), kernels=kernels)
@@ -87,8 +80,7 @@ def main(argv=None):
     os.makedirs(a.out, exist_ok=True)
     gpu = torch.cuda.get_device_name().split()[-1].lower()
     with open(os.path.join(a.out, f"profile_step-{gpu}.json"), "w") as f:
-        json.dump(dict(commit=os.environ.get("REATTENTION_COMMIT", "unknown"),
-                       torch=torch.__version__, rows=rows), f, indent=1)
+        json.dump(dict(header=header(), rows=rows), f, indent=1)
 
 
 if __name__ == "__main__":
