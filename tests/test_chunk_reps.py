@@ -54,3 +54,23 @@ def test_chunk_reps_incremental(rep, backend):
                            start_chunk=2)  # seq 1 had 2 complete chunks, seq 0 had 5
     full = reattention.chunk_reps(k, lens2, sink=sink, chunk=chunk, rep=rep, backend="reference")
     torch.testing.assert_close(reps.cpu(), full.cpu(), rtol=2e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("rep", ["bound", "mean"])
+def test_float64_reps_on_the_reference(rep):
+    """float64 is accepted by the attention path (reference only), so reps must be too:
+    reattention_attn(rep="bound"/"mean") on float64 inputs computes them on the fly."""
+    torch.manual_seed(0)
+    k = torch.randn(1, 2, 100, 8, dtype=torch.float64)
+    reps = reattention.chunk_reps(k, sink=4, chunk=8, rep=rep, backend="reference")
+    toks = k[:, :, 4:100].reshape(1, 2, 12, 8, 8)
+    if rep == "bound":
+        want = torch.stack([toks.amin(3), toks.amax(3)], dim=3)
+    else:
+        want = toks.mean(3)
+    assert reps.dtype == torch.float64
+    torch.testing.assert_close(reps, want, rtol=0, atol=1e-12)
+    q = torch.randn(1, 4, 1, 8, dtype=torch.float64)
+    out = reattention.reattention_attn(q, k, torch.randn_like(k), sink=4, local=16, chunk=8,
+                                       topk=2, rep=rep, backend="reference")
+    assert out.dtype == torch.float64 and out.shape == (1, 4, 1, 8)
