@@ -417,6 +417,24 @@ def check_idx(idx, q: torch.Tensor, k_cache: torch.Tensor, query_block: int) -> 
           f"got {tuple(idx.shape)}")
 
 
+def check_idx_values(idx: torch.Tensor, seqlens: torch.Tensor, lq: int, *, sink: int,
+                     local: int, chunk: int) -> None:
+    """Every entry of a host-resident idx is -1 or a middle chunk j < M_b of its sequence.
+
+    An out-of-range j would gather tokens outside the middle (the local window twice, or past
+    the cache) and -2 would be skipped as padding, silently. Device tensors are not read
+    here (no host sync); their kernels skip out-of-range entries.
+    """
+    if idx.device.type != "cpu" or idx.numel() == 0:
+        return
+    m = (seqlens.to(torch.int64) - lq - local - sink).clamp(min=0) // chunk  # [B]
+    bad = (idx < -1) | (idx >= m[:, None, None, None])
+    if bool(bad.any()):
+        where = tuple(int(x) for x in bad.nonzero()[0])
+        raise ValueError(f"idx{list(where)}={int(idx[where])} must be -1 or a middle chunk of "
+                         f"sequence {where[0]}, which has M={int(m[where[0]])} chunks")
+
+
 def gather_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      idx: torch.Tensor, cache_seqlens: torch.Tensor | None = None, *,
                      inv_freq: torch.Tensor, sink: int, local: int, chunk: int,
@@ -446,6 +464,7 @@ def gather_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     inv_freq, scale = check_attention_args(q, inv_freq, scale, rope_scale, rope_style, positions)
     check_idx(idx, q, k_cache, query_block)
     seqlens = check_seqlens(cache_seqlens, k_cache, q.shape[2])
+    check_idx_values(idx, seqlens, q.shape[2], sink=sink, local=local, chunk=chunk)
     be = resolve_backend(backend, q)
     q, k_cache, v_cache, idx = (t.contiguous() for t in (q, k_cache, v_cache, idx))
     if be == "reference":

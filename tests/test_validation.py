@@ -88,3 +88,21 @@ def test_config_validates():
         reattention.ReAttentionConfig(topk=0)
     with pytest.raises(ValueError, match="rep must be one of"):
         reattention.ReAttentionConfig(rep="avg")
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+@pytest.mark.parametrize("j", [9, 11, -2])
+def test_gather_attention_checks_idx_values(j, backend):
+    """Chunk 9 of a 100-token cache (sink 4, local 16, chunk 8: M = 9) lies in the local
+    window; the reference used to gather it a second time, and skip -2 as padding, silently."""
+    t = inputs(q=torch.randn(1, 2, 1, 16), k=torch.randn(1, 1, 100, 16),
+               v=torch.randn(1, 1, 100, 16))
+    if backend == "cpu" and reattention.available_backends()["cpu"] is not None:
+        pytest.skip("the cpu backend is not built")
+    if backend == "triton" and reattention.ops._kernel_refusal("triton", t["q"]) is not None:
+        pytest.skip("the triton backend cannot run CPU tensors here")
+    idx = torch.tensor([j, -1], dtype=torch.int32).view(1, 1, 1, 2)
+    with pytest.raises(ValueError, match=rf"idx\[0, 0, 0, 0\]={j} must be -1 or a middle chunk"):
+        reattention.gather_attention(t["q"], t["k"], t["v"], idx,
+                                     inv_freq=reattention.default_inv_freq(16), sink=4,
+                                     local=16, chunk=8, query_block=4, backend=backend)
