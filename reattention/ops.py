@@ -176,7 +176,9 @@ def check_seqlens(cache_seqlens, k_cache: torch.Tensor, lq: int) -> torch.Tensor
         lo, hi = (int(x) for x in torch.aminmax(cache_seqlens))
         _need(lq <= lo and hi <= nmax,
               f"cache_seqlens must lie in [Lq={lq}, Nmax={nmax}], got values in [{lo}, {hi}]")
-    return cache_seqlens
+    # The Triton and CUDA kernels read lens[b] at offset b: a strided view (a column of a
+    # table, or one length expanded to [B]) would be read as other memory.
+    return cache_seqlens.contiguous()
 
 
 @functools.lru_cache(maxsize=64)

@@ -80,3 +80,31 @@ def test_config_matches_keywords():
     assert torch.equal(a, b)
     with pytest.raises(ValueError, match="either config or the keywords"):
         reattention.reattention_attn(q, k, v, config=cfg, topk=case.topk + 1)
+
+
+@pytest.mark.parametrize("backend", PARITY_BACKENDS)
+@pytest.mark.parametrize("rep", ["max", "bound"])
+def test_strided_cache_seqlens(rep, backend):
+    """Lengths given as a strided view (a column of a [B, 2] table): the Triton kernels read
+    lens[b] at offset b and used to see the other column (chunk reps, selection and
+    attention all silently wrong)."""
+    dev = device_for(backend)
+    torch.manual_seed(0)
+    q = torch.randn(2, 2, 3, 16, device=dev)
+    k, v = torch.randn(2, 2, 1, 200, 16, device=dev).unbind(1)
+    require(backend, q)
+    table = torch.tensor([[150, 7], [90, 7]], dtype=torch.int32, device=dev)
+    lens = table[:, 0]
+    assert not lens.is_contiguous()
+    kw = dict(sink=4, local=16, chunk=8, topk=2, query_block=2, rep=rep)
+    out = reattention.reattention_attn(q, k, v, lens, backend=backend, **kw)
+    ref = reattention.reattention_attn(q.cpu(), k.cpu(), v.cpu(), lens.cpu().contiguous(),
+                                       backend="reference", **kw)
+    torch.testing.assert_close(out.cpu(), ref, rtol=1e-4, atol=1e-4)
+    if rep != "max":
+        reps = reattention.chunk_reps(k, lens, sink=4, chunk=8, rep=rep, backend=backend)
+        want = reattention.chunk_reps(k.cpu(), lens.cpu().contiguous(), sink=4, chunk=8,
+                                      rep=rep, backend="reference")
+        for b, n in enumerate((150, 90)):
+            done = (n - 4) // 8
+            assert torch.equal(reps[b, :, :done].cpu(), want[b, :, :done])
