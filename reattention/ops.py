@@ -232,7 +232,8 @@ def check_inv_freq(inv_freq: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     _need(1 <= inv_freq.shape[0] <= d // 2,
           f"inv_freq must have between 1 and D/2={d // 2} entries, got {inv_freq.shape[0]}")
     _need(inv_freq.is_floating_point(), f"inv_freq must be floating point, got {inv_freq.dtype}")
-    return inv_freq.to(device=q.device, dtype=torch.float32)
+    # contiguous: the Triton kernel reads inv_freq[i] at offset i.
+    return inv_freq.to(device=q.device, dtype=torch.float32).contiguous()
 
 
 # --------------------------------------------------------------------------- backend choice

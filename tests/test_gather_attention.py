@@ -108,3 +108,22 @@ def test_strided_cache_seqlens(rep, backend):
         for b, n in enumerate((150, 90)):
             done = (n - 4) // 8
             assert torch.equal(reps[b, :, :done].cpu(), want[b, :, :done])
+
+
+@pytest.mark.parametrize("backend", PARITY_BACKENDS)
+def test_strided_inv_freq(backend):
+    """inv_freq as a strided view: the Triton kernel read inv_freq[i] at offset i and rotated
+    with the wrong frequencies."""
+    dev = device_for(backend)
+    torch.manual_seed(0)
+    q = torch.randn(1, 2, 3, 16, device=dev)
+    k, v = torch.randn(2, 1, 1, 200, 16, device=dev).unbind(0)
+    require(backend, q)
+    inv = reattention.default_inv_freq(16)
+    strided = inv.repeat_interleave(2)[::2].to(dev)
+    assert not strided.is_contiguous() and torch.equal(strided.cpu(), inv)
+    kw = dict(sink=4, local=16, chunk=8, topk=2, query_block=2)
+    out = reattention.reattention_attn(q, k, v, inv_freq=strided, backend=backend, **kw)
+    ref = reattention.reattention_attn(q.cpu(), k.cpu(), v.cpu(), inv_freq=inv,
+                                       backend="reference", **kw)
+    torch.testing.assert_close(out.cpu(), ref, rtol=1e-4, atol=1e-4)
