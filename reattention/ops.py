@@ -172,7 +172,7 @@ def check_seqlens(cache_seqlens, k_cache: torch.Tensor, lq: int) -> torch.Tensor
           f"cache_seqlens is on {cache_seqlens.device} but the cache is on {device}")
     on_host = device.type == "cpu"
     capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-    if on_host or (_check_device_values and not capturing):
+    if cache_seqlens.numel() and (on_host or (_check_device_values and not capturing)):
         lo, hi = (int(x) for x in torch.aminmax(cache_seqlens))
         _need(lq <= lo and hi <= nmax,
               f"cache_seqlens must lie in [Lq={lq}, Nmax={nmax}], got values in [{lo}, {hi}]")

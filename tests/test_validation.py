@@ -106,3 +106,17 @@ def test_gather_attention_checks_idx_values(j, backend):
         reattention.gather_attention(t["q"], t["k"], t["v"], idx,
                                      inv_freq=reattention.default_inv_freq(16), sink=4,
                                      local=16, chunk=8, query_block=4, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("rep", ["max", "bound", "mean"])
+def test_empty_batch(rep, backend):
+    """B = 0 (an empty serving batch) gives empty outputs; the length check used to call
+    torch.aminmax on the empty cache_seqlens and fail with a RuntimeError."""
+    q, k, v = torch.randn(0, 2, 1, 8), torch.randn(0, 1, 50, 8), torch.randn(0, 1, 50, 8)
+    if reattention.ops._kernel_refusal(backend, q) is not None:
+        pytest.skip(reattention.ops._kernel_refusal(backend, q))
+    kw = dict(sink=2, local=4, chunk=4, topk=2, query_block=1, rep=rep, backend=backend)
+    for lens in (None, torch.zeros(0, dtype=torch.int32)):
+        out, lse = reattention.reattention_attn(q, k, v, lens, return_lse=True, **kw)
+        assert out.shape == (0, 2, 1, 8) and lse.shape == (0, 2, 1)
