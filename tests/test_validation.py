@@ -1,4 +1,7 @@
 """Every bad input of DESIGN.md section 3 raises ValueError naming the argument, per backend."""
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -120,3 +123,19 @@ def test_empty_batch(rep, backend):
     for lens in (None, torch.zeros(0, dtype=torch.int32)):
         out, lse = reattention.reattention_attn(q, k, v, lens, return_lse=True, **kw)
         assert out.shape == (0, 2, 1, 8) and lse.shape == (0, 2, 1)
+
+
+def test_empty_batch_cpu_gather_attention():
+    """B = 0 on the cpu backend: gather_attention divided by the number of (b, h, block)
+    items (0) when sizing its work split and killed the process with SIGFPE. Run in a child
+    process so a crash fails the test instead of the whole session."""
+    if reattention.available_backends()["cpu"] is not None:
+        pytest.skip("the cpu backend is not built")
+    code = ("import torch, reattention\n"
+            "q, k = torch.randn(0, 2, 1, 8), torch.randn(0, 1, 50, 8)\n"
+            "out, lse = reattention.reattention_attn(q, k, k.clone(), sink=2, local=4, chunk=4,\n"
+            "    topk=2, backend='cpu', return_lse=True)\n"
+            "print(tuple(out.shape), tuple(lse.shape))\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0, f"rc {res.returncode}: {res.stderr[-500:]}"
+    assert res.stdout.strip() == "(0, 2, 1, 8) (0, 2, 1)"

@@ -210,8 +210,8 @@ std::tuple<Tensor, Tensor> gather_attention_cpu(Tensor q, Tensor k_cache, Tensor
   }
 
   // Split a kv head's q heads over items only when (b, h, block) alone leaves threads idle:
-  // each extra slice re-rotates the same keys.
-  const int64_t base = d.batch * d.hkv * d.n_blocks;
+  // each extra slice re-rotates the same keys. base is 0 for an empty batch (B = 0).
+  const int64_t base = std::max<int64_t>(1, d.batch * d.hkv * d.n_blocks);
   const int64_t threads = static_cast<int64_t>(torch::stable::get_num_threads());
   const int64_t slices = std::min(d.group, std::max<int64_t>(1, ceil_div(threads, base)));
   g.heads_per_item = ceil_div(d.group, slices);
