@@ -155,6 +155,13 @@ def _identity_rotary(module, args, output):
 def _refuse_masks(module, args, kwargs):
     """Decoder pre-hook: masks are dropped by create_causal_mask, so refuse padding here."""
     mask = kwargs.get("attention_mask")
+    if mask is None and args:
+        # A bare decoder (AutoModel) is often called as model(input_ids, attention_mask).
+        try:
+            mask = inspect.signature(module.forward).bind_partial(*args).arguments.get(
+                "attention_mask")
+        except TypeError:
+            mask = None
     if mask is None:
         return None
     if mask.dim() != 2:

@@ -258,6 +258,24 @@ def test_padding_and_custom_masks_raise():
     torch.testing.assert_close(model(ids, attention_mask=torch.ones_like(ids)).logits, full)
 
 
+def test_padding_mask_given_positionally_to_a_bare_decoder_raises():
+    """AutoModel-style use, decoder(input_ids, attention_mask): the pre-hook read only the
+    keyword and let the padding mask through, to be dropped (pad tokens attended to)."""
+    config, _ = _config("llama3")
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = transformers.LlamaModel(config).eval()
+    hf.enable(model, DENSE)
+    ids = _ids(20, b=2)
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    with pytest.raises(ValueError, match="padded"):
+        model(ids, mask)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, torch.ones_like(ids)).last_hidden_state,
+                                   model(ids).last_hidden_state)
+
+
 def test_scope_warning_fires_once():
     model = _model("llama3", max_position_embeddings=64)
     hf.enable(model, reattention.ReAttentionConfig(sink=4, local=40, chunk=8, topk=2))
