@@ -422,7 +422,8 @@ def check_idx(idx, q: torch.Tensor, k_cache: torch.Tensor, query_block: int) -> 
 
 def check_idx_values(idx: torch.Tensor, seqlens: torch.Tensor, lq: int, *, sink: int,
                      local: int, chunk: int) -> None:
-    """Every entry of a host-resident idx is -1 or a middle chunk j < M_b of its sequence.
+    """Every entry of a host-resident idx is -1 or a middle chunk j < M_b of its sequence,
+    and the -1 padding of each row comes last.
 
     An out-of-range j would gather tokens outside the middle (the local window twice, or past
     the cache) and -2 would be skipped as padding, silently. Device tensors are not read
@@ -436,6 +437,12 @@ def check_idx_values(idx: torch.Tensor, seqlens: torch.Tensor, lq: int, *, sink:
         where = tuple(int(x) for x in bad.nonzero()[0])
         raise ValueError(f"idx{list(where)}={int(idx[where])} must be -1 or a middle chunk of "
                          f"sequence {where[0]}, which has M={int(m[where[0]])} chunks")
+    # -1 pads the end of a row: the Triton kernel takes the first (idx >= 0).sum() entries.
+    early = (idx[..., :-1] < 0) & (idx[..., 1:] >= 0)
+    if bool(early.any()):
+        row = tuple(int(x) for x in early.nonzero()[0][:3])
+        raise ValueError(f"idx{list(row)} = {idx[row].tolist()}: the -1 padding must come after "
+                         f"the selected chunks")
 
 
 def gather_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

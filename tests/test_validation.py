@@ -139,3 +139,21 @@ def test_empty_batch_cpu_gather_attention():
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.returncode == 0, f"rc {res.returncode}: {res.stderr[-500:]}"
     assert res.stdout.strip() == "(0, 2, 1, 8) (0, 2, 1)"
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+@pytest.mark.parametrize("row", [[-1, 2, 5], [2, -1, 5]])
+def test_gather_attention_checks_idx_padding_comes_last(row, backend):
+    """-1 before a selected chunk: the Triton kernel read past the selected chunks and
+    returned values of 1e28 while the reference and cpu skipped the -1."""
+    t = inputs(q=torch.randn(1, 2, 3, 16), k=torch.randn(1, 1, 200, 16),
+               v=torch.randn(1, 1, 200, 16))
+    if backend == "cpu" and reattention.available_backends()["cpu"] is not None:
+        pytest.skip("the cpu backend is not built")
+    if backend == "triton" and reattention.ops._kernel_refusal("triton", t["q"]) is not None:
+        pytest.skip("the triton backend cannot run CPU tensors here")
+    idx = torch.tensor(row, dtype=torch.int32).view(1, 1, 1, 3)
+    with pytest.raises(ValueError, match=r"idx\[0, 0, 0\] = .*padding must come after"):
+        reattention.gather_attention(t["q"], t["k"], t["v"], idx,
+                                     inv_freq=reattention.default_inv_freq(16), sink=4,
+                                     local=16, chunk=8, query_block=4, backend=backend)
