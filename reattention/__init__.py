@@ -13,7 +13,7 @@ import torch
 
 from . import ops, reference
 from .ops import available_backends, chunk_reps, gather_attention, select_chunks, set_device_checks
-from .rope import default_inv_freq
+from .rope import default_inv_freq, shared_inv_freq
 
 __all__ = [
     "ReAttentionConfig",
@@ -133,7 +133,7 @@ def reattention_attn(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     # Validate everything before the selection kernel runs.
     ops.check_cache(q, k_cache, v_cache)
     if inv_freq is None:
-        inv_freq = default_inv_freq(q.shape[-1], rope_theta, q.device)
+        inv_freq = shared_inv_freq(q.shape[-1], rope_theta, q.device)
     ops.check_attention_args(q, inv_freq, scale, rope_scale, rope_style, positions)
     idx = select_chunks(q, k_cache, cache_seqlens, reps=reps, sink=sink, local=local,
                         chunk=chunk, topk=topk, query_block=query_block, rep=rep,

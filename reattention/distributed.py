@@ -53,7 +53,7 @@ import torch.distributed as dist
 
 from . import ReAttentionConfig, ops, reference
 from .reference import apply_rope, segments
-from .rope import default_inv_freq
+from .rope import shared_inv_freq
 
 __all__ = [
     "CPLayout",
@@ -548,7 +548,7 @@ def reattention_attn_cp(q: torch.Tensor, k_shard: torch.Tensor, v_shard: torch.T
     # Validate everything before the selection kernels run.
     sh = _shard(q, k_shard, v_shard, layout, cache_seqlens, group, cfg["sink"], cfg["chunk"])
     if inv_freq is None:
-        inv_freq = default_inv_freq(q.shape[-1], rope_theta, q.device)
+        inv_freq = shared_inv_freq(q.shape[-1], rope_theta, q.device)
     inv_freq, scale = ops.check_attention_args(q, inv_freq, scale, rope_scale, rope_style,
                                                cfg["positions"])
     seg = dict(sink=cfg["sink"], local=cfg["local"], chunk=cfg["chunk"],

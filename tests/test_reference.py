@@ -128,3 +128,18 @@ def test_ties_go_to_lower_index():
     assert idx.tolist() == [[[[2]]]]
     idx = R.select_chunks_ref(q, k, None, None, 0, 0, 4, 3, "max", 1)
     assert idx.tolist() == [[[[0, 2, 5]]]]  # then the lowest index among the zero scores
+
+
+def test_default_inv_freq_is_the_callers_own_tensor():
+    """Scaling default_inv_freq's result in place (linear RoPE scaling) used to rewrite the
+    cached tensor that every later call with inv_freq=None (rope_theta) rotates with."""
+    import reattention
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 2, 1, 16), torch.randn(1, 1, 100, 16)
+    v = torch.randn_like(k)
+    kw = dict(sink=4, local=16, chunk=8, topk=2, backend="reference")
+    before = reattention.reattention_attn(q, k, v, **kw)
+    mine = reattention.default_inv_freq(16)
+    mine /= 4
+    assert not torch.equal(reattention.default_inv_freq(16), mine)
+    assert torch.equal(reattention.reattention_attn(q, k, v, **kw), before)
