@@ -328,7 +328,8 @@ def chunk_reps(k_cache: torch.Tensor, cache_seqlens: torch.Tensor | None = None,
     # float64 is the reference's exact mode (as q in check_cache); resolve_backend keeps it
     # off the kernel backends.
     _need(k_cache.dtype in FLOAT_DTYPES or k_cache.dtype == torch.float64,
-          f"k_cache must be fp16, bf16 or fp32, got {k_cache.dtype}")
+          f"k_cache must be fp16, bf16, fp32 (or fp64 on the reference backend), "
+          f"got {k_cache.dtype}")
     _need(k_cache.shape[-1] % 2 == 0, f"head dim D must be even, got {k_cache.shape[-1]}")
     check_params(sink=sink, chunk=chunk)
     _check_choice("rep", rep, ("bound", "mean"))

@@ -241,6 +241,29 @@ def test_long_cache(case, rep):
     select_then_attend(case, rep, *long_inputs(case))
 
 
+def test_strided_cache_seqlens_on_direct_op_calls():
+    """torch.ops calls skip ops.check_seqlens (which makes lengths contiguous): the launchers
+    must not read a strided view (a column of a [B, 2] table) as lens[b] at offset b."""
+    case = Case(2, 8, 2, 3, 900, 128, 8, 64, 16, 4, 2, lens=(900, 333))
+    q, k, v, lens, inv_freq = cuda_inputs(case, torch.bfloat16)
+    strided = torch.stack([lens, torch.full_like(lens, 7)], 1)[:, 0]
+    assert not strided.is_contiguous()
+    ops_ = torch.ops.reattention
+    args = (case.sink, case.local, case.chunk, case.topk, "bound", case.query_block)
+    for name, lens_ in (("contiguous", lens), ("strided", strided)):
+        reps = reference.new_reps(k, case.sink, case.chunk, "bound").zero_()
+        ops_.chunk_reps(k, lens_, reps, case.sink, case.chunk, "bound", 0)
+        idx = ops_.select_chunks(q, k, reps, lens_, *args)
+        out, lse = ops_.gather_attention(q, k, v, lens_, idx, inv_freq, case.sink, case.local,
+                                         case.chunk, case.query_block, 128 ** -0.5, 1.0, "half",
+                                         "compact")
+        if name == "contiguous":
+            want = (reps, idx, out, lse)
+        else:
+            for got, exp in zip((reps, idx, out, lse), want):
+                assert torch.equal(got, exp)
+
+
 @needs_cpp_error_path
 def test_float32_is_refused():
     case = CASES[0]

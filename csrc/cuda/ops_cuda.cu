@@ -120,7 +120,9 @@ void chunk_reps_cuda(Tensor k_cache, Tensor cache_seqlens, Tensor reps, int64_t 
   const Tensor keys = vector_ready(k_cache);
   k::ChunkRepsParams p{};
   p.k = keys.data_ptr();
-  p.seqlens = static_cast<const int*>(cache_seqlens.data_ptr());
+  // Kernels read lens[b] at offset b; a strided view from a direct torch.ops call is copied.
+  const Tensor lens = torch::stable::contiguous(cache_seqlens);
+  p.seqlens = static_cast<const int*>(lens.data_ptr());
   p.reps = reps.data_ptr();
   p.k_sb = keys.stride(0);
   p.k_sh = keys.stride(1);
@@ -160,7 +162,9 @@ Tensor select_chunks_cuda(Tensor q, Tensor k_cache, std::optional<Tensor> reps,
   k::SelectParams p{};
   p.q = qv.data_ptr();
   p.cols = cols.data_ptr();
-  p.seqlens = static_cast<const int*>(cache_seqlens.data_ptr());
+  // Kernels read lens[b] at offset b; a strided view from a direct torch.ops call is copied.
+  const Tensor lens = torch::stable::contiguous(cache_seqlens);
+  p.seqlens = static_cast<const int*>(lens.data_ptr());
   p.idx = static_cast<int*>(idx.data_ptr());
   p.q_sb = qv.stride(0);
   p.q_sh = qv.stride(1);
@@ -224,7 +228,9 @@ std::tuple<Tensor, Tensor> gather_attention_cuda(Tensor q, Tensor k_cache, Tenso
   p.q = qv.data_ptr();
   p.k = kv.data_ptr();
   p.v = vv.data_ptr();
-  p.seqlens = static_cast<const int*>(cache_seqlens.data_ptr());
+  // Kernels read lens[b] at offset b; a strided view from a direct torch.ops call is copied.
+  const Tensor lens = torch::stable::contiguous(cache_seqlens);
+  p.seqlens = static_cast<const int*>(lens.data_ptr());
   p.idx = static_cast<const int*>(idx.data_ptr());
   p.inv_freq = static_cast<const float*>(freqs.data_ptr());
   p.out = out.data_ptr();
