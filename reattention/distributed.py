@@ -172,6 +172,45 @@ def _all_gather(t: torch.Tensor, group, world: int) -> list[torch.Tensor]:
     return parts
 
 
+def _to_device(rows, device) -> torch.Tensor:
+    """Small int64 per-sequence bookkeeping built on the host, sent without a stream sync
+    (a blocking host-to-device copy would wait for every kernel queued so far)."""
+    return torch.tensor(rows, dtype=torch.int64).to(device, non_blocking=True)
+
+
+# Query blocks are processed in groups whose largest fp32 temporary stays under this many
+# bytes (the logits in attention, the products of "bound" scoring): a decode step is one
+# group, a 4096-query prefill over 8 kv heads at 1M tokens about seven.
+_GROUP_BYTES = 512 << 20
+
+
+def _block_groups(lq: int, query_block: int, bytes_per_query: int) -> list[tuple[int, int, int]]:
+    """Query blocks in groups ``(first block, end block, queries per block)``.
+
+    Whole blocks are grouped up to _GROUP_BYTES of temporaries (``bytes_per_query`` each, one
+    block at least); a shorter last block is a group of its own, so that every matrix product
+    has the shape it has block by block (a GEMM's rounding may depend on its row count).
+    """
+    full, rem = divmod(lq, query_block)
+    step = max(1, _GROUP_BYTES // max(1, bytes_per_query * query_block))
+    groups = [(s, min(full, s + step), query_block) for s in range(0, full, step)]
+    return groups + [(full, full + 1, rem)] if rem else groups
+
+
+def _query_rows(q: torch.Tensor, hkv: int, query_block: int, group: tuple[int, int, int]
+                ) -> torch.Tensor:
+    """The queries of one block group: [B, Hkv, n, G * nq, D], G = Hq / Hkv.
+
+    Row (g, i) of block beta is its query i of q head h * G + g, the order
+    reference.chunk_scores_ref uses.
+    """
+    b_, hq, _, d = q.shape
+    s, e, nq = group
+    rows = q[:, :, s * query_block: s * query_block + (e - s) * nq]
+    rows = rows.unflatten(1, (hkv, hq // hkv)).unflatten(3, (e - s, nq))
+    return rows.transpose(2, 3).reshape(b_, hkv, e - s, -1, d)
+
+
 @dataclasses.dataclass(frozen=True)
 class _Shard:
     """What one call knows about this rank's place, validated once per public call."""
@@ -270,33 +309,41 @@ def _best_first(scores: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 def _candidate_scores(q, k_shard, reps, cand, shard_sink, chunk, rep, query_block):
     """Exact scores of shard-local chunk ids ``cand`` [B, Hkv, n_blocks, K] (-1: none).
 
-    reference.rep_scores over the candidates (chunk_scores_ref's arithmetic); returns
-    fp32 (fp64 for fp64 input) [B, Hkv, n_blocks, K], -inf where ``cand`` is -1.
+    reference.rep_scores over the candidates (chunk_scores_ref's arithmetic), for groups of
+    query blocks at once; returns fp32 (fp64 for fp64 input) [B, Hkv, n_blocks, K], -inf
+    where ``cand`` is -1.
     """
-    b_, hq, _, d = q.shape
-    hkv = k_shard.shape[1]
+    b_, hkv, n_blocks, n_cand = cand.shape
+    hq, d = q.shape[1], q.shape[-1]
     acc = reference._acc_dtype(q)
-    valid = cand >= 0
-    cand = cand.clamp(min=0)
-    out = torch.empty(cand.shape, dtype=acc, device=q.device)
-    offs = torch.arange(chunk, device=q.device)
-    for beta, (s, e) in enumerate(reference._block_ranges(q.shape[2], query_block)):
-        qs = q[:, :, s:e].reshape(b_, hkv, -1, d).to(acc)  # [B, Hkv, G*nq, D]
-        cb = cand[:, :, beta]  # [B, Hkv, K]
+    ids = cand.clamp(min=0)
+    if rep == "max":  # the candidates' token ids
+        ids = (shard_sink + ids[..., None] * chunk
+               + torch.arange(chunk, device=q.device)).flatten(-2)
+    # Per query: its logits [K*C] ("max"), two products [K, D] ("bound").
+    width = {"max": chunk, "bound": 2 * d, "mean": 1}[rep]
+    per_query = b_ * hq * n_cand * width * torch.finfo(acc).bits // 8
+    parts = []
+    for group in _block_groups(q.shape[2], query_block, per_query):
+        s, e, _ = group
+        flat = ids[:, :, s:e].flatten(2)  # [B, Hkv, blocks * (K*C or K)]
         if rep == "max":
-            tok = (shard_sink + cb[..., None] * chunk + offs).flatten(2)  # [B, Hkv, K*C]
-            cols = k_shard.gather(2, tok[..., None].expand(-1, -1, -1, d))
+            cols = k_shard.gather(2, flat[..., None].expand(-1, -1, -1, d))
         elif rep == "bound":
-            cols = reps.gather(2, cb[..., None, None].expand(-1, -1, -1, 2, d))
+            cols = reps.gather(2, flat[..., None, None].expand(-1, -1, -1, 2, d))
         else:
-            cols = reps.gather(2, cb[..., None].expand(-1, -1, -1, d))
-        out[:, :, beta] = reference.rep_scores(qs, cols.to(acc), rep, chunk).amax(2)
-    return out.masked_fill(~valid, -math.inf)
+            cols = reps.gather(2, flat[..., None].expand(-1, -1, -1, d))
+        cols = cols.unflatten(2, (e - s, -1)).to(acc)
+        rows = _query_rows(q, hkv, query_block, group).to(acc)
+        parts.append(reference.rep_scores(rows, cols, rep, chunk).amax(-2))
+    scores = parts[0] if len(parts) == 1 else torch.cat(parts, 2)
+    return scores.masked_fill(cand < 0, -math.inf)
 
 
 def _local_topk(q, k_shard, reps, sh: _Shard, *, sink, local, chunk, topk, query_block, rep,
                 backend):
-    """This rank's top-k middle chunks: (scores [B,Hkv,nb,topk], global ids int64, -1 pad)."""
+    """This rank's top-k middle chunks: (scores [B,Hkv,nb,topk], global ids int64, -1 pad),
+    best first (higher score, then lower id)."""
     b_, _, lq, _ = q.shape
     hkv, cap = k_shard.shape[1], k_shard.shape[2]
     lo, hi = sh.layout.chunk_range(sh.rank, sink, chunk)
@@ -309,19 +356,22 @@ def _local_topk(q, k_shard, reps, sh: _Shard, *, sink, local, chunk, topk, query
     cover = [min(o, seen) for o in owned]
     tail = -(-lq // chunk)
     n_blocks = -(-lq // query_block)
-    cand = torch.full((b_, hkv, n_blocks, topk + tail), -1, dtype=torch.int64, device=q.device)
+    # One transfer per call: the op's per-sequence lengths, then the added candidates.
+    meta = _to_device([[s0 + c * chunk + lq] + [j if j < o else -1 for j in range(c, c + tail)]
+                       for c, o in zip(cover, owned)], q.device)
     if any(cover):
-        seqlens = torch.tensor([s0 + c * chunk + lq for c in cover], dtype=torch.int32,
-                               device=q.device)
-        cand[..., :topk] = ops.select_chunks(q, k_shard, seqlens, reps=reps, sink=s0, local=0,
-                                             chunk=chunk, topk=topk, query_block=query_block,
-                                             rep=rep, backend=backend)
-    for b, (c, o) in enumerate(zip(cover, owned)):
-        cand[b, :, :, topk:topk + o - c] = torch.arange(c, o, device=q.device)
+        picked = ops.select_chunks(q, k_shard, meta[:, 0].to(torch.int32), reps=reps, sink=s0,
+                                   local=0, chunk=chunk, topk=topk, query_block=query_block,
+                                   rep=rep, backend=backend).long()
+    else:
+        picked = torch.full((b_, hkv, n_blocks, topk), -1, dtype=torch.int64, device=q.device)
+    cand = torch.cat([picked, meta[:, None, None, 1:].expand(-1, hkv, n_blocks, -1)], -1)
     scores = _candidate_scores(q, k_shard, reps, cand, s0, chunk, rep, query_block)
     order = _best_first(scores, cand)[..., :topk]
     ids = cand.gather(-1, order)
-    return scores.gather(-1, order), torch.where(ids >= 0, ids + lo, ids)
+    if lo:
+        ids = torch.where(ids >= 0, ids + lo, ids)
+    return scores.gather(-1, order), ids
 
 
 def select_chunks_cp(q: torch.Tensor, k_shard: torch.Tensor, layout: CPLayout,
@@ -365,26 +415,30 @@ def _select(q, k_shard, reps, sh: _Shard, *, sink, local, chunk, topk, query_blo
     if rep == "max":
         ops.check_reps(reps, k_shard, lq=0, sink=s0, local=0, chunk=chunk, rep=rep)
     elif reps is None:
-        lens = torch.tensor(sh.lens, dtype=torch.int32, device=q.device)
-        reps = ops.chunk_reps(k_shard, sh.layout.shard_seqlens(lens, sh.rank), sink=s0,
-                              chunk=chunk, rep=rep, backend=backend)
+        reps = ops.chunk_reps(k_shard, sh.layout.shard_seqlens(_to_device(sh.lens, q.device),
+                                                               sh.rank),
+                              sink=s0, chunk=chunk, rep=rep, backend=backend)
     else:
         # lq=0, local=0: the candidates may reach the shard's last whole chunk.
         ops.check_reps(reps, k_shard, lq=0, sink=s0, local=0, chunk=chunk, rep=rep)
-    scores, ids = _local_topk(q, k_shard, reps, sh, sink=sink, local=local, chunk=chunk,
-                              topk=topk, query_block=query_block, rep=rep, backend=backend)
-    # One collective: ids travel bit-cast inside the score tensor.
-    bits = torch.int64 if scores.dtype == torch.float64 else torch.int32
-    parts = _all_gather(torch.stack([scores, ids.to(bits).view(scores.dtype)]), sh.group,
-                        sh.world)
-    all_scores = torch.cat([p[0] for p in parts], -1)
-    all_ids = torch.cat([p[1].view(bits) for p in parts], -1).long()
-    best = all_ids.gather(-1, _best_first(all_scores, all_ids)[..., :topk])
-    idx = torch.full_like(best, -1)
-    for b, n in enumerate(sh.lens):
-        k_eff = min(topk, segments(n, q.shape[2], sink, local, chunk)[2])
-        idx[b, ..., :k_eff] = best[b, ..., :k_eff].sort(dim=-1).values
-    return idx.to(torch.int32)
+    scores, best = _local_topk(q, k_shard, reps, sh, sink=sink, local=local, chunk=chunk,
+                               topk=topk, query_block=query_block, rep=rep, backend=backend)
+    if sh.world > 1:  # one rank's top-k is already in merge order
+        # One collective: ids travel bit-cast inside the score tensor.
+        bits = torch.int64 if scores.dtype == torch.float64 else torch.int32
+        parts = _all_gather(torch.stack([scores, best.to(bits).view(scores.dtype)]), sh.group,
+                            sh.world)
+        all_scores = torch.cat([p[0] for p in parts], -1)
+        all_ids = torch.cat([p[1].view(bits) for p in parts], -1).long()
+        best = all_ids.gather(-1, _best_first(all_scores, all_ids)[..., :topk])
+    k_eff = [min(topk, segments(n, q.shape[2], sink, local, chunk)[2]) for n in sh.lens]
+    if min(k_eff) == topk:
+        return best.sort(dim=-1).values.to(torch.int32)
+    # Sequences with fewer than topk middle chunks keep their K_eff best; the rest is -1.
+    pad = torch.iinfo(torch.int64).max
+    drop = _to_device(k_eff, q.device).view(-1, 1, 1, 1) <= torch.arange(topk, device=q.device)
+    idx = best.masked_fill(drop, pad).sort(dim=-1).values
+    return idx.masked_fill_(idx == pad, -1).to(torch.int32)
 
 
 # --------------------------------------------------------------------------- attention
