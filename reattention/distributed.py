@@ -180,7 +180,9 @@ def _to_device(rows, device) -> torch.Tensor:
 
 # Query blocks are processed in groups whose largest fp32 temporary stays under this many
 # bytes (the logits in attention, the products of "bound" scoring): a decode step is one
-# group, a 4096-query prefill over 8 kv heads at 1M tokens about seven.
+# group; a 4096-query prefill over 32/8 heads at 1M tokens attends in seven groups of up to
+# five blocks (logits ~100 MB per block) and rescores "bound" candidates block by block
+# (~400 MB of products per block).
 _GROUP_BYTES = 512 << 20
 
 
@@ -442,11 +444,6 @@ def _select(q, k_shard, reps, sh: _Shard, *, sink, local, chunk, topk, query_blo
 
 
 # --------------------------------------------------------------------------- attention
-def _span(lo: int, hi: int, device) -> torch.Tensor:
-    """Token ids ``[lo, hi)``, empty when ``hi <= lo``."""
-    return torch.arange(lo, max(lo, hi), device=device)
-
-
 def _attend_shard(q, k_shard, v_shard, idx, sh: _Shard, *, inv_freq, sink, local, chunk,
                   query_block, scale, rope_scale, rope_style, positions):
     """This rank's part of the attention: (out [B,Hq,Lq,D], lse [B,Hq,Lq]) in fp32/fp64.
@@ -454,59 +451,101 @@ def _attend_shard(q, k_shard, v_shard, idx, sh: _Shard, *, inv_freq, sink, local
     Keys of the gathered sequence held here: the sink (rank 0), the selected chunks in
     ``[lo, hi)``, and the local window's tokens in the shard. Positions are the global ones.
     Queries that see no key here get lse -inf and out 0.
+
+    Each query block's key row is [sink here | topk*chunk slots | local here]; a slot of a
+    chunk held elsewhere (or of -1 padding) is masked. Sequences whose rows have the same
+    layout (sink and local counts here, sink length) run together, over groups of query
+    blocks: every softmax then reduces over the same keys as block by block, in the same
+    order, so the rounding is the same.
     """
     b_, hq, lq, d = q.shape
     hkv, cap = k_shard.shape[1], k_shard.shape[2]
     g = hq // hkv
+    topk = idx.shape[-1]
     acc = reference._acc_dtype(q)
     dev = q.device
-    out = torch.zeros(b_, hq, lq, d, dtype=acc, device=dev)
-    lse = torch.full((b_, hq, lq), -math.inf, dtype=acc, device=dev)
-    offs = torch.arange(chunk, device=dev)
-    topk = idx.shape[-1]
     start = sh.start
     lo, hi = sh.layout.chunk_range(sh.rank, sink, chunk)
+    out = torch.empty(b_, hkv, g, lq, d, dtype=acc, device=dev)
+    lse = torch.empty(b_, hkv, g, lq, dtype=acc, device=dev)
+    # Per sequence: its first query, first local key here, and the compact-position shifts
+    # of its queries and local keys before the selected chunks' share (n_sel * chunk).
+    layouts = {}
     for b, n in enumerate(sh.lens):
         sink_len, mid_end, _ = segments(n, lq, sink, local, chunk)
         end = min(start + cap, n)  # this shard's valid tokens: [start, end)
-        sink_tok = _span(start, min(sink_len, end), dev)
-        loc_tok = _span(max(start, mid_end), end, dev)
+        n_sink = max(0, min(sink_len, end) - start)
+        loc0 = max(start, mid_end)
         p0 = n - lq
-        for beta, (s, e) in enumerate(reference._block_ranges(lq, query_block)):
-            sel = idx[b, :, beta].long()  # [Hkv, topk] global ids, ascending, -1 padded
-            n_sel = (sel >= 0).sum(-1, keepdim=True)  # [Hkv, 1]
-            here = ((sel >= lo) & (sel < hi)).repeat_interleave(chunk, -1)  # [Hkv, topk*C]
-            ctok = (sink + sel.clamp(min=0)[..., None] * chunk + offs).flatten(1)
-            tok = torch.cat([sink_tok.expand(hkv, -1), ctok, loc_tok.expand(hkv, -1)], -1)
-            valid = torch.cat([torch.ones_like(sink_tok, dtype=torch.bool).expand(hkv, -1),
-                               here, torch.ones_like(loc_tok, dtype=torch.bool).expand(hkv, -1)],
-                              -1)
-            q_orig = torch.arange(p0 + s, p0 + e, device=dev)
+        layouts.setdefault((n_sink, max(0, end - loc0), sink_len), []).append(
+            (b, p0, loc0, p0 - mid_end + sink, loc0 - mid_end + sink))
+    offs = torch.arange(sink, sink + chunk, device=dev)
+    heads = torch.arange(hkv, device=dev)[:, None, None]
+    never = torch.iinfo(torch.int64).max  # the "original position" of a key not held here
+    for (n_sink, n_loc, sink_len), seqs in layouts.items():
+        meta = _to_device([list(col) for col in zip(*seqs)], dev)
+        bs, p0, loc0, q_shift, k_shift = meta.view(5, -1, 1, 1, 1).unbind(0)  # [Bs, 1, 1, 1]
+        whole = len(seqs) == b_  # else: index_select/index_put on these sequences
+        q_seq = q if whole else q.index_select(0, meta[0])
+        idx_seq = idx if whole else idx.index_select(0, meta[0])
+        n_keys = n_sink + topk * chunk + n_loc
+        per_query = len(seqs) * hq * n_keys * torch.finfo(acc).bits // 8  # its logits
+        for s, e, nq in _block_groups(lq, query_block, per_query):
+            sel = idx_seq[:, :, s:e].long()  # [Bs, Hkv, nbg, topk], ascending, -1 padded
+            nbg = e - s
+            lead = sel.shape[:3]
+            n_sel = (sel >= 0).sum(-1, keepdim=True) * chunk  # [Bs, Hkv, nbg, 1]
+            ctok = sel.clamp(min=0)[..., None] * chunk + offs  # [Bs, Hkv, nbg, topk, C]
+            away = ((sel < lo) | (sel >= hi))[..., None]
+            tok = [ctok.flatten(-2)]  # global token ids, for the gather
+            seen = [ctok.masked_fill(away, never).flatten(-2)]  # and for the causal mask
+            kpos = [torch.arange(sink_len, sink_len + topk * chunk, device=dev).expand(*lead, -1)]
+            if n_sink:
+                sink_tok = torch.arange(start, start + n_sink, device=dev).expand(*lead, -1)
+                for part in (tok, seen, kpos):
+                    part.insert(0, sink_tok)
+            if n_loc:
+                ar = torch.arange(n_loc, device=dev)
+                loc_tok = (loc0 + ar).expand(*lead, -1)
+                tok.append(loc_tok)
+                seen.append(loc_tok)
+                kpos.append(k_shift + n_sel + ar)
+            tok, seen, kpos = (torch.cat(part, -1) for part in (tok, seen, kpos))
+            q_off = torch.arange(s * query_block, s * query_block + nbg * nq,
+                                 device=dev).view(nbg, nq)
+            q_orig = p0 + q_off  # [Bs, 1, nbg, nq]
             if positions == "compact":
                 # Local keys and queries move by the same shift; slot i of the selection
                 # sits right after the sink whatever rank holds it.
-                shift = sink + n_sel * chunk - mid_end  # [Hkv, 1]
-                slot = (sink_len + torch.arange(topk * chunk, device=dev)).expand(hkv, -1)
-                kpos = torch.cat([sink_tok.expand(hkv, -1), slot, loc_tok + shift], -1)
-                qpos = (q_orig + shift).repeat_interleave(g, 0)  # [Hq, nq]
+                qpos = q_shift + n_sel + q_off
             else:
-                kpos, qpos = tok, q_orig.expand(hq, -1)
-            gi = (tok - start).clamp(0, cap - 1)[..., None].expand(-1, -1, d)
-            k = k_shard[b].gather(1, gi).to(acc)  # [Hkv, L, D]
-            v = v_shard[b].gather(1, gi).to(acc)
-            k = apply_rope(k.flatten(0, 1), kpos.flatten(), inv_freq, rope_scale,
-                           rope_style).view_as(k)
-            qb = q[b, :, s:e].to(acc)  # [Hq, nq, D]
-            qb = apply_rope(qb.flatten(0, 1), qpos.flatten(), inv_freq, rope_scale,
-                            rope_style).view(hkv, -1, d)  # [Hkv, G*nq, D]
-            logits = scale * (qb @ k.transpose(-1, -2))  # [Hkv, G*nq, L]
-            seen = valid[:, None, :] & (tok[:, None, :] <= q_orig.repeat(g)[None, :, None])
-            logits = logits.masked_fill(~seen, -math.inf)
-            lse_blk = torch.logsumexp(logits, dim=-1)  # [Hkv, G*nq]
-            prob = torch.exp(logits - lse_blk[..., None]).nan_to_num(0.0)
-            out[b, :, s:e] = (prob @ v).view(hq, e - s, d)
-            lse[b, :, s:e] = lse_blk.view(hq, e - s)
-    return out, lse
+                kpos, qpos = tok, q_orig
+            qpos = qpos[..., None, :].expand(-1, hkv, -1, g, -1).flatten(3)  # rows (g, i)
+            gi = (tok - start if start else tok).clamp(0, cap - 1)  # [Bs, Hkv, nbg, L]
+            k, v = k_shard[bs, heads, gi], v_shard[bs, heads, gi]  # [Bs, Hkv, nbg, L, D]
+            rows = _query_rows(q_seq, hkv, query_block, (s, e, nq))  # [Bs,Hkv,nbg,G*nq,D]
+            # One RoPE call for the keys and queries of the group.
+            x = torch.cat([k, rows], 3).to(acc)
+            x = apply_rope(x.flatten(0, 3), torch.cat([kpos, qpos], -1).flatten(), inv_freq,
+                           rope_scale, rope_style).view_as(x)
+            k, rows = x[..., :n_keys, :], x[..., n_keys:, :]
+            # [Bs*Hkv*nbg, G*nq, L]: bmm is what matmul runs on these shapes, minus reshapes
+            logits = torch.bmm(rows.flatten(0, 2), k.flatten(0, 2).transpose(1, 2)).mul_(scale)
+            unseen = seen[:, :, :, None, None, :] > q_orig[..., None, :, None]
+            logits.view(*lead, g, nq, -1).masked_fill_(unseen, -math.inf)
+            lse_blk = torch.logsumexp(logits, dim=-1)  # [Bs*Hkv*nbg, G*nq]
+            prob = logits.sub_(lse_blk[..., None]).exp_().nan_to_num_(0.0)
+            o = torch.bmm(prob, v.to(acc).flatten(0, 2))
+            o = o.view(*lead, g, nq, d).transpose(2, 3)  # [Bs, Hkv, G, nbg, nq, D]
+            cols = slice(s * query_block, s * query_block + nbg * nq)
+            for dst, src in ((out[:, :, :, cols].unflatten(3, (nbg, nq)), o),
+                             (lse[:, :, :, cols].unflatten(3, (nbg, nq)),
+                              lse_blk.view(*lead, g, nq).transpose(2, 3))):
+                if whole:
+                    dst.copy_(src)
+                else:
+                    dst[meta[0]] = src
+    return out.flatten(1, 2), lse.flatten(1, 2)
 
 
 def gather_attention_cp(q: torch.Tensor, k_shard: torch.Tensor, v_shard: torch.Tensor,
@@ -549,11 +588,13 @@ def gather_attention_cp(q: torch.Tensor, k_shard: torch.Tensor, v_shard: torch.T
 def _gather(q, k_shard, v_shard, idx, sh: _Shard, **kw) -> tuple[torch.Tensor, torch.Tensor]:
     """This rank's part, then one all_gather and the same lse merge on every rank."""
     out, lse = _attend_shard(q, k_shard, v_shard, idx, sh, **kw)
-    d = q.shape[-1]
-    parts = torch.stack(_all_gather(torch.cat([out, lse[..., None]], -1), sh.group, sh.world))
-    lse_r = parts[..., d]  # [R, B, Hq, Lq]
-    lse = torch.logsumexp(lse_r, dim=0)
-    out = (torch.exp(lse_r - lse)[..., None] * parts[..., :d]).sum(0)
+    if sh.world > 1:  # one rank's lse is finite (each query sees itself): nothing to merge
+        d = q.shape[-1]
+        parts = torch.stack(_all_gather(torch.cat([out, lse[..., None]], -1), sh.group,
+                                        sh.world))
+        lse_r = parts[..., d]  # [R, B, Hq, Lq]
+        lse = torch.logsumexp(lse_r, dim=0)
+        out = (torch.exp(lse_r - lse)[..., None] * parts[..., :d]).sum(0)
     return out.to(q.dtype), lse.to(torch.float32)
 
 
