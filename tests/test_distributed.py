@@ -16,6 +16,7 @@ import math
 import os
 import sys
 import traceback
+from unittest import mock
 
 import pytest
 import torch
@@ -25,7 +26,7 @@ import torch.multiprocessing as mp
 import reattention
 from reattention.distributed import (CPLayout, chunk_reps_cp, gather_attention_cp,
                                      reattention_attn_cp, select_chunks_cp)
-from reattention import ops
+from reattention import distributed, ops
 from reattention.testing import (NOISE, Case, assert_close_rule, assert_selection_equivalent,
                                  lowp_attention, make_inputs)
 
@@ -45,13 +46,15 @@ class CPCase:
     backend: str = "reference"
     dtype: torch.dtype = torch.float32
     rope: tuple[str, str, float] = ("half", "compact", 1.0)  # style, positions, rope_scale
+    group_bytes: int | None = None  # distributed._GROUP_BYTES for the case (None: default)
 
     @property
     def id(self) -> str:
         lay = "split" if self.starts is None else "at" + "_".join(map(str, self.starts[1:]))
         style, positions, rope_scale = self.rope
+        grp = "" if self.group_bytes is None else f"-G{self.group_bytes}"
         return (f"R{self.world or 'all'}-{self.rep}-{self.case.id}-{lay}-{self.backend}-"
-                f"{str(self.dtype)[6:]}-{style}-{positions}-s{rope_scale}")
+                f"{str(self.dtype)[6:]}-{style}-{positions}-s{rope_scale}{grp}")
 
 
 #              b  hq hkv  lq  nmax   d  sink local chunk topk qb
@@ -61,6 +64,10 @@ PREFILL = Case(1, 8, 2, 40, 700, 64, 8, 64, 16, 4, 16)
 GQA7 = Case(1, 7, 1, 1, 523, 128, 4, 40, 8, 8, 1)
 ODD = Case(2, 4, 1, 63, 650, 32, 0, 32, 16, 3, 16, lens=(650, 400))
 DENSE = Case(1, 4, 2, 9, 200, 32, 8, 64, 16, 16, 4)  # M <= topk: dense attention
+# Three lengths: on 3 ranks the 120-token sequence lies on rank 0 only and the 500-token one
+# on ranks 0 and 1, so each rank runs sequences of different key layouts separately;
+# 37 queries are 4 whole blocks of 8 and one of 5.
+VAR3 = Case(3, 6, 2, 37, 900, 32, 8, 64, 16, 4, 8, lens=(900, 500, 120))
 
 CP_CASES = [
     CPCase(DECODE, "max", 2),
@@ -79,6 +86,10 @@ CP_CASES = [
     CPCase(ODD, "max", 3, rope=("interleaved", "original", 1.0)),
     CPCase(ODD, "bound", 2, rope=("half", "compact", 1.25)),
     CPCase(DENSE, "max", 2),
+    CPCase(VAR3, "bound", 3),
+    CPCase(VAR3, "max", 3, rope=("interleaved", "original", 1.0)),
+    # A budget of one block per group: the whole blocks run in four groups, not one.
+    CPCase(VAR3, "mean", 2, group_bytes=1),
     CPCase(DECODE, "max", 3, dtype=torch.bfloat16),
     CPCase(PREFILL, "bound", 2, dtype=torch.bfloat16),
     CPCase(DECODE, "bound", 3, backend="cpu"),
@@ -108,9 +119,11 @@ def _run_case(c: CPCase, rank: int, group, device) -> dict:
     layout = (CPLayout.split(case.nmax, c.world, sink=case.sink, chunk=case.chunk)
               if c.starts is None else CPLayout(c.starts, case.nmax))
     ks, vs = layout.shard(k, rank), layout.shard(v, rank)
-    idx = select_chunks_cp(q, ks, layout, lens, backend=c.backend, group=group, **kw)
-    out, lse = reattention_attn_cp(q, ks, vs, layout, lens, backend=c.backend,
-                                   return_lse=True, group=group, **kw, **att)
+    with mock.patch.object(distributed, "_GROUP_BYTES",
+                           c.group_bytes or distributed._GROUP_BYTES):
+        idx = select_chunks_cp(q, ks, layout, lens, backend=c.backend, group=group, **kw)
+        out, lse = reattention_attn_cp(q, ks, vs, layout, lens, backend=c.backend,
+                                       return_lse=True, group=group, **kw, **att)
     ref_idx = reattention.select_chunks(q, k, lens, backend=c.backend, **kw)
     ref, ref_lse = reattention.reattention_attn(q, k, v, lens, backend=c.backend,
                                                 return_lse=True, **kw, **att)
