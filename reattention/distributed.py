@@ -41,7 +41,16 @@ One call, per rank (``q``, lengths and settings identical on every rank)
    fp32 RoPE angles' rounding.
 4. One ``all_gather`` of (out_r, lse_r); every rank merges them by lse in rank order.
 
-Two collectives per call; the host reads ``cache_seqlens`` once (a sync on GPUs).
+Steps 1 and 3 are eager PyTorch, so their cost is mostly the number of ops: both run whole
+groups of query blocks at once (as many as fit _GROUP_BYTES of temporaries; a decode step
+is one group), and step 3 also every sequence whose key row has the same layout on this
+rank. A group computes what block-by-block code would, with the same GEMM row counts and
+softmax lengths, as the rounding may depend on them (on the CPU the results are
+bit-identical); so a shorter last query block is its own group, and sequences of different
+layouts are not padded to one.
+
+Two collectives per call (none with one rank); the host reads ``cache_seqlens`` once (a sync
+on GPUs), and sends per-sequence bookkeeping back in small non-blocking copies.
 """
 from __future__ import annotations
 
