@@ -46,7 +46,7 @@ class CPCase:
     backend: str = "reference"
     dtype: torch.dtype = torch.float32
     rope: tuple[str, str, float] = ("half", "compact", 1.0)  # style, positions, rope_scale
-    group_bytes: int | None = None  # distributed._GROUP_BYTES for the case (None: default)
+    group_bytes: int | None = None  # distributed._GROUP_BYTES on every device (None: default)
 
     @property
     def id(self) -> str:
@@ -119,8 +119,8 @@ def _run_case(c: CPCase, rank: int, group, device) -> dict:
     layout = (CPLayout.split(case.nmax, c.world, sink=case.sink, chunk=case.chunk)
               if c.starts is None else CPLayout(c.starts, case.nmax))
     ks, vs = layout.shard(k, rank), layout.shard(v, rank)
-    with mock.patch.object(distributed, "_GROUP_BYTES",
-                           c.group_bytes or distributed._GROUP_BYTES):
+    budget = {"other": c.group_bytes} if c.group_bytes else distributed._GROUP_BYTES
+    with mock.patch.object(distributed, "_GROUP_BYTES", budget):
         idx = select_chunks_cp(q, ks, layout, lens, backend=c.backend, group=group, **kw)
         out, lse = reattention_attn_cp(q, ks, vs, layout, lens, backend=c.backend,
                                        return_lse=True, group=group, **kw, **att)
