@@ -457,7 +457,10 @@ def gather_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     Parameters
     ----------
     q : [B, Hq, Lq, D] raw queries; k_cache, v_cache : [B, Hkv, Nmax, D] raw keys and values.
-    idx : int32 [B, Hkv, n_blocks, topk] from :func:`select_chunks`.
+    idx : int32 [B, Hkv, n_blocks, topk] from :func:`select_chunks`, or built the same way:
+        middle chunk ids j < M_b of each sequence, the -1 padding after them. Checked (ValueError)
+        when idx is on the CPU; on a GPU it is not read on the host (no sync), and an entry out
+        of that contract gives a wrong result (never an out-of-bounds read).
     inv_freq : [R/2] RoPE inverse frequencies, R <= D.
 
     Returns

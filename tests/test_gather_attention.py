@@ -127,3 +127,32 @@ def test_strided_inv_freq(backend):
     ref = reattention.reattention_attn(q.cpu(), k.cpu(), v.cpu(), inv_freq=inv,
                                        backend="reference", **kw)
     torch.testing.assert_close(out.cpu(), ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("prerotate", [False, True], ids=["in-loop", "prerotated"])
+@pytest.mark.parametrize("positions", ["compact", "original"])
+def test_triton_malformed_idx_stays_inside_the_sequence(positions, prerotate, monkeypatch):
+    """The public wrapper refuses a malformed idx only on the CPU; on a GPU the Triton kernel
+    gets it as it is. -1 before a chunk id, or an id past the middle, must give a wrong result,
+    never a read outside the sequence's tokens: here every other token of the buffer is NaN."""
+    import triton_kernels.gather_attention as tga
+    dev = device_for("triton")
+    require("triton", torch.empty(1, device=dev))
+    if prerotate:
+        monkeypatch.setattr(tga, "_PREROTATE_MIN_PROGRAMS", 1)
+    n, d = 150, 16
+    torch.manual_seed(0)
+    # The cache is a view into a NaN buffer; its own tokens past n are NaN too.
+    k_buf, v_buf = (torch.full((1, 1, 400, d), math.nan, device=dev) for _ in range(2))
+    k, v = k_buf[:, :, 100:300], v_buf[:, :, 100:300]
+    k[:, :, :n], v[:, :, :n] = torch.randn(2, 1, 1, n, d, device=dev)
+    q = torch.randn(1, 2, 3, d, device=dev)
+    lens = torch.tensor([n], dtype=torch.int32, device=dev)
+    inv_freq = reattention.default_inv_freq(d, device=dev)
+    # M = (150 - 3 - 16 - 4) // 8 = 15 middle chunks
+    idx = torch.tensor([[-1, 2, 5], [2, 20, -1]], dtype=torch.int32, device=dev).view(1, 1, 2, 3)
+    out, lse = torch.ops.reattention.gather_attention_triton(
+        q, k, v, lens, idx, inv_freq, 4, 16, 8, 2, d ** -0.5, 1.0, "half", positions)
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+    # A convex combination of the sequence's values.
+    assert (out.abs() <= v[:, :, :n].abs().amax(2, keepdim=True) + 1e-5).all()

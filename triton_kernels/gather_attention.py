@@ -109,7 +109,8 @@ def _rotate_keys_kernel(k_ptr, seqlens_ptr, idx_ptr, inv_freq_ptr, kr_ptr,
                  tl.where(is_sink, e, mid_end + (e - sink)))
     pos = tl.where(is_sel, n_sink + w, tl.where(is_sink, e, n_sink + k_eff * chunk + (e - sink)))
     ok = tl.where(is_sel, j >= 0, tl.where(is_sink, e < n_sink, t < n)) & (row < rows_all)
-    t = tl.where(ok, t, 0)
+    # A chunk id past the sequence's middle (a malformed idx) stays inside the cache.
+    t = tl.where(ok, tl.minimum(t, n - 1), 0)
     offs_r, r_cols, c1, c2 = _pair_columns(half_rot, BLOCK_R, INTERLEAVED)
     k_rows = k_ptr + b.to(tl.int64) * stride_kb + h * stride_kh \
         + t.to(tl.int64)[:, None] * stride_kn
@@ -221,7 +222,9 @@ def _gather_attn_kernel(
             t = tl.where(r < n_sink, r,
                          tl.where(in_sel, sink + j * chunk + (rel - slot * chunk),
                                   mid_end + (r - sel_end)))
-            t = tl.where(r_ok, t, 0)
+            # Clamped: a malformed idx (-1 before a chunk id, an id past the middle) gives a
+            # wrong result, never a read outside the sequence; a valid one never needs it.
+            t = tl.where(r_ok, tl.minimum(tl.maximum(t, 0), n - 1), 0)
             k_rows = kb + t.to(tl.int64)[:, None] * stride_kn
             km = r_ok[:, None] & r_cols[None, :]
             if use_kr:
