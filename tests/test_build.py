@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import tarfile
 import zipfile
 
 import pytest
@@ -136,8 +137,36 @@ def test_wheel_is_abi3():
     assert "-cp39-abi3-" in os.path.basename(wheel), wheel
     assert "reattention/_C.abi3.so" in names, names
     assert "reattention/__init__.py" in names and "triton_kernels/__init__.py" in names, names
+    # The needle demo (python -m reattention) runs offline from the weights in the package.
+    assert {"reattention/needle_data/config.json",
+            "reattention/needle_data/model.safetensors"} <= set(names), names
     if os.environ.get("REATTENTION_WHEEL_CUDA") == "1":
         assert "reattention/_C_cuda.abi3.so" in names, names
+
+
+SOURCE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.skipif(not os.path.isfile(os.path.join(SOURCE_ROOT, "setup.py")),
+                    reason="tests/ is not inside a source tree")
+def test_sdist_holds_what_a_build_needs(tmp_path):
+    """setup.py drives CMake over csrc/; neither is a Python package, so only MANIFEST.in
+    brings them into the sdist (without it `pip install reattention-*.tar.gz` fails)."""
+    src = tmp_path / "src"
+    shutil.copytree(SOURCE_ROOT, src, ignore=shutil.ignore_patterns(
+        ".git", "build", "dist", "*.egg-info", "*.so", "__pycache__", ".*venv*", "bench"))
+    res = subprocess.run([sys.executable, "setup.py", "-q", "sdist", "-d", str(tmp_path)],
+                         cwd=src, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    (tarball,) = tmp_path.glob("reattention-*.tar.gz")
+    with tarfile.open(tarball) as tf:
+        names = {n.split("/", 1)[1] for n in tf.getnames() if "/" in n}
+    want = {"CMakeLists.txt", "setup.py", "pyproject.toml", "tests/conftest.py",
+            "tests/cases.py", "reattention/needle_data/model.safetensors",
+            "triton_kernels/__init__.py"}
+    for dirpath, _, files in os.walk(os.path.join(SOURCE_ROOT, "csrc")):
+        want |= {os.path.relpath(os.path.join(dirpath, f), SOURCE_ROOT) for f in files}
+    assert want <= names, sorted(want - names)
 
 
 def _op_inputs():
