@@ -26,6 +26,8 @@ VALUE_LEN = 4
 NEEDLE_LEN = 2 + KEY_LEN + VALUE_LEN  # KEY, keys, VAL, values
 QUESTION_LEN = 2 + KEY_LEN  # QUERY, keys, VAL
 TRAINED_LENGTH = 512
+# The shortest prompt make_sample builds: BOS, room for twice a needle, the question.
+MIN_LENGTH = 1 + 2 * NEEDLE_LEN + QUESTION_LEN
 
 
 def model_config():
@@ -399,6 +401,9 @@ def evaluate(model, lengths, depths, samples, methods=METHODS, *, batch=4,
     for m in methods:
         if m not in METHODS:
             raise ValueError(f"methods must be among {METHODS}, got {m!r}")
+    for name, value in (("samples", samples), ("batch", batch)):
+        if not (isinstance(value, int) and value >= 1):
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
     device = model.device
     res = {
         "trained_length": TRAINED_LENGTH,
@@ -597,15 +602,46 @@ def selection_recall(model, method, length, depths, samples, *, chunk_size=PREFI
 # --------------------------------------------------------------------------- command line
 def default_lengths(max_len=None):
     """1x, 16x, 64x the trained length (the CPU demo), or with ``max_len`` 1x, 4x, 16x,
-    64x, 128x and then x4 steps up to ``max_len`` (included)."""
+    64x, 128x and then x4 steps up to ``max_len`` (included); ``[max_len]`` alone when it is
+    below the trained length."""
     if max_len is None:
         return [TRAINED_LENGTH * m for m in (1, 16, 64)]
     lengths = [TRAINED_LENGTH * m for m in (1, 4, 16, 64, 128) if TRAINED_LENGTH * m <= max_len]
+    if not lengths:
+        return [max_len]
     while lengths[-1] * 4 <= max_len:
         lengths.append(lengths[-1] * 4)
     if lengths[-1] != max_len and max_len > TRAINED_LENGTH:
         lengths.append(max_len)
     return lengths
+
+
+def _int_at_least(low):
+    """argparse type: an int >= ``low`` (argparse turns the error into a usage message)."""
+    import argparse
+
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an int") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be an int >= {low}, got {value}")
+        return value
+    return parse
+
+
+def _comma_list(item, choices=None):
+    """argparse type: a non-empty comma-separated list, each entry through ``item``."""
+    import argparse
+
+    def parse(text):
+        values = [item(x) for x in text.split(",")]
+        bad = [v for v in values if choices is not None and v not in choices]
+        if bad:
+            raise argparse.ArgumentTypeError(f"{bad[0]!r} is not one of {', '.join(choices)}")
+        return values
+    return parse
 
 
 def main(argv=None):
@@ -620,51 +656,67 @@ def main(argv=None):
     import json
     import sys
 
+    from .ops import BACKENDS
+
     p = argparse.ArgumentParser(
         prog="python -m reattention",
         description="Needle in a haystack: a tiny Llama trained at 512 tokens, asked for a "
                     "key's value far past that length, with dense attention, a sink + local "
-                    "window, and ReAttention.")
+                    "window, and ReAttention.",
+        epilog="python -m reattention --check runs only the backend report and the parity "
+               "check that come before the demo.")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    p.add_argument("--max-len", type=int, default=None,
+    p.add_argument("--max-len", type=_int_at_least(MIN_LENGTH), default=None,
                    help="longest prompt; lengths 1x 4x 16x 64x 128x then x4 up to it "
                         "(default: 1x 16x 64x = 512, 8K, 32K tokens)")
-    p.add_argument("--lengths", type=lambda s: [int(x) for x in s.split(",")], default=None,
+    p.add_argument("--lengths", type=_comma_list(_int_at_least(MIN_LENGTH)), default=None,
                    help="explicit comma-separated prompt lengths (overrides --max-len)")
-    p.add_argument("--depths", type=int, default=None,
+    p.add_argument("--depths", type=_int_at_least(1), default=None,
                    help="needle depths, evenly from 0%% to 100%% (default 5 on the CPU, 11 on "
-                        "a GPU)")
-    p.add_argument("--samples", type=int, default=None,
+                        "a GPU; 1 puts the needle at 50%%)")
+    p.add_argument("--samples", type=_int_at_least(1), default=None,
                    help="prompts per (length, depth) (default 1 on the CPU, 4 on a GPU)")
-    p.add_argument("--methods", type=lambda s: s.split(","), default=None,
+    p.add_argument("--methods", type=_comma_list(str, METHODS), default=None,
                    help="comma-separated, from " + ", ".join(METHODS) + " (default on the CPU: "
                         + ", ".join(CPU_DEMO_METHODS) + "; on a GPU: all)")
-    p.add_argument("--batch", type=int, default=None,
+    p.add_argument("--batch", type=_int_at_least(1), default=None,
                    help="prompts per forward pass (default 5 on the CPU, 16 on a GPU)")
-    p.add_argument("--dense-max-len", type=int, default=None,
+    p.add_argument("--dense-max-len", type=_int_at_least(0), default=None,
                    help="skip dense attention above this length (default 8192 on the CPU, "
-                        "131072 on a GPU: it costs N^2 and fails from 4x on)")
-    p.add_argument("--chunk-size", type=int, default=PREFILL_CHUNK, help="prefill chunk")
+                        "131072 on a GPU: it costs N^2 and fails from 4x on; 0 skips it)")
+    p.add_argument("--chunk-size", type=_int_at_least(1), default=PREFILL_CHUNK,
+                   help="prefill chunk")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                    help="model dtype (default float32 on the CPU, bfloat16 on a GPU, whose "
                         "kernels take 16-bit inputs)")
-    p.add_argument("--backend", default="auto", help="ReAttention op backend")
+    p.add_argument("--backend", choices=BACKENDS, default="auto",
+                   help="ReAttention op backend")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write the results as JSON here")
     p.add_argument("--plot", default=None, help="write the depth x length heatmap PNG here")
     args = p.parse_args(argv)
-
-    device = torch.device(args.device)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        p.error(f"argument --device: {args.device!r} is not a torch device (cpu or cuda)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error("argument --device: cuda, but torch sees no CUDA device")
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            p.error("argument --plot needs matplotlib (pip install 'reattention[needle]')")
     gpu = device.type == "cuda"
     dtype = getattr(torch, args.dtype or ("bfloat16" if gpu else "float32"))
     model, _ = load_model(device, dtype)
     lengths = args.lengths or default_lengths(args.max_len)
-    n_depths = args.depths or (11 if gpu else 5)
+    n_depths = args.depths if args.depths is not None else (11 if gpu else 5)
     depths = [i / (n_depths - 1) for i in range(n_depths)] if n_depths > 1 else [0.5]
     samples = args.samples or (4 if gpu else 1)
     methods = args.methods or (list(METHODS) if gpu else list(CPU_DEMO_METHODS))
     batch = args.batch or (16 if gpu else 5)
-    dense_max = args.dense_max_len or (131072 if gpu else 8192)
+    dense_max = args.dense_max_len if args.dense_max_len is not None else (
+        131072 if gpu else 8192)
     print(f"needle: model trained at {TRAINED_LENGTH} tokens; {len(depths)} depths x "
           f"{samples} sample{'s' * (samples != 1)} per length; ReAttention "
           f"{NEEDLE_SETTINGS}, prefill chunk {args.chunk_size}; {device} {model.dtype}",

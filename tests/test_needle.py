@@ -116,3 +116,36 @@ def test_main_writes_table_json_and_plot(tmp_path, capsys):
         assert len(rows[m]) == 2
         assert [len(a) for a in res["accuracy"][m]] == [2, 2]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("argv,flag", [
+    (["--max-len", "10"], "--max-len"),
+    (["--lengths", "64,10"], "--lengths"),
+    (["--depths", "0"], "--depths"),
+    (["--samples", "-1"], "--samples"),
+    (["--batch", "0"], "--batch"),
+    (["--chunk-size", "0"], "--chunk-size"),
+    (["--dense-max-len", "-1"], "--dense-max-len"),
+    (["--methods", "dense,foo"], "--methods"),
+    (["--backend", "foo"], "--backend"),
+    (["--device", "foo"], "--device"),
+])
+def test_main_refuses_bad_arguments_before_running(argv, flag, capsys, monkeypatch):
+    # Bad values stop at argparse, naming the flag, before the model loads or a prompt runs.
+    monkeypatch.setattr(needle, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
+    with pytest.raises(SystemExit) as e:
+        needle.main(argv)
+    assert e.value.code == 2
+    assert f"argument {flag}" in capsys.readouterr().err
+
+
+def test_default_lengths_below_the_trained_length():
+    assert needle.default_lengths(100) == [100]
+    assert needle.default_lengths(512) == [512]
+    assert needle.default_lengths(5000) == [512, 2048, 5000]
+
+
+def test_main_zero_dense_max_len_skips_dense(capsys):
+    assert needle.main(["--lengths", "64", "--depths", "1", "--methods", "dense",
+                        "--dense-max-len", "0"]) == 0
+    assert "|  dense |           - |" in capsys.readouterr().out
