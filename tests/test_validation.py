@@ -1,6 +1,7 @@
 """Every bad input of DESIGN.md section 3 raises ValueError naming the argument, per backend."""
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -66,6 +67,17 @@ def test_named_backend_that_cannot_run_says_why():
     t = inputs()
     with pytest.raises(ValueError, match="backend='cuda' cannot run this call"):
         reattention.reattention_attn(t["q"], t["k"], t["v"], backend="cuda", **KW)
+
+
+def test_cuda_refuses_float32_naming_the_backends_that_take_it(monkeypatch):
+    # README: fp32 on the cuda backend is a ValueError naming the backends that take it.
+    # A stand-in for a CUDA tensor: the refusal reads only device, dtype and shape.
+    monkeypatch.setitem(reattention.ops._status, "cuda", None)
+    like = types.SimpleNamespace(device=torch.device("cuda"), dtype=torch.float32,
+                                 shape=(1, 4, 2, 128))
+    with pytest.raises(ValueError, match="backend='cuda' cannot run this call: .*float32; "
+                                         "run it on the triton, cpu or reference backend"):
+        reattention.ops.resolve_backend("cuda", like)
 
 
 def test_chunk_reps_rejects_max_and_bad_start():
