@@ -49,6 +49,8 @@ def main(argv=None):
     p.add_argument("--backends", default="cuda,triton")
     p.add_argument("--reps", default="bound,mean")
     a = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("profile_step.py needs a CUDA device")
     reattention.set_device_checks(False)
     inv = reattention.default_inv_freq(D, device="cuda")
     rows = []

@@ -62,6 +62,8 @@ def main(argv=None):
     ap.add_argument("--backends", default="cuda,triton")
     ap.add_argument("--n", type=int, default=1 << 20)
     args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("time_select.py needs a CUDA device")
     res = run(args.backends.split(","), args.n)
     print(json.dumps(res["header"]))
     gpu = torch.cuda.get_device_name().split()[-1].lower()
