@@ -701,6 +701,12 @@ def main(argv=None):
         p.error(f"argument --device: {args.device!r} is not a torch device (cpu or cuda)")
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error("argument --device: cuda, but torch sees no CUDA device")
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        raise SystemExit("python -m reattention: the needle demo needs transformers (pip install "
+                         "'reattention[needle]'); --check runs the backend report and the "
+                         "parity check without it") from None
     if args.plot:
         try:
             import matplotlib  # noqa: F401

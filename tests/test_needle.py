@@ -4,6 +4,7 @@ The reduced check is 16x the trained length (8192 tokens), 10 needles spread ove
 of the haystack: ReAttention must find >= 90% of them, dense RoPE <= 30% (DESIGN.md section 6).
 """
 import json
+import sys
 
 import pytest
 import torch
@@ -149,3 +150,10 @@ def test_main_zero_dense_max_len_skips_dense(capsys):
     assert needle.main(["--lengths", "64", "--depths", "1", "--methods", "dense",
                         "--dense-max-len", "0"]) == 0
     assert "|  dense |           - |" in capsys.readouterr().out
+
+
+def test_main_without_transformers_says_which_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers fails
+    want = r"needs transformers \(pip install 'reattention\[needle\]'\)"
+    with pytest.raises(SystemExit, match=want):
+        needle.main(["--lengths", "64", "--depths", "1"])
