@@ -40,4 +40,6 @@ def default_inv_freq(rotary_dim: int, theta: float = 10000.0,
     >>> default_inv_freq(128).shape
     torch.Size([64])
     """
+    if not theta > 0:
+        raise ValueError(f"theta must be > 0, got {theta!r}")
     return shared_inv_freq(rotary_dim, theta, device).clone()

@@ -80,6 +80,14 @@ def test_cuda_refuses_float32_naming_the_backends_that_take_it(monkeypatch):
         reattention.ops.resolve_backend("cuda", like)
 
 
+def test_rope_theta_errors_name_the_argument_of_the_call():
+    with pytest.raises(ValueError, match=r"^theta must be > 0"):
+        reattention.default_inv_freq(128, theta=-1.0)
+    t = inputs()
+    with pytest.raises(ValueError, match=r"^rope_theta must be > 0"):
+        reattention.reattention_attn(t["q"], t["k"], t["v"], rope_theta=0.0, **KW)
+
+
 def test_chunk_reps_rejects_max_and_bad_start():
     k = torch.randn(1, 2, 100, 16)
     with pytest.raises(ValueError, match="rep must be one of"):
