@@ -259,7 +259,7 @@ def _kernel_refusal(backend: str, t: torch.Tensor) -> str | None:
             return f"the cuda backend needs CUDA tensors, got {dev}"
         if t.dtype not in (torch.float16, torch.bfloat16):
             return (f"the cuda backend takes float16/bfloat16, got {t.dtype}; run it on the "
-                    f"triton, cpu or reference backend")
+                    f"triton or reference backend (cpu: with the tensors on the CPU)")
     if backend == "triton" and dev == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         return "the triton backend needs CUDA tensors (or TRITON_INTERPRET=1)"
     if backend == "cuda" and t.shape[-1] not in KERNEL_HEAD_DIMS:

@@ -76,7 +76,7 @@ def test_cuda_refuses_float32_naming_the_backends_that_take_it(monkeypatch):
     like = types.SimpleNamespace(device=torch.device("cuda"), dtype=torch.float32,
                                  shape=(1, 4, 2, 128))
     with pytest.raises(ValueError, match="backend='cuda' cannot run this call: .*float32; "
-                                         "run it on the triton, cpu or reference backend"):
+                                         "run it on the triton or reference backend"):
         reattention.ops.resolve_backend("cuda", like)
 
 
