@@ -5,8 +5,9 @@ Backends
 "reference"  reattention.reference, plain PyTorch, any device (slow, the spec).
 "cpu"        torch.ops.reattention.* from the compiled ``_C`` library, CPU tensors.
 "cuda"       torch.ops.reattention.* from ``_C_cuda``, CUDA tensors, fp16/bf16.
-"triton"     torch.ops.reattention.*_triton from triton_kernels/, CUDA tensors (or CPU
-             tensors under TRITON_INTERPRET=1).
+"triton"     torch.ops.reattention.*_triton from triton_kernels/ (installed as
+             reattention.triton_kernels), CUDA tensors (or CPU tensors under
+             TRITON_INTERPRET=1).
 "auto"       cuda -> triton -> reference on CUDA tensors; cpu -> reference on CPU tensors.
              A fallback that is not the first choice warns once.
 """
@@ -14,8 +15,11 @@ from __future__ import annotations
 
 import functools
 import glob
+import importlib
+import importlib.util
 import math
 import os
+import sys
 import warnings
 
 import torch
@@ -53,6 +57,33 @@ def _load(stem: str, missing: str) -> str | None:
         return f"loading {os.path.basename(path)} failed: {e}"
 
 
+def _import_triton_kernels():
+    """The Triton twins: ``reattention.triton_kernels`` as a wheel installs them, or in a source
+    checkout the ``triton_kernels/`` directory beside ``reattention/``, loaded by path under
+    the same name (a plain ``import triton_kernels`` could find the Triton project's package
+    of that name instead)."""
+    name = __package__ + ".triton_kernels"
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        if e.name != name:
+            raise
+    init = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                        "triton_kernels", "__init__.py")
+    if not os.path.isfile(init):
+        raise ImportError(f"neither {name} nor a source checkout's triton_kernels/ was found")
+    spec = importlib.util.spec_from_file_location(
+        name, init, submodule_search_locations=[os.path.dirname(init)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
+
+
 def _load_libraries() -> None:
     _status["cpu"] = _load("_C", "the compiled extension reattention/_C is not built "
                                  "(pip install .)")
@@ -64,7 +95,7 @@ def _load_libraries() -> None:
         _status["cuda"] = _load("_C_cuda", "reattention/_C_cuda was not built (no nvcc at "
                                            "build time, or a CPU build of torch)")
     try:
-        import triton_kernels  # noqa: F401  (registers reattention::*_triton)
+        _import_triton_kernels()  # registers reattention::*_triton
         interp = os.environ.get("TRITON_INTERPRET") == "1"
         if torch.cuda.is_available() or interp:
             _status["triton"] = None
