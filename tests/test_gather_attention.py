@@ -135,9 +135,9 @@ def test_triton_malformed_idx_stays_inside_the_sequence(positions, prerotate, mo
     """The public wrapper refuses a malformed idx only on the CPU; on a GPU the Triton kernel
     gets it as it is. -1 before a chunk id, or an id past the middle, must give a wrong result,
     never a read outside the sequence's tokens: here every other token of the buffer is NaN."""
-    import reattention.triton_kernels.gather_attention as tga
     dev = device_for("triton")
     require("triton", torch.empty(1, device=dev))
+    import reattention.triton_kernels.gather_attention as tga
     if prerotate:
         monkeypatch.setattr(tga, "_PREROTATE_MIN_PROGRAMS", 1)
     n, d = 150, 16
