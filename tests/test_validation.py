@@ -8,6 +8,8 @@ import torch
 
 import reattention
 
+from conftest import require
+
 BACKENDS = ["auto", "reference", "cpu", "triton", "cuda"]
 
 
@@ -113,22 +115,28 @@ def test_config_validates():
         reattention.ReAttentionConfig(rep="avg")
 
 
+def gather_with_host_idx(backend, row, lq, n):
+    """gather_attention on CPU tensors (sink 4, local 16, chunk 8: M = (n - lq - 20) // 8
+    middle chunks) with one idx row, where the wrapper reads idx on the host."""
+    t = inputs(q=torch.randn(1, 2, lq, 16), k=torch.randn(1, 1, n, 16),
+               v=torch.randn(1, 1, n, 16))
+    if backend == "cpu":
+        require("cpu", t["q"])
+    if backend == "triton" and reattention.ops._kernel_refusal("triton", t["q"]) is not None:
+        pytest.skip("the triton backend runs CPU tensors only under TRITON_INTERPRET=1")
+    idx = torch.tensor(row, dtype=torch.int32).view(1, 1, 1, -1)
+    return reattention.gather_attention(t["q"], t["k"], t["v"], idx,
+                                        inv_freq=reattention.default_inv_freq(16), sink=4,
+                                        local=16, chunk=8, query_block=4, backend=backend)
+
+
 @pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
 @pytest.mark.parametrize("j", [9, 11, -2])
 def test_gather_attention_checks_idx_values(j, backend):
-    """Chunk 9 of a 100-token cache (sink 4, local 16, chunk 8: M = 9) lies in the local
-    window; the reference used to gather it a second time, and skip -2 as padding, silently."""
-    t = inputs(q=torch.randn(1, 2, 1, 16), k=torch.randn(1, 1, 100, 16),
-               v=torch.randn(1, 1, 100, 16))
-    if backend == "cpu" and reattention.available_backends()["cpu"] is not None:
-        pytest.skip("the cpu backend is not built")
-    if backend == "triton" and reattention.ops._kernel_refusal("triton", t["q"]) is not None:
-        pytest.skip("the triton backend cannot run CPU tensors here")
-    idx = torch.tensor([j, -1], dtype=torch.int32).view(1, 1, 1, 2)
+    """Chunk 9 of a 100-token cache (M = 9) lies in the local window; the reference used to
+    gather it a second time, and skip -2 as padding, silently."""
     with pytest.raises(ValueError, match=rf"idx\[0, 0, 0, 0\]={j} must be -1 or a middle chunk"):
-        reattention.gather_attention(t["q"], t["k"], t["v"], idx,
-                                     inv_freq=reattention.default_inv_freq(16), sink=4,
-                                     local=16, chunk=8, query_block=4, backend=backend)
+        gather_with_host_idx(backend, [j, -1], lq=1, n=100)
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
@@ -166,14 +174,5 @@ def test_empty_batch_cpu_gather_attention():
 def test_gather_attention_checks_idx_padding_comes_last(row, backend):
     """-1 before a selected chunk: the Triton kernel read past the selected chunks and
     returned values of 1e28 while the reference and cpu skipped the -1."""
-    t = inputs(q=torch.randn(1, 2, 3, 16), k=torch.randn(1, 1, 200, 16),
-               v=torch.randn(1, 1, 200, 16))
-    if backend == "cpu" and reattention.available_backends()["cpu"] is not None:
-        pytest.skip("the cpu backend is not built")
-    if backend == "triton" and reattention.ops._kernel_refusal("triton", t["q"]) is not None:
-        pytest.skip("the triton backend cannot run CPU tensors here")
-    idx = torch.tensor(row, dtype=torch.int32).view(1, 1, 1, 3)
     with pytest.raises(ValueError, match=r"idx\[0, 0, 0\] = .*padding must come after"):
-        reattention.gather_attention(t["q"], t["k"], t["v"], idx,
-                                     inv_freq=reattention.default_inv_freq(16), sink=4,
-                                     local=16, chunk=8, query_block=4, backend=backend)
+        gather_with_host_idx(backend, row, lq=3, n=200)
