@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU check, run by the device tool from the repository root on a CUDA machine:
-#   bash bench/gpu_check.sh [tests|bench|all]      (default all)
+#   bash bench/gpu_check.sh [tests|bench|all|quick]      (default all)
 # Installs the checkout (no build isolation: such machines have no registry), runs the whole
 # test suite with every GPU backend required, then the benchmarks. Logs and JSON go to $OUT
 # (default bench/results/local). The device tool copies the working tree but its .git may be
@@ -15,10 +15,23 @@ t0=$(date +%s)
 python3 -m pip install --no-build-isolation --no-deps -q . 2>&1 | tail -5
 echo "install: $(( $(date +%s) - t0 )) s"
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader || true
+par=$(python3 -c "import xdist" 2>/dev/null && echo "-n 14" || true)
+if [ "$what" = quick ]; then
+  # What changed after the last full GPU run (bench/NOTES.md, "Session 3"): the grouped
+  # context-parallel path (NCCL, one rank per GPU), the launchers' strided lengths, the
+  # Triton token clamp, then the CP benchmark and the decode profile. About 3 minutes.
+  (cd /tmp && REATTENTION_REQUIRE=cpu,cuda,triton python3 -m pytest -q -p no:cacheprovider $par \
+     "$repo/tests/test_distributed.py" "$repo/tests/test_cuda.py" "$repo/tests/test_triton_gpu.py" \
+     "$repo/tests/test_gather_attention.py" -k "nccl or strided or malformed or graph or triton_gpu" \
+     2>&1 | tee "$out/pytest-quick.log" | tail -15)
+  (cd /tmp && python3 "$repo/bench/bench_cp.py" --lengths 1048576 --reps bound --iters 5 \
+     --out "$out/cp-h200x1.json" 2>&1 | tail -8)
+  (cd /tmp && python3 "$repo/bench/profile_step.py" --out "$out" 2>&1 | tail -40)
+  echo "quick: $(( $(date +%s) - t0 )) s"
+fi
 if [ "$what" = tests ] || [ "$what" = all ]; then
   # Run from /tmp so the installed package, not the source tree, is imported. The suite took
   # over 240 s on 14 xdist workers on the H200 box, so use them where pytest-xdist exists.
-  par=$(python3 -c "import xdist" 2>/dev/null && echo "-n 14" || true)
   (cd /tmp && REATTENTION_REQUIRE=cpu,cuda,triton python3 -m pytest "$repo/tests" -q $par --maxfail=30 \
      -p no:cacheprovider -o junit_family=xunit2 --junitxml="$out/pytest.xml" 2>&1 \
      | tee "$out/pytest.log" | tail -25)
