@@ -135,11 +135,15 @@ def reattention_attn(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if inv_freq is None:
         inv_freq = shared_inv_freq(q.shape[-1], rope_theta, q.device)
     ops.check_attention_args(q, inv_freq, scale, rope_scale, rope_style, positions)
-    idx = select_chunks(q, k_cache, cache_seqlens, reps=reps, sink=sink, local=local,
-                        chunk=chunk, topk=topk, query_block=query_block, rep=rep,
-                        backend=backend)
-    out, lse = gather_attention(q, k_cache, v_cache, idx, cache_seqlens, inv_freq=inv_freq,
-                                sink=sink, local=local, chunk=chunk, query_block=query_block,
-                                scale=scale, rope_scale=rope_scale, rope_style=rope_style,
-                                positions=positions, backend=backend)
+    seqlens = ops.check_seqlens(cache_seqlens, k_cache, q.shape[2])
+    # The lengths are read (on a GPU: one sync) here only, and idx comes from select_chunks.
+    with ops._values_already_checked():
+        idx = select_chunks(q, k_cache, seqlens, reps=reps, sink=sink, local=local,
+                            chunk=chunk, topk=topk, query_block=query_block, rep=rep,
+                            backend=backend)
+        out, lse = gather_attention(q, k_cache, v_cache, idx, seqlens, inv_freq=inv_freq,
+                                    sink=sink, local=local, chunk=chunk,
+                                    query_block=query_block, scale=scale,
+                                    rope_scale=rope_scale, rope_style=rope_style,
+                                    positions=positions, backend=backend)
     return (out, lse) if return_lse else out

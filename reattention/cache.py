@@ -207,9 +207,10 @@ class LayerCache:
         if self.reps is not None:
             start = min(self._complete_chunks(old), self.reps.shape[2])
             if self._complete_chunks(self.length) > start:
-                ops.chunk_reps(self.k_buffer, self.cache_seqlens, sink=self.config.sink,
-                               chunk=self.config.chunk, rep=self.config.rep,
-                               backend=self.backend, reps=self.reps, start_chunk=start)
+                with ops._values_already_checked():  # every length is self.length <= capacity
+                    ops.chunk_reps(self.k_buffer, self.cache_seqlens, sink=self.config.sink,
+                                   chunk=self.config.chunk, rep=self.config.rep,
+                                   backend=self.backend, reps=self.reps, start_chunk=start)
 
     def crop(self, length: int) -> None:
         """Keep the first ``length`` tokens (0 <= length <= current length).
@@ -262,11 +263,13 @@ class LayerCache:
             raise ValueError(f"q must be [B, Hq, Lq, D] with Lq <= the {self.length} cached "
                              f"tokens (append the new tokens first), got "
                              f"{tuple(getattr(q, 'shape', ()))}")
-        return reattention_attn(q, self.k_buffer, self.v_buffer, self.cache_seqlens,
-                                config=self.config, reps=self.reps, inv_freq=inv_freq,
-                                rope_theta=rope_theta, rope_scale=rope_scale,
-                                rope_style=rope_style, scale=scale, backend=self.backend,
-                                return_lse=return_lse)
+        # Every length is self.length, in [Lq, capacity] by the check above: no device read.
+        with ops._values_already_checked():
+            return reattention_attn(q, self.k_buffer, self.v_buffer, self.cache_seqlens,
+                                    config=self.config, reps=self.reps, inv_freq=inv_freq,
+                                    rope_theta=rope_theta, rope_scale=rope_scale,
+                                    rope_style=rope_style, scale=scale, backend=self.backend,
+                                    return_lse=return_lse)
 
 
 class KVCache:

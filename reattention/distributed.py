@@ -376,9 +376,12 @@ def _local_topk(q, k_shard, reps, sh: _Shard, *, sink, local, chunk, topk, query
     meta = _to_device([[s0 + c * chunk + lq] + [j if j < o else -1 for j in range(c, c + tail)]
                        for c, o in zip(cover, owned)], q.device)
     if any(cover):
-        picked = ops.select_chunks(q, k_shard, meta[:, 0].to(torch.int32), reps=reps, sink=s0,
-                                   local=0, chunk=chunk, topk=topk, query_block=query_block,
-                                   rep=rep, backend=backend).long()
+        # The lengths s0 + c * chunk + Lq lie in [Lq, cap] by the choice of c: no device read.
+        with ops._values_already_checked():
+            picked = ops.select_chunks(q, k_shard, meta[:, 0].to(torch.int32), reps=reps,
+                                       sink=s0, local=0, chunk=chunk, topk=topk,
+                                       query_block=query_block, rep=rep,
+                                       backend=backend).long()
     else:
         picked = torch.full((b_, hkv, n_blocks, topk), -1, dtype=torch.int64, device=q.device)
     cand = torch.cat([picked, meta[:, None, None, 1:].expand(-1, hkv, n_blocks, -1)], -1)
@@ -431,9 +434,10 @@ def _select(q, k_shard, reps, sh: _Shard, *, sink, local, chunk, topk, query_blo
     if rep == "max":
         ops.check_reps(reps, k_shard, lq=0, sink=s0, local=0, chunk=chunk, rep=rep)
     elif reps is None:
-        reps = ops.chunk_reps(k_shard, sh.layout.shard_seqlens(_to_device(sh.lens, q.device),
-                                                               sh.rank),
-                              sink=s0, chunk=chunk, rep=rep, backend=backend)
+        with ops._values_already_checked():  # shard_seqlens clamps them to [0, n_r]
+            reps = ops.chunk_reps(k_shard,
+                                  sh.layout.shard_seqlens(_to_device(sh.lens, q.device), sh.rank),
+                                  sink=s0, chunk=chunk, rep=rep, backend=backend)
     else:
         # lq=0, local=0: the candidates may reach the shard's last whole chunk.
         ops.check_reps(reps, k_shard, lq=0, sink=s0, local=0, chunk=chunk, rep=rep)

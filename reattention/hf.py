@@ -30,6 +30,7 @@ Example
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import warnings
@@ -135,10 +136,16 @@ def _attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
                          f"{sliding_window}) and {n} tokens exceed the window; sliding-window "
                          f"layers are not supported past their window")
     _warn_scope(state, n, query.shape[2])
-    out = reattention_attn(query, k_cache, v_cache, seqlens, config=state.config, reps=reps,
-                           inv_freq=state.inv_freq_on(query.device),
-                           rope_scale=state.rope_scale, rope_style=state.rope_style,
-                           scale=scaling, backend=state.backend)
+    if query.shape[2] > n:
+        raise ValueError(f"reattention: {query.shape[2]} queries but only {n} cached tokens")
+    # A ReAttentionCache layer keeps every length at its own length, >= Lq as just checked:
+    # its lengths need no device read (a host sync per layer on a GPU).
+    checked = ops._values_already_checked() if layer is not None else contextlib.nullcontext()
+    with checked:
+        out = reattention_attn(query, k_cache, v_cache, seqlens, config=state.config, reps=reps,
+                               inv_freq=state.inv_freq_on(query.device),
+                               rope_scale=state.rope_scale, rope_style=state.rope_style,
+                               scale=scaling, backend=state.backend)
     return out.transpose(1, 2), None
 
 

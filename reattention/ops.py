@@ -13,6 +13,8 @@ Backends
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import glob
 import importlib
@@ -137,12 +139,29 @@ if _status["cpu"] is None:
 _check_device_values = True
 
 
+# Set while a caller that has validated the values (or keeps them valid by construction, as
+# the caches do) runs the ops: they then skip reading cache_seqlens and idx again, which on a
+# GPU would be one host sync per read. Shapes, dtypes and devices are still checked.
+_values_checked = contextvars.ContextVar("reattention_values_checked", default=False)
+
+
+@contextlib.contextmanager
+def _values_already_checked():
+    token = _values_checked.set(True)
+    try:
+        yield
+    finally:
+        _values_checked.reset(token)
+
+
 def set_device_checks(enabled: bool) -> None:
     """Turn the value check of device-resident ``cache_seqlens`` on or off.
 
     Checking that every length lies in [Lq, Nmax] needs the values on the host: one
-    device sync per call. It is skipped automatically while a CUDA graph is being
-    captured; turn it off for eager decode loops that must never sync.
+    device sync per public call (``reattention_attn`` checks once for its two ops; the
+    package's caches keep their lengths valid and skip it). It is skipped automatically
+    while a CUDA graph is being captured; turn it off for eager decode loops that must never
+    sync.
     """
     global _check_device_values
     _check_device_values = bool(enabled)
@@ -203,7 +222,8 @@ def check_seqlens(cache_seqlens, k_cache: torch.Tensor, lq: int) -> torch.Tensor
           f"cache_seqlens is on {cache_seqlens.device} but the cache is on {device}")
     on_host = device.type == "cpu"
     capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-    if cache_seqlens.numel() and (on_host or (_check_device_values and not capturing)):
+    if (cache_seqlens.numel() and not _values_checked.get()
+            and (on_host or (_check_device_values and not capturing))):
         lo, hi = (int(x) for x in torch.aminmax(cache_seqlens))
         _need(lq <= lo and hi <= nmax,
               f"cache_seqlens must lie in [Lq={lq}, Nmax={nmax}], got values in [{lo}, {hi}]")
@@ -462,7 +482,7 @@ def check_idx_values(idx: torch.Tensor, seqlens: torch.Tensor, lq: int, *, sink:
     the cache) and -2 would be skipped as padding, silently. Device tensors are not read
     here (no host sync); their kernels skip out-of-range entries.
     """
-    if idx.device.type != "cpu" or idx.numel() == 0:
+    if idx.device.type != "cpu" or idx.numel() == 0 or _values_checked.get():
         return
     m = (seqlens.to(torch.int64) - lq - local - sink).clamp(min=0) // chunk  # [B]
     bad = (idx < -1) | (idx >= m[:, None, None, None])

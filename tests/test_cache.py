@@ -186,3 +186,45 @@ def test_kvcache_stack():
     assert torch.equal(cache[2].keys, k[:, :, :25])
     cache.reset()
     assert cache.seq_length == 0
+
+
+def _count_length_reads(monkeypatch):
+    """Count the value checks of cache_seqlens (torch.aminmax: a host sync on a GPU)."""
+    calls = []
+    real = torch.aminmax
+
+    def counting(t, *a, **k):
+        calls.append(t.numel())
+        return real(t, *a, **k)
+    monkeypatch.setattr(torch, "aminmax", counting)
+    return calls
+
+
+@pytest.mark.parametrize("rep", ["max", "bound"])
+def test_lengths_are_read_once_per_call_and_never_by_the_cache(rep, monkeypatch):
+    """Each read of device-resident lengths is a host sync: reattention_attn reads them once
+    for both of its ops (it read them in select_chunks, chunk_reps and gather_attention), and
+    the cache, whose lengths are valid by construction, not at all. Results are unchanged."""
+    cfg = reattention.ReAttentionConfig(sink=4, local=16, chunk=8, topk=2, rep=rep)
+    torch.manual_seed(0)
+    k, v = torch.randn(2, 2, 90, 16), torch.randn(2, 2, 90, 16)
+    q = torch.randn(2, 4, 3, 16)
+    lens = torch.tensor([90, 61], dtype=torch.int32)
+    want = reattention.reattention_attn(q, k, v, lens, config=cfg, backend="reference")
+    layer = LayerCache(cfg, backend="reference")
+    layer.append(k[:1], v[:1])
+    calls = _count_length_reads(monkeypatch)
+    out = reattention.reattention_attn(q, k, v, lens, config=cfg, backend="reference")
+    assert len(calls) == 1
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+    calls.clear()
+    layer.append(torch.randn(1, 2, 9, 16), torch.randn(1, 2, 9, 16))  # completes a chunk
+    out = layer.attend(q[:1])
+    assert calls == []
+    full = torch.cat([k[:1], layer.k_buffer[:, :, 90:99]], 2)
+    torch.testing.assert_close(out, reattention.reattention_attn(
+        q[:1], full, layer.v_buffer[:, :, :99], config=cfg, backend="reference"))
+    # Bad lengths are still refused by the public call.
+    with pytest.raises(ValueError, match="cache_seqlens must lie in"):
+        reattention.reattention_attn(q, k, v, torch.tensor([90, 2], dtype=torch.int32),
+                                     config=cfg, backend="reference")
