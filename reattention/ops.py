@@ -480,7 +480,8 @@ def check_idx_values(idx: torch.Tensor, seqlens: torch.Tensor, lq: int, *, sink:
 
     An out-of-range j would gather tokens outside the middle (the local window twice, or past
     the cache) and -2 would be skipped as padding, silently. Device tensors are not read
-    here (no host sync); their kernels skip out-of-range entries.
+    here (no host sync): there a malformed idx gives a wrong result, and the kernels clamp
+    every gathered token so it is never read outside the cache.
     """
     if idx.device.type != "cpu" or idx.numel() == 0 or _values_checked.get():
         return
