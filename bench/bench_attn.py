@@ -76,7 +76,7 @@ def make_cache(n: int, seed: int = 0):
 
 
 def mid_chunks(n: int, lq: int) -> int:
-    return reattention.reference.segments(n, lq, SINK, LOCAL, CHUNK)[2]
+    return reattention.layout.segments(n, lq, SINK, LOCAL, CHUNK)[2]
 
 
 def scope(lq: int) -> int:
