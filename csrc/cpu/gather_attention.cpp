@@ -1,5 +1,5 @@
 // gather_attention on the CPU: attention over [sink | selected chunks | local] with RoPE at
-// re-assigned positions (DESIGN.md section 2).
+// re-assigned positions (docs/design.md section 2).
 //
 // A work item is (b, kv head h, query block, slice of h's q heads). It lists the original
 // positions of its gathered keys (sink, then the chunks of idx[b, h, block] in the order

@@ -25,7 +25,7 @@ constexpr int64_t kTile = 32;  // chunks per work item of the scoring pass
 struct SelectArgs {
   Dims d;
   int64_t sink, local, chunk, query_block, max_mid;
-  RepMode mode;
+  RepMode rep;
   std::vector<int64_t> n_mid;  // M_b per sequence
 };
 
@@ -38,12 +38,12 @@ void score_chunks(const Tensor& q, const Tensor& k_cache, const std::optional<Te
   const T* rp = reps ? static_cast<const T*>(reps->data_ptr()) : nullptr;
   const int64_t rs0 = reps ? reps->stride(0) : 0, rs1 = reps ? reps->stride(1) : 0;
   const int64_t rs2 = reps ? reps->stride(2) : 0;
-  const int64_t rs_pair = s.mode == RepMode::kBound ? reps->stride(3) : 0;
+  const int64_t rs_pair = s.rep == RepMode::kBound ? reps->stride(3) : 0;
   const int64_t rs_d = reps ? reps->stride(reps->dim() - 1) : 0;
   const int64_t dim = d.d;
   const int64_t tiles = ceil_div(s.max_mid, kTile);
   const int64_t rows_max = d.group * std::min(d.lq, s.query_block);
-  const int64_t tile_work = kTile * rows_max * dim * (s.mode == RepMode::kMax ? s.chunk : 1);
+  const int64_t tile_work = kTile * rows_max * dim * (s.rep == RepMode::kMax ? s.chunk : 1);
 
   torch::stable::parallel_for(
       0, d.batch * d.hkv * d.n_blocks * tiles, cpu::grain_for(tile_work),
@@ -66,7 +66,7 @@ void score_chunks(const Tensor& q, const Tensor& k_cache, const std::optional<Te
           float* out = scores + ((b * d.hkv + h) * d.n_blocks + blk) * s.max_mid;
           for (int64_t j = j0; j < j1; ++j) {
             float best = -std::numeric_limits<float>::infinity();
-            if (s.mode == RepMode::kMax) {
+            if (s.rep == RepMode::kMax) {
               const int64_t t0 = s.sink + j * s.chunk;
               for (int64_t t = t0; t < t0 + s.chunk; ++t) {
                 cpu::load_f32(keys.row(b, h, t), keys.s[3], dim, kf.data());
@@ -76,7 +76,7 @@ void score_chunks(const Tensor& q, const Tensor& k_cache, const std::optional<Te
             } else {
               const T* rep = rp + b * rs0 + h * rs1 + j * rs2;
               cpu::load_f32(rep, rs_d, dim, kf.data());
-              if (s.mode == RepMode::kBound) {
+              if (s.rep == RepMode::kBound) {
                 cpu::load_f32(rep + rs_pair, rs_d, dim, kf2.data());
                 for (int64_t r = 0; r < rows; ++r)
                   best = cpu::max2(cpu::bound_dot(qf.data() + r * dim, kf.data(), kf2.data(), dim),
@@ -127,7 +127,7 @@ Tensor select_chunks_cpu(Tensor q, Tensor k_cache, std::optional<Tensor> reps,
                          int64_t topk, std::string rep, int64_t query_block) {
   const OpArgs a = select_chunks_args(q, k_cache, reps, cache_seqlens, sink, local, chunk,
                                       topk, rep, query_block);
-  SelectArgs s{check_inputs(a), sink, local, chunk, query_block, 0, a.mode, {}};
+  SelectArgs s{check_inputs(a), sink, local, chunk, query_block, 0, a.rep, {}};
   const Dims& d = s.d;
   const int32_t* lens = cache_seqlens.const_data_ptr<int32_t>();
   for (int64_t b = 0; b < d.batch; ++b) {

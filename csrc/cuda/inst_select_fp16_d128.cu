@@ -2,5 +2,5 @@
 #include "kernels/select_chunks.cuh"
 
 namespace reattention::kernels {
-template cudaError_t launch_select_chunks<__half, 128>(const SelectParams&, ScoreMode, cudaStream_t);
+template cudaError_t launch_select_chunks<__half, 128>(const SelectParams&, RepMode, cudaStream_t);
 }  // namespace reattention::kernels

@@ -24,7 +24,7 @@
 
 namespace reattention::kernels {
 #define REATTENTION_EXTERN(T, D)                                                             \
-  extern template cudaError_t launch_select_chunks<T, D>(const SelectParams&, ScoreMode,     \
+  extern template cudaError_t launch_select_chunks<T, D>(const SelectParams&, RepMode,       \
                                                          cudaStream_t);                      \
   extern template cudaError_t launch_gather_attention<T, D>(const AttnParams&, cudaStream_t);
 REATTENTION_EXTERN(__half, 64)
@@ -106,13 +106,13 @@ void check_int32_range(const Dims& d, int64_t sink, int64_t local, int64_t chunk
 }
 
 void chunk_reps_cuda(Tensor k_cache, Tensor cache_seqlens, Tensor reps, int64_t sink,
-                     int64_t chunk, std::string mode, int64_t start_chunk) {
+                     int64_t chunk, std::string rep, int64_t start_chunk) {
   const OpArgs a =
-      chunk_reps_args(k_cache, cache_seqlens, reps, sink, chunk, mode, start_chunk);
+      chunk_reps_args(k_cache, cache_seqlens, reps, sink, chunk, rep, start_chunk);
   const Dims d = check_inputs(a);
   check_int32_range(d, sink, 0, chunk, 1);
   STD_TORCH_CHECK(k_cache.is_cuda(), "chunk_reps (cuda) needs CUDA tensors");
-  const bool bound = a.mode == RepMode::kBound;
+  const bool bound = a.rep == RepMode::kBound;
   STD_TORCH_CHECK(reps.stride(reps.dim() - 1) == 1 && (!bound || reps.stride(3) == d.d),
                   "reps must be dense in its last ", bound ? "two dims" : "dim");
   if (start_chunk >= d.n_chunks) return;
@@ -146,17 +146,17 @@ void chunk_reps_cuda(Tensor k_cache, Tensor cache_seqlens, Tensor reps, int64_t 
 
 Tensor select_chunks_cuda(Tensor q, Tensor k_cache, std::optional<Tensor> reps,
                           Tensor cache_seqlens, int64_t sink, int64_t local, int64_t chunk,
-                          int64_t topk, std::string mode, int64_t query_block) {
+                          int64_t topk, std::string rep, int64_t query_block) {
   const OpArgs a = select_chunks_args(q, k_cache, reps, cache_seqlens, sink, local, chunk, topk,
-                                      mode, query_block);
+                                      rep, query_block);
   const Dims d = check_inputs(a);
   check_int32_range(d, sink, local, chunk, topk);
   STD_TORCH_CHECK(q.is_cuda(), "select_chunks (cuda) needs CUDA tensors");
   torch::stable::accelerator::DeviceGuard guard(q.get_device_index());
 
   const Tensor qv = vector_ready(q);
-  const Tensor cols = a.mode == RepMode::kMax ? vector_ready(k_cache)
-                                              : torch::stable::contiguous(*reps);
+  const Tensor cols = a.rep == RepMode::kMax ? vector_ready(k_cache)
+                                             : torch::stable::contiguous(*reps);
   Tensor idx = torch::stable::new_empty(q, {d.batch, d.hkv, d.n_blocks, topk},
                                         ScalarType::Int);
   k::SelectParams p{};
@@ -184,13 +184,10 @@ Tensor select_chunks_cuda(Tensor q, Tensor k_cache, std::optional<Tensor> reps,
   p.n_blocks = static_cast<int>(d.n_blocks);
   // Every length is <= Nmax, so no sequence has more middle chunks than this.
   p.n_cols = static_cast<int>(segments(d.nmax, d.lq, sink, local, chunk).n_mid);
-  const k::ScoreMode score_mode = a.mode == RepMode::kMax     ? k::ScoreMode::kMax
-                                  : a.mode == RepMode::kBound ? k::ScoreMode::kBound
-                                                              : k::ScoreMode::kMean;
-  k::plan_select(p, score_mode, static_cast<int>(d.d));
+  k::plan_select(p, a.rep, static_cast<int>(d.d));
   const cudaStream_t stream = current_stream(q);
   Tensor scores = torch::stable::new_empty(
-      q, {std::max<int64_t>(1, k::select_workspace_words(p, score_mode, static_cast<int>(d.d)))},
+      q, {std::max<int64_t>(1, k::select_workspace_words(p, a.rep, static_cast<int>(d.d)))},
       ScalarType::Int);
   p.scores = static_cast<uint32_t*>(scores.data_ptr());
   if (p.atomic) {
@@ -199,7 +196,7 @@ Tensor select_chunks_cuda(Tensor q, Tensor k_cache, std::optional<Tensor> reps,
   }
   dispatch_kernel(q.scalar_type(), d.d, "select_chunks", [&](auto tag, auto dim) {
     using T = typename decltype(tag)::type;
-    check_launch(k::launch_select_chunks<T, decltype(dim)::value>(p, score_mode, stream),
+    check_launch(k::launch_select_chunks<T, decltype(dim)::value>(p, a.rep, stream),
                  "select_chunks");
   });
   return idx;
