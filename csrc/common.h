@@ -232,8 +232,9 @@ inline Dims check_inputs(const OpArgs& a) {
     like_cache(r, "reps");
     d.n_chunks = r.size(2);
     if (a.q != nullptr) {
-      // Any valid length has at most this many middle chunks (N <= Nmax).
-      const int64_t most = segments(d.nmax, d.lq, a.sink, a.local, a.chunk).n_mid;
+      // No block of any valid length has more middle chunks than the last block at N = Nmax.
+      const int64_t most =
+          max_middle_chunks(d.nmax, d.lq, a.query_block, a.sink, a.local, a.chunk);
       STD_TORCH_CHECK(d.n_chunks >= most, "reps holds ", d.n_chunks,
                       " chunks but the cache can have ", most, " middle chunks");
     }
@@ -267,16 +268,18 @@ inline Dims check_inputs(const OpArgs& a) {
       if (a.idx == nullptr) continue;
       const Tensor& idx = *a.idx;
       const int32_t* ip = idx.const_data_ptr<int32_t>();
-      const int64_t n_mid = segments(nb, d.lq, a.sink, a.local, a.chunk).n_mid;
-      for (int64_t h = 0; h < d.hkv; ++h)
-        for (int64_t blk = 0; blk < d.n_blocks; ++blk)
+      for (int64_t blk = 0; blk < d.n_blocks; ++blk) {
+        const int64_t n_mid =
+            block_segments(nb, d.lq, a.query_block, blk, a.sink, a.local, a.chunk).n_mid;
+        for (int64_t h = 0; h < d.hkv; ++h)
           for (int64_t t = 0; t < d.topk; ++t) {
             const int64_t j = ip[b * idx.stride(0) + h * idx.stride(1) + blk * idx.stride(2) +
                                  t * idx.stride(3)];
-            STD_TORCH_CHECK(j >= -1 && j < n_mid, "idx[", b, ", ", h, ", ", blk, ", ", t,
-                            "]=", j, " is not -1 or a middle chunk of sequence ", b, " (it has ",
-                            n_mid, ")");
+            STD_TORCH_CHECK(j >= -1 && j < n_mid, "idx[", b, ", ", h, ", ", blk, ", ", t, "]=", j,
+                            " is not -1 or a middle chunk of sequence ", b, " and query block ",
+                            blk, " (it has ", n_mid, ")");
           }
+      }
     }
   }
   return d;

@@ -4,9 +4,12 @@
 // the block's queries of rep_score(q, j), where "max" is max_t q.k_t over the chunk's raw
 // keys, "bound" sum_d max(q_d kmin_d, q_d kmax_d) and "mean" q.mean_j. Work items are
 // (b, h, block, tile of kTile chunks), so a decode step over a long cache still spreads over
-// every core. Pass 2 picks, per (b, h, block), the K_eff = min(topk, M_b) highest scores,
-// ties to the lower chunk index (NaN counts as highest, as in torch.sort), and writes them
-// ascending, padded with -1: int32 [B, Hkv, n_blocks, topk].
+// every core. Each query block has the middle of a call of its own (docs/design.md section 2):
+// M grows from block to block, and block beta scores only its chunks j < M_beta. Pass 2 picks,
+// per (b, h, block), the K_eff = min(topk, M_beta) highest scores, ties to the lower chunk
+// index (NaN counts as highest, as in torch.sort), and writes them ascending, padded with -1:
+// int32 [B, Hkv, n_blocks, topk]. A chunk's score is computed by the same code whatever tile
+// it falls in, so bit-identical chunks score bit-identically and the tie rule decides.
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -26,7 +29,7 @@ struct SelectArgs {
   Dims d;
   int64_t sink, local, chunk, query_block, max_mid;
   RepMode rep;
-  std::vector<int64_t> n_mid;  // M_b per sequence
+  std::vector<int64_t> n_mid;  // M of each (sequence, block), [B * n_blocks]
 };
 
 template <typename T>
@@ -55,10 +58,10 @@ void score_chunks(const Tensor& q, const Tensor& k_cache, const std::optional<Te
           const int64_t h = (item / (tiles * d.n_blocks)) % d.hkv;
           const int64_t b = item / (tiles * d.n_blocks * d.hkv);
           const int64_t j0 = tile * kTile;
-          const int64_t j1 = std::min(j0 + kTile, s.n_mid[b]);
+          const int64_t j1 = std::min(j0 + kTile, s.n_mid[b * d.n_blocks + blk]);
           if (j0 >= j1) continue;
-          const int64_t i0 = blk * s.query_block;
-          const int64_t i1 = std::min(d.lq, i0 + s.query_block);
+          const int64_t i0 = block_first(blk, s.query_block);
+          const int64_t i1 = block_last(blk, d.lq, s.query_block);
           int64_t rows = 0;
           for (int64_t g = 0; g < d.group; ++g)
             for (int64_t i = i0; i < i1; ++i, ++rows)
@@ -100,8 +103,8 @@ void pick_top(const float* scores, const SelectArgs& s, int64_t topk, int32_t* i
       [&](int64_t begin, int64_t end) {
         std::vector<int32_t> order;
         for (int64_t row = begin; row < end; ++row) {
-          const int64_t b = row / (d.hkv * d.n_blocks);
-          const int64_t m = s.n_mid[b];
+          const int64_t b = row / (d.hkv * d.n_blocks), blk = row % d.n_blocks;
+          const int64_t m = s.n_mid[b * d.n_blocks + blk];
           const int64_t k_eff = std::min(topk, m);
           const float* sc = scores + row * s.max_mid;
           int32_t* dst = idx + row * topk;
@@ -131,8 +134,11 @@ Tensor select_chunks_cpu(Tensor q, Tensor k_cache, std::optional<Tensor> reps,
   const Dims& d = s.d;
   const int32_t* lens = cache_seqlens.const_data_ptr<int32_t>();
   for (int64_t b = 0; b < d.batch; ++b) {
-    s.n_mid.push_back(segments(lens[b * cache_seqlens.stride(0)], d.lq, sink, local, chunk).n_mid);
-    s.max_mid = std::max(s.max_mid, s.n_mid.back());
+    const int64_t n = lens[b * cache_seqlens.stride(0)];
+    for (int64_t blk = 0; blk < d.n_blocks; ++blk) {
+      s.n_mid.push_back(block_segments(n, d.lq, query_block, blk, sink, local, chunk).n_mid);
+      s.max_mid = std::max(s.max_mid, s.n_mid.back());
+    }
   }
 
   Tensor idx = torch::stable::new_empty(q, std::vector<int64_t>{d.batch, d.hkv, d.n_blocks, topk},
