@@ -70,21 +70,28 @@ def test_select_chunks_many_chunks(backend, rep="bound"):
     assert_selection_equivalent(idx, ref, reference.chunk_scores_ref(*args, rep, 1))
 
 
-def identical_chunks_case(hq, hkv, lq, n_chunks, d, sink, local, chunk, copies, seed=0):
-    """bf16 q [1, Hq, Lq, D] and k [1, Hkv, N, D] where the chunks listed in ``copies`` are
-    bit-identical copies of one chunk that outscores every other chunk under every rep (its
-    keys lean on dim 0, where every query is positive); N - Lq = sink + n_chunks*chunk + local
-    + chunk // 2, so the call's first block has n_chunks middle chunks and later blocks more."""
+def identical_chunks_case(hq, hkv, lq, query_block, n_chunks, d, sink, local, chunk, seed=0):
+    """bf16 q [1, Hq, Lq, D], k [1, Hkv, N, D] and the set of 34 middle chunks of k that are
+    bit-identical copies of one chunk outscoring every other chunk under every rep (its keys
+    lean on dim 0, where every query is positive). N - Lq = sink + n_chunks*chunk + local +
+    chunk // 2, so the call's first block has n_chunks middle chunks; up to two copies lie past
+    them, in the middle of later blocks only (contract v2)."""
     g = torch.Generator().manual_seed(seed)
     n = sink + n_chunks * chunk + local + chunk // 2 + lq
+    blocks = layout.query_blocks(lq, query_block)
+    m_first, m_last = (layout.block_segments(n, lq, s, e, sink, local, chunk).n_mid
+                       for s, e in (blocks[0], blocks[-1]))
+    late = list(range(m_first, m_last, 2))[:2]
+    early = torch.randperm(m_first - 10, generator=g)[:34 - len(late)].tolist()
+    copies = set(early) | set(late)
     q = torch.randn(1, hq, lq, d, generator=g)
     q[..., 0] = q[..., 0].abs() + 2
     k = torch.randn(1, hkv, n, d, generator=g)
-    hot = torch.randn(1, hkv, chunk, d, generator=g)
+    hot = torch.randn(hkv, chunk, d, generator=g)
     hot[..., 0] += 60
     for j in copies:
-        k[:, :, sink + j * chunk: sink + (j + 1) * chunk] = hot
-    return q.bfloat16(), k.bfloat16()
+        k[0, :, sink + j * chunk: sink + (j + 1) * chunk] = hot
+    return q.bfloat16(), k.bfloat16(), copies
 
 
 def check_identical_chunks(idx, q, k, reps, copies, sink, local, chunk, topk, query_block, rep):
@@ -110,10 +117,8 @@ def test_select_chunks_identical_chunks(lq, query_block, rep, backend):
     """34 bit-identical chunks among random ones score bit-identically, so the lowest indices
     win, whatever tile, split or block they fall in. Two copies lie past the first block's
     middle: only the later blocks of the 40-query call may select them (contract v2)."""
-    sink, local, chunk, n_chunks = 5, 24, 8, 300
-    g = torch.Generator().manual_seed(4)
-    copies = set(torch.randperm(n_chunks - 20, generator=g)[:32].tolist()) | {n_chunks, n_chunks + 2}
-    q, k = identical_chunks_case(8, 2, lq, n_chunks, 64, sink, local, chunk, copies)
+    sink, local, chunk = 5, 24, 8
+    q, k, copies = identical_chunks_case(8, 2, lq, query_block, 300, 64, sink, local, chunk)
     dev = device_for(backend)
     q, k = q.to(dev), k.to(dev)
     require(backend, q)

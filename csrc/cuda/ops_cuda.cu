@@ -170,8 +170,10 @@ Tensor select_chunks_cuda(Tensor q, Tensor k_cache, std::optional<Tensor> reps,
   p.topk = static_cast<int>(topk);
   p.query_block = static_cast<int>(std::min(query_block, d.lq));
   p.n_blocks = static_cast<int>(d.n_blocks);
-  // Every length is <= Nmax, so no sequence has more middle chunks than this.
-  p.n_cols = static_cast<int>(segments(d.nmax, d.lq, sink, local, chunk).n_mid);
+  // Every length is <= Nmax and M grows from block to block, so no (sequence, block) has more
+  // middle chunks than the last block at N = Nmax; the kernels mask each block to its own M.
+  p.n_cols = static_cast<int>(
+      max_middle_chunks(d.nmax, d.lq, p.query_block, sink, local, chunk));
   k::plan_select(p, a.rep, static_cast<int>(d.d));
   const cudaStream_t stream = current_stream(q);
   Tensor scores = torch::stable::new_empty(

@@ -3,9 +3,11 @@
 // A CTA owns (sequence b, kv head h, query block beta, a tile of rows, a split of the gathered
 // keys). Two kernels share gather_attention_common.cuh: the few-rows one for decode
 // (gather_attention_decode.cuh) and the many-rows one for prefill blocks
-// (gather_attention_prefill.cuh). This header plans the row tiles and key splits from static
-// shapes only, so workspaces never depend on device data and the decode step never syncs
-// with the host, and launches the kernel, then merge_splits_kernel when the keys are split.
+// (gather_attention_prefill.cuh). Each query block has its own segments (contract v2), so a
+// block gathers at most scope() keys whatever Lq is. This header plans the row tiles and key
+// splits from static shapes only (that bound), so workspaces never depend on device data and
+// the decode step never syncs with the host, and launches the kernel, then merge_splits_kernel
+// when the keys are split.
 #pragma once
 
 #include "gather_attention_decode.cuh"
@@ -14,8 +16,8 @@
 namespace reattention::kernels {
 
 // Host-side plan: row_tiles, num_splits and tiles_per_split of the decode (<= 16 rows) or the
-// prefill kernel, from static shapes only (the longest gathered sequence any length in
-// [Lq, Nmax] can produce), so the workspace size never depends on device data.
+// prefill kernel, from static shapes only (the longest gathered sequence of any block at any
+// length in [Lq, Nmax]), so the workspace size never depends on device data.
 inline void plan_attention(AttnParams& p, int head_dim, int num_sms) {
   const int group = p.hq / p.hkv;
   const bool decode = few_rows(p.lq, p.query_block, group);

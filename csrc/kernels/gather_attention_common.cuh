@@ -80,11 +80,14 @@ __device__ __forceinline__ AttnTile attn_tile(const AttnParams& p, int block_m) 
 }
 
 // The gathered sequence of one (sequence, kv head, query block): [sink | the chunks of idx |
-// local window], and where each gathered key sits in the cache.
+// local window], with the block's own segments (contract v2: those of a call of its own, so
+// the local window ends at the block's last query), and where each gathered key sits in the
+// cache.
 struct GatheredKeys {
-  Segments seg;
   const int* sel;  // the block's chunk ids (ascending, -1 padded: the valid ones are a prefix)
-  int p0;          // original position of the sequence's first query
+  int sink_len;    // the block's sink is [0, sink_len)
+  int mid_end;     // the block's middle ends here; its local window is [mid_end, P1]
+  int p0;          // original position of the call's first query (call row i sits at p0 + i)
   int loc0;        // gathered index of the local window
   int n_keys;      // gathered keys
   int shift;       // compact query position - original query position
@@ -93,13 +96,13 @@ struct GatheredKeys {
   // the cache; a well-formed one never needs it.
   __device__ __forceinline__ int token(int r, const AttnParams& p) const {
     int tok;
-    if (r < seg.sink_len) {
+    if (r < sink_len) {
       tok = r;
     } else if (r < loc0) {
-      const int c = (r - seg.sink_len) / p.chunk;
-      tok = p.sink + sel[c] * p.chunk + (r - seg.sink_len - c * p.chunk);
+      const int c = (r - sink_len) / p.chunk;
+      tok = p.sink + sel[c] * p.chunk + (r - sink_len - c * p.chunk);
     } else {
-      tok = seg.mid_end + (r - loc0);
+      tok = mid_end + (r - loc0);
     }
     return min(max(tok, 0), p.nmax - 1);
   }
@@ -112,7 +115,10 @@ __device__ __forceinline__ GatheredKeys gathered_keys(const AttnParams& p, int b
                                                       int beta, float* s_invf, int* s_nsel) {
   GatheredKeys g;
   const int n = p.seqlens[b];
-  g.seg = segments(n, p.lq, p.sink, p.local, p.chunk);
+  const Segments seg =
+      block_segments(n, p.lq, p.query_block, beta, p.sink, p.local, p.chunk);
+  g.sink_len = static_cast<int>(seg.sink_len);
+  g.mid_end = static_cast<int>(seg.mid_end);
   g.p0 = n - p.lq;
   g.sel = p.idx + b * p.i_sb + h * p.i_sh + beta * p.i_sblk;
   if (threadIdx.x == 0) *s_nsel = 0;
@@ -125,9 +131,9 @@ __device__ __forceinline__ GatheredKeys gathered_keys(const AttnParams& p, int b
   }
   __syncthreads();
   const int n_sel = *s_nsel;
-  g.loc0 = g.seg.sink_len + n_sel * p.chunk;
-  g.n_keys = g.loc0 + max(0, n - static_cast<int>(g.seg.mid_end));
-  g.shift = p.sink + n_sel * p.chunk - g.seg.mid_end;
+  g.loc0 = g.sink_len + n_sel * p.chunk;
+  g.n_keys = g.loc0 + max(0, static_cast<int>(seg.end) - g.mid_end);
+  g.shift = p.sink + n_sel * p.chunk - g.mid_end;
   return g;
 }
 
@@ -150,15 +156,15 @@ __device__ __forceinline__ void load_kv_tile(T* sk, T* sv, int* kpos, const Gath
   cp_async_commit();
 }
 
-// Longest gathered sequence any length in [Lq, Nmax] can produce (static shapes only). Compact
-// positions of keys and queries are gathered indices, so they all lie below it.
+// Longest gathered sequence of any block at any length in [Lq, Nmax] (static shapes only): at
+// most scope() keys, whatever Lq is, as a block's local window holds fewer than local + chunk
+// keys before its first query, then its own query_block queries. Compact positions of keys and
+// queries are gathered indices, so they all lie below it.
 inline int64_t gathered_keys_max(const AttnParams& p) {
-  const int64_t local_max = static_cast<int64_t>(p.lq) + p.local + p.chunk - 1;
+  const int64_t local_max = static_cast<int64_t>(p.query_block) + p.local + p.chunk - 1;
   return (p.sink < p.nmax ? p.sink : p.nmax) + static_cast<int64_t>(p.topk) * p.chunk +
          (local_max < p.nmax ? local_max : p.nmax);
 }
-
-// Rows of the RoPE table of the many-rows kernel (0: none, every angle through sincosf).
 
 // (cos, sin) * rope_scale of angle fl(pos * inv_freq) for frequency i: from the table when pos
 // is in it, else computed exactly as the table was.

@@ -3,9 +3,11 @@
 // One CTA of 8 warps owns (sequence b, kv head h, query block beta, a tile of kBM = 128 rows,
 // a split of the gathered keys); warp w owns rows 16w..16w+15 of the tile (row = query * group
 // + head, as in gather_attention_kernel) with its own online softmax, so no cross-warp merge.
+// The block has the segments of a call of its own (contract v2), so a CTA attends to at most
+// sink + topk*chunk + local + chunk + query_block keys however long the call is.
 // Q is rotated once and, for D <= 128, kept in registers as mma A fragments. K/V tiles of kBN
-// gathered keys (GatheredKeys::token: sink, the chunks of idx, local) go through a ring of kStages
-// cp.async stages with one barrier per tile: past it the CTA issues the copy of tile
+// gathered keys (GatheredKeys::token: sink, the chunks of idx, local) go through a ring of
+// kStages cp.async stages with one barrier per tile: past it the CTA issues the copy of tile
 // t + kStages - 1, rotates tile t + 1 in place and runs S = Q K^T, the exp2-domain online
 // softmax and P V on tile t, so one tile's rotation overlaps the tensor-core work on the
 // previous one across warps. RoPE at compact positions reads (cos, sin) * rope_scale from a
@@ -48,6 +50,7 @@ __host__ __device__ constexpr int prefill_smem_bytes() {
   return S::kBM * D * 2 + 2 * S::kStages * S::kBN * D * 2 + S::kStages * S::kBN * 4 + (D / 2) * 4;
 }
 
+// Rows of the RoPE table of the many-rows kernel (0: none, every angle through sincosf).
 // Compact positions only: they are gathered indices, the same few thousand for every
 // (sequence, head, block, row tile), so one table serves all CTAs; original positions are any
 // token of the cache. Decode does not use it: on the H200 its attention kernel took 34 us with
@@ -126,12 +129,11 @@ __global__ void __launch_bounds__(kPrefillThreads, PrefillShape<D>::kMinBlocks)
   const int q0 = at.q0, rows = at.rows, row0 = at.row0;
 
   const GatheredKeys gk = gathered_keys<D, kPrefillThreads>(p, b, h, beta, s_invf, &s_nsel);
-  const Segments seg = gk.seg;
   const int p0 = gk.p0, loc0 = gk.loc0, n_keys = gk.n_keys;
   // Sink and chunk keys precede every query; local key r sits at mid_end + r - loc0, so the
   // ones after this CTA's last query are masked for all its rows.
   const int q_last = p0 + q0 + (min(rows, row0 + kBM) - 1) / group;
-  const int n_vis = min(n_keys, loc0 + max(0, q_last - static_cast<int>(seg.mid_end) + 1));
+  const int n_vis = min(n_keys, loc0 + max(0, q_last - gk.mid_end + 1));
 
   const T* k_base = static_cast<const T*>(p.k) + b * p.k_sb + h * p.k_sh;
   const T* v_base = static_cast<const T*>(p.v) + b * p.v_sb + h * p.v_sh;

@@ -10,7 +10,15 @@
 // A CTA owns one tile of rows (kept in shared memory) and a range of chunks; row tiles of the same
 // chunk range are adjacent in the grid so their column reads share L2. Scores leave as
 // order-preserving uint32 keys; with several row tiles per block they meet by atomicMax in a
-// zeroed buffer (max is exact and order-free, so the result is deterministic). Three kernels:
+// zeroed buffer (max is exact and order-free, so the result is deterministic).
+//
+// Block beta scores its own middle only, chunks j < M_beta (contract v2: M grows from block to
+// block); grids and workspaces are planned for the largest M (the last block's at N = Nmax) and
+// a CTA whose chunk range lies past its block's M has nothing to score. A chunk's score does
+// not depend on where the chunk falls: every column runs the same mma sequence over its vector
+// in the same k order whatever its tile, warp or CTA, and every other step (over rows, a
+// chunk's tokens, row tiles, chunk ranges) is an exact max. So bit-identical chunks get
+// bit-identical keys and the tie rule (lower index) decides between them. Three kernels:
 //
 // 1. chunk_scores_kernel (few rows: decode, <= 16 rows): one m16 row tile, 4 warps side by side
 //    over the columns; memory-bound, so it streams wide column tiles.
@@ -41,7 +49,7 @@ struct SelectParams {
   int64_t q_sb, q_sh, q_sl;  // q strides (elements), last dim contiguous
   int64_t c_sb, c_sh, c_sn;  // column tensor strides of dims 0..2, inner dims contiguous
   int batch, hq, hkv, lq, sink, local, chunk, topk, query_block, n_blocks;
-  int n_cols;             // static upper bound of M over the batch (scores' last dim)
+  int n_cols;             // static upper bound of M over sequences and blocks (scores' last dim)
   int row_tiles;          // row tiles per query block
   int chunks_per_cta;     // chunk range of one scoring CTA (set at launch)
   int col_splits;         // ceil(n_cols / chunks_per_cta) (set at launch)
@@ -114,9 +122,10 @@ __device__ __forceinline__ ScoreTile score_tile(const SelectParams& p, int block
   t.beta = (blockIdx.x / p.row_tiles) % p.n_blocks;
   t.h = blockIdx.y;
   t.b = blockIdx.z;
-  const Segments seg = segments(p.seqlens[t.b], p.lq, p.sink, p.local, p.chunk);
+  const int m = static_cast<int>(block_segments(p.seqlens[t.b], p.lq, p.query_block, t.beta,
+                                                p.sink, p.local, p.chunk).n_mid);
   t.j0 = cs * p.chunks_per_cta;
-  t.j1 = min(static_cast<int>(seg.n_mid), t.j0 + p.chunks_per_cta);
+  t.j1 = min(m, t.j0 + p.chunks_per_cta);
   t.q0 = t.beta * p.query_block;
   t.rows = (min(p.lq, t.q0 + p.query_block) - t.q0) * (p.hq / p.hkv);
   t.row0 = rt * block_m;
@@ -326,7 +335,8 @@ __device__ __forceinline__ void fused_topk(const SelectParams& p, const ScoreTil
   if (!s_last) return;
   __threadfence();
 
-  const int m = segments(p.seqlens[t.b], p.lq, p.sink, p.local, p.chunk).n_mid;
+  const int m = static_cast<int>(block_segments(p.seqlens[t.b], p.lq, p.query_block, t.beta,
+                                                p.sink, p.local, p.chunk).n_mid);
   const int k = min(p.topk, m);
   int* out = p.idx + row * p.topk;
   for (int i = k + tid; i < p.topk; i += kScoreThreads) out[i] = -1;
@@ -626,9 +636,10 @@ __global__ void __launch_bounds__(kThreads) topk_kernel(SelectParams p, bool sta
   extern __shared__ __align__(16) unsigned char smem_raw[];
   __shared__ TopkSmem<kThreads> sm;
   const int row = blockIdx.x;  // (b * hkv + h) * n_blocks + beta
-  const int b = row / (p.hkv * p.n_blocks);
+  const int b = row / (p.hkv * p.n_blocks), beta = row % p.n_blocks;
   const int tid = threadIdx.x;
-  const int m = segments(p.seqlens[b], p.lq, p.sink, p.local, p.chunk).n_mid;
+  const int m = static_cast<int>(
+      block_segments(p.seqlens[b], p.lq, p.query_block, beta, p.sink, p.local, p.chunk).n_mid);
   const int k = min(p.topk, m);
   int* out = p.idx + static_cast<int64_t>(row) * p.topk;
   for (int i = k + tid; i < p.topk; i += kThreads) out[i] = -1;
