@@ -60,7 +60,7 @@ def _rotate(x1, x2, pos, inv_freq, rope_scale, ACCURATE: tl.constexpr):
 
 @triton.jit
 def _segments(seqlens_ptr, b, lq, sink, local, chunk, topk):
-    # (n, p0, mid_end, n_sink, K_eff) of sequence b, DESIGN.md section 2.
+    # (n, p0, mid_end, n_sink, K_eff) of sequence b, docs/design.md section 2.
     n = tl.load(seqlens_ptr + b)
     p0 = n - lq
     m = tl.maximum(p0 - local - sink, 0) // chunk
@@ -155,7 +155,7 @@ def _gather_attn_kernel(
     row0 = tile * BLOCK_M
     if row0 < n_rows:
         dtype = q_ptr.dtype.element_ty
-        # Segments of sequence b (DESIGN.md section 2) and this block's selection.
+        # Segments of sequence b (docs/design.md section 2) and this block's selection.
         n, p0, mid_end, n_sink, k_eff = _segments(seqlens_ptr, b, lq, sink, local, chunk, topk)
         idx_row = idx_ptr + b.to(tl.int64) * stride_ib + h * stride_ih + beta * stride_iblk
         offs_k = tl.arange(0, BLOCK_K)

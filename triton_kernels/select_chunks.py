@@ -2,7 +2,7 @@
 
 Stage 1 (scores): program (b, kv head h, chunk tile, query block beta) computes, for each of
 its TILE_C chunks, the max over the block's rows of the rep score, where the rows are the
-(query, q head of h's group) pairs of the block, row = i * G + g. Modes:
+(query, q head of h's group) pairs of the block, row = i * G + g. Reps:
   max   : q . k_t for every raw key of the chunk (tl.dot over token tiles), then a segmented
           max of the per-token maxima into the tile's chunk slots;
   bound : sum_d max(q_d kmin_d, q_d kmax_d) = max(q, 0) . kmax + min(q, 0) . kmin, two dots
@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-_MODES = {"max": 0, "bound": 1, "mean": 2}
+_REPS = {"max": 0, "bound": 1, "mean": 2}
 # Padding key: below every real key (a real key is >= -2^31 * 2^31).
 _PAD_KEY = -(2 ** 62) - 1
 # Top-k: level kernels sort segments of max(_SEG_MIN, 4*KP) keys; the final kernel takes rows
@@ -76,7 +76,7 @@ def _chunk_scores_kernel(q_ptr, k_ptr, reps_ptr, seqlens_ptr, scores_ptr,
                          stride_rb, stride_rh, stride_rj, stride_rs,
                          n_kv_heads, group, lq, query_block, n_blocks, n_tiles, n_cols,
                          head_dim, sink, local, chunk,
-                         MODE: tl.constexpr, TILE_C: tl.constexpr, BLOCK_M: tl.constexpr,
+                         REP: tl.constexpr, TILE_C: tl.constexpr, BLOCK_M: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
                          UPCAST: tl.constexpr):
     pid = tl.program_id(0)
@@ -97,7 +97,7 @@ def _chunk_scores_kernel(q_ptr, k_ptr, reps_ptr, seqlens_ptr, scores_ptr,
         n_rows = group * tl.minimum(query_block, lq - q_row0)
         qb_ptr = q_ptr + b.to(tl.int64) * stride_qb
         head0 = h * group
-        if MODE == 0:
+        if REP == 0:
             kb_ptr = k_ptr + b.to(tl.int64) * stride_kb + h * stride_kh
             t_start = sink + c0 * chunk
             t_end = sink + tl.minimum(c0 + TILE_C, m_chunks) * chunk
@@ -123,7 +123,7 @@ def _chunk_scores_kernel(q_ptr, k_ptr, reps_ptr, seqlens_ptr, scores_ptr,
             rb_ptr = reps_ptr + b.to(tl.int64) * stride_rb + h * stride_rh \
                 + offs_c.to(tl.int64)[:, None] * stride_rj + offs_d[None, :]
             r_mask = (offs_c < m_chunks)[:, None] & (offs_d < head_dim)[None, :]
-            if MODE == 1:
+            if REP == 1:
                 kmin = tl.load(rb_ptr, mask=r_mask, other=0.0)
                 kmax = tl.load(rb_ptr + stride_rs, mask=r_mask, other=0.0)
             else:
@@ -131,7 +131,7 @@ def _chunk_scores_kernel(q_ptr, k_ptr, reps_ptr, seqlens_ptr, scores_ptr,
             for row0 in range(0, n_rows, BLOCK_M):
                 qr, r_ok = _load_query_rows(qb_ptr, row0, n_rows, group, q_row0, head0,
                                             stride_qh, stride_ql, offs_d, head_dim, BLOCK_M)
-                if MODE == 1:
+                if REP == 1:
                     # Split q by sign in fp32 (exact) and back: no bf16 arithmetic needed.
                     qf = qr.to(tl.float32)
                     s = _dot(tl.maximum(qf, 0.0).to(qr.dtype), tl.trans(kmax), IEEE, UPCAST)
@@ -191,7 +191,7 @@ def _topk_final_kernel(src_ptr, seqlens_ptr, idx_ptr, src_len, rows_per_batch, l
              mask=rank < topk)
 
 
-def _score_config(mode: str, n_rows: int, head_dim: int, fp32: bool, on_gpu: bool, n_cols: int):
+def _score_config(rep: str, n_rows: int, head_dim: int, fp32: bool, on_gpu: bool, n_cols: int):
     """(TILE_C, BLOCK_M, BLOCK_N, num_warps) for the scoring kernel.
 
     GPU: tiles of 64 reps (32 at D=256 or fp32) or 16 chunks of raw keys in 64-token steps
@@ -204,7 +204,7 @@ def _score_config(mode: str, n_rows: int, head_dim: int, fp32: bool, on_gpu: boo
     if not on_gpu:
         return min(1024, triton.next_power_of_2(n_cols)), min(128, rows), 128, 4
     block_m = min(32 if fp32 else 128, rows)
-    if mode == "max":
+    if rep == "max":
         tile_c, block_n = 16, (32 if fp32 else 64)
     else:
         tile_c, block_n = (32 if fp32 or head_dim > 128 else 64), 16
@@ -214,7 +214,7 @@ def _score_config(mode: str, n_rows: int, head_dim: int, fp32: bool, on_gpu: boo
 @triton_op("reattention::select_chunks_triton", mutates_args=())
 def select_chunks_triton(q: torch.Tensor, k_cache: torch.Tensor, reps: Optional[torch.Tensor],
                          cache_seqlens: torch.Tensor, sink: int, local: int, chunk: int,
-                         topk: int, mode: str, query_block: int) -> torch.Tensor:
+                         topk: int, rep: str, query_block: int) -> torch.Tensor:
     """Top-k middle chunks per (batch, kv head, query block) (Triton).
 
     Parameters
@@ -222,8 +222,8 @@ def select_chunks_triton(q: torch.Tensor, k_cache: torch.Tensor, reps: Optional[
     q : [B, Hq, Lq, D] raw queries; k_cache : [B, Hkv, Nmax, D] raw keys (read for "max").
     reps : "bound" [B, Hkv, n_chunks, 2, D], "mean" [B, Hkv, n_chunks, D], None for "max".
     cache_seqlens : int32 [B] on q's device.
-    sink, local, chunk, topk, query_block : DESIGN.md section 2; topk <= 256 is tuned for.
-    mode : "max", "bound" or "mean".
+    sink, local, chunk, topk, query_block : docs/design.md section 2; topk <= 256 is tuned for.
+    rep : "max", "bound" or "mean".
 
     Returns
     -------
@@ -234,10 +234,10 @@ def select_chunks_triton(q: torch.Tensor, k_cache: torch.Tensor, reps: Optional[
     >>> idx = torch.ops.reattention.select_chunks_triton(q, k, None, lens, 64, 4096, 64, 32,
     ...                                                  "max", 128)
     """
-    if mode not in _MODES:
-        raise ValueError(f"mode must be 'max', 'bound' or 'mean', got {mode!r}")
-    if mode != "max" and reps is None:
-        raise ValueError(f"reps must be given for mode {mode!r}")
+    if rep not in _REPS:
+        raise ValueError(f"rep must be 'max', 'bound' or 'mean', got {rep!r}")
+    if rep != "max" and reps is None:
+        raise ValueError(f"reps must be given for rep {rep!r}")
     b, hq, lq, d = q.shape
     hkv, nmax = k_cache.shape[1], k_cache.shape[2]
     if d > 256:
@@ -253,19 +253,19 @@ def select_chunks_triton(q: torch.Tensor, k_cache: torch.Tensor, reps: Optional[
         raise ValueError("select_chunks_triton needs q, k_cache, reps contiguous in the head dim")
     on_gpu = q.device.type == "cuda"
     n_rows = group * min(query_block, lq)
-    tile_c, block_m, block_n, warps = _score_config(mode, n_rows, d, q.dtype == torch.float32,
+    tile_c, block_m, block_n, warps = _score_config(rep, n_rows, d, q.dtype == torch.float32,
                                                    on_gpu, n_cols)
     n_tiles = triton.cdiv(n_cols, tile_c)
     scores = torch.empty((b, hkv, n_blocks, n_cols), dtype=torch.float32, device=q.device)
     r = reps if reps is not None else q  # any tensor: the pointer is unused for "max"
     r_strides = (0, 0, 0, 0) if reps is None else (
-        reps.stride(0), reps.stride(1), reps.stride(2), reps.stride(3) if mode == "bound" else 0)
+        reps.stride(0), reps.stride(1), reps.stride(2), reps.stride(3) if rep == "bound" else 0)
     wrap_triton(_chunk_scores_kernel)[(n_blocks * n_tiles * b * hkv,)](
         q, k_cache, r, cache_seqlens, scores,
         q.stride(0), q.stride(1), q.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), *r_strides,
         hkv, group, lq, query_block, n_blocks, n_tiles, n_cols, d, sink, local, chunk,
-        MODE=_MODES[mode], TILE_C=tile_c, BLOCK_M=block_m, BLOCK_N=block_n,
+        REP=_REPS[rep], TILE_C=tile_c, BLOCK_M=block_m, BLOCK_N=block_n,
         BLOCK_D=max(16, triton.next_power_of_2(d)), IEEE=q.dtype == torch.float32,
         UPCAST=not on_gpu, num_warps=warps)
 
@@ -290,7 +290,7 @@ def select_chunks_triton(q: torch.Tensor, k_cache: torch.Tensor, reps: Optional[
 
 
 @select_chunks_triton.register_fake
-def _select_chunks_triton_fake(q, k_cache, reps, cache_seqlens, sink, local, chunk, topk, mode,
+def _select_chunks_triton_fake(q, k_cache, reps, cache_seqlens, sink, local, chunk, topk, rep,
                                query_block):
     n_blocks = -(-q.shape[2] // query_block)
     return q.new_empty((q.shape[0], k_cache.shape[1], n_blocks, topk), dtype=torch.int32)
