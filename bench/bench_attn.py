@@ -1,4 +1,4 @@
-"""How fast is one ReAttention layer against dense attention? (DESIGN.md section 5)
+"""How fast is one ReAttention layer against dense attention? (docs/design.md section 5)
 
 Shapes: bf16, B=1, Hq=32, Hkv=8, D=128, sink 64, chunk 64, topk 32, local 4096.
 Rows, each timed as the median of repeated CUDA-event timings in ONE run beside its baselines:
@@ -7,8 +7,10 @@ Rows, each timed as the median of repeated CUDA-event timings in ONE run beside 
            baselines dense SDPA, FlexAttention on the same block mask (selection excluded,
            RoPE excluded), and the naive PyTorch composition (mean reps, topk, gather, RoPE, SDPA).
   select   exact ("max") selection for 128 queries over 1M keys.
-  prefill  a 4096-query block at 1M, selection included (eager), against FlexAttention on the
-           same block mask and dense SDPA.
+  prefill  a 4096-query call at 1M (32 query blocks of 128), selection included (eager),
+           against FlexAttention on the same block mask, dense SDPA over the whole cache, and
+           dense SDPA over as many keys as one query block attends to at most (no selection):
+           the attention floor a block should approach.
   chunked  a whole 1M-token prefill of one layer in 4096-token steps (selection included).
 Achieved TB/s counts the bytes a step must read; TFLOP/s counts 4*Lq*keys*D*Hq for attention.
 
@@ -76,11 +78,12 @@ def make_cache(n: int, seed: int = 0):
 
 
 def mid_chunks(n: int, lq: int) -> int:
-    return reattention.reference.segments(n, lq, SINK, LOCAL, CHUNK)[2]
+    return reattention.layout.segments(n, lq, SINK, LOCAL, CHUNK)[2]
 
 
 def scope(lq: int) -> int:
-    return SINK + TOPK * CHUNK + LOCAL + lq
+    """Keys a query block attends to at most (contract v2), whatever the call's Lq."""
+    return reattention.layout.scope(SINK, LOCAL, CHUNK, TOPK, min(lq, QB))
 
 
 def decode_bytes(n: int, rep: str) -> int:
@@ -118,9 +121,7 @@ def flex_setup(idx: torch.Tensor, n: int, lq: int):
     """A FlexAttention block mask equal to ReAttention's key set (original positions)."""
     from torch.nn.attention.flex_attention import BlockMask
     p0 = n - lq
-    m = mid_chunks(n, lq)
-    mid_end = SINK + m * CHUNK
-    assert SINK % CHUNK == 0 and mid_end % CHUNK == 0
+    assert SINK % CHUNK == 0
     n_qb = -(-lq // QB)
     width = -(-n // CHUNK)  # one column per KV block of the cache (torch 2.11 sizes by it)
     full = torch.zeros(1, HQ, n_qb, width, dtype=torch.int32, device=idx.device)
@@ -129,10 +130,10 @@ def flex_setup(idx: torch.Tensor, n: int, lq: int):
     n_part = torch.zeros_like(n_full)
     dev = idx.device
     sink_blocks = torch.arange(SINK // CHUNK, device=dev)
-    for beta in range(n_qb):
+    for beta, (s, e) in enumerate(reattention.layout.query_blocks(lq, QB)):
         sel = idx[0, :, beta].long() + SINK // CHUNK  # [HKV, TOPK] kv block ids
-        q_lo = p0 + beta * QB
-        q_hi = min(n, p0 + (beta + 1) * QB)
+        mid_end = reattention.layout.block_segments(n, lq, s, e, SINK, LOCAL, CHUNK).mid_end
+        q_lo, q_hi = p0 + s, p0 + e
         # Blocks wholly before the block's first query are fully visible; the rest are causal.
         local_full = torch.arange(mid_end // CHUNK, q_lo // CHUNK, device=dev)
         diag = torch.arange(q_lo // CHUNK, -(-q_hi // CHUNK), device=dev)
@@ -233,6 +234,11 @@ def run(backends: list[str], lengths: list[int], quick: bool) -> dict:
     dense_ms = timed_row(lambda: lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True),
                          False, lambda ms: dict(tflops=4 * lq * n * D * HQ / ms / 1e9),
                          kind="prefill", n=n, lq=lq, method="sdpa(dense, no causal tail)")
+    ks, vs = k[:, :, :scope(lq)].contiguous(), v[:, :, :scope(lq)].contiguous()
+    timed_row(lambda: lambda: F.scaled_dot_product_attention(q, ks, vs, enable_gqa=True), False,
+              lambda ms: dict(tflops=flops / ms / 1e9), kind="prefill", n=n, lq=lq,
+              method=f"sdpa(dense over {scope(lq)} keys, no selection)")
+    del ks, vs
 
     def flex_prefill():
         idx = reattention.select_chunks(q, k, lens, reps=reps, sink=SINK, local=LOCAL,

@@ -38,7 +38,7 @@ def run(backends: list[str], n: int) -> dict:
             for r in ("bound", "mean")}
     for rep, lq in SHAPES:
         q = torch.randn(B, HQ, lq, D, device="cuda", dtype=DTYPE)
-        m = reattention.reference.segments(n, lq, SINK, LOCAL, CHUNK)[2]
+        m = reattention.layout.segments(n, lq, SINK, LOCAL, CHUNK)[2]
         cols, vec = {"max": (m * CHUNK, D), "bound": (m, 2 * D), "mean": (m, D)}[rep]
         flop = 2 * HQ * lq * cols * vec
         for be in backends:

@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from . import ops, reference
+from . import layout, ops, reference
 from .ops import available_backends, chunk_reps, gather_attention, select_chunks, set_device_checks
 from .rope import default_inv_freq, shared_inv_freq
 
@@ -34,14 +34,15 @@ __version__ = "0.1.0"
 class ReAttentionConfig:
     """Segment and selection settings shared by the op, the cache and the HF integration.
 
-    The attention scope is ``sink + topk * chunk + local`` keys plus the queries, however
-    long the cache grows.
+    A query block attends to at most ``scope = sink + topk*chunk + local + chunk +
+    query_block`` keys (its own queries included), however long the cache grows and however
+    many queries a call holds; compact positions stay below it.
 
     Example
     -------
-    >>> cfg = ReAttentionConfig(sink=16, local=96, chunk=32, topk=4)
+    >>> cfg = ReAttentionConfig(sink=16, local=96, chunk=32, topk=4, query_block=64)
     >>> cfg.scope
-    240
+    336
     """
 
     sink: int = 64
@@ -81,8 +82,9 @@ class ReAttentionConfig:
 
     @property
     def scope(self) -> int:
-        """Keys a query block sees at most, queries excluded."""
-        return self.sink + self.topk * self.chunk + self.local
+        """Keys a query block attends to at most, its queries included (docs/design.md
+        section 2)."""
+        return layout.scope(self.sink, self.local, self.chunk, self.topk, self.query_block)
 
 
 def reattention_attn(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -20,7 +20,7 @@ import math
 
 import torch
 
-from . import ReAttentionConfig, ops, reattention_attn, reference
+from . import ReAttentionConfig, layout, ops, reattention_attn, reference
 
 __all__ = ["LayerCache", "KVCache"]
 
@@ -113,7 +113,7 @@ class LayerCache:
     def _new_reps(self, like: torch.Tensor) -> torch.Tensor | None:
         if self.config.rep == "max":
             return None
-        return reference.new_reps(like, self.config.sink, self.config.chunk, self.config.rep)
+        return layout.new_reps(like, self.config.sink, self.config.chunk, self.config.rep)
 
     # ------------------------------------------------------------------ allocation
     def allocate(self, batch: int, heads: int, head_dim: int, dtype: torch.dtype,

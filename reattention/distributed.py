@@ -61,7 +61,8 @@ import torch
 import torch.distributed as dist
 
 from . import ReAttentionConfig, ops, reference
-from .reference import apply_rope, segments
+from .layout import segments
+from .reference import apply_rope
 from .rope import shared_inv_freq
 
 __all__ = [

@@ -76,19 +76,20 @@ class _State:
 def _warn_scope(state: _State, n: int, lq: int) -> None:
     """Warn once when re-assigned positions can leave the model's trained range.
 
-    Under compact positions the last query sits below sink + topk*chunk + (N - mid_end),
-    and N - mid_end < local + chunk + Lq; with N tokens in all it is also below N.
+    Under compact positions a query of a block sits below sink + topk*chunk + local + chunk +
+    the block's queries (docs/design.md section 2), whatever the call's Lq; with N tokens in
+    all it is also below N. So a large prefill chunk_size is as safe as a small one.
     """
     cfg = state.config
-    reach = min(n, cfg.scope + cfg.chunk + lq)
+    reach = min(n, cfg.scope if lq >= cfg.query_block else cfg.scope - cfg.query_block + lq)
     if state.warned_scope or reach <= state.trained_length:
         return
     state.warned_scope = True
     warnings.warn(
         f"reattention: positions reach {reach} > the model's trained length "
         f"{state.trained_length} (sink {cfg.sink} + topk*chunk {cfg.topk * cfg.chunk} + local "
-        f"{cfg.local} + chunk {cfg.chunk} + {lq} queries); use smaller local/topk or a "
-        f"smaller prefill chunk_size", stacklevel=3)
+        f"{cfg.local} + chunk {cfg.chunk} + {min(lq, cfg.query_block)} queries of a block); "
+        f"use a smaller local, topk, chunk or query_block", stacklevel=3)
 
 
 def _attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,

@@ -26,7 +26,7 @@ import warnings
 
 import torch
 
-from . import reference
+from . import layout, reference
 
 BACKENDS = ("auto", "cuda", "triton", "cpu", "reference")
 REP_MODES = ("max", "bound", "mean")
@@ -253,11 +253,11 @@ def check_params(*, sink: int, chunk: int, local: int | None = None, topk: int |
         _need(is_int(value) and value >= low, f"{name} must be an int >= {low}, got {value!r}")
 
 
-reps_shape = reference.reps_shape
+reps_shape = layout.reps_shape
 
 
 def check_reps(reps, k_cache: torch.Tensor, *, lq: int, sink: int, local: int, chunk: int,
-               rep: str) -> None:
+               rep: str, query_block: int = 1) -> None:
     """Check user-given reps against the cache; "max" takes none."""
     if rep == "max":
         _need(reps is None, "reps must be None with rep='max' (it scores the raw keys)")
@@ -271,7 +271,8 @@ def check_reps(reps, k_cache: torch.Tensor, *, lq: int, sink: int, local: int, c
           f"{'2, ' if rep == 'bound' else ''}{d}], got {tuple(reps.shape)}")
     _need(reps.dtype == k_cache.dtype, f"reps dtype {reps.dtype} must match k_cache {k_cache.dtype}")
     _need(reps.device == k_cache.device, f"reps is on {reps.device} but k_cache on {k_cache.device}")
-    most = max(0, nmax - lq - local - sink) // chunk
+    # The call's last block has the most middle chunks (contract v2).
+    most = layout.max_middle_chunks(nmax, lq, query_block, sink, local, chunk)
     _need(reps.shape[2] >= most,
           f"reps holds {reps.shape[2]} chunks but the cache can have {most} middle chunks")
 
@@ -389,7 +390,7 @@ def chunk_reps(k_cache: torch.Tensor, cache_seqlens: torch.Tensor | None = None,
           f"start_chunk must be an int >= 0, got {start_chunk!r}")
     seqlens = check_seqlens(cache_seqlens, k_cache, 0)
     if reps is None:
-        reps = reference.new_reps(k_cache, sink, chunk, rep)
+        reps = layout.new_reps(k_cache, sink, chunk, rep)
     else:
         check_reps(reps, k_cache, lq=1, sink=sink, local=0, chunk=chunk, rep=rep)
     k_cache = k_cache.contiguous()
@@ -433,7 +434,8 @@ def select_chunks(q: torch.Tensor, k_cache: torch.Tensor,
     _check_choice("rep", rep, REP_MODES)
     seqlens = check_seqlens(cache_seqlens, k_cache, q.shape[2])
     if reps is not None or rep == "max":
-        check_reps(reps, k_cache, lq=q.shape[2], sink=sink, local=local, chunk=chunk, rep=rep)
+        check_reps(reps, k_cache, lq=q.shape[2], sink=sink, local=local, chunk=chunk, rep=rep,
+                   query_block=query_block)
     be = resolve_backend(backend, q)
     if reps is None and rep != "max":
         reps = chunk_reps(k_cache, seqlens, sink=sink, chunk=chunk, rep=rep, backend=be)
@@ -474,9 +476,9 @@ def check_idx(idx, q: torch.Tensor, k_cache: torch.Tensor, query_block: int) -> 
 
 
 def check_idx_values(idx: torch.Tensor, seqlens: torch.Tensor, lq: int, *, sink: int,
-                     local: int, chunk: int) -> None:
-    """Every entry of a host-resident idx is -1 or a middle chunk j < M_b of its sequence,
-    and the -1 padding of each row comes last.
+                     local: int, chunk: int, query_block: int) -> None:
+    """Every entry of a host-resident idx is -1 or a middle chunk j < M of its sequence and
+    query block, and the -1 padding of each row comes last.
 
     An out-of-range j would gather tokens outside the middle (the local window twice, or past
     the cache) and -2 would be skipped as padding, silently. Device tensors are not read
@@ -485,12 +487,15 @@ def check_idx_values(idx: torch.Tensor, seqlens: torch.Tensor, lq: int, *, sink:
     """
     if idx.device.type != "cpu" or idx.numel() == 0 or _values_checked.get():
         return
-    m = (seqlens.to(torch.int64) - lq - local - sink).clamp(min=0) // chunk  # [B]
-    bad = (idx < -1) | (idx >= m[:, None, None, None])
+    m = torch.tensor([[layout.block_segments(n, lq, s, e, sink, local, chunk).n_mid
+                       for s, e in layout.query_blocks(lq, query_block)]
+                      for n in seqlens.tolist()], dtype=torch.int64).reshape(idx.shape[0], 1, -1, 1)
+    bad = (idx < -1) | (idx >= m)
     if bool(bad.any()):
         where = tuple(int(x) for x in bad.nonzero()[0])
         raise ValueError(f"idx{list(where)}={int(idx[where])} must be -1 or a middle chunk of "
-                         f"sequence {where[0]}, which has M={int(m[where[0]])} chunks")
+                         f"sequence {where[0]} and query block {where[2]}, which has "
+                         f"M={int(m[where[0], 0, where[2], 0])} chunks")
     # -1 pads the end of a row: the Triton kernel takes the first (idx >= 0).sum() entries.
     early = (idx[..., :-1] < 0) & (idx[..., 1:] >= 0)
     if bool(early.any()):
@@ -531,7 +536,8 @@ def gather_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     inv_freq, scale = check_attention_args(q, inv_freq, scale, rope_scale, rope_style, positions)
     check_idx(idx, q, k_cache, query_block)
     seqlens = check_seqlens(cache_seqlens, k_cache, q.shape[2])
-    check_idx_values(idx, seqlens, q.shape[2], sink=sink, local=local, chunk=chunk)
+    check_idx_values(idx, seqlens, q.shape[2], sink=sink, local=local, chunk=chunk,
+                     query_block=query_block)
     be = resolve_backend(backend, q)
     q, k_cache, v_cache, idx = (t.contiguous() for t in (q, k_cache, v_cache, idx))
     if be == "reference":

@@ -1,18 +1,19 @@
 """ReAttention in plain PyTorch: the specification every backend is tested against.
 
-This module is DESIGN.md section 2 written as code. It is short and obvious on purpose and
-never optimized: loops over (batch, kv head, query block) and dense math inside. All
-arithmetic runs in float32 (float64 when the inputs are float64, so invariants can be
+This module is docs/design.md section 2 (contract v2) written as code. It is short and obvious
+on purpose and never optimized: loops over (batch, kv head, query block) and dense math inside.
+All arithmetic runs in float32 (float64 when the inputs are float64, so invariants can be
 checked to 1e-10); outputs are cast back to the query dtype.
 
-Per sequence b with N valid tokens, Lq queries and P0 = N - Lq (the first query's position):
+Every query block is handled as a call of its own (:func:`reattention.layout.block_segments`):
+block beta, with queries at P0..P1, sees the keys [0, P1] split into
 
-    sink   = [0, min(S, N))
+    sink   = [0, min(S, P1 + 1))
     middle = [S, mid_end),  mid_end = S + C * floor(max(0, P0 - W - S) / C)   (M whole chunks)
-    local  = [mid_end, N)
+    local  = [mid_end, P1]
 
-Each query block selects K_eff = min(topk, M) chunks of the middle by a position-agnostic
-score, then attends over [sink | selected chunks | local] with RoPE at re-assigned positions.
+selects K_eff = min(topk, M) chunks of its middle by a position-agnostic score, then attends
+over [sink | selected chunks | local] with RoPE at re-assigned positions.
 """
 from __future__ import annotations
 
@@ -20,8 +21,9 @@ import math
 
 import torch
 
+from .layout import block_segments, new_reps, query_blocks, segments
+
 __all__ = [
-    "segments",
     "rope_angles",
     "apply_rope",
     "chunk_reps_ref",
@@ -29,24 +31,7 @@ __all__ = [
     "select_chunks_ref",
     "gather_attention_ref",
     "reattention_attn_ref",
-    "reps_shape",
-    "new_reps",
 ]
-
-
-def segments(n: int, lq: int, sink: int, local: int, chunk: int) -> tuple[int, int, int]:
-    """Split a sequence of ``n`` tokens whose last ``lq`` are queries.
-
-    Returns
-    -------
-    (sink_len, mid_end, n_mid_chunks)
-        ``sink_len = min(sink, n)``; the middle is ``[sink, mid_end)`` made of
-        ``n_mid_chunks`` whole chunks; the local window is ``[mid_end, n)`` (empty when
-        ``n <= mid_end``).
-    """
-    p0 = n - lq
-    m = max(0, p0 - local - sink) // chunk
-    return min(sink, n), sink + chunk * m, m
 
 
 def _acc_dtype(t: torch.Tensor) -> torch.dtype:
@@ -106,7 +91,7 @@ def _seqlens(cache_seqlens: torch.Tensor | None, batch: int, nmax: int) -> list[
 
 
 def chunk_reps_ref(k_cache: torch.Tensor, cache_seqlens: torch.Tensor | None, reps: torch.Tensor,
-                   sink: int, chunk: int, mode: str, start_chunk: int = 0) -> None:
+                   sink: int, chunk: int, rep: str, start_chunk: int = 0) -> None:
     """Fill chunk representatives in place for the complete chunks ``j >= start_chunk``.
 
     k_cache : [B, Hkv, Nmax, D] raw keys.
@@ -122,21 +107,33 @@ def chunk_reps_ref(k_cache: torch.Tensor, cache_seqlens: torch.Tensor | None, re
             continue
         toks = k_cache[b, :, sink + start_chunk * chunk: sink + end * chunk]
         toks = toks.reshape(h_, end - start_chunk, chunk, d)
-        if mode == "bound":
+        if rep == "bound":
             reps[b, :, start_chunk:end, 0] = toks.amin(dim=2)
             reps[b, :, start_chunk:end, 1] = toks.amax(dim=2)
-        elif mode == "mean":
+        elif rep == "mean":
             acc = toks.to(_acc_dtype(toks)).sum(dim=2) / chunk
             reps[b, :, start_chunk:end] = acc.to(reps.dtype)
         else:
-            raise ValueError(f"mode must be 'bound' or 'mean' for chunk_reps, got {mode!r}")
+            raise ValueError(f"rep must be 'bound' or 'mean' for chunk_reps, got {rep!r}")
 
 
-def _block_ranges(lq: int, query_block: int) -> list[tuple[int, int]]:
-    return [(s, min(lq, s + query_block)) for s in range(0, lq, query_block)]
+def _dot(qs: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """``qs @ cols^T`` as a plain sum over d in index order: [..., R, D] x [..., K, D] ->
+    [..., R, K].
+
+    Not a GEMM on purpose: a GEMM library rounds its edge tiles differently, so bit-identical
+    columns (the raw keys of a repeated token) could score differently and break the tie rule
+    (docs/design.md section 2). Here every (row, column) pair runs the same float ops in the
+    same order.
+    """
+    out = qs.new_zeros(qs.shape[:-1] + cols.shape[-2:-1])
+    qt, ct = qs.movedim(-1, 0).contiguous(), cols.movedim(-1, 0).contiguous()  # d first
+    for d in range(qs.shape[-1]):
+        out += qt[d][..., :, None] * ct[d][..., None, :]
+    return out
 
 
-def rep_scores(qs: torch.Tensor, cols: torch.Tensor, mode: str, chunk: int) -> torch.Tensor:
+def rep_scores(qs: torch.Tensor, cols: torch.Tensor, rep: str, chunk: int) -> torch.Tensor:
     """Score of every (row, chunk) pair before the max over rows.
 
     Parameters
@@ -148,21 +145,25 @@ def rep_scores(qs: torch.Tensor, cols: torch.Tensor, mode: str, chunk: int) -> t
     Returns
     -------
     [..., R, M]: "max" max_t q.k_t over the chunk's keys, "bound" sum_d max(q_d kmin_d,
-    q_d kmax_d), "mean" q.mean.
+    q_d kmax_d), "mean" q.mean. A chunk's score depends only on its own data.
     """
-    if mode == "max":
-        return (qs @ cols.transpose(-1, -2)).unflatten(-1, (-1, chunk)).amax(-1)
-    if mode == "bound":
-        qd = qs[..., :, None, :]
-        return torch.maximum(qd * cols[..., None, :, 0, :], qd * cols[..., None, :, 1, :]).sum(-1)
-    if mode == "mean":
-        return qs @ cols.transpose(-1, -2)
-    raise ValueError(f"mode must be 'max', 'bound' or 'mean', got {mode!r}")
+    if rep == "max":
+        return _dot(qs, cols).unflatten(-1, (-1, chunk)).amax(-1)
+    if rep == "bound":
+        out = qs.new_zeros(qs.shape[:-1] + cols.shape[-3:-2])
+        qt, ct = qs.movedim(-1, 0).contiguous(), cols.movedim(-1, 0).contiguous()  # d first
+        for d in range(qs.shape[-1]):
+            qd = qt[d][..., :, None]
+            out += torch.maximum(qd * ct[d][..., None, :, 0], qd * ct[d][..., None, :, 1])
+        return out
+    if rep == "mean":
+        return _dot(qs, cols)
+    raise ValueError(f"rep must be 'max', 'bound' or 'mean', got {rep!r}")
 
 
 def chunk_scores_ref(q: torch.Tensor, k_cache: torch.Tensor, reps: torch.Tensor | None,
                      cache_seqlens: torch.Tensor | None, sink: int, local: int, chunk: int,
-                     mode: str, query_block: int) -> torch.Tensor:
+                     rep: str, query_block: int) -> torch.Tensor:
     """Position-agnostic chunk scores.
 
     score[b, h, beta, j] = max over the q heads of kv head h and the queries of block beta of
@@ -171,54 +172,57 @@ def chunk_scores_ref(q: torch.Tensor, k_cache: torch.Tensor, reps: torch.Tensor 
 
     Returns
     -------
-    float32 (float64 for float64 inputs) [B, Hkv, n_blocks, n_cols], n_cols = max M_b over
-    the batch; ``-inf`` where chunk j is not a middle chunk of sequence b.
+    float32 (float64 for float64 inputs) [B, Hkv, n_blocks, n_cols], n_cols = the largest M of
+    any block of any sequence; ``-inf`` where chunk j is not in the middle of block beta.
     """
     b_, hq, lq, d = q.shape
     hkv, nmax = k_cache.shape[1], k_cache.shape[2]
     g = hq // hkv
     acc = _acc_dtype(q)
     lens = _seqlens(cache_seqlens, b_, nmax)
-    ms = [segments(n, lq, sink, local, chunk)[2] for n in lens]
-    blocks = _block_ranges(lq, query_block)
-    out = torch.full((b_, hkv, len(blocks), max(ms, default=0)), -math.inf, dtype=acc,
-                     device=q.device)
-    for b, m in enumerate(ms):
-        if m == 0:
-            continue
+    blocks = query_blocks(lq, query_block)
+    ms = [[block_segments(n, lq, s, e, sink, local, chunk).n_mid for s, e in blocks]
+          for n in lens]
+    out = torch.full((b_, hkv, len(blocks), max((max(m) for m in ms), default=0)), -math.inf,
+                     dtype=acc, device=q.device)
+    for b, m_of_block in enumerate(ms):
         for h in range(hkv):
-            # [M*C, D] raw keys of the middle, or the first M reps
-            cols = (k_cache[b, h, sink: sink + m * chunk] if mode == "max" else reps[b, h, :m])
-            cols = cols.to(acc)
-            for beta, (s, e) in enumerate(blocks):
+            for beta, ((s, e), m) in enumerate(zip(blocks, m_of_block)):
+                if m == 0:
+                    continue
+                # [M*C, D] raw keys of the block's middle, or its first M reps
+                cols = k_cache[b, h, sink: sink + m * chunk] if rep == "max" else reps[b, h, :m]
                 qs = q[b, h * g:(h + 1) * g, s:e].reshape(-1, d).to(acc)  # [G*nq, D]
-                out[b, h, beta, :m] = rep_scores(qs, cols, mode, chunk).amax(dim=0)
+                out[b, h, beta, :m] = rep_scores(qs, cols.to(acc), rep, chunk).amax(dim=0)
     return out
 
 
 def select_chunks_ref(q: torch.Tensor, k_cache: torch.Tensor, reps: torch.Tensor | None,
                       cache_seqlens: torch.Tensor | None, sink: int, local: int, chunk: int,
-                      topk: int, mode: str, query_block: int) -> torch.Tensor:
+                      topk: int, rep: str, query_block: int) -> torch.Tensor:
     """Top-k middle chunks per (batch, kv head, query block).
 
     Returns
     -------
-    int32 [B, Hkv, n_blocks, topk]: the K_eff = min(topk, M_b) best chunk indices (ties to
-    the lower index) sorted ascending, padded with -1.
+    int32 [B, Hkv, n_blocks, topk]: the K_eff = min(topk, M) best chunk indices of each block's
+    own middle (ties to the lower index) sorted ascending, padded with -1.
     """
-    scores = chunk_scores_ref(q, k_cache, reps, cache_seqlens, sink, local, chunk, mode,
+    scores = chunk_scores_ref(q, k_cache, reps, cache_seqlens, sink, local, chunk, rep,
                               query_block)
     b_, hkv, nb, _ = scores.shape
+    lq = q.shape[2]
     lens = _seqlens(cache_seqlens, b_, k_cache.shape[2])
     idx = torch.full((b_, hkv, nb, topk), -1, dtype=torch.int32, device=q.device)
     for b, n in enumerate(lens):
-        m = segments(n, q.shape[2], sink, local, chunk)[2]
-        k_eff = min(topk, m)
-        if k_eff == 0:
-            continue
-        # A stable descending sort keeps equal scores in index order: ties go low.
-        order = torch.sort(scores[b, :, :, :m], dim=-1, descending=True, stable=True).indices
-        idx[b, :, :, :k_eff] = order[..., :k_eff].sort(dim=-1).values.to(torch.int32)
+        for beta, (s, e) in enumerate(query_blocks(lq, query_block)):
+            m = block_segments(n, lq, s, e, sink, local, chunk).n_mid
+            k_eff = min(topk, m)
+            if k_eff == 0:
+                continue
+            # A stable descending sort keeps equal scores in index order: ties go low.
+            order = torch.sort(scores[b, :, beta, :m], dim=-1, descending=True,
+                               stable=True).indices
+            idx[b, :, beta, :k_eff] = order[..., :k_eff].sort(dim=-1).values.to(torch.int32)
     return idx
 
 
@@ -252,20 +256,22 @@ def gather_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     out = torch.empty(b_, hq, lq, d, dtype=acc, device=dev)
     lse = torch.empty(b_, hq, lq, dtype=acc, device=dev)
     for b, n in enumerate(_seqlens(cache_seqlens, b_, nmax)):
-        sink_len, mid_end, _ = segments(n, lq, sink, local, chunk)
         p0 = n - lq
-        for h in range(hkv):
-            for beta, (s, e) in enumerate(_block_ranges(lq, query_block)):
+        for beta, (s, e) in enumerate(query_blocks(lq, query_block)):
+            # The block sees the keys [0, P1], P1 = p0 + e - 1, with segments of its own.
+            sink_len, mid_end, _ = block_segments(n, lq, s, e, sink, local, chunk)
+            end = p0 + e
+            q_pos = torch.arange(p0 + s, end, device=dev)
+            for h in range(hkv):
                 sel = [int(j) for j in idx[b, h, beta].tolist() if j >= 0]
                 key_pos = torch.cat([
                     torch.arange(sink_len),
                     *[torch.arange(sink + j * chunk, sink + (j + 1) * chunk) for j in sel],
-                    torch.arange(mid_end, max(mid_end, n)),  # empty when N < sink
+                    torch.arange(mid_end, max(mid_end, end)),  # empty when P1 < S
                 ]).to(dev)
-                q_pos = torch.arange(p0 + s, p0 + e, device=dev)
                 if positions == "compact":
-                    # DESIGN: a query at P sits at (P - mid_end) + S + K_eff*C; with N < S
-                    # the sink is cut short and mid_end = S, so this is still P.
+                    # A query at P sits at (P - mid_end) + S + K_eff*C; when P1 < S the sink
+                    # is cut short and mid_end = S, so this is still P.
                     shift = sink + len(sel) * chunk - mid_end
                     k_rpos = torch.arange(key_pos.numel(), device=dev)
                     q_rpos = q_pos + shift
@@ -300,20 +306,3 @@ def reattention_attn_ref(q, k_cache, v_cache, cache_seqlens, inv_freq, *, sink, 
                                     local, chunk, query_block, scale, rope_scale, rope_style,
                                     positions)
     return out, lse, idx
-
-
-def reps_shape(k_cache: torch.Tensor, sink: int, chunk: int, mode: str) -> tuple[int, ...]:
-    """Shape of the representatives of ``k_cache`` [B, Hkv, Nmax, D].
-
-    "bound" -> [B, Hkv, n_chunks, 2, D], "mean" -> [B, Hkv, n_chunks, D], with
-    ``n_chunks = max(0, (Nmax - sink) // chunk)``.
-    """
-    b_, h_, nmax, d = k_cache.shape
-    n_chunks = max(0, nmax - sink) // chunk
-    return (b_, h_, n_chunks, 2, d) if mode == "bound" else (b_, h_, n_chunks, d)
-
-
-def new_reps(k_cache: torch.Tensor, sink: int, chunk: int, mode: str) -> torch.Tensor:
-    """Allocate an (uninitialised) reps tensor of :func:`reps_shape` in the cache's dtype and
-    device."""
-    return k_cache.new_empty(reps_shape(k_cache, sink, chunk, mode))

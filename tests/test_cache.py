@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import reattention
-from reattention import reference
+from reattention import layout, reference
 from reattention.cache import KVCache, LayerCache
 
 B, HKV, D = 2, 2, 16
@@ -39,7 +39,7 @@ def _feed(layer, k, v, sizes):
 
 
 def _full_reps(k, cfg):
-    reps = reference.new_reps(k, cfg.sink, cfg.chunk, cfg.rep)
+    reps = layout.new_reps(k, cfg.sink, cfg.chunk, cfg.rep)
     reference.chunk_reps_ref(k, None, reps, cfg.sink, cfg.chunk, cfg.rep, 0)
     return reps
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import reattention
-from reattention import reference
+from reattention import layout, reference
 from reattention.testing import make_inputs
 
 from cases import CASES, IDS
@@ -21,7 +21,7 @@ def test_chunk_reps(case, dtype, rep, backend):
     require(backend, k)
     reps = reattention.chunk_reps(k, lens, sink=case.sink, chunk=case.chunk, rep=rep,
                                   backend=backend)
-    want = reference.new_reps(k.cpu(), case.sink, case.chunk, rep).fill_(float("nan"))
+    want = layout.new_reps(k.cpu(), case.sink, case.chunk, rep).fill_(float("nan"))
     reference.chunk_reps_ref(k.cpu(), None if lens is None else lens.cpu(), want, case.sink,
                              case.chunk, rep, 0)
     done = ~want.isnan()  # only complete chunks are defined

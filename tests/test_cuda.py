@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import reattention
-from reattention import ops, reference
+from reattention import layout, ops, reference
 from reattention.testing import (Case, assert_close_rule, assert_selection_equivalent,
                                  lowp_attention, make_inputs)
 
@@ -92,7 +92,7 @@ def long_inputs(case: Case):
 def make_reps(k, lens, case, rep):
     if rep == "max":
         return None
-    reps = reference.new_reps(k, case.sink, case.chunk, rep)
+    reps = layout.new_reps(k, case.sink, case.chunk, rep)
     reference.chunk_reps_ref(k, lens, reps, case.sink, case.chunk, rep, 0)
     return reps
 
@@ -109,10 +109,10 @@ def triton_ready(name: str, like: torch.Tensor, case: Case) -> bool:
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_chunk_reps(case, dtype, rep):
     _, k, _, lens, _ = cuda_inputs(case, dtype)
-    got = reference.new_reps(k, case.sink, case.chunk, rep).fill_(float("nan"))
+    got = layout.new_reps(k, case.sink, case.chunk, rep).fill_(float("nan"))
     torch.ops.reattention.chunk_reps(k, ops.check_seqlens(lens, k, 1), got, case.sink,
                                      case.chunk, rep, 0)
-    want = reference.new_reps(k, case.sink, case.chunk, rep).fill_(float("nan"))
+    want = layout.new_reps(k, case.sink, case.chunk, rep).fill_(float("nan"))
     reference.chunk_reps_ref(k, lens, want, case.sink, case.chunk, rep, 0)
     # Incomplete chunks stay untouched (NaN) in both.
     assert torch.equal(got.isnan(), want.isnan())
@@ -127,13 +127,13 @@ def test_chunk_reps(case, dtype, rep):
 def test_chunk_reps_incremental(rep):
     case = Case(2, 2, 2, 1, 1000, 128, 5, 16, 16, 4, 1)
     _, k, _, _, _ = cuda_inputs(case, torch.bfloat16)
-    reps = reference.new_reps(k, 5, 16, rep).fill_(float("nan"))
+    reps = layout.new_reps(k, 5, 16, rep).fill_(float("nan"))
     short = torch.tensor([300, 37], dtype=torch.int32, device="cuda")
     torch.ops.reattention.chunk_reps(k, short, reps, 5, 16, rep, 0)
     before = reps.clone()
     full = torch.tensor([1000, 1000], dtype=torch.int32, device="cuda")
     torch.ops.reattention.chunk_reps(k, full, reps, 5, 16, rep, 18)  # (300 - 5) // 16 = 18
-    want = reference.new_reps(k, 5, 16, rep).fill_(float("nan"))
+    want = layout.new_reps(k, 5, 16, rep).fill_(float("nan"))
     reference.chunk_reps_ref(k, full, want, 5, 16, rep, 0)
     # Chunks below 18 keep what the first call wrote (NaN for sequence 1 beyond its 2).
     assert torch.equal(reps[:, :, :18].nan_to_num(), before[:, :, :18].nan_to_num())
@@ -251,7 +251,7 @@ def test_strided_cache_seqlens_on_direct_op_calls():
     ops_ = torch.ops.reattention
     args = (case.sink, case.local, case.chunk, case.topk, "bound", case.query_block)
     for name, lens_ in (("contiguous", lens), ("strided", strided)):
-        reps = reference.new_reps(k, case.sink, case.chunk, "bound").zero_()
+        reps = layout.new_reps(k, case.sink, case.chunk, "bound").zero_()
         ops_.chunk_reps(k, lens_, reps, case.sink, case.chunk, "bound", 0)
         idx = ops_.select_chunks(q, k, reps, lens_, *args)
         out, lse = ops_.gather_attention(q, k, v, lens_, idx, inv_freq, case.sink, case.local,
