@@ -71,9 +71,10 @@ def _score_dot(a, b, IEEE: tl.constexpr, INTERPRET: tl.constexpr):
     # fp16: tensor-core k-steps chained in a fixed order, and a tensor core treats every
     # element of its tile alike; fp32 "ieee": one fma per d, d = 0, 1, ... in order), so
     # element (m, n) is a function of a[m] and b[n] alone, wherever they sit in the tiles.
-    # Interpreter: tl.dot is numpy's matmul, i.e. BLAS, whose kernels sum the remainder
-    # rows/columns of a matrix in another order than the rest (seen: 34 identical chunks,
-    # chunk 8 picked before chunk 0). So there the products (exact for bf16/fp16, rounded once
+    # Interpreter: tl.dot is numpy's matmul, i.e. BLAS, and OpenBLAS's Haswell/Zen kernels (any
+    # AVX2 CPU) round columns 16 and on differently from the first 16 (seen: 34 identical
+    # chunks, chunk 8 picked before chunk 0; OPENBLAS_CORETYPE=Haswell shows it on any x86
+    # machine). So there the products (exact for bf16/fp16, rounded once
     # for fp32) go through tl.cumsum, numpy's add.accumulate, which is defined as the
     # sequential loop t = t + p_d: every element is (((p_0 + p_1) + p_2) + ...) in the same
     # order. The last prefix is picked out by a sum with zeros, which is exact.
