@@ -231,14 +231,14 @@ def _score_config(rep: str, n_rows: int, head_dim: int, fp32: bool, on_gpu: bool
     (32 for fp32) keep >= 2 programs per SM at batch 1 from ~128K tokens on; the sizes are the
     largest that compile for sm_90 without register spills (fp32 "ieee" dots keep both operands
     in registers, hence its smaller row tiles). Interpreter: one tile per row, since there each
-    program costs Python overhead, but no more reps per tile than keep _score_dot's
-    [BLOCK_M, TILE_C, BLOCK_D] products at 4M elements (the 128-token tiles of "max" do).
+    program costs Python overhead, with reps or token tiles small enough that _score_dot's
+    [BLOCK_M, TILE_C or BLOCK_N, BLOCK_D] products stay within Triton's 2^20-element limit.
     """
     rows = max(16, triton.next_power_of_2(n_rows))
     if not on_gpu:
         block_m = min(128, rows)
-        fit = (1 << 22) // (block_m * max(16, triton.next_power_of_2(head_dim)))
-        return min(1024, triton.next_power_of_2(n_cols), fit), block_m, 128, 4
+        fit = (1 << 20) // (block_m * max(16, triton.next_power_of_2(head_dim)))
+        return min(1024, triton.next_power_of_2(n_cols), fit), block_m, min(128, fit), 4
     block_m = min(32 if fp32 else 128, rows)
     if rep == "max":
         tile_c, block_n = 16, (32 if fp32 else 64)
