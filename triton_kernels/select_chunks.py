@@ -13,8 +13,8 @@ its TILE_C chunks, the max over the block's rows of the rep score, where the row
           (exact rewrite: q_d >= 0 picks kmax_d because kmax >= kmin);
   mean  : q . mean.
 Scores go to an fp32 buffer [B, Hkv, n_blocks, n_cols], -inf where j >= M_beta (not a middle
-chunk of block beta of sequence b). Query blocks vary fastest in the grid so a reps tile is read from memory
-once and reused from L2 by every block.
+chunk of block beta of sequence b). Query blocks vary fastest in the grid so a reps tile is read
+from memory once and reused from L2 by every block.
 
 Stage 2 (top-k): each score becomes one int64 key, (order-preserving int of the fp32 score)
 * 2^31 + (2^31 - 1 - j), so sorting keys descending sorts by score with ties to the lower
