@@ -2,8 +2,10 @@
 
 The CPU parity grid (tests/test_*.py under TRITON_INTERPRET=1) covers odd shapes; these cover
 what only a GPU can: N = 128K and 1M decode, a 4096-query prefill block, head dims 64/256 with
-fp16/fp32 on the compiled kernels, large RoPE angles (original positions at 1M), and a decode
-step captured in a CUDA graph and replayed after the lengths change in place.
+fp16/fp32 on the compiled kernels, large RoPE angles (original positions at 1M), a decode
+step captured in a CUDA graph and replayed after the lengths change in place, long calls of
+many query blocks (contract v2) on both attention paths, and exact ties spread over many
+scoring tiles and top-k segments.
 """
 import math
 
@@ -156,6 +158,51 @@ def test_cuda_graph_decode(rep):
         ref, _ = reference.gather_attention_ref(q.float(), k.float(), v.float(), *args)
         low, _ = reference.gather_attention_ref(q, k, v, *args, compute_dtype=q.dtype)
         assert_close_rule(out, ref, low, q.dtype, "graph replay out")
+
+
+@pytest.mark.parametrize("hq,hkv,d,dtype", [
+    (16, 4, 128, torch.bfloat16),  # 4 row tiles per block of 128: pre-rotated keys
+    (4, 4, 64, torch.float16),     # one row tile per block: keys rotated in the loop
+    (6, 2, 64, torch.float32),
+], ids=["G4-D128-bf16", "G1-D64-fp16", "G3-D64-fp32"])
+@pytest.mark.parametrize("query_block", [128, 64])
+def test_prefill_many_blocks(query_block, hq, hkv, d, dtype):
+    """Contract v2 (docs/design.md section 2): Lq = 1500 queries, far more than local = 256, so
+    every query block has its own mid_end, K_eff and local window; the second sequence is short
+    enough that its first blocks have fewer than topk middle chunks."""
+    _require_triton()
+    q, k, v = _inputs(2, hq, hkv, 1500, 40000, d, dtype, 32, seed=13)
+    lens = torch.tensor([40000, 2200], dtype=torch.int32, device="cuda")
+    for rep, positions, style in (("max", "compact", "half"), ("bound", "original", "interleaved"),
+                                  ("mean", "compact", "interleaved")):
+        _check(q, k, v, lens, sink=32, local=256, chunk=32, topk=16, query_block=query_block,
+               rep=rep, positions=positions, rope_style=style)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("rep", ["max", "bound", "mean"])
+def test_exact_ties_across_tiles(rep, dtype):
+    """300 bit-identical chunks scattered over a 128K cache land in every slot of the scoring
+    tiles (16 chunks of raw keys, 32 or 64 reps per tile) and in several top-k segments; they
+    outscore every other chunk, so each block, decode or prefill, must select the lowest 32."""
+    _require_triton()
+    n, sink, chunk, local, topk = 128 * 1024, 64, 64, 4096, 32
+    g = torch.Generator(device="cuda").manual_seed(17)
+    k = torch.randn(1, 8, n, 128, device="cuda", generator=g) * 0.05
+    keys = torch.randn(1, 8, chunk, 128, device="cuda", generator=g).abs()
+    tied = torch.randperm(1900, device="cuda", generator=g)[:300].sort().values
+    for j in tied.tolist():
+        k[:, :, sink + j * chunk: sink + (j + 1) * chunk] = keys
+    k = k.to(dtype)
+    for lq, query_block in ((1, 1), (256, 128)):
+        q = torch.randn(1, 32, lq, 128, device="cuda", generator=g).abs().to(dtype)
+        reps = None if rep == "max" else reattention.chunk_reps(
+            k, None, sink=sink, chunk=chunk, rep=rep, backend="triton")
+        idx = reattention.select_chunks(q, k, reps=reps, sink=sink, local=local, chunk=chunk,
+                                        topk=topk, query_block=query_block, rep=rep,
+                                        backend="triton")
+        want = tied[:topk].to(torch.int32).expand_as(idx)
+        assert torch.equal(idx, want), f"Lq={lq}: {idx.flatten(0, 2)[:2].tolist()}"
 
 
 def test_opcheck_cuda():

@@ -13,8 +13,8 @@ its TILE_C chunks, the max over the block's rows of the rep score, where the row
           (exact rewrite: q_d >= 0 picks kmax_d because kmax >= kmin);
   mean  : q . mean.
 Scores go to an fp32 buffer [B, Hkv, n_blocks, n_cols], -inf where j >= M_beta (not a middle
-chunk of block beta of sequence b). Query blocks vary fastest in the grid so a reps tile is read from memory
-once and reused from L2 by every block.
+chunk of block beta of sequence b). Query blocks vary fastest in the grid so a reps tile is read
+from memory once and reused from L2 by every block.
 
 Stage 2 (top-k): each score becomes one int64 key, (order-preserving int of the fp32 score)
 * 2^31 + (2^31 - 1 - j), so sorting keys descending sorts by score with ties to the lower
@@ -231,14 +231,14 @@ def _score_config(rep: str, n_rows: int, head_dim: int, fp32: bool, on_gpu: bool
     (32 for fp32) keep >= 2 programs per SM at batch 1 from ~128K tokens on; the sizes are the
     largest that compile for sm_90 without register spills (fp32 "ieee" dots keep both operands
     in registers, hence its smaller row tiles). Interpreter: one tile per row, since there each
-    program costs Python overhead, but no more reps per tile than keep _score_dot's
-    [BLOCK_M, TILE_C, BLOCK_D] products at 4M elements (the 128-token tiles of "max" do).
+    program costs Python overhead, with reps or token tiles small enough that _score_dot's
+    [BLOCK_M, TILE_C or BLOCK_N, BLOCK_D] products stay within Triton's 2^20-element limit.
     """
     rows = max(16, triton.next_power_of_2(n_rows))
     if not on_gpu:
         block_m = min(128, rows)
-        fit = (1 << 22) // (block_m * max(16, triton.next_power_of_2(head_dim)))
-        return min(1024, triton.next_power_of_2(n_cols), fit), block_m, 128, 4
+        fit = (1 << 20) // (block_m * max(16, triton.next_power_of_2(head_dim)))
+        return min(1024, triton.next_power_of_2(n_cols), fit), block_m, min(128, fit), 4
     block_m = min(32 if fp32 else 128, rows)
     if rep == "max":
         tile_c, block_n = 16, (32 if fp32 else 64)
