@@ -26,7 +26,7 @@ import warnings
 
 import torch
 
-from . import layout, reference
+from .. import layout, reference
 
 BACKENDS = ("auto", "cuda", "triton", "cpu", "reference")
 REP_MODES = ("max", "bound", "mean")
@@ -36,7 +36,8 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 KERNEL_HEAD_DIMS = (64, 128, 256)  # the CUDA kernels' instantiations
 TRITON_MAX_HEAD_DIM = 256  # any even head dim up to this
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
+# The compiled libraries sit in the package directory, one level up.
+_HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _status: dict[str, str | None] = {}  # backend -> None when usable, else why not
 
 
@@ -64,14 +65,13 @@ def _import_triton_kernels():
     checkout the ``triton_kernels/`` directory beside ``reattention/``, loaded by path under
     the same name (a plain ``import triton_kernels`` could find the Triton project's package
     of that name instead)."""
-    name = __package__ + ".triton_kernels"
+    name = __package__.rpartition(".")[0] + ".triton_kernels"
     try:
         return importlib.import_module(name)
     except ModuleNotFoundError as e:
         if e.name != name:
             raise
-    init = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                        "triton_kernels", "__init__.py")
+    init = os.path.join(os.path.dirname(_HERE), "triton_kernels", "__init__.py")
     if not os.path.isfile(init):
         raise ImportError(f"neither {name} nor a source checkout's triton_kernels/ was found")
     spec = importlib.util.spec_from_file_location(
