@@ -20,7 +20,8 @@ import math
 
 import torch
 
-from . import ReAttentionConfig, layout, ops, reattention_attn, reference
+from . import layout, ops
+from .api import ReAttentionConfig, reattention_attn
 
 __all__ = ["LayerCache", "KVCache"]
 

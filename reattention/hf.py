@@ -39,7 +39,8 @@ import torch
 import transformers
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from . import ReAttentionConfig, ops, reattention_attn
+from . import ops
+from .api import ReAttentionConfig, reattention_attn
 from .cache import LayerCache
 
 __all__ = ["enable", "disable", "is_enabled", "ReAttentionCache", "prefill", "ATTN_NAME"]
