@@ -62,7 +62,7 @@ import torch.distributed as dist
 
 from . import ReAttentionConfig, ops, reference
 from .layout import segments
-from .reference import apply_rope
+from .rope import apply_rope
 from .rope import shared_inv_freq
 
 __all__ = [

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from reattention import reference as R
+from reattention.rope import apply_rope
 from reattention.testing import Case, make_inputs
 
 
@@ -14,8 +15,8 @@ def dense_rope_attention(q, k, v, n, inv_freq, scale, rope_style="half", key_mas
     hq, hkv = q.shape[1], k.shape[1]
     k, v = k[:, :, :n], v[:, :, :n]
     kpos, qpos = torch.arange(n), torch.arange(n - lq, n)
-    qr = R.apply_rope(q, qpos, inv_freq, 1.0, rope_style)
-    kr = R.apply_rope(k, kpos, inv_freq, 1.0, rope_style)
+    qr = apply_rope(q, qpos, inv_freq, 1.0, rope_style)
+    kr = apply_rope(k, kpos, inv_freq, 1.0, rope_style)
     kr = kr.repeat_interleave(hq // hkv, dim=1)
     vv = v.repeat_interleave(hq // hkv, dim=1)
     logits = scale * qr @ kr.transpose(-1, -2)
@@ -102,8 +103,8 @@ def test_lse_is_logsumexp_of_scores():
     keys = torch.cat([torch.arange(4)] + [torch.arange(4 + 8 * j, 12 + 8 * j) for j in sel]
                      + [torch.arange(mid_end, 500)])
     rpos = torch.arange(keys.numel())
-    qr = R.apply_rope(q[0, :, 0:1], torch.tensor([rpos[-1].item()]), inv_freq)
-    kr = R.apply_rope(k[0, 0, keys], rpos, inv_freq)
+    qr = apply_rope(q[0, :, 0:1], torch.tensor([rpos[-1].item()]), inv_freq)
+    kr = apply_rope(k[0, 0, keys], rpos, inv_freq)
     logits = scale * (qr @ kr.T)[:, 0]
     torch.testing.assert_close(lse[0, :, 0].double(), torch.logsumexp(logits, -1), rtol=0,
                                atol=1e-5)
