@@ -133,7 +133,7 @@ def test_main_writes_table_json_and_plot(tmp_path, capsys):
 ])
 def test_main_refuses_bad_arguments_before_running(argv, flag, capsys, monkeypatch):
     # Bad values stop at argparse, naming the flag, before the model loads or a prompt runs.
-    monkeypatch.setattr(needle, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
+    monkeypatch.setattr(needle.cli, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
     with pytest.raises(SystemExit) as e:
         needle.main(argv)
     assert e.value.code == 2
