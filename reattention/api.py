@@ -6,7 +6,7 @@ import dataclasses
 import torch
 
 from . import layout, ops
-from .ops import gather_attention, select_chunks
+from .ops import unchecked
 from .rope import shared_inv_freq
 
 __all__ = ["ReAttentionConfig", "reattention_attn"]
@@ -87,7 +87,7 @@ def reattention_attn(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         (fp16, bf16 or fp32).
     cache_seqlens : int32 [B] valid tokens per sequence (the Lq new ones included), each in
         [Lq, Nmax]; None means Nmax.
-    sink, local, chunk, topk, query_block, rep, positions : see DESIGN.md section 2; or pass
+    sink, local, chunk, topk, query_block, rep, positions : see docs/design.md section 2; or pass
         ``config`` (a :class:`ReAttentionConfig`), which then supplies all of them.
     reps : chunk representatives for rep "bound"/"mean" (:func:`chunk_reps`); computed on the
         fly when None.
@@ -109,25 +109,48 @@ def reattention_attn(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     >>> out.shape
     torch.Size([1, 32, 1, 128])
     """
-    cfg = ReAttentionConfig.resolve(config, dict(
-        sink=sink, local=local, chunk=chunk, topk=topk, query_block=query_block, rep=rep,
-        positions=positions))
-    sink, local, chunk, topk = cfg["sink"], cfg["local"], cfg["chunk"], cfg["topk"]
-    query_block, rep, positions = cfg["query_block"], cfg["rep"], cfg["positions"]
-    # Validate everything before the selection kernel runs.
+    cfg = _call_config(config, sink=sink, local=local, chunk=chunk, topk=topk,
+                       query_block=query_block, rep=rep, positions=positions)
     ops.check_cache(q, k_cache, v_cache)
+    if reps is not None or cfg.rep == "max":
+        ops.check_reps(reps, k_cache, lq=q.shape[2], sink=cfg.sink, local=cfg.local,
+                       chunk=cfg.chunk, rep=cfg.rep, query_block=cfg.query_block)
+    # The one read of the lengths (on a GPU: a host sync) of the call.
+    seqlens = ops.check_seqlens(cache_seqlens, k_cache, q.shape[2])
+    return _attend_checked(q.contiguous(), k_cache.contiguous(), v_cache.contiguous(), seqlens,
+                           None if reps is None else reps.contiguous(), cfg, inv_freq=inv_freq,
+                           rope_theta=rope_theta, rope_scale=rope_scale, rope_style=rope_style,
+                           scale=scale, backend=backend, return_lse=return_lse)
+
+
+def _call_config(config: ReAttentionConfig | None, **keywords) -> ReAttentionConfig:
+    """The settings of a call as a (validated) config: ``config`` itself when given (and not
+    contradicted by a keyword), else one made from the keywords."""
+    settings = ReAttentionConfig.resolve(config, keywords)
+    return config if config is not None else ReAttentionConfig(**settings)
+
+
+def _attend_checked(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    seqlens: torch.Tensor, reps: torch.Tensor | None, cfg: ReAttentionConfig, *,
+                    inv_freq: torch.Tensor | None, rope_theta: float, rope_scale: float,
+                    rope_style: str, scale: float | None, backend: str, return_lse: bool):
+    """:func:`reattention_attn` past the checks of q against the cache, the lengths and the
+    reps: q, the cache and reps contiguous, ``seqlens`` int32 [B] on their device and valid.
+
+    Checks the RoPE and softmax arguments (no device data is read), picks the backend, then
+    runs the two unchecked cores. The package's caches and Hugging Face path call it
+    directly: their lengths and reps are valid by construction, so they are never read.
+    """
     if inv_freq is None:
         inv_freq = shared_inv_freq(q.shape[-1], rope_theta, q.device)
-    ops.check_attention_args(q, inv_freq, scale, rope_scale, rope_style, positions)
-    seqlens = ops.check_seqlens(cache_seqlens, k_cache, q.shape[2])
-    # The lengths are read (on a GPU: one sync) here only, and idx comes from select_chunks.
-    with ops._values_already_checked():
-        idx = select_chunks(q, k_cache, seqlens, reps=reps, sink=sink, local=local,
-                            chunk=chunk, topk=topk, query_block=query_block, rep=rep,
-                            backend=backend)
-        out, lse = gather_attention(q, k_cache, v_cache, idx, seqlens, inv_freq=inv_freq,
-                                    sink=sink, local=local, chunk=chunk,
-                                    query_block=query_block, scale=scale,
-                                    rope_scale=rope_scale, rope_style=rope_style,
-                                    positions=positions, backend=backend)
+    inv_freq, scale = ops.check_attention_args(q, inv_freq, scale, rope_scale, rope_style,
+                                               cfg.positions)
+    be = ops.resolve_backend(backend, q)
+    seg = dict(sink=cfg.sink, local=cfg.local, chunk=cfg.chunk, query_block=cfg.query_block)
+    idx = unchecked.select_chunks(q, k_cache, seqlens, reps, topk=cfg.topk, rep=cfg.rep,
+                                  backend=be, **seg)
+    out, lse = unchecked.gather_attention(q, k_cache, v_cache, idx, seqlens, inv_freq=inv_freq,
+                                          scale=scale, rope_scale=float(rope_scale),
+                                          rope_style=rope_style, positions=cfg.positions,
+                                          backend=be, **seg)
     return (out, lse) if return_lse else out

@@ -30,7 +30,6 @@ Example
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import inspect
 import warnings
@@ -124,15 +123,7 @@ def _attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
         raise ValueError("reattention: attention masks are not supported (no padding, no custom "
                          "4-D masks); causality is built in")
     layer = getattr(key, _LAYER_TAG, None)
-    if layer is not None:
-        k_cache, v_cache, seqlens, reps = (layer.k_buffer, layer.v_buffer, layer.cache_seqlens,
-                                           layer.reps)
-        n = layer.length
-    else:
-        # No ReAttention cache (use_cache=False or a stock cache): the keys are the whole
-        # sequence, queries last; reps for bound/mean are computed on the fly.
-        k_cache, v_cache, seqlens, reps = key, value, None, None
-        n = key.shape[2]
+    n = key.shape[2] if layer is None else layer.length
     if sliding_window is not None and n > sliding_window:
         raise ValueError(f"reattention: this layer uses sliding-window attention (window "
                          f"{sliding_window}) and {n} tokens exceed the window; sliding-window "
@@ -140,14 +131,16 @@ def _attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
     _warn_scope(state, n, query.shape[2])
     if query.shape[2] > n:
         raise ValueError(f"reattention: {query.shape[2]} queries but only {n} cached tokens")
-    # A ReAttentionCache layer keeps every length at its own length, >= Lq as just checked:
-    # its lengths need no device read (a host sync per layer on a GPU).
-    checked = ops._values_already_checked() if layer is not None else contextlib.nullcontext()
-    with checked:
-        out = reattention_attn(query, k_cache, v_cache, seqlens, config=state.config, reps=reps,
-                               inv_freq=state.inv_freq_on(query.device),
-                               rope_scale=state.rope_scale, rope_style=state.rope_style,
-                               scale=scaling, backend=state.backend)
+    rope = dict(inv_freq=state.inv_freq_on(query.device), rope_scale=state.rope_scale,
+                rope_style=state.rope_style, scale=scaling, backend=state.backend)
+    if layer is not None:
+        # A ReAttentionCache layer: its full buffers, lengths and reps, which are valid by
+        # construction, so its lengths are never read (a host sync per layer on a GPU).
+        out = layer.attend(query, **rope)
+    else:
+        # No ReAttention cache (use_cache=False or a stock cache): the keys are the whole sequence, queries
+        # last; reps for bound/mean are computed on the fly.
+        out = reattention_attn(query, key, value, config=state.config, **rope)
     return out.transpose(1, 2), None
 
 

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import torch
 
-from .. import layout, reference
 from . import fake  # noqa: F401  (registers the fake kernels)
+from . import unchecked
 from .backends import (BACKENDS, KERNEL_HEAD_DIMS, TRITON_MAX_HEAD_DIM, _find_library,
-                       _kernel_refusal, _op, _status, available_backends, resolve_backend)
+                       _kernel_refusal, _status, available_backends, resolve_backend)
 from .checks import (FLOAT_DTYPES, POSITION_MODES, REP_MODES, ROPE_STYLES, _check_choice,
-                     _check_tensor, _need, _values_already_checked, check_attention_args,
-                     check_cache, check_idx, check_idx_values, check_inv_freq, check_params,
-                     check_reps, check_seqlens, reps_shape, set_device_checks)
+                     _check_tensor, _need, check_attention_args, check_cache, check_idx,
+                     check_idx_values, check_inv_freq, check_params, check_reps, check_seqlens,
+                     reps_shape, set_device_checks)
 
 __all__ = [
     # the public op functions
@@ -24,8 +24,10 @@ __all__ = [
     "REP_MODES", "ROPE_STYLES", "POSITION_MODES", "FLOAT_DTYPES", "set_device_checks",
     "check_cache", "check_seqlens", "check_params", "check_reps", "check_inv_freq",
     "check_attention_args", "check_idx", "check_idx_values", "reps_shape",
-    "_values_already_checked",
+    # the cores, for callers that checked their inputs
+    "unchecked",
 ]
+
 
 def chunk_reps(k_cache: torch.Tensor, cache_seqlens: torch.Tensor | None = None, *, sink: int,
                chunk: int, rep: str, backend: str = "auto", reps: torch.Tensor | None = None,
@@ -66,18 +68,14 @@ def chunk_reps(k_cache: torch.Tensor, cache_seqlens: torch.Tensor | None = None,
     _need(isinstance(start_chunk, int) and start_chunk >= 0,
           f"start_chunk must be an int >= 0, got {start_chunk!r}")
     seqlens = check_seqlens(cache_seqlens, k_cache, 0)
-    if reps is None:
-        reps = layout.new_reps(k_cache, sink, chunk, rep)
-    else:
+    if reps is not None:
         check_reps(reps, k_cache, lq=1, sink=sink, local=0, chunk=chunk, rep=rep)
-    k_cache = k_cache.contiguous()
     be = resolve_backend(backend, k_cache)
-    if be == "reference":
-        reference.chunk_reps_ref(k_cache, seqlens, reps, sink, chunk, rep, start_chunk)
-    else:
-        _need(reps.is_contiguous(), "reps must be contiguous for the kernel backends")
-        _op("chunk_reps", be)(k_cache, seqlens, reps, sink, chunk, rep, start_chunk)
-    return reps
+    # reps is written in place: a copy would lose the update.
+    _need(reps is None or be == "reference" or reps.is_contiguous(),
+          "reps must be contiguous for the kernel backends")
+    return unchecked.chunk_reps(k_cache.contiguous(), seqlens, reps, sink=sink, chunk=chunk,
+                                rep=rep, backend=be, start_chunk=start_chunk)
 
 
 def select_chunks(q: torch.Tensor, k_cache: torch.Tensor,
@@ -114,15 +112,10 @@ def select_chunks(q: torch.Tensor, k_cache: torch.Tensor,
         check_reps(reps, k_cache, lq=q.shape[2], sink=sink, local=local, chunk=chunk, rep=rep,
                    query_block=query_block)
     be = resolve_backend(backend, q)
-    if reps is None and rep != "max":
-        reps = chunk_reps(k_cache, seqlens, sink=sink, chunk=chunk, rep=rep, backend=be)
-    q, k_cache = q.contiguous(), k_cache.contiguous()
-    if be == "reference":
-        return reference.select_chunks_ref(q, k_cache, reps, seqlens, sink, local, chunk, topk,
-                                           rep, query_block)
-    reps = reps.contiguous() if reps is not None else None
-    return _op("select_chunks", be)(q, k_cache, reps, seqlens, sink, local, chunk, topk, rep,
-                                    query_block)
+    return unchecked.select_chunks(q.contiguous(), k_cache.contiguous(), seqlens,
+                                   None if reps is None else reps.contiguous(), sink=sink,
+                                   local=local, chunk=chunk, topk=topk,
+                                   query_block=query_block, rep=rep, backend=be)
 
 
 def gather_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -160,11 +153,8 @@ def gather_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     check_idx_values(idx, seqlens, q.shape[2], sink=sink, local=local, chunk=chunk,
                      query_block=query_block)
     be = resolve_backend(backend, q)
-    q, k_cache, v_cache, idx = (t.contiguous() for t in (q, k_cache, v_cache, idx))
-    if be == "reference":
-        return reference.gather_attention_ref(q, k_cache, v_cache, seqlens, idx, inv_freq, sink,
-                                              local, chunk, query_block, scale,
-                                              float(rope_scale), rope_style, positions)
-    return _op("gather_attention", be)(q, k_cache, v_cache, seqlens, idx, inv_freq, sink, local,
-                                       chunk, query_block, scale, float(rope_scale),
-                                       rope_style, positions)
+    return unchecked.gather_attention(q.contiguous(), k_cache.contiguous(), v_cache.contiguous(),
+                                      idx.contiguous(), seqlens, inv_freq=inv_freq, sink=sink,
+                                      local=local, chunk=chunk, query_block=query_block,
+                                      scale=scale, rope_scale=float(rope_scale),
+                                      rope_style=rope_style, positions=positions, backend=be)

@@ -2,8 +2,6 @@
 and what was expected (docs/design.md section 3.4)."""
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import functools
 import math
 
@@ -19,27 +17,13 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _check_device_values = True
 
 
-# Set while a caller that has validated the values (or keeps them valid by construction, as
-# the caches do) runs the ops: they then skip reading cache_seqlens and idx again, which on a
-# GPU would be one host sync per read. Shapes, dtypes and devices are still checked.
-_values_checked = contextvars.ContextVar("reattention_values_checked", default=False)
-
-
-@contextlib.contextmanager
-def _values_already_checked():
-    token = _values_checked.set(True)
-    try:
-        yield
-    finally:
-        _values_checked.reset(token)
-
-
 def set_device_checks(enabled: bool) -> None:
     """Turn the value check of device-resident ``cache_seqlens`` on or off.
 
     Checking that every length lies in [Lq, Nmax] needs the values on the host: one
     device sync per public call (``reattention_attn`` checks once for its two ops; the
-    package's caches keep their lengths valid and skip it). It is skipped automatically
+    package's caches and Hugging Face path keep their lengths valid and never read them,
+    docs/design.md section 3.5). It is skipped automatically
     while a CUDA graph is being captured; turn it off for eager decode loops that must never
     sync.
     """
@@ -89,7 +73,14 @@ def check_cache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor | 
 
 
 def check_seqlens(cache_seqlens, k_cache: torch.Tensor, lq: int) -> torch.Tensor:
-    """Return int32 [B] lengths on the cache's device; None means Nmax for every sequence."""
+    """Return int32 [B] contiguous lengths on the cache's device; None means Nmax for every
+    sequence.
+
+    Given lengths are read (on a GPU: a host sync) to check that each lies in [Lq, Nmax],
+    except while a CUDA graph is being captured or after ``set_device_checks(False)``; each
+    public call runs this once, and the caches, whose lengths are valid by construction,
+    never do.
+    """
     b, nmax, device = k_cache.shape[0], k_cache.shape[2], k_cache.device
     if cache_seqlens is None:
         return _full_lengths(b, nmax, device)
@@ -102,8 +93,7 @@ def check_seqlens(cache_seqlens, k_cache: torch.Tensor, lq: int) -> torch.Tensor
           f"cache_seqlens is on {cache_seqlens.device} but the cache is on {device}")
     on_host = device.type == "cpu"
     capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-    if (cache_seqlens.numel() and not _values_checked.get()
-            and (on_host or (_check_device_values and not capturing))):
+    if cache_seqlens.numel() and (on_host or (_check_device_values and not capturing)):
         lo, hi = (int(x) for x in torch.aminmax(cache_seqlens))
         _need(lq <= lo and hi <= nmax,
               f"cache_seqlens must lie in [Lq={lq}, Nmax={nmax}], got values in [{lo}, {hi}]")
@@ -205,7 +195,7 @@ def check_idx_values(idx: torch.Tensor, seqlens: torch.Tensor, lq: int, *, sink:
     here (no host sync): there a malformed idx gives a wrong result, and the kernels clamp
     every gathered token so it is never read outside the cache.
     """
-    if idx.device.type != "cpu" or idx.numel() == 0 or _values_checked.get():
+    if idx.device.type != "cpu" or idx.numel() == 0:
         return
     m = torch.tensor([[layout.block_segments(n, lq, s, e, sink, local, chunk).n_mid
                        for s, e in layout.query_blocks(lq, query_block)]
