@@ -269,12 +269,12 @@ class LayerCache:
         -------
         out [B, Hq, Lq, D] in q's dtype, or (out, lse [B, Hq, Lq] float32) with ``return_lse``.
         """
-        if not (self.is_allocated and isinstance(q, torch.Tensor) and q.dim() == 4
-                and q.shape[2] <= self.length):
+        if self.is_allocated:
+            ops.check_cache(q, self.k_buffer, self.v_buffer)
+        if not (self.is_allocated and q.shape[2] <= self.length):
             raise ValueError(f"q must be [B, Hq, Lq, D] with Lq <= the {self.length} cached "
                              f"tokens (append the new tokens first), got "
                              f"{tuple(getattr(q, 'shape', ()))}")
-        ops.check_cache(q, self.k_buffer, self.v_buffer)
         # Every length is self.length, in [Lq, capacity] by the checks above, and the reps are
         # the cache's own: neither needs a check, and the lengths are never read.
         return _attend_checked(q.contiguous(), self.k_buffer, self.v_buffer, self.cache_seqlens,

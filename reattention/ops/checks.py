@@ -3,6 +3,7 @@ and what was expected (docs/design.md section 3.4)."""
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 
 import torch
@@ -47,29 +48,62 @@ def _check_tensor(name: str, t, ndim: int) -> None:
 
 def check_cache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor | None = None,
                 ) -> None:
-    """Validate q [B, Hq, Lq, D] against the cache [B, Hkv, Nmax, D]."""
+    """Validate q [B, Hq, Lq, D] against the cache [B, Hkv, Nmax, D].
+
+    When the shapes do not fit but would with some of the tensors read as [B, L, H, D]
+    (the layout of a projection before ``.transpose(1, 2)``), the error says which to
+    transpose.
+    """
     _check_tensor("q", q, 4)
     _check_tensor("k_cache", k_cache, 4)
     _need(q.dtype in FLOAT_DTYPES or q.dtype == torch.float64,
           f"q must be float16, bfloat16 or float32, got {q.dtype}")
-    b, hq, lq, d = q.shape
-    _need(lq >= 1, f"q must hold at least one query (Lq >= 1), got shape {tuple(q.shape)}")
-    _need(d >= 2 and d % 2 == 0, f"head dim D (q.shape[-1]) must be even and >= 2, got {d}")
     tensors = [("k_cache", k_cache)] + ([("v_cache", v_cache)] if v_cache is not None else [])
     for name, t in tensors:
         _check_tensor(name, t, 4)
         _need(t.dtype == q.dtype, f"{name} dtype {t.dtype} does not match q dtype {q.dtype}")
         _need(t.device == q.device, f"{name} is on {t.device} but q is on {q.device}")
-        _need(t.shape[0] == b and t.shape[3] == d,
-              f"{name} must be [B={b}, Hkv, Nmax, D={d}], got {tuple(t.shape)}")
-    hkv, nmax = k_cache.shape[1], k_cache.shape[2]
-    _need(hkv >= 1 and hq % hkv == 0,
-          f"q heads Hq={hq} must be a multiple of k_cache heads Hkv={hkv} (GQA)")
-    if v_cache is not None:
-        _need(v_cache.shape == k_cache.shape,
-              f"v_cache shape {tuple(v_cache.shape)} must equal k_cache shape "
-              f"{tuple(k_cache.shape)}")
-    _need(nmax >= lq, f"k_cache holds Nmax={nmax} tokens, fewer than the Lq={lq} queries")
+    shapes = {"q": tuple(q.shape), "k_cache": tuple(k_cache.shape),
+              "v_cache": None if v_cache is None else tuple(v_cache.shape)}
+    why = _shape_mismatch(**shapes)
+    if why is not None:
+        raise ValueError(why + _layout_hint(shapes))
+
+
+def _shape_mismatch(q: tuple, k_cache: tuple, v_cache: tuple | None) -> str | None:
+    """The first way q [B, Hq, Lq, D] and the cache [B, Hkv, Nmax, D] do not fit, or None."""
+    b, hq, lq, d = q
+    if lq < 1:
+        return f"q must hold at least one query (Lq >= 1), got shape {q}"
+    if d < 2 or d % 2:
+        return f"head dim D (q.shape[-1]) must be even and >= 2, got {d}"
+    for name, shape in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if shape is not None and (shape[0] != b or shape[3] != d):
+            return f"{name} must be [B={b}, Hkv, Nmax, D={d}], got {shape}"
+    hkv, nmax = k_cache[1], k_cache[2]
+    if not (hkv >= 1 and hq % hkv == 0):
+        return f"q heads Hq={hq} must be a multiple of k_cache heads Hkv={hkv} (GQA)"
+    if v_cache is not None and v_cache != k_cache:
+        return f"v_cache shape {v_cache} must equal k_cache shape {k_cache}"
+    if nmax < lq:
+        return f"k_cache holds Nmax={nmax} tokens, fewer than the Lq={lq} queries"
+    return None
+
+
+def _layout_hint(shapes: dict) -> str:
+    """'; q looks like [B, L, H, D] ...' for the fewest tensors whose dims 1 and 2, swapped,
+    make the shapes fit; '' when no such swap does."""
+    names = [n for n, s in shapes.items() if s is not None]
+    for count in range(1, len(names) + 1):
+        for swapped in itertools.combinations(names, count):
+            trial = {n: (s[0], s[2], s[1], s[3]) if n in swapped else s
+                     for n, s in shapes.items()}
+            if _shape_mismatch(**trial) is None:
+                return "".join(
+                    f"; {n} looks like [B, {x}, H, D]; this API takes [B, H, {x}, D] (torch SDPA "
+                    f"layout): pass {n}.transpose(1, 2)"
+                    for n, x in ((n, "L" if n == "q" else "N") for n in swapped))
+    return ""
 
 
 def check_seqlens(cache_seqlens, k_cache: torch.Tensor, lq: int) -> torch.Tensor:
