@@ -11,6 +11,9 @@ import torch
 
 from .data import BOS, PAD, TRAINED_LENGTH, VALUE_LEN, VOCAB_SIZE
 
+# The attention shape the ops see (the CLI checks a named backend against it).
+HEAD_DIM = 64
+
 
 def model_config():
     """The tiny Llama's configuration (4 layers, hidden 256, GQA 4/2, head dim 64).
@@ -35,7 +38,7 @@ def model_config():
         num_hidden_layers=4,
         num_attention_heads=4,
         num_key_value_heads=2,
-        head_dim=64,
+        head_dim=HEAD_DIM,
         max_position_embeddings=TRAINED_LENGTH,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
         tie_word_embeddings=True,
@@ -93,6 +96,16 @@ METHOD_TITLES = {
     "reattention-max": "ReAttention\nmax (exact)",
     "reattention-bound": "ReAttention\nbound reps",
     "reattention-mean": "ReAttention\nmean reps",
+}
+# What each method is, one line each (the demo prints them before its table).
+METHOD_DESCRIPTIONS = {
+    "dense": "full causal attention, RoPE at the original positions (what the model was "
+             "trained with)",
+    "window": "sink + local window only, the same key budget as ReAttention "
+              "(StreamingLLM-style)",
+    "reattention-max": "ReAttention with exact chunk scores (every raw key of a chunk)",
+    "reattention-bound": "ReAttention with min/max chunk representatives",
+    "reattention-mean": "ReAttention with mean chunk representatives",
 }
 # The settings of docs/design.md section 6: a query block attends to at most 16 + 4 * 32 + 96
 # + 32 + 64 = 336 keys, below the trained length 512, whatever the prefill chunk size (each
