@@ -195,7 +195,8 @@ def gather_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     idx : int32 [B, Hkv, n_blocks, topk], ascending, -1 padded (from ``select_chunks``).
     positions : "compact" (key r of the gathered sequence at position r) or "original".
     compute_dtype : arithmetic dtype, default float32 (float64 for float64 inputs). Tests pass
-        q's own low-precision dtype to measure PyTorch's rounding error (STYLE.md tolerance).
+        q's own low-precision dtype to measure PyTorch's rounding error (the tolerance rule of
+        docs/design.md section 2.10).
 
     Returns
     -------
