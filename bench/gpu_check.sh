@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU check, run by the device tool from the repository root on a CUDA machine:
-#   bash bench/gpu_check.sh [tests|bench|all|quick]      (default all)
+#   bash bench/gpu_check.sh [tests|bench|all|quick|before]      (default all)
 # Installs the checkout (no build isolation: such machines have no registry), runs the whole
 # test suite with every GPU backend required, then the benchmarks. Logs and JSON go to $OUT
 # (default bench/results/local). The device tool copies the working tree but its .git may be
@@ -28,6 +28,15 @@ if [ "$what" = quick ]; then
      --out "$out/cp-h200x1.json" 2>&1 | tail -8)
   (cd /tmp && python3 "$repo/bench/profile_step.py" --out "$out" 2>&1 | tail -40)
   echo "quick: $(( $(date +%s) - t0 )) s"
+fi
+if [ "$what" = before ]; then
+  # The same benchmark at an earlier commit, for before/after figures: that commit's source
+  # (git archive COMMIT) unpacked in .devbuild/old, installed beside this one in /tmp/old.
+  python3 -m pip install --no-build-isolation --no-deps -q --target /tmp/old .devbuild/old 2>&1 | tail -5
+  old=$(cat .devbuild/old/COMMIT 2>/dev/null || echo unknown)
+  (cd /tmp && PYTHONPATH=/tmp/old REATTENTION_COMMIT=$old python3 "$repo/.devbuild/old/bench/bench_attn.py" \
+     --lengths 1048576 --out "$out/before" 2>&1 | tee "$out/bench-before.log" | tail -20)
+  echo "before: $(( $(date +%s) - t0 )) s"
 fi
 if [ "$what" = tests ] || [ "$what" = all ]; then
   # Run from /tmp so the installed package, not the source tree, is imported. The suite took

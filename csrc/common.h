@@ -1,5 +1,5 @@
-// Shared by the CPU and CUDA libraries: segment arithmetic (DESIGN.md section 2), mode
-// parsing, dtype dispatch and the one input check.
+// Shared by the CPU and CUDA launchers: option parsing, dtype dispatch and the one input check.
+// The segment arithmetic (docs/design.md section 2) lives in the torch-free contract.h.
 //
 // The input check guards memory safety only (shapes, dtypes, devices and, for CPU tensors,
 // the values of cache_seqlens and idx that would index out of bounds). User-facing
@@ -20,59 +20,19 @@
 #include <optional>
 #include <string>
 
-#if defined(__CUDACC__)
-#define RA_HOST_DEVICE __host__ __device__ __forceinline__
-#else
-#define RA_HOST_DEVICE inline
-#endif
+#include "contract.h"
 
 namespace reattention {
 
 using torch::headeronly::ScalarType;
 using torch::stable::Tensor;
 
-// ---------------------------------------------------------------- segments (host and device)
+// ---------------------------------------------------------------- options
 
-// Where sequence b's tokens go, for N valid tokens of which the last Lq are queries:
-// sink [0, sink_len), middle [sink, mid_end) = n_mid whole chunks, local [mid_end, N).
-struct Segments {
-  int64_t sink_len;
-  int64_t mid_end;
-  int64_t n_mid;
-  int64_t q_start;  // P0 = N - Lq, the first query's original position
-};
-
-RA_HOST_DEVICE int64_t ceil_div(int64_t a, int64_t b) {
-  return (a + b - 1) / b;
-}
-
-RA_HOST_DEVICE Segments segments(int64_t n, int64_t lq, int64_t sink, int64_t local,
-                                 int64_t chunk) {
-  const int64_t p0 = n - lq;
-  const int64_t room = p0 - local - sink;
-  const int64_t n_mid = room > 0 ? room / chunk : 0;
-  return Segments{n < sink ? n : sink, sink + chunk * n_mid, n_mid, p0};
-}
-
-// Chunks whose tokens all lie below N: the ones chunk_reps may fill.
-RA_HOST_DEVICE int64_t complete_chunks(int64_t n, int64_t sink, int64_t chunk) {
-  return n > sink ? (n - sink) / chunk : 0;
-}
-
-// Compact RoPE position of the query at original position p when n_sel chunks are gathered:
-// its index in [sink | chunks | local]. With N < sink, mid_end = sink and this is p itself.
-RA_HOST_DEVICE int64_t compact_query_pos(int64_t p, const Segments& s, int64_t sink,
-                                         int64_t n_sel, int64_t chunk) {
-  return p + sink + n_sel * chunk - s.mid_end;
-}
-
-// ---------------------------------------------------------------- modes
-
-enum class RepMode { kMax, kBound, kMean };
 enum class RopeStyle { kHalf, kInterleaved };
 enum class PosMode { kCompact, kOriginal };
 
-inline RepMode parse_rep_mode(const std::string& s) {
+inline RepMode parse_rep(const std::string& s) {
   if (s == "max") return RepMode::kMax;
   if (s == "bound") return RepMode::kBound;
   STD_TORCH_CHECK(s == "mean", "rep must be 'max', 'bound' or 'mean', got '", s, "'");
@@ -126,7 +86,7 @@ struct OpArgs {
   const Tensor* reps = nullptr;           // bound [B, Hkv, n, 2, D] | mean [B, Hkv, n, D]
   const Tensor* idx = nullptr;            // int32 [B, Hkv, n_blocks, topk]
   const Tensor* inv_freq = nullptr;       // float32 [R/2]
-  RepMode mode = RepMode::kMax;
+  RepMode rep = RepMode::kMax;
   int64_t sink = 0;
   int64_t local = 0;
   int64_t chunk = 1;
@@ -144,8 +104,8 @@ inline OpArgs chunk_reps_args(const Tensor& k_cache, const Tensor& cache_seqlens
   a.k_cache = &k_cache;
   a.cache_seqlens = &cache_seqlens;
   a.reps = &reps;
-  a.mode = parse_rep_mode(rep);
-  STD_TORCH_CHECK(a.mode != RepMode::kMax, "chunk_reps takes rep 'bound' or 'mean'");
+  a.rep = parse_rep(rep);
+  STD_TORCH_CHECK(a.rep != RepMode::kMax, "chunk_reps takes rep 'bound' or 'mean'");
   a.sink = sink;
   a.chunk = chunk;
   a.start_chunk = start_chunk;
@@ -161,8 +121,8 @@ inline OpArgs select_chunks_args(const Tensor& q, const Tensor& k_cache,
   a.k_cache = &k_cache;
   a.cache_seqlens = &cache_seqlens;
   a.reps = reps ? &*reps : nullptr;
-  a.mode = parse_rep_mode(rep);
-  STD_TORCH_CHECK(a.mode == RepMode::kMax || reps.has_value(), "select_chunks with rep '", rep,
+  a.rep = parse_rep(rep);
+  STD_TORCH_CHECK(a.rep == RepMode::kMax || reps.has_value(), "select_chunks with rep '", rep,
                   "' needs reps (chunk_reps)");
   a.sink = sink;
   a.local = local;
@@ -264,16 +224,17 @@ inline Dims check_inputs(const OpArgs& a) {
 
   if (a.reps != nullptr) {
     const Tensor& r = *a.reps;
-    STD_TORCH_CHECK(a.mode != RepMode::kMax, "rep 'max' takes no reps");
-    const bool bound = a.mode == RepMode::kBound;
+    STD_TORCH_CHECK(a.rep != RepMode::kMax, "rep 'max' takes no reps");
+    const bool bound = a.rep == RepMode::kBound;
     STD_TORCH_CHECK(r.dim() == (bound ? 5 : 4) && r.size(0) == d.batch && r.size(1) == d.hkv &&
                         r.size(r.dim() - 1) == d.d && (!bound || r.size(3) == 2),
                     "reps must be ", bound ? "[B, Hkv, n_chunks, 2, D]" : "[B, Hkv, n_chunks, D]");
     like_cache(r, "reps");
     d.n_chunks = r.size(2);
     if (a.q != nullptr) {
-      // Any valid length has at most this many middle chunks (N <= Nmax).
-      const int64_t most = segments(d.nmax, d.lq, a.sink, a.local, a.chunk).n_mid;
+      // No block of any valid length has more middle chunks than the last block at N = Nmax.
+      const int64_t most =
+          max_middle_chunks(d.nmax, d.lq, a.query_block, a.sink, a.local, a.chunk);
       STD_TORCH_CHECK(d.n_chunks >= most, "reps holds ", d.n_chunks,
                       " chunks but the cache can have ", most, " middle chunks");
     }
@@ -307,16 +268,18 @@ inline Dims check_inputs(const OpArgs& a) {
       if (a.idx == nullptr) continue;
       const Tensor& idx = *a.idx;
       const int32_t* ip = idx.const_data_ptr<int32_t>();
-      const int64_t n_mid = segments(nb, d.lq, a.sink, a.local, a.chunk).n_mid;
-      for (int64_t h = 0; h < d.hkv; ++h)
-        for (int64_t blk = 0; blk < d.n_blocks; ++blk)
+      for (int64_t blk = 0; blk < d.n_blocks; ++blk) {
+        const int64_t n_mid =
+            block_segments(nb, d.lq, a.query_block, blk, a.sink, a.local, a.chunk).n_mid;
+        for (int64_t h = 0; h < d.hkv; ++h)
           for (int64_t t = 0; t < d.topk; ++t) {
             const int64_t j = ip[b * idx.stride(0) + h * idx.stride(1) + blk * idx.stride(2) +
                                  t * idx.stride(3)];
-            STD_TORCH_CHECK(j >= -1 && j < n_mid, "idx[", b, ", ", h, ", ", blk, ", ", t,
-                            "]=", j, " is not -1 or a middle chunk of sequence ", b, " (it has ",
-                            n_mid, ")");
+            STD_TORCH_CHECK(j >= -1 && j < n_mid, "idx[", b, ", ", h, ", ", blk, ", ", t, "]=", j,
+                            " is not -1 or a middle chunk of sequence ", b, " and query block ",
+                            blk, " (it has ", n_mid, ")");
           }
+      }
     }
   }
   return d;

@@ -1,4 +1,4 @@
-// The three reattention op schemas (DESIGN.md section 3). Kernels register beside their code:
+// The three reattention op schemas (docs/design.md section 3). Kernels register beside their code:
 // CPU in csrc/cpu/*.cpp (library _C, with these schemas), CUDA in csrc/cuda/*.cu (_C_cuda),
 // Triton in triton_kernels/ (as reattention::<op>_triton), fake kernels in reattention/ops.py.
 //

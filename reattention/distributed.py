@@ -25,16 +25,21 @@ because:
 
 One call, per rank (``q``, lengths and settings identical on every rank)
 -----------------------------------------------------------------------
-1. Local candidates: the backend's ``select_chunks`` scores the shard's chunks except at most
-   ceil(Lq/chunk) at the shard's end (the op needs the Lq query slots inside its cache); those
-   are added as candidates, every candidate's exact score is recomputed the way
-   :func:`reattention.reference.chunk_scores_ref` does (topk*chunk keys per block, cheap), and
-   the rank keeps its top-k (higher score first, then lower chunk index).
+1. Local candidates. Query block beta may select the global chunks j < M_beta, its own
+   middle (docs/design.md section 2.2), which grows with the block. The backend's
+   ``select_chunks`` runs on the shard as a call of its own (sink 0 after rank 0, local 0),
+   from the first block that owns a chunk here; its middle grows with the block too, and its
+   per-sequence length is chosen so that every block's scored chunks are ones the block may
+   select (:func:`_op_plan`). The valid chunks it does not reach (about ceil(Lq/chunk) per
+   block at most) are added as candidates, every candidate's exact score is recomputed the
+   way :func:`reattention.reference.chunk_scores_ref` does (cheap next to the scoring of
+   the shard), and the rank keeps its top-k (higher score first, then lower chunk index).
 2. One ``all_gather`` of R*topk (score, global chunk id) per (batch, kv head, query block);
-   every rank sorts them by the same rule, which is DESIGN.md's, so all ranks hold the same
-   selection and it is the single-device one: a chunk of the global top-k is in its own
+   every rank sorts them by the same rule (docs/design.md section 2.5), so all ranks hold the
+   same selection and it is the single-device one: a chunk of the global top-k is in its own
    rank's top-k under the same order.
-3. Attention over the rank's part of the gathered sequence, in PyTorch (fp32 accumulate),
+3. Attention over the rank's part of each block's gathered sequence (the sink, the selected
+   chunks, the block's own local window [mid_end_beta, P1]), in PyTorch (fp32 accumulate),
    with RoPE at positions from the GLOBAL selection; gives (out_r, lse_r) per rank. The
    ``gather_attention`` op cannot be reused here: a rank's keys start at a compact position
    that differs per (kv head, query block), and shifting positions instead would change the
@@ -44,9 +49,11 @@ One call, per rank (``q``, lengths and settings identical on every rank)
 Steps 1 and 3 are eager PyTorch, so their cost is mostly the number of ops: both run whole
 groups of query blocks at once (as many as fit _GROUP_BYTES of temporaries; a decode step
 is one group), and step 3 also every sequence whose key row has the same layout on this
-rank. A group computes what block-by-block code would, with the same GEMM row counts and
+rank. A block's key row has one width per sequence (its local slots are padded to the widest
+local window the sequence has here, at most local + chunk - 1 + query_block keys whatever Lq
+is), so a group computes what block-by-block code would, with the same GEMM row counts and
 softmax lengths, as the rounding may depend on them (on the CPU the results are
-bit-identical); so a shorter last query block is its own group, and sequences of different
+bit-identical); a shorter last query block is its own group, and sequences of different
 layouts are not padded to one.
 
 Two collectives per call (none with one rank); the host reads ``cache_seqlens`` once (a sync
@@ -61,7 +68,7 @@ import torch
 import torch.distributed as dist
 
 from . import ReAttentionConfig, ops, reference
-from .layout import segments
+from .layout import block_segments, query_blocks
 from .rope import apply_rope, shared_inv_freq
 
 __all__ = [
@@ -316,7 +323,8 @@ def chunk_reps_cp(k_shard: torch.Tensor, layout: CPLayout,
 
 # --------------------------------------------------------------------------- selection
 def _best_first(scores: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """Order along the last dim: higher score first, then lower id (DESIGN.md tie rule)."""
+    """Order along the last dim: higher score first, then lower id (the tie rule of
+    docs/design.md section 2.5)."""
     by_id = ids.argsort(dim=-1, stable=True)
     by_score = scores.gather(-1, by_id).argsort(dim=-1, descending=True, stable=True)
     return by_id.gather(-1, by_score)
@@ -356,35 +364,88 @@ def _candidate_scores(q, k_shard, reps, cand, shard_sink, chunk, rep, query_bloc
     return scores.masked_fill(cand < 0, -math.inf)
 
 
-def _local_topk(q, k_shard, reps, sh: _Shard, *, sink, local, chunk, topk, query_block, rep,
-                backend):
+def _block_segments(sh: _Shard, lq: int, *, sink, local, chunk, query_block):
+    """The query blocks [s, e) of the call and, per sequence, each block's global segments
+    (docs/design.md section 2.2): ``(blocks, segs)`` with ``segs[b][beta]`` a Segments."""
+    blocks = query_blocks(lq, query_block)
+    return blocks, [[block_segments(n, lq, s, e, sink, local, chunk) for s, e in blocks]
+                    for n in sh.lens]
+
+
+def _op_plan(owned: list[list[int]], blocks: list[tuple[int, int]], cap: int, s0: int,
+             chunk: int) -> tuple[int, list[int], list[list[int]]]:
+    """How the shard's ``select_chunks`` op serves each sequence: (first, lengths, keep).
+
+    ``owned[b][beta]``: block beta of sequence b may select the shard chunks [0, owned) (the
+    chunks of its middle held here). The op runs on the call's blocks ``first...``, from the
+    first block that owns a chunk in any sequence (queries from ``blocks[first][0]`` on, Lq'
+    of them), with sink ``s0``, local 0 and length L_b; as a call of its own it scores, for
+    the block at offset s' of its queries, the shard chunks [0, m) with
+    ``m = max(0, L_b - Lq' + s' - s0) // chunk`` (layout.block_segments), so m grows with the
+    block as the block's global middle does. L_b is the largest length in [Lq', cap] with
+    m <= owned for every block that owns a chunk here: then the op's top-k of such a block is
+    taken over chunks it may select only, and holds every chunk of the block's top-k that it
+    scored. A block where even L_b = Lq' scores too much (a chunk it may not select could push
+    one out) trusts none of the op's picks.
+
+    Returns ``first`` (``len(blocks)`` when the op is not run: nothing is owned here, or the
+    shard holds fewer than Lq' tokens), the lengths L_b, and per (b, beta) ``keep``: the op's
+    picks below it are kept, the chunks [keep, owned) are added by hand.
+    """
+    n_blocks = len(blocks)
+    first = min(next((beta for beta, o in enumerate(row) if o), n_blocks) for row in owned)
+    lq_op = blocks[-1][1] - blocks[min(first, n_blocks - 1)][0]
+    if first == n_blocks or cap < lq_op:
+        return n_blocks, [0] * len(owned), [[0] * n_blocks for _ in owned]
+    off = blocks[first][0]
+    lengths, keeps = [], []
+    for row in owned:
+        # m <= o  <=>  L - Lq' + s' - s0 < (o + 1) * chunk  (for o >= 0)
+        most = min(((o + 1) * chunk - 1 + lq_op - (s - off) + s0
+                    for o, (s, _) in zip(row[first:], blocks[first:]) if o), default=lq_op)
+        length = min(cap, max(lq_op, most))
+        keep = [0] * first
+        for o, (s, e) in zip(row[first:], blocks[first:]):
+            m = block_segments(length, lq_op, s - off, e - off, s0, 0, chunk).n_mid
+            keep.append(m if m <= o else 0)
+        lengths.append(length)
+        keeps.append(keep)
+    return first, lengths, keeps
+
+
+def _local_topk(q, k_shard, reps, sh: _Shard, blocks, segs, *, sink, chunk, topk,
+                query_block, rep, backend):
     """This rank's top-k middle chunks: (scores [B,Hkv,nb,topk], global ids int64, -1 pad),
-    best first (higher score, then lower id)."""
-    b_, _, lq, _ = q.shape
-    hkv, cap = k_shard.shape[1], k_shard.shape[2]
+    best first (higher score, then lower id).
+
+    Block beta of sequence b may select the global chunks j < M_beta, here the shard chunks
+    [0, owned) (shard chunk i is global chunk lo + i). The candidates of a block are the op's
+    picks among the chunks it scored (see _op_plan) and the rest of [0, owned) added by hand;
+    every candidate is rescored exactly, the way chunk_scores_ref scores it.
+    """
+    b_, hkv, cap = q.shape[0], k_shard.shape[1], k_shard.shape[2]
+    n_blocks = len(blocks)
     lo, hi = sh.layout.chunk_range(sh.rank, sink, chunk)
     s0 = sh.layout.shard_sink(sh.rank, sink)
-    owned = [max(0, min(hi, segments(n, lq, sink, local, chunk)[2]) - lo) for n in sh.lens]
-    # The op scores a shard chunk only if the Lq query slots still fit after it (sink 0
-    # locally, local 0): chunks up to (cap - Lq - s0) // chunk; the rest, at most
-    # ceil(Lq / chunk), are added by hand.
-    seen = (cap - lq - s0) // chunk if cap >= s0 + lq else 0
-    cover = [min(o, seen) for o in owned]
-    tail = -(-lq // chunk)
-    n_blocks = -(-lq // query_block)
-    # One transfer per call: the op's per-sequence lengths, then the added candidates.
-    meta = _to_device([[s0 + c * chunk + lq] + [j if j < o else -1 for j in range(c, c + tail)]
-                       for c, o in zip(cover, owned)], q.device)
-    if any(cover):
-        # The lengths s0 + c * chunk + Lq lie in [Lq, cap] by the choice of c: no device read.
-        picked = ops.unchecked.select_chunks(
-            q.contiguous(), k_shard.contiguous(), meta[:, 0].to(torch.int32),
-            None if reps is None else reps.contiguous(), sink=s0, local=0, chunk=chunk,
-            topk=topk, query_block=query_block, rep=rep,
-            backend=ops.resolve_backend(backend, q)).long()
-    else:
-        picked = torch.full((b_, hkv, n_blocks, topk), -1, dtype=torch.int64, device=q.device)
-    cand = torch.cat([picked, meta[:, None, None, 1:].expand(-1, hkv, n_blocks, -1)], -1)
+    owned = [[max(0, min(hi, seg.n_mid) - lo) for seg in row] for row in segs]
+    first, lengths, keeps = _op_plan(owned, blocks, cap, s0, chunk)
+    width = max(o - k for keep, row in zip(keeps, owned) for o, k in zip(row, keep))
+    # One transfer per call: the op's lengths, then keep and owned per block.
+    meta = _to_device([[n] + keep + row for n, keep, row in zip(lengths, keeps, owned)],
+                      q.device)
+    keep, own = meta[:, 1:1 + n_blocks], meta[:, 1 + n_blocks:]  # [B, nb]
+    picked = torch.full((b_, hkv, n_blocks, topk), -1, dtype=torch.int64, device=q.device)
+    if first < n_blocks:
+        # The lengths lie in [Lq', cap] by the choice of L: no device read.
+        picked[:, :, first:] = ops.unchecked.select_chunks(
+            q[:, :, first * query_block:].contiguous(), k_shard.contiguous(),
+            meta[:, 0].to(torch.int32), None if reps is None else reps.contiguous(), sink=s0,
+            local=0, chunk=chunk, topk=topk, query_block=query_block, rep=rep,
+            backend=ops.resolve_backend(backend, q))
+        picked.masked_fill_(picked >= keep[:, None, :, None], -1)
+    added = keep[..., None] + torch.arange(width, device=q.device)  # [B, nb, width]
+    added = added.masked_fill(added >= own[..., None], -1)
+    cand = torch.cat([picked, added[:, None].expand(-1, hkv, -1, -1)], -1)
     scores = _candidate_scores(q, k_shard, reps, cand, s0, chunk, rep, query_block)
     order = _best_first(scores, cand)[..., :topk]
     ids = cand.gather(-1, order)
@@ -441,7 +502,9 @@ def _select(q, k_shard, reps, sh: _Shard, *, sink, local, chunk, topk, query_blo
     else:
         # lq=0, local=0: the candidates may reach the shard's last whole chunk.
         ops.check_reps(reps, k_shard, lq=0, sink=s0, local=0, chunk=chunk, rep=rep)
-    scores, best = _local_topk(q, k_shard, reps, sh, sink=sink, local=local, chunk=chunk,
+    blocks, segs = _block_segments(sh, q.shape[2], sink=sink, local=local, chunk=chunk,
+                                   query_block=query_block)
+    scores, best = _local_topk(q, k_shard, reps, sh, blocks, segs, sink=sink, chunk=chunk,
                                topk=topk, query_block=query_block, rep=rep, backend=backend)
     if sh.world > 1:  # one rank's top-k is already in merge order
         # One collective: ids travel bit-cast inside the score tensor.
@@ -451,12 +514,13 @@ def _select(q, k_shard, reps, sh: _Shard, *, sink, local, chunk, topk, query_blo
         all_scores = torch.cat([p[0] for p in parts], -1)
         all_ids = torch.cat([p[1].view(bits) for p in parts], -1).long()
         best = all_ids.gather(-1, _best_first(all_scores, all_ids)[..., :topk])
-    k_eff = [min(topk, segments(n, q.shape[2], sink, local, chunk)[2]) for n in sh.lens]
-    if min(k_eff) == topk:
+    k_eff = [[min(topk, seg.n_mid) for seg in row] for row in segs]
+    if min(map(min, k_eff)) == topk:
         return best.sort(dim=-1).values.to(torch.int32)
-    # Sequences with fewer than topk middle chunks keep their K_eff best; the rest is -1.
+    # Blocks with fewer than topk middle chunks keep their K_eff best; the rest is -1.
     pad = torch.iinfo(torch.int64).max
-    drop = _to_device(k_eff, q.device).view(-1, 1, 1, 1) <= torch.arange(topk, device=q.device)
+    drop = (_to_device(k_eff, q.device)[:, None, :, None]
+            <= torch.arange(topk, device=q.device))
     idx = best.masked_fill(drop, pad).sort(dim=-1).values
     return idx.masked_fill_(idx == pad, -1).to(torch.int32)
 
@@ -466,15 +530,18 @@ def _attend_shard(q, k_shard, v_shard, idx, sh: _Shard, *, inv_freq, sink, local
                   query_block, scale, rope_scale, rope_style, positions):
     """This rank's part of the attention: (out [B,Hq,Lq,D], lse [B,Hq,Lq]) in fp32/fp64.
 
-    Keys of the gathered sequence held here: the sink (rank 0), the selected chunks in
-    ``[lo, hi)``, and the local window's tokens in the shard. Positions are the global ones.
-    Queries that see no key here get lse -inf and out 0.
+    Keys of block beta's gathered sequence held here (docs/design.md section 2.6): the sink
+    (rank 0), the selected chunks in ``[lo, hi)``, and the tokens of the block's own local
+    window ``[mid_end_beta, P1]`` in the shard. Positions are the global ones. Queries that see
+    no key here get lse -inf and out 0.
 
-    Each query block's key row is [sink here | topk*chunk slots | local here]; a slot of a
-    chunk held elsewhere (or of -1 padding) is masked. Sequences whose rows have the same
-    layout (sink and local counts here, sink length) run together, over groups of query
-    blocks: every softmax then reduces over the same keys as block by block, in the same
-    order, so the rounding is the same.
+    Each query block's key row is [sink here | topk*chunk slots | width local slots]; a slot of
+    a chunk held elsewhere (or of -1 padding) is masked, and local slot i holds the block's
+    local token ``loc0 + i`` (``loc0 = max(shard start, mid_end_beta)``), masked from the
+    block's count of local tokens here on. ``width``, the most local tokens any block of the
+    sequence has here, is at most local + chunk - 1 + query_block whatever Lq is. Sequences
+    with the same row layout (sink here, width) run together, over groups of query blocks:
+    every block's softmax then reduces over the same keys as block by block, in the same order.
     """
     b_, hq, lq, d = q.shape
     hkv, cap = k_shard.shape[1], k_shard.shape[2]
@@ -484,58 +551,65 @@ def _attend_shard(q, k_shard, v_shard, idx, sh: _Shard, *, inv_freq, sink, local
     dev = q.device
     start = sh.start
     lo, hi = sh.layout.chunk_range(sh.rank, sink, chunk)
+    blocks, segs = _block_segments(sh, lq, sink=sink, local=local, chunk=chunk,
+                                   query_block=query_block)
+    n_blocks = len(blocks)
     out = torch.empty(b_, hkv, g, lq, d, dtype=acc, device=dev)
     lse = torch.empty(b_, hkv, g, lq, dtype=acc, device=dev)
-    # Per sequence: its first query, first local key here, and the compact-position shifts
-    # of its queries and local keys before the selected chunks' share (n_sel * chunk).
+    # Per sequence: its first query, then per block its mid_end, its first local token here
+    # and its number of local tokens here.
     layouts = {}
-    for b, n in enumerate(sh.lens):
-        sink_len, mid_end, _ = segments(n, lq, sink, local, chunk)
+    for b, (n, row) in enumerate(zip(sh.lens, segs)):
         end = min(start + cap, n)  # this shard's valid tokens: [start, end)
-        n_sink = max(0, min(sink_len, end) - start)
-        loc0 = max(start, mid_end)
         p0 = n - lq
-        layouts.setdefault((n_sink, max(0, end - loc0), sink_len), []).append(
-            (b, p0, loc0, p0 - mid_end + sink, loc0 - mid_end + sink))
+        loc0 = [max(start, seg.mid_end) for seg in row]
+        n_loc = [max(0, min(end, p0 + e) - first) for first, (_, e) in zip(loc0, blocks)]
+        layouts.setdefault((max(0, min(sink, end) - start), max(n_loc)), []).append(
+            [b, p0] + [seg.mid_end for seg in row] + loc0 + n_loc)
     offs = torch.arange(sink, sink + chunk, device=dev)
     heads = torch.arange(hkv, device=dev)[:, None, None]
     never = torch.iinfo(torch.int64).max  # the "original position" of a key not held here
-    for (n_sink, n_loc, sink_len), seqs in layouts.items():
-        meta = _to_device([list(col) for col in zip(*seqs)], dev)
-        bs, p0, loc0, q_shift, k_shift = meta.view(5, -1, 1, 1, 1).unbind(0)  # [Bs, 1, 1, 1]
+    for (n_sink, width), seqs in layouts.items():
+        meta = _to_device(seqs, dev)
+        p0 = meta[:, 1].view(-1, 1, 1, 1)  # [Bs, 1, 1, 1]
+        # [Bs, 1, nb, 1] each
+        mid_end, loc0, n_loc = meta[:, 2:].view(-1, 3, 1, n_blocks, 1).unbind(1)
+        bs = meta[:, 0].view(-1, 1, 1, 1)
         whole = len(seqs) == b_  # else: index_select/index_put on these sequences
-        q_seq = q if whole else q.index_select(0, meta[0])
-        idx_seq = idx if whole else idx.index_select(0, meta[0])
-        n_keys = n_sink + topk * chunk + n_loc
+        q_seq = q if whole else q.index_select(0, meta[:, 0])
+        idx_seq = idx if whole else idx.index_select(0, meta[:, 0])
+        n_keys = n_sink + topk * chunk + width
         per_query = len(seqs) * hq * n_keys * torch.finfo(acc).bits // 8  # its logits
         for s, e, nq in _block_groups(lq, query_block, per_query, dev):
             sel = idx_seq[:, :, s:e].long()  # [Bs, Hkv, nbg, topk], ascending, -1 padded
             nbg = e - s
             lead = sel.shape[:3]
             n_sel = (sel >= 0).sum(-1, keepdim=True) * chunk  # [Bs, Hkv, nbg, 1]
+            # Compact position of a local key or query at P: P - shift.
+            shift = mid_end[:, :, s:e] - sink - n_sel  # [Bs, Hkv, nbg, 1]
             ctok = sel.clamp(min=0)[..., None] * chunk + offs  # [Bs, Hkv, nbg, topk, C]
             away = ((sel < lo) | (sel >= hi))[..., None]
             tok = [ctok.flatten(-2)]  # global token ids, for the gather
             seen = [ctok.masked_fill(away, never).flatten(-2)]  # and for the causal mask
-            kpos = [torch.arange(sink_len, sink_len + topk * chunk, device=dev).expand(*lead, -1)]
+            # Slot i of the selection sits right after the sink whatever rank holds it (a
+            # block with a selection has the whole sink).
+            kpos = [torch.arange(sink, sink + topk * chunk, device=dev).expand(*lead, -1)]
             if n_sink:
                 sink_tok = torch.arange(start, start + n_sink, device=dev).expand(*lead, -1)
                 for part in (tok, seen, kpos):
                     part.insert(0, sink_tok)
-            if n_loc:
-                ar = torch.arange(n_loc, device=dev)
-                loc_tok = (loc0 + ar).expand(*lead, -1)
+            if width:
+                ar = torch.arange(width, device=dev)
+                loc_tok = (loc0[:, :, s:e] + ar).expand(*lead, -1)
                 tok.append(loc_tok)
-                seen.append(loc_tok)
-                kpos.append(k_shift + n_sel + ar)
+                seen.append(loc_tok.masked_fill(ar >= n_loc[:, :, s:e], never))
+                kpos.append(loc_tok - shift)
             tok, seen, kpos = (torch.cat(part, -1) for part in (tok, seen, kpos))
             q_off = torch.arange(s * query_block, s * query_block + nbg * nq,
                                  device=dev).view(nbg, nq)
             q_orig = p0 + q_off  # [Bs, 1, nbg, nq]
             if positions == "compact":
-                # Local keys and queries move by the same shift; slot i of the selection
-                # sits right after the sink whatever rank holds it.
-                qpos = q_shift + n_sel + q_off
+                qpos = q_orig - shift  # [Bs, Hkv, nbg, nq]
             else:
                 kpos, qpos = tok, q_orig
             qpos = qpos[..., None, :].expand(-1, hkv, -1, g, -1).flatten(3)  # rows (g, i)
@@ -562,7 +636,7 @@ def _attend_shard(q, k_shard, v_shard, idx, sh: _Shard, *, inv_freq, sink, local
                 if whole:
                     dst.copy_(src)
                 else:
-                    dst[meta[0]] = src
+                    dst[meta[:, 0]] = src
     return out.flatten(1, 2), lse.flatten(1, 2)
 
 

@@ -1,14 +1,19 @@
 """Shared fixtures: the backend list and how each one is skipped or required.
 
 Set REATTENTION_REQUIRE=cpu,triton (CI does) to turn a skip of those backends into a
-failure, so a broken build can never pass as "skipped".
+failure, so a broken build can never pass as "skipped". On a machine without a GPU the
+Triton kernels run in Triton's interpreter (TRITON_INTERPRET=1, set here unless given).
 """
 import os
 
 import pytest
 import torch
 
-from reattention import ops
+if not torch.cuda.is_available():
+    # Read when the kernels are decorated, so before reattention imports them.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from reattention import ops  # noqa: E402
 
 PARITY_BACKENDS = ["reference", "cpu", "triton", "cuda"]
 

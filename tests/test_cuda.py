@@ -13,10 +13,11 @@ import torch
 
 import reattention
 from reattention import layout, ops, reference
-from reattention.testing import (Case, assert_close_rule, assert_selection_equivalent,
-                                 lowp_attention, make_inputs)
+from reattention.testing import (NOISE, Case, assert_close_rule, assert_selection_equivalent,
+                                 lowp_attention, make_inputs, max_err)
 
 from conftest import needs_cpp_error_path, require
+from test_select_chunks import check_identical_chunks, identical_chunks_case
 
 pytestmark = pytest.mark.gpu
 
@@ -219,7 +220,7 @@ def test_gather_attention(case, dtype, style, positions, rope_scale):
         assert_close_rule(out, other.float(), low, dtype, "out vs triton")
 
 
-def select_then_attend(case, rep, q, k, v, lens, inv_freq):
+def select_then_attend(case, rep, q, k, v, lens, inv_freq, positions="compact"):
     """The whole CUDA path (reps, selection, attention), each stage checked."""
     reps = None
     if rep != "max":
@@ -230,8 +231,9 @@ def select_then_attend(case, rep, q, k, v, lens, inv_freq):
                                     backend="cuda", **kw)
     check_selection(q, k, reps, lens, case, rep, idx)
     out, lse = reattention.gather_attention(q, k, v, idx, lens, inv_freq=inv_freq,
-                                            backend="cuda", **kw)
-    check_attention(case, q, k, v, lens, idx, inv_freq, out, lse, 1 / math.sqrt(case.d))
+                                            positions=positions, backend="cuda", **kw)
+    check_attention(case, q, k, v, lens, idx, inv_freq, out, lse, 1 / math.sqrt(case.d),
+                    positions=positions)
 
 
 @pytest.mark.parametrize("rep", ["max", "bound", "mean"])  # fastest: one cache per case
@@ -239,6 +241,85 @@ def select_then_attend(case, rep, q, k, v, lens, inv_freq):
 def test_long_cache(case, rep):
     """Selection then attention at up to 1M tokens, batch 3 of different lengths."""
     select_then_attend(case, rep, *long_inputs(case))
+
+
+# --------------------------------------------------------------------------- contract v2
+# Calls much longer than the local window: every query block has its own middle, K_eff, local
+# window [mid_end, P1] and compact shift (docs/design.md section 2), in both attention kernels.
+#        b  hq hkv  lq    nmax    d  sink local chunk topk qb
+V2 = [
+    Case(2, 8, 2, 700, 3000, 128, 16, 64, 16, 8, 64, lens=(3000, 1200)),     # 11 blocks, GQA 4
+    Case(2, 8, 2, 700, 3000, 128, 16, 64, 16, 8, 128, lens=(2999, 777)),     # 6 blocks, last 60
+    Case(3, 4, 4, 700, 2500, 64, 4, 64, 8, 16, 64, lens=(2500, 700, 1501)),  # N = Lq: dense first
+    Case(1, 16, 2, 700, 4000, 256, 8, 64, 32, 4, 128),                       # D 256, 8 row tiles
+    Case(2, 4, 1, 700, 3000, 64, 0, 64, 17, 12, 4, lens=(3000, 2222)),       # 16 rows: decode
+]                                                                            # kernel, 175 blocks
+V2_IDS = [c.id for c in V2]
+
+
+@pytest.mark.parametrize("positions", ["compact", "original"])
+@pytest.mark.parametrize("rep", ["max", "bound", "mean"])
+@pytest.mark.parametrize("case", V2, ids=V2_IDS)
+def test_v2_long_call(case, rep, positions):
+    """Selection and attention of a 700-query call against the v2 reference."""
+    select_then_attend(case, rep, *cuda_inputs(case, torch.bfloat16), positions=positions)
+
+
+@pytest.mark.parametrize("rep", ["max", "bound"])
+@pytest.mark.parametrize("case", V2, ids=V2_IDS)
+def test_v2_call_equals_per_block_calls(case, rep):
+    """One call returns what its blocks return as calls of their own (cache_seqlens = P1 + 1):
+    the same selection bit for bit (a chunk's score depends only on its data and the block's
+    rows), and the same output up to the rounding of a different key split."""
+    q, k, v, lens, inv_freq = cuda_inputs(case, torch.bfloat16)
+    lens = ops.check_seqlens(lens, k, case.lq)
+    reps = None if rep == "max" else reattention.chunk_reps(
+        k, lens, sink=case.sink, chunk=case.chunk, rep=rep, backend="cuda")
+    kw = dict(sink=case.sink, local=case.local, chunk=case.chunk, query_block=case.query_block,
+              backend="cuda")
+    idx = reattention.select_chunks(q, k, lens, reps=reps, topk=case.topk, rep=rep, **kw)
+    out, lse = reattention.gather_attention(q, k, v, idx, lens, inv_freq=inv_freq, **kw)
+    for beta, (s, e) in enumerate(layout.query_blocks(case.lq, case.query_block)):
+        blens = lens - case.lq + e
+        qb = q[:, :, s:e].contiguous()
+        one_idx = reattention.select_chunks(qb, k, blens, reps=reps, topk=case.topk, rep=rep, **kw)
+        assert torch.equal(one_idx, idx[:, :, beta:beta + 1]), f"block {beta}"
+        one, one_lse = reattention.gather_attention(qb, k, v, one_idx, blens, inv_freq=inv_freq,
+                                                    **kw)
+        noise = NOISE[torch.bfloat16] * max(1.0, one.float().abs().max().item())
+        assert max_err(out[:, :, s:e], one) <= noise, f"block {beta}"
+        assert max_err(lse[:, :, s:e], one_lse) <= 1e-4 * max(1.0, one_lse.abs().max().item())
+
+
+# Exact ties on every scoring path: decode with >= 4096 chunks (bound/mean fuse the top-k into
+# the scoring kernel), the many-rows GEMM kernel with chunk 17 (chunks straddle column tiles),
+# and few-rows blocks of D 256 in a 9-query call.
+TIES = [
+    dict(hq=8, hkv=2, lq=1, query_block=1, n_chunks=5000, d=64, sink=5, local=24, chunk=8),
+    dict(hq=8, hkv=2, lq=70, query_block=32, n_chunks=700, d=128, sink=3, local=40, chunk=17),
+    dict(hq=4, hkv=1, lq=9, query_block=2, n_chunks=900, d=256, sink=0, local=16, chunk=16),
+]
+
+
+@pytest.mark.parametrize("rep", ["max", "bound", "mean"])
+@pytest.mark.parametrize("shape", TIES, ids=lambda t: f"Lq{t['lq']}-Q{t['query_block']}-D{t['d']}")
+def test_identical_chunks_tie_low(shape, rep):
+    """34 bit-identical chunks score bit-identically wherever they fall (tile, warp, CTA chunk
+    range, fused top-k candidates), so each block takes the lowest-index ones."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    q, k, copies = identical_chunks_case(**shape)
+    q, k = q.cuda(), k.cuda()
+    require("cuda", q)
+    seg = dict(sink=shape["sink"], local=shape["local"], chunk=shape["chunk"])
+    reps = None if rep == "max" else reattention.chunk_reps(
+        k, sink=shape["sink"], chunk=shape["chunk"], rep=rep, backend="cuda")
+    for topk in (1, 7, 33, 34):
+        idx = reattention.select_chunks(q, k, reps=reps, topk=topk,
+                                        query_block=shape["query_block"], rep=rep,
+                                        backend="cuda", **seg)
+        check_identical_chunks(idx, q, k, reps, copies, topk=topk,
+                               query_block=shape["query_block"], rep=rep, **seg)
 
 
 def test_strided_cache_seqlens_on_direct_op_calls():

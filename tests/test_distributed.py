@@ -3,8 +3,8 @@
 One spawn of 3 gloo processes runs every multi-rank case (3-rank cases on the world group,
 2-rank cases on a subgroup of ranks 0 and 1, which also exercises ``group=``) and the CPU
 smoke run of bench/bench_cp.py; each case's test then asserts on what the ranks recorded:
-the same selection as one process, outputs to fp32 rounding (the STYLE.md rule for bf16),
-and identical results on every rank.
+the same selection as one process, outputs to fp32 rounding (for bf16, the tolerance rule of
+docs/design.md section 2.10), and identical results on every rank.
 """
 from __future__ import annotations
 
@@ -68,6 +68,12 @@ DENSE = Case(1, 4, 2, 9, 200, 32, 8, 64, 16, 16, 4)  # M <= topk: dense attentio
 # on ranks 0 and 1, so each rank runs sequences of different key layouts separately;
 # 37 queries are 4 whole blocks of 8 and one of 5.
 VAR3 = Case(3, 6, 2, 37, 900, 32, 8, 64, 16, 4, 8, lens=(900, 500, 120))
+# Lq far above local: every query block has its own middle and local window, and late blocks
+# may select chunks the call itself wrote. 300 queries are 4 blocks of 64 and one of 44, or
+# 8 blocks of 37 and one of 4; the 333-token sequence's first block has no middle at all.
+LONG64 = Case(2, 6, 2, 300, 700, 32, 4, 24, 8, 3, 64, lens=(700, 333))
+LONG37 = Case(2, 6, 2, 300, 700, 32, 4, 24, 8, 3, 37, lens=(700, 333))
+LONG_GQA7 = Case(1, 7, 1, 300, 611, 64, 4, 24, 8, 3, 37)
 
 CP_CASES = [
     CPCase(DECODE, "max", 2),
@@ -90,11 +96,26 @@ CP_CASES = [
     CPCase(VAR3, "max", 3, rope=("interleaved", "original", 1.0)),
     # A budget of one block per group: the whole blocks run in four groups, not one.
     CPCase(VAR3, "mean", 2, group_bytes=1),
+    CPCase(LONG64, "max", 3),
+    CPCase(LONG64, "bound", 2, rope=("interleaved", "original", 1.0)),
+    # Rank 1 holds [300, 500): the call's queries start at 400 (and at 33 in the short
+    # sequence), so its first blocks own no chunk there and later ones own more and more.
+    CPCase(LONG64, "mean", 3, starts=(0, 300, 500)),
+    CPCase(LONG37, "max", 3, starts=(0, 300, 500), rope=("half", "original", 1.0)),
+    CPCase(LONG37, "bound", 3),
+    # Rank 1 holds 56 tokens, fewer than the 300 queries: its chunks are all added by hand.
+    CPCase(LONG37, "mean", 3, starts=(0, 452, 508)),
+    CPCase(LONG37, "max", 2, group_bytes=1),
+    CPCase(LONG_GQA7, "bound", 3, rope=("half", "compact", 1.25)),
+    CPCase(LONG_GQA7, "mean", 2, starts=(0, 396)),
     CPCase(DECODE, "max", 3, dtype=torch.bfloat16),
     CPCase(PREFILL, "bound", 2, dtype=torch.bfloat16),
     CPCase(DECODE, "bound", 3, backend="cpu"),
     CPCase(PREFILL, "max", 2, backend="cpu"),
     CPCase(ODD, "mean", 3, backend="cpu"),
+    CPCase(LONG64, "bound", 3, backend="cpu"),
+    CPCase(LONG37, "max", 3, starts=(0, 300, 500), backend="cpu"),
+    CPCase(LONG_GQA7, "mean", 2, backend="cpu", rope=("interleaved", "original", 1.0)),
 ]
 BENCH_ARGS = ["--tiny", "--iters", "2", "--warmup", "1", "--reps", "bound"]
 
@@ -106,6 +127,8 @@ GPU_CASES = [
     CPCase(PREFILL, "max", 0, backend="cuda", dtype=torch.bfloat16),
     CPCase(PREFILL, "mean", 0, backend="triton", dtype=torch.bfloat16),
     CPCase(DECODE, "max", 0, backend="triton", dtype=torch.float16),
+    CPCase(LONG_GQA7, "bound", 0, backend="cuda", dtype=torch.bfloat16),
+    CPCase(LONG_GQA7, "max", 0, backend="triton", dtype=torch.bfloat16),
 ]
 
 
@@ -131,7 +154,7 @@ def _run_case(c: CPCase, rank: int, group, device) -> dict:
                out_err=(out.double() - ref.double()).abs().max().item(),
                lse_err=(lse.double() - ref_lse.double()).abs().max().item())
     # A kernel backend scores in its own arithmetic; the CP merge re-scores candidates as the
-    # reference does, so they may differ at near-ties only (DESIGN.md).
+    # reference does, so they may differ at near-ties only (docs/design.md section 2.10).
     scores = reattention.reference.chunk_scores_ref(
         q.cpu(), k.cpu(), None if c.rep == "max" else reattention.chunk_reps(
             k.cpu(), None if lens is None else lens.cpu(), sink=case.sink, chunk=case.chunk,
@@ -149,7 +172,8 @@ def _run_case(c: CPCase, rank: int, group, device) -> dict:
     dist.all_gather(parts, mine, group=group)
     res["ranks_identical"] = all(torch.equal(p, parts[0]) for p in parts)
     if c.dtype != torch.float32:
-        # STYLE.md rule against the fp32 reference on the same selection.
+        # The tolerance rule (docs/design.md section 2.10) against the fp32 reference on the
+        # same selection.
         scale = 1 / math.sqrt(case.d)
         f32, _ = reattention.reference.gather_attention_ref(
             q.float(), k.float(), v.float(), lens, idx, inv_freq, case.sink, case.local,
@@ -284,6 +308,53 @@ def test_one_rank_without_distributed_equals_single_device():
                                                 return_lse=True, **kw)
     assert (out - ref).abs().max().item() <= NOISE[torch.float32]
     assert (lse - ref_lse).abs().max().item() <= NOISE[torch.float32]
+
+
+@pytest.mark.parametrize("case,starts", [
+    (LONG37, (0, 300, 500)),
+    (LONG64, (0, 452, 508)),
+    (LONG_GQA7, (0, 396)),
+    (LONG64, (0,)),
+    (PREFILL, (0, 552, 600)),
+    (VAR3, (0, 328, 616)),
+], ids=lambda x: "at" + "_".join(map(str, x[1:])) if isinstance(x, tuple) else x.id)
+def test_op_plan_scores_only_selectable_chunks(case, starts):
+    """Asked for every chunk it scores (topk = all), the shard's select_chunks op, run as
+    _op_plan says, scores exactly the shard chunks [0, keep) of each block whose picks are
+    kept, all selectable by the block; [keep, owned) is added by hand, and stays small."""
+    q, k, _, lens, _ = make_inputs(case, torch.float32)
+    layout = CPLayout(starts, case.nmax)
+    glens = [case.nmax] * case.b if lens is None else lens.tolist()
+    seg = dict(sink=case.sink, local=case.local, chunk=case.chunk, query_block=case.query_block)
+    for rank in range(layout.world_size):
+        sh = distributed._Shard(layout, None, rank, layout.world_size, glens)
+        blocks, segs = distributed._block_segments(sh, case.lq, **seg)
+        lo, hi = layout.chunk_range(rank, case.sink, case.chunk)
+        s0 = layout.shard_sink(rank, case.sink)
+        ks = layout.shard(k, rank)
+        owned = [[max(0, min(hi, s.n_mid) - lo) for s in row] for row in segs]
+        first, lengths, keeps = distributed._op_plan(owned, blocks, ks.shape[2], s0, case.chunk)
+        added = max(o - kp for keep, row in zip(keeps, owned) for o, kp in zip(row, keep))
+        assert added <= -(-case.lq // case.chunk) + 1, (rank, added)
+        if layout.world_size == 1:  # one shard: the op alone selects
+            assert keeps == owned
+        if rank == layout.world_size - 1:  # the op serves the newest shard's blocks
+            assert any(map(any, keeps))
+        if first == len(blocks):
+            continue
+        every = ks.shape[2] // case.chunk
+        scored = reattention.select_chunks(
+            q[:, :, blocks[first][0]:], ks, torch.tensor(lengths, dtype=torch.int32),
+            sink=s0, local=0, chunk=case.chunk, topk=every, query_block=case.query_block,
+            rep="max", backend="reference")
+        for b, (keep, row) in enumerate(zip(keeps, owned)):
+            assert keep[:first] == [0] * first
+            for beta in range(first, len(blocks)):
+                got = scored[b, :, beta - first]
+                m = int((got[0] >= 0).sum())
+                assert keep[beta] in (0, m) and keep[beta] <= row[beta], (rank, b, beta)
+                if keep[beta]:
+                    assert torch.equal(got[:, :m], torch.arange(m).expand(case.hkv, -1).int())
 
 
 def test_chunk_reps_cp_incremental():

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import reattention
-from reattention import reference
+from reattention import layout, reference
 from reattention.testing import assert_selection_equivalent, make_inputs
 
 from cases import CASES, IDS
@@ -68,3 +68,66 @@ def test_select_chunks_many_chunks(backend, rep="bound"):
     args = (*cpu, sink, local, chunk)
     ref = reference.select_chunks_ref(*args, 100, rep, 1)
     assert_selection_equivalent(idx, ref, reference.chunk_scores_ref(*args, rep, 1))
+
+
+def identical_chunks_case(hq, hkv, lq, query_block, n_chunks, d, sink, local, chunk, seed=0):
+    """bf16 q [1, Hq, Lq, D], k [1, Hkv, N, D] and the set of 34 middle chunks of k that are
+    bit-identical copies of one chunk outscoring every other chunk under every rep (its keys
+    lean on dim 0, where every query is positive). N - Lq = sink + n_chunks*chunk + local +
+    chunk // 2, so the call's first block has n_chunks middle chunks; up to two copies lie past
+    them, in the middle of later blocks only (contract v2)."""
+    g = torch.Generator().manual_seed(seed)
+    n = sink + n_chunks * chunk + local + chunk // 2 + lq
+    blocks = layout.query_blocks(lq, query_block)
+    m_first, m_last = (layout.block_segments(n, lq, s, e, sink, local, chunk).n_mid
+                       for s, e in (blocks[0], blocks[-1]))
+    late = list(range(m_first, m_last, 2))[:2]
+    early = torch.randperm(m_first - 10, generator=g)[:34 - len(late)].tolist()
+    copies = set(early) | set(late)
+    q = torch.randn(1, hq, lq, d, generator=g)
+    q[..., 0] = q[..., 0].abs() + 2
+    k = torch.randn(1, hkv, n, d, generator=g)
+    hot = torch.randn(hkv, chunk, d, generator=g)
+    hot[..., 0] += 60
+    for j in copies:
+        k[0, :, sink + j * chunk: sink + (j + 1) * chunk] = hot
+    return q.bfloat16(), k.bfloat16(), copies
+
+
+def check_identical_chunks(idx, q, k, reps, copies, sink, local, chunk, topk, query_block, rep):
+    """Among the copies each block may select (j < its M), exactly the lowest-index ones are
+    chosen (ties go low), and the whole selection matches the reference."""
+    cpu = [None if t is None else t.cpu() for t in (q, k, reps)]
+    args = (*cpu, None, sink, local, chunk)
+    ref = reference.select_chunks_ref(*args, topk, rep, query_block)
+    assert_selection_equivalent(idx, ref, reference.chunk_scores_ref(*args, rep, query_block))
+    n, lq = k.shape[2], q.shape[2]
+    for beta, (s, e) in enumerate(layout.query_blocks(lq, query_block)):
+        m = layout.block_segments(n, lq, s, e, sink, local, chunk).n_mid
+        want = [j for j in sorted(copies) if j < m][:topk]
+        for h in range(k.shape[1]):
+            got = [j for j in idx[0, h, beta].tolist() if j in copies]
+            assert got == want, (rep, topk, beta, h, got, want)
+
+
+@pytest.mark.parametrize("backend", PARITY_BACKENDS)
+@pytest.mark.parametrize("rep", ["max", "bound", "mean"])
+@pytest.mark.parametrize("lq,query_block", [(1, 1), (40, 16)])
+def test_select_chunks_identical_chunks(lq, query_block, rep, backend):
+    """34 bit-identical chunks among random ones score bit-identically, so the lowest indices
+    win, whatever tile, split or block they fall in. Two copies lie past the first block's
+    middle: only the later blocks of the 40-query call may select them (contract v2)."""
+    sink, local, chunk = 5, 24, 8
+    q, k, copies = identical_chunks_case(8, 2, lq, query_block, 300, 64, sink, local, chunk)
+    dev = device_for(backend)
+    q, k = q.to(dev), k.to(dev)
+    require(backend, q)
+    reps = None
+    if rep != "max":
+        reps = reattention.chunk_reps(k, sink=sink, chunk=chunk, rep=rep, backend="reference")
+    for topk in (1, 7, 33, 34):
+        idx = reattention.select_chunks(q, k, reps=reps, sink=sink, local=local, chunk=chunk,
+                                        topk=topk, query_block=query_block, rep=rep,
+                                        backend=backend)
+        check_identical_chunks(idx, q, k, reps, copies, sink, local, chunk, topk, query_block,
+                               rep)

@@ -59,7 +59,7 @@ def _chunk_reps_kernel(k_ptr, seqlens_ptr, reps_ptr,
 
 @triton_op("reattention::chunk_reps_triton", mutates_args={"reps"})
 def chunk_reps_triton(k_cache: torch.Tensor, cache_seqlens: torch.Tensor, reps: torch.Tensor,
-                      sink: int, chunk: int, mode: str, start_chunk: int) -> None:
+                      sink: int, chunk: int, rep: str, start_chunk: int) -> None:
     """Fill ``reps`` in place for the complete chunks ``j >= start_chunk`` (Triton).
 
     Parameters
@@ -69,7 +69,7 @@ def chunk_reps_triton(k_cache: torch.Tensor, cache_seqlens: torch.Tensor, reps: 
     reps : "bound" [B, Hkv, n_chunks, 2, D] (min, max) or "mean" [B, Hkv, n_chunks, D], in the
         cache dtype, last dim contiguous; chunk j covers tokens [sink + j*chunk, ... + chunk).
     sink, chunk : segment sizes (chunk >= 1).
-    mode : "bound" or "mean".
+    rep : "bound" or "mean".
     start_chunk : first chunk index to (re)compute.
 
     Example
@@ -77,8 +77,8 @@ def chunk_reps_triton(k_cache: torch.Tensor, cache_seqlens: torch.Tensor, reps: 
     >>> reps = k.new_empty(1, 8, (k.shape[2] - 64) // 64, 2, 128)
     >>> torch.ops.reattention.chunk_reps_triton(k, lens, reps, 64, 64, "bound", 0)
     """
-    if mode not in ("bound", "mean"):
-        raise ValueError(f"mode must be 'bound' or 'mean' for chunk_reps, got {mode!r}")
+    if rep not in ("bound", "mean"):
+        raise ValueError(f"rep must be 'bound' or 'mean' for chunk_reps, got {rep!r}")
     b, h, _, d = k_cache.shape
     n_chunks = reps.shape[2]
     todo = n_chunks - start_chunk
@@ -92,7 +92,7 @@ def chunk_reps_triton(k_cache: torch.Tensor, cache_seqlens: torch.Tensor, reps: 
     block_j = min(16 if on_gpu else 256, triton.next_power_of_2(todo))
     block_d = triton.next_power_of_2(d)
     n_tiles = triton.cdiv(todo, block_j)
-    bound = mode == "bound"
+    bound = rep == "bound"
     stride_rs = reps.stride(3) if bound else 0
     wrap_triton(_chunk_reps_kernel)[(n_tiles * b * h,)](
         k_cache, cache_seqlens, reps,
@@ -103,5 +103,5 @@ def chunk_reps_triton(k_cache: torch.Tensor, cache_seqlens: torch.Tensor, reps: 
 
 
 @chunk_reps_triton.register_fake
-def _chunk_reps_triton_fake(k_cache, cache_seqlens, reps, sink, chunk, mode, start_chunk):
+def _chunk_reps_triton_fake(k_cache, cache_seqlens, reps, sink, chunk, rep, start_chunk):
     return None

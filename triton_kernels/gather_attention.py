@@ -1,12 +1,16 @@
 """Triton gather-attention: [sink | selected chunks | local] with RoPE applied in the kernel.
 
-Per (b, kv head h, query block beta) the gathered sequence is r = 0 .. L-1 with
-    r <  n_sink                 -> token t = r                         (sink)
+Each query block beta (queries [s, e) of the call, s = beta * query_block) is handled as a call
+of its own (docs/design.md section 2): its queries sit at P0 = N_b - Lq + s .. P1 = N_b - Lq +
+e - 1, it sees the keys [0, P1] and has its own mid_end = S + C * (max(0, P0 - W - S) // C).
+Per (b, kv head h, beta) the gathered sequence is r = 0 .. L-1 with
+    r <  n_sink                 -> token t = r                         (sink, n_sink = min(S, P1+1))
     r <  n_sink + K*C           -> token t = S + idx[slot]*C + offset  (selected chunks)
-    otherwise                   -> token t = mid_end + (r - n_sink - K*C)  (local window)
+    otherwise                   -> token t = mid_end + (r - n_sink - K*C)  (local window, to P1)
 where K is the number of valid (>= 0) entries of idx. Key r sits at position r ("compact") or
 t ("original"); a query at original P sits at P - mid_end + S + K*C or P. A key is visible iff
 t <= P (original positions), so the local window is causal and everything before it is not.
+L <= S + topk*C + W + C - 1 + query_block, whatever Lq is.
 
 Tiling: one program per (b, h, beta, row tile, key split). The rows of a tile are the
 (query i, q head g of h's group) pairs, row = i * G + g, so the GQA group shares every K/V
@@ -20,12 +24,11 @@ in base 2; lse out in natural log.
 
 Decode (few rows per (b, h)): the gathered keys are split across programs (flash-decoding);
 each writes a normalised partial output and its base-2 lse, and a merge kernel combines them.
-Prefill ("compact" positions, >= 4 query blocks x row tiles per kv head): sink and local keys
-have the same compact positions in every query block (K_eff is per sequence), so
-_rotate_keys_kernel rotates them, and each block's chunks, once into a workspace
-[B*Hkv, n_blocks*topk*C + S + local rows, R] that the attention loop reads instead of
-computing sin/cos per (block, row tile) program. A block whose idx holds fewer than K_eff
-chunks (a hand-made idx) falls back to rotating in the loop.
+Prefill (a block's rows span >= 2 row tiles): every row tile of a block would compute the same
+sin/cos for the same gathered keys, so _rotate_keys_kernel rotates each block's gathered
+sequence once, by the same token map, into a workspace [B*Hkv*n_blocks, L_max, R] that the
+attention loop reads instead. (Blocks cannot share rotated keys: a local token sits at another
+compact position in every block, since each block has its own mid_end.)
 Launch shapes depend only on tensor shapes, so a decode step is CUDA-graph capturable.
 """
 from __future__ import annotations
@@ -39,8 +42,8 @@ from triton.language.extra import libdevice
 from .select_chunks import _dot
 
 _LOG2E = 1.4426950408889634
-# Pre-rotate keys when at least this many (query block, row tile) programs share a kv head.
-_PREROTATE_MIN_PROGRAMS = 4
+# Pre-rotate a block's keys when at least this many row-tile programs would rotate them.
+_PREROTATE_MIN_PROGRAMS = 2
 
 
 @triton.jit
@@ -59,12 +62,37 @@ def _rotate(x1, x2, pos, inv_freq, rope_scale, ACCURATE: tl.constexpr):
 
 
 @triton.jit
-def _segments(seqlens_ptr, b, lq, sink, local, chunk, topk):
-    # (n, p0, mid_end, n_sink, K_eff) of sequence b, DESIGN.md section 2.
-    n = tl.load(seqlens_ptr + b)
-    p0 = n - lq
+def _segments(seqlens_ptr, b, beta, lq, query_block, sink, local, chunk):
+    # Query block beta of sequence b as a call of its own (docs/design.md section 2): (n, p0,
+    # mid_end, n_sink) with n = P1 + 1 the keys it sees and p0 its first query's position.
+    q_row0 = beta * query_block
+    p0 = tl.load(seqlens_ptr + b) - lq + q_row0
+    n = p0 + tl.minimum(query_block, lq - q_row0)
     m = tl.maximum(p0 - local - sink, 0) // chunk
-    return n, p0, sink + m * chunk, tl.minimum(sink, n), tl.minimum(topk, m)
+    return n, p0, sink + m * chunk, tl.minimum(sink, n)
+
+
+@triton.jit
+def _selection(idx_row, topk, n_sink, chunk, BLOCK_K: tl.constexpr):
+    # End of the selected chunks in the gathered sequence, from idx's valid (>= 0) entries.
+    offs_k = tl.arange(0, BLOCK_K)
+    sel = tl.load(idx_row + offs_k, mask=offs_k < topk, other=-1)
+    n_sel = tl.sum((sel >= 0).to(tl.int32), axis=0)
+    return n_sel, n_sink + n_sel * chunk
+
+
+@triton.jit
+def _key_tokens(r, r_ok, idx_row, n, mid_end, n_sink, sel_end, sink, chunk):
+    # Token t of each gathered key r (the map in the header), clamped into [0, n): a malformed
+    # idx (-1 before a chunk id, an id past the middle) gives a wrong result, never a read
+    # outside the keys the block sees; a valid one never needs the clamp.
+    in_sel = (r >= n_sink) & (r < sel_end)
+    rel = r - n_sink
+    slot = tl.where(in_sel, rel // chunk, 0)
+    j = tl.load(idx_row + slot, mask=in_sel & r_ok, other=0)
+    t = tl.where(r < n_sink, r,
+                 tl.where(in_sel, sink + j * chunk + (rel - slot * chunk), mid_end + (r - sel_end)))
+    return tl.where(r_ok, tl.minimum(tl.maximum(t, 0), n - 1), 0)
 
 
 @triton.jit
@@ -83,46 +111,44 @@ def _pair_columns(half_rot, BLOCK_R: tl.constexpr, INTERLEAVED: tl.constexpr):
 @triton.jit
 def _rotate_keys_kernel(k_ptr, seqlens_ptr, idx_ptr, inv_freq_ptr, kr_ptr,
                         stride_kb, stride_kh, stride_kn, stride_ib, stride_ih, stride_iblk,
-                        n_kv_heads, lq, topk, sink, local, chunk, half_rot, rows_sel, rows_all,
-                        n_tiles, rope_scale,
-                        BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-                        INTERLEAVED: tl.constexpr, ACCURATE: tl.constexpr):
-    # Workspace rows per (b, h): [block beta's chunk slots, topk*C each | sink | local].
-    # Row -> (token t, compact position); stores the rotated pair halves side by side.
+                        n_kv_heads, lq, query_block, n_blocks, topk, sink, local, chunk,
+                        half_rot, l_max, n_tiles, rope_scale,
+                        BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+                        INTERLEAVED: tl.constexpr, ORIGINAL: tl.constexpr,
+                        ACCURATE: tl.constexpr):
+    # Workspace rows of (b, h, beta): the block's gathered keys r = 0 .. L-1, rotated at
+    # position r ("compact") or t ("original"), the two pair halves side by side.
     pid = tl.program_id(0)
     tile = pid % n_tiles
-    bh = pid // n_tiles
+    rest = pid // n_tiles
+    beta = rest % n_blocks
+    bh = rest // n_blocks
     b = bh // n_kv_heads
     h = bh % n_kv_heads
-    n, p0, mid_end, n_sink, k_eff = _segments(seqlens_ptr, b, lq, sink, local, chunk, topk)
-    row = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-    per_block = topk * chunk
-    is_sel = row < rows_sel
-    beta = row // per_block
-    w = row - beta * per_block
-    slot = w // chunk
-    j = tl.load(idx_ptr + b.to(tl.int64) * stride_ib + h * stride_ih + beta * stride_iblk + slot,
-                mask=is_sel, other=-1)
-    e = row - rows_sel
-    is_sink = (~is_sel) & (e < sink)
-    t = tl.where(is_sel, sink + j * chunk + (w - slot * chunk),
-                 tl.where(is_sink, e, mid_end + (e - sink)))
-    pos = tl.where(is_sel, n_sink + w, tl.where(is_sink, e, n_sink + k_eff * chunk + (e - sink)))
-    ok = tl.where(is_sel, j >= 0, tl.where(is_sink, e < n_sink, t < n)) & (row < rows_all)
-    # A chunk id past the sequence's middle (a malformed idx) stays inside the cache.
-    t = tl.where(ok, tl.minimum(t, n - 1), 0)
-    offs_r, r_cols, c1, c2 = _pair_columns(half_rot, BLOCK_R, INTERLEAVED)
-    k_rows = k_ptr + b.to(tl.int64) * stride_kb + h * stride_kh \
-        + t.to(tl.int64)[:, None] * stride_kn
-    m = ok[:, None] & r_cols[None, :]
-    x1 = tl.load(k_rows + c1[None, :], mask=m, other=0.0).to(tl.float32)
-    x2 = tl.load(k_rows + c2[None, :], mask=m, other=0.0).to(tl.float32)
-    inv_freq = tl.load(inv_freq_ptr + offs_r, mask=r_cols, other=0.0)
-    x1, x2 = _rotate(x1, x2, pos, inv_freq, rope_scale, ACCURATE)
-    dst = kr_ptr + (bh.to(tl.int64) * rows_all + row)[:, None] * (2 * half_rot) + offs_r[None, :]
-    dtype = kr_ptr.dtype.element_ty
-    tl.store(dst, x1.to(dtype), mask=m)
-    tl.store(dst + half_rot, x2.to(dtype), mask=m)
+    n, p0, mid_end, n_sink = _segments(seqlens_ptr, b, beta, lq, query_block, sink, local, chunk)
+    idx_row = idx_ptr + b.to(tl.int64) * stride_ib + h * stride_ih + beta * stride_iblk
+    n_sel, sel_end = _selection(idx_row, topk, n_sink, chunk, BLOCK_K)
+    length = tl.minimum(sel_end + tl.maximum(n - mid_end, 0), l_max)
+    if tile * BLOCK_N < length:
+        r = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        r_ok = r < length
+        t = _key_tokens(r, r_ok, idx_row, n, mid_end, n_sink, sel_end, sink, chunk)
+        offs_r, r_cols, c1, c2 = _pair_columns(half_rot, BLOCK_R, INTERLEAVED)
+        k_rows = k_ptr + b.to(tl.int64) * stride_kb + h * stride_kh \
+            + t.to(tl.int64)[:, None] * stride_kn
+        m = r_ok[:, None] & r_cols[None, :]
+        x1 = tl.load(k_rows + c1[None, :], mask=m, other=0.0).to(tl.float32)
+        x2 = tl.load(k_rows + c2[None, :], mask=m, other=0.0).to(tl.float32)
+        inv_freq = tl.load(inv_freq_ptr + offs_r, mask=r_cols, other=0.0)
+        if ORIGINAL:
+            x1, x2 = _rotate(x1, x2, t, inv_freq, rope_scale, ACCURATE)
+        else:
+            x1, x2 = _rotate(x1, x2, r, inv_freq, rope_scale, ACCURATE)
+        dst = kr_ptr + ((bh * n_blocks + beta).to(tl.int64) * l_max + r)[:, None] * (2 * half_rot) \
+            + offs_r[None, :]
+        dtype = kr_ptr.dtype.element_ty
+        tl.store(dst, x1.to(dtype), mask=m)
+        tl.store(dst + half_rot, x2.to(dtype), mask=m)
 
 
 @triton.jit
@@ -134,7 +160,7 @@ def _gather_attn_kernel(
         stride_ib, stride_ih, stride_iblk,
         stride_ob, stride_oh, stride_ol,
         n_kv_heads, group, lq, query_block, n_blocks, n_row_tiles, n_splits, split_len,
-        head_dim, half_rot, sink, local, chunk, topk, qk_scale, rope_scale, rows_sel, rows_all,
+        head_dim, half_rot, sink, local, chunk, topk, qk_scale, rope_scale, l_max,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
         BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
         HAS_PASS: tl.constexpr, INTERLEAVED: tl.constexpr, ORIGINAL: tl.constexpr,
@@ -155,32 +181,27 @@ def _gather_attn_kernel(
     row0 = tile * BLOCK_M
     if row0 < n_rows:
         dtype = q_ptr.dtype.element_ty
-        # Segments of sequence b (DESIGN.md section 2) and this block's selection.
-        n, p0, mid_end, n_sink, k_eff = _segments(seqlens_ptr, b, lq, sink, local, chunk, topk)
+        # This block's segments (docs/design.md section 2) and selection.
+        n, p0, mid_end, n_sink = _segments(seqlens_ptr, b, beta, lq, query_block, sink, local,
+                                           chunk)
         idx_row = idx_ptr + b.to(tl.int64) * stride_ib + h * stride_ih + beta * stride_iblk
-        offs_k = tl.arange(0, BLOCK_K)
-        sel = tl.load(idx_row + offs_k, mask=offs_k < topk, other=-1)
-        n_sel = tl.sum((sel >= 0).to(tl.int32), axis=0)
-        sel_end = n_sink + n_sel * chunk
-        length = sel_end + tl.maximum(n - mid_end, 0)
-        # The pre-rotated keys assume K_eff chunks; a hand-made idx with fewer rotates here.
-        if PREROT:
-            use_kr = n_sel == k_eff
-        else:
-            use_kr = False
-        kr_rows = kr_ptr + bh.to(tl.int64) * rows_all * (2 * half_rot)
+        n_sel, sel_end = _selection(idx_row, topk, n_sink, chunk, BLOCK_K)
+        # l_max bounds a valid idx's sequence; it cuts a malformed one (duplicate chunks) short
+        # so that the workspace rows of the next block are never read.
+        length = tl.minimum(sel_end + tl.maximum(n - mid_end, 0), l_max)
+        kr_rows = kr_ptr + (bh * n_blocks + beta).to(tl.int64) * l_max * (2 * half_rot)
 
         rows = row0 + tl.arange(0, BLOCK_M)
         qi = rows // group
         head = h * group + (rows - qi * group)
         row_ok = rows < n_rows
-        p_q = p0 + q_row0 + qi
+        p_q = p0 + qi
         if ORIGINAL:
             pos_q = p_q
         else:
             pos_q = p_q - mid_end + sink + n_sel * chunk
         # Keys past the tile's last query are invisible to all its rows: stop there.
-        p_last = p0 + q_row0 + tl.minimum((row0 + BLOCK_M - 1) // group, nq - 1)
+        p_last = p0 + tl.minimum((row0 + BLOCK_M - 1) // group, nq - 1)
         r_hi = tl.where(p_last >= mid_end, sel_end + p_last - mid_end + 1,
                         tl.minimum(n_sink, p_last + 1))
         r_hi = tl.minimum(r_hi, length)
@@ -215,22 +236,11 @@ def _gather_attn_kernel(
         for start in range(lo, hi, BLOCK_N):
             r = start + tl.arange(0, BLOCK_N)
             r_ok = r < hi
-            in_sel = (r >= n_sink) & (r < sel_end)
-            rel = r - n_sink
-            slot = tl.where(in_sel, rel // chunk, 0)
-            j = tl.load(idx_row + slot, mask=in_sel & r_ok, other=0)
-            t = tl.where(r < n_sink, r,
-                         tl.where(in_sel, sink + j * chunk + (rel - slot * chunk),
-                                  mid_end + (r - sel_end)))
-            # Clamped: a malformed idx (-1 before a chunk id, an id past the middle) gives a
-            # wrong result, never a read outside the sequence; a valid one never needs it.
-            t = tl.where(r_ok, tl.minimum(tl.maximum(t, 0), n - 1), 0)
+            t = _key_tokens(r, r_ok, idx_row, n, mid_end, n_sink, sel_end, sink, chunk)
             k_rows = kb + t.to(tl.int64)[:, None] * stride_kn
             km = r_ok[:, None] & r_cols[None, :]
-            if use_kr:
-                w = tl.where(in_sel, beta * topk * chunk + rel,
-                             rows_sel + tl.where(r < n_sink, r, sink + (r - sel_end)))
-                w_rows = kr_rows + w.to(tl.int64)[:, None] * (2 * half_rot)
+            if PREROT:
+                w_rows = kr_rows + r.to(tl.int64)[:, None] * (2 * half_rot)
                 k1 = tl.load(w_rows + offs_r[None, :], mask=km, other=0.0)
                 k2 = tl.load(w_rows + half_rot + offs_r[None, :], mask=km, other=0.0)
             else:
@@ -392,15 +402,16 @@ def gather_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     if target is None:
         target = 2 * _num_sms(q.device)
     n_row_tiles = triton.cdiv(rows_per_block, block_m)
-    # Prefill: every (query block, row tile) program would rotate the same sink and local keys
-    # again; rotate them (and each block's chunks) once into a workspace instead.
-    prerot = positions == "compact" and n_blocks * n_row_tiles >= _PREROTATE_MIN_PROGRAMS
+    # Prefill: every row tile of a block would rotate the same gathered keys again; rotate
+    # them once per block into a workspace instead.
+    prerot = n_row_tiles >= _PREROTATE_MIN_PROGRAMS
     if not prerot and block_m > 16 and on_gpu:
         # Rotating keys in the loop of a prefill tile needs registers for the angles too.
         block_n = min(block_n, 32)
     # Longest gathered sequence any (b, h, beta) can have: sink + topk chunks + local window
-    # (at most local + chunk - 1 before the queries) + the queries; never more than Nmax.
-    l_max = min(nmax, sink + topk * chunk + local + chunk - 1 + lq)
+    # (at most local + chunk - 1 before the block's queries) + the block's queries; never more
+    # than Nmax (its keys are distinct tokens of the cache).
+    l_max = min(nmax, sink + topk * chunk + local + chunk - 1 + min(query_block, lq))
     n_base = b * hkv * n_blocks * n_row_tiles
     n_tiles = triton.cdiv(l_max, block_n)
     n_splits = max(1, min(target // n_base, n_tiles))
@@ -413,20 +424,20 @@ def gather_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         o_dst, l_dst = out, lse
     rot_block = max(16, triton.next_power_of_2(half_rot))
     pass_dims = d - 2 * half_rot
-    rows_sel = n_blocks * topk * chunk
-    rows_all = rows_sel + sink + min(nmax, local + chunk - 1 + lq)
     if prerot:
-        kr = torch.empty((b * hkv, rows_all, 2 * half_rot), dtype=q.dtype, device=q.device)
+        kr = torch.empty((b * hkv * n_blocks, l_max, 2 * half_rot), dtype=q.dtype,
+                         device=q.device)
         # ~2K pairs per program: no spills at any rotary width.
         kr_rows = 32 if rot_block <= 64 else 16
-        kr_tiles = triton.cdiv(rows_all, kr_rows)
-        wrap_triton(_rotate_keys_kernel)[(b * hkv * kr_tiles,)](
+        kr_tiles = triton.cdiv(l_max, kr_rows)
+        wrap_triton(_rotate_keys_kernel)[(b * hkv * n_blocks * kr_tiles,)](
             k_cache, cache_seqlens, idx, inv_freq, kr,
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             idx.stride(0), idx.stride(1), idx.stride(2),
-            hkv, lq, topk, sink, local, chunk, half_rot, rows_sel, rows_all, kr_tiles,
+            hkv, lq, query_block, n_blocks, topk, sink, local, chunk, half_rot, l_max, kr_tiles,
             float(rope_scale), BLOCK_N=kr_rows, BLOCK_R=rot_block,
-            INTERLEAVED=rope_style == "interleaved", ACCURATE=on_gpu, num_warps=4)
+            BLOCK_K=triton.next_power_of_2(topk), INTERLEAVED=rope_style == "interleaved",
+            ORIGINAL=positions == "original", ACCURATE=on_gpu, num_warps=4)
     else:
         kr = q  # unused pointer
     wrap_triton(_gather_attn_kernel)[(n_base * n_splits,)](
@@ -438,7 +449,7 @@ def gather_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         out.stride(0), out.stride(1), out.stride(2),
         hkv, group, lq, query_block, n_blocks, n_row_tiles, n_splits, split_len,
         d, half_rot, sink, local, chunk, topk, float(scale) * _LOG2E, float(rope_scale),
-        rows_sel, rows_all, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=rot_block,
+        l_max, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=rot_block,
         BLOCK_P=max(16, triton.next_power_of_2(max(pass_dims, 1))),
         BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_K=triton.next_power_of_2(topk),
         HAS_PASS=pass_dims > 0, INTERLEAVED=rope_style == "interleaved",

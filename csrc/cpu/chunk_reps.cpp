@@ -17,7 +17,7 @@ namespace {
 
 template <typename T>
 void chunk_reps_kernel(const Tensor& k_cache, const Tensor& cache_seqlens, const Tensor& reps,
-                       const Dims& d, int64_t sink, int64_t chunk, RepMode mode,
+                       const Dims& d, int64_t sink, int64_t chunk, RepMode rep,
                        int64_t start) {
   const int64_t per_head = d.n_chunks - start;
   if (per_head <= 0) return;
@@ -25,7 +25,7 @@ void chunk_reps_kernel(const Tensor& k_cache, const Tensor& cache_seqlens, const
   const int32_t* lens = cache_seqlens.const_data_ptr<int32_t>();
   const int64_t lens_stride = cache_seqlens.stride(0);
   T* out = static_cast<T*>(reps.data_ptr());
-  const bool bound = mode == RepMode::kBound;
+  const bool bound = rep == RepMode::kBound;
   const int64_t rs0 = reps.stride(0), rs1 = reps.stride(1), rs2 = reps.stride(2);
   const int64_t rs_pair = bound ? reps.stride(3) : 0;  // min at [..., 0, :], max at [..., 1, :]
   const int64_t rs_d = reps.stride(reps.dim() - 1);
@@ -76,7 +76,7 @@ void chunk_reps_cpu(Tensor k_cache, Tensor cache_seqlens, Tensor reps, int64_t s
   const Dims d = check_inputs(a);
   dispatch_float(k_cache.scalar_type(), "k_cache", [&](auto tag) {
     using T = typename decltype(tag)::type;
-    chunk_reps_kernel<T>(k_cache, cache_seqlens, reps, d, sink, chunk, a.mode, start_chunk);
+    chunk_reps_kernel<T>(k_cache, cache_seqlens, reps, d, sink, chunk, a.rep, start_chunk);
   });
 }
 

@@ -1,9 +1,11 @@
 // gather_attention on the CPU: attention over [sink | selected chunks | local] with RoPE at
-// re-assigned positions (DESIGN.md section 2).
+// re-assigned positions (docs/design.md section 2).
 //
-// A work item is (b, kv head h, query block, slice of h's q heads). It lists the original
-// positions of its gathered keys (sink, then the chunks of idx[b, h, block] in the order
-// given, -1 skipped, then local), rotates the block's queries once, then streams the keys in
+// A work item is (b, kv head h, query block, slice of h's q heads). The block has the segments
+// of a call of its own (contract v2): it sees the keys [0, P1] of its last query P1, with its
+// own mid_end. The item lists the original positions of its gathered keys (sink, then the
+// chunks of idx[b, h, block] in the order given, -1 skipped, then local [mid_end, P1]),
+// rotates the block's queries once, then streams the keys in
 // tiles of kKeyTile: widen to float32, rotate, and fold into a per-row online softmax
 // (running max m, sum l, float32 accumulator). A key is visible iff its ORIGINAL position is
 // <= the query's. RoPE position of gathered key r is r ("compact") or its original position
@@ -86,7 +88,8 @@ void gather_attention_kernel(const Tensor& q, const Tensor& k_cache, const Tenso
           const int64_t h = (item / (slices * d.n_blocks)) % d.hkv;
           const int64_t b = item / (slices * d.n_blocks * d.hkv);
           const int64_t n = g.lens[b];
-          const Segments seg = segments(n, d.lq, g.sink, g.local, g.chunk);
+          const Segments seg =
+              block_segments(n, d.lq, g.query_block, blk, g.sink, g.local, g.chunk);
 
           key_pos.clear();
           for (int64_t t = 0; t < seg.sink_len; ++t) key_pos.push_back(t);
@@ -98,13 +101,13 @@ void gather_attention_kernel(const Tensor& q, const Tensor& k_cache, const Tenso
             for (int64_t t = g.sink + j * g.chunk; t < g.sink + (j + 1) * g.chunk; ++t)
               key_pos.push_back(t);
           }
-          for (int64_t t = seg.mid_end; t < n; ++t) key_pos.push_back(t);
+          for (int64_t t = seg.mid_end; t < seg.end; ++t) key_pos.push_back(t);
           const int64_t n_keys = static_cast<int64_t>(key_pos.size());
 
           const int64_t g0 = slice * g.heads_per_item;
           const int64_t g1 = std::min(d.group, g0 + g.heads_per_item);
-          const int64_t i0 = blk * g.query_block;
-          const int64_t i1 = std::min(d.lq, i0 + g.query_block);
+          const int64_t i0 = block_first(blk, g.query_block);
+          const int64_t i1 = block_last(blk, d.lq, g.query_block);
           const int64_t rows = (g1 - g0) * (i1 - i0);
           qrot.resize(rows * dim);
           acc.assign(rows * dim, 0.f);
@@ -113,7 +116,7 @@ void gather_attention_kernel(const Tensor& q, const Tensor& k_cache, const Tenso
           q_pos.resize(rows);
           for (int64_t hg = g0, r = 0; hg < g1; ++hg) {
             for (int64_t i = i0; i < i1; ++i, ++r) {
-              const int64_t p = seg.q_start + i;
+              const int64_t p = seg.q_start + (i - i0);
               q_pos[r] = p;
               cpu::load_f32(qs.row(b, h * d.group + hg, i), qs.s[3], dim, x.data());
               const int64_t rope_pos = g.positions == PosMode::kCompact
@@ -190,12 +193,15 @@ std::tuple<Tensor, Tensor> gather_attention_cpu(Tensor q, Tensor k_cache, Tensor
   for (int64_t i = 0; i < d.half_rot; ++i) g.inv_freq.push_back(f[i * inv_freq.stride(0)]);
 
   if (g.positions == PosMode::kCompact && d.half_rot > 0) {
-    // Compact positions never exceed the longest gathered sequence: sink + topk chunks +
-    // local (queries included).
+    // Compact positions never exceed the longest gathered sequence of any block: sink +
+    // topk chunks + local (queries included), at most scope() keys.
     int64_t rows = 0;
     for (int64_t n : g.lens) {
-      const Segments seg = segments(n, d.lq, sink, local, chunk);
-      rows = std::max(rows, seg.sink_len + d.topk * chunk + (n - std::min(n, seg.mid_end)));
+      for (int64_t blk = 0; blk < d.n_blocks; ++blk) {
+        const Segments seg = block_segments(n, d.lq, query_block, blk, sink, local, chunk);
+        rows = std::max(rows, seg.sink_len + d.topk * chunk +
+                                  (seg.end - std::min(seg.end, seg.mid_end)));
+      }
     }
     g.table_cos.resize(rows * d.half_rot);
     g.table_sin.resize(rows * d.half_rot);

@@ -4,9 +4,12 @@
 // the block's queries of rep_score(q, j), where "max" is max_t q.k_t over the chunk's raw
 // keys, "bound" sum_d max(q_d kmin_d, q_d kmax_d) and "mean" q.mean_j. Work items are
 // (b, h, block, tile of kTile chunks), so a decode step over a long cache still spreads over
-// every core. Pass 2 picks, per (b, h, block), the K_eff = min(topk, M_b) highest scores,
-// ties to the lower chunk index (NaN counts as highest, as in torch.sort), and writes them
-// ascending, padded with -1: int32 [B, Hkv, n_blocks, topk].
+// every core. Each query block has the middle of a call of its own (docs/design.md section 2):
+// M grows from block to block, and block beta scores only its chunks j < M_beta. Pass 2 picks,
+// per (b, h, block), the K_eff = min(topk, M_beta) highest scores, ties to the lower chunk
+// index (NaN counts as highest, as in torch.sort), and writes them ascending, padded with -1:
+// int32 [B, Hkv, n_blocks, topk]. A chunk's score is computed by the same code whatever tile
+// it falls in, so bit-identical chunks score bit-identically and the tie rule decides.
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -25,8 +28,8 @@ constexpr int64_t kTile = 32;  // chunks per work item of the scoring pass
 struct SelectArgs {
   Dims d;
   int64_t sink, local, chunk, query_block, max_mid;
-  RepMode mode;
-  std::vector<int64_t> n_mid;  // M_b per sequence
+  RepMode rep;
+  std::vector<int64_t> n_mid;  // M of each (sequence, block), [B * n_blocks]
 };
 
 template <typename T>
@@ -38,12 +41,12 @@ void score_chunks(const Tensor& q, const Tensor& k_cache, const std::optional<Te
   const T* rp = reps ? static_cast<const T*>(reps->data_ptr()) : nullptr;
   const int64_t rs0 = reps ? reps->stride(0) : 0, rs1 = reps ? reps->stride(1) : 0;
   const int64_t rs2 = reps ? reps->stride(2) : 0;
-  const int64_t rs_pair = s.mode == RepMode::kBound ? reps->stride(3) : 0;
+  const int64_t rs_pair = s.rep == RepMode::kBound ? reps->stride(3) : 0;
   const int64_t rs_d = reps ? reps->stride(reps->dim() - 1) : 0;
   const int64_t dim = d.d;
   const int64_t tiles = ceil_div(s.max_mid, kTile);
   const int64_t rows_max = d.group * std::min(d.lq, s.query_block);
-  const int64_t tile_work = kTile * rows_max * dim * (s.mode == RepMode::kMax ? s.chunk : 1);
+  const int64_t tile_work = kTile * rows_max * dim * (s.rep == RepMode::kMax ? s.chunk : 1);
 
   torch::stable::parallel_for(
       0, d.batch * d.hkv * d.n_blocks * tiles, cpu::grain_for(tile_work),
@@ -55,10 +58,10 @@ void score_chunks(const Tensor& q, const Tensor& k_cache, const std::optional<Te
           const int64_t h = (item / (tiles * d.n_blocks)) % d.hkv;
           const int64_t b = item / (tiles * d.n_blocks * d.hkv);
           const int64_t j0 = tile * kTile;
-          const int64_t j1 = std::min(j0 + kTile, s.n_mid[b]);
+          const int64_t j1 = std::min(j0 + kTile, s.n_mid[b * d.n_blocks + blk]);
           if (j0 >= j1) continue;
-          const int64_t i0 = blk * s.query_block;
-          const int64_t i1 = std::min(d.lq, i0 + s.query_block);
+          const int64_t i0 = block_first(blk, s.query_block);
+          const int64_t i1 = block_last(blk, d.lq, s.query_block);
           int64_t rows = 0;
           for (int64_t g = 0; g < d.group; ++g)
             for (int64_t i = i0; i < i1; ++i, ++rows)
@@ -66,7 +69,7 @@ void score_chunks(const Tensor& q, const Tensor& k_cache, const std::optional<Te
           float* out = scores + ((b * d.hkv + h) * d.n_blocks + blk) * s.max_mid;
           for (int64_t j = j0; j < j1; ++j) {
             float best = -std::numeric_limits<float>::infinity();
-            if (s.mode == RepMode::kMax) {
+            if (s.rep == RepMode::kMax) {
               const int64_t t0 = s.sink + j * s.chunk;
               for (int64_t t = t0; t < t0 + s.chunk; ++t) {
                 cpu::load_f32(keys.row(b, h, t), keys.s[3], dim, kf.data());
@@ -76,7 +79,7 @@ void score_chunks(const Tensor& q, const Tensor& k_cache, const std::optional<Te
             } else {
               const T* rep = rp + b * rs0 + h * rs1 + j * rs2;
               cpu::load_f32(rep, rs_d, dim, kf.data());
-              if (s.mode == RepMode::kBound) {
+              if (s.rep == RepMode::kBound) {
                 cpu::load_f32(rep + rs_pair, rs_d, dim, kf2.data());
                 for (int64_t r = 0; r < rows; ++r)
                   best = cpu::max2(cpu::bound_dot(qf.data() + r * dim, kf.data(), kf2.data(), dim),
@@ -100,8 +103,8 @@ void pick_top(const float* scores, const SelectArgs& s, int64_t topk, int32_t* i
       [&](int64_t begin, int64_t end) {
         std::vector<int32_t> order;
         for (int64_t row = begin; row < end; ++row) {
-          const int64_t b = row / (d.hkv * d.n_blocks);
-          const int64_t m = s.n_mid[b];
+          const int64_t b = row / (d.hkv * d.n_blocks), blk = row % d.n_blocks;
+          const int64_t m = s.n_mid[b * d.n_blocks + blk];
           const int64_t k_eff = std::min(topk, m);
           const float* sc = scores + row * s.max_mid;
           int32_t* dst = idx + row * topk;
@@ -127,12 +130,15 @@ Tensor select_chunks_cpu(Tensor q, Tensor k_cache, std::optional<Tensor> reps,
                          int64_t topk, std::string rep, int64_t query_block) {
   const OpArgs a = select_chunks_args(q, k_cache, reps, cache_seqlens, sink, local, chunk,
                                       topk, rep, query_block);
-  SelectArgs s{check_inputs(a), sink, local, chunk, query_block, 0, a.mode, {}};
+  SelectArgs s{check_inputs(a), sink, local, chunk, query_block, 0, a.rep, {}};
   const Dims& d = s.d;
   const int32_t* lens = cache_seqlens.const_data_ptr<int32_t>();
   for (int64_t b = 0; b < d.batch; ++b) {
-    s.n_mid.push_back(segments(lens[b * cache_seqlens.stride(0)], d.lq, sink, local, chunk).n_mid);
-    s.max_mid = std::max(s.max_mid, s.n_mid.back());
+    const int64_t n = lens[b * cache_seqlens.stride(0)];
+    for (int64_t blk = 0; blk < d.n_blocks; ++blk) {
+      s.n_mid.push_back(block_segments(n, d.lq, query_block, blk, sink, local, chunk).n_mid);
+      s.max_mid = std::max(s.max_mid, s.n_mid.back());
+    }
   }
 
   Tensor idx = torch::stable::new_empty(q, std::vector<int64_t>{d.batch, d.hkv, d.n_blocks, topk},

@@ -12,6 +12,8 @@
 
 #include <cstdint>
 
+#include "contract.h"
+
 namespace reattention::kernels {
 
 template <typename T>
@@ -157,21 +159,6 @@ constexpr TileShape kFewRowsTile{4, 16, 64};
 // Rows of a query block (its queries times the group's q heads) fit one m16 tile.
 __host__ __device__ inline bool few_rows(int lq, int query_block, int group) {
   return (lq < query_block ? lq : query_block) * group <= 16;
-}
-
-// Segment bounds of one sequence (DESIGN.md section 2), shared by every kernel.
-struct Segments {
-  int sink_len;  // min(S, N)
-  int mid_end;   // S + C * M
-  int n_mid;     // M whole middle chunks
-};
-
-__host__ __device__ __forceinline__ Segments segments(int n, int lq, int sink, int local,
-                                                     int chunk) {
-  const int p0 = n - lq;
-  const int free_tokens = p0 - local - sink;
-  const int m = free_tokens > 0 ? free_tokens / chunk : 0;
-  return {n < sink ? n : sink, sink + chunk * m, m};
 }
 
 }  // namespace reattention::kernels

@@ -3,9 +3,11 @@
 // One CTA of 8 warps owns (sequence b, kv head h, query block beta, a tile of kBM = 128 rows,
 // a split of the gathered keys); warp w owns rows 16w..16w+15 of the tile (row = query * group
 // + head, as in gather_attention_kernel) with its own online softmax, so no cross-warp merge.
+// The block has the segments of a call of its own (contract v2), so a CTA attends to at most
+// sink + topk*chunk + local + chunk + query_block keys however long the call is.
 // Q is rotated once and, for D <= 128, kept in registers as mma A fragments. K/V tiles of kBN
-// gathered keys (key_token(): sink, the chunks of idx, local) go through a ring of kStages
-// cp.async stages with one barrier per tile: past it the CTA issues the copy of tile
+// gathered keys (GatheredKeys::token: sink, the chunks of idx, local) go through a ring of
+// kStages cp.async stages with one barrier per tile: past it the CTA issues the copy of tile
 // t + kStages - 1, rotates tile t + 1 in place and runs S = Q K^T, the exp2-domain online
 // softmax and P V on tile t, so one tile's rotation overlaps the tensor-core work on the
 // previous one across warps. RoPE at compact positions reads (cos, sin) * rope_scale from a
@@ -15,15 +17,11 @@
 // positions (padding rows -1, tail keys INT_MAX); local keys after the CTA's last query are
 // invisible to all its rows, so their tiles are skipped. Outputs and lse are written as
 // gather_attention_kernel writes them (o_part/lse_part when the keys are split).
-//
-// Included by gather_attention.cuh after AttnParams and rope_pair (between two namespace blocks).
 #pragma once
 
-#include <climits>
-#include <cstdint>
 #include <cstring>
 
-#include "gather_attention.cuh"
+#include "gather_attention_common.cuh"
 
 namespace reattention::kernels {
 
@@ -52,14 +50,6 @@ __host__ __device__ constexpr int prefill_smem_bytes() {
   return S::kBM * D * 2 + 2 * S::kStages * S::kBN * D * 2 + S::kStages * S::kBN * 4 + (D / 2) * 4;
 }
 
-// Longest gathered sequence any length in [Lq, Nmax] can produce (static shapes only). Compact
-// positions of keys and queries are gathered indices, so they all lie below it.
-inline int64_t gathered_keys_max(const AttnParams& p) {
-  const int64_t local_max = static_cast<int64_t>(p.lq) + p.local + p.chunk - 1;
-  return (p.sink < p.nmax ? p.sink : p.nmax) + static_cast<int64_t>(p.topk) * p.chunk +
-         (local_max < p.nmax ? local_max : p.nmax);
-}
-
 // Rows of the RoPE table of the many-rows kernel (0: none, every angle through sincosf).
 // Compact positions only: they are gathered indices, the same few thousand for every
 // (sequence, head, block, row tile), so one table serves all CTAs; original positions are any
@@ -75,61 +65,6 @@ inline int rope_table_positions(const AttnParams& p) {
 // float2 elements of the RoPE table workspace the launcher must allocate ([positions, R/2]).
 inline int64_t rope_table_elems(const AttnParams& p) {
   return static_cast<int64_t>(rope_table_positions(p)) * p.half_rot;
-}
-
-// (cos, sin) * rope_scale of angle fl(pos * inv_freq) for frequency i: from the table when pos
-// is in it, else computed exactly as the table was.
-__device__ __forceinline__ float2 rope_cos_sin(int pos, int i, const float2* __restrict__ table,
-                                               int n_pos, int half_rot, float inv_freq,
-                                               float rope_scale) {
-  if (static_cast<unsigned>(pos) < static_cast<unsigned>(n_pos)) {
-    return __ldg(table + static_cast<int64_t>(pos) * half_rot + i);
-  }
-  float s, c;
-  sincosf(static_cast<float>(pos) * inv_freq, &s, &c);
-  return make_float2(c * rope_scale, s * rope_scale);
-}
-
-__device__ __forceinline__ void rope_apply(float& x0, float& x1, float2 cs) {
-  const float y0 = x0 * cs.x - x1 * cs.y;
-  const float y1 = x1 * cs.x + x0 * cs.y;
-  x0 = y0;
-  x1 = y1;
-}
-
-// Stages rows [row0, row0 + kBM) of the block's query rows (row = query * group + head; rows
-// at or past `rows` are zero) rotated at their compact or original positions, rounded once to
-// T, into the swizzled tile s_q; with kQpos, also each row's original position (-1: padding)
-// into s_qpos. table/n_pos: the RoPE table (rope_table_kernel) or null/0.
-template <typename T, int D, int kBM, int kThreads, bool kQpos>
-__device__ __forceinline__ void stage_rotated_q(T* s_q, int* s_qpos, const AttnParams& p,
-                                                const GatheredKeys& gk, int b, int h, int group,
-                                                int q0, int row0, int rows, const float* s_invf,
-                                                const float2* table, int n_pos) {
-  const T* q_base = static_cast<const T*>(p.q) + b * p.q_sb;
-  for (int id = threadIdx.x; id < kBM * (D / 2); id += kThreads) {
-    const int r = id / (D / 2), i = id % (D / 2);
-    const int gr = row0 + r;
-    int d0, d1;
-    rope_pair(i, p.half_rot, p.interleaved, d0, d1);
-    float x0 = 0.f, x1 = 0.f;
-    if (gr < rows) {
-      const int head = h * group + gr % group, query = q0 + gr / group;
-      const T* qr = q_base + head * p.q_sh + query * p.q_sl;
-      x0 = Dtype<T>::to_float(qr[d0]);
-      x1 = Dtype<T>::to_float(qr[d1]);
-      const int pos = gk.p0 + query;
-      if (i < p.half_rot) {
-        rope_apply(x0, x1, rope_cos_sin(p.compact ? pos + gk.shift : pos, i, table, n_pos,
-                                        p.half_rot, s_invf[i], p.rope_scale));
-      }
-      if (kQpos && i == 0) s_qpos[r] = pos;
-    } else if (kQpos && i == 0) {
-      s_qpos[r] = -1;
-    }
-    s_q[swz<D>(r, d0)] = Dtype<T>::from_float(x0);
-    s_q[swz<D>(r, d1)] = Dtype<T>::from_float(x1);
-  }
 }
 
 // Two T in one 32-bit word (element 0 in the low half, as Dtype<T>::pack2 stores them).
@@ -168,75 +103,6 @@ inline cudaError_t launch_rope_table(const AttnParams& p, int* n_pos, cudaStream
   return cudaGetLastError();
 }
 
-// One key tile of the exp2-domain online softmax for a thread's two rows, S in the fragment
-// layout of warp_gemm_abt (kpos: the positions of the warp's 8 * kNT key columns; qpos: the
-// rows' positions, -1 for padding). Masks keys after the row's position, updates (m, l),
-// rescales the O accumulators and leaves P = exp2(S * scale_log2 - m) in s.
-template <int kNT, int kDT>
-__device__ __forceinline__ void online_softmax_tile(float (&s)[kNT][4], float (&o)[kDT][4],
-                                                    float (&m_run)[2], float (&l_run)[2],
-                                                    const int* kpos, const int (&qpos)[2],
-                                                    float scale_log2, int t4) {
-#pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    float mx = -INFINITY;
-#pragma unroll
-    for (int nt = 0; nt < kNT; ++nt) {
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        float& x = s[nt][2 * half + e];
-        x = kpos[nt * 8 + 2 * t4 + e] <= qpos[half] ? x * scale_log2 : -INFINITY;
-        mx = fmaxf(mx, x);
-      }
-    }
-    mx = quad_max(mx);
-    const float m_new = fmaxf(m_run[half], mx);
-    const float m_use = m_new == -INFINITY ? 0.f : m_new;  // nothing visible yet: no NaN
-    const float alpha = exp2f(m_run[half] - m_use);
-    m_run[half] = m_new;
-    float sum = 0.f;
-#pragma unroll
-    for (int nt = 0; nt < kNT; ++nt) {
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        float& x = s[nt][2 * half + e];
-        x = exp2f(x - m_use);
-        sum += x;
-      }
-    }
-    l_run[half] = l_run[half] * alpha + sum;
-#pragma unroll
-    for (int dt = 0; dt < kDT; ++dt) {
-      o[dt][2 * half] *= alpha;
-      o[dt][2 * half + 1] *= alpha;
-    }
-  }
-}
-
-// O[16 x D] += P[16 x 8 kNT] V[key0 .., D] for one warp: P from the softmax fragments (rounded
-// to T), V rows key0 .. key0 + 8 kNT - 1 of a swizzled tile through ldmatrix.trans.
-template <typename T, int D, int kNT>
-__device__ __forceinline__ void pv_tile(float (&o)[D / 8][4], const float (&s)[kNT][4],
-                                        const T* sv, int key0, int lane) {
-  static_assert(kNT % 2 == 0, "P V takes keys in k16 steps");
-#pragma unroll
-  for (int kk = 0; kk < kNT / 2; ++kk) {
-    uint32_t a[4];
-    a[0] = Dtype<T>::pack2(s[2 * kk][0], s[2 * kk][1]);
-    a[1] = Dtype<T>::pack2(s[2 * kk][2], s[2 * kk][3]);
-    a[2] = Dtype<T>::pack2(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-    a[3] = Dtype<T>::pack2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
-#pragma unroll
-    for (int dp = 0; dp < D / 16; ++dp) {
-      uint32_t bv[4];
-      ldmatrix_x4_trans(bv, sv + swz<D>(key0 + kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8,
-                                        dp * 16 + (lane >> 4) * 8));
-      mma_16816<T>(o[2 * dp], a, bv[0], bv[1]);
-      mma_16816<T>(o[2 * dp + 1], a, bv[2], bv[3]);
-    }
-  }
-}
-
 template <typename T, int D>
 __global__ void __launch_bounds__(kPrefillThreads, PrefillShape<D>::kMinBlocks)
     gather_attention_prefill_kernel(AttnParams p, const float2* __restrict__ table, int n_pos) {
@@ -263,12 +129,11 @@ __global__ void __launch_bounds__(kPrefillThreads, PrefillShape<D>::kMinBlocks)
   const int q0 = at.q0, rows = at.rows, row0 = at.row0;
 
   const GatheredKeys gk = gathered_keys<D, kPrefillThreads>(p, b, h, beta, s_invf, &s_nsel);
-  const Segments seg = gk.seg;
   const int p0 = gk.p0, loc0 = gk.loc0, n_keys = gk.n_keys;
   // Sink and chunk keys precede every query; local key r sits at mid_end + r - loc0, so the
   // ones after this CTA's last query are masked for all its rows.
   const int q_last = p0 + q0 + (min(rows, row0 + kBM) - 1) / group;
-  const int n_vis = min(n_keys, loc0 + max(0, q_last - seg.mid_end + 1));
+  const int n_vis = min(n_keys, loc0 + max(0, q_last - gk.mid_end + 1));
 
   const T* k_base = static_cast<const T*>(p.k) + b * p.k_sb + h * p.k_sh;
   const T* v_base = static_cast<const T*>(p.v) + b * p.v_sb + h * p.v_sh;

@@ -1,7 +1,7 @@
 // select_chunks: score the middle chunks of each (sequence, kv head, query block) and keep the
 // top-k, ascending, -1 padded. Every score is a max over the block's rows (queries x the group's
 // q heads, packed query-major: row = query * group + head) of a dot product, so one tensor-core
-// GEMM tile serves all three modes: rows x column vectors, then a max over rows (and over a
+// GEMM tile serves all three reps: rows x column vectors, then a max over rows (and over a
 // chunk's tokens):
 //   max  : columns are the raw keys of the middle, A = q, reduced per chunk of C tokens
 //   mean : columns are the mean reps,              A = q
@@ -10,7 +10,15 @@
 // A CTA owns one tile of rows (kept in shared memory) and a range of chunks; row tiles of the same
 // chunk range are adjacent in the grid so their column reads share L2. Scores leave as
 // order-preserving uint32 keys; with several row tiles per block they meet by atomicMax in a
-// zeroed buffer (max is exact and order-free, so the result is deterministic). Three kernels:
+// zeroed buffer (max is exact and order-free, so the result is deterministic).
+//
+// Block beta scores its own middle only, chunks j < M_beta (contract v2: M grows from block to
+// block); grids and workspaces are planned for the largest M (the last block's at N = Nmax) and
+// a CTA whose chunk range lies past its block's M has nothing to score. A chunk's score does
+// not depend on where the chunk falls: every column runs the same mma sequence over its vector
+// in the same k order whatever its tile, warp or CTA, and every other step (over rows, a
+// chunk's tokens, row tiles, chunk ranges) is an exact max. So bit-identical chunks get
+// bit-identical keys and the tie rule (lower index) decides between them. Three kernels:
 //
 // 1. chunk_scores_kernel (few rows: decode, <= 16 rows): one m16 row tile, 4 warps side by side
 //    over the columns; memory-bound, so it streams wide column tiles.
@@ -32,8 +40,6 @@
 
 namespace reattention::kernels {
 
-enum class ScoreMode : int { kMax = 0, kBound = 1, kMean = 2 };
-
 struct SelectParams {
   const void* q;          // [B, Hq, Lq, D]
   const void* cols;       // max: k_cache [B, Hkv, Nmax, D]; bound/mean: reps [B, Hkv, n_chunks, ...]
@@ -43,7 +49,7 @@ struct SelectParams {
   int64_t q_sb, q_sh, q_sl;  // q strides (elements), last dim contiguous
   int64_t c_sb, c_sh, c_sn;  // column tensor strides of dims 0..2, inner dims contiguous
   int batch, hq, hkv, lq, sink, local, chunk, topk, query_block, n_blocks;
-  int n_cols;             // static upper bound of M over the batch (scores' last dim)
+  int n_cols;             // static upper bound of M over sequences and blocks (scores' last dim)
   int row_tiles;          // row tiles per query block
   int chunks_per_cta;     // chunk range of one scoring CTA (set at launch)
   int col_splits;         // ceil(n_cols / chunks_per_cta) (set at launch)
@@ -69,10 +75,10 @@ constexpr int64_t kFusedMaxCandidates = 4096;
 // scores of every row, or, when the few-rows kernel may fuse the top-k (bound/mean), one
 // arrival counter per row plus 2 * topk candidate words for each chunk range of the row, of
 // which there are at most ceil(n_cols / block_n) (a range holds at least one column tile).
-inline int64_t select_workspace_words(const SelectParams& p, ScoreMode mode, int head_dim) {
+inline int64_t select_workspace_words(const SelectParams& p, RepMode rep, int head_dim) {
   const int64_t rows = static_cast<int64_t>(p.batch) * p.hkv * p.n_blocks;
   const int64_t dense = rows * p.n_cols;
-  if (mode == ScoreMode::kMax || !few_rows(p.lq, p.query_block, p.hq / p.hkv)) return dense;
+  if (rep == RepMode::kMax || !few_rows(p.lq, p.query_block, p.hq / p.hkv)) return dense;
   const int block_n = kFewRowsTile.block_n;
   const int64_t splits = (static_cast<int64_t>(p.n_cols) + block_n - 1) / block_n;
   return std::max(dense, rows * (1 + 2 * static_cast<int64_t>(p.topk) * splits));
@@ -84,10 +90,10 @@ __host__ __device__ constexpr int gemm_block_m(int vec_len) { return vec_len >= 
 
 // Host-side plan of the row tiling: row_tiles and atomic (the caller zeroes `scores` when
 // atomic). The chunk range of a CTA is chosen at launch, from the kernel's occupancy.
-inline void plan_select(SelectParams& p, ScoreMode mode, int head_dim) {
+inline void plan_select(SelectParams& p, RepMode rep, int head_dim) {
   const int group = p.hq / p.hkv;
   const bool few = few_rows(p.lq, p.query_block, group);
-  const int vec_len = mode == ScoreMode::kBound ? 2 * head_dim : head_dim;
+  const int vec_len = rep == RepMode::kBound ? 2 * head_dim : head_dim;
   const int block_m = few ? kFewRowsTile.block_m : gemm_block_m(vec_len);
   const int rows = (p.lq < p.query_block ? p.lq : p.query_block) * group;
   p.row_tiles = (rows + block_m - 1) / block_m;
@@ -116,9 +122,10 @@ __device__ __forceinline__ ScoreTile score_tile(const SelectParams& p, int block
   t.beta = (blockIdx.x / p.row_tiles) % p.n_blocks;
   t.h = blockIdx.y;
   t.b = blockIdx.z;
-  const Segments seg = segments(p.seqlens[t.b], p.lq, p.sink, p.local, p.chunk);
+  const int m = static_cast<int>(block_segments(p.seqlens[t.b], p.lq, p.query_block, t.beta,
+                                                p.sink, p.local, p.chunk).n_mid);
   t.j0 = cs * p.chunks_per_cta;
-  t.j1 = min(seg.n_mid, t.j0 + p.chunks_per_cta);
+  t.j1 = min(m, t.j0 + p.chunks_per_cta);
   t.q0 = t.beta * p.query_block;
   t.rows = (min(p.lq, t.q0 + p.query_block) - t.q0) * (p.hq / p.hkv);
   t.row0 = rt * block_m;
@@ -130,10 +137,10 @@ __device__ __forceinline__ ScoreTile score_tile(const SelectParams& p, int block
 // Stages rows [row0, row0 + kRows) of the tile's query block as the A tile (kVec elements per
 // row, swizzled; bound splits q by sign). Rows at or past `rows` are zero: callers mask them out
 // of the row max.
-template <typename T, int D, ScoreMode kMode, int kRows, int kThreads>
+template <typename T, int D, RepMode kRep, int kRows, int kThreads>
 __device__ __forceinline__ void stage_query_rows(T* s_a, const SelectParams& p,
                                                  const ScoreTile& t) {
-  constexpr int kVec = kMode == ScoreMode::kBound ? 2 * D : D;
+  constexpr int kVec = kRep == RepMode::kBound ? 2 * D : D;
   const int group = p.hq / p.hkv;
   const T* q_base = static_cast<const T*>(p.q) + t.b * p.q_sb;
   for (int id = threadIdx.x; id < kRows * (D / 8); id += kThreads) {
@@ -144,7 +151,7 @@ __device__ __forceinline__ void stage_query_rows(T* s_a, const SelectParams& p,
       const int head = t.h * group + gr % group, query = t.q0 + gr / group;
       raw = *reinterpret_cast<const uint4*>(q_base + head * p.q_sh + query * p.q_sl + ch * 8);
     }
-    if constexpr (kMode == ScoreMode::kBound) {
+    if constexpr (kRep == RepMode::kBound) {
       const T* x = reinterpret_cast<const T*>(&raw);
       uint4 neg, pos;
       T* xn = reinterpret_cast<T*>(&neg);
@@ -328,7 +335,8 @@ __device__ __forceinline__ void fused_topk(const SelectParams& p, const ScoreTil
   if (!s_last) return;
   __threadfence();
 
-  const int m = segments(p.seqlens[t.b], p.lq, p.sink, p.local, p.chunk).n_mid;
+  const int m = static_cast<int>(block_segments(p.seqlens[t.b], p.lq, p.query_block, t.beta,
+                                                p.sink, p.local, p.chunk).n_mid);
   const int k = min(p.topk, m);
   int* out = p.idx + row * p.topk;
   for (int i = k + tid; i < p.topk; i += kScoreThreads) out[i] = -1;
@@ -340,9 +348,9 @@ __device__ __forceinline__ void fused_topk(const SelectParams& p, const ScoreTil
       [&](int rank, int i) { out[rank] = __ldcg(ids + i); }, sm);
 }
 
-template <typename T, int D, ScoreMode kMode>
+template <typename T, int D, RepMode kRep>
 __global__ void __launch_bounds__(kScoreThreads) chunk_scores_kernel(SelectParams p) {
-  constexpr int kVec = kMode == ScoreMode::kBound ? 2 * D : D;
+  constexpr int kVec = kRep == RepMode::kBound ? 2 * D : D;
   constexpr int kBM = kFewRowsTile.block_m, kBN = kFewRowsTile.block_n;
   constexpr int kWarpsN = kFewRowsTile.warps_n;
   constexpr int kNW = kBN / kWarpsN;  // columns per warp
@@ -356,7 +364,7 @@ __global__ void __launch_bounds__(kScoreThreads) chunk_scores_kernel(SelectParam
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int wm = warp / kWarpsN, wn = warp % kWarpsN;
-  constexpr bool kTokens = kMode == ScoreMode::kMax;
+  constexpr bool kTokens = kRep == RepMode::kMax;
   const ScoreTile t = score_tile(p, kBM, kTokens);
   static_assert(2 * kBN * kVec * sizeof(T) >= kFusedMaxCandidates * sizeof(uint32_t),
                 "fused_topk stages the candidates in the column stages");
@@ -384,7 +392,7 @@ __global__ void __launch_bounds__(kScoreThreads) chunk_scores_kernel(SelectParam
   };
 
   load_tile(0, 0);  // in flight while the A tile is built
-  stage_query_rows<T, D, kMode, kBM, kScoreThreads>(s_a, p, t);
+  stage_query_rows<T, D, kRep, kBM, kScoreThreads>(s_a, p, t);
   for (int i = tid; i < t.j1 - t.j0; i += kScoreThreads) s_best[i] = 0u;
 
   const int g = lane >> 2, t4 = lane & 3;
@@ -457,16 +465,16 @@ __device__ __forceinline__ void max_fold(float* v, int lane, int lane_bit) {
   }
 }
 
-template <typename T, int D, ScoreMode kMode>
+template <typename T, int D, RepMode kRep>
 __global__ void __launch_bounds__(256, 1) chunk_scores_gemm_kernel(SelectParams p) {
-  constexpr int kVec = kMode == ScoreMode::kBound ? 2 * D : D;
+  constexpr int kVec = kRep == RepMode::kBound ? 2 * D : D;
   using G = GemmTile<kVec>;
   constexpr int kMT = G::kWM / 16, kNT = G::kWN / 8;
   // A thread's accumulators cover 2 * kNT columns; after the reduce-scatter over the 8 row
   // lanes (lane bits 4, 3, 2) each lane owns kPerLane of the warp's kWN columns.
   constexpr int kPerLane = kNT / 4;
   static_assert(G::kThreads == 256 && kNT % 4 == 0, "warp layout and reduce-scatter disagree");
-  constexpr bool kTokens = kMode == ScoreMode::kMax;
+  constexpr bool kTokens = kRep == RepMode::kMax;
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* s_a = reinterpret_cast<T*>(smem_raw);
@@ -505,7 +513,7 @@ __global__ void __launch_bounds__(256, 1) chunk_scores_gemm_kernel(SelectParams 
     if (s < n_steps) load_step(s);
     cp_async_commit();
   }
-  stage_query_rows<T, D, kMode, G::kBM, G::kThreads>(s_a, p, t);
+  stage_query_rows<T, D, kRep, G::kBM, G::kThreads>(s_a, p, t);
   for (int i = tid; i < t.j1 - t.j0; i += G::kThreads) s_best[i] = 0u;
 
   const int g = lane >> 2, t4 = lane & 3;
@@ -628,9 +636,10 @@ __global__ void __launch_bounds__(kThreads) topk_kernel(SelectParams p, bool sta
   extern __shared__ __align__(16) unsigned char smem_raw[];
   __shared__ TopkSmem<kThreads> sm;
   const int row = blockIdx.x;  // (b * hkv + h) * n_blocks + beta
-  const int b = row / (p.hkv * p.n_blocks);
+  const int b = row / (p.hkv * p.n_blocks), beta = row % p.n_blocks;
   const int tid = threadIdx.x;
-  const int m = segments(p.seqlens[b], p.lq, p.sink, p.local, p.chunk).n_mid;
+  const int m = static_cast<int>(
+      block_segments(p.seqlens[b], p.lq, p.query_block, beta, p.sink, p.local, p.chunk).n_mid);
   const int k = min(p.topk, m);
   int* out = p.idx + static_cast<int64_t>(row) * p.topk;
   for (int i = k + tid; i < p.topk; i += kThreads) out[i] = -1;
@@ -702,46 +711,46 @@ cudaError_t launch_scores_one_wave(Kernel kernel, const SelectParams& plan, int 
   return cudaGetLastError();
 }
 
-template <typename T, int D, ScoreMode kMode>
+template <typename T, int D, RepMode kRep>
 cudaError_t launch_chunk_scores(const SelectParams& plan, bool* fused, cudaStream_t stream) {
-  constexpr int kVec = kMode == ScoreMode::kBound ? 2 * D : D;
+  constexpr int kVec = kRep == RepMode::kBound ? 2 * D : D;
   constexpr TileShape kTile = kFewRowsTile;
-  return launch_scores_one_wave(chunk_scores_kernel<T, D, kMode>, plan, kScoreThreads,
+  return launch_scores_one_wave(chunk_scores_kernel<T, D, kRep>, plan, kScoreThreads,
                                 score_smem_bytes<kVec, kTile.block_m, kTile.block_n>(0),
                                 kTile.block_n, kMaxChunksPerCta,
-                                kMode == ScoreMode::kMax ? plan.chunk : 1,
-                                kMode != ScoreMode::kMax, fused, stream);
+                                kRep == RepMode::kMax ? plan.chunk : 1,
+                                kRep != RepMode::kMax, fused, stream);
 }
 
-template <typename T, int D, ScoreMode kMode>
+template <typename T, int D, RepMode kRep>
 cudaError_t launch_chunk_scores_gemm(const SelectParams& plan, bool* fused, cudaStream_t stream) {
-  using G = GemmTile<kMode == ScoreMode::kBound ? 2 * D : D>;
-  return launch_scores_one_wave(chunk_scores_gemm_kernel<T, D, kMode>, plan, G::kThreads,
+  using G = GemmTile<kRep == RepMode::kBound ? 2 * D : D>;
+  return launch_scores_one_wave(chunk_scores_gemm_kernel<T, D, kRep>, plan, G::kThreads,
                                 G::kFixedSmem, G::kBN, G::kMaxChunks,
-                                kMode == ScoreMode::kMax ? plan.chunk : 1, false, fused, stream);
+                                kRep == RepMode::kMax ? plan.chunk : 1, false, fused, stream);
 }
 
 // Scores (when any middle chunk can exist) then top-k. `p.scores` must be zeroed by the
 // caller when p.atomic.
 template <typename T, int D>
-cudaError_t launch_select_chunks(const SelectParams& p, ScoreMode mode, cudaStream_t stream) {
+cudaError_t launch_select_chunks(const SelectParams& p, RepMode rep, cudaStream_t stream) {
   if (p.batch == 0 || p.hkv == 0) return cudaSuccess;
   bool fused = false;
   if (p.n_cols > 0) {
     const bool few = few_rows(p.lq, p.query_block, p.hq / p.hkv);
     cudaError_t err = cudaSuccess;
-    switch (mode) {
-      case ScoreMode::kMax:
-        err = few ? launch_chunk_scores<T, D, ScoreMode::kMax>(p, &fused, stream)
-                  : launch_chunk_scores_gemm<T, D, ScoreMode::kMax>(p, &fused, stream);
+    switch (rep) {
+      case RepMode::kMax:
+        err = few ? launch_chunk_scores<T, D, RepMode::kMax>(p, &fused, stream)
+                  : launch_chunk_scores_gemm<T, D, RepMode::kMax>(p, &fused, stream);
         break;
-      case ScoreMode::kBound:
-        err = few ? launch_chunk_scores<T, D, ScoreMode::kBound>(p, &fused, stream)
-                  : launch_chunk_scores_gemm<T, D, ScoreMode::kBound>(p, &fused, stream);
+      case RepMode::kBound:
+        err = few ? launch_chunk_scores<T, D, RepMode::kBound>(p, &fused, stream)
+                  : launch_chunk_scores_gemm<T, D, RepMode::kBound>(p, &fused, stream);
         break;
-      case ScoreMode::kMean:
-        err = few ? launch_chunk_scores<T, D, ScoreMode::kMean>(p, &fused, stream)
-                  : launch_chunk_scores_gemm<T, D, ScoreMode::kMean>(p, &fused, stream);
+      case RepMode::kMean:
+        err = few ? launch_chunk_scores<T, D, RepMode::kMean>(p, &fused, stream)
+                  : launch_chunk_scores_gemm<T, D, RepMode::kMean>(p, &fused, stream);
         break;
     }
     if (err != cudaSuccess || fused) return err;

@@ -1,6 +1,0 @@
-// gather_attention kernels for fp16, head dim 256 (one file per pair: the build compiles them in parallel).
-#include "kernels/gather_attention.cuh"
-
-namespace reattention::kernels {
-template cudaError_t launch_gather_attention<__half, 256>(const AttnParams&, cudaStream_t);
-}  // namespace reattention::kernels

@@ -1,6 +1,0 @@
-// select_chunks kernels for bf16, head dim 128 (one file per pair: the build compiles them in parallel).
-#include "kernels/select_chunks.cuh"
-
-namespace reattention::kernels {
-template cudaError_t launch_select_chunks<__nv_bfloat16, 128>(const SelectParams&, ScoreMode, cudaStream_t);
-}  // namespace reattention::kernels

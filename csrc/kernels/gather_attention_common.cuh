@@ -1,0 +1,352 @@
+// gather_attention, shared by its decode and prefill kernels: the params, what a CTA owns and
+// the gathered-key map, the K/V tile copy, RoPE and the rotated Q staging, the online softmax
+// and P V steps, and the merge of split-KV partial results. No torch dependency.
+//
+// Rows of a query block pack its queries with the kv head's group of q heads (row = query *
+// group + head), so the GQA heads share every key tile and decode (Lq = 1) still forms an m16
+// tensor-core tile. Gathered key r maps to its cache token through the sink, the chunk ids in
+// idx (ascending, -1 padded: the valid ones are a prefix) and the local window; cp.async
+// copies K and V tiles straight from the [B, Hkv, Nmax, D] cache into swizzled shared memory.
+// RoPE uses fp32 angles fl(pos * inv_freq) with accurate sincosf (docs/design.md section 2).
+// Masking compares original positions (key visible iff its position <= the query's), so
+// padding rows (position -1) and tail keys (position INT_MAX) drop out. When the keys of a
+// CTA are split, each split writes its normalised partial output and lse to a workspace and
+// merge_splits_kernel combines them.
+#pragma once
+
+#include <climits>
+#include <cstdint>
+
+#include "device_utils.cuh"
+
+namespace reattention::kernels {
+
+struct AttnParams {
+  const void* q;          // [B, Hq, Lq, D]
+  const void* k;          // [B, Hkv, Nmax, D]
+  const void* v;          // [B, Hkv, Nmax, D]
+  const int* seqlens;     // [B]
+  const int* idx;         // [B, Hkv, n_blocks, topk]
+  const float* inv_freq;  // [R/2]
+  void* out;              // [B, Hq, Lq, D] contiguous, q's dtype
+  float* lse;             // [B, Hq, Lq] contiguous
+  float* o_part;          // [splits, B, Hq, Lq, D] when num_splits > 1
+  float* lse_part;        // [splits, B, Hq, Lq]
+  float2* rope_table;     // [rope_table_elems(p)] (cos, sin) of the many-rows path, or null
+  int64_t q_sb, q_sh, q_sl;
+  int64_t k_sb, k_sh, k_sn;
+  int64_t v_sb, v_sh, v_sn;
+  int64_t i_sb, i_sh, i_sblk;
+  int batch, hq, hkv, lq, nmax, topk;
+  int sink, local, chunk, query_block, n_blocks;
+  int half_rot;           // R / 2 = len(inv_freq)
+  float scale_log2;       // softmax scale * log2(e)
+  float rope_scale;
+  bool interleaved;       // rope style: pairs (2i, 2i+1) instead of (i, i + R/2)
+  bool compact;           // positions: compact (re-assigned) or original
+  int row_tiles;          // row tiles per query block
+  int num_splits;         // splits of the gathered keys
+  int tiles_per_split;    // key tiles of BN per split
+};
+
+// Dims (d0, d1) rotated together by frequency i < R/2. Slots i in [R/2, D/2) name the
+// pass-through pairs (2i, 2i + 1), which in the half style start at R = 2 * (R/2) as well.
+__device__ __forceinline__ void rope_pair(int i, int half_rot, bool interleaved, int& d0, int& d1) {
+  const bool split_halves = !interleaved && i < half_rot;
+  d0 = split_halves ? i : 2 * i;
+  d1 = split_halves ? i + half_rot : 2 * i + 1;
+}
+
+// What one CTA owns. Grid: x = query block * row_tiles + row tile, y = kv head * num_splits +
+// split, z = sequence. Rows of a block: its queries times the group's q heads.
+struct AttnTile {
+  int beta, h, split, b, group;
+  int q0;    // the block's first query
+  int rows;  // the block's rows
+  int row0;  // the CTA's first row (row0 >= rows: nothing to do)
+};
+
+__device__ __forceinline__ AttnTile attn_tile(const AttnParams& p, int block_m) {
+  AttnTile t;
+  t.beta = blockIdx.x / p.row_tiles;
+  t.h = blockIdx.y / p.num_splits;
+  t.split = blockIdx.y % p.num_splits;
+  t.b = blockIdx.z;
+  t.group = p.hq / p.hkv;
+  t.q0 = t.beta * p.query_block;
+  t.rows = (min(p.lq, t.q0 + p.query_block) - t.q0) * t.group;
+  t.row0 = blockIdx.x % p.row_tiles * block_m;
+  return t;
+}
+
+// The gathered sequence of one (sequence, kv head, query block): [sink | the chunks of idx |
+// local window], with the block's own segments (contract v2: those of a call of its own, so
+// the local window ends at the block's last query), and where each gathered key sits in the
+// cache.
+struct GatheredKeys {
+  const int* sel;  // the block's chunk ids (ascending, -1 padded: the valid ones are a prefix)
+  int sink_len;    // the block's sink is [0, sink_len)
+  int mid_end;     // the block's middle ends here; its local window is [mid_end, P1]
+  int p0;          // original position of the call's first query (call row i sits at p0 + i)
+  int loc0;        // gathered index of the local window
+  int n_keys;      // gathered keys
+  int shift;       // compact query position - original query position
+
+  // Cache token of gathered key r (r < n_keys). Clamped so a malformed idx cannot read outside
+  // the cache; a well-formed one never needs it.
+  __device__ __forceinline__ int token(int r, const AttnParams& p) const {
+    int tok;
+    if (r < sink_len) {
+      tok = r;
+    } else if (r < loc0) {
+      const int c = (r - sink_len) / p.chunk;
+      tok = p.sink + sel[c] * p.chunk + (r - sink_len - c * p.chunk);
+    } else {
+      tok = mid_end + (r - loc0);
+    }
+    return min(max(tok, 0), p.nmax - 1);
+  }
+};
+
+// The CTA's gathered sequence: counts the block's selected chunks (in *s_nsel) and stages the
+// inverse frequencies, zero past R/2, in s_invf[D / 2]. Every thread calls it (two barriers).
+template <int D, int kThreads>
+__device__ __forceinline__ GatheredKeys gathered_keys(const AttnParams& p, int b, int h,
+                                                      int beta, float* s_invf, int* s_nsel) {
+  GatheredKeys g;
+  const int n = p.seqlens[b];
+  const Segments seg =
+      block_segments(n, p.lq, p.query_block, beta, p.sink, p.local, p.chunk);
+  g.sink_len = static_cast<int>(seg.sink_len);
+  g.mid_end = static_cast<int>(seg.mid_end);
+  g.p0 = n - p.lq;
+  g.sel = p.idx + b * p.i_sb + h * p.i_sh + beta * p.i_sblk;
+  if (threadIdx.x == 0) *s_nsel = 0;
+  __syncthreads();
+  int mine = 0;
+  for (int i = threadIdx.x; i < p.topk; i += kThreads) mine += g.sel[i] >= 0;
+  if (mine) atomicAdd(s_nsel, mine);
+  for (int i = threadIdx.x; i < D / 2; i += kThreads) {
+    s_invf[i] = i < p.half_rot ? p.inv_freq[i] : 0.f;
+  }
+  __syncthreads();
+  const int n_sel = *s_nsel;
+  g.loc0 = g.sink_len + n_sel * p.chunk;
+  g.n_keys = g.loc0 + max(0, static_cast<int>(seg.end) - g.mid_end);
+  g.shift = p.sink + n_sel * p.chunk - g.mid_end;
+  return g;
+}
+
+// Copies the K and V rows of gathered keys [tile * kBN, tile * kBN + kBN) from the cache into
+// the swizzled tiles sk and sv (cp.async, one commit group; zero-filled past n_keys) and their
+// cache tokens into kpos (INT_MAX past n_keys, so the mask drops them).
+template <typename T, int D, int kBN, int kThreads>
+__device__ __forceinline__ void load_kv_tile(T* sk, T* sv, int* kpos, const GatheredKeys& g,
+                                             const AttnParams& p, const T* k_base,
+                                             const T* v_base, int tile) {
+  for (int id = threadIdx.x; id < kBN * (D / 8); id += kThreads) {
+    const int r = id / (D / 8), ch = id % (D / 8);
+    const int key = tile * kBN + r;
+    const bool valid = key < g.n_keys;
+    const int tok = valid ? g.token(key, p) : 0;
+    cp_async_16(sk + swz<D>(r, ch * 8), k_base + tok * p.k_sn + ch * 8, valid);
+    cp_async_16(sv + swz<D>(r, ch * 8), v_base + tok * p.v_sn + ch * 8, valid);
+    if (ch == 0) kpos[r] = valid ? tok : INT_MAX;
+  }
+  cp_async_commit();
+}
+
+// Longest gathered sequence of any block at any length in [Lq, Nmax] (static shapes only): at
+// most scope() keys, whatever Lq is, as a block's local window holds fewer than local + chunk
+// keys before its first query, then its own query_block queries. Compact positions of keys and
+// queries are gathered indices, so they all lie below it.
+inline int64_t gathered_keys_max(const AttnParams& p) {
+  const int64_t local_max = static_cast<int64_t>(p.query_block) + p.local + p.chunk - 1;
+  return (p.sink < p.nmax ? p.sink : p.nmax) + static_cast<int64_t>(p.topk) * p.chunk +
+         (local_max < p.nmax ? local_max : p.nmax);
+}
+
+// (cos, sin) * rope_scale of angle fl(pos * inv_freq) for frequency i: from the table when pos
+// is in it, else computed exactly as the table was.
+__device__ __forceinline__ float2 rope_cos_sin(int pos, int i, const float2* __restrict__ table,
+                                               int n_pos, int half_rot, float inv_freq,
+                                               float rope_scale) {
+  if (static_cast<unsigned>(pos) < static_cast<unsigned>(n_pos)) {
+    return __ldg(table + static_cast<int64_t>(pos) * half_rot + i);
+  }
+  float s, c;
+  sincosf(static_cast<float>(pos) * inv_freq, &s, &c);
+  return make_float2(c * rope_scale, s * rope_scale);
+}
+
+__device__ __forceinline__ void rope_apply(float& x0, float& x1, float2 cs) {
+  const float y0 = x0 * cs.x - x1 * cs.y;
+  const float y1 = x1 * cs.x + x0 * cs.y;
+  x0 = y0;
+  x1 = y1;
+}
+
+// Stages rows [row0, row0 + kBM) of the block's query rows (row = query * group + head; rows
+// at or past `rows` are zero) rotated at their compact or original positions, rounded once to
+// T, into the swizzled tile s_q; with kQpos, also each row's original position (-1: padding)
+// into s_qpos. table/n_pos: the RoPE table (rope_table_kernel) or null/0.
+template <typename T, int D, int kBM, int kThreads, bool kQpos>
+__device__ __forceinline__ void stage_rotated_q(T* s_q, int* s_qpos, const AttnParams& p,
+                                                const GatheredKeys& gk, int b, int h, int group,
+                                                int q0, int row0, int rows, const float* s_invf,
+                                                const float2* table, int n_pos) {
+  const T* q_base = static_cast<const T*>(p.q) + b * p.q_sb;
+  for (int id = threadIdx.x; id < kBM * (D / 2); id += kThreads) {
+    const int r = id / (D / 2), i = id % (D / 2);
+    const int gr = row0 + r;
+    int d0, d1;
+    rope_pair(i, p.half_rot, p.interleaved, d0, d1);
+    float x0 = 0.f, x1 = 0.f;
+    if (gr < rows) {
+      const int head = h * group + gr % group, query = q0 + gr / group;
+      const T* qr = q_base + head * p.q_sh + query * p.q_sl;
+      x0 = Dtype<T>::to_float(qr[d0]);
+      x1 = Dtype<T>::to_float(qr[d1]);
+      const int pos = gk.p0 + query;
+      if (i < p.half_rot) {
+        rope_apply(x0, x1, rope_cos_sin(p.compact ? pos + gk.shift : pos, i, table, n_pos,
+                                        p.half_rot, s_invf[i], p.rope_scale));
+      }
+      if (kQpos && i == 0) s_qpos[r] = pos;
+    } else if (kQpos && i == 0) {
+      s_qpos[r] = -1;
+    }
+    s_q[swz<D>(r, d0)] = Dtype<T>::from_float(x0);
+    s_q[swz<D>(r, d1)] = Dtype<T>::from_float(x1);
+  }
+}
+
+// One key tile of the exp2-domain online softmax for a thread's two rows, S in the fragment
+// layout of warp_gemm_abt (kpos: the positions of the warp's 8 * kNT key columns; qpos: the
+// rows' positions, -1 for padding). Masks keys after the row's position, updates (m, l),
+// rescales the O accumulators and leaves P = exp2(S * scale_log2 - m) in s.
+template <int kNT, int kDT>
+__device__ __forceinline__ void online_softmax_tile(float (&s)[kNT][4], float (&o)[kDT][4],
+                                                    float (&m_run)[2], float (&l_run)[2],
+                                                    const int* kpos, const int (&qpos)[2],
+                                                    float scale_log2, int t4) {
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    float mx = -INFINITY;
+#pragma unroll
+    for (int nt = 0; nt < kNT; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        float& x = s[nt][2 * half + e];
+        x = kpos[nt * 8 + 2 * t4 + e] <= qpos[half] ? x * scale_log2 : -INFINITY;
+        mx = fmaxf(mx, x);
+      }
+    }
+    mx = quad_max(mx);
+    const float m_new = fmaxf(m_run[half], mx);
+    const float m_use = m_new == -INFINITY ? 0.f : m_new;  // nothing visible yet: no NaN
+    const float alpha = exp2f(m_run[half] - m_use);
+    m_run[half] = m_new;
+    float sum = 0.f;
+#pragma unroll
+    for (int nt = 0; nt < kNT; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        float& x = s[nt][2 * half + e];
+        x = exp2f(x - m_use);
+        sum += x;
+      }
+    }
+    l_run[half] = l_run[half] * alpha + sum;
+#pragma unroll
+    for (int dt = 0; dt < kDT; ++dt) {
+      o[dt][2 * half] *= alpha;
+      o[dt][2 * half + 1] *= alpha;
+    }
+  }
+}
+
+// O[16 x D] += P[16 x 8 kNT] V[key0 .., D] for one warp: P from the softmax fragments (rounded
+// to T), V rows key0 .. key0 + 8 kNT - 1 of a swizzled tile through ldmatrix.trans.
+template <typename T, int D, int kNT>
+__device__ __forceinline__ void pv_tile(float (&o)[D / 8][4], const float (&s)[kNT][4],
+                                        const T* sv, int key0, int lane) {
+  static_assert(kNT % 2 == 0, "P V takes keys in k16 steps");
+#pragma unroll
+  for (int kk = 0; kk < kNT / 2; ++kk) {
+    uint32_t a[4];
+    a[0] = Dtype<T>::pack2(s[2 * kk][0], s[2 * kk][1]);
+    a[1] = Dtype<T>::pack2(s[2 * kk][2], s[2 * kk][3]);
+    a[2] = Dtype<T>::pack2(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+    a[3] = Dtype<T>::pack2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+#pragma unroll
+    for (int dp = 0; dp < D / 16; ++dp) {
+      uint32_t bv[4];
+      ldmatrix_x4_trans(bv, sv + swz<D>(key0 + kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8,
+                                        dp * 16 + (lane >> 4) * 8));
+      mma_16816<T>(o[2 * dp], a, bv[0], bv[1]);
+      mma_16816<T>(o[2 * dp + 1], a, bv[2], bv[3]);
+    }
+  }
+}
+
+// One CTA per output row: lse-weighted sum of the splits' normalised partial outputs. The
+// splits are spread over the CTA (warp w takes splits w, w + 4, ...; a lane owns D/32 dims)
+// so their loads are in flight together instead of one dependent load per split.
+constexpr int kMergeWarps = 4;
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kMergeWarps * 32) merge_splits_kernel(AttnParams p) {
+  constexpr int kPer = D / 32;  // contiguous dims per lane
+  __shared__ float s_part_max[kMergeWarps];
+  __shared__ float s_sum[kMergeWarps];
+  __shared__ float s_acc[kMergeWarps][D];
+  const int64_t n_rows = static_cast<int64_t>(p.batch) * p.hq * p.lq;
+  const int64_t row = blockIdx.x;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+
+  float m = -INFINITY;
+  for (int s = threadIdx.x; s < p.num_splits; s += kMergeWarps * 32) {
+    m = fmaxf(m, p.lse_part[s * n_rows + row]);
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+  if (lane == 0) s_part_max[warp] = m;
+  __syncthreads();
+  float m_all = s_part_max[0];
+#pragma unroll
+  for (int w = 1; w < kMergeWarps; ++w) m_all = fmaxf(m_all, s_part_max[w]);
+
+  float acc[kPer], sum = 0.f;
+#pragma unroll
+  for (int e = 0; e < kPer; ++e) acc[e] = 0.f;
+  if (m_all != -INFINITY) {
+#pragma unroll 4
+    for (int s = warp; s < p.num_splits; s += kMergeWarps) {
+      const float w = expf(p.lse_part[s * n_rows + row] - m_all);
+      const float* src = p.o_part + (s * n_rows + row) * D + lane * kPer;
+      sum += w;
+#pragma unroll
+      for (int e = 0; e < kPer; ++e) acc[e] += w * src[e];
+    }
+  }
+#pragma unroll
+  for (int e = 0; e < kPer; ++e) s_acc[warp][lane * kPer + e] = acc[e];
+  if (lane == 0) s_sum[warp] = sum;
+  __syncthreads();
+
+  float total = 0.f;
+#pragma unroll
+  for (int w = 0; w < kMergeWarps; ++w) total += s_sum[w];
+  const float inv = total > 0.f ? 1.f / total : 0.f;
+  T* dst = static_cast<T*>(p.out) + row * D;
+  for (int d = threadIdx.x; d < D; d += kMergeWarps * 32) {
+    float o = 0.f;
+#pragma unroll
+    for (int w = 0; w < kMergeWarps; ++w) o += s_acc[w][d];
+    dst[d] = Dtype<T>::from_float(o * inv);
+  }
+  if (threadIdx.x == 0) p.lse[row] = total > 0.f ? m_all + logf(total) : -INFINITY;
+}
+
+}  // namespace reattention::kernels
