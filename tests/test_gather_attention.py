@@ -121,7 +121,9 @@ def test_strided_inv_freq(backend):
     k, v = torch.randn(2, 1, 1, 200, 16, device=dev).unbind(0)
     require(backend, q)
     inv = reattention.default_inv_freq(16)
-    strided = inv.repeat_interleave(2)[::2].to(dev)
+    # Made strided on the device itself: a strided CPU tensor moved with .to(dev) arrives
+    # contiguous, and the kernel would never see the stride.
+    strided = inv.to(dev).repeat_interleave(2)[::2]
     assert not strided.is_contiguous() and torch.equal(strided.cpu(), inv)
     kw = dict(sink=4, local=16, chunk=8, topk=2, query_block=2)
     out = reattention.reattention_attn(q, k, v, inv_freq=strided, backend=backend, **kw)
