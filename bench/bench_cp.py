@@ -1,6 +1,6 @@
-"""How fast is ReAttention with one sequence's cache split over GPUs (context parallel)? (issue 7)
+"""How fast is ReAttention with one sequence's cache split over GPUs (context parallel)?
 
-Shapes (DESIGN.md section 5): bf16, B=1, Hq=32, Hkv=8, D=128, sink 64, chunk 64, topk 32,
+Shapes (docs/design.md section 5): bf16, B=1, Hq=32, Hkv=8, D=128, sink 64, chunk 64, topk 32,
 local 4096, query_block 128; cache lengths 1M, 2M and 4M tokens split with CPLayout.split.
 Rows per length and rep mode, each beside the single-device baseline of the same run:
   decode   one query, select + attend (reattention_attn_cp), eager;

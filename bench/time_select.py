@@ -1,4 +1,4 @@
-"""How fast is select_chunks when a query block has many rows? (issue #4, DESIGN.md section 5)
+"""How fast is select_chunks when a query block has many rows? (docs/design.md section 5)
 
 Shapes: bf16, B=1, Hq=32, Hkv=8, D=128, sink 64, chunk 64, topk 32, local 4096, query_block 128
 (512 rows per kv head and block), a cache of N = 1M tokens. Rows, each the median of

@@ -3,17 +3,18 @@
 Keys are cached without RoPE; each query block picks its most relevant chunks of the cache by
 a position-agnostic score, then attends over [sink | selected chunks | local window] with RoPE
 at re-assigned positions, so no distance exceeds the attention scope.
+
+The package by role (docs/design.md section 4): :mod:`.api` (this page's entry points),
+:mod:`.ops` (the three ops: checks, backends, fake kernels, unchecked cores), :mod:`.layout`
+(segment arithmetic), :mod:`.rope`, :mod:`.reference` (the spec), :mod:`.cache`, and the
+integrations :mod:`.hf` (needs transformers) and :mod:`.distributed`.
 """
 from __future__ import annotations
 
-import dataclasses
-import math
-
-import torch
-
-from . import layout, ops, reference
+from . import cache, layout, ops, reference, rope
+from .api import ReAttentionConfig, reattention_attn
 from .ops import available_backends, chunk_reps, gather_attention, select_chunks, set_device_checks
-from .rope import default_inv_freq, shared_inv_freq
+from .rope import default_inv_freq
 
 __all__ = [
     "ReAttentionConfig",
@@ -26,126 +27,8 @@ __all__ = [
     "set_device_checks",
     "ops",
     "reference",
+    "layout",
+    "rope",
+    "cache",
 ]
 __version__ = "0.1.0"
-
-
-@dataclasses.dataclass(frozen=True)
-class ReAttentionConfig:
-    """Segment and selection settings shared by the op, the cache and the HF integration.
-
-    A query block attends to at most ``scope = sink + topk*chunk + local + chunk +
-    query_block`` keys (its own queries included), however long the cache grows and however
-    many queries a call holds; compact positions stay below it.
-
-    Example
-    -------
-    >>> cfg = ReAttentionConfig(sink=16, local=96, chunk=32, topk=4, query_block=64)
-    >>> cfg.scope
-    336
-    """
-
-    sink: int = 64
-    local: int = 4096
-    chunk: int = 64
-    topk: int = 32
-    query_block: int = 128
-    rep: str = "max"
-    positions: str = "compact"
-
-    def __post_init__(self):
-        ops.check_params(sink=self.sink, local=self.local, chunk=self.chunk, topk=self.topk,
-                         query_block=self.query_block)
-        if self.rep not in ops.REP_MODES:
-            raise ValueError(f"rep must be one of {ops.REP_MODES}, got {self.rep!r}")
-        if self.positions not in ops.POSITION_MODES:
-            raise ValueError(f"positions must be one of {ops.POSITION_MODES}, "
-                             f"got {self.positions!r}")
-
-    @staticmethod
-    def resolve(config: "ReAttentionConfig | None", given: dict) -> dict:
-        """The settings a call runs with: ``config``'s when given, else the keywords.
-
-        ``given`` maps setting names to the keyword values of the call; a keyword set to
-        neither its default nor the config's value is ambiguous and raises ValueError.
-        """
-        if config is None:
-            return given
-        if not isinstance(config, ReAttentionConfig):
-            raise ValueError(f"config must be a ReAttentionConfig, got {type(config).__name__}")
-        defaults = ReAttentionConfig()
-        clash = [k for k, v in given.items()
-                 if v != getattr(defaults, k) and v != getattr(config, k)]
-        if clash:
-            raise ValueError(f"pass either config or the keywords {clash}, not both")
-        return {k: getattr(config, k) for k in given}
-
-    @property
-    def scope(self) -> int:
-        """Keys a query block attends to at most, its queries included (docs/design.md
-        section 2)."""
-        return layout.scope(self.sink, self.local, self.chunk, self.topk, self.query_block)
-
-
-def reattention_attn(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                     cache_seqlens: torch.Tensor | None = None, *, sink: int = 64,
-                     local: int = 4096, chunk: int = 64, topk: int = 32, query_block: int = 128,
-                     rep: str = "max", reps: torch.Tensor | None = None,
-                     inv_freq: torch.Tensor | None = None, rope_theta: float = 10000.0,
-                     rope_scale: float = 1.0, rope_style: str = "half",
-                     positions: str = "compact", scale: float | None = None,
-                     backend: str = "auto", return_lse: bool = False,
-                     config: ReAttentionConfig | None = None):
-    """ReAttention for the last Lq tokens: select chunks, then attend with re-assigned RoPE.
-
-    Parameters
-    ----------
-    q : [B, Hq, Lq, D] raw (un-rotated) queries of the last Lq tokens of each sequence.
-    k_cache, v_cache : [B, Hkv, Nmax, D] raw keys and values, Hq % Hkv == 0; same dtype as q
-        (fp16, bf16 or fp32).
-    cache_seqlens : int32 [B] valid tokens per sequence (the Lq new ones included), each in
-        [Lq, Nmax]; None means Nmax.
-    sink, local, chunk, topk, query_block, rep, positions : see DESIGN.md section 2; or pass
-        ``config`` (a :class:`ReAttentionConfig`), which then supplies all of them.
-    reps : chunk representatives for rep "bound"/"mean" (:func:`chunk_reps`); computed on the
-        fly when None.
-    inv_freq : float32 [R/2] RoPE inverse frequencies (R <= D), wins over ``rope_theta``.
-    rope_scale : cos and sin are multiplied by it (yarn's attention factor).
-    rope_style : "half" (Hugging Face) or "interleaved".
-    scale : softmax scale, default 1/sqrt(D).
-    backend : "auto" | "cuda" | "triton" | "cpu" | "reference".
-    return_lse : also return the log-sum-exp [B, Hq, Lq] float32.
-
-    Returns
-    -------
-    out : [B, Hq, Lq, D] in q's dtype, or (out, lse) when ``return_lse``.
-
-    Example
-    -------
-    >>> q = torch.randn(1, 32, 1, 128); k = torch.randn(1, 8, 65536, 128); v = torch.randn_like(k)
-    >>> out = reattention_attn(q, k, v, sink=64, local=4096, chunk=64, topk=32)
-    >>> out.shape
-    torch.Size([1, 32, 1, 128])
-    """
-    cfg = ReAttentionConfig.resolve(config, dict(
-        sink=sink, local=local, chunk=chunk, topk=topk, query_block=query_block, rep=rep,
-        positions=positions))
-    sink, local, chunk, topk = cfg["sink"], cfg["local"], cfg["chunk"], cfg["topk"]
-    query_block, rep, positions = cfg["query_block"], cfg["rep"], cfg["positions"]
-    # Validate everything before the selection kernel runs.
-    ops.check_cache(q, k_cache, v_cache)
-    if inv_freq is None:
-        inv_freq = shared_inv_freq(q.shape[-1], rope_theta, q.device)
-    ops.check_attention_args(q, inv_freq, scale, rope_scale, rope_style, positions)
-    seqlens = ops.check_seqlens(cache_seqlens, k_cache, q.shape[2])
-    # The lengths are read (on a GPU: one sync) here only, and idx comes from select_chunks.
-    with ops._values_already_checked():
-        idx = select_chunks(q, k_cache, seqlens, reps=reps, sink=sink, local=local,
-                            chunk=chunk, topk=topk, query_block=query_block, rep=rep,
-                            backend=backend)
-        out, lse = gather_attention(q, k_cache, v_cache, idx, seqlens, inv_freq=inv_freq,
-                                    sink=sink, local=local, chunk=chunk,
-                                    query_block=query_block, scale=scale,
-                                    rope_scale=rope_scale, rope_style=rope_style,
-                                    positions=positions, backend=backend)
-    return (out, lse) if return_lse else out

@@ -20,7 +20,8 @@ import math
 
 import torch
 
-from . import ReAttentionConfig, layout, ops, reattention_attn, reference
+from . import layout, ops
+from .api import ReAttentionConfig, _attend_checked
 
 __all__ = ["LayerCache", "KVCache"]
 
@@ -126,6 +127,11 @@ class LayerCache:
             capacity = self.max_length if self.max_length is not None else _MIN_CAPACITY
         if self.max_length is not None and capacity > self.max_length:
             raise ValueError(f"capacity {capacity} exceeds max_length={self.max_length}")
+        if dtype not in ops.FLOAT_DTYPES + (torch.float64,):
+            raise ValueError(f"the cache holds float16, bfloat16 or float32 keys and values "
+                             f"(float64 on the reference backend), got {dtype}")
+        if not (isinstance(head_dim, int) and head_dim >= 2 and head_dim % 2 == 0):
+            raise ValueError(f"head_dim must be an even int >= 2, got {head_dim!r}")
         shape = (batch, heads, capacity, head_dim)
         self.k_buffer = torch.empty(shape, dtype=dtype, device=device)
         self.v_buffer = torch.empty(shape, dtype=dtype, device=device)
@@ -207,10 +213,12 @@ class LayerCache:
         if self.reps is not None:
             start = min(self._complete_chunks(old), self.reps.shape[2])
             if self._complete_chunks(self.length) > start:
-                with ops._values_already_checked():  # every length is self.length <= capacity
-                    ops.chunk_reps(self.k_buffer, self.cache_seqlens, sink=self.config.sink,
-                                   chunk=self.config.chunk, rep=self.config.rep,
-                                   backend=self.backend, reps=self.reps, start_chunk=start)
+                # Every length is self.length <= capacity: nothing to check or read.
+                ops.unchecked.chunk_reps(self.k_buffer, self.cache_seqlens, self.reps,
+                                         sink=self.config.sink, chunk=self.config.chunk,
+                                         rep=self.config.rep,
+                                         backend=ops.resolve_backend(self.backend, self.k_buffer),
+                                         start_chunk=start)
 
     def crop(self, length: int) -> None:
         """Keep the first ``length`` tokens (0 <= length <= current length).
@@ -246,7 +254,8 @@ class LayerCache:
     # ------------------------------------------------------------------ reads
     def attend(self, q: torch.Tensor, *, inv_freq: torch.Tensor | None = None,
                rope_theta: float = 10000.0, rope_scale: float = 1.0, rope_style: str = "half",
-               scale: float | None = None, return_lse: bool = False):
+               scale: float | None = None, return_lse: bool = False,
+               backend: str | None = None):
         """ReAttention of the newest ``Lq`` tokens over this cache (append them first).
 
         Parameters
@@ -254,22 +263,25 @@ class LayerCache:
         q : [B, Hq, Lq, D] raw queries of the last Lq tokens held, Hq % Hkv == 0.
         inv_freq, rope_theta, rope_scale, rope_style, scale, return_lse : as in
             :func:`reattention.reattention_attn`.
+        backend : the backend of this call, default the cache's.
 
         Returns
         -------
         out [B, Hq, Lq, D] in q's dtype, or (out, lse [B, Hq, Lq] float32) with ``return_lse``.
         """
-        if not self.is_allocated or q.dim() != 4 or q.shape[2] > self.length:
+        if self.is_allocated:
+            ops.check_cache(q, self.k_buffer, self.v_buffer)
+        if not (self.is_allocated and q.shape[2] <= self.length):
             raise ValueError(f"q must be [B, Hq, Lq, D] with Lq <= the {self.length} cached "
                              f"tokens (append the new tokens first), got "
                              f"{tuple(getattr(q, 'shape', ()))}")
-        # Every length is self.length, in [Lq, capacity] by the check above: no device read.
-        with ops._values_already_checked():
-            return reattention_attn(q, self.k_buffer, self.v_buffer, self.cache_seqlens,
-                                    config=self.config, reps=self.reps, inv_freq=inv_freq,
-                                    rope_theta=rope_theta, rope_scale=rope_scale,
-                                    rope_style=rope_style, scale=scale, backend=self.backend,
-                                    return_lse=return_lse)
+        # Every length is self.length, in [Lq, capacity] by the checks above, and the reps are
+        # the cache's own: neither needs a check, and the lengths are never read.
+        return _attend_checked(q.contiguous(), self.k_buffer, self.v_buffer, self.cache_seqlens,
+                               self.reps, self.config, inv_freq=inv_freq, rope_theta=rope_theta,
+                               rope_scale=rope_scale, rope_style=rope_style, scale=scale,
+                               backend=self.backend if backend is None else backend,
+                               return_lse=return_lse)
 
 
 class KVCache:

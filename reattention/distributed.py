@@ -69,8 +69,7 @@ import torch.distributed as dist
 
 from . import ReAttentionConfig, ops, reference
 from .layout import block_segments, query_blocks
-from .reference import apply_rope
-from .rope import shared_inv_freq
+from .rope import apply_rope, shared_inv_freq
 
 __all__ = [
     "CPLayout",
@@ -438,11 +437,11 @@ def _local_topk(q, k_shard, reps, sh: _Shard, blocks, segs, *, sink, chunk, topk
     picked = torch.full((b_, hkv, n_blocks, topk), -1, dtype=torch.int64, device=q.device)
     if first < n_blocks:
         # The lengths lie in [Lq', cap] by the choice of L: no device read.
-        with ops._values_already_checked():
-            picked[:, :, first:] = ops.select_chunks(
-                q[:, :, first * query_block:], k_shard, meta[:, 0].to(torch.int32), reps=reps,
-                sink=s0, local=0, chunk=chunk, topk=topk, query_block=query_block, rep=rep,
-                backend=backend)
+        picked[:, :, first:] = ops.unchecked.select_chunks(
+            q[:, :, first * query_block:].contiguous(), k_shard.contiguous(),
+            meta[:, 0].to(torch.int32), None if reps is None else reps.contiguous(), sink=s0,
+            local=0, chunk=chunk, topk=topk, query_block=query_block, rep=rep,
+            backend=ops.resolve_backend(backend, q))
         picked.masked_fill_(picked >= keep[:, None, :, None], -1)
     added = keep[..., None] + torch.arange(width, device=q.device)  # [B, nb, width]
     added = added.masked_fill(added >= own[..., None], -1)
@@ -496,10 +495,10 @@ def _select(q, k_shard, reps, sh: _Shard, *, sink, local, chunk, topk, query_blo
     if rep == "max":
         ops.check_reps(reps, k_shard, lq=0, sink=s0, local=0, chunk=chunk, rep=rep)
     elif reps is None:
-        with ops._values_already_checked():  # shard_seqlens clamps them to [0, n_r]
-            reps = ops.chunk_reps(k_shard,
-                                  sh.layout.shard_seqlens(_to_device(sh.lens, q.device), sh.rank),
-                                  sink=s0, chunk=chunk, rep=rep, backend=backend)
+        # shard_seqlens clamps the lengths to [0, n_r]: no device read.
+        reps = ops.unchecked.chunk_reps(
+            k_shard.contiguous(), sh.layout.shard_seqlens(_to_device(sh.lens, q.device), sh.rank),
+            sink=s0, chunk=chunk, rep=rep, backend=ops.resolve_backend(backend, k_shard))
     else:
         # lq=0, local=0: the candidates may reach the shard's last whole chunk.
         ops.check_reps(reps, k_shard, lq=0, sink=s0, local=0, chunk=chunk, rep=rep)

@@ -16,7 +16,8 @@
 
 :class:`ReAttentionCache` is a transformers ``Cache`` whose layers are
 :class:`reattention.cache.LayerCache` buffers (raw K/V written in place, chunk reps kept
-current), and :func:`prefill` feeds a long prompt through it in chunks.
+current), and :func:`prefill` feeds a long prompt through it in chunks. ``model.generate``
+called without ``past_key_values`` creates one itself.
 
 Example
 -------
@@ -30,7 +31,6 @@ Example
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import inspect
 import warnings
@@ -39,7 +39,8 @@ import torch
 import transformers
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from . import ReAttentionConfig, ops, reattention_attn
+from . import ops
+from .api import ReAttentionConfig, reattention_attn
 from .cache import LayerCache
 
 __all__ = ["enable", "disable", "is_enabled", "ReAttentionCache", "prefill", "ATTN_NAME"]
@@ -51,6 +52,8 @@ _LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
 _STATE_ATTR = "_reattention_state"
 # Attribute that ties the key tensor returned by a cache update to its LayerCache.
 _LAYER_TAG = "_reattention_layer"
+# The GenerationMixin method in which generate() builds its cache when none is given.
+_PREPARE_CACHE = "_prepare_cache_for_generation"
 
 
 @dataclasses.dataclass
@@ -64,6 +67,8 @@ class _State:
     previous_attn: str
     hooks: list
     tagged: list
+    # generate's cache preparation as the model's own attribute before enable(), if it had one
+    previous_prepare: object = None
     warned_scope: bool = False
 
     def inv_freq_on(self, device: torch.device) -> torch.Tensor:
@@ -123,15 +128,7 @@ def _attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
         raise ValueError("reattention: attention masks are not supported (no padding, no custom "
                          "4-D masks); causality is built in")
     layer = getattr(key, _LAYER_TAG, None)
-    if layer is not None:
-        k_cache, v_cache, seqlens, reps = (layer.k_buffer, layer.v_buffer, layer.cache_seqlens,
-                                           layer.reps)
-        n = layer.length
-    else:
-        # No ReAttention cache (use_cache=False or a stock cache): the keys are the whole
-        # sequence, queries last; reps for bound/mean are computed on the fly.
-        k_cache, v_cache, seqlens, reps = key, value, None, None
-        n = key.shape[2]
+    n = key.shape[2] if layer is None else layer.length
     if sliding_window is not None and n > sliding_window:
         raise ValueError(f"reattention: this layer uses sliding-window attention (window "
                          f"{sliding_window}) and {n} tokens exceed the window; sliding-window "
@@ -139,14 +136,16 @@ def _attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
     _warn_scope(state, n, query.shape[2])
     if query.shape[2] > n:
         raise ValueError(f"reattention: {query.shape[2]} queries but only {n} cached tokens")
-    # A ReAttentionCache layer keeps every length at its own length, >= Lq as just checked:
-    # its lengths need no device read (a host sync per layer on a GPU).
-    checked = ops._values_already_checked() if layer is not None else contextlib.nullcontext()
-    with checked:
-        out = reattention_attn(query, k_cache, v_cache, seqlens, config=state.config, reps=reps,
-                               inv_freq=state.inv_freq_on(query.device),
-                               rope_scale=state.rope_scale, rope_style=state.rope_style,
-                               scale=scaling, backend=state.backend)
+    rope = dict(inv_freq=state.inv_freq_on(query.device), rope_scale=state.rope_scale,
+                rope_style=state.rope_style, scale=scaling, backend=state.backend)
+    if layer is not None:
+        # A ReAttentionCache layer: its full buffers, lengths and reps, which are valid by
+        # construction, so its lengths are never read (a host sync per layer on a GPU).
+        out = layer.attend(query, **rope)
+    else:
+        # No ReAttention cache (use_cache=False or a stock cache): the keys are the whole sequence, queries
+        # last; reps for bound/mean are computed on the fly.
+        out = reattention_attn(query, key, value, config=state.config, **rope)
     return out.transpose(1, 2), None
 
 
@@ -230,7 +229,8 @@ def enable(model: "transformers.PreTrainedModel", config: ReAttentionConfig | No
 
     Returns
     -------
-    The same model object.
+    The same model object. Its ``generate`` creates a :class:`ReAttentionCache` when given no
+    ``past_key_values`` (and refuses a stock ``cache_implementation``).
 
     Example
     -------
@@ -260,6 +260,10 @@ def enable(model: "transformers.PreTrainedModel", config: ReAttentionConfig | No
                          f"transformers.AttentionInterface, so it cannot be enabled")
     state.hooks.append(rotary.register_forward_hook(_identity_rotary))
     state.hooks.append(decoder.register_forward_pre_hook(_refuse_masks, with_kwargs=True))
+    if hasattr(model, _PREPARE_CACHE):
+        state.previous_prepare = model.__dict__.get(_PREPARE_CACHE)
+        prepare = _generate_with_own_cache(model, getattr(model, _PREPARE_CACHE))
+        setattr(model, _PREPARE_CACHE, prepare)
     # Attention modules are the ones that know their layer; the attention function gets
     # the module, so the state rides on it.
     for m in [model, *(m for m in decoder.modules() if hasattr(m, "layer_idx"))]:
@@ -280,8 +284,31 @@ def disable(model: "transformers.PreTrainedModel") -> "transformers.PreTrainedMo
         h.remove()
     for m in state.tagged:
         delattr(m, _STATE_ATTR)
+    if _PREPARE_CACHE in model.__dict__:
+        if state.previous_prepare is None:
+            delattr(model, _PREPARE_CACHE)
+        else:
+            setattr(model, _PREPARE_CACHE, state.previous_prepare)
     model.set_attn_implementation(state.previous_attn)
     return model
+
+
+def _generate_with_own_cache(model, prepare):
+    """Wrap generate()'s cache preparation so that a call without ``past_key_values`` gets a
+    fresh :class:`ReAttentionCache`: a stock cache would work from dynamic concatenated keys
+    (recomputing bound/mean reps over the whole cache at every step) or, for the static
+    kinds, hand over padded buffers the attention would read as tokens."""
+    def prepare_cache(generation_config, model_kwargs, *args, **kwargs):
+        if (model_kwargs.get("past_key_values") is None
+                and generation_config.use_cache is not False):
+            kind = generation_config.cache_implementation
+            if kind is not None:
+                raise ValueError(f"reattention: generate(cache_implementation={kind!r}) builds a "
+                                 f"stock cache ReAttention cannot read; leave it unset, or pass "
+                                 f"past_key_values=reattention.hf.ReAttentionCache(model)")
+            model_kwargs["past_key_values"] = ReAttentionCache(model)
+        return prepare(generation_config, model_kwargs, *args, **kwargs)
+    return prepare_cache
 
 
 def _require_state(model) -> _State:

@@ -21,11 +21,10 @@ import math
 
 import torch
 
-from .layout import block_segments, new_reps, query_blocks, segments
+from .layout import block_segments, new_reps, query_blocks
+from .rope import apply_rope
 
 __all__ = [
-    "rope_angles",
-    "apply_rope",
     "chunk_reps_ref",
     "chunk_scores_ref",
     "select_chunks_ref",
@@ -36,52 +35,6 @@ __all__ = [
 
 def _acc_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
-def rope_angles(pos: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
-    """Angles ``float32(pos) * inv_freq`` computed in float32, as Hugging Face does.
-
-    pos: int [L]; inv_freq: [R/2] -> [L, R/2] float32.
-    """
-    return pos.to(torch.float32)[:, None] * inv_freq.to(torch.float32)[None, :]
-
-
-def apply_rope(x: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor,
-               rope_scale: float = 1.0, style: str = "half") -> torch.Tensor:
-    """Rotate the first ``R = 2 * len(inv_freq)`` dims of ``x`` at positions ``pos``.
-
-    Parameters
-    ----------
-    x : [..., L, D] float tensor (float32/float64 for exactness).
-    pos : int tensor [L], the position of each row.
-    inv_freq : [R/2] float32 inverse frequencies, ``R <= D``.
-    rope_scale : cos and sin are multiplied by it (yarn's attention factor).
-    style : "half" pairs (i, i + R/2) (Hugging Face), "interleaved" pairs (2i, 2i + 1).
-
-    Returns
-    -------
-    Tensor of ``x``'s shape and dtype; dims from R on pass through unrotated.
-    """
-    half = inv_freq.shape[0]
-    r = 2 * half
-    ang = rope_angles(pos, inv_freq)
-    if x.dtype == torch.float64:
-        ang = ang.to(torch.float64)
-    # cos/sin in (at least) float32, then rounded to x's dtype, as Hugging Face does.
-    cos = (ang.cos() * rope_scale).to(x.dtype)
-    sin = (ang.sin() * rope_scale).to(x.dtype)
-    out = x.clone()
-    if style == "half":
-        x1, x2 = x[..., :half], x[..., half:r]
-        out[..., :half] = x1 * cos - x2 * sin
-        out[..., half:r] = x2 * cos + x1 * sin
-    elif style == "interleaved":
-        x1, x2 = x[..., 0:r:2], x[..., 1:r:2]
-        out[..., 0:r:2] = x1 * cos - x2 * sin
-        out[..., 1:r:2] = x2 * cos + x1 * sin
-    else:
-        raise ValueError(f"rope_style must be 'half' or 'interleaved', got {style!r}")
-    return out
 
 
 def _seqlens(cache_seqlens: torch.Tensor | None, batch: int, nmax: int) -> list[int]:
@@ -242,7 +195,8 @@ def gather_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     idx : int32 [B, Hkv, n_blocks, topk], ascending, -1 padded (from ``select_chunks``).
     positions : "compact" (key r of the gathered sequence at position r) or "original".
     compute_dtype : arithmetic dtype, default float32 (float64 for float64 inputs). Tests pass
-        q's own low-precision dtype to measure PyTorch's rounding error (STYLE.md tolerance).
+        q's own low-precision dtype to measure PyTorch's rounding error (the tolerance rule of
+        docs/design.md section 2.10).
 
     Returns
     -------

@@ -1,13 +1,12 @@
-"""RoPE helpers shared by the public API and the model integrations."""
+"""RoPE: inverse frequencies and the rotation itself (docs/design.md section 2.7), shared by
+the reference, the public API and the integrations."""
 from __future__ import annotations
 
 import functools
 
 import torch
 
-from .reference import apply_rope, rope_angles
-
-__all__ = ["default_inv_freq", "apply_rope", "rope_angles"]
+__all__ = ["default_inv_freq", "shared_inv_freq", "apply_rope", "rope_angles"]
 
 
 @functools.lru_cache(maxsize=32)
@@ -43,3 +42,49 @@ def default_inv_freq(rotary_dim: int, theta: float = 10000.0,
     if not theta > 0:
         raise ValueError(f"theta must be > 0, got {theta!r}")
     return shared_inv_freq(rotary_dim, theta, device).clone()
+
+
+def rope_angles(pos: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Angles ``float32(pos) * inv_freq`` computed in float32, as Hugging Face does.
+
+    pos: int [L]; inv_freq: [R/2] -> [L, R/2] float32.
+    """
+    return pos.to(torch.float32)[:, None] * inv_freq.to(torch.float32)[None, :]
+
+
+def apply_rope(x: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor,
+               rope_scale: float = 1.0, style: str = "half") -> torch.Tensor:
+    """Rotate the first ``R = 2 * len(inv_freq)`` dims of ``x`` at positions ``pos``.
+
+    Parameters
+    ----------
+    x : [..., L, D] float tensor (float32/float64 for exactness).
+    pos : int tensor [L], the position of each row.
+    inv_freq : [R/2] float32 inverse frequencies, ``R <= D``.
+    rope_scale : cos and sin are multiplied by it (yarn's attention factor).
+    style : "half" pairs (i, i + R/2) (Hugging Face), "interleaved" pairs (2i, 2i + 1).
+
+    Returns
+    -------
+    Tensor of ``x``'s shape and dtype; dims from R on pass through unrotated.
+    """
+    half = inv_freq.shape[0]
+    r = 2 * half
+    ang = rope_angles(pos, inv_freq)
+    if x.dtype == torch.float64:
+        ang = ang.to(torch.float64)
+    # cos/sin in (at least) float32, then rounded to x's dtype, as Hugging Face does.
+    cos = (ang.cos() * rope_scale).to(x.dtype)
+    sin = (ang.sin() * rope_scale).to(x.dtype)
+    out = x.clone()
+    if style == "half":
+        x1, x2 = x[..., :half], x[..., half:r]
+        out[..., :half] = x1 * cos - x2 * sin
+        out[..., half:r] = x2 * cos + x1 * sin
+    elif style == "interleaved":
+        x1, x2 = x[..., 0:r:2], x[..., 1:r:2]
+        out[..., 0:r:2] = x1 * cos - x2 * sin
+        out[..., 1:r:2] = x2 * cos + x1 * sin
+    else:
+        raise ValueError(f"rope_style must be 'half' or 'interleaved', got {style!r}")
+    return out

@@ -2,9 +2,9 @@
 
 - Outputs: a backend's max error against the float32 reference may be at most twice the
   error of PyTorch's own low-precision run of the same computation, plus the dtype's
-  rounding noise (the FlashAttention rule, STYLE.md).
+  rounding noise (the FlashAttention rule, docs/design.md section 2.10).
 - Selections: equal up to swaps among chunks whose scores lie within a small margin of the
-  k-th score (DESIGN.md, "Near-ties").
+  k-th score (docs/design.md section 2.10).
 """
 from __future__ import annotations
 

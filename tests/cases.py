@@ -1,4 +1,4 @@
-"""The parity grid shared by the per-op tests: odd sizes on purpose (STYLE.md)."""
+"""The parity grid shared by the per-op tests: odd sizes on purpose."""
 from reattention.testing import Case
 
 #        b  hq hkv  lq  nmax   d  sink local chunk topk qb

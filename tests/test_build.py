@@ -136,14 +136,15 @@ def test_wheel_is_abi3():
     assert "Root-Is-Purelib: false" in info, info
     assert "-cp39-abi3-" in os.path.basename(wheel), wheel
     assert "reattention/_C.abi3.so" in names, names
-    assert "reattention/__init__.py" in names, names
+    assert {"reattention/__init__.py", "reattention/ops/__init__.py",
+            "reattention/needle/__init__.py"} <= set(names), names
     # The Triton twins ship inside the package, never as a top-level triton_kernels (the
     # Triton project publishes a package of that name).
     assert "reattention/triton_kernels/__init__.py" in names, names
     assert not any(n.startswith("triton_kernels/") for n in names), names
     # The needle demo (python -m reattention) runs offline from the weights in the package.
-    assert {"reattention/needle_data/config.json",
-            "reattention/needle_data/model.safetensors"} <= set(names), names
+    assert {"reattention/needle/weights/config.json",
+            "reattention/needle/weights/model.safetensors"} <= set(names), names
     if os.environ.get("REATTENTION_WHEEL_CUDA") == "1":
         assert "reattention/_C_cuda.abi3.so" in names, names
 
@@ -166,7 +167,7 @@ def test_sdist_holds_what_a_build_needs(tmp_path):
     with tarfile.open(tarball) as tf:
         names = {n.split("/", 1)[1] for n in tf.getnames() if "/" in n}
     want = {"CMakeLists.txt", "setup.py", "pyproject.toml", "tests/conftest.py",
-            "tests/cases.py", "reattention/needle_data/model.safetensors",
+            "tests/cases.py", "reattention/needle/weights/model.safetensors",
             "triton_kernels/__init__.py"}
     for dirpath, _, files in os.walk(os.path.join(SOURCE_ROOT, "csrc")):
         want |= {os.path.relpath(os.path.join(dirpath, f), SOURCE_ROOT) for f in files}

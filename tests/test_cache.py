@@ -228,3 +228,15 @@ def test_lengths_are_read_once_per_call_and_never_by_the_cache(rep, monkeypatch)
     with pytest.raises(ValueError, match="cache_seqlens must lie in"):
         reattention.reattention_attn(q, k, v, torch.tensor([90, 2], dtype=torch.int32),
                                      config=cfg, backend="reference")
+
+
+def test_layer_cache_refuses_keys_the_ops_cannot_take():
+    """Appends feed the unchecked chunk_reps core directly: dtype and head dim are checked
+    once, when the buffers are allocated."""
+    layer = LayerCache(reattention.ReAttentionConfig(sink=4, local=16, chunk=8, topk=2,
+                                                     rep="bound"))
+    with pytest.raises(ValueError, match="float16, bfloat16 or float32"):
+        layer.append(torch.ones(1, 2, 9, 16, dtype=torch.int32),
+                     torch.ones(1, 2, 9, 16, dtype=torch.int32))
+    with pytest.raises(ValueError, match="head_dim must be an even int"):
+        layer.append(torch.randn(1, 2, 9, 15), torch.randn(1, 2, 9, 15))

@@ -7,6 +7,7 @@ import torch
 
 import reattention
 from reattention import layout, reference
+from reattention.rope import apply_rope
 from reattention.testing import NOISE, assert_selection_equivalent, max_err
 
 from conftest import PARITY_BACKENDS, device_for, require
@@ -110,8 +111,8 @@ def test_large_blocks_equal_dense_when_every_chunk_is_selected():
                                                  scale=32 ** -0.5)
     assert int((idx >= 0).sum(-1).max()) <= 13
     pos = torch.arange(130)
-    qr = reference.apply_rope(q, pos[40:], inv)
-    kr = reference.apply_rope(k, pos, inv).repeat_interleave(2, 1)
+    qr = apply_rope(q, pos[40:], inv)
+    kr = apply_rope(k, pos, inv).repeat_interleave(2, 1)
     logits = (qr @ kr.transpose(-1, -2)) * 32 ** -0.5
     logits = logits.masked_fill(pos[None, :] > pos[40:, None], -math.inf)
     dense = torch.softmax(logits, -1) @ v.repeat_interleave(2, 1)

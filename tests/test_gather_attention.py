@@ -1,4 +1,5 @@
-"""gather_attention and reattention_attn parity against the reference (STYLE.md rule)."""
+"""gather_attention and reattention_attn parity against the reference (the tolerance rule of
+docs/design.md section 2.10)."""
 import math
 
 import pytest

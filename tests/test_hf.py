@@ -141,7 +141,7 @@ def test_greedy_generate_is_token_identical(name):
     chunked = model.generate(ids, past_key_values=hf.ReAttentionCache(model),
                              prefill_chunk_size=16, **kw)
     assert torch.equal(chunked, want)
-    assert torch.equal(model.generate(ids, **kw), want)  # no cache given: a stock cache
+    assert torch.equal(model.generate(ids, **kw), want)  # no cache given: generate makes one
 
 
 def test_beam_search_and_sampling_match_stock():
@@ -160,6 +160,27 @@ def test_beam_search_and_sampling_match_stock():
         got = model.generate(ids, past_key_values=hf.ReAttentionCache(model), max_new_tokens=6,
                              pad_token_id=0, **kw)
         assert torch.equal(got, w)
+
+
+def test_generate_without_a_cache_makes_a_reattention_cache():
+    """generate() with no past_key_values used to build a stock cache: concatenated keys (bound
+    reps recomputed over the whole cache at every step), or padded buffers for the static
+    kinds, read as tokens. It now gets a ReAttentionCache, the same as passing one."""
+    model = _model("llama3")
+    ids = _ids(100)
+    hf.enable(model, _sparse("bound"))
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    out = model.generate(ids, return_dict_in_generate=True, **kw)
+    assert isinstance(out.past_key_values, hf.ReAttentionCache)
+    assert out.past_key_values.get_seq_length() == 105
+    want = model.generate(ids, past_key_values=hf.ReAttentionCache(model), **kw)
+    assert torch.equal(out.sequences, want)
+    with pytest.raises(ValueError, match=r"past_key_values=reattention\.hf\.ReAttentionCache"):
+        model.generate(ids, cache_implementation="static", **kw)
+    hf.disable(model)
+    assert "_prepare_cache_for_generation" not in vars(model)
+    assert not isinstance(model.generate(ids, return_dict_in_generate=True, **kw).past_key_values,
+                          hf.ReAttentionCache)
 
 
 @pytest.mark.parametrize("rep", ["max", "bound", "mean"])

@@ -1,9 +1,10 @@
 """The needle model: the task's layout, and retrieval past the trained length (CI's reduced check).
 
 The reduced check is 16x the trained length (8192 tokens), 10 needles spread over the middle
-of the haystack: ReAttention must find >= 90% of them, dense RoPE <= 30% (DESIGN.md section 6).
+of the haystack: ReAttention must find >= 90% of them, dense RoPE <= 30% (docs/design.md section 6).
 """
 import json
+import subprocess
 import sys
 
 import pytest
@@ -117,6 +118,12 @@ def test_main_writes_table_json_and_plot(tmp_path, capsys):
         assert len(rows[m]) == 2
         assert [len(a) for a in res["accuracy"][m]] == [2, 2]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"heatmap: {png}" in printed
+    # Before the table, what each method is; after it, what the numbers show.
+    table_at = printed.index("\n|")
+    for m in needle.METHODS:
+        assert printed.index(f"{m}: {needle.METHOD_DESCRIPTIONS[m]}") < table_at
+    assert needle.summary(res) in printed[table_at:]
 
 
 @pytest.mark.parametrize("argv,flag", [
@@ -133,7 +140,7 @@ def test_main_writes_table_json_and_plot(tmp_path, capsys):
 ])
 def test_main_refuses_bad_arguments_before_running(argv, flag, capsys, monkeypatch):
     # Bad values stop at argparse, naming the flag, before the model loads or a prompt runs.
-    monkeypatch.setattr(needle, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
+    monkeypatch.setattr(needle.cli, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
     with pytest.raises(SystemExit) as e:
         needle.main(argv)
     assert e.value.code == 2
@@ -146,10 +153,59 @@ def test_default_lengths_below_the_trained_length():
     assert needle.default_lengths(5000) == [512, 2048, 5000]
 
 
-def test_main_zero_dense_max_len_skips_dense(capsys):
+def test_main_zero_dense_max_len_skips_dense(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     assert needle.main(["--lengths", "64", "--depths", "1", "--methods", "dense",
-                        "--dense-max-len", "0"]) == 0
+                        "--dense-max-len", "0", "--no-plot"]) == 0
     assert "|  dense |           - |" in capsys.readouterr().out
+    assert list(tmp_path.iterdir()) == []  # --no-plot: no heatmap
+
+
+def test_main_writes_the_heatmap_by_default(capsys, tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    monkeypatch.chdir(tmp_path)
+    assert needle.main(["--lengths", "64", "--depths", "1", "--methods", "window"]) == 0
+    assert f"heatmap: {needle.cli.DEFAULT_PLOT}" in capsys.readouterr().out
+    assert (tmp_path / needle.cli.DEFAULT_PLOT).read_bytes()[:4] == b"\x89PNG"
+
+
+def _res(acc, lengths=(512, 8192, 32768)):
+    """A results dict as evaluate() returns it: acc maps a method to per-length accuracy
+    (None: skipped), spread over two depths."""
+    return {"trained_length": 512, "lengths": list(lengths), "depths": [0.25, 0.75],
+            "samples": 1, "methods": list(acc),
+            "accuracy": {m: [None if a is None else [a, a] for a in row]
+                         for m, row in acc.items()}}
+
+
+def test_summary_is_computed_from_the_results():
+    res = _res({"dense": [1.0, 0.5, None], "window": [1.0, 0.0, 0.5],
+                "reattention-bound": [1.0, 1.0, 0.75], "reattention-mean": [1.0, 0.5, 0.25]})
+    assert needle.summary(res) == (
+        "ReAttention with min/max chunk representatives found the needle in 75% of prompts at "
+        "64x the trained length (32K tokens), while dense RoPE attention, run up to 16x the "
+        "trained length (8K tokens), found 50% there; sink + local window with the same key "
+        "budget found 50%.")
+    res = _res({"dense": [0.0], "reattention-max": [1.0]}, lengths=[4096])
+    assert needle.summary(res) == (
+        "ReAttention with exact chunk scores (every raw key of a chunk) found the needle in 100% "
+        "of prompts at 8x the trained length (4K tokens), where dense RoPE attention found 0%.")
+    assert needle.summary(_res({"dense": [1.0, 1.0, 1.0]})) == ""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+@pytest.mark.parametrize("argv", [["--backend", "cuda"], ["--device", "cuda"],
+                                  ["--check", "--backend", "cuda"]])
+def test_cli_refuses_cuda_without_a_gpu_in_one_line(argv):
+    """No traceback: argparse's usage and one error line naming the flag, exit code 2, before
+    the backend report or the model."""
+    res = subprocess.run([sys.executable, "-m", "reattention", *argv], capture_output=True,
+                         text=True)
+    assert res.returncode == 2, res.stderr
+    assert res.stdout == ""
+    errors = [line for line in res.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and f"argument {argv[-2]}" in errors[0], res.stderr
+    assert "Traceback" not in res.stderr
 
 
 def test_main_without_transformers_says_which_extra(monkeypatch):

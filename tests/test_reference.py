@@ -5,6 +5,8 @@ import pytest
 import torch
 
 from reattention import reference as R
+from reattention.layout import segments
+from reattention.rope import apply_rope
 from reattention.testing import Case, make_inputs
 
 
@@ -14,8 +16,8 @@ def dense_rope_attention(q, k, v, n, inv_freq, scale, rope_style="half", key_mas
     hq, hkv = q.shape[1], k.shape[1]
     k, v = k[:, :, :n], v[:, :, :n]
     kpos, qpos = torch.arange(n), torch.arange(n - lq, n)
-    qr = R.apply_rope(q, qpos, inv_freq, 1.0, rope_style)
-    kr = R.apply_rope(k, kpos, inv_freq, 1.0, rope_style)
+    qr = apply_rope(q, qpos, inv_freq, 1.0, rope_style)
+    kr = apply_rope(k, kpos, inv_freq, 1.0, rope_style)
     kr = kr.repeat_interleave(hq // hkv, dim=1)
     vv = v.repeat_interleave(hq // hkv, dim=1)
     logits = scale * qr @ kr.transpose(-1, -2)
@@ -56,7 +58,7 @@ def test_original_positions_equal_masked_dense():
     out, _, idx = R.reattention_attn_ref(q, k, v, None, inv_freq, sink=16, local=64, chunk=32,
                                          topk=4, query_block=8, rep="max", scale=scale,
                                          positions="original")
-    sink_len, mid_end, m = R.segments(700, 3, 16, 64, 32)
+    sink_len, mid_end, m = segments(700, 3, 16, 64, 32)
     assert m > 4
     keep = torch.zeros(700, dtype=torch.bool)
     keep[:sink_len] = True
@@ -97,13 +99,13 @@ def test_lse_is_logsumexp_of_scores():
     scale = 0.25
     out, lse, idx = R.reattention_attn_ref(q, k, v, None, inv_freq, sink=4, local=32, chunk=8,
                                            topk=5, query_block=1, rep="max", scale=scale)
-    sink_len, mid_end, _ = R.segments(500, 1, 4, 32, 8)
+    sink_len, mid_end, _ = segments(500, 1, 4, 32, 8)
     sel = idx[0, 0, 0].tolist()
     keys = torch.cat([torch.arange(4)] + [torch.arange(4 + 8 * j, 12 + 8 * j) for j in sel]
                      + [torch.arange(mid_end, 500)])
     rpos = torch.arange(keys.numel())
-    qr = R.apply_rope(q[0, :, 0:1], torch.tensor([rpos[-1].item()]), inv_freq)
-    kr = R.apply_rope(k[0, 0, keys], rpos, inv_freq)
+    qr = apply_rope(q[0, :, 0:1], torch.tensor([rpos[-1].item()]), inv_freq)
+    kr = apply_rope(k[0, 0, keys], rpos, inv_freq)
     logits = scale * (qr @ kr.T)[:, 0]
     torch.testing.assert_close(lse[0, :, 0].double(), torch.logsumexp(logits, -1), rtol=0,
                                atol=1e-5)
@@ -112,11 +114,11 @@ def test_lse_is_logsumexp_of_scores():
 
 
 def test_segments_edges():
-    assert R.segments(10, 1, 64, 4096, 64) == (10, 64, 0)       # shorter than the sink
-    assert R.segments(64 + 4096 + 64 + 1, 1, 64, 4096, 64) == (64, 128, 1)
-    assert R.segments(64 + 4096 + 63 + 1, 1, 64, 4096, 64) == (64, 64, 0)
+    assert segments(10, 1, 64, 4096, 64) == (10, 64, 0)       # shorter than the sink
+    assert segments(64 + 4096 + 64 + 1, 1, 64, 4096, 64) == (64, 128, 1)
+    assert segments(64 + 4096 + 63 + 1, 1, 64, 4096, 64) == (64, 64, 0)
     # Chunks are aligned to the sink, never to N.
-    assert R.segments(1000, 10, 0, 100, 64) == (0, 832, 13)
+    assert segments(1000, 10, 0, 100, 64) == (0, 832, 13)
 
 
 def test_ties_go_to_lower_index():

@@ -1,4 +1,5 @@
-"""Every bad input of DESIGN.md section 3 raises ValueError naming the argument, per backend."""
+"""Every bad input of docs/design.md section 3.4 raises ValueError naming the argument, per backend."""
+import re
 import subprocess
 import sys
 import types
@@ -63,6 +64,46 @@ def test_bad_input_raises_value_error(name, backend):
     kw.update(kw_over)
     with pytest.raises(ValueError, match=msg):
         reattention.reattention_attn(t["q"], t["k"], t["v"], t["lens"], **kw)
+
+
+HINT = (r"{0} looks like \[B, {1}, H, D\]; this API takes \[B, H, {1}, D\] \(torch SDPA "
+        r"layout\): pass {0}\.transpose\(1, 2\)")
+
+
+@pytest.mark.parametrize("swapped", [("q",), ("k_cache", "v_cache"), ("q", "k_cache", "v_cache"),
+                                     ("v_cache",)])
+def test_bhld_layout_error_says_which_tensor_to_transpose(swapped):
+    """A decode query and a cache passed as [B, L, H, D] (a projection before
+    .transpose(1, 2)): the error names each tensor read that way."""
+    t = dict(q=torch.randn(1, 8, 1, 16), k_cache=torch.randn(1, 2, 301, 16),
+             v_cache=torch.randn(1, 2, 301, 16))
+    t = {n: x.transpose(1, 2) if n in swapped else x for n, x in t.items()}
+    with pytest.raises(ValueError) as e:
+        reattention.reattention_attn(t["q"], t["k_cache"], t["v_cache"], **KW)
+    for name in ("q", "k_cache", "v_cache"):
+        hint = re.search(HINT.format(name, "L" if name == "q" else "N"), str(e.value))
+        assert bool(hint) == (name in swapped), str(e.value)
+
+
+def test_bhld_query_hint_from_the_ops_and_the_cache():
+    q = torch.randn(1, 1, 8, 16)  # [B, L, H, D]
+    k = torch.randn(1, 2, 301, 16)
+    with pytest.raises(ValueError, match=HINT.format("q", "L")):
+        reattention.select_chunks(q, k, **KW)
+    with pytest.raises(ValueError, match=HINT.format("q", "L")):
+        reattention.gather_attention(q, k, k, torch.zeros(1, 2, 1, 2, dtype=torch.int32),
+                                     inv_freq=reattention.default_inv_freq(16), sink=4,
+                                     local=32, chunk=8, query_block=4)
+    layer = reattention.cache.LayerCache(reattention.ReAttentionConfig(sink=4, local=32, chunk=8))
+    layer.append(torch.randn(1, 2, 50, 16), torch.randn(1, 2, 50, 16))
+    with pytest.raises(ValueError, match=HINT.format("q", "L")):
+        layer.attend(q)
+
+
+def test_no_hint_when_no_transposed_reading_fits():
+    t = inputs(q=torch.randn(1, 5, 1, 16))  # Hq=5 over Hkv=2 either way
+    with pytest.raises(ValueError, match=r"multiple of k_cache heads Hkv=2 \(GQA\)$"):
+        reattention.reattention_attn(t["q"], t["k"], t["v"], **KW)
 
 
 def test_named_backend_that_cannot_run_says_why():

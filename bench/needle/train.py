@@ -6,12 +6,11 @@ Run on the GPU box from the repository root (about 6 minutes on an H200):
 
 It writes ``model.safetensors`` (fp16), ``config.json`` and ``needle_train.json`` (the loss
 curve, the schedule, wall time and a dense check at 1x/2x/4x) under ``--out``; copy the
-first two into ``reattention/needle_data/`` and the last into ``bench/results/``.
+first two into ``reattention/needle/weights/`` and the last into ``bench/results/``.
 The step count is fixed after a timed warm-up so the cosine schedule ends on time.
 """
 
 import argparse
-import importlib.util
 import json
 import math
 import os
@@ -23,13 +22,10 @@ import torch
 from safetensors.torch import save_file
 from transformers import LlamaForCausalLM
 
-# The task and the model config live in reattention/needle.py. Load that one file
-# rather than the package, so training needs no build of the compiled extension.
-_spec = importlib.util.spec_from_file_location(
-    "needle", os.path.join(os.path.dirname(__file__), "..", "..", "reattention", "needle.py")
-)
-needle = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(needle)
+# The task and the model config live in reattention/needle/; importing the package needs no
+# build of the compiled extension (an unbuilt backend is only reported unavailable).
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+from reattention import needle  # noqa: E402
 
 
 def answer_metrics(model, ids, labels):

@@ -1,0 +1,26 @@
+"""Fake (meta) kernels of the compiled ops, so torch.compile and torch.library.opcheck can
+trace them: output shapes and dtypes only. Parameter names follow the op schemas in
+csrc/ops.cpp."""
+from __future__ import annotations
+
+import torch
+
+from .backends import _status
+
+if _status["cpu"] is None:
+    @torch.library.register_fake("reattention::chunk_reps")
+    def _chunk_reps_fake(k_cache, cache_seqlens, reps, sink, chunk, rep, start_chunk):
+        return None
+
+    @torch.library.register_fake("reattention::select_chunks")
+    def _select_chunks_fake(q, k_cache, reps, cache_seqlens, sink, local, chunk, topk, rep,
+                            query_block):
+        b, _, lq, _ = q.shape
+        n_blocks = -(-lq // query_block)
+        return q.new_empty((b, k_cache.shape[1], n_blocks, topk), dtype=torch.int32)
+
+    @torch.library.register_fake("reattention::gather_attention")
+    def _gather_attention_fake(q, k_cache, v_cache, cache_seqlens, idx, inv_freq, sink, local,
+                               chunk, query_block, scale, rope_scale, rope_style, positions):
+        return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+
