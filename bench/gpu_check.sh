@@ -17,8 +17,8 @@ echo "install: $(( $(date +%s) - t0 )) s"
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader || true
 par=$(python3 -c "import xdist" 2>/dev/null && echo "-n 14" || true)
 if [ "$what" = quick ]; then
-  # What changed after the last full GPU run (bench/NOTES.md, "Session 3"): the grouped
-  # context-parallel path (NCCL, one rank per GPU), the launchers' strided lengths, the
+  # What commits 7febbb6 to f63ede6 changed (bench/NOTES.md, "Commits 7febbb6 to f63ede6"): the
+  # grouped context-parallel path (NCCL, one rank per GPU), the launchers' strided lengths, the
   # Triton token clamp, then the CP benchmark and the decode profile. About 3 minutes.
   (cd /tmp && REATTENTION_REQUIRE=cpu,cuda,triton python3 -m pytest -q -p no:cacheprovider $par \
      "$repo/tests/test_distributed.py" "$repo/tests/test_cuda.py" "$repo/tests/test_triton_gpu.py" \
