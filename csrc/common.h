@@ -3,7 +3,7 @@
 //
 // The input check guards memory safety only (shapes, dtypes, devices and, for CPU tensors,
 // the values of cache_seqlens and idx that would index out of bounds). User-facing
-// ValueErrors come from the Python wrappers (reattention/ops.py) before any kernel runs.
+// ValueErrors come from the Python wrappers (reattention/ops/checks.py) before any kernel runs.
 // Stable ABI only: torch/csrc/stable and torch/headeronly, built with
 // TORCH_TARGET_VERSION=2.10.
 #pragma once

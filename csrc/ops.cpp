@@ -1,6 +1,6 @@
 // The three reattention op schemas (docs/design.md section 3). Kernels register beside their code:
 // CPU in csrc/cpu/*.cpp (library _C, with these schemas), CUDA in csrc/cuda/*.cu (_C_cuda),
-// Triton in triton_kernels/ (as reattention::<op>_triton), fake kernels in reattention/ops.py.
+// Triton in triton_kernels/ (as reattention::<op>_triton), fake kernels in reattention/ops/fake.py.
 //
 // At this level cache_seqlens is always an int32 [B] tensor on the inputs' device, inv_freq a
 // float32 [R/2] tensor on that device and scale a float: the Python wrappers fill defaults.

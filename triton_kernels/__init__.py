@@ -3,7 +3,7 @@
 Importing this package registers ``torch.ops.reattention.chunk_reps_triton``,
 ``select_chunks_triton`` and ``gather_attention_triton`` (same argument lists as the C++
 schemas in csrc/ops.cpp). It raises ImportError when triton is missing, which
-reattention/ops.py reports as "backend unavailable". On the CPU the kernels run under the
+reattention/ops/backends.py reports as "backend unavailable". On the CPU the kernels run under the
 Triton interpreter (``TRITON_INTERPRET=1`` set before triton is imported).
 """
 try:
