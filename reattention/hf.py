@@ -17,7 +17,12 @@
 :class:`ReAttentionCache` is a transformers ``Cache`` whose layers are
 :class:`reattention.cache.LayerCache` buffers (raw K/V written in place, chunk reps kept
 current), and :func:`prefill` feeds a long prompt through it in chunks. ``model.generate``
-called without ``past_key_values`` creates one itself.
+called without a cache creates one itself.
+
+transformers 5.24 renamed the cache keyword of ``forward`` and ``generate`` from
+``past_key_values`` to ``cache`` (the old name warns); older versions know only
+``past_key_values``. :func:`generate` passes a cache under the name the installed version
+takes, and so do this module's own forward calls.
 
 Example
 -------
@@ -27,7 +32,7 @@ Example
 >>> model = hf.enable(model, cfg)
 >>> cache = hf.ReAttentionCache(model, cfg)
 >>> logits = hf.prefill(model, input_ids, cache, chunk_size=4096)
->>> out = model.generate(input_ids, past_key_values=cache, max_new_tokens=32)
+>>> out = hf.generate(model, input_ids, cache, max_new_tokens=32)
 """
 from __future__ import annotations
 
@@ -43,7 +48,8 @@ from . import ops
 from .api import ReAttentionConfig, reattention_attn
 from .cache import LayerCache
 
-__all__ = ["enable", "disable", "is_enabled", "ReAttentionCache", "prefill", "ATTN_NAME"]
+__all__ = ["enable", "disable", "is_enabled", "ReAttentionCache", "prefill", "generate",
+           "ATTN_NAME"]
 
 ATTN_NAME = "reattention"
 # Rope types whose inv_freq depends on the sequence length: we fix it at the trained length.
@@ -54,6 +60,12 @@ _STATE_ATTR = "_reattention_state"
 _LAYER_TAG = "_reattention_layer"
 # The GenerationMixin method in which generate() builds its cache when none is given.
 _PREPARE_CACHE = "_prepare_cache_for_generation"
+# The cache keyword of generate() and the key of the cache in its model_kwargs: "cache" from
+# transformers 5.24 on (where "past_key_values" warns), "past_key_values" before. generate()
+# takes **kwargs, so the name is read off the generation step it feeds them to.
+_GENERATE_CACHE = ("cache" if "cache" in inspect.signature(
+    transformers.GenerationMixin.prepare_inputs_for_generation).parameters
+    else "past_key_values")
 
 
 @dataclasses.dataclass
@@ -230,7 +242,7 @@ def enable(model: "transformers.PreTrainedModel", config: ReAttentionConfig | No
     Returns
     -------
     The same model object. Its ``generate`` creates a :class:`ReAttentionCache` when given no
-    ``past_key_values`` (and refuses a stock ``cache_implementation``).
+    cache (and refuses a stock ``cache_implementation``).
 
     Example
     -------
@@ -294,19 +306,20 @@ def disable(model: "transformers.PreTrainedModel") -> "transformers.PreTrainedMo
 
 
 def _generate_with_own_cache(model, prepare):
-    """Wrap generate()'s cache preparation so that a call without ``past_key_values`` gets a
-    fresh :class:`ReAttentionCache`: a stock cache would work from dynamic concatenated keys
+    """Wrap generate()'s cache preparation so that a call without a cache gets a fresh
+    :class:`ReAttentionCache`: a stock cache would work from dynamic concatenated keys
     (recomputing bound/mean reps over the whole cache at every step) or, for the static
     kinds, hand over padded buffers the attention would read as tokens."""
     def prepare_cache(generation_config, model_kwargs, *args, **kwargs):
-        if (model_kwargs.get("past_key_values") is None
+        if (model_kwargs.get(_GENERATE_CACHE) is None
                 and generation_config.use_cache is not False):
             kind = generation_config.cache_implementation
             if kind is not None:
                 raise ValueError(f"reattention: generate(cache_implementation={kind!r}) builds a "
                                  f"stock cache ReAttention cannot read; leave it unset, or pass "
-                                 f"past_key_values=reattention.hf.ReAttentionCache(model)")
-            model_kwargs["past_key_values"] = ReAttentionCache(model)
+                                 f"one: reattention.hf.generate(model, input_ids, "
+                                 f"reattention.hf.ReAttentionCache(model), ...)")
+            model_kwargs[_GENERATE_CACHE] = ReAttentionCache(model)
         return prepare(generation_config, model_kwargs, *args, **kwargs)
     return prepare_cache
 
@@ -410,7 +423,7 @@ class ReAttentionCache(Cache):
     Example
     -------
     >>> cache = hf.ReAttentionCache(model)
-    >>> out = model.generate(input_ids, past_key_values=cache, max_new_tokens=32)
+    >>> out = hf.generate(model, input_ids, cache, max_new_tokens=32)
     """
 
     def __init__(self, model: "transformers.PreTrainedModel",
@@ -441,8 +454,8 @@ def prefill(model: "transformers.PreTrainedModel", input_ids: torch.Tensor,
     """Feed a long prompt through the model in chunks and return the last token's logits.
 
     The cache then holds every prompt token but the last, so that
-    ``model.generate(input_ids, past_key_values=cache, ...)`` (which feeds the tokens the
-    cache lacks) starts by feeding exactly that one. A non-empty cache is treated as
+    ``hf.generate(model, input_ids, cache, ...)`` (which feeds the tokens the cache lacks)
+    starts by feeding exactly that one. A non-empty cache is treated as
     holding ``input_ids[:, :cache.get_seq_length()]``.
 
     Parameters
@@ -462,7 +475,7 @@ def prefill(model: "transformers.PreTrainedModel", input_ids: torch.Tensor,
     Example
     -------
     >>> logits = hf.prefill(model, input_ids, cache, chunk_size=4096)
-    >>> out = model.generate(input_ids, past_key_values=cache, max_new_tokens=32)
+    >>> out = hf.generate(model, input_ids, cache, max_new_tokens=32)
     """
     _require_state(model)
     if not isinstance(cache, ReAttentionCache):
@@ -480,17 +493,75 @@ def prefill(model: "transformers.PreTrainedModel", input_ids: torch.Tensor,
     cache.reserve(total + reserve_new_tokens)
     keep_one = ({"logits_to_keep": 1}
                 if "logits_to_keep" in inspect.signature(model.forward).parameters else {})
+    feed = _cache_kwargs(model, cache)
     bar = None
     if progress:
         from tqdm.auto import tqdm
         bar = tqdm(total=total - start, unit="tok", desc="reattention prefill")
     for s in range(start, total, chunk_size):
         e = min(total, s + chunk_size)
-        out = model(input_ids=input_ids[:, s:e], past_key_values=cache, use_cache=True,
-                    **keep_one)
+        out = model(input_ids=input_ids[:, s:e], use_cache=True, **feed, **keep_one)
         if bar is not None:
             bar.update(e - s)
     if bar is not None:
         bar.close()
     cache.crop(-1)
     return out.logits[:, -1]
+
+
+# --------------------------------------------------------------------------- cache keyword
+def _cache_kwargs(model: torch.nn.Module, cache: Cache | None) -> dict:
+    """``{name: cache}`` for ``model(...)``, under the cache keyword its ``forward`` takes.
+
+    ``cache`` on transformers >= 5.24 (``past_key_values`` there warns that it goes away in
+    5.40), ``past_key_values`` before; read off the signature, so that custom models that
+    kept the old name get it. A forward with neither takes generate's name.
+    """
+    params = inspect.signature(model.forward).parameters
+    name = next((n for n in ("cache", "past_key_values") if n in params), _GENERATE_CACHE)
+    return {name: cache}
+
+
+def _cache_of(output) -> Cache | None:
+    """The cache a forward or ``generate(return_dict_in_generate=True)`` output returns.
+
+    Its field is ``cache`` on transformers >= 5.24, where reading ``past_key_values`` logs a
+    deprecation message, and ``past_key_values`` before.
+    """
+    names = {f.name for f in dataclasses.fields(output)}
+    return getattr(output, "cache" if "cache" in names else "past_key_values", None)
+
+
+def generate(model: "transformers.PreTrainedModel", input_ids: torch.Tensor,
+             cache: Cache | None = None, **kwargs):
+    """``model.generate(input_ids, **kwargs)`` with ``cache`` passed under the keyword the
+    installed transformers takes.
+
+    transformers >= 5.24 calls it ``cache`` and warns on ``past_key_values``
+    (a FutureWarning: removed in 6.0); older versions know only ``past_key_values``. Use this
+    instead of either name to run on both.
+
+    Parameters
+    ----------
+    model : a transformers generative model, usually one passed to :func:`enable`.
+    input_ids : int64 [B, L], the whole prompt (a prefilled cache holds a prefix of it).
+    cache : a :class:`ReAttentionCache` (or any transformers Cache) to decode from, or None:
+        then an enabled model's ``generate`` creates a fresh :class:`ReAttentionCache`.
+    **kwargs : any other ``generate`` argument (``max_new_tokens``, ``do_sample``, ...).
+
+    Returns
+    -------
+    What ``model.generate`` returns: int64 [B, L + new] tokens, or its output object under
+    ``return_dict_in_generate=True``.
+
+    Example
+    -------
+    >>> cache = hf.ReAttentionCache(model)
+    >>> logits = hf.prefill(model, input_ids, cache)
+    >>> out = hf.generate(model, input_ids, cache, max_new_tokens=32, do_sample=False)
+    """
+    if "past_key_values" in kwargs:
+        raise ValueError("past_key_values: pass the cache as hf.generate's argument cache")
+    if cache is not None:
+        kwargs[_GENERATE_CACHE] = cache
+    return model.generate(input_ids, **kwargs)

@@ -6,6 +6,7 @@ logits and greedy tokens; with topk < M the ReAttentionCache path must equal the
 ReAttention run over stock-cached keys (reps recomputed from scratch), which checks the
 in-place buffers and the incremental reps while selection is active.
 """
+import logging
 import subprocess
 import sys
 import warnings
@@ -97,7 +98,7 @@ def _sparse(rep="max"):
 @torch.no_grad()
 def _chunked_logits(model, ids, cache, step):
     """Logits of every position, feeding ``ids`` through ``cache`` ``step`` tokens at a time."""
-    return torch.cat([model(ids[:, s:s + step], past_key_values=cache).logits
+    return torch.cat([model(ids[:, s:s + step], **hf._cache_kwargs(model, cache)).logits
                       for s in range(0, ids.shape[1], step)], dim=1)
 
 
@@ -136,10 +137,9 @@ def test_greedy_generate_is_token_identical(name):
     logits = hf.prefill(model, ids, cache, chunk_size=16, progress=False)
     assert cache.get_seq_length() == 59  # generate feeds the last prompt token itself
     assert torch.equal(logits.argmax(-1), want[:, 60])
-    got = model.generate(ids, past_key_values=cache, **kw)
+    got = hf.generate(model, ids, cache, **kw)
     assert torch.equal(got, want)
-    chunked = model.generate(ids, past_key_values=hf.ReAttentionCache(model),
-                             prefill_chunk_size=16, **kw)
+    chunked = hf.generate(model, ids, hf.ReAttentionCache(model), prefill_chunk_size=16, **kw)
     assert torch.equal(chunked, want)
     assert torch.equal(model.generate(ids, **kw), want)  # no cache given: generate makes one
 
@@ -157,29 +157,34 @@ def test_beam_search_and_sampling_match_stock():
     hf.enable(model, DENSE)
     for kw, w in zip(runs, want):
         torch.manual_seed(3)
-        got = model.generate(ids, past_key_values=hf.ReAttentionCache(model), max_new_tokens=6,
-                             pad_token_id=0, **kw)
+        got = hf.generate(model, ids, hf.ReAttentionCache(model), max_new_tokens=6,
+                          pad_token_id=0, **kw)
         assert torch.equal(got, w)
 
 
 def test_generate_without_a_cache_makes_a_reattention_cache():
-    """generate() with no past_key_values used to build a stock cache: concatenated keys (bound
-    reps recomputed over the whole cache at every step), or padded buffers for the static
-    kinds, read as tokens. It now gets a ReAttentionCache, the same as passing one."""
+    """generate() with no cache used to build a stock cache: concatenated keys (bound reps
+    recomputed over the whole cache at every step), or padded buffers for the static kinds,
+    read as tokens. It now gets a ReAttentionCache, the same as passing one; a cache that is
+    passed is kept (transformers >= 5.24 keys it as "cache" in generate's model_kwargs, where
+    one set under the old key was dropped for a stock DynamicCache)."""
     model = _model("llama3")
     ids = _ids(100)
     hf.enable(model, _sparse("bound"))
     kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
     out = model.generate(ids, return_dict_in_generate=True, **kw)
-    assert isinstance(out.past_key_values, hf.ReAttentionCache)
-    assert out.past_key_values.get_seq_length() == 105
-    want = model.generate(ids, past_key_values=hf.ReAttentionCache(model), **kw)
-    assert torch.equal(out.sequences, want)
-    with pytest.raises(ValueError, match=r"past_key_values=reattention\.hf\.ReAttentionCache"):
+    made = hf._cache_of(out)
+    assert isinstance(made, hf.ReAttentionCache) and made.get_seq_length() == 105
+    mine = hf.ReAttentionCache(model)
+    given = hf.generate(model, ids, mine, return_dict_in_generate=True, **kw)
+    assert hf._cache_of(given) is mine and mine.get_seq_length() == 105
+    assert torch.equal(out.sequences, given.sequences)
+    with pytest.raises(ValueError, match=r"hf\.generate\(model, input_ids, reattention\.hf\."
+                                         r"ReAttentionCache\(model\)"):
         model.generate(ids, cache_implementation="static", **kw)
     hf.disable(model)
     assert "_prepare_cache_for_generation" not in vars(model)
-    assert not isinstance(model.generate(ids, return_dict_in_generate=True, **kw).past_key_values,
+    assert not isinstance(hf._cache_of(model.generate(ids, return_dict_in_generate=True, **kw)),
                           hf.ReAttentionCache)
 
 
@@ -246,8 +251,8 @@ def test_prompt_16x_trained_length_prefills_and_generates_in_linear_memory():
         largest[n], buffer[n] = probe.largest, kv.k_buffer.numel()
         # Nothing bigger than one layer's key buffer: no N x N mask or score matrix.
         assert largest[n] <= buffer[n] < n * n // 4
-        out = model.generate(ids, past_key_values=cache, max_new_tokens=4, min_new_tokens=4,
-                             do_sample=False, pad_token_id=0)
+        out = hf.generate(model, ids, cache, max_new_tokens=4, min_new_tokens=4,
+                          do_sample=False, pad_token_id=0)
         assert out.shape == (1, n + 4) and torch.equal(out[:, :n], ids)
         assert cache.get_seq_length() == n + 3
     assert largest[1024] <= 2.5 * largest[512]
@@ -351,6 +356,71 @@ def test_cache_interface():
         _chunked_logits(model, _ids(111), cache, 111)
     with pytest.raises(ValueError, match="nothing to prefill"):
         hf.prefill(model, ids, cache, progress=False)
+
+
+class _Recorder(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def test_our_calls_use_the_cache_keyword_of_the_installed_transformers(monkeypatch):
+    """transformers 5.24 renamed forward's and generate's past_key_values to cache: the old
+    name raises a FutureWarning and reading it off an output logs a deprecation message;
+    older versions know only past_key_values. enable, prefill, generate (given a cache or
+    making one) and reading the cache back must draw neither, on either version."""
+    recorder = _Recorder()
+    # warning_once remembers messages for the whole process: let every one through here.
+    monkeypatch.setattr(logging.Logger, "warning_once", logging.Logger.warning)
+    log = logging.getLogger("transformers")
+    log.addHandler(recorder)
+    try:
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            model = _model("llama3")
+            ids = _ids(50)
+            kw = dict(max_new_tokens=3, do_sample=False, pad_token_id=0)
+            hf.enable(model, _sparse())
+            cache = hf.ReAttentionCache(model)
+            hf.prefill(model, ids, cache, chunk_size=16, progress=False)
+            got = hf.generate(model, ids, cache, return_dict_in_generate=True, **kw)
+            assert hf._cache_of(got) is cache and cache.get_seq_length() == 52
+            made = hf._cache_of(model.generate(ids, return_dict_in_generate=True, **kw))
+            assert isinstance(made, hf.ReAttentionCache)
+            assert torch.equal(hf.generate(model, ids, **kw), got.sequences)
+    finally:
+        log.removeHandler(recorder)
+    said = [str(w.message) for w in seen] + recorder.messages
+    assert not [m for m in said if "past_key_values" in m or "deprecat" in m.lower()], said
+    assert not [w for w in seen if issubclass(w.category, FutureWarning)], said
+    with pytest.raises(ValueError, match="past_key_values"):
+        hf.generate(model, ids, past_key_values=cache, **kw)
+
+
+def test_cache_keyword_follows_the_forward_signature():
+    """A custom model that kept the old name (or takes **kwargs only) gets what it reads."""
+    class Old(torch.nn.Module):
+        def forward(self, input_ids, past_key_values=None, use_cache=None):
+            return past_key_values
+
+    class New(torch.nn.Module):
+        def forward(self, input_ids, cache=None, use_cache=None):
+            return cache
+
+    class Loose(torch.nn.Module):
+        def forward(self, input_ids, **kwargs):
+            return kwargs
+
+    marker = object()
+    assert Old()(None, **hf._cache_kwargs(Old(), marker)) is marker
+    assert New()(None, **hf._cache_kwargs(New(), marker)) is marker
+    assert list(Loose()(None, **hf._cache_kwargs(Loose(), marker))) == [hf._GENERATE_CACHE]
+    stock = _model("llama3")
+    name, = hf._cache_kwargs(stock, marker)
+    assert name == hf._GENERATE_CACHE  # stock models take the name generate() takes
 
 
 def test_import_reattention_without_transformers():
