@@ -85,8 +85,8 @@ def stock_prefill(model, ids: torch.Tensor, chunk_size: int, device: torch.devic
     sync(device)
     t0 = time.perf_counter()
     for s in range(0, ids.shape[1], chunk_size):
-        out = model(input_ids=ids[:, s:s + chunk_size], past_key_values=cache, use_cache=True,
-                    logits_to_keep=1)
+        out = model(input_ids=ids[:, s:s + chunk_size], use_cache=True, logits_to_keep=1,
+                    **hf._cache_kwargs(model, cache))
     sync(device)
     seconds = time.perf_counter() - t0
     return dict(prefill_s=seconds, tokens_per_s=ids.shape[1] / seconds,
@@ -131,9 +131,9 @@ def main() -> None:
     peak = peak_bytes(device)
     t0 = time.perf_counter()
     # An explicit all-ones mask: generate would otherwise infer padding from pad_token_id.
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache,
-                         max_new_tokens=args.new_tokens,
-                         min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
+    out = hf.generate(model, ids, cache, attention_mask=torch.ones_like(ids),
+                      max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+                      do_sample=False, pad_token_id=0)
     sync(device)
     decode_s = time.perf_counter() - t0
     layer = cache.layers[0].kv

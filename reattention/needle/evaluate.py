@@ -280,7 +280,7 @@ def selection_recall(model, method, length, depths, samples, *, chunk_size=PREFI
                     cache = hf.ReAttentionCache(model)
                     ids = ids[None].to(model.device)
                     hf.prefill(model, ids, cache, chunk_size=chunk_size, progress=False)
-                    model(input_ids=ids[:, -1:], past_key_values=cache, use_cache=True)
+                    model(input_ids=ids[:, -1:], use_cache=True, **hf._cache_kwargs(model, cache))
                     for layer, idx in picks:
                         hits[layer] += (idx[0] == chunk).any(-1).float()
                     total += 1

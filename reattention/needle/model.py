@@ -206,18 +206,20 @@ def answer(model, method, input_ids, chunk_size=PREFILL_CHUNK):
     -------
     torch.LongTensor [B, VALUE_LEN]
     """
-    if method == "dense":
-        out = model(input_ids=input_ids[:, :-1], use_cache=True, logits_to_keep=1)
-        cache = out.past_key_values
-    else:
-        from .. import hf
+    from .. import hf
 
+    if method == "dense":
+        cache = hf._cache_of(model(input_ids=input_ids[:, :-1], use_cache=True,
+                                   logits_to_keep=1))
+    else:
         cache = hf.ReAttentionCache(model)
         hf.prefill(model, input_ids, cache, chunk_size=chunk_size, progress=False,
                    reserve_new_tokens=VALUE_LEN)
+    # The cache keyword this transformers takes (past_key_values before 5.24, cache after).
+    feed = hf._cache_kwargs(model, cache)
     tok, out = input_ids[:, -1:], []
     for _ in range(VALUE_LEN):
-        logits = model(input_ids=tok, past_key_values=cache, use_cache=True).logits[:, -1]
+        logits = model(input_ids=tok, use_cache=True, **feed).logits[:, -1]
         tok = logits.argmax(-1, keepdim=True)
         out.append(tok)
     return torch.cat(out, dim=1)
