@@ -38,9 +38,12 @@ def run(backends: list[str], n: int) -> dict:
             for r in ("bound", "mean")}
     for rep, lq in SHAPES:
         q = torch.randn(B, HQ, lq, D, device="cuda", dtype=DTYPE)
-        m = reattention.layout.segments(n, lq, SINK, LOCAL, CHUNK)[2]
-        cols, vec = {"max": (m * CHUNK, D), "bound": (m, 2 * D), "mean": (m, D)}[rep]
-        flop = 2 * HQ * lq * cols * vec
+        # Each query block scores its own middle (contract v2): sum the work block by block.
+        flop = 0
+        for s, e in reattention.layout.query_blocks(lq, QB):
+            m = reattention.layout.block_segments(n, lq, s, e, SINK, LOCAL, CHUNK).n_mid
+            cols, vec = {"max": (m * CHUNK, D), "bound": (m, 2 * D), "mean": (m, D)}[rep]
+            flop += 2 * HQ * (e - s) * cols * vec
         for be in backends:
             row = dict(kind="select", n=n, lq=lq, rep=rep, method=be)
             try:

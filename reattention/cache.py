@@ -239,8 +239,16 @@ class LayerCache:
     def select_batch(self, index: torch.Tensor) -> None:
         """Reorder or repeat the sequences: batch entry i becomes old entry ``index[i]``.
 
-        index : int64 [B'] on any device (beam search reorders; sampling repeats).
+        index : int64 [B'] on any device (beam search reorders; sampling repeats). Its values
+            are not read on the host (a sync per beam step on a GPU): one out of range fails in
+            ``index_select``.
         """
+        if not (isinstance(index, torch.Tensor) and index.dim() == 1
+                and not index.is_floating_point() and not index.is_complex()
+                and index.dtype != torch.bool):
+            raise ValueError(f"index must be a 1-D integer tensor, got "
+                             f"{getattr(index, 'dtype', type(index).__name__)} "
+                             f"{tuple(getattr(index, 'shape', ()))}")
         if not self.is_allocated:
             return
         index = index.to(device=self.k_buffer.device, dtype=torch.long)

@@ -562,6 +562,9 @@ def generate(model: "transformers.PreTrainedModel", input_ids: torch.Tensor,
     """
     if "past_key_values" in kwargs:
         raise ValueError("past_key_values: pass the cache as hf.generate's argument cache")
+    if cache is not None and not isinstance(cache, Cache):
+        raise ValueError(f"cache must be a transformers Cache (hf.ReAttentionCache(model)) or "
+                         f"None, got {type(cache).__name__}")
     if cache is not None:
         kwargs[_GENERATE_CACHE] = cache
     return model.generate(input_ids, **kwargs)

@@ -430,3 +430,10 @@ def test_import_reattention_without_transformers():
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "hf-needs-transformers"
+
+
+def test_generate_refuses_a_cache_that_is_not_a_cache():
+    model = _model("llama3")
+    hf.enable(model, reattention.ReAttentionConfig(sink=4, local=16, chunk=8, topk=2))
+    with pytest.raises(ValueError, match="cache must be a transformers Cache"):
+        hf.generate(model, _ids(20), "not a cache", max_new_tokens=1)

@@ -102,7 +102,7 @@ def test_bhld_query_hint_from_the_ops_and_the_cache():
 
 def test_no_hint_when_no_transposed_reading_fits():
     t = inputs(q=torch.randn(1, 5, 1, 16))  # Hq=5 over Hkv=2 either way
-    with pytest.raises(ValueError, match=r"multiple of k_cache heads Hkv=2 \(GQA\)$"):
+    with pytest.raises(ValueError, match=r"positive multiple of k_cache heads Hkv=2 \(GQA\)$"):
         reattention.reattention_attn(t["q"], t["k"], t["v"], **KW)
 
 
@@ -217,3 +217,35 @@ def test_gather_attention_checks_idx_padding_comes_last(row, backend):
     returned values of 1e28 while the reference and cpu skipped the -1."""
     with pytest.raises(ValueError, match=r"idx\[0, 0, 0\] = .*padding must come after"):
         gather_with_host_idx(backend, row, lq=3, n=200)
+
+
+def test_review_fixes_bad_inputs_get_value_errors():
+    """Found by review: each of these passed a check or crashed outside one."""
+    from reattention import layout, ops
+    from reattention.cache import LayerCache
+    # A context-parallel shard (lq=0) can select every whole chunk: reps one chunk short
+    # must be refused (it was accepted and then read out of bounds).
+    k = torch.randn(1, 2, 4 + 3 * 8, 16)
+    short = layout.new_reps(k, 4, 8, "bound")[:, :, :2]
+    with pytest.raises(ValueError, match="reps holds 2 chunks"):
+        ops.check_reps(short, k, lq=0, sink=4, local=0, chunk=8, rep="bound")
+    # Zero query heads are not a [B, L, H, D] layout to transpose into.
+    with pytest.raises(ValueError, match="positive multiple") as e:
+        reattention.select_chunks(torch.randn(1, 0, 3, 16), k, sink=4, local=8, chunk=8,
+                                  topk=2, query_block=4, rep="max", backend="reference")
+    assert "transpose" not in str(e.value)
+    cache = LayerCache(reattention.ReAttentionConfig(sink=4, local=8, chunk=8, topk=2),
+                       backend="reference")
+    cache.append(k, k)
+    with pytest.raises(ValueError, match="index must be a 1-D integer tensor"):
+        cache.select_batch(torch.tensor([0.5]))
+
+
+def test_cli_refuses_an_unwritable_output_folder_before_running(capsys):
+    pytest.importorskip("transformers")
+    from reattention.needle.cli import _parse
+    for flag in ("--plot", "--json"):
+        with pytest.raises(SystemExit) as e:
+            _parse([flag, "/nonexistent-folder/out"])
+        assert e.value.code == 2
+        assert f"argument {flag}: cannot write into /nonexistent-folder" in capsys.readouterr().err

@@ -10,6 +10,7 @@ cannot run, say) stops with argparse's one-line ``error:`` and exit code 2.
 import argparse
 import json
 import math
+import os
 import time
 
 import torch
@@ -165,6 +166,12 @@ def _parse(argv):
             import matplotlib  # noqa: F401
         except ImportError:
             p.error("argument --plot needs matplotlib (pip install 'reattention[needle]')")
+    # Output files are written after the run (hours on a GPU): refuse a folder that cannot
+    # take them now.
+    for flag, path in (("--plot", args.plot), ("--json", args.json)):
+        folder = os.path.dirname(os.path.abspath(path)) if path else None
+        if folder and not (os.path.isdir(folder) and os.access(folder, os.W_OK)):
+            p.error(f"argument {flag}: cannot write into {folder}")
     return args
 
 
@@ -238,6 +245,6 @@ def demo(args):
         try:
             plot_heatmap(res, path)
             print(f"heatmap: {path}")
-        except ImportError as e:  # only when --plot was not given: it checks matplotlib
+        except (ImportError, OSError) as e:  # the default path: --plot checked both up front
             print(f"no heatmap: {e}")
     return 0

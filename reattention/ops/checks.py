@@ -81,8 +81,8 @@ def _shape_mismatch(q: tuple, k_cache: tuple, v_cache: tuple | None) -> str | No
         if shape is not None and (shape[0] != b or shape[3] != d):
             return f"{name} must be [B={b}, Hkv, Nmax, D={d}], got {shape}"
     hkv, nmax = k_cache[1], k_cache[2]
-    if not (hkv >= 1 and hq % hkv == 0):
-        return f"q heads Hq={hq} must be a multiple of k_cache heads Hkv={hkv} (GQA)"
+    if not (hkv >= 1 and hq >= 1 and hq % hkv == 0):
+        return f"q heads Hq={hq} must be a positive multiple of k_cache heads Hkv={hkv} (GQA)"
     if v_cache is not None and v_cache != k_cache:
         return f"v_cache shape {v_cache} must equal k_cache shape {k_cache}"
     if nmax < lq:
@@ -175,8 +175,10 @@ def check_reps(reps, k_cache: torch.Tensor, *, lq: int, sink: int, local: int, c
           f"{'2, ' if rep == 'bound' else ''}{d}], got {tuple(reps.shape)}")
     _need(reps.dtype == k_cache.dtype, f"reps dtype {reps.dtype} must match k_cache {k_cache.dtype}")
     _need(reps.device == k_cache.device, f"reps is on {reps.device} but k_cache on {k_cache.device}")
-    # The call's last block has the most middle chunks (contract v2).
-    most = layout.max_middle_chunks(nmax, lq, query_block, sink, local, chunk)
+    # The call's last block has the most middle chunks (contract v2); lq == 0 (a cache read
+    # without queries of its own, as a context-parallel shard is) can select every whole chunk.
+    most = (max(0, nmax - sink) // chunk if lq == 0
+            else layout.max_middle_chunks(nmax, lq, query_block, sink, local, chunk))
     _need(reps.shape[2] >= most,
           f"reps holds {reps.shape[2]} chunks but the cache can have {most} middle chunks")
 
