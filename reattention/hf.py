@@ -44,7 +44,7 @@ import torch
 import transformers
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from . import ops
+from . import layout, ops
 from .api import ReAttentionConfig, reattention_attn
 from .cache import LayerCache
 
@@ -98,7 +98,8 @@ def _warn_scope(state: _State, n: int, lq: int) -> None:
     all it is also below N. So a large prefill chunk_size is as safe as a small one.
     """
     cfg = state.config
-    reach = min(n, cfg.scope if lq >= cfg.query_block else cfg.scope - cfg.query_block + lq)
+    reach = min(n, layout.scope(cfg.sink, cfg.local, cfg.chunk, cfg.topk,
+                                min(lq, cfg.query_block)))
     if state.warned_scope or reach <= state.trained_length:
         return
     state.warned_scope = True
@@ -562,9 +563,9 @@ def generate(model: "transformers.PreTrainedModel", input_ids: torch.Tensor,
     """
     if "past_key_values" in kwargs:
         raise ValueError("past_key_values: pass the cache as hf.generate's argument cache")
-    if cache is not None and not isinstance(cache, Cache):
-        raise ValueError(f"cache must be a transformers Cache (hf.ReAttentionCache(model)) or "
-                         f"None, got {type(cache).__name__}")
     if cache is not None:
+        if not isinstance(cache, Cache):
+            raise ValueError(f"cache must be a transformers Cache (hf.ReAttentionCache(model)) "
+                             f"or None, got {type(cache).__name__}")
         kwargs[_GENERATE_CACHE] = cache
     return model.generate(input_ids, **kwargs)
