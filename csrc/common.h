@@ -80,8 +80,9 @@ decltype(auto) dispatch_float(ScalarType dtype, const char* what, F&& f) {
 // The tensors and integers of one op call; absent tensors are nullptr.
 struct OpArgs {
   const Tensor* q = nullptr;              // [B, Hq, Lq, D]
-  const Tensor* k_cache = nullptr;        // [B, Hkv, Nmax, D]
-  const Tensor* v_cache = nullptr;        // [B, Hkv, Nmax, D]
+  const Tensor* k_cache = nullptr;        // [B, Hkv, Nmax, D] or pages [P, Hkv, page_size, D]
+  const Tensor* v_cache = nullptr;        // k_cache's shape
+  const Tensor* block_table = nullptr;    // int32 [B, max_pages] for a paged cache
   const Tensor* cache_seqlens = nullptr;  // int32 [B]
   const Tensor* reps = nullptr;           // bound [B, Hkv, n, 2, D] | mean [B, Hkv, n, D]
   const Tensor* idx = nullptr;            // int32 [B, Hkv, n_blocks, topk]
@@ -99,8 +100,10 @@ struct OpArgs {
 // the given tensors, so it lives no longer than they do (the op's own parameters).
 inline OpArgs chunk_reps_args(const Tensor& k_cache, const Tensor& cache_seqlens,
                               const Tensor& reps, int64_t sink, int64_t chunk,
-                              const std::string& rep, int64_t start_chunk) {
+                              const std::string& rep, int64_t start_chunk,
+                              const std::optional<Tensor>& block_table) {
   OpArgs a;
+  a.block_table = block_table ? &*block_table : nullptr;
   a.k_cache = &k_cache;
   a.cache_seqlens = &cache_seqlens;
   a.reps = &reps;
@@ -115,8 +118,10 @@ inline OpArgs chunk_reps_args(const Tensor& k_cache, const Tensor& cache_seqlens
 inline OpArgs select_chunks_args(const Tensor& q, const Tensor& k_cache,
                                  const std::optional<Tensor>& reps, const Tensor& cache_seqlens,
                                  int64_t sink, int64_t local, int64_t chunk, int64_t topk,
-                                 const std::string& rep, int64_t query_block) {
+                                 const std::string& rep, int64_t query_block,
+                                 const std::optional<Tensor>& block_table) {
   OpArgs a;
+  a.block_table = block_table ? &*block_table : nullptr;
   a.q = &q;
   a.k_cache = &k_cache;
   a.cache_seqlens = &cache_seqlens;
@@ -135,8 +140,10 @@ inline OpArgs select_chunks_args(const Tensor& q, const Tensor& k_cache,
 inline OpArgs gather_attention_args(const Tensor& q, const Tensor& k_cache,
                                     const Tensor& v_cache, const Tensor& cache_seqlens,
                                     const Tensor& idx, const Tensor& inv_freq, int64_t sink,
-                                    int64_t local, int64_t chunk, int64_t query_block) {
+                                    int64_t local, int64_t chunk, int64_t query_block,
+                                    const std::optional<Tensor>& block_table) {
   OpArgs a;
+  a.block_table = block_table ? &*block_table : nullptr;
   a.q = &q;
   a.k_cache = &k_cache;
   a.v_cache = &v_cache;
@@ -152,6 +159,9 @@ inline OpArgs gather_attention_args(const Tensor& q, const Tensor& k_cache,
 
 struct Dims {
   int64_t batch, hq, hkv, group, lq, nmax, d;
+  // A paged cache: nmax = max_pages * page_size tokens per sequence, batch = block_table rows.
+  bool paged;
+  int64_t num_pages, page_size, max_pages;
   int64_t n_blocks;  // ceil(Lq / query_block), 0 without q
   int64_t n_chunks;  // reps.size(2), 0 without reps
   int64_t topk;      // idx.size(3), 0 without idx
@@ -169,13 +179,32 @@ inline Dims check_inputs(const OpArgs& a) {
   STD_TORCH_CHECK(a.k_cache != nullptr && a.cache_seqlens != nullptr,
                   "k_cache and cache_seqlens are required");
   const Tensor& k = *a.k_cache;
-  STD_TORCH_CHECK(k.dim() == 4, "k_cache must be [B, Hkv, Nmax, D], got ", k.dim(), " dims");
+  STD_TORCH_CHECK(k.dim() == 4, "k_cache must be [B, Hkv, Nmax, D] or pages [num_pages, Hkv, ",
+                  "page_size, D], got ", k.dim(), " dims");
   STD_TORCH_CHECK(is_float_dtype(k.scalar_type()), "k_cache must be float16, bfloat16 or float32");
   Dims d{};
-  d.batch = k.size(0);
+  d.paged = a.block_table != nullptr;
   d.hkv = k.size(1);
-  d.nmax = k.size(2);
   d.d = k.size(3);
+  if (d.paged) {
+    const Tensor& t = *a.block_table;
+    STD_TORCH_CHECK(t.dim() == 2 && t.scalar_type() == ScalarType::Int,
+                    "block_table must be int32 [B, max_pages]");
+    STD_TORCH_CHECK(t.device() == k.device(), "block_table must be on k_cache's device");
+    d.num_pages = k.size(0);
+    d.page_size = k.size(2);
+    d.max_pages = t.size(1);
+    d.batch = t.size(0);
+    d.nmax = d.max_pages * d.page_size;
+    STD_TORCH_CHECK(d.num_pages >= 1 && d.page_size >= 1 && d.max_pages >= 1,
+                    "a paged cache needs num_pages, page_size and max_pages >= 1");
+  } else {
+    d.batch = k.size(0);
+    d.nmax = k.size(2);
+    d.num_pages = d.batch;
+    d.page_size = d.nmax;
+    d.max_pages = 1;
+  }
   STD_TORCH_CHECK(d.hkv >= 1 && d.d >= 2 && d.d % 2 == 0,
                   "k_cache needs Hkv >= 1 and an even head dim D, got Hkv=", d.hkv, " D=", d.d);
   STD_TORCH_CHECK(a.sink >= 0 && a.local >= 0 && a.chunk >= 1 && a.topk >= 1 &&
@@ -210,8 +239,8 @@ inline Dims check_inputs(const OpArgs& a) {
 
   if (a.v_cache != nullptr) {
     const Tensor& v = *a.v_cache;
-    STD_TORCH_CHECK(v.dim() == 4 && v.size(0) == d.batch && v.size(1) == d.hkv &&
-                        v.size(2) == d.nmax && v.size(3) == d.d,
+    STD_TORCH_CHECK(v.dim() == 4 && v.size(0) == k.size(0) && v.size(1) == d.hkv &&
+                        v.size(2) == k.size(2) && v.size(3) == d.d,
                     "v_cache must have k_cache's shape");
     like_cache(v, "v_cache");
   }
@@ -265,6 +294,15 @@ inline Dims check_inputs(const OpArgs& a) {
       const int64_t nb = n[b * lens.stride(0)];
       STD_TORCH_CHECK(nb >= d.lq && nb <= d.nmax, "cache_seqlens[", b, "]=", nb,
                       " must lie in [Lq=", d.lq, ", Nmax=", d.nmax, "]");
+      if (d.paged) {
+        const Tensor& t = *a.block_table;
+        const int32_t* tp = t.const_data_ptr<int32_t>();
+        for (int64_t i = 0; i < ceil_div(nb, d.page_size); ++i) {
+          const int64_t page = tp[b * t.stride(0) + i * t.stride(1)];
+          STD_TORCH_CHECK(page >= 0 && page < d.num_pages, "block_table[", b, ", ", i, "]=",
+                          page, " is not a page of k_cache (it has ", d.num_pages, ")");
+        }
+      }
       if (a.idx == nullptr) continue;
       const Tensor& idx = *a.idx;
       const int32_t* ip = idx.const_data_ptr<int32_t>();
@@ -283,6 +321,23 @@ inline Dims check_inputs(const OpArgs& a) {
     }
   }
   return d;
+}
+
+// The KvLayout of k_cache or v_cache (docs/design.md section 3) for the checked call `a`.
+inline KvLayout kv_layout(const Tensor& cache, const Dims& d, const OpArgs& a) {
+  KvLayout l;
+  l.s_page = cache.stride(0);
+  l.s_head = cache.stride(1);
+  l.s_tok = cache.stride(2);
+  l.page_size = d.page_size;
+  l.num_pages = d.num_pages;
+  if (d.paged) {
+    const Tensor& t = *a.block_table;
+    l.table = t.const_data_ptr<int32_t>();
+    l.t_sb = t.stride(0);
+    l.t_sp = t.stride(1);
+  }
+  return l;
 }
 
 }  // namespace reattention

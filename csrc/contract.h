@@ -92,4 +92,37 @@ RA_HOST_DEVICE int64_t compact_query_pos(int64_t p, const Segments& s, int64_t s
   return p + sink + n_sel * chunk - s.mid_end;
 }
 
+// Where the keys (or values) of a cache live: the contiguous layout [B, Hkv, Nmax, D], or the
+// paged one (docs/design.md section 3): pages [num_pages, Hkv, page_size, D] and a block table
+// int32 [B, max_pages], token t of sequence b at page table[b, t / page_size], row
+// t % page_size. The contiguous layout is the paged one with one page of Nmax tokens per
+// sequence and page b for sequence b (table == nullptr). Strides are in elements. A page id
+// outside [0, num_pages) is clamped, so a bad table entry gives a wrong result, never an
+// out-of-bounds read (the CPU launcher checks the table's values; the CUDA one cannot read
+// them without a sync).
+struct KvLayout {
+  int64_t s_page = 0;  // stride of dim 0 (a sequence, or a page)
+  int64_t s_head = 0;  // stride of dim 1
+  int64_t s_tok = 0;   // stride of dim 2
+  const int32_t* table = nullptr;  // paged: block_table; contiguous: nullptr
+  int64_t t_sb = 0, t_sp = 0;      // block_table strides (elements)
+  int64_t page_size = 1;           // tokens per page (contiguous: Nmax)
+  int64_t num_pages = 1;           // pages in the pool (contiguous: B)
+
+  RA_HOST_DEVICE bool paged() const { return table != nullptr; }
+
+  // The page holding token t of sequence b (for a paged cache: the clamped table entry).
+  RA_HOST_DEVICE int64_t page(int64_t b, int64_t t) const {
+    if (table == nullptr) return b;
+    const int64_t p = table[b * t_sb + (t / page_size) * t_sp];
+    return p < 0 ? 0 : (p >= num_pages ? num_pages - 1 : p);
+  }
+
+  // Element offset of token t, head h, dim 0 of sequence b.
+  RA_HOST_DEVICE int64_t offset(int64_t b, int64_t h, int64_t t) const {
+    if (table == nullptr) return b * s_page + h * s_head + t * s_tok;
+    return page(b, t) * s_page + h * s_head + (t % page_size) * s_tok;
+  }
+};
+
 }  // namespace reattention

@@ -2,6 +2,8 @@
 // CPU in csrc/cpu/*.cpp (library _C, with these schemas), CUDA in csrc/cuda/*.cu (_C_cuda),
 // Triton in triton_kernels/ (as reattention::<op>_triton), fake kernels in reattention/ops/fake.py.
 //
+// Every op takes an optional trailing block_table (int32 [B, max_pages]): k_cache and v_cache
+// are then pages [num_pages, Hkv, page_size, D] (docs/design.md section 3).
 // At this level cache_seqlens is always an int32 [B] tensor on the inputs' device, inv_freq a
 // float32 [R/2] tensor on that device and scale a float: the Python wrappers fill defaults.
 // The rep-mode argument is named `rep`, not `mode`: torch.compile's auto_functionalize passes
@@ -13,14 +15,15 @@ STABLE_TORCH_LIBRARY(reattention, m) {
   // Fills reps in place for the complete chunks j in [start_chunk, min(n_chunks, (N_b-sink)/chunk)).
   m.def(
       "chunk_reps(Tensor k_cache, Tensor cache_seqlens, Tensor(a!) reps, int sink, int chunk, "
-      "str rep, int start_chunk) -> ()");
+      "str rep, int start_chunk, Tensor? block_table=None) -> ()");
   // int32 [B, Hkv, ceil(Lq/query_block), topk], ascending, -1 padded.
   m.def(
       "select_chunks(Tensor q, Tensor k_cache, Tensor? reps, Tensor cache_seqlens, int sink, "
-      "int local, int chunk, int topk, str rep, int query_block) -> Tensor");
+      "int local, int chunk, int topk, str rep, int query_block, Tensor? block_table=None) -> Tensor");
   // (out [B, Hq, Lq, D] in q's dtype, lse [B, Hq, Lq] float32).
   m.def(
       "gather_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens, "
       "Tensor idx, Tensor inv_freq, int sink, int local, int chunk, int query_block, "
-      "float scale, float rope_scale, str rope_style, str positions) -> (Tensor, Tensor)");
+      "float scale, float rope_scale, str rope_style, str positions, Tensor? block_table=None) "
+      "-> (Tensor, Tensor)");
 }

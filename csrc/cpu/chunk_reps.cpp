@@ -17,11 +17,11 @@ namespace {
 
 template <typename T>
 void chunk_reps_kernel(const Tensor& k_cache, const Tensor& cache_seqlens, const Tensor& reps,
-                       const Dims& d, int64_t sink, int64_t chunk, RepMode rep,
+                       const OpArgs& a, const Dims& d, int64_t sink, int64_t chunk, RepMode rep,
                        int64_t start) {
   const int64_t per_head = d.n_chunks - start;
   if (per_head <= 0) return;
-  const auto keys = cpu::strided4<const T>(k_cache);
+  const auto keys = cpu::kv_rows<T>(k_cache, d, a);
   const int32_t* lens = cache_seqlens.const_data_ptr<int32_t>();
   const int64_t lens_stride = cache_seqlens.stride(0);
   T* out = static_cast<T*>(reps.data_ptr());
@@ -46,7 +46,7 @@ void chunk_reps_kernel(const Tensor& k_cache, const Tensor& cache_seqlens, const
             std::fill(lo.begin(), lo.end(), std::numeric_limits<float>::infinity());
             std::fill(hi.begin(), hi.end(), -std::numeric_limits<float>::infinity());
             for (int64_t t = t0; t < t0 + chunk; ++t) {
-              cpu::load_f32(keys.row(b, h, t), keys.s[3], dim, row.data());
+              cpu::load_f32(keys.row(b, h, t), keys.step, dim, row.data());
               for (int64_t i = 0; i < dim; ++i) {
                 lo[i] = row[i] < lo[i] ? row[i] : lo[i];
                 hi[i] = row[i] > hi[i] ? row[i] : hi[i];
@@ -58,7 +58,7 @@ void chunk_reps_kernel(const Tensor& k_cache, const Tensor& cache_seqlens, const
           } else {
             std::fill(lo.begin(), lo.end(), 0.f);
             for (int64_t t = t0; t < t0 + chunk; ++t) {
-              cpu::load_f32(keys.row(b, h, t), keys.s[3], dim, row.data());
+              cpu::load_f32(keys.row(b, h, t), keys.step, dim, row.data());
               for (int64_t i = 0; i < dim; ++i) lo[i] += row[i];
             }
             const float c = static_cast<float>(chunk);
@@ -70,13 +70,14 @@ void chunk_reps_kernel(const Tensor& k_cache, const Tensor& cache_seqlens, const
 }
 
 void chunk_reps_cpu(Tensor k_cache, Tensor cache_seqlens, Tensor reps, int64_t sink,
-                    int64_t chunk, std::string rep, int64_t start_chunk) {
-  const OpArgs a =
-      chunk_reps_args(k_cache, cache_seqlens, reps, sink, chunk, rep, start_chunk);
+                    int64_t chunk, std::string rep, int64_t start_chunk,
+                    std::optional<Tensor> block_table) {
+  const OpArgs a = chunk_reps_args(k_cache, cache_seqlens, reps, sink, chunk, rep, start_chunk,
+                                   block_table);
   const Dims d = check_inputs(a);
   dispatch_float(k_cache.scalar_type(), "k_cache", [&](auto tag) {
     using T = typename decltype(tag)::type;
-    chunk_reps_kernel<T>(k_cache, cache_seqlens, reps, d, sink, chunk, a.rep, start_chunk);
+    chunk_reps_kernel<T>(k_cache, cache_seqlens, reps, a, d, sink, chunk, a.rep, start_chunk);
   });
 }
 

@@ -113,6 +113,25 @@ inline Strided4<T> strided4(const Tensor& t) {
                      {t.stride(0), t.stride(1), t.stride(2), t.stride(3)}};
 }
 
+// Token rows of a contiguous or paged cache (KvLayout, docs/design.md section 3); a row's
+// elements are `step` apart.
+template <typename T>
+struct KvRows {
+  const T* data;
+  KvLayout layout;
+  int64_t step;
+
+  const T* row(int64_t b, int64_t h, int64_t t) const {
+    return data + layout.offset(b, h, t);
+  }
+};
+
+template <typename T>
+inline KvRows<T> kv_rows(const Tensor& cache, const Dims& d, const OpArgs& a) {
+  return KvRows<T>{static_cast<const T*>(cache.data_ptr()), kv_layout(cache, d, a),
+                   cache.stride(3)};
+}
+
 // A grain for parallel_for such that each thread gets at least ~`min_work` units of work
 // when one item costs `item_work`: small enough to keep 100 cores busy on big calls, large
 // enough that a tiny call is not split across threads for nothing.

@@ -63,11 +63,12 @@ struct RopeRow {
 
 template <typename T>
 void gather_attention_kernel(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
-                             const Tensor& idx, const GatherArgs& g, Tensor& out, Tensor& lse) {
+                             const Tensor& idx, const OpArgs& a, const GatherArgs& g, Tensor& out,
+                             Tensor& lse) {
   const Dims& d = g.d;
   const auto qs = cpu::strided4<const T>(q);
-  const auto ks = cpu::strided4<const T>(k_cache);
-  const auto vs = cpu::strided4<const T>(v_cache);
+  const auto ks = cpu::kv_rows<T>(k_cache, d, a);
+  const auto vs = cpu::kv_rows<T>(v_cache, d, a);
   const auto ids = cpu::strided4<const int32_t>(idx);
   T* out_p = static_cast<T*>(out.data_ptr());  // contiguous [B, Hq, Lq, D]
   float* lse_p = static_cast<float*>(lse.data_ptr());  // contiguous [B, Hq, Lq]
@@ -130,10 +131,10 @@ void gather_attention_kernel(const Tensor& q, const Tensor& k_cache, const Tenso
             const int64_t tn = std::min(kKeyTile, n_keys - t0);
             for (int64_t t = 0; t < tn; ++t) {
               const int64_t p = key_pos[t0 + t];
-              cpu::load_f32(ks.row(b, h, p), ks.s[3], dim, x.data());
+              cpu::load_f32(ks.row(b, h, p), ks.step, dim, x.data());
               rope.rotate(x.data(), g.positions == PosMode::kCompact ? t0 + t : p,
                           kt.data() + t * dim);
-              cpu::load_f32(vs.row(b, h, p), vs.s[3], dim, vt.data() + t * dim);
+              cpu::load_f32(vs.row(b, h, p), vs.step, dim, vt.data() + t * dim);
             }
             for (int64_t r = 0; r < rows; ++r) {
               float tile_max = neg_inf;
@@ -180,9 +181,10 @@ std::tuple<Tensor, Tensor> gather_attention_cpu(Tensor q, Tensor k_cache, Tensor
                                                 Tensor inv_freq, int64_t sink, int64_t local,
                                                 int64_t chunk, int64_t query_block, double scale,
                                                 double rope_scale, std::string rope_style,
-                                                std::string positions) {
+                                                std::string positions,
+                                                std::optional<Tensor> block_table) {
   const OpArgs a = gather_attention_args(q, k_cache, v_cache, cache_seqlens, idx, inv_freq,
-                                         sink, local, chunk, query_block);
+                                         sink, local, chunk, query_block, block_table);
   GatherArgs g{check_inputs(a), sink, local, chunk, query_block,
                static_cast<float>(scale), static_cast<float>(rope_scale),
                parse_rope_style(rope_style), parse_positions(positions), {}, {}, {}, {}, 1};
@@ -227,7 +229,7 @@ std::tuple<Tensor, Tensor> gather_attention_cpu(Tensor q, Tensor k_cache, Tensor
                                         ScalarType::Float);
   dispatch_float(q.scalar_type(), "q", [&](auto tag) {
     using T = typename decltype(tag)::type;
-    gather_attention_kernel<T>(q, k_cache, v_cache, idx, g, out, lse);
+    gather_attention_kernel<T>(q, k_cache, v_cache, idx, a, g, out, lse);
   });
   return std::make_tuple(out, lse);
 }

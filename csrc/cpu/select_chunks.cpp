@@ -34,10 +34,10 @@ struct SelectArgs {
 
 template <typename T>
 void score_chunks(const Tensor& q, const Tensor& k_cache, const std::optional<Tensor>& reps,
-                  const SelectArgs& s, float* scores) {
+                  const OpArgs& a, const SelectArgs& s, float* scores) {
   const Dims& d = s.d;
   const auto qs = cpu::strided4<const T>(q);
-  const auto keys = cpu::strided4<const T>(k_cache);
+  const auto keys = cpu::kv_rows<T>(k_cache, d, a);
   const T* rp = reps ? static_cast<const T*>(reps->data_ptr()) : nullptr;
   const int64_t rs0 = reps ? reps->stride(0) : 0, rs1 = reps ? reps->stride(1) : 0;
   const int64_t rs2 = reps ? reps->stride(2) : 0;
@@ -72,7 +72,7 @@ void score_chunks(const Tensor& q, const Tensor& k_cache, const std::optional<Te
             if (s.rep == RepMode::kMax) {
               const int64_t t0 = s.sink + j * s.chunk;
               for (int64_t t = t0; t < t0 + s.chunk; ++t) {
-                cpu::load_f32(keys.row(b, h, t), keys.s[3], dim, kf.data());
+                cpu::load_f32(keys.row(b, h, t), keys.step, dim, kf.data());
                 for (int64_t r = 0; r < rows; ++r)
                   best = cpu::max2(cpu::dot(qf.data() + r * dim, kf.data(), dim), best);
               }
@@ -127,9 +127,10 @@ void pick_top(const float* scores, const SelectArgs& s, int64_t topk, int32_t* i
 
 Tensor select_chunks_cpu(Tensor q, Tensor k_cache, std::optional<Tensor> reps,
                          Tensor cache_seqlens, int64_t sink, int64_t local, int64_t chunk,
-                         int64_t topk, std::string rep, int64_t query_block) {
+                         int64_t topk, std::string rep, int64_t query_block,
+                         std::optional<Tensor> block_table) {
   const OpArgs a = select_chunks_args(q, k_cache, reps, cache_seqlens, sink, local, chunk,
-                                      topk, rep, query_block);
+                                      topk, rep, query_block, block_table);
   SelectArgs s{check_inputs(a), sink, local, chunk, query_block, 0, a.rep, {}};
   const Dims& d = s.d;
   const int32_t* lens = cache_seqlens.const_data_ptr<int32_t>();
@@ -146,7 +147,7 @@ Tensor select_chunks_cpu(Tensor q, Tensor k_cache, std::optional<Tensor> reps,
   std::vector<float> scores(d.batch * d.hkv * d.n_blocks * s.max_mid);
   dispatch_float(q.scalar_type(), "q", [&](auto tag) {
     using T = typename decltype(tag)::type;
-    score_chunks<T>(q, k_cache, reps, s, scores.data());
+    score_chunks<T>(q, k_cache, reps, a, s, scores.data());
   });
   pick_top(scores.data(), s, topk, static_cast<int32_t*>(idx.data_ptr()));
   return idx;

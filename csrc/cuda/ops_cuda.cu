@@ -94,10 +94,12 @@ void check_int32_range(const Dims& d, int64_t sink, int64_t local, int64_t chunk
 }
 
 void chunk_reps_cuda(Tensor k_cache, Tensor cache_seqlens, Tensor reps, int64_t sink,
-                     int64_t chunk, std::string rep, int64_t start_chunk) {
-  const OpArgs a =
-      chunk_reps_args(k_cache, cache_seqlens, reps, sink, chunk, rep, start_chunk);
+                     int64_t chunk, std::string rep, int64_t start_chunk,
+                     std::optional<Tensor> block_table) {
+  const OpArgs a = chunk_reps_args(k_cache, cache_seqlens, reps, sink, chunk, rep, start_chunk,
+                                   block_table);
   const Dims d = check_inputs(a);
+  STD_TORCH_CHECK(!d.paged, "chunk_reps (cuda): paged caches are not supported yet");
   check_int32_range(d, sink, 0, chunk, 1);
   STD_TORCH_CHECK(k_cache.is_cuda(), "chunk_reps (cuda) needs CUDA tensors");
   const bool bound = a.rep == RepMode::kBound;
@@ -134,10 +136,12 @@ void chunk_reps_cuda(Tensor k_cache, Tensor cache_seqlens, Tensor reps, int64_t 
 
 Tensor select_chunks_cuda(Tensor q, Tensor k_cache, std::optional<Tensor> reps,
                           Tensor cache_seqlens, int64_t sink, int64_t local, int64_t chunk,
-                          int64_t topk, std::string rep, int64_t query_block) {
+                          int64_t topk, std::string rep, int64_t query_block,
+                          std::optional<Tensor> block_table) {
   const OpArgs a = select_chunks_args(q, k_cache, reps, cache_seqlens, sink, local, chunk, topk,
-                                      rep, query_block);
+                                      rep, query_block, block_table);
   const Dims d = check_inputs(a);
+  STD_TORCH_CHECK(!d.paged, "select_chunks (cuda): paged caches are not supported yet");
   check_int32_range(d, sink, local, chunk, topk);
   STD_TORCH_CHECK(q.is_cuda(), "select_chunks (cuda) needs CUDA tensors");
   torch::stable::accelerator::DeviceGuard guard(q.get_device_index());
@@ -197,10 +201,12 @@ std::tuple<Tensor, Tensor> gather_attention_cuda(Tensor q, Tensor k_cache, Tenso
                                                  Tensor inv_freq, int64_t sink, int64_t local,
                                                  int64_t chunk, int64_t query_block,
                                                  double scale, double rope_scale,
-                                                 std::string rope_style, std::string positions) {
+                                                 std::string rope_style, std::string positions,
+                                                 std::optional<Tensor> block_table) {
   const OpArgs a = gather_attention_args(q, k_cache, v_cache, cache_seqlens, idx, inv_freq, sink,
-                                        local, chunk, query_block);
+                                        local, chunk, query_block, block_table);
   const Dims d = check_inputs(a);
+  STD_TORCH_CHECK(!d.paged, "gather_attention (cuda): paged caches are not supported yet");
   check_int32_range(d, sink, local, chunk, d.topk);
   STD_TORCH_CHECK(q.is_cuda(), "gather_attention (cuda) needs CUDA tensors");
   const bool interleaved = parse_rope_style(rope_style) == RopeStyle::kInterleaved;
