@@ -66,27 +66,22 @@ __global__ void __launch_bounds__(kRepsThreads) chunk_reps_kernel(ChunkRepsParam
     lo[e] = p.mean ? 0.f : INFINITY;
     hi[e] = -INFINITY;
   }
-  auto scan = [&](auto row_ptr) {
-    for (int t = row; t < p.chunk; t += kRows) {
-      const uint4 raw = *reinterpret_cast<const uint4*>(row_ptr(t));
-      const T* v = reinterpret_cast<const T*>(&raw);
+  for (int t = row; t < p.chunk; t += kRows) {
+    const T* src = pages == nullptr
+                       ? base + t * p.k_sn
+                       : head + p.pages.offset(pages, static_cast<int>(first) + t, p.k_sb, p.k_sn);
+    const uint4 raw = *reinterpret_cast<const uint4*>(src);
+    const T* v = reinterpret_cast<const T*>(&raw);
 #pragma unroll
-      for (int e = 0; e < kVec; ++e) {
-        const float x = Dtype<T>::to_float(v[e]);
-        if (p.mean) {
-          lo[e] += x;
-        } else {
-          lo[e] = fminf(lo[e], x);
-          hi[e] = fmaxf(hi[e], x);
-        }
+    for (int e = 0; e < kVec; ++e) {
+      const float x = Dtype<T>::to_float(v[e]);
+      if (p.mean) {
+        lo[e] += x;
+      } else {
+        lo[e] = fminf(lo[e], x);
+        hi[e] = fmaxf(hi[e], x);
       }
     }
-  };
-  if (pages == nullptr) {
-    scan([&](int t) { return base + t * p.k_sn; });
-  } else {  // the chunk straddles pages
-    const int f = static_cast<int>(first);
-    scan([&](int t) { return head + p.pages.offset(pages, f + t, p.k_sb, p.k_sn); });
   }
 
   __shared__ float s_lo[kRows][D];
