@@ -26,4 +26,10 @@ STABLE_TORCH_LIBRARY(reattention, m) {
       "Tensor idx, Tensor inv_freq, int sink, int local, int chunk, int query_block, "
       "float scale, float rope_scale, str rope_style, str positions, Tensor? block_table=None) "
       "-> (Tensor, Tensor)");
+  // dst[dst_index[i]] = src[src_index[i]] for every i with mask[i] (all when mask is None):
+  // whole pages (dim-0 slices) of two contiguous page tensors. On CUDA one of dst/src may be
+  // a pinned CPU tensor (the host tier of a tiered cache), read or written in place.
+  m.def(
+      "copy_pages(Tensor(a!) dst, Tensor src, Tensor dst_index, Tensor src_index, "
+      "Tensor? mask=None) -> ()");
 }

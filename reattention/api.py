@@ -144,13 +144,15 @@ def _attend_checked(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                     seqlens: torch.Tensor, reps: torch.Tensor | None, cfg: ReAttentionConfig, *,
                     inv_freq: torch.Tensor | None, rope_theta: float, rope_scale: float,
                     rope_style: str, scale: float | None, backend: str, return_lse: bool,
-                    block_table: torch.Tensor | None = None):
+                    block_table: torch.Tensor | None = None, on_selection=None):
     """:func:`reattention_attn` past the checks of q against the cache, the lengths and the
     reps: q, the cache and reps contiguous, ``seqlens`` int32 [B] on their device and valid.
 
     Checks the RoPE and softmax arguments (no device data is read), picks the backend, then
     runs the two unchecked cores. The package's caches and Hugging Face path call it
     directly: their lengths and reps are valid by construction, so they are never read.
+    ``on_selection(idx)``, when given, runs between the selection and the attention (the
+    tiered cache brings the selected pages to the GPU there).
     """
     if inv_freq is None:
         inv_freq = shared_inv_freq(q.shape[-1], rope_theta, q.device)
@@ -160,6 +162,8 @@ def _attend_checked(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     seg = dict(sink=cfg.sink, local=cfg.local, chunk=cfg.chunk, query_block=cfg.query_block)
     idx = unchecked.select_chunks(q, k_cache, seqlens, reps, topk=cfg.topk, rep=cfg.rep,
                                   backend=be, block_table=block_table, **seg)
+    if on_selection is not None:
+        on_selection(idx)
     out, lse = unchecked.gather_attention(q, k_cache, v_cache, idx, seqlens, inv_freq=inv_freq,
                                           scale=scale, rope_scale=float(rope_scale),
                                           rope_style=rope_style, positions=cfg.positions,

@@ -7,7 +7,10 @@ cache stores exactly what the projections produced, in one of two layouts
 - contiguous (default): buffers [B, Hkv, capacity, D] written in place; ``capacity`` is
   either fixed up front (``max_length``) or grows geometrically (a growth copies the tokens);
 - paged (``page_size=P``): a :class:`PagePool` of pages [num_pages, Hkv, P, D] and a block
-  table; an append takes free pages and writes the new tokens only, never moving stored ones.
+  table; an append takes free pages and writes the new tokens only, never moving stored ones;
+- tiered (``offload="cpu"``): a :class:`reattention.offload.TieredPool`, every middle page in
+  pinned host memory and on the GPU only the reps, the sink, the local window and a bounded
+  set of hot pages.
 
 The ops receive the whole storage plus ``cache_seqlens`` (an int32 device tensor kept in step
 with the host-side length), so an append costs a copy of the new tokens only.
@@ -27,6 +30,7 @@ import torch
 
 from . import layout, ops
 from .api import ReAttentionConfig, _attend_checked
+from .offload import TieredPool
 
 __all__ = ["LayerCache", "KVCache", "PagePool"]
 
@@ -199,6 +203,16 @@ class LayerCache:
         instead of contiguous buffers; ``page_size == config.chunk`` with the sink a multiple
         of it is the fast case. ``max_length`` (or :meth:`reserve`) then sizes the pool, so
         appends never copy stored tokens.
+    offload : None or "cpu"
+        "cpu": the tiered layout (pages of one chunk; needs rep "bound" or "mean" and the
+        sink a multiple of the chunk). Outputs equal the all-GPU cache's bit for bit.
+    hot_pages : int, optional
+        Tiered: GPU pages kept for selected chunks, at least what one call selects
+        (B * Hkv * ceil(Lq / query_block) * topk); default that for an append of
+        ``max_append`` tokens.
+    max_append : int
+        Tiered: the most tokens one append (and one attend call) holds; sizes the GPU ring
+        of the local window. Default 4096.
 
     Attributes
     ----------
@@ -220,7 +234,9 @@ class LayerCache:
     """
 
     def __init__(self, config: ReAttentionConfig, *, max_length: int | None = None,
-                 backend: str = "auto", page_size: int | None = None):
+                 backend: str = "auto", page_size: int | None = None,
+                 offload: str | None = None, hot_pages: int | None = None,
+                 max_append: int = 4096):
         if not isinstance(config, ReAttentionConfig):
             raise ValueError(f"config must be a ReAttentionConfig, got {type(config).__name__}")
         if max_length is not None and not (isinstance(max_length, int) and max_length >= 1):
@@ -230,9 +246,29 @@ class LayerCache:
         if page_size is not None and not (isinstance(page_size, int)
                                           and not isinstance(page_size, bool) and page_size >= 1):
             raise ValueError(f"page_size must be an int >= 1 or None, got {page_size!r}")
+        if offload not in (None, "cpu"):
+            raise ValueError(f"offload must be None or 'cpu', got {offload!r}")
+        for name, value in (("hot_pages", hot_pages), ("max_append", max_append)):
+            if value is not None and not (isinstance(value, int) and value >= 1):
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if offload is not None:
+            if config.rep == "max":
+                raise ValueError("offload needs rep 'bound' or 'mean': rep 'max' scores every "
+                                 "raw key at every step, which would read the host tier")
+            if config.sink % config.chunk:
+                raise ValueError(f"offload needs sink ({config.sink}) to be a multiple of "
+                                 f"chunk ({config.chunk}): its pages are chunks")
+            if page_size not in (None, config.chunk):
+                raise ValueError(f"offload uses pages of one chunk ({config.chunk} tokens), "
+                                 f"got page_size={page_size}")
+            page_size = config.chunk
         self.config = config
         self.page_size = page_size
-        self.pool: PagePool | None = None
+        self.offload = offload
+        self.hot_pages = hot_pages
+        self.max_append = max_append
+        self.pool: PagePool | TieredPool | None = None
+        self._dims: tuple | None = None  # (B, Hkv, D, dtype, device) once allocated
         self.max_length = max_length
         self.backend = backend
         self.k_buffer: torch.Tensor | None = None
@@ -253,20 +289,24 @@ class LayerCache:
         return self.page_size is not None
 
     @property
+    def tiered(self) -> bool:
+        return self.offload is not None
+
+    @property
     def capacity(self) -> int:
         """Tokens each sequence can hold without reallocating (0 before allocation); paged:
         its own pages' room plus an equal share of the free pages."""
-        if self.pool is not None:
-            p = self.pool
+        p = self.pool
+        if isinstance(p, TieredPool):
+            return p.max_pages * p.page
+        if p is not None:
             held = -(-self.length // p.page_size)
             return (held + len(p.free) // max(1, len(p.rows))) * p.page_size
         return 0 if self.k_buffer is None else self.k_buffer.shape[2]
 
     @property
     def batch_size(self) -> int:
-        if self.pool is not None:
-            return len(self.pool.rows)
-        return 0 if self.k_buffer is None else self.k_buffer.shape[0]
+        return 0 if self._dims is None else self._dims[0]
 
     @property
     def storage(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -279,6 +319,8 @@ class LayerCache:
     def _valid(self, which: int) -> torch.Tensor | None:
         if not self.is_allocated:
             return None
+        if isinstance(self.pool, TieredPool):
+            return self.pool.tokens(which)
         if self.pool is None:
             return (self.k_buffer, self.v_buffer)[which][:, :, :self.length]
         t = (self.pool.k, self.pool.v)[which]
@@ -333,7 +375,15 @@ class LayerCache:
                              f"(float64 on the reference backend), got {dtype}")
         if not (isinstance(head_dim, int) and head_dim >= 2 and head_dim % 2 == 0):
             raise ValueError(f"head_dim must be an even int >= 2, got {head_dim!r}")
-        if self.paged:
+        self._dims = (batch, heads, head_dim, dtype, torch.device(device))
+        if self.tiered:
+            per_call = -(-self.max_append // self.config.query_block) * self.config.topk
+            self.pool = TieredPool(self.config, batch, heads, head_dim, dtype,
+                                   torch.device(device), max_tokens=capacity,
+                                   hot_pages=self.hot_pages or batch * heads * per_call,
+                                   max_append=self.max_append, backend=self.backend)
+            self.reps = None
+        elif self.paged:
             per = -(-capacity // self.page_size)
             self.pool = PagePool(batch, heads, head_dim, self.page_size, dtype,
                                  torch.device(device), batch * per, per)
@@ -359,6 +409,8 @@ class LayerCache:
             return
         if not self.is_allocated:
             self._first_capacity = max(self._first_capacity, _aligned(n))
+        elif isinstance(self.pool, TieredPool):
+            self.pool._size(-(-n // self.pool.page))
         elif self.pool is not None:
             self.pool.reserve(n)
             self._fit_reps()
@@ -405,18 +457,19 @@ class LayerCache:
             first = self.max_length if self.max_length is not None else max(
                 _aligned(max(n_new, _MIN_CAPACITY)), self._first_capacity)
             self.allocate(b, h, d, k.dtype, k.device, first)
-        store = self.storage[0]
-        want = (self.batch_size, store.shape[1], store.shape[3])
-        if (b, h, d) != want:
-            raise ValueError(f"k must be [B={want[0]}, Hkv={want[1]}, L, D={want[2]}] like the "
+        want_b, want_h, want_d, dtype, device = self._dims
+        if (b, h, d) != (want_b, want_h, want_d):
+            raise ValueError(f"k must be [B={want_b}, Hkv={want_h}, L, D={want_d}] like the "
                              f"cache, got {tuple(k.shape)}")
         for name, t in (("k", k), ("v", v)):
-            if t.dtype != store.dtype or t.device != store.device:
+            if t.dtype != dtype or t.device != device:
                 raise ValueError(f"{name} is {t.dtype} on {t.device} but the cache holds "
-                                 f"{store.dtype} on {store.device}")
+                                 f"{dtype} on {device}")
         old = self.length
         self._ensure_room(old + n_new)
-        if self.pool is not None:
+        if isinstance(self.pool, TieredPool):
+            self.pool.append(k, v)  # it keeps its own reps
+        elif self.pool is not None:
             self.pool.write(k, v, old)
             self._fit_reps()
         else:
@@ -445,7 +498,9 @@ class LayerCache:
         if not (isinstance(length, int) and 0 <= length <= self.length):
             raise ValueError(f"length must be an int in [0, {self.length}], got {length!r}")
         self.length = length
-        if self.pool is not None:
+        if isinstance(self.pool, TieredPool):
+            self.pool.crop(length)
+        elif self.pool is not None:
             self.pool.truncate(length)  # its pages past the new end go back to the pool
         if self.cache_seqlens is not None:
             self.cache_seqlens.fill_(length)
@@ -470,12 +525,13 @@ class LayerCache:
                              f"{tuple(getattr(index, 'shape', ()))}")
         if not self.is_allocated:
             return
-        device = self.storage[0].device
+        device = self._dims[4]
         if self.pool is not None:
             host = index.tolist()
             if any(not 0 <= i < self.batch_size for i in host):
                 raise ValueError(f"index values must lie in [0, {self.batch_size}), got {host}")
             self.pool.select(host)
+        self._dims = (index.shape[0], *self._dims[1:])
         index = index.to(device=device, dtype=torch.long)
         if self.pool is None:
             self.k_buffer = self.k_buffer.index_select(0, index)
@@ -504,7 +560,10 @@ class LayerCache:
         out [B, Hq, Lq, D] in q's dtype, or (out, lse [B, Hq, Lq] float32) with ``return_lse``.
         """
         k_store, v_store, table = self.storage
-        if self.is_allocated:
+        if isinstance(self.pool, TieredPool):
+            b, h, d = self._dims[:3]
+            ops.check_cache(q, q.new_empty((b, h, max(1, self.length), d)))
+        elif self.is_allocated:
             ops.check_cache(q, k_store, v_store, block_table=table)
         if not (self.is_allocated and q.shape[2] <= self.length):
             raise ValueError(f"q must be [B, Hq, Lq, D] with Lq <= the {self.length} cached "
@@ -512,6 +571,14 @@ class LayerCache:
                              f"{tuple(getattr(q, 'shape', ()))}")
         # Every length is self.length, in [Lq, capacity] by the checks above, and the reps are
         # the cache's own: neither needs a check, and the lengths are never read.
+        if isinstance(self.pool, TieredPool):
+            if q.shape[2] > self.max_append:
+                raise ValueError(f"q holds {q.shape[2]} queries, more than max_append="
+                                 f"{self.max_append} of this offloaded cache")
+            return self.pool.attend(
+                q.contiguous(), inv_freq=inv_freq, rope_theta=rope_theta, rope_scale=rope_scale,
+                rope_style=rope_style, scale=scale,
+                backend=self.backend if backend is None else backend, return_lse=return_lse)
         return _attend_checked(q.contiguous(), k_store, v_store, self.cache_seqlens,
                                self.reps, self.config, inv_freq=inv_freq, rope_theta=rope_theta,
                                rope_scale=rope_scale, rope_style=rope_style, scale=scale,
@@ -530,8 +597,8 @@ class KVCache:
         Fixed capacity per layer (preallocated at each layer's first append), else growing.
     backend : str
         Backend for rep updates and attention.
-    page_size : int, optional
-        Paged layers (see :class:`LayerCache`).
+    page_size, offload, hot_pages, max_append :
+        Paged or tiered layers (see :class:`LayerCache`).
 
     Example
     -------
@@ -544,12 +611,14 @@ class KVCache:
 
     def __init__(self, num_layers: int, config: ReAttentionConfig, *,
                  max_length: int | None = None, backend: str = "auto",
-                 page_size: int | None = None):
+                 page_size: int | None = None, offload: str | None = None,
+                 hot_pages: int | None = None, max_append: int = 4096):
         if not (isinstance(num_layers, int) and num_layers >= 1):
             raise ValueError(f"num_layers must be an int >= 1, got {num_layers!r}")
         self.config = config
         self.layers = [LayerCache(config, max_length=max_length, backend=backend,
-                                  page_size=page_size) for _ in range(num_layers)]
+                                  page_size=page_size, offload=offload, hot_pages=hot_pages,
+                                  max_append=max_append) for _ in range(num_layers)]
 
     def __len__(self) -> int:
         return len(self.layers)

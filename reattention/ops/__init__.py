@@ -17,7 +17,7 @@ from .checks import (FLOAT_DTYPES, POSITION_MODES, REP_MODES, ROPE_STYLES, _chec
 
 __all__ = [
     # the public op functions
-    "chunk_reps", "select_chunks", "gather_attention",
+    "chunk_reps", "select_chunks", "gather_attention", "copy_pages",
     # backends
     "BACKENDS", "KERNEL_HEAD_DIMS", "TRITON_MAX_HEAD_DIM", "available_backends",
     "resolve_backend", "_kernel_refusal", "_find_library", "_status",
@@ -192,3 +192,39 @@ def gather_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                                       scale=scale, rope_scale=float(rope_scale),
                                       rope_style=rope_style, positions=positions, backend=be,
                                       block_table=block_table)
+
+
+def copy_pages(dst: torch.Tensor, src: torch.Tensor, dst_index: torch.Tensor,
+               src_index: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+    """``dst[dst_index[i]] = src[src_index[i]]`` for every i with ``mask[i]`` (all i when
+    mask is None): whole pages (dim-0 slices) of two contiguous tensors of one page shape.
+
+    The tiered cache's page moves (docs/design.md section 3.7). With a CUDA tensor among them
+    it runs as a kernel on that GPU without a host sync; one of ``dst``/``src`` may then be a
+    pinned CPU tensor, read or written in place, and the indices and mask (int64 and bool
+    [L]) must be on the GPU. On the CPU every tensor is a CPU tensor. An index out of its
+    tensor's pages raises on the CPU and skips the entry on a GPU.
+    """
+    for name, t in (("dst", dst), ("src", src)):
+        _need(isinstance(t, torch.Tensor) and t.dim() >= 1 and t.is_contiguous(),
+              f"{name} must be a contiguous page tensor [num_pages, ...]")
+    _need(dst.shape[1:] == src.shape[1:] and dst.dtype == src.dtype,
+          f"dst pages {tuple(dst.shape[1:])} {dst.dtype} and src pages {tuple(src.shape[1:])} "
+          f"{src.dtype} must match")
+    for name, t in (("dst_index", dst_index), ("src_index", src_index)):
+        _need(isinstance(t, torch.Tensor) and t.dim() == 1 and t.dtype == torch.int64,
+              f"{name} must be an int64 [L] tensor")
+    _need(dst_index.shape == src_index.shape, "dst_index and src_index must have one length")
+    _need(mask is None or (mask.dtype == torch.bool and mask.shape == dst_index.shape),
+          "mask must be None or a bool [L] tensor")
+    gpu = dst.is_cuda or src.is_cuda
+    if gpu:
+        _need(_status["cuda"] is None, f"copy_pages on a GPU needs the cuda library: "
+                                       f"{_status['cuda']}")
+        for name, t in (("dst", dst), ("src", src)):
+            _need(t.is_cuda or t.is_pinned(),
+                  f"{name} is a CPU tensor beside a CUDA one: it must be in pinned memory")
+    else:
+        _need(_status["cpu"] is None, f"copy_pages needs the cpu library: {_status['cpu']}")
+    torch.ops.reattention.copy_pages(dst, src, dst_index.contiguous(), src_index.contiguous(),
+                                     None if mask is None else mask.contiguous())

@@ -26,3 +26,6 @@ if _status["cpu"] is None:
                                block_table=None):
         return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
 
+    @torch.library.register_fake("reattention::copy_pages")
+    def _copy_pages_fake(dst, src, dst_index, src_index, mask=None):
+        return None
