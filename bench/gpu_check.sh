@@ -16,6 +16,9 @@ python3 -m pip install --no-build-isolation --no-deps -q . 2>&1 | tail -5
 echo "install: $(( $(date +%s) - t0 )) s"
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader || true
 par=$(python3 -c "import xdist" 2>/dev/null && echo "-n 14" || true)
+# 14 workers of 16 CPU threads each on 16 cores: the CPU reference checks then crawl (four tie
+# tests of test_cuda.py ran past 400 s); one thread per worker keeps them at seconds.
+[ -n "$par" ] && export OMP_NUM_THREADS=1
 if [ "$what" = quick ]; then
   # What commits 7febbb6 to f63ede6 changed (bench/NOTES.md, "Commits 7febbb6 to f63ede6"): the
   # grouped context-parallel path (NCCL, one rank per GPU), the launchers' strided lengths, the

@@ -77,7 +77,8 @@ def reattention_attn(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      rope_scale: float = 1.0, rope_style: str = "half",
                      positions: str = "compact", scale: float | None = None,
                      backend: str = "auto", return_lse: bool = False,
-                     config: ReAttentionConfig | None = None):
+                     config: ReAttentionConfig | None = None,
+                     block_table: torch.Tensor | None = None):
     """ReAttention for the last Lq tokens: select chunks, then attend with re-assigned RoPE.
 
     Parameters
@@ -97,6 +98,11 @@ def reattention_attn(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     scale : softmax scale, default 1/sqrt(D).
     backend : "auto" | "cuda" | "triton" | "cpu" | "reference".
     return_lse : also return the log-sum-exp [B, Hq, Lq] float32.
+    block_table : int32 [B, max_pages] for a paged cache: ``k_cache``/``v_cache`` are then
+        pages [num_pages, Hkv, page_size, D], token t of sequence b in page
+        ``block_table[b, t // page_size]`` at row ``t % page_size`` (Nmax = max_pages *
+        page_size; ``cache_seqlens`` required). Same result as the contiguous layout, bit for
+        bit on the same backend (docs/design.md section 3).
 
     Returns
     -------
@@ -111,16 +117,20 @@ def reattention_attn(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     """
     cfg = _call_config(config, sink=sink, local=local, chunk=chunk, topk=topk,
                        query_block=query_block, rep=rep, positions=positions)
-    ops.check_cache(q, k_cache, v_cache)
+    ops.check_cache(q, k_cache, v_cache, block_table=block_table)
     if reps is not None or cfg.rep == "max":
         ops.check_reps(reps, k_cache, lq=q.shape[2], sink=cfg.sink, local=cfg.local,
-                       chunk=cfg.chunk, rep=cfg.rep, query_block=cfg.query_block)
-    # The one read of the lengths (on a GPU: a host sync) of the call.
-    seqlens = ops.check_seqlens(cache_seqlens, k_cache, q.shape[2])
+                       chunk=cfg.chunk, rep=cfg.rep, query_block=cfg.query_block,
+                       block_table=block_table)
+    # The one read of the lengths (on a GPU: a host sync) of the call, and of the block table.
+    seqlens = ops.check_seqlens(cache_seqlens, k_cache, q.shape[2], block_table)
+    if block_table is not None:
+        block_table = ops.check_block_table(block_table, k_cache, seqlens)
     return _attend_checked(q.contiguous(), k_cache.contiguous(), v_cache.contiguous(), seqlens,
                            None if reps is None else reps.contiguous(), cfg, inv_freq=inv_freq,
                            rope_theta=rope_theta, rope_scale=rope_scale, rope_style=rope_style,
-                           scale=scale, backend=backend, return_lse=return_lse)
+                           scale=scale, backend=backend, return_lse=return_lse,
+                           block_table=block_table)
 
 
 def _call_config(config: ReAttentionConfig | None, **keywords) -> ReAttentionConfig:
@@ -133,7 +143,8 @@ def _call_config(config: ReAttentionConfig | None, **keywords) -> ReAttentionCon
 def _attend_checked(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     seqlens: torch.Tensor, reps: torch.Tensor | None, cfg: ReAttentionConfig, *,
                     inv_freq: torch.Tensor | None, rope_theta: float, rope_scale: float,
-                    rope_style: str, scale: float | None, backend: str, return_lse: bool):
+                    rope_style: str, scale: float | None, backend: str, return_lse: bool,
+                    block_table: torch.Tensor | None = None):
     """:func:`reattention_attn` past the checks of q against the cache, the lengths and the
     reps: q, the cache and reps contiguous, ``seqlens`` int32 [B] on their device and valid.
 
@@ -148,9 +159,9 @@ def _attend_checked(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     be = ops.resolve_backend(backend, q)
     seg = dict(sink=cfg.sink, local=cfg.local, chunk=cfg.chunk, query_block=cfg.query_block)
     idx = unchecked.select_chunks(q, k_cache, seqlens, reps, topk=cfg.topk, rep=cfg.rep,
-                                  backend=be, **seg)
+                                  backend=be, block_table=block_table, **seg)
     out, lse = unchecked.gather_attention(q, k_cache, v_cache, idx, seqlens, inv_freq=inv_freq,
                                           scale=scale, rope_scale=float(rope_scale),
                                           rope_style=rope_style, positions=cfg.positions,
-                                          backend=be, **seg)
+                                          backend=be, block_table=block_table, **seg)
     return (out, lse) if return_lse else out

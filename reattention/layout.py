@@ -28,6 +28,8 @@ __all__ = [
     "scope",
     "reps_shape",
     "new_reps",
+    "cache_shape",
+    "unpage",
 ]
 
 
@@ -75,15 +77,42 @@ def scope(sink: int, local: int, chunk: int, topk: int, query_block: int) -> int
     return sink + topk * chunk + local + chunk + query_block
 
 
-def reps_shape(k_cache: torch.Tensor, sink: int, chunk: int, rep: str) -> tuple[int, ...]:
-    """Shape of the representatives of ``k_cache`` [B, Hkv, Nmax, D]: "bound"
-    [B, Hkv, n_chunks, 2, D], "mean" [B, Hkv, n_chunks, D], ``n_chunks = (Nmax - sink) // chunk``
-    (0 when Nmax < sink)."""
-    b_, h_, nmax, d = k_cache.shape
+def cache_shape(k_cache: torch.Tensor,
+                block_table: torch.Tensor | None = None) -> tuple[int, int, int, int]:
+    """(B, Hkv, Nmax, D) of a cache: its shape when contiguous [B, Hkv, Nmax, D]; for pages
+    [num_pages, Hkv, page_size, D] with ``block_table`` [B, max_pages], Nmax = max_pages *
+    page_size (docs/design.md section 3)."""
+    if block_table is None:
+        return tuple(k_cache.shape)
+    _, hkv, page_size, d = k_cache.shape
+    return block_table.shape[0], hkv, block_table.shape[1] * page_size, d
+
+
+def reps_shape(k_cache: torch.Tensor, sink: int, chunk: int, rep: str,
+               block_table: torch.Tensor | None = None) -> tuple[int, ...]:
+    """Shape of the representatives of ``k_cache`` (of logical shape [B, Hkv, Nmax, D], see
+    :func:`cache_shape`): "bound" [B, Hkv, n_chunks, 2, D], "mean" [B, Hkv, n_chunks, D],
+    ``n_chunks = (Nmax - sink) // chunk`` (0 when Nmax < sink)."""
+    b_, h_, nmax, d = cache_shape(k_cache, block_table)
     n_chunks = max(0, nmax - sink) // chunk
     return (b_, h_, n_chunks, 2, d) if rep == "bound" else (b_, h_, n_chunks, d)
 
 
-def new_reps(k_cache: torch.Tensor, sink: int, chunk: int, rep: str) -> torch.Tensor:
+def new_reps(k_cache: torch.Tensor, sink: int, chunk: int, rep: str,
+             block_table: torch.Tensor | None = None) -> torch.Tensor:
     """An uninitialised reps tensor of :func:`reps_shape` in the cache's dtype and device."""
-    return k_cache.new_empty(reps_shape(k_cache, sink, chunk, rep))
+    return k_cache.new_empty(reps_shape(k_cache, sink, chunk, rep, block_table))
+
+
+def unpage(cache: torch.Tensor, block_table: torch.Tensor,
+           cache_seqlens: torch.Tensor) -> torch.Tensor:
+    """The contiguous [B, Hkv, Nmax, D] copy of a paged cache: tokens [0, N_b) of each sequence
+    from its pages, zeros past them (only the table entries of those tokens are read)."""
+    b_, hkv, nmax, d = cache_shape(cache, block_table)
+    page_size = cache.shape[2]
+    out = cache.new_zeros((b_, hkv, nmax, d))
+    for b, n in enumerate(cache_seqlens.tolist()):
+        used = -(-n // page_size)
+        pages = cache[block_table[b, :used].long()]            # [used, Hkv, page_size, D]
+        out[b, :, :n] = pages.transpose(0, 1).reshape(hkv, used * page_size, d)[:, :n]
+    return out

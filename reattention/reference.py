@@ -21,6 +21,7 @@ import math
 
 import torch
 
+from . import layout
 from .layout import block_segments, new_reps, query_blocks
 from .rope import apply_rope
 
@@ -44,14 +45,18 @@ def _seqlens(cache_seqlens: torch.Tensor | None, batch: int, nmax: int) -> list[
 
 
 def chunk_reps_ref(k_cache: torch.Tensor, cache_seqlens: torch.Tensor | None, reps: torch.Tensor,
-                   sink: int, chunk: int, rep: str, start_chunk: int = 0) -> None:
+                   sink: int, chunk: int, rep: str, start_chunk: int = 0, *,
+                   block_table: torch.Tensor | None = None) -> None:
     """Fill chunk representatives in place for the complete chunks ``j >= start_chunk``.
 
-    k_cache : [B, Hkv, Nmax, D] raw keys.
+    k_cache : [B, Hkv, Nmax, D] raw keys (or pages with ``block_table``: every function here
+        reads a paged cache as its contiguous copy, :func:`layout.unpage`).
     reps : "bound" -> [B, Hkv, n_chunks, 2, D] (min, max); "mean" -> [B, Hkv, n_chunks, D];
         in the cache dtype. Chunk j covers tokens ``[sink + j*chunk, sink + (j+1)*chunk)``
         and is complete when it ends at or before ``N_b``; ``j < n_chunks = reps.shape[2]``.
     """
+    if block_table is not None:
+        k_cache = layout.unpage(k_cache, block_table, cache_seqlens)
     b_, h_, nmax, d = k_cache.shape
     n_chunks = reps.shape[2]
     for b, n in enumerate(_seqlens(cache_seqlens, b_, nmax)):
@@ -152,7 +157,8 @@ def chunk_scores_ref(q: torch.Tensor, k_cache: torch.Tensor, reps: torch.Tensor 
 
 def select_chunks_ref(q: torch.Tensor, k_cache: torch.Tensor, reps: torch.Tensor | None,
                       cache_seqlens: torch.Tensor | None, sink: int, local: int, chunk: int,
-                      topk: int, rep: str, query_block: int) -> torch.Tensor:
+                      topk: int, rep: str, query_block: int, *,
+                      block_table: torch.Tensor | None = None) -> torch.Tensor:
     """Top-k middle chunks per (batch, kv head, query block).
 
     Returns
@@ -160,6 +166,8 @@ def select_chunks_ref(q: torch.Tensor, k_cache: torch.Tensor, reps: torch.Tensor
     int32 [B, Hkv, n_blocks, topk]: the K_eff = min(topk, M) best chunk indices of each block's
     own middle (ties to the lower index) sorted ascending, padded with -1.
     """
+    if block_table is not None:
+        k_cache = layout.unpage(k_cache, block_table, cache_seqlens)
     scores = chunk_scores_ref(q, k_cache, reps, cache_seqlens, sink, local, chunk, rep,
                               query_block)
     b_, hkv, nb, _ = scores.shape
@@ -184,7 +192,8 @@ def gather_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
                          inv_freq: torch.Tensor, sink: int, local: int, chunk: int,
                          query_block: int, scale: float, rope_scale: float = 1.0,
                          rope_style: str = "half", positions: str = "compact",
-                         compute_dtype: torch.dtype | None = None,
+                         compute_dtype: torch.dtype | None = None, *,
+                         block_table: torch.Tensor | None = None,
                          ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention over [sink | selected chunks | local] with RoPE at re-assigned positions.
 
@@ -202,6 +211,9 @@ def gather_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     -------
     out [B, Hq, Lq, D] in q's dtype, lse [B, Hq, Lq] float32 (natural log).
     """
+    if block_table is not None:
+        k_cache = layout.unpage(k_cache, block_table, cache_seqlens)
+        v_cache = layout.unpage(v_cache, block_table, cache_seqlens)
     b_, hq, lq, d = q.shape
     hkv, nmax = k_cache.shape[1], k_cache.shape[2]
     g = hq // hkv

@@ -122,3 +122,39 @@ def lowp_attention(q, k, v, lens, idx, inv_freq, case: Case, scale: float, **kw)
     return reference.gather_attention_ref(q, k, v, lens, idx, inv_freq, case.sink, case.local,
                                           case.chunk, case.query_block, scale,
                                           compute_dtype=q.dtype, **kw)
+
+
+def to_paged(cache: torch.Tensor, lens: torch.Tensor, page_size: int, *, seed: int = 0,
+             spare_pages: int = 3, fill: float = float("nan"),
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A paged copy of a contiguous cache [B, Hkv, Nmax, D] (docs/design.md section 3):
+    (pages [num_pages, Hkv, page_size, D], block_table int32 [B, ceil(Nmax / page_size)]).
+
+    Each sequence's tokens [0, N_b) go to pages in a random order among ``spare_pages`` extra
+    ones; every other element of the pool (unused pages, the tail of a sequence's last page)
+    holds ``fill`` (NaN: a kernel that reads it shows), and the table entries past a
+    sequence's pages are -1. Compare against the contiguous cache padded to max_pages *
+    page_size tokens.
+    """
+    b_, hkv, nmax, d = cache.shape
+    max_pages = -(-nmax // page_size)
+    used = [-(-int(n) // page_size) for n in lens.tolist()]
+    num_pages = sum(used) + spare_pages
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(num_pages, generator=g).tolist()
+    pages = cache.new_full((num_pages, hkv, page_size, d), fill)
+    table = torch.full((b_, max_pages), -1, dtype=torch.int32)
+    for b, n in enumerate(lens.tolist()):
+        for i in range(used[b]):
+            page = order.pop()
+            table[b, i] = page
+            t0, t1 = i * page_size, min(n, (i + 1) * page_size)
+            pages[page, :, : t1 - t0] = cache[b, :, t0:t1]
+    return pages, table.to(cache.device)
+
+
+def pad_tokens(cache: torch.Tensor, nmax: int) -> torch.Tensor:
+    """``cache`` [B, Hkv, N, D] with zero tokens appended up to ``nmax``."""
+    extra = nmax - cache.shape[2]
+    return cache if extra == 0 else torch.cat(
+        [cache, cache.new_zeros(*cache.shape[:2], extra, cache.shape[3])], dim=2)

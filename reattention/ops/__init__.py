@@ -10,7 +10,8 @@ from . import unchecked
 from .backends import (BACKENDS, KERNEL_HEAD_DIMS, TRITON_MAX_HEAD_DIM, _find_library,
                        _kernel_refusal, _status, available_backends, resolve_backend)
 from .checks import (FLOAT_DTYPES, POSITION_MODES, REP_MODES, ROPE_STYLES, _check_choice,
-                     _check_tensor, _need, check_attention_args, check_cache, check_idx,
+                     _check_tensor, _need, check_attention_args, check_block_table,
+                     check_cache, check_idx,
                      check_idx_values, check_inv_freq, check_params, check_reps, check_seqlens,
                      reps_shape, set_device_checks)
 
@@ -23,7 +24,7 @@ __all__ = [
     # validation
     "REP_MODES", "ROPE_STYLES", "POSITION_MODES", "FLOAT_DTYPES", "set_device_checks",
     "check_cache", "check_seqlens", "check_params", "check_reps", "check_inv_freq",
-    "check_attention_args", "check_idx", "check_idx_values", "reps_shape",
+    "check_attention_args", "check_idx", "check_idx_values", "reps_shape", "check_block_table",
     # the cores, for callers that checked their inputs
     "unchecked",
 ]
@@ -31,7 +32,7 @@ __all__ = [
 
 def chunk_reps(k_cache: torch.Tensor, cache_seqlens: torch.Tensor | None = None, *, sink: int,
                chunk: int, rep: str, backend: str = "auto", reps: torch.Tensor | None = None,
-               start_chunk: int = 0) -> torch.Tensor:
+               start_chunk: int = 0, block_table: torch.Tensor | None = None) -> torch.Tensor:
     """Chunk representatives of the complete middle chunks of a raw-key cache.
 
     Parameters
@@ -42,6 +43,11 @@ def chunk_reps(k_cache: torch.Tensor, cache_seqlens: torch.Tensor | None = None,
     rep : "bound" (min/max per dim) or "mean" (centroid).
     reps : an existing reps tensor to update in place (incremental), or None to allocate.
     start_chunk : only chunks j >= start_chunk are (re)computed.
+    block_table : int32 [B, max_pages] for a paged cache: ``k_cache`` (and ``v_cache``) are
+        then pages [num_pages, Hkv, page_size, D], token t of sequence b in page
+        ``block_table[b, t // page_size]`` at row ``t % page_size``; Nmax = max_pages *
+        page_size and ``cache_seqlens`` is required (docs/design.md section 3). Results equal
+        the contiguous layout's bit for bit on the same backend.
 
     Returns
     -------
@@ -67,21 +73,32 @@ def chunk_reps(k_cache: torch.Tensor, cache_seqlens: torch.Tensor | None = None,
     _check_choice("rep", rep, ("bound", "mean"))
     _need(isinstance(start_chunk, int) and start_chunk >= 0,
           f"start_chunk must be an int >= 0, got {start_chunk!r}")
-    seqlens = check_seqlens(cache_seqlens, k_cache, 0)
+    if block_table is not None:
+        _check_tensor("block_table", block_table, 2)
+        _need(block_table.dtype == torch.int32,
+              f"block_table must be int32 [B, max_pages], got {block_table.dtype}")
+        _need(block_table.device == k_cache.device,
+              f"block_table is on {block_table.device} but k_cache is on {k_cache.device}")
+    seqlens = check_seqlens(cache_seqlens, k_cache, 0, block_table)
+    if block_table is not None:
+        block_table = check_block_table(block_table, k_cache, seqlens)
     if reps is not None:
-        check_reps(reps, k_cache, lq=1, sink=sink, local=0, chunk=chunk, rep=rep)
+        check_reps(reps, k_cache, lq=1, sink=sink, local=0, chunk=chunk, rep=rep,
+                   block_table=block_table)
     be = resolve_backend(backend, k_cache)
     # reps is written in place: a copy would lose the update.
     _need(reps is None or be == "reference" or reps.is_contiguous(),
           "reps must be contiguous for the kernel backends")
     return unchecked.chunk_reps(k_cache.contiguous(), seqlens, reps, sink=sink, chunk=chunk,
-                                rep=rep, backend=be, start_chunk=start_chunk)
+                                rep=rep, backend=be, start_chunk=start_chunk,
+                                block_table=block_table)
 
 
 def select_chunks(q: torch.Tensor, k_cache: torch.Tensor,
                   cache_seqlens: torch.Tensor | None = None, *, reps: torch.Tensor | None = None,
                   sink: int, local: int, chunk: int, topk: int, query_block: int, rep: str,
-                  backend: str = "auto") -> torch.Tensor:
+                  backend: str = "auto", block_table: torch.Tensor | None = None,
+                  ) -> torch.Tensor:
     """Select the top-k middle chunks per (batch, kv head, query block).
 
     Parameters
@@ -92,6 +109,11 @@ def select_chunks(q: torch.Tensor, k_cache: torch.Tensor,
     reps : chunk representatives for rep "bound"/"mean" (computed on the fly when None);
         must be None for "max".
     rep : "max" (exact, reads raw keys), "bound" or "mean".
+    block_table : int32 [B, max_pages] for a paged cache: ``k_cache`` (and ``v_cache``) are
+        then pages [num_pages, Hkv, page_size, D], token t of sequence b in page
+        ``block_table[b, t // page_size]`` at row ``t % page_size``; Nmax = max_pages *
+        page_size and ``cache_seqlens`` is required (docs/design.md section 3). Results equal
+        the contiguous layout's bit for bit on the same backend.
 
     Returns
     -------
@@ -104,18 +126,21 @@ def select_chunks(q: torch.Tensor, k_cache: torch.Tensor,
     >>> idx.shape
     torch.Size([1, 8, 1, 32])
     """
-    check_cache(q, k_cache)
+    check_cache(q, k_cache, block_table=block_table)
     check_params(sink=sink, local=local, chunk=chunk, topk=topk, query_block=query_block)
     _check_choice("rep", rep, REP_MODES)
-    seqlens = check_seqlens(cache_seqlens, k_cache, q.shape[2])
+    seqlens = check_seqlens(cache_seqlens, k_cache, q.shape[2], block_table)
+    if block_table is not None:
+        block_table = check_block_table(block_table, k_cache, seqlens)
     if reps is not None or rep == "max":
         check_reps(reps, k_cache, lq=q.shape[2], sink=sink, local=local, chunk=chunk, rep=rep,
-                   query_block=query_block)
+                   query_block=query_block, block_table=block_table)
     be = resolve_backend(backend, q)
     return unchecked.select_chunks(q.contiguous(), k_cache.contiguous(), seqlens,
                                    None if reps is None else reps.contiguous(), sink=sink,
                                    local=local, chunk=chunk, topk=topk,
-                                   query_block=query_block, rep=rep, backend=be)
+                                   query_block=query_block, rep=rep, backend=be,
+                                   block_table=block_table)
 
 
 def gather_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -123,7 +148,8 @@ def gather_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      inv_freq: torch.Tensor, sink: int, local: int, chunk: int,
                      query_block: int, scale: float | None = None, rope_scale: float = 1.0,
                      rope_style: str = "half", positions: str = "compact",
-                     backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+                     backend: str = "auto", block_table: torch.Tensor | None = None,
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention over [sink | chunks in ``idx`` | local] with RoPE at re-assigned positions.
 
     Parameters
@@ -134,6 +160,11 @@ def gather_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         when idx is on the CPU; on a GPU it is not read on the host (no sync), and an entry out
         of that contract gives a wrong result (never an out-of-bounds read).
     inv_freq : [R/2] RoPE inverse frequencies, R <= D.
+    block_table : int32 [B, max_pages] for a paged cache: ``k_cache`` (and ``v_cache``) are
+        then pages [num_pages, Hkv, page_size, D], token t of sequence b in page
+        ``block_table[b, t // page_size]`` at row ``t % page_size``; Nmax = max_pages *
+        page_size and ``cache_seqlens`` is required (docs/design.md section 3). Results equal
+        the contiguous layout's bit for bit on the same backend.
 
     Returns
     -------
@@ -145,11 +176,13 @@ def gather_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     >>> out, lse = gather_attention(q, k, v, idx, inv_freq=default_inv_freq(128), sink=64,
     ...                             local=4096, chunk=64, query_block=128)
     """
-    check_cache(q, k_cache, v_cache)
+    check_cache(q, k_cache, v_cache, block_table=block_table)
     check_params(sink=sink, local=local, chunk=chunk, query_block=query_block)
     inv_freq, scale = check_attention_args(q, inv_freq, scale, rope_scale, rope_style, positions)
     check_idx(idx, q, k_cache, query_block)
-    seqlens = check_seqlens(cache_seqlens, k_cache, q.shape[2])
+    seqlens = check_seqlens(cache_seqlens, k_cache, q.shape[2], block_table)
+    if block_table is not None:
+        block_table = check_block_table(block_table, k_cache, seqlens)
     check_idx_values(idx, seqlens, q.shape[2], sink=sink, local=local, chunk=chunk,
                      query_block=query_block)
     be = resolve_backend(backend, q)
@@ -157,4 +190,5 @@ def gather_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                                       idx.contiguous(), seqlens, inv_freq=inv_freq, sink=sink,
                                       local=local, chunk=chunk, query_block=query_block,
                                       scale=scale, rope_scale=float(rope_scale),
-                                      rope_style=rope_style, positions=positions, backend=be)
+                                      rope_style=rope_style, positions=positions, backend=be,
+                                      block_table=block_table)

@@ -47,13 +47,18 @@ def _check_tensor(name: str, t, ndim: int) -> None:
 
 
 def check_cache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor | None = None,
-                ) -> None:
-    """Validate q [B, Hq, Lq, D] against the cache [B, Hkv, Nmax, D].
+                block_table: torch.Tensor | None = None) -> None:
+    """Validate q [B, Hq, Lq, D] against the cache [B, Hkv, Nmax, D], or against pages
+    [num_pages, Hkv, page_size, D] with ``block_table`` (its shape and dtype; the values are
+    checked by :func:`check_block_table`).
 
     When the shapes do not fit but would with some of the tensors read as [B, L, H, D]
     (the layout of a projection before ``.transpose(1, 2)``), the error says which to
     transpose.
     """
+    if block_table is not None:
+        _check_paged(q, k_cache, v_cache, block_table)
+        return
     _check_tensor("q", q, 4)
     _check_tensor("k_cache", k_cache, 4)
     _need(q.dtype in FLOAT_DTYPES or q.dtype == torch.float64,
@@ -68,6 +73,68 @@ def check_cache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor | 
     why = _shape_mismatch(**shapes)
     if why is not None:
         raise ValueError(why + _layout_hint(shapes))
+
+
+def _check_paged(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor | None,
+                 block_table: torch.Tensor) -> None:
+    """check_cache for a paged cache: pages [num_pages, Hkv, page_size, D], block_table int32
+    [B, max_pages] (docs/design.md section 3)."""
+    _check_tensor("q", q, 4)
+    _need(q.dtype in FLOAT_DTYPES or q.dtype == torch.float64,
+          f"q must be float16, bfloat16 or float32, got {q.dtype}")
+    _check_tensor("block_table", block_table, 2)
+    _need(block_table.dtype == torch.int32,
+          f"block_table must be int32 [B, max_pages], got {block_table.dtype}")
+    _need(block_table.device == q.device,
+          f"block_table is on {block_table.device} but q is on {q.device}")
+    b, hq, lq, d = q.shape
+    _need(block_table.shape[0] == b,
+          f"block_table must have B={b} rows (one per sequence), got {tuple(block_table.shape)}")
+    _need(block_table.shape[1] >= 1, "block_table must have at least one column (max_pages)")
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if t is None:
+            continue
+        _check_tensor(name, t, 4)
+        _need(t.dtype == q.dtype, f"{name} dtype {t.dtype} does not match q dtype {q.dtype}")
+        _need(t.device == q.device, f"{name} is on {t.device} but q is on {q.device}")
+        _need(t.shape[0] >= 1 and t.shape[2] >= 1 and t.shape[3] == d,
+              f"{name} with a block_table must be pages [num_pages, Hkv, page_size, D={d}], "
+              f"got {tuple(t.shape)}")
+    _need(lq >= 1, f"q must hold at least one query (Lq >= 1), got shape {tuple(q.shape)}")
+    _need(d >= 2 and d % 2 == 0, f"head dim D (q.shape[-1]) must be even and >= 2, got {d}")
+    hkv = k_cache.shape[1]
+    _need(hkv >= 1 and hq >= 1 and hq % hkv == 0,
+          f"q heads Hq={hq} must be a positive multiple of k_cache heads Hkv={hkv} (GQA)")
+    _need(v_cache is None or v_cache.shape == k_cache.shape,
+          f"v_cache shape {tuple(v_cache.shape) if v_cache is not None else None} must equal "
+          f"k_cache shape {tuple(k_cache.shape)}")
+    nmax = block_table.shape[1] * k_cache.shape[2]
+    _need(nmax >= lq, f"the block table holds Nmax={nmax} tokens, fewer than the Lq={lq} queries")
+
+
+def check_block_table(block_table: torch.Tensor, k_cache: torch.Tensor,
+                      seqlens: torch.Tensor) -> torch.Tensor:
+    """The block table as the kernels read it (contiguous), after checking that every page
+    holding one of the first N_b tokens of sequence b is a page of ``k_cache``.
+
+    The values are read as ``cache_seqlens`` are: on the host always, on a GPU unless a CUDA
+    graph is being captured or :func:`set_device_checks` turned the checks off. Unchecked,
+    a bad entry gives a wrong result; the kernels clamp it, so it is never read out of bounds.
+    """
+    on_host = block_table.device.type == "cpu"
+    capturing = block_table.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    if block_table.numel() and (on_host or (_check_device_values and not capturing)):
+        page_size, num_pages = k_cache.shape[2], k_cache.shape[0]
+        used = (seqlens.to(torch.int64) + page_size - 1) // page_size           # [B]
+        cols = torch.arange(block_table.shape[1], device=block_table.device)
+        live = cols[None, :] < used[:, None]
+        bad = live & ((block_table < 0) | (block_table >= num_pages))
+        if bool(bad.any()):
+            b, i = (int(x) for x in bad.nonzero()[0])
+            raise ValueError(f"block_table[{b}, {i}]={int(block_table[b, i])} must be a page of "
+                             f"k_cache, in [0, num_pages={num_pages}) (sequence {b} has "
+                             f"{int(seqlens[b])} tokens on {int(used[b])} pages)")
+    return block_table.contiguous()
 
 
 def _shape_mismatch(q: tuple, k_cache: tuple, v_cache: tuple | None) -> str | None:
@@ -106,17 +173,21 @@ def _layout_hint(shapes: dict) -> str:
     return ""
 
 
-def check_seqlens(cache_seqlens, k_cache: torch.Tensor, lq: int) -> torch.Tensor:
+def check_seqlens(cache_seqlens, k_cache: torch.Tensor, lq: int,
+                  block_table: torch.Tensor | None = None) -> torch.Tensor:
     """Return int32 [B] contiguous lengths on the cache's device; None means Nmax for every
-    sequence.
+    sequence (and is refused for a paged cache, whose pages past a sequence's end need not
+    exist).
 
     Given lengths are read (on a GPU: a host sync) to check that each lies in [Lq, Nmax],
     except while a CUDA graph is being captured or after ``set_device_checks(False)``; each
     public call runs this once, and the caches, whose lengths are valid by construction,
     never do.
     """
-    b, nmax, device = k_cache.shape[0], k_cache.shape[2], k_cache.device
+    b, _, nmax, _ = layout.cache_shape(k_cache, block_table)
+    device = k_cache.device
     if cache_seqlens is None:
+        _need(block_table is None, "cache_seqlens is required with a block_table (paged cache)")
         return _full_lengths(b, nmax, device)
     _check_tensor("cache_seqlens", cache_seqlens, 1)
     _need(cache_seqlens.dtype == torch.int32,
@@ -161,12 +232,12 @@ reps_shape = layout.reps_shape
 
 
 def check_reps(reps, k_cache: torch.Tensor, *, lq: int, sink: int, local: int, chunk: int,
-               rep: str, query_block: int = 1) -> None:
+               rep: str, query_block: int = 1, block_table: torch.Tensor | None = None) -> None:
     """Check user-given reps against the cache; "max" takes none."""
     if rep == "max":
         _need(reps is None, "reps must be None with rep='max' (it scores the raw keys)")
         return
-    b, h, nmax, d = k_cache.shape
+    b, h, nmax, d = layout.cache_shape(k_cache, block_table)
     want = "[B, Hkv, n_chunks, 2, D]" if rep == "bound" else "[B, Hkv, n_chunks, D]"
     _check_tensor("reps", reps, 5 if rep == "bound" else 4)
     _need(reps.shape[:2] == (b, h) and reps.shape[-1] == d

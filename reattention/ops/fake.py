@@ -9,18 +9,20 @@ from .backends import _status
 
 if _status["cpu"] is None:
     @torch.library.register_fake("reattention::chunk_reps")
-    def _chunk_reps_fake(k_cache, cache_seqlens, reps, sink, chunk, rep, start_chunk):
+    def _chunk_reps_fake(k_cache, cache_seqlens, reps, sink, chunk, rep, start_chunk,
+                         block_table=None):
         return None
 
     @torch.library.register_fake("reattention::select_chunks")
     def _select_chunks_fake(q, k_cache, reps, cache_seqlens, sink, local, chunk, topk, rep,
-                            query_block):
+                            query_block, block_table=None):
         b, _, lq, _ = q.shape
         n_blocks = -(-lq // query_block)
         return q.new_empty((b, k_cache.shape[1], n_blocks, topk), dtype=torch.int32)
 
     @torch.library.register_fake("reattention::gather_attention")
     def _gather_attention_fake(q, k_cache, v_cache, cache_seqlens, idx, inv_freq, sink, local,
-                               chunk, query_block, scale, rope_scale, rope_style, positions):
+                               chunk, query_block, scale, rope_scale, rope_style, positions,
+                               block_table=None):
         return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
 

@@ -7,6 +7,8 @@ They trust what they get and check nothing:
   docs/design.md section 3.1, on one device and (but for idx) of one dtype;
 - ``cache_seqlens`` is a contiguous int32 [B] tensor on that device, every value in
   [Lq, Nmax] (chunk_reps: [0, Nmax]);
+- ``block_table`` is None (a contiguous cache) or a contiguous int32 [B, max_pages] tensor on
+  that device whose entries for the pages of each sequence's tokens are pages of the cache;
 - ``inv_freq`` is a contiguous float32 [R/2] tensor on that device, ``scale`` a float;
 - ``backend`` is a resolved name ("reference", "cpu", "cuda" or "triton"), never "auto".
 
@@ -23,44 +25,55 @@ from .. import layout, reference
 from .backends import _op
 
 
+def _paged(block_table: torch.Tensor | None) -> tuple:
+    # The ops' trailing block_table, passed only for a paged cache.
+    return () if block_table is None else (block_table,)
+
+
 def chunk_reps(k_cache: torch.Tensor, cache_seqlens: torch.Tensor,
                reps: torch.Tensor | None = None, *, sink: int, chunk: int, rep: str,
-               backend: str, start_chunk: int = 0) -> torch.Tensor:
+               backend: str, start_chunk: int = 0,
+               block_table: torch.Tensor | None = None) -> torch.Tensor:
     """Fill ``reps`` ("bound"/"mean", allocated when None) for the complete chunks
     j >= ``start_chunk``; returns it."""
     if reps is None:
-        reps = layout.new_reps(k_cache, sink, chunk, rep)
+        reps = layout.new_reps(k_cache, sink, chunk, rep, block_table)
     if backend == "reference":
-        reference.chunk_reps_ref(k_cache, cache_seqlens, reps, sink, chunk, rep, start_chunk)
+        reference.chunk_reps_ref(k_cache, cache_seqlens, reps, sink, chunk, rep, start_chunk,
+                                 block_table=block_table)
     else:
-        _op("chunk_reps", backend)(k_cache, cache_seqlens, reps, sink, chunk, rep, start_chunk)
+        _op("chunk_reps", backend)(k_cache, cache_seqlens, reps, sink, chunk, rep, start_chunk,
+                                   *_paged(block_table))
     return reps
 
 
 def select_chunks(q: torch.Tensor, k_cache: torch.Tensor, cache_seqlens: torch.Tensor,
                   reps: torch.Tensor | None, *, sink: int, local: int, chunk: int, topk: int,
-                  query_block: int, rep: str, backend: str) -> torch.Tensor:
+                  query_block: int, rep: str, backend: str,
+                  block_table: torch.Tensor | None = None) -> torch.Tensor:
     """idx int32 [B, Hkv, n_blocks, topk]; "bound"/"mean" reps are computed when None."""
     if reps is None and rep != "max":
         reps = chunk_reps(k_cache, cache_seqlens, sink=sink, chunk=chunk, rep=rep,
-                          backend=backend)
+                          backend=backend, block_table=block_table)
     if backend == "reference":
         return reference.select_chunks_ref(q, k_cache, reps, cache_seqlens, sink, local, chunk,
-                                           topk, rep, query_block)
+                                           topk, rep, query_block, block_table=block_table)
     return _op("select_chunks", backend)(q, k_cache, reps, cache_seqlens, sink, local, chunk,
-                                         topk, rep, query_block)
+                                         topk, rep, query_block, *_paged(block_table))
 
 
 def gather_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      idx: torch.Tensor, cache_seqlens: torch.Tensor, *, inv_freq: torch.Tensor,
                      sink: int, local: int, chunk: int, query_block: int, scale: float,
                      rope_scale: float, rope_style: str, positions: str,
-                     backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+                     backend: str, block_table: torch.Tensor | None = None,
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out [B, Hq, Lq, D] in q's dtype, lse [B, Hq, Lq] float32)."""
     if backend == "reference":
         return reference.gather_attention_ref(q, k_cache, v_cache, cache_seqlens, idx, inv_freq,
                                               sink, local, chunk, query_block, scale,
-                                              rope_scale, rope_style, positions)
+                                              rope_scale, rope_style, positions,
+                                              block_table=block_table)
     return _op("gather_attention", backend)(q, k_cache, v_cache, cache_seqlens, idx, inv_freq,
                                             sink, local, chunk, query_block, scale, rope_scale,
-                                            rope_style, positions)
+                                            rope_style, positions, *_paged(block_table))
