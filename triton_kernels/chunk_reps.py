@@ -31,12 +31,11 @@ def _chunk_rows(base, t0, u, ok, table_row, page_size, num_pages, stride_kb, str
                 offs_d, PAGED: tl.constexpr, CHUNK_IN_PAGE: tl.constexpr):
     # Pointers [BLOCK_J, BLOCK_D] to token u of the chunks starting at tokens t0.
     if CHUNK_IN_PAGE:
-        # t0's page holds the whole chunk: base already points at row t0 of it.
-        rows = base + u * stride_kn
+        # base already points at row t0 of every chunk, whose page holds the whole chunk.
+        return base + u * stride_kn
     else:
-        rows = base + kv_rows(t0 + u, ok, table_row, page_size, num_pages, stride_kb, stride_kn,
-                              PAGED)[:, None]
-    return rows + offs_d[None, :]
+        return base + kv_rows(t0 + u, ok, table_row, page_size, num_pages, stride_kb,
+                              stride_kn, PAGED)[:, None] + offs_d[None, :]
 
 
 @triton.jit
@@ -60,10 +59,13 @@ def _chunk_reps_kernel(k_ptr, seqlens_ptr, reps_ptr,
     mask = j_ok[:, None] & (offs_d < head_dim)[None, :]
     base = kv_head_base(k_ptr, b, h, stride_kb, stride_kh, PAGED)
     table_row = kv_table_row(table_ptr, b, stride_tb, PAGED)
-    t0 = sink + j * chunk
+    if PAGED:
+        t0 = sink + j * chunk  # int32: the table's divisions stay 32-bit
+    else:
+        t0 = sink + j.to(tl.int64) * chunk
     if CHUNK_IN_PAGE:
         base = base + kv_rows(t0, j_ok, table_row, page_size, num_pages, stride_kb, stride_kn,
-                              PAGED)[:, None]
+                              PAGED)[:, None] + offs_d[None, :]
     if BOUND:
         lo = tl.full((BLOCK_J, BLOCK_D), float("inf"), tl.float32)
         hi = tl.full((BLOCK_J, BLOCK_D), float("-inf"), tl.float32)

@@ -45,7 +45,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 from triton.language.extra import libdevice
 
-from .kv_layout import kv_head_base, kv_layout, kv_page_row, kv_rows, kv_table_row
+from .kv_layout import kv_head_base, kv_layout, kv_rows, kv_table_row
 from .select_chunks import _dot
 
 _LOG2E = 1.4426950408889634
@@ -248,12 +248,8 @@ def _gather_attn_kernel(
             r = start + tl.arange(0, BLOCK_N)
             r_ok = r < hi
             t = _key_tokens(r, r_ok, idx_row, n, mid_end, n_sink, sel_end, sink, chunk)
-            if PAGED:
-                # One table read per key serves k and v (one table, one page size).
-                page, row = kv_page_row(t, r_ok, table_row, page_size, num_pages)
-                k_rows = kb + (page * stride_kb + row * stride_kn)[:, None]
-            else:
-                k_rows = kb + t.to(tl.int64)[:, None] * stride_kn
+            k_rows = kb + kv_rows(t, r_ok, table_row, page_size, num_pages, stride_kb, stride_kn,
+                                  PAGED)[:, None]
             km = r_ok[:, None] & r_cols[None, :]
             if PREROT:
                 w_rows = kr_rows + r.to(tl.int64)[:, None] * (2 * half_rot)
@@ -282,10 +278,10 @@ def _gather_attn_kernel(
             alpha = tl.exp2(m_i - m_safe)
             p = tl.exp2(s - m_safe[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            if PAGED:
-                v_rows = vb + (page * stride_vb + row * stride_vn)[:, None]
-            else:
-                v_rows = vb + t.to(tl.int64)[:, None] * stride_vn
+            # Paged, v's table read repeats k's (a cache hit) rather than keeping k's pages
+            # live across the dots.
+            v_rows = vb + kv_rows(t, r_ok, table_row, page_size, num_pages, stride_vb, stride_vn,
+                                  PAGED)[:, None]
             v = tl.load(v_rows + offs_d[None, :],
                         mask=r_ok[:, None] & d_cols[None, :], other=0.0)
             acc = acc * alpha[:, None] + _dot(p.to(dtype), v, IEEE, UPCAST)
