@@ -6,9 +6,9 @@ per chunk, coalesced along D) and folds it into running min/max or an fp32 sum. 
 length works this way with no token mask. The mean is the fp32 sum divided by C and rounded
 once to the cache dtype, as the reference does.
 
-Paged caches (kv_layout.py): the same tiles and steps; step u's rows are looked up in the
-block table per chunk, or once per chunk when every chunk lies inside one page (page_size and
-sink multiples of chunk: page_size == chunk is the fast case).
+Paged caches (kv_layout.py): the same tiles and steps. Step u looks the page of token u of
+each chunk up in the block table; when every chunk lies inside one page (page_size and sink
+multiples of chunk, e.g. the fast case page_size == chunk) a chunk's page is looked up once.
 
 Invariants: only chunks j in [start_chunk, min(n_chunks, max(0, (N_b - sink) // chunk))) are
 written (the incremental contract); the bound is computed in fp32 and is exact. Nothing
