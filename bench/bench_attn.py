@@ -12,6 +12,8 @@ Rows, each timed as the median of repeated CUDA-event timings in ONE run beside 
            dense SDPA over as many keys as one query block attends to at most (no selection):
            the attention floor a block should approach.
   chunked  a whole 1M-token prefill of one layer in 4096-token steps (selection included).
+  paged    (--paged) the decode and prefill rows again on a paged copy of the same cache
+           (page = chunk = 64 tokens, pages in a shuffled order), beside the contiguous rows.
 Achieved TB/s counts the bytes a step must read; TFLOP/s counts 4*Lq*keys*D*Hq for attention.
 
 Usage: python bench/bench_attn.py --out DIR [--backends cuda,triton] [--quick]
@@ -75,6 +77,23 @@ def make_cache(n: int, seed: int = 0):
     k = torch.randn(B, HKV, n, D, device="cuda", dtype=DTYPE, generator=g)
     v = torch.randn(B, HKV, n, D, device="cuda", dtype=DTYPE, generator=g)
     return k, v
+
+
+def paged_copy(k: torch.Tensor, v: torch.Tensor, page: int = CHUNK, seed: int = 0):
+    """(k pages, v pages, block_table) holding the tokens of k and v [B, Hkv, n, D] in
+    pages of ``page`` tokens, the pages in a random order in the pool."""
+    b, h, n, d = k.shape
+    per = -(-n // page)
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    perm = torch.randperm(b * per, device="cuda", generator=g)
+    out = []
+    for t in (k, v):
+        t = torch.nn.functional.pad(t, (0, 0, 0, per * page - n))
+        pages = t.view(b, h, per, page, d).permute(0, 2, 1, 3, 4).reshape(b * per, h, page, d)
+        pool = torch.empty_like(pages)
+        pool[perm] = pages
+        out.append(pool)
+    return out[0], out[1], perm.view(b, per).to(torch.int32)
 
 
 def mid_chunks(n: int, lq: int) -> int:
@@ -161,7 +180,7 @@ def flex_setup(idx: torch.Tensor, n: int, lq: int):
 
 
 # --------------------------------------------------------------------------- rows
-def run(backends: list[str], lengths: list[int], quick: bool) -> dict:
+def run(backends: list[str], lengths: list[int], quick: bool, paged: bool = False) -> dict:
     from torch.nn.attention.flex_attention import flex_attention
     flex = torch.compile(flex_attention, dynamic=False)
     res = dict(header=header(), config=dict(B=B, Hq=HQ, Hkv=HKV, D=D, dtype="bf16", sink=SINK,
@@ -207,6 +226,20 @@ def run(backends: list[str], lengths: list[int], quick: bool) -> dict:
                     True, lambda ms, nb=nb: dict(tbps=nb / ms / 1e9, bw_frac=nb / ms / 1e9 / bw,
                                                  speedup_vs_sdpa=sdpa_ms / ms),
                     kind="decode", n=n, method=f"{be}({rep})")
+        if paged:
+            kp, vp, table = paged_copy(k, v)
+            for be in backends:
+                for rep in ("bound", "max"):
+                    nb = decode_bytes(n, rep)
+                    timed_row(lambda be=be, rep=rep: lambda: reattention.reattention_attn(
+                        q, kp, vp, lens, sink=SINK, local=LOCAL, chunk=CHUNK, topk=TOPK,
+                        query_block=QB, rep=rep, reps=reps.get(rep), inv_freq=inv, backend=be,
+                        block_table=table),
+                        True, lambda ms, nb=nb: dict(tbps=nb / ms / 1e9,
+                                                     bw_frac=nb / ms / 1e9 / bw,
+                                                     speedup_vs_sdpa=sdpa_ms / ms),
+                        kind="decode", n=n, method=f"{be}({rep}, paged {CHUNK})")
+            del kp, vp, table
         if n == max(lengths):
             def flex_decode():
                 idx = reattention.select_chunks(q, k, lens, reps=reps["bound"], sink=SINK,
@@ -256,6 +289,16 @@ def run(backends: list[str], lengths: list[int], quick: bool) -> dict:
                     tflops=flops / ms / 1e9, vs_flex=flex_ms / ms if flex_ms else None,
                     speedup_vs_sdpa=dense_ms / ms if dense_ms else None),
                 kind="prefill", n=n, lq=lq, method=f"{be}({rep}, with selection)")
+    if paged:
+        kp, vp, table = paged_copy(k, v)
+        for be in backends:
+            timed_row(lambda be=be: lambda: reattention.reattention_attn(
+                q, kp, vp, lens, sink=SINK, local=LOCAL, chunk=CHUNK, topk=TOPK, query_block=QB,
+                rep="bound", reps=reps, inv_freq=inv, backend=be, block_table=table), False,
+                lambda ms: dict(tflops=flops / ms / 1e9,
+                                speedup_vs_sdpa=dense_ms / ms if dense_ms else None),
+                kind="prefill", n=n, lq=lq, method=f"{be}(bound, with selection, paged {CHUNK})")
+        del kp, vp, table
     del k, v, reps
     torch.cuda.empty_cache()
 
@@ -319,12 +362,14 @@ def main(argv=None):
     p.add_argument("--backends", default=None, help="comma list; default: every usable one")
     p.add_argument("--lengths", default="32768,131072,1048576")
     p.add_argument("--quick", action="store_true", help="skip the 1M chunked prefill")
+    p.add_argument("--paged", action="store_true",
+                   help="also time the decode and prefill rows on a paged copy of the cache")
     a = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench_attn.py needs a CUDA device")
     usable = [b for b in ("cuda", "triton") if ops.available_backends()[b] is None]
     backends = a.backends.split(",") if a.backends else usable
-    res = run(backends, [int(x) for x in a.lengths.split(",")], a.quick)
+    res = run(backends, [int(x) for x in a.lengths.split(",")], a.quick, a.paged)
     text = table(res)
     print(text)
     os.makedirs(a.out, exist_ok=True)

@@ -1,11 +1,16 @@
-"""A preallocated KV cache of raw keys and values with incrementally maintained chunk reps.
+"""A KV cache of raw keys and values with incrementally maintained chunk reps.
 
 ReAttention needs the keys *without* RoPE (positions are re-assigned at every step), so the
-cache stores exactly what the projections produced. Each layer keeps contiguous buffers
-[B, Hkv, capacity, D] written in place; ``capacity`` is either fixed up front
-(``max_length``) or grows geometrically, so appending a token never concatenates the whole
-cache. The ops receive the full buffers plus ``cache_seqlens`` (an int32 device tensor kept in
-step with the host-side length), so an append costs a copy of the new tokens only.
+cache stores exactly what the projections produced, in one of two layouts
+(docs/design.md section 3.7):
+
+- contiguous (default): buffers [B, Hkv, capacity, D] written in place; ``capacity`` is
+  either fixed up front (``max_length``) or grows geometrically (a growth copies the tokens);
+- paged (``page_size=P``): a :class:`PagePool` of pages [num_pages, Hkv, P, D] and a block
+  table; an append takes free pages and writes the new tokens only, never moving stored ones.
+
+The ops receive the whole storage plus ``cache_seqlens`` (an int32 device tensor kept in step
+with the host-side length), so an append costs a copy of the new tokens only.
 
 For ``rep="bound"``/``"mean"`` the chunk representatives live beside the keys, sized for the
 capacity, and each append recomputes only the chunks it completed (``start_chunk`` of the
@@ -23,7 +28,7 @@ import torch
 from . import layout, ops
 from .api import ReAttentionConfig, _attend_checked
 
-__all__ = ["LayerCache", "KVCache"]
+__all__ = ["LayerCache", "KVCache", "PagePool"]
 
 # First allocation when no length is known yet.
 _MIN_CAPACITY = 256
@@ -35,6 +40,144 @@ _GROWTH = 1.5
 
 def _aligned(n: int) -> int:
     return -(-n // _ALIGN) * _ALIGN
+
+
+class PagePool:
+    """Pages of one layer's raw keys and values, and the block table of its sequences
+    (docs/design.md section 3.7).
+
+    The pool holds ``num_pages`` pages [num_pages, Hkv, page_size, D] for K and for V. Each
+    sequence owns the pages of its tokens through ``block_table`` (int32 [B, max_pages] on
+    the device; a host copy drives the bookkeeping). Appending takes free pages and writes
+    only the new tokens; a page shared by several sequences (after :meth:`select`) is copied
+    once, on the first write to it (copy on write). The pool is sized up front
+    (:meth:`reserve`); only an append past every free page enlarges it, which copies the pool
+    once (counted in ``regrows``).
+    """
+
+    def __init__(self, batch: int, heads: int, head_dim: int, page_size: int,
+                 dtype: torch.dtype, device: torch.device, num_pages: int, max_pages: int):
+        shape = (num_pages, heads, page_size, head_dim)
+        self.k = torch.empty(shape, dtype=dtype, device=device)
+        self.v = torch.empty(shape, dtype=dtype, device=device)
+        self.page_size = page_size
+        self.rows: list[list[int]] = [[] for _ in range(batch)]   # host block table
+        self.refs = [0] * num_pages
+        self.free = list(range(num_pages - 1, -1, -1))            # pop() gives page 0 first
+        self.table = torch.full((batch, max(1, max_pages)), -1, dtype=torch.int32,
+                                device=device)
+        self.regrows = 0
+
+    @property
+    def num_pages(self) -> int:
+        return self.k.shape[0]
+
+    @property
+    def max_pages(self) -> int:
+        return self.table.shape[1]
+
+    @property
+    def pages_in_use(self) -> int:
+        return self.num_pages - len(self.free)
+
+    def _upload(self, host: list[int]) -> torch.Tensor:
+        # A pinned staging copy: the upload never waits for the device (the caching host
+        # allocator keeps the buffer alive until the copy has run).
+        t = torch.tensor(host, dtype=torch.int32)
+        if self.table.device.type == "cuda":
+            t = t.pin_memory()
+        return t.to(self.table.device, non_blocking=True)
+
+    def _take(self) -> int:
+        if not self.free:
+            self._enlarge(max(1, self.num_pages // 2))
+        page = self.free.pop()
+        self.refs[page] = 1
+        return page
+
+    def _release(self, page: int) -> None:
+        self.refs[page] -= 1
+        if self.refs[page] == 0:
+            self.free.append(page)
+
+    def _enlarge(self, extra: int) -> None:
+        """Add ``extra`` pages: the one case that copies stored tokens (the pool is one
+        tensor); reserve() ahead of time avoids it."""
+        n = self.num_pages
+        for name in ("k", "v"):
+            old = getattr(self, name)
+            new = old.new_empty((n + extra, *old.shape[1:]))
+            new[:n] = old
+            setattr(self, name, new)
+        self.refs += [0] * extra
+        self.free = list(range(n + extra - 1, n - 1, -1)) + self.free
+        self.regrows += 1
+
+    def widen(self, max_pages: int) -> None:
+        """Let every sequence hold up to ``max_pages`` pages (a new, wider block table)."""
+        if max_pages <= self.max_pages:
+            return
+        table = self.table.new_full((self.table.shape[0], max_pages), -1)
+        table[:, :self.max_pages] = self.table
+        self.table = table
+
+    def reserve(self, tokens: int) -> None:
+        """Make the pool and the table big enough for every sequence to hold ``tokens``."""
+        per = -(-tokens // self.page_size)
+        self.widen(per)
+        need = sum(max(0, per - len(r)) for r in self.rows)
+        if need > len(self.free):
+            self._enlarge(need - len(self.free))
+
+    def write(self, k: torch.Tensor, v: torch.Tensor, start: int) -> None:
+        """Store k, v [B, Hkv, L, D] as tokens [start, start + L) of every sequence."""
+        n_new = k.shape[2]
+        end = start + n_new
+        first, last = start // self.page_size, (end - 1) // self.page_size
+        self.widen(last + 1)
+        changed = []
+        for b, row in enumerate(self.rows):
+            for i in range(first, last + 1):
+                if i == len(row):
+                    row.append(self._take())
+                    changed.append(b)
+                elif self.refs[row[i]] > 1:     # shared since select(): copy on write
+                    page = self._take()
+                    self.k[page] = self.k[row[i]]
+                    self.v[page] = self.v[row[i]]
+                    self._release(row[i])
+                    row[i] = page
+                    changed.append(b)
+        if changed:
+            cols = self._upload([row[i] for row in self.rows for i in range(first, last + 1)])
+            self.table[:, first:last + 1] = cols.view(len(self.rows), last + 1 - first)
+        tok = torch.arange(start, end, device=self.k.device)
+        pages = self.table[:, tok // self.page_size].long()          # [B, L]
+        rows = tok % self.page_size                                   # [L]
+        self.k[pages, :, rows] = k.transpose(1, 2)
+        self.v[pages, :, rows] = v.transpose(1, 2)
+
+    def truncate(self, tokens: int) -> None:
+        """Keep the pages of the first ``tokens`` tokens of every sequence."""
+        keep = -(-tokens // self.page_size)
+        for row in self.rows:
+            for page in row[keep:]:
+                self._release(page)
+            del row[keep:]
+        self.table[:, keep:] = -1
+
+    def select(self, index: list[int]) -> None:
+        """Sequence i becomes old sequence index[i]; pages are shared, not copied."""
+        rows = [list(self.rows[i]) for i in index]
+        for row in rows:
+            for page in row:
+                self.refs[page] += 1
+        for row in self.rows:
+            for page in row:
+                self._release(page)
+        self.rows = rows
+        self.table = self.table.index_select(
+            0, torch.tensor(index, dtype=torch.long, device=self.table.device))
 
 
 class LayerCache:
@@ -51,12 +194,20 @@ class LayerCache:
     backend : str
         Backend for the ``chunk_reps`` updates and :meth:`attend` ("auto", "cpu", "cuda",
         "triton", "reference").
+    page_size : int, optional
+        Store the tokens in pages of this many tokens (a :class:`PagePool`, ``self.pool``)
+        instead of contiguous buffers; ``page_size == config.chunk`` with the sink a multiple
+        of it is the fast case. ``max_length`` (or :meth:`reserve`) then sizes the pool, so
+        appends never copy stored tokens.
 
     Attributes
     ----------
-    k_buffer, v_buffer : [B, Hkv, capacity, D] raw keys and values; tokens ``[0, length)`` valid.
+    k_buffer, v_buffer : contiguous layout: [B, Hkv, capacity, D] raw keys and values; tokens
+        ``[0, length)`` valid. None when paged.
+    pool : paged layout: the :class:`PagePool` (``pool.k``, ``pool.v``, ``pool.table``).
     reps : "bound" [B, Hkv, n_chunks, 2, D], "mean" [B, Hkv, n_chunks, D] or None for "max";
-        ``n_chunks = max(0, (capacity - sink) // chunk)``, complete chunks valid.
+        ``n_chunks = max(0, (Nmax - sink) // chunk)`` with Nmax the capacity (contiguous) or
+        ``pool.max_pages * page_size`` (paged); complete chunks valid.
     cache_seqlens : int32 [B] on the buffers' device, every entry equal to ``length``.
     length : int, tokens held (the same for every sequence: no padding).
 
@@ -69,14 +220,19 @@ class LayerCache:
     """
 
     def __init__(self, config: ReAttentionConfig, *, max_length: int | None = None,
-                 backend: str = "auto"):
+                 backend: str = "auto", page_size: int | None = None):
         if not isinstance(config, ReAttentionConfig):
             raise ValueError(f"config must be a ReAttentionConfig, got {type(config).__name__}")
         if max_length is not None and not (isinstance(max_length, int) and max_length >= 1):
             raise ValueError(f"max_length must be an int >= 1 or None, got {max_length!r}")
         if backend not in ops.BACKENDS:
             raise ValueError(f"backend must be one of {ops.BACKENDS}, got {backend!r}")
+        if page_size is not None and not (isinstance(page_size, int)
+                                          and not isinstance(page_size, bool) and page_size >= 1):
+            raise ValueError(f"page_size must be an int >= 1 or None, got {page_size!r}")
         self.config = config
+        self.page_size = page_size
+        self.pool: PagePool | None = None
         self.max_length = max_length
         self.backend = backend
         self.k_buffer: torch.Tensor | None = None
@@ -90,31 +246,76 @@ class LayerCache:
     @property
     def is_allocated(self) -> bool:
         """True once the first append (or :meth:`allocate`) fixed shape, dtype and device."""
-        return self.k_buffer is not None
+        return self.k_buffer is not None or self.pool is not None
+
+    @property
+    def paged(self) -> bool:
+        return self.page_size is not None
 
     @property
     def capacity(self) -> int:
-        """Tokens the current buffers can hold without reallocating (0 before allocation)."""
+        """Tokens each sequence can hold without reallocating (0 before allocation); paged:
+        its own pages' room plus an equal share of the free pages."""
+        if self.pool is not None:
+            p = self.pool
+            held = -(-self.length // p.page_size)
+            return (held + len(p.free) // max(1, len(p.rows))) * p.page_size
         return 0 if self.k_buffer is None else self.k_buffer.shape[2]
 
     @property
+    def batch_size(self) -> int:
+        if self.pool is not None:
+            return len(self.pool.rows)
+        return 0 if self.k_buffer is None else self.k_buffer.shape[0]
+
+    @property
+    def storage(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(k, v, block_table) as the ops take them: the contiguous buffers and None, or the
+        pool's pages and block table."""
+        if self.pool is not None:
+            return self.pool.k, self.pool.v, self.pool.table
+        return self.k_buffer, self.v_buffer, None
+
+    def _valid(self, which: int) -> torch.Tensor | None:
+        if not self.is_allocated:
+            return None
+        if self.pool is None:
+            return (self.k_buffer, self.v_buffer)[which][:, :, :self.length]
+        t = (self.pool.k, self.pool.v)[which]
+        return layout.unpage(t, self.pool.table[:, :max(1, -(-self.length // self.page_size))],
+                             self.cache_seqlens)[:, :, :self.length]
+
+    @property
     def keys(self) -> torch.Tensor | None:
-        """The valid raw keys, a view [B, Hkv, length, D] (None before allocation)."""
-        return None if self.k_buffer is None else self.k_buffer[:, :, :self.length]
+        """The valid raw keys [B, Hkv, length, D] (None before allocation): a view of the
+        contiguous buffer, or for a paged cache a gathered copy (O(length): for inspection)."""
+        return self._valid(0)
 
     @property
     def values(self) -> torch.Tensor | None:
-        """The valid values, a view [B, Hkv, length, D] (None before allocation)."""
-        return None if self.v_buffer is None else self.v_buffer[:, :, :self.length]
+        """The valid values [B, Hkv, length, D], like :attr:`keys`."""
+        return self._valid(1)
 
     def _complete_chunks(self, n: int) -> int:
         cfg = self.config
         return max(0, n - cfg.sink) // cfg.chunk
 
-    def _new_reps(self, like: torch.Tensor) -> torch.Tensor | None:
+    def _new_reps(self, like: torch.Tensor,
+                  block_table: torch.Tensor | None = None) -> torch.Tensor | None:
         if self.config.rep == "max":
             return None
-        return layout.new_reps(like, self.config.sink, self.config.chunk, self.config.rep)
+        return layout.new_reps(like, self.config.sink, self.config.chunk, self.config.rep,
+                               block_table)
+
+    def _fit_reps(self) -> None:
+        """Paged: grow the reps with the block table (they cover max_pages * page_size)."""
+        if self.reps is None:
+            return
+        want = self._new_reps(self.pool.k, self.pool.table)
+        if want.shape[2] > self.reps.shape[2]:
+            done = min(self._complete_chunks(self.length), self.reps.shape[2])
+            want[:, :, :done] = self.reps[:, :, :done]
+            self.reps = want
 
     # ------------------------------------------------------------------ allocation
     def allocate(self, batch: int, heads: int, head_dim: int, dtype: torch.dtype,
@@ -132,10 +333,16 @@ class LayerCache:
                              f"(float64 on the reference backend), got {dtype}")
         if not (isinstance(head_dim, int) and head_dim >= 2 and head_dim % 2 == 0):
             raise ValueError(f"head_dim must be an even int >= 2, got {head_dim!r}")
-        shape = (batch, heads, capacity, head_dim)
-        self.k_buffer = torch.empty(shape, dtype=dtype, device=device)
-        self.v_buffer = torch.empty(shape, dtype=dtype, device=device)
-        self.reps = self._new_reps(self.k_buffer)
+        if self.paged:
+            per = -(-capacity // self.page_size)
+            self.pool = PagePool(batch, heads, head_dim, self.page_size, dtype,
+                                 torch.device(device), batch * per, per)
+            self.reps = self._new_reps(self.pool.k, self.pool.table)
+        else:
+            shape = (batch, heads, capacity, head_dim)
+            self.k_buffer = torch.empty(shape, dtype=dtype, device=device)
+            self.v_buffer = torch.empty(shape, dtype=dtype, device=device)
+            self.reps = self._new_reps(self.k_buffer)
         self.cache_seqlens = torch.zeros(batch, dtype=torch.int32, device=device)
         self.length = 0
 
@@ -152,6 +359,9 @@ class LayerCache:
             return
         if not self.is_allocated:
             self._first_capacity = max(self._first_capacity, _aligned(n))
+        elif self.pool is not None:
+            self.pool.reserve(n)
+            self._fit_reps()
         elif n > self.capacity:
             self._regrow(_aligned(n))
 
@@ -169,10 +379,10 @@ class LayerCache:
         self.k_buffer, self.v_buffer, self.reps = k, v, reps
 
     def _ensure_room(self, n: int) -> None:
-        if n <= self.capacity:
-            return
-        if self.max_length is not None:
+        if self.max_length is not None and n > self.max_length:
             raise ValueError(f"the cache is full: {n} tokens exceed max_length={self.max_length}")
+        if self.pool is not None or n <= self.capacity:
+            return  # a pool takes pages as it writes
         self._regrow(_aligned(max(n, math.ceil(self.capacity * _GROWTH))))
 
     # ------------------------------------------------------------------ writes
@@ -195,18 +405,23 @@ class LayerCache:
             first = self.max_length if self.max_length is not None else max(
                 _aligned(max(n_new, _MIN_CAPACITY)), self._first_capacity)
             self.allocate(b, h, d, k.dtype, k.device, first)
-        want = self.k_buffer.shape
-        if (b, h, d) != (want[0], want[1], want[3]):
-            raise ValueError(f"k must be [B={want[0]}, Hkv={want[1]}, L, D={want[3]}] like the "
+        store = self.storage[0]
+        want = (self.batch_size, store.shape[1], store.shape[3])
+        if (b, h, d) != want:
+            raise ValueError(f"k must be [B={want[0]}, Hkv={want[1]}, L, D={want[2]}] like the "
                              f"cache, got {tuple(k.shape)}")
         for name, t in (("k", k), ("v", v)):
-            if t.dtype != self.k_buffer.dtype or t.device != self.k_buffer.device:
+            if t.dtype != store.dtype or t.device != store.device:
                 raise ValueError(f"{name} is {t.dtype} on {t.device} but the cache holds "
-                                 f"{self.k_buffer.dtype} on {self.k_buffer.device}")
+                                 f"{store.dtype} on {store.device}")
         old = self.length
         self._ensure_room(old + n_new)
-        self.k_buffer[:, :, old:old + n_new] = k
-        self.v_buffer[:, :, old:old + n_new] = v
+        if self.pool is not None:
+            self.pool.write(k, v, old)
+            self._fit_reps()
+        else:
+            self.k_buffer[:, :, old:old + n_new] = k
+            self.v_buffer[:, :, old:old + n_new] = v
         self.length = old + n_new
         # fill_ with a host int launches a kernel and never syncs.
         self.cache_seqlens.fill_(self.length)
@@ -214,11 +429,12 @@ class LayerCache:
             start = min(self._complete_chunks(old), self.reps.shape[2])
             if self._complete_chunks(self.length) > start:
                 # Every length is self.length <= capacity: nothing to check or read.
-                ops.unchecked.chunk_reps(self.k_buffer, self.cache_seqlens, self.reps,
+                k_store, _, table = self.storage
+                ops.unchecked.chunk_reps(k_store, self.cache_seqlens, self.reps,
                                          sink=self.config.sink, chunk=self.config.chunk,
                                          rep=self.config.rep,
-                                         backend=ops.resolve_backend(self.backend, self.k_buffer),
-                                         start_chunk=start)
+                                         backend=ops.resolve_backend(self.backend, k_store),
+                                         start_chunk=start, block_table=table)
 
     def crop(self, length: int) -> None:
         """Keep the first ``length`` tokens (0 <= length <= current length).
@@ -229,6 +445,8 @@ class LayerCache:
         if not (isinstance(length, int) and 0 <= length <= self.length):
             raise ValueError(f"length must be an int in [0, {self.length}], got {length!r}")
         self.length = length
+        if self.pool is not None:
+            self.pool.truncate(length)  # its pages past the new end go back to the pool
         if self.cache_seqlens is not None:
             self.cache_seqlens.fill_(length)
 
@@ -239,9 +457,10 @@ class LayerCache:
     def select_batch(self, index: torch.Tensor) -> None:
         """Reorder or repeat the sequences: batch entry i becomes old entry ``index[i]``.
 
-        index : int64 [B'] on any device (beam search reorders; sampling repeats). Its values
-            are not read on the host (a sync per beam step on a GPU): one out of range fails in
-            ``index_select``.
+        index : int64 [B'] on any device (beam search reorders; sampling repeats). For a
+            contiguous cache its values are not read on the host (a sync per beam step on a
+            GPU): one out of range fails in ``index_select``. A paged cache reads them (the
+            page bookkeeping is on the host) and shares the pages instead of copying them.
         """
         if not (isinstance(index, torch.Tensor) and index.dim() == 1
                 and not index.is_floating_point() and not index.is_complex()
@@ -251,13 +470,20 @@ class LayerCache:
                              f"{tuple(getattr(index, 'shape', ()))}")
         if not self.is_allocated:
             return
-        index = index.to(device=self.k_buffer.device, dtype=torch.long)
-        self.k_buffer = self.k_buffer.index_select(0, index)
-        self.v_buffer = self.v_buffer.index_select(0, index)
+        device = self.storage[0].device
+        if self.pool is not None:
+            host = index.tolist()
+            if any(not 0 <= i < self.batch_size for i in host):
+                raise ValueError(f"index values must lie in [0, {self.batch_size}), got {host}")
+            self.pool.select(host)
+        index = index.to(device=device, dtype=torch.long)
+        if self.pool is None:
+            self.k_buffer = self.k_buffer.index_select(0, index)
+            self.v_buffer = self.v_buffer.index_select(0, index)
         if self.reps is not None:
             self.reps = self.reps.index_select(0, index)
         self.cache_seqlens = torch.full((index.shape[0],), self.length, dtype=torch.int32,
-                                        device=self.k_buffer.device)
+                                        device=device)
 
     # ------------------------------------------------------------------ reads
     def attend(self, q: torch.Tensor, *, inv_freq: torch.Tensor | None = None,
@@ -277,19 +503,20 @@ class LayerCache:
         -------
         out [B, Hq, Lq, D] in q's dtype, or (out, lse [B, Hq, Lq] float32) with ``return_lse``.
         """
+        k_store, v_store, table = self.storage
         if self.is_allocated:
-            ops.check_cache(q, self.k_buffer, self.v_buffer)
+            ops.check_cache(q, k_store, v_store, block_table=table)
         if not (self.is_allocated and q.shape[2] <= self.length):
             raise ValueError(f"q must be [B, Hq, Lq, D] with Lq <= the {self.length} cached "
                              f"tokens (append the new tokens first), got "
                              f"{tuple(getattr(q, 'shape', ()))}")
         # Every length is self.length, in [Lq, capacity] by the checks above, and the reps are
         # the cache's own: neither needs a check, and the lengths are never read.
-        return _attend_checked(q.contiguous(), self.k_buffer, self.v_buffer, self.cache_seqlens,
+        return _attend_checked(q.contiguous(), k_store, v_store, self.cache_seqlens,
                                self.reps, self.config, inv_freq=inv_freq, rope_theta=rope_theta,
                                rope_scale=rope_scale, rope_style=rope_style, scale=scale,
                                backend=self.backend if backend is None else backend,
-                               return_lse=return_lse)
+                               return_lse=return_lse, block_table=table)
 
 
 class KVCache:
@@ -303,6 +530,8 @@ class KVCache:
         Fixed capacity per layer (preallocated at each layer's first append), else growing.
     backend : str
         Backend for rep updates and attention.
+    page_size : int, optional
+        Paged layers (see :class:`LayerCache`).
 
     Example
     -------
@@ -314,12 +543,13 @@ class KVCache:
     """
 
     def __init__(self, num_layers: int, config: ReAttentionConfig, *,
-                 max_length: int | None = None, backend: str = "auto"):
+                 max_length: int | None = None, backend: str = "auto",
+                 page_size: int | None = None):
         if not (isinstance(num_layers, int) and num_layers >= 1):
             raise ValueError(f"num_layers must be an int >= 1, got {num_layers!r}")
         self.config = config
-        self.layers = [LayerCache(config, max_length=max_length, backend=backend)
-                       for _ in range(num_layers)]
+        self.layers = [LayerCache(config, max_length=max_length, backend=backend,
+                                  page_size=page_size) for _ in range(num_layers)]
 
     def __len__(self) -> int:
         return len(self.layers)

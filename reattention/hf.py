@@ -338,7 +338,10 @@ class ReAttentionLayer(CacheLayerMixin):
 
     ``update`` appends raw K/V in place and returns views [B, Hkv, N, D] of the valid tokens
     (what any attention function expects); the key view also carries its LayerCache so the
-    ReAttention attention function reads the full buffers, lengths and reps instead.
+    ReAttention attention function reads the full buffers, lengths and reps instead. A paged
+    layer has no such view (its tokens sit in pages): it returns [B, Hkv, N, D] stand-ins that
+    are one NaN broadcast (no memory, and loudly wrong if anything but the ReAttention
+    attention function reads them).
     """
 
     is_compileable = False
@@ -346,12 +349,20 @@ class ReAttentionLayer(CacheLayerMixin):
     is_croppable = True
 
     def __init__(self, config: ReAttentionConfig, max_length: int | None = None,
-                 backend: str = "auto"):
+                 backend: str = "auto", page_size: int | None = None):
         super().__init__()
-        self.kv = LayerCache(config, max_length=max_length, backend=backend)
+        self.kv = LayerCache(config, max_length=max_length, backend=backend,
+                             page_size=page_size)
 
     def _publish(self) -> None:
-        self.keys, self.values = self.kv.keys, self.kv.values
+        kv = self.kv
+        if kv.pool is not None:
+            b, h, d = kv.batch_size, kv.pool.k.shape[1], kv.pool.k.shape[3]
+            nan = kv.pool.k.new_full((1, 1, 1, 1), float("nan"))
+            self.keys = nan.expand(b, h, kv.length, d)
+            self.values = nan.expand(b, h, kv.length, d)
+        else:
+            self.keys, self.values = kv.keys, kv.values
         if self.keys is not None:
             setattr(self.keys, _LAYER_TAG, self.kv)
 
@@ -397,7 +408,7 @@ class ReAttentionLayer(CacheLayerMixin):
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self.kv.is_allocated:
-            b = self.kv.k_buffer.shape[0]
+            b = self.kv.batch_size
             self.kv.select_batch(torch.arange(b).repeat_interleave(repeats))
             self._publish()
 
@@ -420,6 +431,10 @@ class ReAttentionCache(Cache):
         Preallocate every layer for this many tokens (appending past it raises); default
         grows geometrically.
     backend : backend for the rep updates, default the one given to :func:`enable`.
+    page_size : int, optional
+        Store every layer in pages of this many tokens (:class:`reattention.cache.PagePool`):
+        appends never copy stored tokens once :meth:`reserve` sized the pools
+        (:func:`prefill` reserves the prompt plus ``reserve_new_tokens``).
 
     Example
     -------
@@ -429,14 +444,14 @@ class ReAttentionCache(Cache):
 
     def __init__(self, model: "transformers.PreTrainedModel",
                  config: ReAttentionConfig | None = None, *, max_length: int | None = None,
-                 backend: str | None = None):
+                 backend: str | None = None, page_size: int | None = None):
         state = _require_state(model)
         if config is not None and config != state.config:
             raise ValueError(f"config {config} differs from the one given to enable(): "
                              f"{state.config}")
         text_config = model.config.get_text_config(decoder=True)
         layers = [ReAttentionLayer(state.config, max_length,
-                                   state.backend if backend is None else backend)
+                                   state.backend if backend is None else backend, page_size)
                   for _ in range(text_config.num_hidden_layers)]
         super().__init__(layers=layers)
         self.config = state.config

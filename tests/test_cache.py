@@ -240,3 +240,100 @@ def test_layer_cache_refuses_keys_the_ops_cannot_take():
                      torch.ones(1, 2, 9, 16, dtype=torch.int32))
     with pytest.raises(ValueError, match="head_dim must be an even int"):
         layer.append(torch.randn(1, 2, 9, 15), torch.randn(1, 2, 9, 15))
+
+
+# --------------------------------------------------------------------------- paged layers
+PAGE_SIZES = [8, 5, 64]
+
+
+def _paged_pair(rep, page_size, backend="cpu", **kw):
+    cfg = _cfg(rep)
+    return (LayerCache(cfg, backend=backend, page_size=page_size, **kw),
+            LayerCache(cfg, backend=backend, **kw))
+
+
+@pytest.mark.parametrize("rep", ["max", "bound", "mean"])
+@pytest.mark.parametrize("split", list(SPLITS), ids=list(SPLITS))
+@pytest.mark.parametrize("page_size", PAGE_SIZES)
+def test_paged_append_stores_and_never_moves_tokens(rep, split, page_size):
+    """Appends write the new tokens only, into pages taken from the pool: the pool tensor is
+    the same one throughout once reserved, and exactly the pages the tokens need are used."""
+    k, v = _kv(700)
+    layer, flat = _paged_pair(rep, page_size)
+    layer.reserve(700)
+    _feed(flat, k, v, SPLITS[split])
+    pools = set()
+    s = 0
+    for n in SPLITS[split]:
+        layer.append(k[:, :, s:s + n], v[:, :, s:s + n])
+        s += n
+        pools.add(layer.pool.k.data_ptr())
+        assert layer.pool.pages_in_use == B * -(-s // page_size)
+    assert len(pools) == 1 and layer.pool.regrows == 0
+    assert torch.equal(layer.keys, k) and torch.equal(layer.values, v)
+    if rep != "max":  # as the contiguous cache's, on the same backend
+        n_full = layer._complete_chunks(700)
+        assert torch.equal(layer.reps[:, :, :n_full], flat.reps[:, :, :n_full])
+    q = torch.randn(B, 4, 3, D)
+    assert torch.equal(layer.attend(q), flat.attend(q))
+
+
+@pytest.mark.parametrize("page_size", PAGE_SIZES)
+def test_paged_growth_without_reserve(page_size):
+    """Unreserved, the pool enlarges by half its size when it runs out (the one copy)."""
+    k, v = _kv(700)
+    layer, _ = _paged_pair("bound", page_size)
+    _feed(layer, k, v, SPLITS["decode"])
+    assert torch.equal(layer.keys, k)
+    assert layer.pool.regrows <= 6
+    assert layer.pool.pages_in_use == B * -(-700 // page_size)
+
+
+@pytest.mark.parametrize("rep", ["max", "bound"])
+@pytest.mark.parametrize("page_size", [8, 5])
+def test_paged_crop_frees_pages_and_matches_contiguous(rep, page_size):
+    k, v = _kv(500)
+    layer, flat = _paged_pair(rep, page_size)
+    for c in (layer, flat):
+        _feed(c, k, v, [300, 1, 99])
+        c.crop(123)
+    assert layer.pool.pages_in_use == B * -(-123 // page_size)
+    k2, v2 = _kv(77, seed=3)
+    q = torch.randn(B, 2, 5, D)
+    for c in (layer, flat):
+        c.append(k2, v2)
+    assert torch.equal(layer.keys, flat.keys)
+    assert torch.equal(layer.attend(q), flat.attend(q))
+    if rep != "max":
+        n_full = layer._complete_chunks(layer.length)
+        assert torch.equal(layer.reps[:, :, :n_full], flat.reps[:, :, :n_full])
+    layer.reset()
+    assert layer.pool.pages_in_use == 0 and layer.length == 0
+
+
+@pytest.mark.parametrize("page_size", [8, 5])
+def test_paged_select_batch_shares_pages_and_copies_on_write(page_size):
+    """Beam reorder and repeat share pages; the first write to a shared page copies it."""
+    k, v = _kv(203)
+    layer, flat = _paged_pair("bound", page_size)
+    for c in (layer, flat):
+        c.append(k, v)
+    used = layer.pool.pages_in_use
+    index = torch.tensor([1, 1, 0])
+    for c in (layer, flat):
+        c.select_batch(index)
+    assert layer.pool.pages_in_use == used  # shared, nothing copied
+    assert torch.equal(layer.keys, flat.keys)
+    k2, v2 = _kv(9, b=3, seed=5)
+    for c in (layer, flat):
+        c.append(k2, v2)
+    assert torch.equal(layer.keys, flat.keys) and torch.equal(layer.values, flat.values)
+    q = torch.randn(3, 2, 1, D)
+    assert torch.equal(layer.attend(q), flat.attend(q))
+    with pytest.raises(ValueError, match=r"index values must lie in \[0, 3\)"):
+        layer.select_batch(torch.tensor([3]))
+
+
+def test_paged_layer_refuses_bad_page_size():
+    with pytest.raises(ValueError, match="page_size must be an int >= 1"):
+        LayerCache(_cfg(), page_size=0)

@@ -437,3 +437,30 @@ def test_generate_refuses_a_cache_that_is_not_a_cache():
     hf.enable(model, reattention.ReAttentionConfig(sink=4, local=16, chunk=8, topk=2))
     with pytest.raises(ValueError, match="cache must be a transformers Cache"):
         hf.generate(model, _ids(20), "not a cache", max_new_tokens=1)
+
+
+@pytest.mark.parametrize("name", ["llama3", "qwen3-qknorm"])
+@pytest.mark.parametrize("rep", ["max", "bound"])
+def test_paged_cache_logits_equal_contiguous(name, rep):
+    """The paged cache (pages of 8 and of 5 tokens) gives the contiguous cache's logits bit
+    for bit, through chunked prefill, greedy generation, beams and repeated samples."""
+    model = _model(name)
+    ids = _ids(100)
+    hf.enable(model, _sparse(rep), backend="cpu")
+    want = _chunked_logits(model, ids, hf.ReAttentionCache(model), 13)
+    for page_size in (8, 5):
+        cache = hf.ReAttentionCache(model, page_size=page_size)
+        assert torch.equal(_chunked_logits(model, ids, cache, 13), want)
+        assert cache.layers[0].kv.pool.pages_in_use == -(-100 // page_size)
+        stand_in = cache.layers[1].keys  # [B, Hkv, N, D], one NaN broadcast
+        assert stand_in.shape[::2] == (1, 100) and stand_in.isnan().all()
+    kw = dict(max_new_tokens=6, pad_token_id=0)
+    runs = [dict(do_sample=False), dict(num_beams=3, num_return_sequences=2, do_sample=False),
+            dict(num_return_sequences=3, do_sample=True)]
+    for run in runs:
+        torch.manual_seed(3)
+        flat = hf.generate(model, ids[:, :40], hf.ReAttentionCache(model), **kw, **run)
+        torch.manual_seed(3)
+        paged = hf.generate(model, ids[:, :40], hf.ReAttentionCache(model, page_size=8), **kw,
+                            **run)
+        assert torch.equal(paged, flat), run

@@ -78,6 +78,8 @@ void check_launch(cudaError_t err, const char* op) {
 
 // The kernels load 16-byte vectors along the last dim: it must be dense and every other
 // stride a multiple of 8 elements. Anything else is copied once into a contiguous tensor.
+// A paged cache's pool is checked the same way (a dense pool with D % 8 == 0 always passes):
+// copying the whole pool on every call is only the fallback for a misaligned view of one.
 Tensor vector_ready(const Tensor& t) {
   bool ok = t.stride(t.dim() - 1) == 1 ||  t.size(t.dim() - 1) == 1;
   for (int64_t i = 0; i + 1 < t.dim(); ++i) ok = ok && t.stride(i) % 8 == 0;
@@ -91,6 +93,28 @@ void check_int32_range(const Dims& d, int64_t sink, int64_t local, int64_t chunk
   STD_TORCH_CHECK(d.nmax < kLimit && sink < kLimit && local < kLimit && chunk < kLimit &&
                       topk < kLimit && topk * chunk < kLimit,
                   "reattention (cuda): Nmax, sink, local, chunk and topk * chunk must stay below 2^30");
+  STD_TORCH_CHECK(!d.paged || d.num_pages < kLimit,
+                  "reattention (cuda): a paged cache must have fewer than 2^30 pages");
+}
+
+// The kernels' view of the block table of `cache` (laid out as kv_layout says; table ==
+// nullptr for a contiguous cache). Only the pointer and strides are taken: the table's values
+// stay on the device, and the kernels clamp every page id they read.
+k::PageTable page_table(const Tensor& cache, const Dims& d, const OpArgs& a) {
+  const KvLayout l = kv_layout(cache, d, a);
+  k::PageTable t;
+  if (!l.paged()) return t;
+  t.table = l.table;
+  t.sb = l.t_sb;
+  t.sp = l.t_sp;
+  t.page_size = static_cast<int>(l.page_size);
+  t.page_shift = -1;
+  for (int s = 0; s < 31; ++s) {
+    if ((int64_t{1} << s) == l.page_size) t.page_shift = s;
+  }
+  t.max_pages = static_cast<int>(d.max_pages);
+  t.num_pages = static_cast<int>(l.num_pages);
+  return t;
 }
 
 void chunk_reps_cuda(Tensor k_cache, Tensor cache_seqlens, Tensor reps, int64_t sink,
@@ -99,7 +123,6 @@ void chunk_reps_cuda(Tensor k_cache, Tensor cache_seqlens, Tensor reps, int64_t 
   const OpArgs a = chunk_reps_args(k_cache, cache_seqlens, reps, sink, chunk, rep, start_chunk,
                                    block_table);
   const Dims d = check_inputs(a);
-  STD_TORCH_CHECK(!d.paged, "chunk_reps (cuda): paged caches are not supported yet");
   check_int32_range(d, sink, 0, chunk, 1);
   STD_TORCH_CHECK(k_cache.is_cuda(), "chunk_reps (cuda) needs CUDA tensors");
   const bool bound = a.rep == RepMode::kBound;
@@ -117,6 +140,7 @@ void chunk_reps_cuda(Tensor k_cache, Tensor cache_seqlens, Tensor reps, int64_t 
   p.k_sb = keys.stride(0);
   p.k_sh = keys.stride(1);
   p.k_sn = keys.stride(2);
+  p.pages = page_table(keys, d, a);
   p.r_sb = reps.stride(0);
   p.r_sh = reps.stride(1);
   p.r_sj = reps.stride(2);
@@ -141,7 +165,6 @@ Tensor select_chunks_cuda(Tensor q, Tensor k_cache, std::optional<Tensor> reps,
   const OpArgs a = select_chunks_args(q, k_cache, reps, cache_seqlens, sink, local, chunk, topk,
                                       rep, query_block, block_table);
   const Dims d = check_inputs(a);
-  STD_TORCH_CHECK(!d.paged, "select_chunks (cuda): paged caches are not supported yet");
   check_int32_range(d, sink, local, chunk, topk);
   STD_TORCH_CHECK(q.is_cuda(), "select_chunks (cuda) needs CUDA tensors");
   torch::stable::accelerator::DeviceGuard guard(q.get_device_index());
@@ -164,6 +187,8 @@ Tensor select_chunks_cuda(Tensor q, Tensor k_cache, std::optional<Tensor> reps,
   p.c_sb = cols.stride(0);
   p.c_sh = cols.stride(1);
   p.c_sn = cols.stride(2);
+  // Only "max" reads the cache; reps are [B, Hkv, n_chunks, ...] whatever the cache layout.
+  if (a.rep == RepMode::kMax) p.pages = page_table(cols, d, a);
   p.batch = static_cast<int>(d.batch);
   p.hq = static_cast<int>(d.hq);
   p.hkv = static_cast<int>(d.hkv);
@@ -206,7 +231,6 @@ std::tuple<Tensor, Tensor> gather_attention_cuda(Tensor q, Tensor k_cache, Tenso
   const OpArgs a = gather_attention_args(q, k_cache, v_cache, cache_seqlens, idx, inv_freq, sink,
                                         local, chunk, query_block, block_table);
   const Dims d = check_inputs(a);
-  STD_TORCH_CHECK(!d.paged, "gather_attention (cuda): paged caches are not supported yet");
   check_int32_range(d, sink, local, chunk, d.topk);
   STD_TORCH_CHECK(q.is_cuda(), "gather_attention (cuda) needs CUDA tensors");
   const bool interleaved = parse_rope_style(rope_style) == RopeStyle::kInterleaved;
@@ -237,6 +261,7 @@ std::tuple<Tensor, Tensor> gather_attention_cuda(Tensor q, Tensor k_cache, Tenso
   p.v_sb = vv.stride(0);
   p.v_sh = vv.stride(1);
   p.v_sn = vv.stride(2);
+  p.pages = page_table(kv, d, a);  // k and v share the table
   p.i_sb = idx.stride(0);
   p.i_sh = idx.stride(1);
   p.i_sblk = idx.stride(2);

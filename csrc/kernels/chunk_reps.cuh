@@ -3,7 +3,10 @@
 // One CTA per (chunk j, kv head, sequence). Chunk j covers tokens [S + jC, S + (j+1)C); only
 // chunks in [start_chunk, min(n_chunks, (N_b - S) / C)) are written, nothing else is touched.
 // Thread t owns the 8-element slice (t % (D/8)) of the head dim and walks the chunk's tokens
-// with a stride of 128 / (D/8) rows; partial results meet in shared memory.
+// with a stride of 128 / (D/8) rows; partial results meet in shared memory. A paged cache
+// resolves the chunk's page once when the chunk lies in one page (page_size == chunk with the
+// sink a multiple of it, or any page holding the whole chunk), else once per token row; the
+// rows are read in the same order either way, so the reps equal the contiguous ones bit for bit.
 //   bound: reps[b, h, j, 0, :] = min over tokens, reps[b, h, j, 1, :] = max (exact, cache dtype)
 //   mean : reps[b, h, j, :]    = fp32 sum over tokens / C, rounded once to the cache dtype
 #pragma once
@@ -13,10 +16,12 @@
 namespace reattention::kernels {
 
 struct ChunkRepsParams {
-  const void* k;          // [B, Hkv, Nmax, D]
+  const void* k;          // [B, Hkv, Nmax, D], or pages [num_pages, Hkv, page_size, D]
   const int* seqlens;     // [B]
   void* reps;             // bound [B, Hkv, n_chunks, 2, D] or mean [B, Hkv, n_chunks, D]
-  int64_t k_sb, k_sh, k_sn;       // k strides (elements); the last dim is contiguous
+  int64_t k_sb, k_sh, k_sn;       // k strides (elements; dim 0 is a sequence or a page);
+                                  // the last dim is contiguous
+  PageTable pages;                // the block table (table == nullptr: contiguous)
   int64_t r_sb, r_sh, r_sj;       // reps strides of dims 0..2; inner dims are contiguous
   int batch, heads, n_chunks, sink, chunk, start_chunk;
   bool mean;
@@ -40,9 +45,20 @@ __global__ void __launch_bounds__(kRepsThreads) chunk_reps_kernel(ChunkRepsParam
 
   const int slice = threadIdx.x % kSlices;
   const int row = threadIdx.x / kSlices;
-  const T* base = static_cast<const T*>(p.k) + b * p.k_sb + h * p.k_sh +
-                  (static_cast<int64_t>(p.sink) + static_cast<int64_t>(j) * p.chunk) * p.k_sn +
-                  slice * kVec;
+  const int64_t first = static_cast<int64_t>(p.sink) + static_cast<int64_t>(j) * p.chunk;
+  const T* head = static_cast<const T*>(p.k) + h * p.k_sh + slice * kVec;
+  // Row t of the chunk sits at base + t * k_sn (contiguous, or the chunk in one page); when
+  // the chunk straddles pages, `pages` is the sequence's table row and each row finds its page.
+  const T* base;
+  const int* pages = nullptr;
+  if (!p.pages.paged()) {
+    base = head + b * p.k_sb + first * p.k_sn;
+  } else {
+    const int f = static_cast<int>(first);
+    pages = p.pages.row(b);
+    base = head + p.pages.offset(pages, f, p.k_sb, p.k_sn);
+    if (p.pages.one_page(f, f + p.chunk - 1)) pages = nullptr;
+  }
 
   float lo[kVec], hi[kVec];  // min / max, or (sum, unused) for mean
 #pragma unroll
@@ -51,7 +67,10 @@ __global__ void __launch_bounds__(kRepsThreads) chunk_reps_kernel(ChunkRepsParam
     hi[e] = -INFINITY;
   }
   for (int t = row; t < p.chunk; t += kRows) {
-    const uint4 raw = *reinterpret_cast<const uint4*>(base + t * p.k_sn);
+    const T* src = pages == nullptr
+                       ? base + t * p.k_sn
+                       : head + p.pages.offset(pages, static_cast<int>(first) + t, p.k_sb, p.k_sn);
+    const uint4 raw = *reinterpret_cast<const uint4*>(src);
     const T* v = reinterpret_cast<const T*>(&raw);
 #pragma unroll
     for (int e = 0; e < kVec; ++e) {

@@ -129,6 +129,57 @@ __device__ __forceinline__ void warp_gemm_abt(float (&s)[kNT][4], const T* sa, i
   }
 }
 
+// The block table of a paged K/V cache as the kernels read it (docs/design.md section 3):
+// token t of sequence b lives in page table[b, t / page_size], row t % page_size, of a pool
+// [num_pages, Hkv, page_size, D]. table == nullptr: a contiguous cache [B, Hkv, Nmax, D],
+// which every kernel addresses exactly as before (b * s_0 + h * s_1 + t * s_2). A kernel
+// resolves a page once per cache row it copies (or once per chunk when the chunk lies in one
+// page), never per element; the launcher never reads the table (no sync, graph capturable).
+struct PageTable {
+  const int* table = nullptr;  // int32 [B, max_pages], or nullptr (contiguous)
+  int64_t sb = 0, sp = 0;      // table strides (elements)
+  int page_size = 1;
+  int page_shift = -1;         // log2(page_size) for a power of two (a shift, not a division)
+  int max_pages = 1;
+  int num_pages = 1;
+
+  __host__ __device__ bool paged() const { return table != nullptr; }
+
+  // Sequence b's row of the table.
+  __device__ __forceinline__ const int* row(int b) const { return table + b * sb; }
+
+  // Page and row in the page of token t of the sequence whose table row is `pages`. The table
+  // column and the page id are clamped (to max_pages and num_pages), so a bad length or table
+  // entry reads a wrong row, never outside the table or the pool.
+  __device__ __forceinline__ void locate(const int* pages, int t, int& page, int& in) const {
+    int col;
+    if (page_shift >= 0) {
+      col = t >> page_shift;
+      in = t & (page_size - 1);
+    } else {
+      col = t / page_size;
+      in = t - col * page_size;
+    }
+    col = min(max(col, 0), max_pages - 1);
+    page = min(max(__ldg(pages + col * sp), 0), num_pages - 1);
+  }
+
+  // Element offset of token t's row, from the pool's head-h base (page stride s_page, row
+  // stride s_tok).
+  __device__ __forceinline__ int64_t offset(const int* pages, int t, int64_t s_page,
+                                            int64_t s_tok) const {
+    int page, in;
+    locate(pages, t, page, in);
+    return page * s_page + in * s_tok;
+  }
+
+  // Whether tokens first..last (first <= last) lie in one page.
+  __device__ __forceinline__ bool one_page(int first, int last) const {
+    return page_shift >= 0 ? (first >> page_shift) == (last >> page_shift)
+                           : first / page_size == last / page_size;
+  }
+};
+
 // Order-preserving map float -> uint32 (larger float, larger key; -inf above every NaN).
 __device__ __forceinline__ uint32_t float_to_key(float f) {
   const uint32_t u = __float_as_uint(f);

@@ -7,6 +7,10 @@
 // tensor-core tile. Gathered key r maps to its cache token through the sink, the chunk ids in
 // idx (ascending, -1 padded: the valid ones are a prefix) and the local window; cp.async
 // copies K and V tiles straight from the [B, Hkv, Nmax, D] cache into swizzled shared memory.
+// A paged cache (pages [num_pages, Hkv, page_size, D] and a block table) changes only those
+// copies: each copied row finds its page in the table (a shift when page_size is a power of
+// two), so the arithmetic after the copy, the splits and their merge equal the contiguous
+// layout's bit for bit (the plan depends on Nmax = max_pages * page_size only).
 // RoPE uses fp32 angles fl(pos * inv_freq) with accurate sincosf (docs/design.md section 2).
 // Masking compares original positions (key visible iff its position <= the query's), so
 // padding rows (position -1) and tail keys (position INT_MAX) drop out. When the keys of a
@@ -23,8 +27,8 @@ namespace reattention::kernels {
 
 struct AttnParams {
   const void* q;          // [B, Hq, Lq, D]
-  const void* k;          // [B, Hkv, Nmax, D]
-  const void* v;          // [B, Hkv, Nmax, D]
+  const void* k;          // [B, Hkv, Nmax, D], or pages [num_pages, Hkv, page_size, D]
+  const void* v;          // k's shape
   const int* seqlens;     // [B]
   const int* idx;         // [B, Hkv, n_blocks, topk]
   const float* inv_freq;  // [R/2]
@@ -34,8 +38,9 @@ struct AttnParams {
   float* lse_part;        // [splits, B, Hq, Lq]
   float2* rope_table;     // [rope_table_elems(p)] (cos, sin) of the many-rows path, or null
   int64_t q_sb, q_sh, q_sl;
-  int64_t k_sb, k_sh, k_sn;
+  int64_t k_sb, k_sh, k_sn;  // dim 0: a sequence, or a page
   int64_t v_sb, v_sh, v_sn;
+  PageTable pages;           // the block table of k and v (table == nullptr: contiguous)
   int64_t i_sb, i_sh, i_sblk;
   int batch, hq, hkv, lq, nmax, topk;
   int sink, local, chunk, query_block, n_blocks;
@@ -91,6 +96,7 @@ struct GatheredKeys {
   int loc0;        // gathered index of the local window
   int n_keys;      // gathered keys
   int shift;       // compact query position - original query position
+  const int* pages;  // paged cache: the sequence's block table row, else nullptr
 
   // Cache token of gathered key r (r < n_keys). Clamped so a malformed idx cannot read outside
   // the cache; a well-formed one never needs it.
@@ -121,6 +127,7 @@ __device__ __forceinline__ GatheredKeys gathered_keys(const AttnParams& p, int b
   g.mid_end = static_cast<int>(seg.mid_end);
   g.p0 = n - p.lq;
   g.sel = p.idx + b * p.i_sb + h * p.i_sh + beta * p.i_sblk;
+  g.pages = p.pages.paged() ? p.pages.row(b) : nullptr;
   if (threadIdx.x == 0) *s_nsel = 0;
   __syncthreads();
   int mine = 0;
@@ -137,9 +144,24 @@ __device__ __forceinline__ GatheredKeys gathered_keys(const AttnParams& p, int b
   return g;
 }
 
+// The CTA's K and V bases: sequence b, head h of a contiguous cache, or head h of the page
+// pool (load_kv_tile adds each row's page).
+template <typename T>
+__device__ __forceinline__ void kv_bases(const AttnParams& p, int b, int h, const T*& k_base,
+                                         const T*& v_base) {
+  k_base = static_cast<const T*>(p.k) + h * p.k_sh;
+  v_base = static_cast<const T*>(p.v) + h * p.v_sh;
+  if (!p.pages.paged()) {
+    k_base += b * p.k_sb;
+    v_base += b * p.v_sb;
+  }
+}
+
 // Copies the K and V rows of gathered keys [tile * kBN, tile * kBN + kBN) from the cache into
 // the swizzled tiles sk and sv (cp.async, one commit group; zero-filled past n_keys) and their
-// cache tokens into kpos (INT_MAX past n_keys, so the mask drops them).
+// cache tokens into kpos (INT_MAX past n_keys, so the mask drops them). k_base/v_base come
+// from kv_bases; a paged cache's row finds its page in g.pages (token 0 for the zero-filled
+// rows past n_keys: a used entry, though nothing is read there).
 template <typename T, int D, int kBN, int kThreads>
 __device__ __forceinline__ void load_kv_tile(T* sk, T* sv, int* kpos, const GatheredKeys& g,
                                              const AttnParams& p, const T* k_base,
@@ -149,8 +171,15 @@ __device__ __forceinline__ void load_kv_tile(T* sk, T* sv, int* kpos, const Gath
     const int key = tile * kBN + r;
     const bool valid = key < g.n_keys;
     const int tok = valid ? g.token(key, p) : 0;
-    cp_async_16(sk + swz<D>(r, ch * 8), k_base + tok * p.k_sn + ch * 8, valid);
-    cp_async_16(sv + swz<D>(r, ch * 8), v_base + tok * p.v_sn + ch * 8, valid);
+    if (g.pages == nullptr) {
+      cp_async_16(sk + swz<D>(r, ch * 8), k_base + tok * p.k_sn + ch * 8, valid);
+      cp_async_16(sv + swz<D>(r, ch * 8), v_base + tok * p.v_sn + ch * 8, valid);
+    } else {
+      int page, in;
+      p.pages.locate(g.pages, tok, page, in);
+      cp_async_16(sk + swz<D>(r, ch * 8), k_base + page * p.k_sb + in * p.k_sn + ch * 8, valid);
+      cp_async_16(sv + swz<D>(r, ch * 8), v_base + page * p.v_sb + in * p.v_sn + ch * 8, valid);
+    }
     if (ch == 0) kpos[r] = valid ? tok : INT_MAX;
   }
   cp_async_commit();

@@ -57,8 +57,8 @@ __global__ void __launch_bounds__(kAttnThreads) gather_attention_kernel(AttnPara
 
   const GatheredKeys gk = gathered_keys<D, kAttnThreads>(p, b, h, beta, s_invf, &s_nsel);
   const int n_keys = gk.n_keys;
-  const T* k_base = static_cast<const T*>(p.k) + b * p.k_sb + h * p.k_sh;
-  const T* v_base = static_cast<const T*>(p.v) + b * p.v_sb + h * p.v_sh;
+  const T *k_base, *v_base;
+  kv_bases<T>(p, b, h, k_base, v_base);
   auto load_tile = [&](int stage, int tile) {
     load_kv_tile<T, D, kBN, kAttnThreads>(s_kv + stage * kBN * D, s_kv + (2 + stage) * kBN * D,
                                           s_kpos + stage * kBN, gk, p, k_base, v_base, tile);

@@ -135,8 +135,8 @@ __global__ void __launch_bounds__(kPrefillThreads, PrefillShape<D>::kMinBlocks)
   const int q_last = p0 + q0 + (min(rows, row0 + kBM) - 1) / group;
   const int n_vis = min(n_keys, loc0 + max(0, q_last - gk.mid_end + 1));
 
-  const T* k_base = static_cast<const T*>(p.k) + b * p.k_sb + h * p.k_sh;
-  const T* v_base = static_cast<const T*>(p.v) + b * p.v_sb + h * p.v_sh;
+  const T *k_base, *v_base;
+  kv_bases<T>(p, b, h, k_base, v_base);
   auto load_tile = [&](int stage, int tile) {
     load_kv_tile<T, D, kBN, kPrefillThreads>(s_k + stage * kBN * D, s_v + stage * kBN * D,
                                              s_kpos + stage * kBN, gk, p, k_base, v_base, tile);

@@ -19,6 +19,9 @@
 // in the same k order whatever its tile, warp or CTA, and every other step (over rows, a
 // chunk's tokens, row tiles, chunk ranges) is an exact max. So bit-identical chunks get
 // bit-identical keys and the tie rule (lower index) decides between them. Three kernels:
+// (For "max" on a paged cache the column copies find each key's page in the block table, one
+// lookup per copied row; everything after the copy into shared memory is unchanged, so the
+// keys equal the contiguous layout's bit for bit. Reps are never paged.)
 //
 // 1. chunk_scores_kernel (few rows: decode, <= 16 rows): one m16 row tile, 4 warps side by side
 //    over the columns; memory-bound, so it streams wide column tiles.
@@ -42,12 +45,14 @@ namespace reattention::kernels {
 
 struct SelectParams {
   const void* q;          // [B, Hq, Lq, D]
-  const void* cols;       // max: k_cache [B, Hkv, Nmax, D]; bound/mean: reps [B, Hkv, n_chunks, ...]
+  const void* cols;       // max: k_cache [B, Hkv, Nmax, D] or pages [num_pages, Hkv, page_size,
+                          // D]; bound/mean: reps [B, Hkv, n_chunks, ...]
   const int* seqlens;     // [B]
   uint32_t* scores;       // [B, Hkv, n_blocks, n_cols] keys of the chunk scores (workspace)
   int* idx;               // [B, Hkv, n_blocks, topk] contiguous, the result
   int64_t q_sb, q_sh, q_sl;  // q strides (elements), last dim contiguous
   int64_t c_sb, c_sh, c_sn;  // column tensor strides of dims 0..2, inner dims contiguous
+  PageTable pages;           // max on a paged cache: the block table (else table == nullptr)
   int batch, hq, hkv, lq, sink, local, chunk, topk, query_block, n_blocks;
   int n_cols;             // static upper bound of M over sequences and blocks (scores' last dim)
   int row_tiles;          // row tiles per query block
@@ -133,6 +138,36 @@ __device__ __forceinline__ ScoreTile score_tile(const SelectParams& p, int block
   t.col_first = tokens ? p.sink + static_cast<int64_t>(t.j0) * p.chunk : t.j0;
   return t;
 }
+
+// Where column c (< t.n_cols) of a scoring CTA starts: row col_first + c of the column tensor
+// for (t.b, t.h). Reps and contiguous keys keep the plain strided address; the keys of a paged
+// cache ("max", kTokens) find their page in the block table, one lookup per copied row.
+template <typename T, bool kTokens>
+struct ColumnRows {
+  const T* base;     // column 0 (contiguous keys, reps), or the pool at head t.h (paged keys)
+  const int* pages;  // paged keys: the sequence's table row, else nullptr
+  int first;         // paged keys: the token of column 0
+
+  __device__ __forceinline__ ColumnRows(const SelectParams& p, const ScoreTile& t) {
+    const T* cols = static_cast<const T*>(p.cols);
+    if (kTokens && p.pages.paged()) {
+      base = cols + t.h * p.c_sh;
+      pages = p.pages.row(t.b);
+      first = static_cast<int>(t.col_first);
+    } else {
+      base = cols + t.b * p.c_sb + t.h * p.c_sh + t.col_first * p.c_sn;
+      pages = nullptr;
+      first = 0;
+    }
+  }
+
+  __device__ __forceinline__ const T* operator()(int c, const SelectParams& p) const {
+    if (kTokens && pages != nullptr) {
+      return base + p.pages.offset(pages, first + c, p.c_sb, p.c_sn);
+    }
+    return base + c * p.c_sn;
+  }
+};
 
 // Stages rows [row0, row0 + kRows) of the tile's query block as the A tile (kVec elements per
 // row, swizzled; bound splits q by sign). Rows at or past `rows` are zero: callers mask them out
@@ -376,8 +411,7 @@ __global__ void __launch_bounds__(kScoreThreads) chunk_scores_kernel(SelectParam
 
   // Columns of this CTA: chunks [j0, j1) or, for "max", their keys.
   const int n_cols = t.n_cols;
-  const T* c_base =
-      static_cast<const T*>(p.cols) + t.b * p.c_sb + t.h * p.c_sh + t.col_first * p.c_sn;
+  const ColumnRows<T, kTokens> col_rows(p, t);
   const int n_tiles = (n_cols + kBN - 1) / kBN;
 
   auto load_tile = [&](int stage, int tile) {
@@ -386,7 +420,7 @@ __global__ void __launch_bounds__(kScoreThreads) chunk_scores_kernel(SelectParam
       const int r = id / kChunksPerRow, ch = id % kChunksPerRow;
       const int c = tile * kBN + r;
       const bool valid = c < n_cols;
-      cp_async_16(dst + swz<kVec>(r, ch * 8), c_base + (valid ? c : 0) * p.c_sn + ch * 8, valid);
+      cp_async_16(dst + swz<kVec>(r, ch * 8), col_rows(valid ? c : 0, p) + ch * 8, valid);
     }
     cp_async_commit();
   };
@@ -487,8 +521,7 @@ __global__ void __launch_bounds__(256, 1) chunk_scores_gemm_kernel(SelectParams 
   if (t.empty()) return;
 
   const int n_cols = t.n_cols;
-  const T* c_base =
-      static_cast<const T*>(p.cols) + t.b * p.c_sb + t.h * p.c_sh + t.col_first * p.c_sn;
+  const ColumnRows<T, kTokens> col_rows(p, t);
   const int n_steps = (n_cols + G::kBN - 1) / G::kBN * G::kKSteps;  // (column tile, slice)
 
   auto load_step = [&](int step) {
@@ -501,8 +534,8 @@ __global__ void __launch_bounds__(256, 1) chunk_scores_gemm_kernel(SelectParams 
       const int r = id / kPieces, ch = id % kPieces;
       const int c = tile * G::kBN + r;
       const bool valid = c < n_cols;
-      cp_async_16(dst + swz<G::kKStep>(r, ch * 8),
-                  c_base + (valid ? c : 0) * p.c_sn + k0 + ch * 8, valid);
+      cp_async_16(dst + swz<G::kKStep>(r, ch * 8), col_rows(valid ? c : 0, p) + k0 + ch * 8,
+                  valid);
     }
   };
 
