@@ -29,9 +29,15 @@ sin/cos for the same gathered keys, so _rotate_keys_kernel rotates each block's 
 sequence once, by the same token map, into a workspace [B*Hkv*n_blocks, L_max, R] that the
 attention loop reads instead. (Blocks cannot share rotated keys: a local token sits at another
 compact position in every block, since each block has its own mid_end.)
-Launch shapes depend only on tensor shapes, so a decode step is CUDA-graph capturable.
+Paged caches (kv_layout.py): each gathered key's token t is looked up in the block table (k, v
+and the pre-rotation alike); the grid, tiles, splits and sums are those of a contiguous cache of
+Nmax = max_pages * page_size, so the output is bit-identical to it. Launch shapes depend only
+on tensor shapes (the table is read only on the device), so a decode step is CUDA-graph
+capturable.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import triton
@@ -39,6 +45,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 from triton.language.extra import libdevice
 
+from .kv_layout import kv_head_base, kv_layout, kv_rows, kv_table_row
 from .select_chunks import _dot
 
 _LOG2E = 1.4426950408889634
@@ -113,9 +120,10 @@ def _rotate_keys_kernel(k_ptr, seqlens_ptr, idx_ptr, inv_freq_ptr, kr_ptr,
                         stride_kb, stride_kh, stride_kn, stride_ib, stride_ih, stride_iblk,
                         n_kv_heads, lq, query_block, n_blocks, topk, sink, local, chunk,
                         half_rot, l_max, n_tiles, rope_scale,
+                        table_ptr, stride_tb, page_size, num_pages,
                         BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
                         INTERLEAVED: tl.constexpr, ORIGINAL: tl.constexpr,
-                        ACCURATE: tl.constexpr):
+                        ACCURATE: tl.constexpr, PAGED: tl.constexpr):
     # Workspace rows of (b, h, beta): the block's gathered keys r = 0 .. L-1, rotated at
     # position r ("compact") or t ("original"), the two pair halves side by side.
     pid = tl.program_id(0)
@@ -134,8 +142,9 @@ def _rotate_keys_kernel(k_ptr, seqlens_ptr, idx_ptr, inv_freq_ptr, kr_ptr,
         r_ok = r < length
         t = _key_tokens(r, r_ok, idx_row, n, mid_end, n_sink, sel_end, sink, chunk)
         offs_r, r_cols, c1, c2 = _pair_columns(half_rot, BLOCK_R, INTERLEAVED)
-        k_rows = k_ptr + b.to(tl.int64) * stride_kb + h * stride_kh \
-            + t.to(tl.int64)[:, None] * stride_kn
+        k_rows = kv_head_base(k_ptr, b, h, stride_kb, stride_kh, PAGED) \
+            + kv_rows(t, r_ok, kv_table_row(table_ptr, b, stride_tb, PAGED), page_size,
+                      num_pages, stride_kb, stride_kn, PAGED)[:, None]
         m = r_ok[:, None] & r_cols[None, :]
         x1 = tl.load(k_rows + c1[None, :], mask=m, other=0.0).to(tl.float32)
         x2 = tl.load(k_rows + c2[None, :], mask=m, other=0.0).to(tl.float32)
@@ -161,11 +170,12 @@ def _gather_attn_kernel(
         stride_ob, stride_oh, stride_ol,
         n_kv_heads, group, lq, query_block, n_blocks, n_row_tiles, n_splits, split_len,
         head_dim, half_rot, sink, local, chunk, topk, qk_scale, rope_scale, l_max,
+        table_ptr, stride_tb, page_size, num_pages,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
         BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
         HAS_PASS: tl.constexpr, INTERLEAVED: tl.constexpr, ORIGINAL: tl.constexpr,
         SPLIT: tl.constexpr, PREROT: tl.constexpr, ACCURATE: tl.constexpr,
-        IEEE: tl.constexpr, UPCAST: tl.constexpr):
+        IEEE: tl.constexpr, UPCAST: tl.constexpr, PAGED: tl.constexpr):
     pid = tl.program_id(0)
     split = pid % n_splits
     rest = pid // n_splits
@@ -228,8 +238,9 @@ def _gather_attn_kernel(
             q3 = tl.load(q_rows[:, None] + c3[None, :], mask=row_ok[:, None] & p_cols[None, :],
                          other=0.0)
 
-        kb = k_ptr + b.to(tl.int64) * stride_kb + h * stride_kh
-        vb = v_ptr + b.to(tl.int64) * stride_vb + h * stride_vh
+        kb = kv_head_base(k_ptr, b, h, stride_kb, stride_kh, PAGED)
+        vb = kv_head_base(v_ptr, b, h, stride_vb, stride_vh, PAGED)
+        table_row = kv_table_row(table_ptr, b, stride_tb, PAGED)
         m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
         l_i = tl.zeros((BLOCK_M,), tl.float32)
         acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
@@ -237,7 +248,8 @@ def _gather_attn_kernel(
             r = start + tl.arange(0, BLOCK_N)
             r_ok = r < hi
             t = _key_tokens(r, r_ok, idx_row, n, mid_end, n_sink, sel_end, sink, chunk)
-            k_rows = kb + t.to(tl.int64)[:, None] * stride_kn
+            k_rows = kb + kv_rows(t, r_ok, table_row, page_size, num_pages, stride_kb, stride_kn,
+                                  PAGED)[:, None]
             km = r_ok[:, None] & r_cols[None, :]
             if PREROT:
                 w_rows = kr_rows + r.to(tl.int64)[:, None] * (2 * half_rot)
@@ -266,7 +278,11 @@ def _gather_attn_kernel(
             alpha = tl.exp2(m_i - m_safe)
             p = tl.exp2(s - m_safe[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            v = tl.load(vb + t.to(tl.int64)[:, None] * stride_vn + offs_d[None, :],
+            # Paged, v's table read repeats k's (a cache hit) rather than keeping k's pages
+            # live across the dots.
+            v_rows = vb + kv_rows(t, r_ok, table_row, page_size, num_pages, stride_vb, stride_vn,
+                                  PAGED)[:, None]
+            v = tl.load(v_rows + offs_d[None, :],
                         mask=r_ok[:, None] & d_cols[None, :], other=0.0)
             acc = acc * alpha[:, None] + _dot(p.to(dtype), v, IEEE, UPCAST)
             m_i = m_new
@@ -355,17 +371,21 @@ def gather_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
                             cache_seqlens: torch.Tensor, idx: torch.Tensor,
                             inv_freq: torch.Tensor, sink: int, local: int, chunk: int,
                             query_block: int, scale: float, rope_scale: float, rope_style: str,
-                            positions: str) -> tuple[torch.Tensor, torch.Tensor]:
+                            positions: str, block_table: Optional[torch.Tensor] = None
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention over [sink | chunks in idx | local] with in-kernel RoPE (Triton).
 
     Parameters
     ----------
-    q : [B, Hq, Lq, D] raw queries; k_cache, v_cache : [B, Hkv, Nmax, D] raw keys and values
-        (last dim contiguous; D even, <= 256).
+    q : [B, Hq, Lq, D] raw queries; k_cache, v_cache : [B, Hkv, Nmax, D] raw keys and values,
+        or pages [num_pages, Hkv, page_size, D] with block_table (last dim contiguous; D even,
+        <= 256).
     cache_seqlens : int32 [B]; idx : int32 [B, Hkv, ceil(Lq/query_block), topk], ascending,
         -1 padded; inv_freq : fp32 [R/2], R <= D.
     scale, rope_scale : softmax scale; cos/sin multiplier.
     rope_style : "half" or "interleaved"; positions : "compact" or "original".
+    block_table : None (contiguous caches) or int32 [B, max_pages] (paged caches,
+        Nmax = max_pages * page_size).
 
     Returns
     -------
@@ -381,7 +401,8 @@ def gather_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     if positions not in ("compact", "original"):
         raise ValueError(f"positions must be 'compact' or 'original', got {positions!r}")
     b, hq, lq, d = q.shape
-    hkv, nmax = k_cache.shape[1], k_cache.shape[2]
+    hkv = k_cache.shape[1]
+    _, nmax, lay, paged = kv_layout(k_cache, block_table, cache_seqlens)
     if d > 256 or d % 2:
         raise ValueError(f"the triton backend supports even head dim D <= 256, got head dim {d}")
     if any(t.stride(-1) != 1 for t in (q, k_cache, v_cache, idx)):
@@ -435,9 +456,9 @@ def gather_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             idx.stride(0), idx.stride(1), idx.stride(2),
             hkv, lq, query_block, n_blocks, topk, sink, local, chunk, half_rot, l_max, kr_tiles,
-            float(rope_scale), BLOCK_N=kr_rows, BLOCK_R=rot_block,
+            float(rope_scale), *lay, BLOCK_N=kr_rows, BLOCK_R=rot_block,
             BLOCK_K=triton.next_power_of_2(topk), INTERLEAVED=rope_style == "interleaved",
-            ORIGINAL=positions == "original", ACCURATE=on_gpu, num_warps=4)
+            ORIGINAL=positions == "original", ACCURATE=on_gpu, PAGED=paged, num_warps=4)
     else:
         kr = q  # unused pointer
     wrap_triton(_gather_attn_kernel)[(n_base * n_splits,)](
@@ -449,12 +470,12 @@ def gather_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         out.stride(0), out.stride(1), out.stride(2),
         hkv, group, lq, query_block, n_blocks, n_row_tiles, n_splits, split_len,
         d, half_rot, sink, local, chunk, topk, float(scale) * _LOG2E, float(rope_scale),
-        l_max, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=rot_block,
+        l_max, *lay, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=rot_block,
         BLOCK_P=max(16, triton.next_power_of_2(max(pass_dims, 1))),
         BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_K=triton.next_power_of_2(topk),
         HAS_PASS=pass_dims > 0, INTERLEAVED=rope_style == "interleaved",
         ORIGINAL=positions == "original", SPLIT=n_splits > 1, PREROT=prerot, ACCURATE=on_gpu,
-        IEEE=q.dtype == torch.float32, UPCAST=not on_gpu, num_warps=warps)
+        IEEE=q.dtype == torch.float32, UPCAST=not on_gpu, PAGED=paged, num_warps=warps)
     if n_splits > 1:
         wrap_triton(_merge_kernel)[(b * hq * lq,)](
             o_dst, l_dst, out, lse, n_splits, hq, lq, d,
@@ -467,5 +488,5 @@ def gather_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
 @gather_attention_triton.register_fake
 def _gather_attention_triton_fake(q, k_cache, v_cache, cache_seqlens, idx, inv_freq, sink,
                                   local, chunk, query_block, scale, rope_scale, rope_style,
-                                  positions):
+                                  positions, block_table=None):
     return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)

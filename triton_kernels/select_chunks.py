@@ -26,6 +26,10 @@ because they have lower indices), sorts those indices ascending and pads with -1
 Exact ties: bit-identical chunks get bit-identical scores, so the key order above sends a
 tie to the lower index wherever the chunks sit in their tiles (see _score_dot for why).
 
+Paged caches (kv_layout.py): "max" looks each key row of a token tile up in the block table;
+the tiles, the grid and every sum are those of a contiguous cache of Nmax = max_pages *
+page_size, so the scores and the selection are bit-identical to it.
+
 Invariants: output int32 [B, Hkv, n_blocks, topk], ascending, -1 padded; the launch shapes
 depend only on tensor shapes (never on the lengths' values), so it is CUDA-graph safe.
 """
@@ -37,6 +41,8 @@ import torch
 import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
+
+from .kv_layout import kv_head_base, kv_layout, kv_rows, kv_table_row
 
 _REPS = {"max": 0, "bound": 1, "mean": 2}
 # Padding key: below every real key (a real key is >= -2^31 * 2^31).
@@ -107,9 +113,10 @@ def _chunk_scores_kernel(q_ptr, k_ptr, reps_ptr, seqlens_ptr, scores_ptr,
                          stride_rb, stride_rh, stride_rj, stride_rs,
                          n_kv_heads, group, lq, query_block, n_blocks, n_tiles, n_cols,
                          head_dim, sink, local, chunk,
+                         table_ptr, stride_tb, page_size, num_pages,
                          REP: tl.constexpr, TILE_C: tl.constexpr, BLOCK_M: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
-                         INTERPRET: tl.constexpr):
+                         INTERPRET: tl.constexpr, PAGED: tl.constexpr):
     pid = tl.program_id(0)
     beta = pid % n_blocks
     rest = pid // n_blocks
@@ -130,14 +137,17 @@ def _chunk_scores_kernel(q_ptr, k_ptr, reps_ptr, seqlens_ptr, scores_ptr,
         qb_ptr = q_ptr + b.to(tl.int64) * stride_qb
         head0 = h * group
         if REP == 0:
-            kb_ptr = k_ptr + b.to(tl.int64) * stride_kb + h * stride_kh
+            kb_ptr = kv_head_base(k_ptr, b, h, stride_kb, stride_kh, PAGED)
+            table_row = kv_table_row(table_ptr, b, stride_tb, PAGED)
             t_start = sink + c0 * chunk
             t_end = sink + tl.minimum(c0 + TILE_C, m_chunks) * chunk
             slots = tl.arange(0, TILE_C)
             for t0 in range(t_start, t_end, BLOCK_N):
                 offs_t = t0 + tl.arange(0, BLOCK_N)
                 t_ok = offs_t < t_end
-                kt = tl.load(kb_ptr + offs_t.to(tl.int64)[:, None] * stride_kn + offs_d[None, :],
+                k_rows = kb_ptr + kv_rows(offs_t, t_ok, table_row, page_size, num_pages,
+                                          stride_kb, stride_kn, PAGED)
+                kt = tl.load(k_rows[:, None] + offs_d[None, :],
                              mask=t_ok[:, None] & (offs_d < head_dim)[None, :], other=0.0)
                 tok_best = tl.full((BLOCK_N,), float("-inf"), tl.float32)
                 for row0 in range(0, n_rows, BLOCK_M):
@@ -250,16 +260,20 @@ def _score_config(rep: str, n_rows: int, head_dim: int, fp32: bool, on_gpu: bool
 @triton_op("reattention::select_chunks_triton", mutates_args=())
 def select_chunks_triton(q: torch.Tensor, k_cache: torch.Tensor, reps: Optional[torch.Tensor],
                          cache_seqlens: torch.Tensor, sink: int, local: int, chunk: int,
-                         topk: int, rep: str, query_block: int) -> torch.Tensor:
+                         topk: int, rep: str, query_block: int,
+                         block_table: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Top-k middle chunks per (batch, kv head, query block) (Triton).
 
     Parameters
     ----------
-    q : [B, Hq, Lq, D] raw queries; k_cache : [B, Hkv, Nmax, D] raw keys (read for "max").
+    q : [B, Hq, Lq, D] raw queries; k_cache : [B, Hkv, Nmax, D] raw keys (read for "max"), or
+        pages [num_pages, Hkv, page_size, D] with block_table.
     reps : "bound" [B, Hkv, n_chunks, 2, D], "mean" [B, Hkv, n_chunks, D], None for "max".
     cache_seqlens : int32 [B] on q's device.
     sink, local, chunk, topk, query_block : docs/design.md section 2; topk <= 256 is tuned for.
     rep : "max", "bound" or "mean".
+    block_table : None (contiguous cache) or int32 [B, max_pages] (paged cache,
+        Nmax = max_pages * page_size).
 
     Returns
     -------
@@ -275,7 +289,8 @@ def select_chunks_triton(q: torch.Tensor, k_cache: torch.Tensor, reps: Optional[
     if rep != "max" and reps is None:
         raise ValueError(f"reps must be given for rep {rep!r}")
     b, hq, lq, d = q.shape
-    hkv, nmax = k_cache.shape[1], k_cache.shape[2]
+    hkv = k_cache.shape[1]
+    _, nmax, lay, paged = kv_layout(k_cache, block_table, cache_seqlens)
     if d > 256:
         raise ValueError(f"the triton backend supports head dim D <= 256, got head dim {d}")
     group = hq // hkv
@@ -304,10 +319,11 @@ def select_chunks_triton(q: torch.Tensor, k_cache: torch.Tensor, reps: Optional[
         q, k_cache, r, cache_seqlens, scores,
         q.stride(0), q.stride(1), q.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), *r_strides,
-        hkv, group, lq, query_block, n_blocks, n_tiles, n_cols, d, sink, local, chunk,
+        hkv, group, lq, query_block, n_blocks, n_tiles, n_cols, d, sink, local, chunk, *lay,
         REP=_REPS[rep], TILE_C=tile_c, BLOCK_M=block_m, BLOCK_N=block_n,
         BLOCK_D=max(16, triton.next_power_of_2(d)), IEEE=q.dtype == torch.float32,
-        INTERPRET=not on_gpu, num_warps=warps)
+        INTERPRET=not on_gpu, PAGED=paged and rep == "max",  # reps are never paged
+        num_warps=warps)
 
     # Top-k: shrink each row by segments until one segment remains, then the final pass.
     rows = b * hkv * n_blocks
@@ -332,6 +348,6 @@ def select_chunks_triton(q: torch.Tensor, k_cache: torch.Tensor, reps: Optional[
 
 @select_chunks_triton.register_fake
 def _select_chunks_triton_fake(q, k_cache, reps, cache_seqlens, sink, local, chunk, topk, rep,
-                               query_block):
+                               query_block, block_table=None):
     n_blocks = -(-q.shape[2] // query_block)
     return q.new_empty((q.shape[0], k_cache.shape[1], n_blocks, topk), dtype=torch.int32)
