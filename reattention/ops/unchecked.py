@@ -25,11 +25,6 @@ from .. import layout, reference
 from .backends import _op
 
 
-def _paged(block_table: torch.Tensor | None) -> tuple:
-    # The ops' trailing block_table, passed only for a paged cache.
-    return () if block_table is None else (block_table,)
-
-
 def chunk_reps(k_cache: torch.Tensor, cache_seqlens: torch.Tensor,
                reps: torch.Tensor | None = None, *, sink: int, chunk: int, rep: str,
                backend: str, start_chunk: int = 0,
@@ -43,7 +38,7 @@ def chunk_reps(k_cache: torch.Tensor, cache_seqlens: torch.Tensor,
                                  block_table=block_table)
     else:
         _op("chunk_reps", backend)(k_cache, cache_seqlens, reps, sink, chunk, rep, start_chunk,
-                                   *_paged(block_table))
+                                   block_table)
     return reps
 
 
@@ -59,7 +54,7 @@ def select_chunks(q: torch.Tensor, k_cache: torch.Tensor, cache_seqlens: torch.T
         return reference.select_chunks_ref(q, k_cache, reps, cache_seqlens, sink, local, chunk,
                                            topk, rep, query_block, block_table=block_table)
     return _op("select_chunks", backend)(q, k_cache, reps, cache_seqlens, sink, local, chunk,
-                                         topk, rep, query_block, *_paged(block_table))
+                                         topk, rep, query_block, block_table)
 
 
 def gather_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -76,4 +71,4 @@ def gather_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                                               block_table=block_table)
     return _op("gather_attention", backend)(q, k_cache, v_cache, cache_seqlens, idx, inv_freq,
                                             sink, local, chunk, query_block, scale, rope_scale,
-                                            rope_style, positions, *_paged(block_table))
+                                            rope_style, positions, block_table)
