@@ -211,7 +211,7 @@ class TieredPool:
         start = max(self.host_upto, self._window_start(old))
         if start > self.host_upto:
             pages = list(range(self.host_upto, start))
-            src = self._slots(torch.tensor(pages, device=self.device)).reshape(-1)
+            src = self._slots(self._ids(pages)).reshape(-1)
             dst = self._ids([s * self.max_pages + p for s in range(self.seqs) for p in pages])
             ops.copy_pages(self.host_k, self.k, dst, src)
             ops.copy_pages(self.host_v, self.v, dst, src)
@@ -255,7 +255,7 @@ class TieredPool:
                 hot = torch.isin(own, ids)      # a page back in the window leaves the hot set
                 self.owner[:-1] = torch.where(hot, -1, self.owner[:-1])
                 self.stamp[:-1] = torch.where(hot, -1, self.stamp[:-1])
-                dst = self._slots(torch.tensor(pages, device=self.device))
+                dst = self._slots(self._ids(pages))
                 ops.copy_pages(self.k, self.host_k, dst.reshape(-1), ids)
                 ops.copy_pages(self.v, self.host_v, dst.reshape(-1), ids)
                 self.table.view(-1)[ids] = dst.reshape(-1).to(torch.int32)
