@@ -88,6 +88,7 @@ class TieredPool:
         self.v = torch.empty(shape, dtype=dtype, device=self.device)
         self.k[self.absent] = float("nan")
         self.v[self.absent] = float("nan")
+        self._absent_t = torch.tensor(self.absent, dtype=torch.int32, device=self.device)
         self.owner = torch.full((hot_pages + 1,), -1, dtype=torch.int64, device=self.device)
         self.stamp = torch.full((hot_pages + 1,), -1, dtype=torch.int64, device=self.device)
         self.clock = torch.zeros((), dtype=torch.int64, device=self.device)
@@ -293,6 +294,7 @@ class TieredPool:
             new[self.hot_base:] = t[t.shape[0] - self.n_hot - 1:]
             setattr(self, name, new)
         self.absent = self.hot_base + self.n_hot
+        self._absent_t = torch.tensor(self.absent, dtype=torch.int32, device=self.device)
         self.owner.fill_(-1)
         self.stamp.fill_(-1)
         self._table = torch.full((self.seqs * self.max_pages + 1,), self.absent,
@@ -338,7 +340,8 @@ class TieredPool:
         rank = (miss.cumsum(0) - 1).clamp(min=0, max=self.n_hot - 1)
         victim = torch.where(miss, order[rank], dummy_hot)
         old = self.owner[victim]
-        self._table[torch.where(old >= 0, old, dummy_page)] = self.absent
+        # A tensor value: a Python scalar would be copied from the host (not capturable).
+        self._table[torch.where(old >= 0, old, dummy_page)] = self._absent_t
         self._table[torch.where(miss, flat, dummy_page)] = (victim + self.hot_base).to(torch.int32)
         self.owner[victim] = torch.where(miss, flat, -1)
         self.stamp[victim] = self.clock
