@@ -90,7 +90,9 @@ def paged_copy(k: torch.Tensor, v: torch.Tensor, page: int = CHUNK, seed: int = 
     for t in (k, v):
         t = torch.nn.functional.pad(t, (0, 0, 0, per * page - n))
         pages = t.view(b, h, per, page, d).permute(0, 2, 1, 3, 4).reshape(b * per, h, page, d)
-        pool = torch.empty_like(pages)
+        # Not empty_like: at B=1 the reshape above is a strided view, and a pool with its
+        # strides would be copied whole by every call's .contiguous().
+        pool = torch.empty(pages.shape, dtype=pages.dtype, device=pages.device)
         pool[perm] = pages
         out.append(pool)
     return out[0], out[1], perm.view(b, per).to(torch.int32)

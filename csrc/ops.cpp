@@ -32,4 +32,10 @@ STABLE_TORCH_LIBRARY(reattention, m) {
   m.def(
       "copy_pages(Tensor(a!) dst, Tensor src, Tensor dst_index, Tensor src_index, "
       "Tensor? mask=None) -> ()");
+  // The tiered cache's fetch step (csrc/tiered_fetch.h): makes the pages idx selects resident
+  // in k/v, updating the table, the hot-set state and the copy list; reads host_k/host_v.
+  m.def(
+      "tiered_fetch(Tensor idx, Tensor(a!) table, Tensor(b!) owner, Tensor(c!) stamp, "
+      "Tensor(d!) state, Tensor(e!) jobs, Tensor(f!) k, Tensor(g!) v, Tensor host_k, "
+      "Tensor host_v, int sink_pages, int hot_base, int absent) -> ()");
 }

@@ -13,11 +13,11 @@ and selects them from the chunk reps alone, so the rest of the cache can live of
 Pages are one chunk of one kv head (page_size = chunk), so each (sequence, kv head) is its own
 paged sequence of one head: the ops run on q viewed as [B * Hkv, G, Lq, D] with a block table
 of B * Hkv rows, which computes exactly what the [B, Hq, Lq, D] call computes. After each
-selection :meth:`TieredPool.fetch` makes the selected pages resident on the GPU: a page
-already hot stays (its stamp is renewed); a missing one replaces the least recently used hot
-page and is copied from pinned memory by ``copy_pages`` (a kernel reading host memory in
-place). All of it runs on the device, with shapes fixed by the call's shape: no host sync,
-so a decode step stays capturable in a CUDA graph. The attention then reads the same bytes
+selection :meth:`TieredPool.fetch` makes the selected pages resident on the GPU with the
+``tiered_fetch`` op: a page already hot stays (its stamp is renewed); a missing one takes the
+next hot page, from a rotating cursor, that this call does not use, and is copied from pinned
+memory by a kernel that reads host memory in place. All of it runs on the device, with shapes
+fixed by the call's shape: no host sync, so a decode step stays capturable in a CUDA graph. The attention then reads the same bytes
 as an all-GPU cache would, so the outputs are equal bit for bit.
 
 Nothing here needs a GPU: with ``device="cpu"`` both tiers are CPU tensors and the same
@@ -88,12 +88,10 @@ class TieredPool:
         self.v = torch.empty(shape, dtype=dtype, device=self.device)
         self.k[self.absent] = float("nan")
         self.v[self.absent] = float("nan")
-        self._absent_t = torch.tensor(self.absent, dtype=torch.int32, device=self.device)
-        self.owner = torch.full((hot_pages + 1,), -1, dtype=torch.int64, device=self.device)
-        self.stamp = torch.full((hot_pages + 1,), -1, dtype=torch.int64, device=self.device)
-        self.clock = torch.zeros((), dtype=torch.int64, device=self.device)
-        self.lookups = torch.zeros((), dtype=torch.int64, device=self.device)
-        self.hits = torch.zeros((), dtype=torch.int64, device=self.device)
+        self.owner = torch.full((hot_pages,), -1, dtype=torch.int64, device=self.device)
+        self.stamp = torch.full((hot_pages,), -1, dtype=torch.int64, device=self.device)
+        # step, eviction cursor, lookups, hits (csrc/tiered_fetch.h)
+        self.state = torch.zeros(4, dtype=torch.int64, device=self.device)
         self.length = 0
         self.host_upto = self.sink_pages  # pages [sink_pages, host_upto) live on the host only
         self.seqlens = torch.zeros(self.seqs, dtype=torch.int32, device=self.device)
@@ -103,10 +101,19 @@ class TieredPool:
 
     # ------------------------------------------------------------------ storage
     @property
+    def lookups(self) -> torch.Tensor:
+        """Selected middle pages looked up in the hot set so far (a device counter)."""
+        return self.state[2]
+
+    @property
+    def hits(self) -> torch.Tensor:
+        """Of those, the ones found on the GPU (a device counter)."""
+        return self.state[3]
+
+    @property
     def table(self) -> torch.Tensor:
-        """int32 [B * Hkv, max_pages]: a view of the table storage, whose last element is a
-        dummy that masked writes aim at."""
-        return self._table[:-1].view(self.seqs, self.max_pages)
+        """int32 [B * Hkv, max_pages]: each page's GPU page, or ``absent``."""
+        return self._table
 
     def attend(self, q: torch.Tensor, **kw):
         """ReAttention of q [B, Hq, Lq, D] (the newest Lq tokens) over this layer: selection
@@ -163,15 +170,15 @@ class TieredPool:
             if prev is not None:
                 t.view(self.seqs, max_pages, -1)[:, :old] = prev.view(self.seqs, old, -1)
             host.append(t)
-        table = torch.full((self.seqs * max_pages + 1,), self.absent, dtype=torch.int32,
+        table = torch.full((self.seqs, max_pages), self.absent, dtype=torch.int32,
                            device=self.device)
         if old:
-            table[:-1].view(self.seqs, max_pages)[:, :old] = self.table
+            table[:, :old] = self.table
             # hot owners are s * max_pages + p: renumber them
-            own = self.owner[:-1]
-            self.owner[:-1] = torch.where(own >= 0, own // old * max_pages + own % old, own)
+            own = self.owner
+            self.owner.copy_(torch.where(own >= 0, own // old * max_pages + own % old, own))
         reps = layout.new_reps(self.k, self.config.sink, self.config.chunk, self.config.rep,
-                               table[:-1].view(self.seqs, max_pages))
+                               table)
         if self.reps is not None:
             n = self.reps.shape[2]
             reps[:, :, :n] = self.reps
@@ -243,10 +250,10 @@ class TieredPool:
         table, and window pages that had gone to the host come back into the ring."""
         keep = -(-length // self.page)
         self.table[:, keep:] = self.absent
-        own = self.owner[:-1]
+        own = self.owner
         drop = (own >= 0) & (own % self.max_pages >= keep)
-        self.owner[:-1] = torch.where(drop, -1, own)
-        self.stamp[:-1] = torch.where(drop, -1, self.stamp[:-1])
+        self.owner.copy_(torch.where(drop, -1, own))
+        self.stamp.copy_(torch.where(drop, -1, self.stamp))
         start = self._window_start(length)
         if start < self.host_upto:
             pages = list(range(start, min(self.host_upto, keep)))
@@ -254,8 +261,8 @@ class TieredPool:
                 flat = [s * self.max_pages + p for s in range(self.seqs) for p in pages]
                 ids = self._ids(flat)
                 hot = torch.isin(own, ids)      # a page back in the window leaves the hot set
-                self.owner[:-1] = torch.where(hot, -1, self.owner[:-1])
-                self.stamp[:-1] = torch.where(hot, -1, self.stamp[:-1])
+                self.owner.copy_(torch.where(hot, -1, self.owner))
+                self.stamp.copy_(torch.where(hot, -1, self.stamp))
                 dst = self._slots(self._ids(pages))
                 ops.copy_pages(self.k, self.host_k, dst.reshape(-1), ids)
                 ops.copy_pages(self.v, self.host_v, dst.reshape(-1), ids)
@@ -294,11 +301,10 @@ class TieredPool:
             new[self.hot_base:] = t[t.shape[0] - self.n_hot - 1:]
             setattr(self, name, new)
         self.absent = self.hot_base + self.n_hot
-        self._absent_t = torch.tensor(self.absent, dtype=torch.int32, device=self.device)
         self.owner.fill_(-1)
         self.stamp.fill_(-1)
-        self._table = torch.full((self.seqs * self.max_pages + 1,), self.absent,
-                                 dtype=torch.int32, device=self.device)
+        self._table = torch.full((self.seqs, self.max_pages), self.absent, dtype=torch.int32,
+                                 device=self.device)
         resident = list(range(self.sink_pages)) + list(
             range(self.host_upto, -(-self.length // self.page)))
         if resident:
@@ -311,41 +317,13 @@ class TieredPool:
     # ------------------------------------------------------------------ reads
     def fetch(self, idx: torch.Tensor) -> None:
         """Make every page selected in ``idx`` [B * Hkv, 1, n_blocks, topk] resident on the
-        GPU: hits renew their stamp, misses take the least recently used hot pages (none a
-        page of this call) and are copied from the host tier. Device-only, fixed shapes."""
+        GPU (the ``tiered_fetch`` op: device-only, fixed shapes, no host sync)."""
         s_, k_ = self.seqs, idx.shape[2] * idx.shape[3]
         if s_ * k_ > self.n_hot:
             raise ValueError(f"hot_pages={self.n_hot} is below the {s_ * k_} pages one call "
                              f"of this shape may select (B * Hkv * n_blocks * topk)")
-        mp = self.max_pages
-        j = idx.view(s_, k_).long()
-        page = torch.where(j >= 0, self.sink_pages + j, mp)
-        page = torch.sort(page, dim=1).values               # duplicates (several blocks) adjacent
-        first = torch.ones_like(page, dtype=torch.bool)
-        first[:, 1:] = page[:, 1:] != page[:, :-1]
-        valid = first & (page < mp)
-        flat = (torch.arange(s_, device=self.device)[:, None] * mp + page.clamp(max=mp - 1))
-        flat = flat.view(-1)
-        valid = valid.view(-1)
-        slot = self._table[flat].long()
-        resident = slot != self.absent
-        lookup = valid & ~(slot < self.hot_base)  # middle pages outside the window (and sink)
-        hit = lookup & resident
-        miss = lookup & ~resident
-        self.lookups += lookup.sum()
-        self.hits += hit.sum()
-        dummy_hot, dummy_page = self.n_hot, self._table.shape[0] - 1
-        self.stamp[torch.where(hit, slot - self.hot_base, dummy_hot)] = self.clock
-        order = torch.argsort(self.stamp[:-1], stable=True)   # least recently used first
-        rank = (miss.cumsum(0) - 1).clamp(min=0, max=self.n_hot - 1)
-        victim = torch.where(miss, order[rank], dummy_hot)
-        old = self.owner[victim]
-        # A tensor value: a Python scalar would be copied from the host (not capturable).
-        self._table[torch.where(old >= 0, old, dummy_page)] = self._absent_t
-        self._table[torch.where(miss, flat, dummy_page)] = (victim + self.hot_base).to(torch.int32)
-        self.owner[victim] = torch.where(miss, flat, -1)
-        self.stamp[victim] = self.clock
-        dst = victim + self.hot_base
-        ops.copy_pages(self.k, self.host_k, dst, flat, miss)
-        ops.copy_pages(self.v, self.host_v, dst, flat, miss)
-        self.clock += 1
+        jobs = torch.empty(1 + 2 * s_ * k_, dtype=torch.int64, device=self.device)
+        ops.tiered_fetch(idx.reshape(s_, k_), self.table, self.owner, self.stamp, self.state,
+                         jobs, self.k, self.v, self.host_k, self.host_v,
+                         sink_pages=self.sink_pages, hot_base=self.hot_base,
+                         absent=self.absent)

@@ -17,7 +17,7 @@ from .checks import (FLOAT_DTYPES, POSITION_MODES, REP_MODES, ROPE_STYLES, _chec
 
 __all__ = [
     # the public op functions
-    "chunk_reps", "select_chunks", "gather_attention", "copy_pages",
+    "chunk_reps", "select_chunks", "gather_attention", "copy_pages", "tiered_fetch",
     # backends
     "BACKENDS", "KERNEL_HEAD_DIMS", "TRITON_MAX_HEAD_DIM", "available_backends",
     "resolve_backend", "_kernel_refusal", "_find_library", "_status",
@@ -228,3 +228,16 @@ def copy_pages(dst: torch.Tensor, src: torch.Tensor, dst_index: torch.Tensor,
         _need(_status["cpu"] is None, f"copy_pages needs the cpu library: {_status['cpu']}")
     torch.ops.reattention.copy_pages(dst, src, dst_index.contiguous(), src_index.contiguous(),
                                      None if mask is None else mask.contiguous())
+
+
+def tiered_fetch(idx: torch.Tensor, table: torch.Tensor, owner: torch.Tensor,
+                 stamp: torch.Tensor, state: torch.Tensor, jobs: torch.Tensor, k: torch.Tensor,
+                 v: torch.Tensor, host_k: torch.Tensor, host_v: torch.Tensor, *,
+                 sink_pages: int, hot_base: int, absent: int) -> None:
+    """The tiered cache's fetch step (:class:`reattention.offload.TieredPool` owns every
+    argument; csrc/tiered_fetch.h describes them): pages selected in ``idx`` [S, K] become
+    resident in ``k``/``v``, copied from pinned ``host_k``/``host_v`` when missing."""
+    lib = "cuda" if k.is_cuda else "cpu"
+    _need(_status[lib] is None, f"tiered_fetch needs the {lib} library: {_status[lib]}")
+    torch.ops.reattention.tiered_fetch(idx.contiguous(), table, owner, stamp, state, jobs, k, v,
+                                       host_k, host_v, sink_pages, hot_base, absent)

@@ -29,3 +29,8 @@ if _status["cpu"] is None:
     @torch.library.register_fake("reattention::copy_pages")
     def _copy_pages_fake(dst, src, dst_index, src_index, mask=None):
         return None
+
+    @torch.library.register_fake("reattention::tiered_fetch")
+    def _tiered_fetch_fake(idx, table, owner, stamp, state, jobs, k, v, host_k, host_v,
+                           sink_pages, hot_base, absent):
+        return None
