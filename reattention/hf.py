@@ -349,15 +349,15 @@ class ReAttentionLayer(CacheLayerMixin):
     is_croppable = True
 
     def __init__(self, config: ReAttentionConfig, max_length: int | None = None,
-                 backend: str = "auto", page_size: int | None = None):
+                 backend: str = "auto", page_size: int | None = None, **tiers):
         super().__init__()
         self.kv = LayerCache(config, max_length=max_length, backend=backend,
-                             page_size=page_size)
+                             page_size=page_size, **tiers)
 
     def _publish(self) -> None:
         kv = self.kv
         if kv.pool is not None:
-            b, h, d = kv.batch_size, kv.pool.k.shape[1], kv.pool.k.shape[3]
+            b, h, d = kv._dims[:3]
             nan = kv.pool.k.new_full((1, 1, 1, 1), float("nan"))
             self.keys = nan.expand(b, h, kv.length, d)
             self.values = nan.expand(b, h, kv.length, d)
@@ -435,6 +435,12 @@ class ReAttentionCache(Cache):
         Store every layer in pages of this many tokens (:class:`reattention.cache.PagePool`):
         appends never copy stored tokens once :meth:`reserve` sized the pools
         (:func:`prefill` reserves the prompt plus ``reserve_new_tokens``).
+    offload : None or "cpu"
+        "cpu": tiered layers (:class:`reattention.offload.TieredPool`): the middle of every
+        layer in pinned host memory; the GPU keeps the reps, sink, local window and
+        ``hot_pages`` pages per layer. Needs rep "bound" or "mean" and sink % chunk == 0.
+    hot_pages, max_append : for offload, see :class:`reattention.cache.LayerCache`; a call of
+        :func:`prefill` must not exceed ``max_append`` tokens (its ``chunk_size``).
 
     Example
     -------
@@ -444,14 +450,18 @@ class ReAttentionCache(Cache):
 
     def __init__(self, model: "transformers.PreTrainedModel",
                  config: ReAttentionConfig | None = None, *, max_length: int | None = None,
-                 backend: str | None = None, page_size: int | None = None):
+                 backend: str | None = None, page_size: int | None = None,
+                 offload: str | None = None, hot_pages: int | None = None,
+                 max_append: int = 4096):
         state = _require_state(model)
         if config is not None and config != state.config:
             raise ValueError(f"config {config} differs from the one given to enable(): "
                              f"{state.config}")
         text_config = model.config.get_text_config(decoder=True)
+        tiers = dict(offload=offload, hot_pages=hot_pages, max_append=max_append)
         layers = [ReAttentionLayer(state.config, max_length,
-                                   state.backend if backend is None else backend, page_size)
+                                   state.backend if backend is None else backend, page_size,
+                                   **tiers)
                   for _ in range(text_config.num_hidden_layers)]
         super().__init__(layers=layers)
         self.config = state.config

@@ -464,3 +464,24 @@ def test_paged_cache_logits_equal_contiguous(name, rep):
         paged = hf.generate(model, ids[:, :40], hf.ReAttentionCache(model, page_size=8), **kw,
                             **run)
         assert torch.equal(paged, flat), run
+
+
+@pytest.mark.parametrize("rep", ["bound", "mean"])
+def test_tiered_cache_logits_equal_contiguous(rep):
+    """offload="cpu" (both tiers in host memory here): chunked-prefill logits and greedy
+    tokens equal the contiguous cache's bit for bit, with a hot set that must evict."""
+    model = _model("llama3")
+    ids = _ids(100)
+    cfg = reattention.ReAttentionConfig(sink=8, local=16, chunk=8, topk=2, query_block=8,
+                                        rep=rep)
+    hf.enable(model, cfg, backend="cpu")
+    want = _chunked_logits(model, ids, hf.ReAttentionCache(model), 13)
+    cache = hf.ReAttentionCache(model, offload="cpu", max_append=13,
+                                hot_pages=2 * 2 * 2)  # B * Hkv * n_blocks * topk
+    assert torch.equal(_chunked_logits(model, ids, cache, 13), want)
+    pool = cache.layers[0].kv.pool
+    assert pool.host_upto > pool.sink_pages and int(pool.lookups) > int(pool.hits)
+    kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    flat = hf.generate(model, ids[:, :40], hf.ReAttentionCache(model), **kw)
+    tiered = hf.generate(model, ids[:, :40], hf.ReAttentionCache(model, offload="cpu"), **kw)
+    assert torch.equal(tiered, flat)
