@@ -37,5 +37,5 @@ STABLE_TORCH_LIBRARY(reattention, m) {
   m.def(
       "tiered_fetch(Tensor idx, Tensor(a!) table, Tensor(b!) owner, Tensor(c!) stamp, "
       "Tensor(d!) state, Tensor(e!) jobs, Tensor(f!) k, Tensor(g!) v, Tensor host_k, "
-      "Tensor host_v, int sink_pages, int hot_base, int absent) -> ()");
+      "Tensor host_v, int sink_pages, int hot_base, int absent, int pages_per_chunk) -> ()");
 }

@@ -1,13 +1,15 @@
 // The shared part of the tiered_fetch op (docs/design.md section 3.7): argument checks,
 // the state layout and the entry -> page arithmetic, for the CPU and CUDA versions.
 //
-// Inputs, for S paged sequences (one per (sequence, kv head)) of max_pages pages of one chunk:
-//   idx    int32 [S, K]: the chunks a call selected (K = n_blocks * topk), -1 padded;
+// Inputs, for S paged sequences (one per (sequence, kv head)) of max_pages pages, a chunk being
+// pages_per_chunk pages (page = gcd(sink, chunk) tokens):
+//   idx    int32 [S, K]: the chunks a call selected (K = n_blocks * topk), -1 padded; each
+//          entry stands for pages_per_chunk page entries, e' = e * pages_per_chunk + q;
 //   table  int32 [S, max_pages]: the device page of each resident page, else `absent`;
 //   owner  int64 [n_hot]: the page (s * max_pages + p) in each hot page, or -1;
 //   stamp  int64 [n_hot]: the step that last used each hot page;
 //   state  int64 [4]: step, eviction cursor, lookups, hits;
-//   jobs   int64 [1 + 2 S K]: scratch, then the count and the (host page, device page) copies;
+//   jobs   int64 [1 + 2 S K pages_per_chunk]: the count and the (host page, device page) copies;
 //   k, v   device pages [hot_base + n_hot + 1, 1, chunk, D]; host_k, host_v [S * max_pages, ...].
 #pragma once
 
@@ -18,12 +20,14 @@ namespace reattention {
 constexpr int kStateStep = 0, kStateCursor = 1, kStateLookups = 2, kStateHits = 3;
 
 struct TieredFetchDims {
-  int64_t seqs, per_seq, entries, max_pages, n_hot, page_bytes;
+  int64_t seqs, per_seq, entries, max_pages, n_hot, page_bytes, pages_per_chunk;
 };
 
-// The page selected by entry value j (a middle chunk), or -1 for padding or a bad entry.
-RA_HOST_DEVICE int64_t entry_page(int64_t j, int64_t sink_pages, int64_t max_pages) {
-  const int64_t p = sink_pages + j;
+// The page of page entry e (see above) of a sequence, or -1 for padding or a bad entry.
+RA_HOST_DEVICE int64_t entry_page(const int32_t* idx, int64_t e, int64_t pages_per_chunk,
+                                  int64_t sink_pages, int64_t max_pages) {
+  const int64_t j = idx[e / pages_per_chunk];
+  const int64_t p = sink_pages + j * pages_per_chunk + e % pages_per_chunk;
   return j < 0 || p >= max_pages ? -1 : p;
 }
 
@@ -37,7 +41,9 @@ inline TieredFetchDims check_tiered_fetch(const Tensor& idx, const Tensor& table
                                           const Tensor& state, const Tensor& jobs,
                                           const Tensor& k, const Tensor& v,
                                           const Tensor& host_k, const Tensor& host_v,
-                                          int64_t sink_pages, int64_t hot_base, int64_t absent) {
+                                          int64_t sink_pages, int64_t hot_base, int64_t absent,
+                                          int64_t pages_per_chunk) {
+  STD_TORCH_CHECK(pages_per_chunk >= 1, "tiered_fetch: pages_per_chunk must be >= 1");
   STD_TORCH_CHECK(idx.dim() == 2 && idx.scalar_type() == ScalarType::Int && idx.is_contiguous(),
                   "tiered_fetch: idx must be contiguous int32 [S, K]");
   STD_TORCH_CHECK(table.dim() == 2 && table.size(0) == idx.size(0) &&
@@ -51,14 +57,15 @@ inline TieredFetchDims check_tiered_fetch(const Tensor& idx, const Tensor& table
   STD_TORCH_CHECK(state.dim() == 1 && state.size(0) == 4 && state.scalar_type() == ScalarType::Long,
                   "tiered_fetch: state must be int64 [4]");
   TieredFetchDims f{};
+  f.pages_per_chunk = pages_per_chunk;
   f.seqs = idx.size(0);
-  f.per_seq = idx.size(1);
+  f.per_seq = idx.size(1) * pages_per_chunk;
   f.entries = f.seqs * f.per_seq;
   f.max_pages = table.size(1);
   f.n_hot = owner.size(0);
   STD_TORCH_CHECK(jobs.dim() == 1 && jobs.size(0) >= 1 + 2 * f.entries &&
                       jobs.scalar_type() == ScalarType::Long,
-                  "tiered_fetch: jobs must be int64 [>= 1 + 2 S K]");
+                  "tiered_fetch: jobs must be int64 [>= 1 + 2 S K pages_per_chunk]");
   STD_TORCH_CHECK(f.n_hot >= f.entries, "tiered_fetch: n_hot=", f.n_hot,
                   " hot pages cannot hold a call's ", f.entries, " selected pages");
   for (const Tensor* t : {&k, &v, &host_k, &host_v})

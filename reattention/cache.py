@@ -204,12 +204,12 @@ class LayerCache:
         of it is the fast case. ``max_length`` (or :meth:`reserve`) then sizes the pool, so
         appends never copy stored tokens.
     offload : None or "cpu"
-        "cpu": the tiered layout (pages of one chunk; needs rep "bound" or "mean" and the
-        sink a multiple of the chunk). Outputs equal the all-GPU cache's bit for bit.
+        "cpu": the tiered layout (pages of gcd(sink, chunk) tokens; needs rep "bound" or
+        "mean"). Outputs equal the all-GPU cache's bit for bit.
     hot_pages : int, optional
         Tiered: GPU pages kept for selected chunks, at least what one call selects
-        (B * Hkv * ceil(Lq / query_block) * topk); default that for an append of
-        ``max_append`` tokens.
+        (B * Hkv * ceil(Lq / query_block) * topk * chunk / page); default that for an append
+        of ``max_append`` tokens.
     max_append : int
         Tiered: the most tokens one append (and one attend call) holds; sizes the GPU ring
         of the local window. Default 4096.
@@ -255,13 +255,11 @@ class LayerCache:
             if config.rep == "max":
                 raise ValueError("offload needs rep 'bound' or 'mean': rep 'max' scores every "
                                  "raw key at every step, which would read the host tier")
-            if config.sink % config.chunk:
-                raise ValueError(f"offload needs sink ({config.sink}) to be a multiple of "
-                                 f"chunk ({config.chunk}): its pages are chunks")
-            if page_size not in (None, config.chunk):
-                raise ValueError(f"offload uses pages of one chunk ({config.chunk} tokens), "
-                                 f"got page_size={page_size}")
-            page_size = config.chunk
+            tiered_page = math.gcd(config.sink, config.chunk)
+            if page_size not in (None, tiered_page):
+                raise ValueError(f"offload uses pages of gcd(sink, chunk) = {tiered_page} "
+                                 f"tokens, got page_size={page_size}")
+            page_size = tiered_page
         self.config = config
         self.page_size = page_size
         self.offload = offload
@@ -377,7 +375,9 @@ class LayerCache:
             raise ValueError(f"head_dim must be an even int >= 2, got {head_dim!r}")
         self._dims = (batch, heads, head_dim, dtype, torch.device(device))
         if self.tiered:
-            per_call = -(-self.max_append // self.config.query_block) * self.config.topk
+            cfg = self.config
+            per_call = (-(-self.max_append // cfg.query_block) * cfg.topk
+                        * (cfg.chunk // math.gcd(cfg.sink, cfg.chunk)))
             self.pool = TieredPool(self.config, batch, heads, head_dim, dtype,
                                    torch.device(device), max_tokens=capacity,
                                    hot_pages=self.hot_pages or batch * heads * per_call,

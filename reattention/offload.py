@@ -10,8 +10,8 @@ and selects them from the chunk reps alone, so the rest of the cache can live of
 - pinned host memory keeps every middle page, written there (by a kernel, through unified
   addressing) as the local window slides past it.
 
-Pages are one chunk of one kv head (page_size = chunk), so each (sequence, kv head) is its own
-paged sequence of one head: the ops run on q viewed as [B * Hkv, G, Lq, D] with a block table
+Pages hold one kv head's ``gcd(sink, chunk)`` tokens (one chunk when the sink is a multiple of
+the chunk), so each (sequence, kv head) is its own paged sequence of one head: the ops run on q viewed as [B * Hkv, G, Lq, D] with a block table
 of B * Hkv rows, which computes exactly what the [B, Hq, Lq, D] call computes. After each
 selection :meth:`TieredPool.fetch` makes the selected pages resident on the GPU with the
 ``tiered_fetch`` op: a page already hot stays (its stamp is renewed); a missing one takes the
@@ -24,6 +24,8 @@ Nothing here needs a GPU: with ``device="cpu"`` both tiers are CPU tensors and t
 bookkeeping runs (how CI tests it).
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -41,20 +43,20 @@ class TieredPool:
 
     Parameters
     ----------
-    config : ReAttentionConfig with rep "bound" or "mean" (selection must not read the keys)
-        and ``sink`` a multiple of ``chunk`` (pages are chunks).
+    config : ReAttentionConfig with rep "bound" or "mean" (selection must not read the keys).
     batch, heads, head_dim, dtype, device : the cache's B, Hkv, D, dtype and GPU (or "cpu").
     max_tokens : tokens per sequence the host tier is sized for (it grows, with a copy, past
         that).
     hot_pages : GPU pages kept for selected middle chunks; at least the pages one call
-        selects (B * Hkv * ceil(Lq / query_block) * topk), checked at every call.
+        selects (B * Hkv * ceil(Lq / query_block) * topk * chunk / page), checked at every
+        call.
     max_append : the most tokens one append (one call) adds; sizes the local-window ring.
 
     Attributes
     ----------
-    k, v : GPU pages [slots, 1, chunk, D]: sink pages, then the ring, then the hot pages, then
+    k, v : GPU pages [slots, 1, page, D]: sink pages, then the ring, then the hot pages, then
         one page of NaN (``absent``).
-    host_k, host_v : pinned host pages [B * Hkv * max_pages, 1, chunk, D].
+    host_k, host_v : pinned host pages [B * Hkv * max_pages, 1, page, D].
     table : int32 [B * Hkv, max_pages], the GPU page of each resident page, else ``absent``
         (a page of NaN: every entry is a valid page, and a read of an absent page shows).
     reps : the chunk reps, [B * Hkv, 1, n_chunks, ...].
@@ -66,18 +68,17 @@ class TieredPool:
         if config.rep == "max":
             raise ValueError("offload needs rep 'bound' or 'mean': rep 'max' scores every raw "
                              "key of the cache at every step, which would read the host tier")
-        if config.sink % config.chunk:
-            raise ValueError(f"offload needs sink ({config.sink}) to be a multiple of chunk "
-                             f"({config.chunk}): pages are chunks")
         self.config = config
         self.backend = backend
         self.batch, self.heads = batch, heads
         self.seqs = batch * heads
-        self.page = config.chunk
-        self.sink_pages = config.sink // config.chunk
+        # Chunks start at sink + j * chunk: pages of gcd(sink, chunk) tokens tile both.
+        self.page = math.gcd(config.sink, config.chunk)
+        self.ppc = config.chunk // self.page  # pages per chunk
+        self.sink_pages = config.sink // self.page
         self.max_append = max_append
-        # The window of a call spans fewer than (local + chunk + appended) / chunk + 2 pages.
-        self.ring = (config.local + max_append) // self.page + 3
+        # The window of a call spans fewer than local + chunk + appended tokens, plus a page.
+        self.ring = (config.local + max_append) // self.page + 2 * self.ppc + 3
         self.ring_base = self.seqs * self.sink_pages
         self.hot_base = self.ring_base + self.seqs * self.ring
         self.n_hot = hot_pages
@@ -319,11 +320,12 @@ class TieredPool:
         """Make every page selected in ``idx`` [B * Hkv, 1, n_blocks, topk] resident on the
         GPU (the ``tiered_fetch`` op: device-only, fixed shapes, no host sync)."""
         s_, k_ = self.seqs, idx.shape[2] * idx.shape[3]
-        if s_ * k_ > self.n_hot:
-            raise ValueError(f"hot_pages={self.n_hot} is below the {s_ * k_} pages one call "
-                             f"of this shape may select (B * Hkv * n_blocks * topk)")
-        jobs = torch.empty(1 + 2 * s_ * k_, dtype=torch.int64, device=self.device)
+        if s_ * k_ * self.ppc > self.n_hot:
+            raise ValueError(f"hot_pages={self.n_hot} is below the {s_ * k_ * self.ppc} pages "
+                             f"one call of this shape may select (B * Hkv * n_blocks * topk * "
+                             f"pages per chunk)")
+        jobs = torch.empty(1 + 2 * s_ * k_ * self.ppc, dtype=torch.int64, device=self.device)
         ops.tiered_fetch(idx.reshape(s_, k_), self.table, self.owner, self.stamp, self.state,
                          jobs, self.k, self.v, self.host_k, self.host_v,
                          sink_pages=self.sink_pages, hot_base=self.hot_base,
-                         absent=self.absent)
+                         absent=self.absent, pages_per_chunk=self.ppc)

@@ -95,6 +95,21 @@ def test_needle_16x_reattention_finds_it_dense_does_not(model):
     assert acc["dense"] <= 0.3, acc
 
 
+def test_tiered_cache_answers_exactly_as_the_all_in_memory_one(model):
+    """offload="cpu" (sink 16, chunk 32: pages of 16 tokens, two per chunk) gives the same
+    logits, so the same answers, as the contiguous cache at 16x the trained length."""
+    from reattention.needle.model import answer, use_method
+    ids = torch.stack([needle.make_sample(16 * needle.TRAINED_LENGTH, d, seed=7)[0]
+                       for d in (0.2, 0.7)])
+    with use_method(model, "reattention-bound"):
+        want = answer(model, "reattention-bound", ids, chunk_size=1000)
+        got = answer(model, "reattention-bound", ids, chunk_size=1000, offload="cpu")
+    assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="rep 'bound' or 'mean'"):
+        with use_method(model, "reattention-max"):
+            answer(model, "reattention-max", ids, offload="cpu")
+
+
 def test_window_sees_the_sink_and_the_window_only(model):
     res = needle.evaluate(model, [4096], [0.0, 0.5, 1.0], samples=2, methods=["window"], batch=6)
     assert res["accuracy"]["window"] == [[1.0, 0.0, 1.0]]

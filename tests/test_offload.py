@@ -46,8 +46,10 @@ def _run(caches, k, v, sizes, seed=1):
 @pytest.mark.parametrize("rep", ["bound", "mean"])
 @pytest.mark.parametrize("sizes", [[1] * 300, [60, 1, 37, 1, 1, 64, 5, 1, 64, 1]],
                          ids=["decode", "mixed"])
-def test_tiered_equals_contiguous(backend, rep, sizes):
-    cfg = _cfg(rep)
+@pytest.mark.parametrize("sink", [8, 4, 0], ids=["sink-chunk", "sink-half-chunk", "no-sink"])
+def test_tiered_equals_contiguous(backend, rep, sizes, sink):
+    """sink 4 with chunk 8: pages of gcd(4, 8) = 4 tokens, two per chunk."""
+    cfg = _cfg(rep, sink=sink)
     k, v = _kv(sum(sizes))
     flat = LayerCache(cfg, backend=backend)
     tiered = LayerCache(cfg, backend=backend, offload="cpu", max_append=64)
@@ -59,8 +61,8 @@ def test_tiered_equals_contiguous(backend, rep, sizes):
     assert pool.k.shape[0] == pool.hot_base + pool.n_hot + 1
     # Middle pages left the window: they live in the host tier, and were fetched from it.
     assert pool.host_upto > pool.sink_pages
-    s_pages = pool.host_k.view(B * HKV, pool.max_pages, cfg.chunk, D)
-    n_host = pool.host_upto * cfg.chunk
+    s_pages = pool.host_k.view(B * HKV, pool.max_pages, pool.page, D)
+    n_host = pool.host_upto * pool.page
     assert torch.equal(s_pages[:, :pool.host_upto].reshape(B, HKV, n_host, D)[:, :, cfg.sink:],
                        k[:, :, cfg.sink:n_host])
     assert int(pool.lookups) > 0 and 0.0 <= pool.hit_rate() <= 1.0
@@ -117,9 +119,7 @@ def test_tiered_crop_and_select_batch(rep):
 def test_offload_refuses_what_it_cannot_do():
     with pytest.raises(ValueError, match="rep 'bound' or 'mean'"):
         LayerCache(_cfg("max"), offload="cpu")
-    with pytest.raises(ValueError, match="multiple of chunk"):
-        LayerCache(_cfg(sink=4), offload="cpu")
-    with pytest.raises(ValueError, match="pages of one chunk"):
+    with pytest.raises(ValueError, match=r"pages of gcd\(sink, chunk\) = 8 tokens"):
         LayerCache(_cfg(), offload="cpu", page_size=16)
     with pytest.raises(ValueError, match="offload must be None or 'cpu'"):
         LayerCache(_cfg(), offload="disk")
@@ -146,13 +146,13 @@ def test_copy_pages_op():
 # --------------------------------------------------------------------------- on a GPU
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
-@pytest.mark.parametrize("rep", ["bound", "mean"])
-def test_tiered_on_gpu_equals_all_gpu_and_captures(backend, rep):
+@pytest.mark.parametrize("rep,sink", [("bound", 64), ("mean", 64), ("bound", 32)])
+def test_tiered_on_gpu_equals_all_gpu_and_captures(backend, rep, sink):
     """Pinned host tier, CUDA device tier: outputs equal the all-GPU contiguous cache bit for
     bit (decode and prefill calls, evictions included), and a decode step (selection, fetch,
-    attention) replays from a CUDA graph with the eager result."""
+    attention) replays from a CUDA graph with the eager result. Sink 32: two pages a chunk."""
     from conftest import require
-    cfg = reattention.ReAttentionConfig(sink=64, local=256, chunk=64, topk=8, query_block=64,
+    cfg = reattention.ReAttentionConfig(sink=sink, local=256, chunk=64, topk=8, query_block=64,
                                         rep=rep)
     g = torch.Generator(device="cuda").manual_seed(0)
     n = 8192
@@ -161,7 +161,7 @@ def test_tiered_on_gpu_equals_all_gpu_and_captures(backend, rep):
     require(backend, k)
     flat = LayerCache(cfg, backend=backend)
     tiered = LayerCache(cfg, backend=backend, offload="cpu", max_append=512,
-                        hot_pages=2 * 4 * 8 * 8)
+                        hot_pages=2 * 4 * 8 * 8 * (64 // sink))
     sizes = [512] * 14 + [1] * 64 + [448, 512]
     s = 0
     for m in sizes:

@@ -13,9 +13,11 @@ namespace {
 
 void tiered_fetch_cpu(Tensor idx, Tensor table, Tensor owner, Tensor stamp, Tensor state,
                       Tensor jobs, Tensor k, Tensor v, Tensor host_k, Tensor host_v,
-                      int64_t sink_pages, int64_t hot_base, int64_t absent) {
+                      int64_t sink_pages, int64_t hot_base, int64_t absent,
+                      int64_t pages_per_chunk) {
   const TieredFetchDims f = check_tiered_fetch(idx, table, owner, stamp, state, jobs, k, v,
-                                               host_k, host_v, sink_pages, hot_base, absent);
+                                               host_k, host_v, sink_pages, hot_base, absent,
+                                               pages_per_chunk);
   const int32_t* sel = idx.const_data_ptr<int32_t>();
   auto* tab = static_cast<int32_t*>(table.data_ptr());
   auto* own = static_cast<int64_t*>(owner.data_ptr());
@@ -28,7 +30,7 @@ void tiered_fetch_cpu(Tensor idx, Tensor table, Tensor owner, Tensor stamp, Tens
   std::vector<int64_t> flat(f.entries, -1);
   int64_t lookups = 0, hits = 0;
   for (int64_t e = 0; e < f.entries; ++e) {
-    const int64_t page = entry_page(sel[e], sink_pages, f.max_pages);
+    const int64_t page = entry_page(sel, e, f.pages_per_chunk, sink_pages, f.max_pages);
     if (page < 0) continue;
     const int64_t fp = (e / f.per_seq) * f.max_pages + page;
     const int64_t slot = tab[fp];

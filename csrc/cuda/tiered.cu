@@ -155,11 +155,11 @@ struct FetchArgs {
   int64_t* stamp;
   int64_t* state;
   int64_t* jobs;
-  int64_t per_seq, entries, max_pages, n_hot, sink_pages, hot_base, absent;
+  int64_t per_seq, entries, max_pages, n_hot, sink_pages, hot_base, absent, pages_per_chunk;
 };
 
 __device__ int64_t fetch_flat(const FetchArgs& a, int64_t e) {
-  const int64_t page = entry_page(a.idx[e], a.sink_pages, a.max_pages);
+  const int64_t page = entry_page(a.idx, e, a.pages_per_chunk, a.sink_pages, a.max_pages);
   return page < 0 ? -1 : (e / a.per_seq) * a.max_pages + page;
 }
 
@@ -257,9 +257,11 @@ __global__ void __launch_bounds__(kCopyThreads)
 
 void tiered_fetch_cuda(Tensor idx, Tensor table, Tensor owner, Tensor stamp, Tensor state,
                        Tensor jobs, Tensor k, Tensor v, Tensor host_k, Tensor host_v,
-                       int64_t sink_pages, int64_t hot_base, int64_t absent) {
+                       int64_t sink_pages, int64_t hot_base, int64_t absent,
+                       int64_t pages_per_chunk) {
   const TieredFetchDims f = check_tiered_fetch(idx, table, owner, stamp, state, jobs, k, v,
-                                               host_k, host_v, sink_pages, hot_base, absent);
+                                               host_k, host_v, sink_pages, hot_base, absent,
+                                               pages_per_chunk);
   for (const Tensor* t : {&idx, &table, &owner, &stamp, &state, &jobs, &k, &v})
     STD_TORCH_CHECK(t->is_cuda() && t->get_device_index() == k.get_device_index(),
                     "tiered_fetch (cuda): every tensor but host_k/host_v must be on k's GPU");
@@ -278,7 +280,8 @@ void tiered_fetch_cuda(Tensor idx, Tensor table, Tensor owner, Tensor stamp, Ten
   FetchArgs a{idx.const_data_ptr<int32_t>(), static_cast<int32_t*>(table.data_ptr()),
               static_cast<int64_t*>(owner.data_ptr()), static_cast<int64_t*>(stamp.data_ptr()),
               static_cast<int64_t*>(state.data_ptr()), static_cast<int64_t*>(jobs.data_ptr()),
-              f.per_seq, f.entries, f.max_pages, f.n_hot, sink_pages, hot_base, absent};
+              f.per_seq, f.entries, f.max_pages, f.n_hot, sink_pages, hot_base, absent,
+              f.pages_per_chunk};
   tiered_plan_kernel<<<1, kPlanThreads, 0, s>>>(a);
   tiered_copy_kernel<<<dim3(static_cast<unsigned>(f.entries), 2), kCopyThreads, 0, s>>>(
       static_cast<uint4*>(k.data_ptr()), static_cast<uint4*>(v.data_ptr()),

@@ -133,6 +133,9 @@ def _parser():
                         "kernels take 16-bit inputs)")
     p.add_argument("--backend", choices=ops.BACKENDS, default="auto",
                    help="ReAttention op backend (default: the first usable one)")
+    p.add_argument("--offload", choices=("cpu",), default=None,
+                   help="keep the ReAttention caches' middle in pinned host memory (the tiered "
+                        "cache; reattention-max cannot)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write the results as JSON here")
     plot = p.add_mutually_exclusive_group()
@@ -228,7 +231,7 @@ def demo(args):
     t0 = time.perf_counter()
     res = evaluate(model, lengths, depths, samples, methods, batch=batch,
                    chunk_size=args.chunk_size, dense_max_len=dense_max, backend=args.backend,
-                   seed=args.seed, progress=progress)
+                   seed=args.seed, progress=progress, offload=args.offload)
     res["total_seconds"] = round(time.perf_counter() - t0, 1)
     save(res)
     print()

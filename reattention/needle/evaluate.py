@@ -14,7 +14,7 @@ def _sample_seed(seed, length, depth_index, sample):
 
 def evaluate(model, lengths, depths, samples, methods=METHODS, *, batch=4,
              chunk_size=PREFILL_CHUNK, dense_max_len=None, backend="auto", seed=0,
-             progress=None):
+             progress=None, offload=None):
     """Needle accuracy of each method over lengths x depths.
 
     Every method answers the same prompts: ``samples`` per (length, depth), batched
@@ -29,6 +29,8 @@ def evaluate(model, lengths, depths, samples, methods=METHODS, *, batch=4,
     methods : names from :data:`METHODS`.
     dense_max_len : int, optional
         Skip dense attention above this length (its cost grows as the square).
+    offload : None or "cpu": the ReAttention caches keep their middle in pinned host memory
+        (the tiered cache); the window and dense methods are unaffected.
     progress : callable(line, results), optional
         Called after each (length, method) with a one-line summary and the results so far
         (to print them, or save them before a long run ends).
@@ -37,8 +39,8 @@ def evaluate(model, lengths, depths, samples, methods=METHODS, *, batch=4,
     -------
     dict
         ``accuracy[method][i]`` is the list of per-depth fractions at ``lengths[i]``, or None
-        where the method was skipped; ``seconds[method]`` a [len(lengths)] list; plus the
-        settings.
+        where the method was skipped; ``seconds[method]`` a [len(lengths)] list; on a GPU
+        ``peak_gib[method]`` the peak allocated GPU memory of each cell; plus the settings.
 
     Examples
     --------
@@ -59,11 +61,12 @@ def evaluate(model, lengths, depths, samples, methods=METHODS, *, batch=4,
         "depths": list(depths),
         "samples": samples,
         "methods": list(methods),
-        "settings": dict(NEEDLE_SETTINGS, prefill_chunk=chunk_size),
+        "settings": dict(NEEDLE_SETTINGS, prefill_chunk=chunk_size, offload=offload),
         "device": str(device),
         "dtype": str(model.dtype),
         "accuracy": {m: [None] * len(lengths) for m in methods},
         "seconds": {m: [None] * len(lengths) for m in methods},
+        "peak_gib": {m: [None] * len(lengths) for m in methods},
     }
     cases = [(d, s) for d in range(len(depths)) for s in range(samples)]
     for li, length in enumerate(lengths):
@@ -71,6 +74,8 @@ def evaluate(model, lengths, depths, samples, methods=METHODS, *, batch=4,
             if m == "dense" and dense_max_len is not None and length > dense_max_len:
                 continue
             hits = [0] * len(depths)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
             t0 = time.perf_counter()
             with use_method(model, m, backend):
                 for i in range(0, len(cases), batch):
@@ -79,13 +84,16 @@ def evaluate(model, lengths, depths, samples, methods=METHODS, *, batch=4,
                              for d, s in group]
                     ids = torch.stack([p[0] for p in pairs]).to(device)
                     want = torch.stack([p[1] for p in pairs])
-                    got = answer(model, m, ids, chunk_size).cpu()
+                    tiered = offload if m.startswith("reattention") else None
+                    got = answer(model, m, ids, chunk_size, offload=tiered).cpu()
                     for (d, _), ok in zip(group, (got == want).all(dim=1).tolist()):
                         hits[d] += ok
                     if progress is not None and len(cases) > batch:  # long cells show life
                         print(f"    {length} tokens {m}: {i + len(group)}/{len(cases)} prompts, "
                               f"{time.perf_counter() - t0:.1f} s", flush=True)
             res["seconds"][m][li] = round(time.perf_counter() - t0, 2)
+            if device.type == "cuda":
+                res["peak_gib"][m][li] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
             res["accuracy"][m][li] = [h / samples for h in hits]
             if progress is not None:
                 acc = sum(hits) / len(cases)

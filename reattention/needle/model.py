@@ -191,7 +191,7 @@ def use_method(model, method, backend="auto"):
 
 
 @torch.no_grad()
-def answer(model, method, input_ids, chunk_size=PREFILL_CHUNK):
+def answer(model, method, input_ids, chunk_size=PREFILL_CHUNK, offload=None):
     """Greedy answer of ``model`` (inside ``use_method(model, method)``) to prompts.
 
     The prompt but its last token is prefilled (in chunks of ``chunk_size`` for the
@@ -201,6 +201,8 @@ def answer(model, method, input_ids, chunk_size=PREFILL_CHUNK):
     Parameters
     ----------
     input_ids : torch.LongTensor [B, L] on the model's device, equal lengths.
+    offload : None or "cpu": the ReAttention methods' cache keeps its middle in host memory
+        (``hf.ReAttentionCache(offload=...)``; rep "max" cannot, and raises).
 
     Returns
     -------
@@ -212,7 +214,8 @@ def answer(model, method, input_ids, chunk_size=PREFILL_CHUNK):
         cache = hf._cache_of(model(input_ids=input_ids[:, :-1], use_cache=True,
                                    logits_to_keep=1))
     else:
-        cache = hf.ReAttentionCache(model)
+        tiers = {} if offload is None else dict(offload=offload, max_append=chunk_size)
+        cache = hf.ReAttentionCache(model, **tiers)
         hf.prefill(model, input_ids, cache, chunk_size=chunk_size, progress=False,
                    reserve_new_tokens=VALUE_LEN)
     # The cache keyword this transformers takes (past_key_values before 5.24, cache after).

@@ -233,11 +233,12 @@ def copy_pages(dst: torch.Tensor, src: torch.Tensor, dst_index: torch.Tensor,
 def tiered_fetch(idx: torch.Tensor, table: torch.Tensor, owner: torch.Tensor,
                  stamp: torch.Tensor, state: torch.Tensor, jobs: torch.Tensor, k: torch.Tensor,
                  v: torch.Tensor, host_k: torch.Tensor, host_v: torch.Tensor, *,
-                 sink_pages: int, hot_base: int, absent: int) -> None:
+                 sink_pages: int, hot_base: int, absent: int, pages_per_chunk: int = 1) -> None:
     """The tiered cache's fetch step (:class:`reattention.offload.TieredPool` owns every
     argument; csrc/tiered_fetch.h describes them): pages selected in ``idx`` [S, K] become
     resident in ``k``/``v``, copied from pinned ``host_k``/``host_v`` when missing."""
     lib = "cuda" if k.is_cuda else "cpu"
     _need(_status[lib] is None, f"tiered_fetch needs the {lib} library: {_status[lib]}")
     torch.ops.reattention.tiered_fetch(idx.contiguous(), table, owner, stamp, state, jobs, k, v,
-                                       host_k, host_v, sink_pages, hot_base, absent)
+                                       host_k, host_v, sink_pages, hot_base, absent,
+                                       pages_per_chunk)

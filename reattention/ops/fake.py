@@ -32,5 +32,5 @@ if _status["cpu"] is None:
 
     @torch.library.register_fake("reattention::tiered_fetch")
     def _tiered_fetch_fake(idx, table, owner, stamp, state, jobs, k, v, host_k, host_v,
-                           sink_pages, hot_base, absent):
+                           sink_pages, hot_base, absent, pages_per_chunk):
         return None
