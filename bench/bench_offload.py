@@ -23,30 +23,17 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
-import sys
 import time
 
 import torch
 
 import reattention
+from bench_attn import header  # this folder is on the path when a script runs from it
 from reattention.cache import LayerCache
 
 HQ, HKV, D = 32, 8, 128
 CFG = dict(sink=64, local=4096, chunk=64, topk=32, query_block=128, rep="bound")
 APPEND = 4096
-
-
-def header() -> dict:
-    commit = os.environ.get("REATTENTION_COMMIT")
-    if not commit:
-        try:
-            commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
-                                             stderr=subprocess.DEVNULL).strip()
-        except (OSError, subprocess.CalledProcessError):
-            commit = "unknown"
-    return dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, commit=commit,
-                python=sys.version.split()[0])
 
 
 def h2d_bandwidth() -> float:

@@ -32,7 +32,7 @@ STABLE_TORCH_LIBRARY(reattention, m) {
   m.def(
       "copy_pages(Tensor(a!) dst, Tensor src, Tensor dst_index, Tensor src_index, "
       "Tensor? mask=None) -> ()");
-  // The tiered cache's fetch step (csrc/tiered_fetch.h): makes the pages idx selects resident
+  // The tiered cache's fetch step (csrc/tiered.h): makes the pages idx selects resident
   // in k/v, updating the table, the hot-set state and the copy list; reads host_k/host_v.
   m.def(
       "tiered_fetch(Tensor idx, Tensor(a!) table, Tensor(b!) owner, Tensor(c!) stamp, "

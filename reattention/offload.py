@@ -91,7 +91,7 @@ class TieredPool:
         self.v[self.absent] = float("nan")
         self.owner = torch.full((hot_pages,), -1, dtype=torch.int64, device=self.device)
         self.stamp = torch.full((hot_pages,), -1, dtype=torch.int64, device=self.device)
-        # step, eviction cursor, lookups, hits (csrc/tiered_fetch.h)
+        # step, eviction cursor, lookups, hits (csrc/tiered.h)
         self.state = torch.zeros(4, dtype=torch.int64, device=self.device)
         self.length = 0
         self.host_upto = self.sink_pages  # pages [sink_pages, host_upto) live on the host only

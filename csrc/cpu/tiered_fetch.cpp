@@ -6,7 +6,7 @@
 #include <vector>
 
 #include "common.h"
-#include "tiered_fetch.h"
+#include "tiered.h"
 
 namespace reattention {
 namespace {

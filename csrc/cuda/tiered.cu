@@ -31,7 +31,7 @@
 #include <optional>
 
 #include "common.h"
-#include "tiered_fetch.h"
+#include "tiered.h"
 
 namespace reattention {
 namespace {
@@ -63,26 +63,9 @@ bool is_pinned_host(const void* p) {
 
 void copy_pages_cuda(Tensor dst, Tensor src, Tensor dst_index, Tensor src_index,
                      std::optional<Tensor> mask) {
-  STD_TORCH_CHECK(dst.dim() >= 1 && src.dim() == dst.dim(), "copy_pages: dst and src must be "
-                  "page tensors [num_pages, ...] of the same rank");
-  for (int64_t i = 1; i < dst.dim(); ++i)
-    STD_TORCH_CHECK(dst.size(i) == src.size(i), "copy_pages: dst and src pages differ in shape");
-  STD_TORCH_CHECK(dst.scalar_type() == src.scalar_type(), "copy_pages: dst and src dtypes differ");
-  STD_TORCH_CHECK(dst.is_contiguous() && src.is_contiguous(),
-                  "copy_pages: dst and src must be contiguous");
-  STD_TORCH_CHECK(dst_index.dim() == 1 && src_index.dim() == 1 &&
-                      dst_index.size(0) == src_index.size(0) &&
-                      dst_index.scalar_type() == ScalarType::Long &&
-                      src_index.scalar_type() == ScalarType::Long &&
-                      dst_index.is_cuda() && src_index.is_cuda() &&
-                      dst_index.is_contiguous() && src_index.is_contiguous(),
-                  "copy_pages: dst_index and src_index must be contiguous int64 [L] CUDA tensors");
-  if (mask) {
-    STD_TORCH_CHECK(mask->dim() == 1 && mask->size(0) == dst_index.size(0) &&
-                        mask->scalar_type() == ScalarType::Bool && mask->is_cuda() &&
-                        mask->is_contiguous(),
-                    "copy_pages: mask must be a contiguous bool [L] CUDA tensor");
-  }
+  check_copy_pages(dst, src, dst_index, src_index, mask);
+  STD_TORCH_CHECK(dst_index.is_cuda() && src_index.is_cuda() && (!mask || mask->is_cuda()),
+                  "copy_pages (cuda): dst_index, src_index and mask must be CUDA tensors");
   const Tensor& on_gpu = dst.is_cuda() ? dst : src;
   STD_TORCH_CHECK(on_gpu.is_cuda(), "copy_pages (cuda): dst or src must be a CUDA tensor");
   for (const Tensor* t : {&dst, &src}) {

@@ -235,7 +235,7 @@ def tiered_fetch(idx: torch.Tensor, table: torch.Tensor, owner: torch.Tensor,
                  v: torch.Tensor, host_k: torch.Tensor, host_v: torch.Tensor, *,
                  sink_pages: int, hot_base: int, absent: int, pages_per_chunk: int = 1) -> None:
     """The tiered cache's fetch step (:class:`reattention.offload.TieredPool` owns every
-    argument; csrc/tiered_fetch.h describes them): pages selected in ``idx`` [S, K] become
+    argument; csrc/tiered.h describes them): pages selected in ``idx`` [S, K] become
     resident in ``k``/``v``, copied from pinned ``host_k``/``host_v`` when missing."""
     lib = "cuda" if k.is_cuda else "cpu"
     _need(_status[lib] is None, f"tiered_fetch needs the {lib} library: {_status[lib]}")

@@ -1,5 +1,6 @@
-// The shared part of the tiered_fetch op (docs/design.md section 3.7): argument checks,
-// the state layout and the entry -> page arithmetic, for the CPU and CUDA versions.
+// The shared part of the tiered cache's ops, copy_pages and tiered_fetch (docs/design.md
+// section 3.7): argument checks, the state layout and the entry -> page arithmetic, for the CPU
+// and CUDA versions.
 //
 // Inputs, for S paged sequences (one per (sequence, kv head)) of max_pages pages, a chunk being
 // pages_per_chunk pages (page = gcd(sink, chunk) tokens):
@@ -13,9 +14,35 @@
 //   k, v   device pages [hot_base + n_hot + 1, 1, chunk, D]; host_k, host_v [S * max_pages, ...].
 #pragma once
 
+#include <optional>
+
 #include "common.h"
 
 namespace reattention {
+
+// copy_pages: dst and src contiguous page tensors [num_pages, ...] of one page shape and dtype,
+// dst_index and src_index contiguous int64 [L], mask None or contiguous bool [L].
+inline void check_copy_pages(const Tensor& dst, const Tensor& src, const Tensor& dst_index,
+                             const Tensor& src_index, const std::optional<Tensor>& mask) {
+  STD_TORCH_CHECK(dst.dim() >= 1 && src.dim() == dst.dim(), "copy_pages: dst and src must be "
+                  "page tensors [num_pages, ...] of the same rank");
+  for (int64_t i = 1; i < dst.dim(); ++i)
+    STD_TORCH_CHECK(dst.size(i) == src.size(i), "copy_pages: dst and src pages differ in shape");
+  STD_TORCH_CHECK(dst.scalar_type() == src.scalar_type(), "copy_pages: dst and src dtypes differ");
+  STD_TORCH_CHECK(dst.is_contiguous() && src.is_contiguous(),
+                  "copy_pages: dst and src must be contiguous");
+  STD_TORCH_CHECK(dst_index.dim() == 1 && src_index.dim() == 1 &&
+                      dst_index.size(0) == src_index.size(0) &&
+                      dst_index.scalar_type() == ScalarType::Long &&
+                      src_index.scalar_type() == ScalarType::Long &&
+                      dst_index.is_contiguous() && src_index.is_contiguous(),
+                  "copy_pages: dst_index and src_index must be contiguous int64 [L]");
+  if (mask) {
+    STD_TORCH_CHECK(mask->dim() == 1 && mask->size(0) == dst_index.size(0) &&
+                        mask->scalar_type() == ScalarType::Bool && mask->is_contiguous(),
+                    "copy_pages: mask must be a contiguous bool [L]");
+  }
+}
 
 constexpr int kStateStep = 0, kStateCursor = 1, kStateLookups = 2, kStateHits = 3;
 
