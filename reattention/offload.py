@@ -121,6 +121,12 @@ class TieredPool:
         from the reps, :meth:`fetch`, attention (keywords of ``api._attend_checked``)."""
         from .api import _attend_checked
         b, hq, lq, d = q.shape
+        # The first query block reads its local window from page _window_start(first query)
+        # on; pages below host_upto are only on the host (absent: NaN). The ring keeps the
+        # window of the last append's queries (and, after a crop, of the newest token's).
+        if self._window_start(self.length - lq) < self.host_upto:
+            raise ValueError(f"q holds {lq} queries, but this offloaded cache keeps the local "
+                             f"window of the last append's queries only (append them first)")
         qh = q.reshape(self.seqs, hq // self.heads, lq, d)
         res = _attend_checked(qh, self.k, self.v, self.seqlens, self.reps, self.config,
                               block_table=self.table, on_selection=self.fetch, **kw)
@@ -140,7 +146,8 @@ class TieredPool:
                 slot = int(table[s, p])
                 out[s, p] = (gpu[slot, 0] if slot != self.absent
                              else host[s * self.max_pages + p, 0].to(gpu.device))
-        return out.view(self.batch, self.heads, n * self.page, -1)[:, :, :self.length]
+        # D spelled out: with no tokens (after a reset) -1 would be ambiguous.
+        return out.view(self.batch, self.heads, n * self.page, gpu.shape[-1])[:, :, :self.length]
 
     @property
     def gpu_bytes(self) -> int:
@@ -255,7 +262,9 @@ class TieredPool:
         drop = (own >= 0) & (own % self.max_pages >= keep)
         self.owner.copy_(torch.where(drop, -1, own))
         self.stamp.copy_(torch.where(drop, -1, self.stamp))
-        start = self._window_start(length)
+        # The window of the newest token's query (an attend of Lq = 1 right after the crop),
+        # which starts no later than the next append's.
+        start = self._window_start(max(0, length - 1))
         if start < self.host_upto:
             pages = list(range(start, min(self.host_upto, keep)))
             if pages:
