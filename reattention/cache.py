@@ -375,12 +375,10 @@ class LayerCache:
             raise ValueError(f"head_dim must be an even int >= 2, got {head_dim!r}")
         self._dims = (batch, heads, head_dim, dtype, torch.device(device))
         if self.tiered:
-            cfg = self.config
-            per_call = (-(-self.max_append // cfg.query_block) * cfg.topk
-                        * (cfg.chunk // math.gcd(cfg.sink, cfg.chunk)))
             self.pool = TieredPool(self.config, batch, heads, head_dim, dtype,
                                    torch.device(device), max_tokens=capacity,
-                                   hot_pages=self.hot_pages or batch * heads * per_call,
+                                   hot_pages=self.hot_pages or self._default_hot_pages(
+                                       batch, heads),
                                    max_append=self.max_append, backend=self.backend)
             self.reps = None
         elif self.paged:
@@ -395,6 +393,13 @@ class LayerCache:
             self.reps = self._new_reps(self.k_buffer)
         self.cache_seqlens = torch.zeros(batch, dtype=torch.int32, device=device)
         self.length = 0
+
+    def _default_hot_pages(self, batch: int, heads: int) -> int:
+        """Tiered: the most pages one call of ``max_append`` queries selects."""
+        cfg = self.config
+        per_call = (-(-self.max_append // cfg.query_block) * cfg.topk
+                    * (cfg.chunk // math.gcd(cfg.sink, cfg.chunk)))
+        return batch * heads * per_call
 
     def reserve(self, n: int) -> None:
         """Make room for ``n`` tokens in total, reallocating at most once.
@@ -530,7 +535,12 @@ class LayerCache:
             host = index.tolist()
             if any(not 0 <= i < self.batch_size for i in host):
                 raise ValueError(f"index values must lie in [0, {self.batch_size}), got {host}")
-            self.pool.select(host)
+            if isinstance(self.pool, TieredPool) and self.hot_pages is None:
+                # The default hot set is sized for the batch: a repeat that grows the batch
+                # grows it too (else every later attend fails its hot_pages check).
+                self.pool.select(host, self._default_hot_pages(len(host), self._dims[1]))
+            else:
+                self.pool.select(host)
         self._dims = (index.shape[0], *self._dims[1:])
         index = index.to(device=device, dtype=torch.long)
         if self.pool is None:

@@ -172,6 +172,8 @@ class TieredPool:
             return
         pin = self.device.type == "cuda"
         d, dtype = self.k.shape[-1], self.k.dtype
+        if old:
+            self._host_idle()  # the CPU copies the old host tier below, then drops it
         host = []
         for prev in (self.host_k, self.host_v):
             t = _pinned_empty((self.seqs * max_pages, 1, self.page, d), dtype, pin)
@@ -192,6 +194,12 @@ class TieredPool:
             reps[:, :, :n] = self.reps
         self.host_k, self.host_v = host
         self._table, self.reps, self.max_pages = table, reps, max_pages
+
+    def _host_idle(self) -> None:
+        """Wait for the device before the CPU reads or frees the host tier: copy_pages and
+        tiered_fetch kernels read and write it in place, outside any order the CPU ops see."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def _ids(self, host: list[int]) -> torch.Tensor:
         t = torch.tensor(host, dtype=torch.int64)
@@ -223,7 +231,11 @@ class TieredPool:
                              f"{self.max_append} of this offloaded cache (its local-window "
                              f"ring is sized for it)")
         old, new = self.length, self.length + n_new
-        self._size(-(-new // self.page))
+        need = -(-new // self.page)
+        if need > self.max_pages:
+            # 1.5x, like the other layouts: growing to exactly the pages needed re-copied the
+            # whole host tier (and table and reps) at every new page, O(N^2) over a decode.
+            self._size(max(need, -(-3 * self.max_pages // 2)))
         start = max(self.host_upto, self._window_start(old))
         if start > self.host_upto:
             pages = list(range(self.host_upto, start))
@@ -281,14 +293,20 @@ class TieredPool:
         self.length = length
         self.seqlens.fill_(length)
 
-    def select(self, index: list[int]) -> None:
+    def select(self, index: list[int], hot_pages: int | None = None) -> None:
         """Sequence i becomes old sequence index[i] (beam reorder, repeats). Copies the
-        host tier's rows and the window pages; the hot set starts empty."""
+        host tier's rows and the window pages; the hot set starts empty, grown to
+        ``hot_pages`` pages when that is more (a hot set sized for the batch)."""
+        if hot_pages is not None and hot_pages > self.n_hot:
+            self.n_hot = hot_pages
+            self.owner = self.owner.new_full((hot_pages,), -1)
+            self.stamp = self.stamp.new_full((hot_pages,), -1)
         sidx = [b * self.heads + h for b in index for h in range(self.heads)]
         idx = torch.tensor(sidx, dtype=torch.long)
         pin = self.device.type == "cuda"
         old_seqs, self.batch, self.seqs = self.seqs, len(index), len(sidx)
         dev_idx = idx.to(self.device)
+        self._host_idle()  # the CPU gathers the host tier below, then drops it
         host = []
         for t in (self.host_k, self.host_v):
             new = _pinned_empty((self.seqs * self.max_pages, *t.shape[1:]), t.dtype, pin)
@@ -308,7 +326,7 @@ class TieredPool:
             new = t.new_empty((self.hot_base + self.n_hot + 1, *t.shape[1:]))
             new[:self.ring_base] = sink.reshape(-1, *t.shape[1:])
             new[self.ring_base:self.hot_base] = ring.reshape(-1, *t.shape[1:])
-            new[self.hot_base:] = t[t.shape[0] - self.n_hot - 1:]
+            new[self.hot_base + self.n_hot] = float("nan")  # absent; the hot pages are unused
             setattr(self, name, new)
         self.absent = self.hot_base + self.n_hot
         self.owner.fill_(-1)

@@ -117,6 +117,9 @@ class _Driver:
         self.caches["tiered"] = LayerCache(
             cfg, backend=backend, offload="cpu", max_append=self.max_append,
             hot_pages=_hot_pages(cfg, self.heads, self.max_append))
+        # The default hot set, sized for the batch of the moment.
+        self.caches["tiered-default"] = LayerCache(
+            cfg, backend=backend, offload="cpu", max_append=self.max_append)
         self.k = torch.empty(self.batch, self.heads, 0, D)
         self.v = torch.empty(self.batch, self.heads, 0, D)
         self.last = 0  # size of the last append (0 after crop, reset or select)
@@ -282,3 +285,36 @@ def test_tiered_refuses_queries_whose_window_went_to_the_host():
     with pytest.raises(ValueError, match="keeps the local window of the last append"):
         tiered.attend(q)
     assert torch.equal(tiered.attend(q[:, :, -1:]), flat.attend(q[:, :, -1:]))
+
+
+def test_tiered_default_hot_set_follows_a_growing_batch():
+    """The default hot set was sized for the batch at allocation: after select_batch repeated
+    the sequences, every attend failed its hot_pages check."""
+    tiered, flat = _tiered_pair()
+    _decode([tiered, flat], 40)
+    index = torch.tensor([0, 0, 0])
+    for c in (tiered, flat):
+        c.select_batch(index)
+    _decode([tiered, flat], 16, b=3, seed=2)
+    q = torch.randn(3, 4, 1, D)
+    assert torch.equal(tiered.attend(q), flat.attend(q))
+    assert tiered.pool.n_hot == tiered._default_hot_pages(3, 2)
+    # An explicit hot_pages is the caller's: it is kept (and checked at every call).
+    fixed, _ = _tiered_pair(hot_pages=tiered._default_hot_pages(1, 2))
+    _decode([fixed], 40)
+    fixed.select_batch(index)
+    assert fixed.pool.n_hot == fixed._default_hot_pages(1, 2)
+
+
+def test_tiered_host_tier_grows_geometrically():
+    """The host tier grew to exactly the pages an append needed, so past its first size every
+    new page re-copied all of it (quadratic over a long decode)."""
+    tiered, flat = _tiered_pair()
+    sizes = set()
+    for _ in range(60):
+        _decode([tiered, flat], 20)
+        sizes.add(tiered.pool.max_pages)
+    assert tiered.length == 1200 and len(sizes) <= 6, sorted(sizes)
+    assert torch.equal(tiered.keys, flat.keys)
+    q = torch.randn(1, 4, 1, D)
+    assert torch.equal(tiered.attend(q), flat.attend(q))
