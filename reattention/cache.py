@@ -571,8 +571,13 @@ class LayerCache:
         """
         k_store, v_store, table = self.storage
         if isinstance(self.pool, TieredPool):
-            b, h, d = self._dims[:3]
-            ops.check_cache(q, q.new_empty((b, h, max(1, self.length), d)))
+            # A stand-in of the cache's shape, dtype and device, one broadcast element: a
+            # q.new_empty of [B, Hkv, N, D] allocated O(N) device memory at every call (what
+            # the tiered layout saves) and took q's dtype and device, so a q of another
+            # dtype passed the check.
+            b, h, d, dtype, device = self._dims
+            stand_in = torch.empty((), dtype=dtype, device=device)
+            ops.check_cache(q, stand_in.expand(b, h, max(1, self.length), d))
         elif self.is_allocated:
             ops.check_cache(q, k_store, v_store, block_table=table)
         if not (self.is_allocated and q.shape[2] <= self.length):

@@ -318,3 +318,38 @@ def test_tiered_host_tier_grows_geometrically():
     assert torch.equal(tiered.keys, flat.keys)
     q = torch.randn(1, 4, 1, D)
     assert torch.equal(tiered.attend(q), flat.attend(q))
+
+
+def test_tiered_attend_checks_q_against_the_cache_dtype():
+    """The tiered attend checked q against a stand-in made from q itself, so a q of another
+    dtype than the cache reached the op (a RuntimeError from C++ instead of a ValueError)."""
+    cfg = _config(SHAPES[0], "bound")
+    c = LayerCache(cfg, backend="cpu", offload="cpu", max_append=64)
+    k = torch.randn(1, 2, 40, D, dtype=torch.bfloat16)
+    c.append(k, k)
+    with pytest.raises(ValueError, match="dtype torch.bfloat16 does not match q dtype"):
+        c.attend(torch.randn(1, 4, 1, D))
+
+
+@pytest.mark.gpu
+def test_tiered_attend_allocates_no_full_length_tensor():
+    """The same stand-in was a q.new_empty of [B, Hkv, N, D]: every call allocated O(N)
+    device memory, what the tiered layout exists to save. Needs a CUDA device."""
+    cfg = reattention.ReAttentionConfig(sink=64, local=256, chunk=64, topk=4, query_block=64,
+                                        rep="bound")
+    n, heads, d = 65536, 4, 128
+    c = LayerCache(cfg, backend="cuda", offload="cpu", max_append=4096)
+    c.reserve(n)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for _ in range(n // 4096):
+        k = torch.randn(1, heads, 4096, d, device="cuda", dtype=torch.bfloat16, generator=g)
+        c.append(k, k)
+    q = torch.randn(1, 8, 1, d, device="cuda", dtype=torch.bfloat16, generator=g)
+    c.attend(q)
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    c.attend(q)
+    torch.cuda.synchronize()
+    full = heads * n * d * 2  # one [1, Hkv, N, D] bf16 tensor: 64 MiB
+    assert torch.cuda.max_memory_allocated() - base < full // 8
