@@ -438,7 +438,8 @@ class ReAttentionCache(Cache):
     offload : None or "cpu"
         "cpu": tiered layers (:class:`reattention.offload.TieredPool`): the middle of every
         layer in pinned host memory; the GPU keeps the reps, sink, local window and
-        ``hot_pages`` pages per layer. Needs rep "bound" or "mean" and sink % chunk == 0.
+        ``hot_pages`` pages per layer. Needs rep "bound" or "mean" (any sink: pages of
+        gcd(sink, chunk) tokens).
     hot_pages, max_append : for offload, see :class:`reattention.cache.LayerCache`; a call of
         :func:`prefill` must not exceed ``max_append`` tokens (its ``chunk_size``).
 
