@@ -107,6 +107,7 @@ class _Driver:
         self.group = rng.choice([1, 2])
         self.batch = rng.randint(1, MAX_B)
         self.max_append = rng.choice([7, 13, 24])
+        self.dtype = rng.choice([torch.float32, torch.float32, torch.bfloat16])
         self.backend = backend
         self.steps = steps
         cfg = self.cfg
@@ -120,15 +121,17 @@ class _Driver:
         # The default hot set, sized for the batch of the moment.
         self.caches["tiered-default"] = LayerCache(
             cfg, backend=backend, offload="cpu", max_append=self.max_append)
-        self.k = torch.empty(self.batch, self.heads, 0, D)
-        self.v = torch.empty(self.batch, self.heads, 0, D)
+        self.k = torch.empty(self.batch, self.heads, 0, D, dtype=self.dtype)
+        self.v = torch.empty(self.batch, self.heads, 0, D, dtype=self.dtype)
+        if rng.random() < 0.3:  # sizes the first allocation
+            self.reserve(rng.randint(1, 300))
         self.last = 0  # size of the last append (0 after crop, reset or select)
         self.log: list[str] = []
 
     # ---------------------------------------------------------------- operations
     def append(self, n: int) -> None:
-        k = torch.randn(self.batch, self.heads, n, D, generator=self.gen)
-        v = torch.randn(self.batch, self.heads, n, D, generator=self.gen)
+        k = torch.randn(self.batch, self.heads, n, D, generator=self.gen).to(self.dtype)
+        v = torch.randn(self.batch, self.heads, n, D, generator=self.gen).to(self.dtype)
         for c in self.caches.values():
             c.append(k, v)
         self.k = torch.cat([self.k, k], 2)
@@ -137,6 +140,7 @@ class _Driver:
 
     def attend(self, lq: int, backend: str | None = None) -> None:
         q = torch.randn(self.batch, self.heads * self.group, lq, D, generator=self.gen)
+        q = q.to(self.dtype)
         outs = {name: c.attend(q, return_lse=True, backend=backend)
                 for name, c in self.caches.items()}
         out0, lse0 = outs["contiguous"]
