@@ -362,10 +362,12 @@ class LayerCache:
                  device: torch.device | str, capacity: int | None = None) -> None:
         """Allocate empty buffers [batch, heads, capacity, head_dim] (drops any content).
 
-        ``capacity`` defaults to ``max_length`` when set, else a small first size.
+        ``capacity`` defaults to ``max_length`` when set, else a small first size (or what
+        :meth:`reserve` asked for).
         """
-        if capacity is None:
-            capacity = self.max_length if self.max_length is not None else _MIN_CAPACITY
+        if capacity is None:  # reserve() before allocate() used to be ignored here
+            capacity = (self.max_length if self.max_length is not None
+                        else max(_MIN_CAPACITY, self._first_capacity))
         if self.max_length is not None and capacity > self.max_length:
             raise ValueError(f"capacity {capacity} exceeds max_length={self.max_length}")
         if dtype not in ops.FLOAT_DTYPES + (torch.float64,):

@@ -357,3 +357,14 @@ def test_tiered_attend_allocates_no_full_length_tensor():
     torch.cuda.synchronize()
     full = heads * n * d * 2  # one [1, Hkv, N, D] bf16 tensor: 64 MiB
     assert torch.cuda.max_memory_allocated() - base < full // 8
+
+
+@pytest.mark.parametrize("layout", [{}, {"page_size": 5}, {"offload": "cpu"}],
+                         ids=["contiguous", "paged", "tiered"])
+def test_allocate_honours_an_earlier_reserve(layout):
+    """allocate() (what hf's lazy_initialization calls) sized the first allocation at 256
+    tokens even after reserve() asked for more, so the reserved prefill regrew."""
+    c = LayerCache(_config(SHAPES[0], "bound"), backend="cpu", **layout)
+    c.reserve(1000)
+    c.allocate(1, 2, D, torch.float32, "cpu")
+    assert c.capacity >= 1000
