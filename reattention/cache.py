@@ -209,10 +209,12 @@ class LayerCache:
     hot_pages : int, optional
         Tiered: GPU pages kept for selected chunks, at least what one call selects
         (B * Hkv * ceil(Lq / query_block) * topk * chunk / page); default that for an append
-        of ``max_append`` tokens.
+        of ``max_append`` tokens, grown with the batch by :meth:`select_batch`.
     max_append : int
         Tiered: the most tokens one append (and one attend call) holds; sizes the GPU ring
-        of the local window. Default 4096.
+        of the local window. Default 4096. An attend's queries must be those of the last
+        append (or, right after a crop, the newest token's): older ones may need window
+        pages already moved to the host (ValueError).
 
     Attributes
     ----------
