@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU check, run by the device tool from the repository root on a CUDA machine:
-#   bash bench/gpu_check.sh [tests|bench|all|quick|before]      (default all)
+#   bash bench/gpu_check.sh [tests|bench|all|quick|before|paged]      (default all)
 # Installs the checkout (no build isolation: such machines have no registry), runs the whole
 # test suite with every GPU backend required, then the benchmarks. Logs and JSON go to $OUT
 # (default bench/results/local). The device tool copies the working tree but its .git may be
@@ -31,6 +31,25 @@ if [ "$what" = quick ]; then
      --out "$out/cp-h200x1.json" 2>&1 | tail -8)
   (cd /tmp && python3 "$repo/bench/profile_step.py" --out "$out" 2>&1 | tail -40)
   echo "quick: $(( $(date +%s) - t0 )) s"
+fi
+if [ "$what" = paged ]; then
+  # Paged and tiered caches (docs/design.md section 3.7): their GPU tests, the offload and paged
+  # benchmarks at 1M, then the needle far past the GPU: 4M tokens (8192x the trained length)
+  # with the tiered cache and with the all-GPU one, 20 prompts each, peak GPU memory recorded.
+  # About 12 minutes; split it across calls when the device time is short.
+  (cd /tmp && REATTENTION_REQUIRE=cpu,cuda,triton python3 -m pytest -q -p no:cacheprovider $par \
+     "$repo/tests/test_paged.py" "$repo/tests/test_offload.py" -k "gpu or cuda or triton" \
+     2>&1 | tee "$out/pytest-paged.log" | tail -5)
+  (cd /tmp && python3 "$repo/bench/bench_offload.py" --out "$out" 2>&1 | tail -8)
+  (cd /tmp && python3 "$repo/bench/bench_attn.py" --out "$out" --lengths 1048576 --quick --paged \
+     2>&1 | tail -30)
+  for mode in cpu none; do
+    off=$([ "$mode" = cpu ] && echo "--offload cpu" || true)
+    (cd /tmp && python3 -m reattention --device cuda --lengths 4194304 --depths 5 --samples 4 \
+       --batch 4 --methods reattention-bound $off --no-plot --json "$out/needle-4m-$mode.json" \
+       2>&1 | tail -4)
+  done
+  echo "paged: $(( $(date +%s) - t0 )) s"
 fi
 if [ "$what" = before ]; then
   # The same benchmark at an earlier commit, for before/after figures: that commit's source
