@@ -30,7 +30,7 @@ import torch
 
 from . import layout, ops
 from .api import ReAttentionConfig, _attend_checked
-from .offload import TieredPool
+from .offload import TieredPool, tiered_page
 
 __all__ = ["LayerCache", "KVCache", "PagePool"]
 
@@ -139,19 +139,19 @@ class PagePool:
         end = start + n_new
         first, last = start // self.page_size, (end - 1) // self.page_size
         self.widen(last + 1)
-        changed = []
-        for b, row in enumerate(self.rows):
+        changed = False
+        for row in self.rows:
             for i in range(first, last + 1):
                 if i == len(row):
                     row.append(self._take())
-                    changed.append(b)
+                    changed = True
                 elif self.refs[row[i]] > 1:     # shared since select(): copy on write
                     page = self._take()
                     self.k[page] = self.k[row[i]]
                     self.v[page] = self.v[row[i]]
                     self._release(row[i])
                     row[i] = page
-                    changed.append(b)
+                    changed = True
         if changed:
             cols = self._upload([row[i] for row in self.rows for i in range(first, last + 1)])
             self.table[:, first:last + 1] = cols.view(len(self.rows), last + 1 - first)
@@ -254,14 +254,11 @@ class LayerCache:
             if value is not None and not (isinstance(value, int) and value >= 1):
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         if offload is not None:
-            if config.rep == "max":
-                raise ValueError("offload needs rep 'bound' or 'mean': rep 'max' scores every "
-                                 "raw key at every step, which would read the host tier")
-            tiered_page = math.gcd(config.sink, config.chunk)
-            if page_size not in (None, tiered_page):
-                raise ValueError(f"offload uses pages of gcd(sink, chunk) = {tiered_page} "
+            page = tiered_page(config)
+            if page_size not in (None, page):
+                raise ValueError(f"offload uses pages of gcd(sink, chunk) = {page} "
                                  f"tokens, got page_size={page_size}")
-            page_size = tiered_page
+            page_size = page
         self.config = config
         self.page_size = page_size
         self.offload = offload
@@ -402,7 +399,7 @@ class LayerCache:
         """Tiered: the most pages one call of ``max_append`` queries selects."""
         cfg = self.config
         per_call = (-(-self.max_append // cfg.query_block) * cfg.topk
-                    * (cfg.chunk // math.gcd(cfg.sink, cfg.chunk)))
+                    * (cfg.chunk // tiered_page(cfg)))
         return batch * heads * per_call
 
     def reserve(self, n: int) -> None:

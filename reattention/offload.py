@@ -31,7 +31,17 @@ import torch
 
 from . import layout, ops
 
-__all__ = ["TieredPool"]
+__all__ = ["TieredPool", "tiered_page"]
+
+
+def tiered_page(config) -> int:
+    """Tokens per page of a tiered cache of ``config``: gcd(sink, chunk), as chunks start at
+    sink + j * chunk and pages must tile both. ValueError for rep "max", whose selection reads
+    every raw key (the host tier) at every step."""
+    if config.rep == "max":
+        raise ValueError("offload needs rep 'bound' or 'mean': rep 'max' scores every raw key "
+                         "at every step, which would read the host tier")
+    return math.gcd(config.sink, config.chunk)
 
 
 def _pinned_empty(shape, dtype, pin: bool) -> torch.Tensor:
@@ -65,15 +75,11 @@ class TieredPool:
     def __init__(self, config, batch: int, heads: int, head_dim: int, dtype: torch.dtype,
                  device: torch.device, *, max_tokens: int, hot_pages: int, max_append: int,
                  backend: str = "auto"):
-        if config.rep == "max":
-            raise ValueError("offload needs rep 'bound' or 'mean': rep 'max' scores every raw "
-                             "key of the cache at every step, which would read the host tier")
         self.config = config
         self.backend = backend
         self.batch, self.heads = batch, heads
         self.seqs = batch * heads
-        # Chunks start at sink + j * chunk: pages of gcd(sink, chunk) tokens tile both.
-        self.page = math.gcd(config.sink, config.chunk)
+        self.page = tiered_page(config)
         self.ppc = config.chunk // self.page  # pages per chunk
         self.sink_pages = config.sink // self.page
         self.max_append = max_append
