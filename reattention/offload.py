@@ -103,7 +103,7 @@ class TieredPool:
         self.host_upto = self.sink_pages  # pages [sink_pages, host_upto) live on the host only
         self.seqlens = torch.zeros(self.seqs, dtype=torch.int32, device=self.device)
         self.max_pages = 0
-        self.host_k = self.host_v = self.reps = self._table = None
+        self.host_k = self.host_v = self.reps = self.table = None
         self._size(max(1, -(-max_tokens // self.page)))
 
     # ------------------------------------------------------------------ storage
@@ -116,11 +116,6 @@ class TieredPool:
     def hits(self) -> torch.Tensor:
         """Of those, the ones found on the GPU (a device counter)."""
         return self.state[3]
-
-    @property
-    def table(self) -> torch.Tensor:
-        """int32 [B * Hkv, max_pages]: each page's GPU page, or ``absent``."""
-        return self._table
 
     def attend(self, q: torch.Tensor, **kw):
         """ReAttention of q [B, Hq, Lq, D] (the newest Lq tokens) over this layer: selection
@@ -158,7 +153,7 @@ class TieredPool:
     @property
     def gpu_bytes(self) -> int:
         """Bytes this layer holds on its device: pages, reps, table and hot-set state."""
-        ts = [self.k, self.v, self._table, self.owner, self.stamp, self.reps]
+        ts = [self.k, self.v, self.table, self.owner, self.stamp, self.reps]
         return sum(t.numel() * t.element_size() for t in ts if t is not None)
 
     @property
@@ -199,7 +194,7 @@ class TieredPool:
             n = self.reps.shape[2]
             reps[:, :, :n] = self.reps
         self.host_k, self.host_v = host
-        self._table, self.reps, self.max_pages = table, reps, max_pages
+        self.table, self.reps, self.max_pages = table, reps, max_pages
 
     def _host_idle(self) -> None:
         """Wait for the device before the CPU reads or frees the host tier: copy_pages and
@@ -337,7 +332,7 @@ class TieredPool:
         self.absent = self.hot_base + self.n_hot
         self.owner.fill_(-1)
         self.stamp.fill_(-1)
-        self._table = torch.full((self.seqs, self.max_pages), self.absent, dtype=torch.int32,
+        self.table = torch.full((self.seqs, self.max_pages), self.absent, dtype=torch.int32,
                                  device=self.device)
         resident = list(range(self.sink_pages)) + list(
             range(self.host_upto, -(-self.length // self.page)))
