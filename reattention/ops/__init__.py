@@ -11,7 +11,7 @@ from .backends import (BACKENDS, KERNEL_HEAD_DIMS, TRITON_MAX_HEAD_DIM, _find_li
                        _kernel_refusal, _status, available_backends, resolve_backend)
 from .checks import (FLOAT_DTYPES, POSITION_MODES, REP_MODES, ROPE_STYLES, _check_choice,
                      _check_tensor, _need, check_attention_args, check_block_table,
-                     check_cache, check_idx,
+                     check_cache, check_idx, check_table_shape,
                      check_idx_values, check_inv_freq, check_params, check_reps, check_seqlens,
                      reps_shape, set_device_checks)
 
@@ -74,11 +74,7 @@ def chunk_reps(k_cache: torch.Tensor, cache_seqlens: torch.Tensor | None = None,
     _need(isinstance(start_chunk, int) and start_chunk >= 0,
           f"start_chunk must be an int >= 0, got {start_chunk!r}")
     if block_table is not None:
-        _check_tensor("block_table", block_table, 2)
-        _need(block_table.dtype == torch.int32,
-              f"block_table must be int32 [B, max_pages], got {block_table.dtype}")
-        _need(block_table.device == k_cache.device,
-              f"block_table is on {block_table.device} but k_cache is on {k_cache.device}")
+        check_table_shape(block_table, k_cache.device)
     seqlens = check_seqlens(cache_seqlens, k_cache, 0, block_table)
     if block_table is not None:
         block_table = check_block_table(block_table, k_cache, seqlens)

@@ -82,15 +82,8 @@ def _check_paged(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor |
     _check_tensor("q", q, 4)
     _need(q.dtype in FLOAT_DTYPES or q.dtype == torch.float64,
           f"q must be float16, bfloat16 or float32, got {q.dtype}")
-    _check_tensor("block_table", block_table, 2)
-    _need(block_table.dtype == torch.int32,
-          f"block_table must be int32 [B, max_pages], got {block_table.dtype}")
-    _need(block_table.device == q.device,
-          f"block_table is on {block_table.device} but q is on {q.device}")
     b, hq, lq, d = q.shape
-    _need(block_table.shape[0] == b,
-          f"block_table must have B={b} rows (one per sequence), got {tuple(block_table.shape)}")
-    _need(block_table.shape[1] >= 1, "block_table must have at least one column (max_pages)")
+    check_table_shape(block_table, q.device, b)
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
         if t is None:
             continue
@@ -110,6 +103,19 @@ def _check_paged(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor |
           f"k_cache shape {tuple(k_cache.shape)}")
     nmax = block_table.shape[1] * k_cache.shape[2]
     _need(nmax >= lq, f"the block table holds Nmax={nmax} tokens, fewer than the Lq={lq} queries")
+
+
+def check_table_shape(block_table, device: torch.device, batch: int | None = None) -> None:
+    """block_table must be int32 [B, max_pages >= 1] on ``device`` (B = ``batch`` when given)."""
+    _check_tensor("block_table", block_table, 2)
+    _need(block_table.dtype == torch.int32,
+          f"block_table must be int32 [B, max_pages], got {block_table.dtype}")
+    _need(block_table.device == device,
+          f"block_table is on {block_table.device} but the cache is on {device}")
+    _need(batch is None or block_table.shape[0] == batch,
+          f"block_table must have B={batch} rows (one per sequence), got "
+          f"{tuple(block_table.shape)}")
+    _need(block_table.shape[1] >= 1, "block_table must have at least one column (max_pages)")
 
 
 def check_block_table(block_table: torch.Tensor, k_cache: torch.Tensor,
