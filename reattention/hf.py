@@ -358,9 +358,10 @@ class ReAttentionLayer(CacheLayerMixin):
         kv = self.kv
         if kv.pool is not None:
             b, h, d = kv._dims[:3]
-            nan = kv.pool.k.new_full((1, 1, 1, 1), float("nan"))
-            self.keys = nan.expand(b, h, kv.length, d)
-            self.values = nan.expand(b, h, kv.length, d)
+            if getattr(self, "_nan", None) is None:  # one per layer: no allocation per step
+                self._nan = kv.pool.k.new_full((1, 1, 1, 1), float("nan"))
+            self.keys = self._nan.expand(b, h, kv.length, d)
+            self.values = self._nan.expand(b, h, kv.length, d)
         else:
             self.keys, self.values = kv.keys, kv.values
         if self.keys is not None:
