@@ -1,0 +1,199 @@
+"""Whole-model speed: prefill and decode tokens/s of a Hugging Face model, ReAttention against
+transformers' own fast path, in one run (docs/design.md section 5).
+
+Models are built from configs with random weights (no download), bf16:
+  1b   Llama-3.2-1B-shaped: 16 layers, hidden 2048, 32 q / 8 kv heads of 64, llama3 RoPE
+  8b   Llama-3.1-8B-shaped: 32 layers, hidden 4096, 32 q / 8 kv heads of 128, llama3 RoPE
+  tiny 2 layers, hidden 256 (a smoke test that runs on the CPU)
+
+Rows, per (model, prompt length), each with prefill and decode tokens/s and peak GPU memory:
+  sdpa-static   transformers' SDPA attention with its StaticCache: ``model.generate`` with that
+                cache compiles the decode step on a GPU (its "reduce-overhead" CUDA graphs);
+                the prompt is prefilled in one forward pass
+  reattention   ``hf.enable`` + ``hf.ReAttentionCache``: ``hf.prefill`` in ``--chunk`` token
+                calls, then eager decode steps
+  reattention-tiered   the same with ``offload="cpu"`` (lengths where the all-GPU cache does not
+                fit, or ``--tiered`` for all)
+A path that runs out of memory records the error and the run goes on. Decode tokens/s is the
+median over ``--steps`` greedy steps of one token (batch 1); prefill tokens/s is the prompt
+length over the prefill's wall time, synchronised.
+
+Not here yet: a captured or compiled ReAttention decode step (the ops are graph-capturable;
+the cache's append is not yet).
+
+Usage: python bench/bench_model.py --out DIR [--models 1b,8b] [--lengths 32768,131072,524288,1048576]
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import time
+
+import torch
+import transformers
+
+import reattention
+from bench_attn import header  # this folder is on the path when a script runs from it
+from reattention import hf
+
+CFG = reattention.ReAttentionConfig(sink=64, local=4096, chunk=64, topk=32, query_block=128,
+                                    rep="bound")
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0,
+               "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192}
+SHAPES = {
+    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+               num_attention_heads=32, num_key_value_heads=8, head_dim=64, vocab_size=128256,
+               tie_word_embeddings=True),
+    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+               num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=128256,
+               tie_word_embeddings=False),
+    "tiny": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=64, vocab_size=1024,
+                 tie_word_embeddings=True),
+}
+
+
+def build(name: str, device: torch.device, dtype: torch.dtype):
+    config = transformers.LlamaConfig(**SHAPES[name], max_position_embeddings=131072,
+                                      rope_parameters=dict(LLAMA3_ROPE))
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = transformers.LlamaForCausalLM(config).to(dtype)
+    return model.eval()
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_gib(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+@torch.no_grad()
+def sdpa_static(model, ids: torch.Tensor, steps: int) -> dict:
+    """transformers' fast path: StaticCache, one-pass prefill, compiled decode (on a GPU)."""
+    device = ids.device
+    n = ids.shape[1]
+    cache = transformers.StaticCache(config=model.config, max_cache_len=n + steps + 8)
+    kw = dict(do_sample=False, pad_token_id=0, past_key_values=cache)
+    model.generate(ids[:, -64:], max_new_tokens=steps, **kw)  # compile at this cache size
+    cache.reset()
+    sync(device)
+    t0 = time.perf_counter()
+    model.generate(ids, max_new_tokens=1, **kw)
+    sync(device)
+    prefill = time.perf_counter() - t0
+    cache.reset()
+    t0 = time.perf_counter()
+    model.generate(ids, max_new_tokens=1 + steps, **kw)
+    sync(device)
+    decode = max(1e-9, time.perf_counter() - t0 - prefill) / steps
+    compiled = model._valid_auto_compile_criteria({"past_key_values": cache},
+                                                   model.generation_config)
+    return dict(prefill_tok_s=n / prefill, decode_tok_s=1.0 / decode,
+                decode_ms=decode * 1e3, compiled_decode=bool(compiled))
+
+
+@torch.no_grad()
+def ours(model, ids: torch.Tensor, steps: int, chunk: int, backend: str, **tiers) -> dict:
+    """hf.prefill in chunk-token calls, then eager decode steps of one token."""
+    device = ids.device
+    hf.enable(model, CFG, backend=backend)
+    try:
+        cache = hf.ReAttentionCache(model, **tiers)
+        sync(device)
+        t0 = time.perf_counter()
+        logits = hf.prefill(model, ids, cache, chunk_size=chunk, progress=False,
+                            reserve_new_tokens=steps + 8)
+        sync(device)
+        prefill = time.perf_counter() - t0
+        feed = hf._cache_kwargs(model, cache)
+        tok = ids[:, -1:]
+        times = []
+        for _ in range(steps):
+            sync(device)
+            t0 = time.perf_counter()
+            logits = model(input_ids=tok, use_cache=True, **feed).logits[:, -1]
+            tok = logits.argmax(-1, keepdim=True)
+            sync(device)
+            times.append(time.perf_counter() - t0)
+        decode = statistics.median(times[len(times) // 4:])
+        row = dict(prefill_tok_s=ids.shape[1] / prefill, decode_tok_s=1.0 / decode,
+                   decode_ms=decode * 1e3)
+        if tiers:
+            pools = [layer.kv.pool for layer in cache.layers]
+            lookups = sum(int(p.lookups) for p in pools)
+            row["hit_rate"] = sum(int(p.hits) for p in pools) / lookups if lookups else None
+        return row
+    finally:
+        hf.disable(model)
+
+
+def run_row(fn, device: torch.device, **kw) -> dict:
+    reset_peak(device)
+    try:
+        row = fn(**kw)
+    except torch.OutOfMemoryError as e:
+        row = dict(error=f"OutOfMemoryError: {str(e).splitlines()[0][:200]}")
+    row["peak_gib"] = peak_gib(device)
+    return row
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default="bench/results")
+    p.add_argument("--models", default="1b,8b")
+    p.add_argument("--lengths", default="32768,131072,524288,1048576")
+    p.add_argument("--steps", type=int, default=32)
+    p.add_argument("--chunk", type=int, default=4096, help="hf.prefill chunk_size")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--backend", default="auto")
+    p.add_argument("--tiered", action="store_true", help="also run the tiered cache at every length")
+    p.add_argument("--sdpa-max-len", type=int, default=524288,
+                   help="skip transformers' path above this length (its prefill is O(N^2))")
+    a = p.parse_args(argv)
+    device = torch.device(a.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    reattention.set_device_checks(False)
+    res = dict(header=header() if device.type == "cuda" else {}, config=dict(
+        reattention=dataclasses.asdict(CFG), steps=a.steps, chunk=a.chunk, dtype=str(dtype)), rows=[])
+    os.makedirs(a.out, exist_ok=True)
+    for name in a.models.split(","):
+        model = build(name, device, dtype)
+        for n in (int(x) for x in a.lengths.split(",")):
+            ids = torch.randint(2, model.config.vocab_size, (1, n), device=device,
+                                generator=torch.Generator(device).manual_seed(n))
+            paths = []
+            if n <= a.sdpa_max_len:
+                paths.append(("sdpa-static", sdpa_static, dict(model=model, ids=ids,
+                                                               steps=a.steps)))
+            common = dict(model=model, ids=ids, steps=a.steps, chunk=a.chunk, backend=a.backend)
+            paths.append(("reattention", ours, common))
+            if a.tiered:
+                paths.append(("reattention-tiered", ours,
+                              dict(common, offload="cpu", max_append=a.chunk)))
+            for path, fn, kw in paths:
+                row = dict(model=name, n=n, path=path, **run_row(fn, device, **kw))
+                res["rows"].append(row)
+                print(json.dumps(row), flush=True)
+                with open(os.path.join(a.out, "model-bench.json"), "w") as f:
+                    json.dump(res, f, indent=1)
+        del model
+        reset_peak(device)
+
+
+if __name__ == "__main__":
+    main()
