@@ -105,11 +105,7 @@ def select_chunks(q: torch.Tensor, k_cache: torch.Tensor,
     reps : chunk representatives for rep "bound"/"mean" (computed on the fly when None);
         must be None for "max".
     rep : "max" (exact, reads raw keys), "bound" or "mean".
-    block_table : int32 [B, max_pages] for a paged cache: ``k_cache`` (and ``v_cache``) are
-        then pages [num_pages, Hkv, page_size, D], token t of sequence b in page
-        ``block_table[b, t // page_size]`` at row ``t % page_size``; Nmax = max_pages *
-        page_size and ``cache_seqlens`` is required (docs/design.md section 3). Results equal
-        the contiguous layout's bit for bit on the same backend.
+    block_table : int32 [B, max_pages] for a paged cache, as in :func:`chunk_reps`.
 
     Returns
     -------
@@ -156,11 +152,7 @@ def gather_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         when idx is on the CPU; on a GPU it is not read on the host (no sync), and an entry out
         of that contract gives a wrong result (never an out-of-bounds read).
     inv_freq : [R/2] RoPE inverse frequencies, R <= D.
-    block_table : int32 [B, max_pages] for a paged cache: ``k_cache`` (and ``v_cache``) are
-        then pages [num_pages, Hkv, page_size, D], token t of sequence b in page
-        ``block_table[b, t // page_size]`` at row ``t % page_size``; Nmax = max_pages *
-        page_size and ``cache_seqlens`` is required (docs/design.md section 3). Results equal
-        the contiguous layout's bit for bit on the same backend.
+    block_table : int32 [B, max_pages] for a paged cache, as in :func:`chunk_reps`.
 
     Returns
     -------
