@@ -89,8 +89,9 @@ def evaluate(model, lengths, depths, samples, methods=METHODS, *, batch=4,
                     for (d, _), ok in zip(group, (got == want).all(dim=1).tolist()):
                         hits[d] += ok
                     if progress is not None and len(cases) > batch:  # long cells show life
-                        print(f"    {length} tokens {m}: {i + len(group)}/{len(cases)} prompts, "
-                              f"{time.perf_counter() - t0:.1f} s", flush=True)
+                        print(f"    {length} tokens {m}: {sum(hits)}/{i + len(group)} right "
+                              f"of {len(cases)} prompts, {time.perf_counter() - t0:.1f} s",
+                              flush=True)
             res["seconds"][m][li] = round(time.perf_counter() - t0, 2)
             if device.type == "cuda":
                 res["peak_gib"][m][li] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
