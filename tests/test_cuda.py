@@ -58,7 +58,10 @@ LONG = [
 ]
 LONG_IDS = [c.id for c in LONG]
 
-ROPE = [("half", "compact", 1.0), ("interleaved", "original", 1.0), ("half", "original", 1.25)]
+# The decode kernel rotates compact positions of 16-byte rotary units by stepping (cos, sin)
+# from a sincosf seed per tile (both styles), anything else with sincosf per element.
+ROPE = [("half", "compact", 1.0), ("interleaved", "original", 1.0), ("half", "original", 1.25),
+        ("interleaved", "compact", 1.25)]
 # Cross-checks with Triton compile a kernel per shape: a few cases keep the run short.
 TRITON_CASES = CASES[:4]
 

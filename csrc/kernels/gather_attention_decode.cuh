@@ -3,9 +3,23 @@
 // One CTA of 4 warps owns (sequence b, kv head h, query block beta, a split of the gathered
 // keys). The warps sit side by side over a 64-key tile, each with its own online softmax
 // state; their (m, l, O) meet through shared memory at the end. K/V tiles go through two
-// cp.async stages; each key is rotated in place with sincosf (a RoPE table's L2 loads would
-// sit on the critical path of this memory-bound kernel, see gather_attention_prefill.cuh).
+// cp.async stages, copied by two threads per key row so each row's cache token (the chunk
+// lookup and its division, the page lookup) is found once. Each key is rotated in place.
+// RoPE is most of the work of this kernel (its S and P V are one m16 tile), so at compact
+// positions with 16-byte-aligned rotary units (R a multiple of 16, R/16 a power of two) a
+// thread owns 8 frequencies of a fixed set of rows: per tile it takes sincosf of its first
+// row's fp32 angle fl(pos * inv_freq), exactly as the prefill kernel and the reference do,
+// then reaches its next rows (a fixed stride apart) by multiplying with the stride's
+// (cos, sin). The angle of a stepped row is fl(pos0 * w) + stride * w instead of
+// fl(pos * w): at most an ulp of the angle apart (5e-4 rad at 6K positions), far below the
+// rounding of the rotated key to 16 bits. Seeds are per tile, so a key's rotation does not
+// depend on the split plan (a call and its per-block calls, paged and contiguous caches
+// rotate every key alike). Other RoPE shapes and original positions call sincosf per
+// element, as before (a RoPE table's L2 loads would sit on the critical path of this
+// latency-bound kernel, see gather_attention_prefill.cuh).
 #pragma once
+
+#include <cstring>
 
 #include "gather_attention_common.cuh"
 
@@ -14,17 +28,128 @@ namespace reattention::kernels {
 constexpr int kAttnThreads = 128;
 
 // Shared memory: Q tile, two K and V stages (reused by the epilogue's per-warp outputs), key
-// positions, inverse frequencies, query positions, per-warp softmax state.
+// positions, the fast RoPE path's row-stride (cos, sin), inverse frequencies, query positions,
+// per-warp softmax state.
 template <int D, int kWarpsN, int kBM, int kBN>
 __host__ __device__ constexpr int attn_smem_bytes() {
   constexpr int stages = 2 * 2 * kBN * D * 2;
   constexpr int epilogue = kWarpsN * kBM * (D + 8) * 4;
-  return kBM * D * 2 + (stages > epilogue ? stages : epilogue) + 2 * kBN * 4 + (D / 2) * 4 +
-         kBM * 4 + 2 * kWarpsN * kBM * 4;
+  return kBM * D * 2 + (stages > epilogue ? stages : epilogue) + 2 * kBN * 4 + (D / 2) * 8 +
+         (D / 2) * 4 + kBM * 4 + 2 * kWarpsN * kBM * 4;
+}
+
+// Two 16-bit values of T packed in a 32-bit word, as floats (lo, hi).
+template <typename T>
+__device__ __forceinline__ float2 unpack2(uint32_t x);
+
+template <>
+__device__ __forceinline__ float2 unpack2<__half>(uint32_t x) {
+  __half2 h;
+  memcpy(&h, &x, sizeof(h));
+  return __half22float2(h);
+}
+
+template <>
+__device__ __forceinline__ float2 unpack2<__nv_bfloat16>(uint32_t x) {
+  return make_float2(__uint_as_float(x << 16), __uint_as_float(x & 0xffff0000u));
+}
+
+// Rotary units of the fast RoPE path (8 frequencies each), or 0 when it does not apply:
+// compact positions (consecutive within a tile) and R/2 = 8 * units, units a power of two so
+// a thread keeps the same unit for every row it rotates.
+__device__ __forceinline__ int rope_units(const AttnParams& p) {
+  const int units = p.half_rot >> 3;
+  const bool fits = p.compact && units > 0 && (p.half_rot & 7) == 0 && (units & (units - 1)) == 0;
+  return fits ? units : 0;
+}
+
+// Rotates frequencies [8u, 8u + 8) of row r of the swizzled K tile sk in place by
+// (c[e], s[e]) (cos and sin times rope_scale). Half style pairs dims (i, i + R/2), element e of
+// 16-byte chunks u and u + units; interleaved pairs (2i, 2i + 1): chunks 2u and 2u + 1.
+template <typename T, int D>
+__device__ __forceinline__ void rotate_unit(T* sk, int r, int u, int units, bool interleaved,
+                                            const float (&c)[8], const float (&s)[8]) {
+  const int ca = interleaved ? 2 * u : u;
+  const int cb = interleaved ? 2 * u + 1 : u + units;
+  uint4* pa = reinterpret_cast<uint4*>(sk + swz<D>(r, ca * 8));
+  uint4* pb = reinterpret_cast<uint4*>(sk + swz<D>(r, cb * 8));
+  const uint4 va = *pa, vb = *pb;
+  uint32_t a[4] = {va.x, va.y, va.z, va.w}, b[4] = {vb.x, vb.y, vb.z, vb.w};
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    float2 x = unpack2<T>(a[j]), y = unpack2<T>(b[j]);
+    if (interleaved) {  // word j of chunk a: frequency j, of chunk b: frequency 4 + j
+      rope_apply(x.x, x.y, make_float2(c[j], s[j]));
+      rope_apply(y.x, y.y, make_float2(c[4 + j], s[4 + j]));
+    } else {  // word j: frequencies 2j and 2j + 1, first halves in a, second in b
+      rope_apply(x.x, y.x, make_float2(c[2 * j], s[2 * j]));
+      rope_apply(x.y, y.y, make_float2(c[2 * j + 1], s[2 * j + 1]));
+    }
+    a[j] = Dtype<T>::pack2(x.x, x.y);
+    b[j] = Dtype<T>::pack2(y.x, y.y);
+  }
+  *pa = make_uint4(a[0], a[1], a[2], a[3]);
+  *pb = make_uint4(b[0], b[1], b[2], b[3]);
+}
+
+// Copies the K and V rows of gathered keys [tile * kBN, tile * kBN + kBN) into the swizzled
+// tiles sk and sv (cp.async, one commit group; zero-filled past n_keys) and their cache tokens
+// into kpos (INT_MAX past n_keys). As load_kv_tile, but kThreads / kBN threads share a row and
+// find its token (chunk lookup, page) once; consecutive threads take consecutive 16-byte
+// chunks, so each copy instruction still covers whole 32-byte sectors.
+template <typename T, int D, int kBN, int kThreads>
+__device__ __forceinline__ void load_decode_tile(T* sk, T* sv, int* kpos, const GatheredKeys& g,
+                                                 const AttnParams& p, const T* k_base,
+                                                 const T* v_base, int tile) {
+  constexpr int kPerRow = kThreads / kBN;  // threads per row
+  static_assert(kThreads % kBN == 0 && (D / 8) % kPerRow == 0, "whole rows per thread group");
+  const int r = threadIdx.x / kPerRow, sub = threadIdx.x % kPerRow;
+  const int key = tile * kBN + r;
+  const bool valid = key < g.n_keys;
+  const int tok = valid ? g.token(key, p) : 0;
+  const T* k_row = k_base;
+  const T* v_row = v_base;
+  if (g.pages == nullptr) {
+    k_row += tok * p.k_sn;
+    v_row += tok * p.v_sn;
+  } else {
+    int page, in;
+    p.pages.locate(g.pages, tok, page, in);
+    k_row += page * p.k_sb + in * p.k_sn;
+    v_row += page * p.v_sb + in * p.v_sn;
+  }
+  // Rows r..r+3 of a quarter warp take their chunk pairs in different orders, so its
+  // 16-byte writes land in 8 different bank groups.
+  const int order = kPerRow == 2 && D / 8 >= 8 ? (r & 3) << 1 : 0;
+#pragma unroll
+  for (int j = 0; j < D / 8 / kPerRow; ++j) {
+    const int ch = (j * kPerRow + sub) ^ order;
+    cp_async_16(sk + swz<D>(r, ch * 8), k_row + ch * 8, valid);
+    cp_async_16(sv + swz<D>(r, ch * 8), v_row + ch * 8, valid);
+  }
+  if (sub == 0) kpos[r] = valid ? tok : INT_MAX;
+  cp_async_commit();
+}
+
+// CTAs per SM that shared memory allows (228 KB on sm90, 164 KB on sm80, 1 KB reserved per
+// CTA). The kernel's registers are capped to match, so they never cut the occupancy further
+// (on an H200, D = 64 would take 95 registers and lose a sixth of its CTAs).
+template <int D>
+constexpr int decode_min_blocks() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+  constexpr int kSmemPerSm = 164 * 1024;
+#else
+  constexpr int kSmemPerSm = 228 * 1024;
+#endif
+  constexpr TileShape kTile = kFewRowsTile;
+  constexpr int n =
+      kSmemPerSm / (attn_smem_bytes<D, kTile.warps_n, kTile.block_m, kTile.block_n>() + 1024);
+  return n < 1 ? 1 : n;
 }
 
 template <typename T, int D>
-__global__ void __launch_bounds__(kAttnThreads) gather_attention_kernel(AttnParams p) {
+__global__ void __launch_bounds__(kAttnThreads, decode_min_blocks<D>())
+    gather_attention_kernel(AttnParams p) {
   constexpr TileShape kTile = kFewRowsTile;
   constexpr int kWarpsN = kTile.warps_n;
   constexpr int kBM = kTile.block_m, kBN = kTile.block_n;
@@ -42,7 +167,8 @@ __global__ void __launch_bounds__(kAttnThreads) gather_attention_kernel(AttnPara
   float* s_o = reinterpret_cast<float*>(s_kv);
   int* s_kpos = reinterpret_cast<int*>(reinterpret_cast<unsigned char*>(s_kv) +
                                        (kStageBytes > kEpiBytes ? kStageBytes : kEpiBytes));
-  float* s_invf = reinterpret_cast<float*>(s_kpos + 2 * kBN);
+  float2* s_step = reinterpret_cast<float2*>(s_kpos + 2 * kBN);
+  float* s_invf = reinterpret_cast<float*>(s_step + D / 2);
   int* s_qpos = reinterpret_cast<int*>(s_invf + D / 2);
   float* s_m = reinterpret_cast<float*>(s_qpos + kBM);
   float* s_l = s_m + kWarpsN * kBM;
@@ -60,8 +186,9 @@ __global__ void __launch_bounds__(kAttnThreads) gather_attention_kernel(AttnPara
   const T *k_base, *v_base;
   kv_bases<T>(p, b, h, k_base, v_base);
   auto load_tile = [&](int stage, int tile) {
-    load_kv_tile<T, D, kBN, kAttnThreads>(s_kv + stage * kBN * D, s_kv + (2 + stage) * kBN * D,
-                                          s_kpos + stage * kBN, gk, p, k_base, v_base, tile);
+    load_decode_tile<T, D, kBN, kAttnThreads>(s_kv + stage * kBN * D,
+                                              s_kv + (2 + stage) * kBN * D, s_kpos + stage * kBN,
+                                              gk, p, k_base, v_base, tile);
   };
 
   const int n_tiles = (n_keys + kBN - 1) / kBN;
@@ -75,6 +202,19 @@ __global__ void __launch_bounds__(kAttnThreads) gather_attention_kernel(AttnPara
 
   stage_rotated_q<T, D, kBM, kAttnThreads, true>(s_q, s_qpos, p, gk, b, h, group, q0, row0,
                                                   rows, s_invf, nullptr, 0);
+
+  // Fast RoPE: this thread's unit u (frequencies 8u..8u+7), first row r0 of every tile, row
+  // stride, and the stride's (cos, sin) per frequency (the stride is a power of two, so its
+  // fp32 angle stride * w is exact).
+  const int units = rope_units(p);
+  const int u = units ? tid & (units - 1) : 0;
+  const int r_stride = units ? kAttnThreads / units : kBN;
+  const int r0 = units ? tid / units : kBN;
+  if (units && tid < p.half_rot) {  // read past the first loop barrier
+    float sn, cs;
+    sincosf(static_cast<float>(r_stride) * s_invf[tid], &sn, &cs);
+    s_step[tid] = make_float2(cs, sn);
+  }
 
   float o[kDT][4];
 #pragma unroll
@@ -94,19 +234,45 @@ __global__ void __launch_bounds__(kAttnThreads) gather_attention_kernel(AttnPara
     T* sk = s_kv + stage * kBN * D;
     const T* sv = s_kv + (2 + stage) * kBN * D;
     const int* kpos = s_kpos + stage * kBN;
-    for (int r = warp; r < kBN; r += kAttnThreads / 32) {
-      const int key = tile * kBN + r;
-      if (key >= n_keys) break;
-      const int pos = p.compact ? key : kpos[r];
-      for (int i = lane; i < p.half_rot; i += 32) {
-        int d0, d1;
-        rope_pair(i, p.half_rot, p.interleaved, d0, d1);
-        float x0 = Dtype<T>::to_float(sk[swz<D>(r, d0)]);
-        float x1 = Dtype<T>::to_float(sk[swz<D>(r, d1)]);
-        rope_apply(x0, x1, rope_cos_sin(pos, i, nullptr, 0, p.half_rot, s_invf[i],
-                                        p.rope_scale));
-        sk[swz<D>(r, d0)] = Dtype<T>::from_float(x0);
-        sk[swz<D>(r, d1)] = Dtype<T>::from_float(x1);
+    if (units) {
+      const int n_rows = min(kBN, n_keys - tile * kBN);
+      if (r0 < n_rows) {
+        float co[8], si[8];  // (cos, sin) * rope_scale of row r's angles
+        const float pos0 = static_cast<float>(tile * kBN + r0);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+          sincosf(pos0 * s_invf[8 * u + e], &si[e], &co[e]);
+          co[e] *= p.rope_scale;
+          si[e] *= p.rope_scale;
+        }
+        for (int r = r0;;) {
+          rotate_unit<T, D>(sk, r, u, units, p.interleaved, co, si);
+          r += r_stride;
+          if (r >= n_rows) break;
+#pragma unroll
+          for (int e = 0; e < 8; ++e) {
+            const float2 step = s_step[8 * u + e];
+            const float c = co[e];
+            co[e] = c * step.x - si[e] * step.y;
+            si[e] = si[e] * step.x + c * step.y;
+          }
+        }
+      }
+    } else {
+      for (int r = warp; r < kBN; r += kAttnThreads / 32) {
+        const int key = tile * kBN + r;
+        if (key >= n_keys) break;
+        const int pos = p.compact ? key : kpos[r];
+        for (int i = lane; i < p.half_rot; i += 32) {
+          int d0, d1;
+          rope_pair(i, p.half_rot, p.interleaved, d0, d1);
+          float x0 = Dtype<T>::to_float(sk[swz<D>(r, d0)]);
+          float x1 = Dtype<T>::to_float(sk[swz<D>(r, d1)]);
+          rope_apply(x0, x1, rope_cos_sin(pos, i, nullptr, 0, p.half_rot, s_invf[i],
+                                          p.rope_scale));
+          sk[swz<D>(r, d0)] = Dtype<T>::from_float(x0);
+          sk[swz<D>(r, d1)] = Dtype<T>::from_float(x1);
+        }
       }
     }
     __syncthreads();
