@@ -363,12 +363,13 @@ def _graph_criteria(model, decode: "DecodeGraph"):
     """generate()'s ``_valid_auto_compile_criteria`` for an enabled model: True (decode through
     ``get_compiled_call``, i.e. ``decode``) for a :class:`ReAttentionCache` that
     :class:`DecodeGraph` serves on a CUDA device (on any device once ``decode.capture`` is
-    False: the uncaptured step), unless ``disable_compile``; False otherwise,
+    False: the uncaptured step), unless ``disable_compile`` or beam search (each of its steps
+    reorders the cache into new buffers, which would capture a graph per step); False otherwise,
     so every other cache decodes eagerly as before (a stock static cache would be read as
     tokens, padding included, and is refused when generate builds it)."""
     def criteria(model_kwargs, generation_config):
-        if generation_config.disable_compile or (model.device.type != "cuda"
-                                                 and decode.capture is not False):
+        if (generation_config.disable_compile or (generation_config.num_beams or 1) > 1
+                or (model.device.type != "cuda" and decode.capture is not False)):
             return False
         cache = next((model_kwargs[n] for n in ("cache", "past_key_values")
                       if model_kwargs.get(n) is not None), None)
@@ -570,7 +571,7 @@ class DecodeGraph:
     extends the prompt's mask, which the eager prefill found all ones, with ones.
 
     Calls of more than one token (the prefill), and caches it does not serve (paged, tiered:
-    :meth:`serves`), run eagerly. With ``capture=False`` (or on a CPU model) it runs the
+    :meth:`serves`), run eagerly; so does beam search, which ``generate`` keeps off it. With ``capture=False`` (or on a CPU model) it runs the
     very same step uncaptured: static buffers, device appends, advance.
 
     Attributes

@@ -80,8 +80,8 @@ def test_append_on_device_refuses_what_it_cannot_serve():
 def _generate(model, ids, cache, graph: bool, **kw):
     """Greedy generate with the uncaptured graph step (graph=True) or eagerly, with logits."""
     hf.decode_graph(model).capture = False
-    out = hf.generate(model, ids, cache, max_new_tokens=kw.pop("new", 14), do_sample=False,
-                      pad_token_id=0, return_dict_in_generate=True, output_logits=True,
+    kw.setdefault("do_sample", False)
+    out = hf.generate(model, ids, cache, max_new_tokens=kw.pop("new", 14), pad_token_id=0, return_dict_in_generate=True, output_logits=True,
                       disable_compile=not graph, attention_mask=torch.ones_like(ids), **kw)
     return out.sequences, torch.stack(out.logits)
 
@@ -162,7 +162,7 @@ def test_generate_reserves_so_no_decode_step_regrows(monkeypatch):
     hf.generate(model, ids, fixed, max_new_tokens=5, do_sample=False, pad_token_id=0)
 
 
-def test_graph_step_leaves_paged_caches_eager_and_disable_removes_it():
+def test_graph_step_leaves_paged_caches_and_beams_eager_and_disable_removes_it():
     model = _model("llama3")
     ids = _ids(50)
     hf.enable(model, _sparse("bound"))
@@ -175,6 +175,17 @@ def test_graph_step_leaves_paged_caches_eager_and_disable_removes_it():
     hf.prefill(model, ids, paged, progress=False)
     with pytest.raises(ValueError, match="contiguous ReAttentionCache"):
         runner(input_ids=ids[:, -1:], use_cache=True, **hf._cache_kwargs(model, paged))
+    beams = dict(num_beams=3, num_return_sequences=2, new=6)
+    want = _generate(model, ids, hf.ReAttentionCache(model), graph=False, **beams)
+    got = _generate(model, ids, hf.ReAttentionCache(model), graph=True, **beams)
+    assert torch.equal(got[0], want[0]) and runner.replays == 0  # beam search: eager
+    sampled = dict(do_sample=True, num_return_sequences=2, new=6)
+    torch.manual_seed(5)
+    want = _generate(model, ids, hf.ReAttentionCache(model), graph=False, **sampled)
+    torch.manual_seed(5)
+    got = _generate(model, ids, hf.ReAttentionCache(model), graph=True, **sampled)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert runner.replays == 5  # sampling (a repeated batch of 2) decodes through the step
     hf.disable(model)
     assert not {"get_compiled_call", "_valid_auto_compile_criteria"} & set(vars(model))
     with pytest.raises(ValueError, match="enable"):
