@@ -552,7 +552,7 @@ class LayerCache:
         self.cache_seqlens.add_(n_new)
         if self.reps is not None:
             cfg = self.config
-            last = -(-n_new // cfg.chunk) + 1  # an append completes at most this many chunks
+            last = -(-n_new // cfg.chunk) + 1  # holds every chunk the append completed
             ops.unchecked.chunk_reps(self.k_buffer, self.cache_seqlens, self.reps, sink=cfg.sink,
                                      chunk=cfg.chunk, rep=cfg.rep,
                                      backend=ops.resolve_backend(self.backend, self.k_buffer),
