@@ -12,16 +12,20 @@ Rows, per (model, prompt length), each with prefill and decode tokens/s and peak
                 the prompt is prefilled in one forward pass
   reattention   ``hf.enable`` + ``hf.ReAttentionCache``: ``hf.prefill`` in ``--chunk`` token
                 calls, then eager decode steps
-  reattention-tiered   the same with ``offload="cpu"`` (lengths where the all-GPU cache does not
-                fit, or ``--tiered`` for all)
+  reattention-graph   the same prefill, then decode steps that each replay one CUDA graph
+                (``hf.decode_graph(model)``, what ``generate`` uses on a GPU; its capture
+                happens at the first step, outside the timed median)
+  reattention-tiered   the same as reattention with ``offload="cpu"`` (``--tiered``)
 A path that runs out of memory records the error and the run goes on. Decode tokens/s is the
 median over ``--steps`` greedy steps of one token (batch 1); prefill tokens/s is the prompt
-length over the prefill's wall time, synchronised.
+length over the prefill's wall time, synchronised. Every row records its peak GPU memory and
+``decode_growth_mib``, the growth of allocated GPU memory from the first decode step to the
+last (sdpa-static: over its decode generate call).
 
-Not here yet: a captured or compiled ReAttention decode step (the ops are graph-capturable;
-the cache's append is not yet).
+The defaults (1b at 32K and 128K) run in a few minutes on an H200; ``--models 1b,8b
+--lengths 32768,131072,524288,1048576`` is the full table.
 
-Usage: python bench/bench_model.py --out DIR [--models 1b,8b] [--lengths 32768,131072,524288,1048576]
+Usage: python bench/bench_model.py --out DIR [--models 1b,8b] [--lengths 32768,131072]
 """
 from __future__ import annotations
 
@@ -76,6 +80,10 @@ def peak_gib(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
 
 
+def allocated_mib(device: torch.device) -> float:
+    return torch.cuda.memory_allocated(device) / 2**20 if device.type == "cuda" else 0.0
+
+
 def reset_peak(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -97,19 +105,24 @@ def sdpa_static(model, ids: torch.Tensor, steps: int) -> dict:
     sync(device)
     prefill = time.perf_counter() - t0
     cache.reset()
+    before = allocated_mib(device)
     t0 = time.perf_counter()
     model.generate(ids, max_new_tokens=1 + steps, **kw)
     sync(device)
     decode = max(1e-9, time.perf_counter() - t0 - prefill) / steps
+    growth = allocated_mib(device) - before
     compiled = model._valid_auto_compile_criteria({"past_key_values": cache},
                                                    model.generation_config)
     return dict(prefill_tok_s=n / prefill, decode_tok_s=1.0 / decode,
-                decode_ms=decode * 1e3, compiled_decode=bool(compiled))
+                decode_ms=decode * 1e3, compiled_decode=bool(compiled),
+                decode_growth_mib=growth)
 
 
 @torch.no_grad()
-def ours(model, ids: torch.Tensor, steps: int, chunk: int, backend: str, **tiers) -> dict:
-    """hf.prefill in chunk-token calls, then eager decode steps of one token."""
+def ours(model, ids: torch.Tensor, steps: int, chunk: int, backend: str, graph: bool = False,
+         **tiers) -> dict:
+    """hf.prefill in chunk-token calls, then decode steps of one token: eager, or (graph)
+    each one replay of the decode step's CUDA graph."""
     device = ids.device
     hf.enable(model, CFG, backend=backend)
     try:
@@ -121,18 +134,23 @@ def ours(model, ids: torch.Tensor, steps: int, chunk: int, backend: str, **tiers
         sync(device)
         prefill = time.perf_counter() - t0
         feed = hf._cache_kwargs(model, cache)
+        step = hf.decode_graph(model) if graph else model
         tok = ids[:, -1:]
         times = []
-        for _ in range(steps):
+        for i in range(steps):
             sync(device)
             t0 = time.perf_counter()
-            logits = model(input_ids=tok, use_cache=True, **feed).logits[:, -1]
+            logits = step(input_ids=tok, use_cache=True, **feed).logits[:, -1]
             tok = logits.argmax(-1, keepdim=True)
             sync(device)
             times.append(time.perf_counter() - t0)
+            if i == 0:
+                first = allocated_mib(device)
         decode = statistics.median(times[len(times) // 4:])
         row = dict(prefill_tok_s=ids.shape[1] / prefill, decode_tok_s=1.0 / decode,
-                   decode_ms=decode * 1e3)
+                   decode_ms=decode * 1e3, decode_growth_mib=allocated_mib(device) - first)
+        if graph:
+            row["graph_replays"] = hf.decode_graph(model).replays
         if tiers:
             pools = [layer.kv.pool for layer in cache.layers]
             lookups = sum(int(p.lookups) for p in pools)
@@ -155,8 +173,8 @@ def run_row(fn, device: torch.device, **kw) -> dict:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="bench/results")
-    p.add_argument("--models", default="1b,8b")
-    p.add_argument("--lengths", default="32768,131072,524288,1048576")
+    p.add_argument("--models", default="1b")
+    p.add_argument("--lengths", default="32768,131072")
     p.add_argument("--steps", type=int, default=32)
     p.add_argument("--chunk", type=int, default=4096, help="hf.prefill chunk_size")
     p.add_argument("--device", default="cuda")
@@ -182,6 +200,7 @@ def main(argv=None):
                                                                steps=a.steps)))
             common = dict(model=model, ids=ids, steps=a.steps, chunk=a.chunk, backend=a.backend)
             paths.append(("reattention", ours, common))
+            paths.append(("reattention-graph", ours, dict(common, graph=True)))
             if a.tiered:
                 paths.append(("reattention-tiered", ours,
                               dict(common, offload="cpu", max_append=a.chunk)))

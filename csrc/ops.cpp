@@ -12,7 +12,8 @@
 #include "common.h"
 
 STABLE_TORCH_LIBRARY(reattention, m) {
-  // Fills reps in place for the complete chunks j in [start_chunk, min(n_chunks, (N_b-sink)/chunk)).
+  // Fills reps in place for the complete chunks j in [start_chunk, min(n_chunks, (N_b-sink)/chunk)),
+  // or, for start_chunk = -m < 0, the last m of them per sequence (found from N_b on the device).
   m.def(
       "chunk_reps(Tensor k_cache, Tensor cache_seqlens, Tensor(a!) reps, int sink, int chunk, "
       "str rep, int start_chunk, Tensor? block_table=None) -> ()");

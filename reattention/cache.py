@@ -495,6 +495,76 @@ class LayerCache:
                                          backend=ops.resolve_backend(self.backend, k_store),
                                          start_chunk=start, block_table=table)
 
+    def make_room(self, n_new: int) -> None:
+        """Get ready for :meth:`append_on_device` of ``n_new`` tokens: refuse the layouts it
+        cannot serve and grow the buffers as :meth:`append` would if they lack the room.
+
+        A graph captured over :meth:`append_on_device` holds the buffers' addresses: a growth
+        here replaces them, so its caller must capture again (``hf`` compares the addresses).
+        """
+        if self.pool is not None:
+            kind = "tiered" if self.tiered else "paged"
+            raise ValueError(f"append_on_device needs the contiguous layout: a {kind} cache "
+                             f"takes its pages on the host at every append, which a CUDA graph "
+                             f"cannot replay")
+        if not self.is_allocated:
+            raise ValueError("append_on_device needs an allocated cache: append the prompt "
+                             "first")
+        if not (isinstance(n_new, int) and n_new >= 1):
+            raise ValueError(f"n_new must be an int >= 1, got {n_new!r}")
+        self._ensure_room(self.length + n_new)
+
+    def append_on_device(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Append like :meth:`append`, reading the write position from ``cache_seqlens`` on the
+        device instead of the host-side ``length``: a CUDA graph captured once replays it at
+        every step however long the cache grows.
+
+        The tokens land where :meth:`append` puts them, with the same bytes: the keys and values
+        at ``cache_seqlens[0] + arange(L)`` (every sequence has one length), then
+        ``cache_seqlens += L``, then the reps of the last ``ceil(L / chunk) + 1`` complete
+        chunks of each sequence, which holds every chunk the append completed (recomputing one
+        again writes the same bytes). ``length`` is not advanced: whoever runs the step calls
+        :meth:`advance` after it. Contiguous layout only; call :meth:`make_room` first.
+
+        Parameters
+        ----------
+        k, v : [B, Hkv, L, D] raw keys and values of the cache's batch, heads, head dim, dtype
+            and device.
+        """
+        if self.pool is not None or not self.is_allocated:
+            self.make_room(1)  # raises why
+        b, h, d, dtype, device = self._dims
+        for name, t in (("k", k), ("v", v)):
+            if not (isinstance(t, torch.Tensor) and t.dim() == 4 and t.shape[0] == b
+                    and t.shape[1] == h and t.shape[3] == d and t.dtype == dtype
+                    and t.device == device):
+                raise ValueError(f"{name} must be [B={b}, Hkv={h}, L, D={d}] {dtype} on {device} "
+                                 f"like the cache, got {getattr(t, 'shape', type(t).__name__)}")
+        n_new = k.shape[2]
+        if v.shape != k.shape:
+            raise ValueError(f"v shape {tuple(v.shape)} must equal k shape {tuple(k.shape)}")
+        if self.length + n_new > self.capacity:
+            raise ValueError(f"{self.length} + {n_new} tokens exceed the capacity "
+                             f"{self.capacity}: call make_room({n_new}) first")
+        pos = self.cache_seqlens[:1].long() + torch.arange(n_new, device=device)
+        self.k_buffer.index_copy_(2, pos, k)
+        self.v_buffer.index_copy_(2, pos, v)
+        self.cache_seqlens.add_(n_new)
+        if self.reps is not None:
+            cfg = self.config
+            last = -(-n_new // cfg.chunk) + 1  # holds every chunk the append completed
+            ops.unchecked.chunk_reps(self.k_buffer, self.cache_seqlens, self.reps, sink=cfg.sink,
+                                     chunk=cfg.chunk, rep=cfg.rep,
+                                     backend=ops.resolve_backend(self.backend, self.k_buffer),
+                                     start_chunk=-last)
+
+    def advance(self, n_new: int) -> None:
+        """Count ``n_new`` tokens that :meth:`append_on_device` wrote (the host-side length)."""
+        if not (isinstance(n_new, int) and 0 <= n_new and self.length + n_new <= self.capacity):
+            raise ValueError(f"n_new must be an int in [0, {self.capacity - self.length}], "
+                             f"got {n_new!r}")
+        self.length += n_new
+
     def crop(self, length: int) -> None:
         """Keep the first ``length`` tokens (0 <= length <= current length).
 

@@ -19,6 +19,13 @@
 current), and :func:`prefill` feeds a long prompt through it in chunks. ``model.generate``
 called without a cache creates one itself.
 
+On a GPU, ``generate``'s decode steps (one new token per sequence) replay one CUDA graph per
+token (:class:`DecodeGraph`): transformers hands its decode steps to ``get_compiled_call``
+when ``_valid_auto_compile_criteria`` holds, and :func:`enable` sets both on the model so
+that they hold for a contiguous :class:`ReAttentionCache` and return the graph runner. The
+prefill, paged and tiered caches (their pages are bookkept on the host) and
+``generate(disable_compile=True)`` run eagerly.
+
 transformers 5.24 renamed the cache keyword of ``forward`` and ``generate`` from
 ``past_key_values`` to ``cache`` (the old name warns); older versions know only
 ``past_key_values``. :func:`generate` passes a cache under the name the installed version
@@ -48,8 +55,8 @@ from . import layout, ops
 from .api import ReAttentionConfig, reattention_attn
 from .cache import LayerCache
 
-__all__ = ["enable", "disable", "is_enabled", "ReAttentionCache", "prefill", "generate",
-           "ATTN_NAME"]
+__all__ = ["enable", "disable", "is_enabled", "ReAttentionCache", "DecodeGraph", "decode_graph",
+           "prefill", "generate", "ATTN_NAME"]
 
 ATTN_NAME = "reattention"
 # Rope types whose inv_freq depends on the sequence length: we fix it at the trained length.
@@ -60,6 +67,10 @@ _STATE_ATTR = "_reattention_state"
 _LAYER_TAG = "_reattention_layer"
 # The GenerationMixin method in which generate() builds its cache when none is given.
 _PREPARE_CACHE = "_prepare_cache_for_generation"
+# The GenerationMixin methods through which generate() picks a compiled decode step: enable()
+# overrides them per model so that the decode steps replay a CUDA graph (DecodeGraph).
+_COMPILE_CRITERIA = "_valid_auto_compile_criteria"
+_COMPILED_CALL = "get_compiled_call"
 # The cache keyword of generate() and the key of the cache in its model_kwargs: "cache" from
 # transformers 5.24 on (where "past_key_values" warns), "past_key_values" before. generate()
 # takes **kwargs, so the name is read off the generation step it feeds them to.
@@ -81,6 +92,9 @@ class _State:
     tagged: list
     # generate's cache preparation as the model's own attribute before enable(), if it had one
     previous_prepare: object = None
+    # the model's own attributes that enable() overrides, to put back on disable()
+    previous_attrs: dict = dataclasses.field(default_factory=dict)
+    decode: "DecodeGraph | None" = None
     warned_scope: bool = False
 
     def inv_freq_on(self, device: torch.device) -> torch.Tensor:
@@ -277,6 +291,12 @@ def enable(model: "transformers.PreTrainedModel", config: ReAttentionConfig | No
         state.previous_prepare = model.__dict__.get(_PREPARE_CACHE)
         prepare = _generate_with_own_cache(model, getattr(model, _PREPARE_CACHE))
         setattr(model, _PREPARE_CACHE, prepare)
+    if hasattr(model, _COMPILE_CRITERIA) and hasattr(model, _COMPILED_CALL):
+        state.decode = DecodeGraph(model)
+        for name, attr in ((_COMPILE_CRITERIA, _graph_criteria(model, state.decode)),
+                           (_COMPILED_CALL, lambda compile_config=None: state.decode)):
+            state.previous_attrs[name] = model.__dict__.get(name)
+            setattr(model, name, attr)
     # Attention modules are the ones that know their layer; the attention function gets
     # the module, so the state rides on it.
     for m in [model, *(m for m in decoder.modules() if hasattr(m, "layer_idx"))]:
@@ -302,6 +322,13 @@ def disable(model: "transformers.PreTrainedModel") -> "transformers.PreTrainedMo
             delattr(model, _PREPARE_CACHE)
         else:
             setattr(model, _PREPARE_CACHE, state.previous_prepare)
+    for name, previous in state.previous_attrs.items():
+        if previous is None:
+            model.__dict__.pop(name, None)
+        else:
+            setattr(model, name, previous)
+    if state.decode is not None:
+        state.decode.release()
     model.set_attn_implementation(state.previous_attn)
     return model
 
@@ -310,7 +337,11 @@ def _generate_with_own_cache(model, prepare):
     """Wrap generate()'s cache preparation so that a call without a cache gets a fresh
     :class:`ReAttentionCache`: a stock cache would work from dynamic concatenated keys
     (recomputing bound/mean reps over the whole cache at every step) or, for the static
-    kinds, hand over padded buffers the attention would read as tokens."""
+    kinds, hand over padded buffers the attention would read as tokens.
+
+    A :class:`ReAttentionCache` (given or made here) is then reserved for the prompt plus the
+    new tokens (``generation_config.max_length``), so that no decode step regrows it: a regrown
+    buffer moves, and a captured decode graph would have to be captured again."""
     def prepare_cache(generation_config, model_kwargs, *args, **kwargs):
         if (model_kwargs.get(_GENERATE_CACHE) is None
                 and generation_config.use_cache is not False):
@@ -321,8 +352,29 @@ def _generate_with_own_cache(model, prepare):
                                  f"one: reattention.hf.generate(model, input_ids, "
                                  f"reattention.hf.ReAttentionCache(model), ...)")
             model_kwargs[_GENERATE_CACHE] = ReAttentionCache(model)
+        cache = model_kwargs.get(_GENERATE_CACHE)
+        if isinstance(cache, ReAttentionCache) and generation_config.max_length is not None:
+            cache.reserve(generation_config.max_length, up_to_max_length=True)
         return prepare(generation_config, model_kwargs, *args, **kwargs)
     return prepare_cache
+
+
+def _graph_criteria(model, decode: "DecodeGraph"):
+    """generate()'s ``_valid_auto_compile_criteria`` for an enabled model: True (decode through
+    ``get_compiled_call``, i.e. ``decode``) for a :class:`ReAttentionCache` that
+    :class:`DecodeGraph` serves on a CUDA device (on any device once ``decode.capture`` is
+    False: the uncaptured step), unless ``disable_compile`` or beam search (each of its steps
+    reorders the cache into new buffers, which would capture a graph per step); False otherwise,
+    so every other cache decodes eagerly as before (a stock static cache would be read as
+    tokens, padding included, and is refused when generate builds it)."""
+    def criteria(model_kwargs, generation_config):
+        if (generation_config.disable_compile or (generation_config.num_beams or 1) > 1
+                or (model.device.type != "cuda" and decode.capture is not False)):
+            return False
+        cache = next((model_kwargs[n] for n in ("cache", "past_key_values")
+                      if model_kwargs.get(n) is not None), None)
+        return isinstance(cache, ReAttentionCache) and decode.serves(cache)
+    return criteria
 
 
 def _require_state(model) -> _State:
@@ -344,6 +396,8 @@ class ReAttentionLayer(CacheLayerMixin):
     attention function reads them).
     """
 
+    # Not for torch.compile: an append reads the host-side length. DecodeGraph captures the
+    # decode step in a CUDA graph instead (with on_device set, the appends read no host length).
     is_compileable = False
     is_sliding = False
     is_croppable = True
@@ -353,6 +407,8 @@ class ReAttentionLayer(CacheLayerMixin):
         super().__init__()
         self.kv = LayerCache(config, max_length=max_length, backend=backend,
                              page_size=page_size, **tiers)
+        # Set by DecodeGraph around a decode step: append with LayerCache.append_on_device.
+        self.on_device = False
 
     def _publish(self) -> None:
         kv = self.kv
@@ -376,7 +432,10 @@ class ReAttentionLayer(CacheLayerMixin):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs,
                ) -> tuple[torch.Tensor, torch.Tensor]:
-        self.kv.append(key_states, value_states)
+        if self.on_device:
+            self.kv.append_on_device(key_states, value_states)
+        else:
+            self.kv.append(key_states, value_states)
         if not self.is_initialized:
             self.dtype, self.device = key_states.dtype, key_states.device
             self.is_initialized = True
@@ -468,10 +527,172 @@ class ReAttentionCache(Cache):
         super().__init__(layers=layers)
         self.config = state.config
 
-    def reserve(self, n: int) -> None:
-        """Make room for ``n`` tokens in every layer (before or after the first update)."""
+    def reserve(self, n: int, *, up_to_max_length: bool = False) -> None:
+        """Make room for ``n`` tokens in every layer (before or after the first update).
+
+        ``up_to_max_length``: a layer of a fixed ``max_length`` below ``n`` is left as it is
+        instead of raising (generate reserves its longest possible output this way, which an
+        early end of sequence may never reach).
+        """
         for layer in self.layers:
-            layer.kv.reserve(n)
+            kv = layer.kv
+            kv.reserve(min(n, kv.max_length) if up_to_max_length and kv.max_length else n)
+
+
+# --------------------------------------------------------------------------- graph decode
+def _copy_out(x):
+    """A copy of a forward output field that outlives the next replay (tensors, and tuples
+    of them, live in the graph's memory); the cache and plain values as they are."""
+    if isinstance(x, torch.Tensor):
+        return x.clone()
+    if isinstance(x, (tuple, list)):
+        return type(x)(_copy_out(y) for y in x)
+    return x
+
+
+class DecodeGraph:
+    """Runs a decode step of an enabled model, one new token per sequence, as one CUDA graph
+    replay (:func:`enable` hands it to ``generate`` as the model's compiled call).
+
+    On the first decode call, and again whenever the batch, an input's shape or dtype, or a
+    cache buffer (moved by a regrowth or a batch reorder) changes, it copies the inputs into
+    static buffers, runs the step twice on a side stream (warm-up: lazy initialisations;
+    the cache's device lengths are put back after each) and captures ``model.__call__`` in a
+    CUDA graph. Every call then copies the inputs in, replays the graph, advances each
+    layer's host-side length by one (:meth:`reattention.cache.LayerCache.advance`) and
+    returns a copy of the output.
+
+    The graph stays valid as the cache grows: the appends write at the device length
+    (:meth:`reattention.cache.LayerCache.append_on_device`), the rep update covers the last
+    chunks of each sequence from its device length, and the attention ops size their grids
+    and workspaces from the cache's capacity, never from a host length. The model's own
+    positions, frozen at capture, are unused: its rotary is hooked to the identity and no
+    mask is built for this attention. A decode call's 2-D ``attention_mask`` is dropped: it
+    extends the prompt's mask, which the eager prefill found all ones, with ones.
+
+    Calls of more than one token (the prefill), and caches it does not serve (paged, tiered:
+    :meth:`serves`), run eagerly; so does beam search, which ``generate`` keeps off it. With ``capture=False`` (or on a CPU model) it runs the
+    very same step uncaptured: static buffers, device appends, advance.
+
+    Attributes
+    ----------
+    replays : decode steps run (graph replays, or uncaptured steps when not capturing).
+    captures : graphs captured.
+
+    Example
+    -------
+    >>> out = hf.generate(model, input_ids, cache, max_new_tokens=32)  # on a GPU
+    >>> hf.decode_graph(model).replays
+    31
+    """
+
+    def __init__(self, model: torch.nn.Module, capture: bool | None = None):
+        self.model = model
+        self.capture = capture
+        self.replays = 0
+        self.captures = 0
+        self.release()
+
+    def release(self) -> None:
+        """Drop the captured graph and its buffers (the next decode call captures again)."""
+        self._graph = None
+        self._key = None
+        self._static: dict = {}
+        self._out = None
+
+    @staticmethod
+    def serves(cache: Cache) -> bool:
+        """True for a :class:`ReAttentionCache` whose layers are all contiguous."""
+        return isinstance(cache, ReAttentionCache) and all(
+            layer.kv.page_size is None and not layer.kv.tiered for layer in cache.layers)
+
+    def __call__(self, **inputs):
+        cache = next((inputs[n] for n in ("cache", "past_key_values")
+                      if inputs.get(n) is not None), None)
+        ids = inputs.get("input_ids")
+        if (ids is None or ids.dim() != 2 or ids.shape[1] != 1 or inputs.get("inputs_embeds")
+                is not None or not isinstance(cache, ReAttentionCache)
+                or cache.get_seq_length() == 0):
+            return self.model(**inputs)  # a prefill: eager
+        if not self.serves(cache):
+            raise ValueError("reattention: a CUDA-graph decode step needs a contiguous "
+                             "ReAttentionCache; paged and tiered caches keep their pages on the "
+                             "host (generate(disable_compile=True) decodes them eagerly)")
+        mask = inputs.pop("attention_mask", None)
+        if mask is not None and (not isinstance(mask, torch.Tensor) or mask.dim() != 2):
+            raise ValueError("reattention: only 2-D all-ones attention masks are supported")
+        layers = [layer.kv for layer in cache.layers]
+        for kv in layers:
+            kv.make_room(1)  # may regrow: the key below then differs and the step is recaptured
+        key = self._key_of(inputs, layers)
+        capture = (self.capture if self.capture is not None
+                   else ids.is_cuda and torch.cuda.is_available())
+        if key != self._key:
+            self.release()
+            self._static = {n: v.clone() if isinstance(v, torch.Tensor) else v
+                            for n, v in inputs.items()}
+            if capture:
+                self._capture(cache, layers)
+            self._key = key
+        for n, v in inputs.items():
+            if isinstance(v, torch.Tensor):
+                self._static[n].copy_(v)
+        if capture:
+            self._graph.replay()
+            out = self._out
+        else:
+            out = self._step(cache)
+        for kv in layers:
+            kv.advance(1)
+        self.replays += 1
+        return type(out)(**{n: _copy_out(v) for n, v in out.items()})
+
+    @staticmethod
+    def _key_of(inputs: dict, layers: list) -> tuple:
+        """What a captured graph depends on: input shapes and settings, the cache's buffers."""
+        def sig(v):
+            if isinstance(v, torch.Tensor):
+                return ("tensor", tuple(v.shape), v.dtype, v.device)
+            if isinstance(v, Cache):
+                return ("cache", id(v))
+            return ("value", repr(v))
+        bufs = tuple((t.data_ptr(), tuple(t.shape))
+                     for kv in layers
+                     for t in (kv.k_buffer, kv.v_buffer, kv.reps, kv.cache_seqlens)
+                     if t is not None)
+        return tuple(sorted((n, sig(v)) for n, v in inputs.items())), bufs
+
+    def _step(self, cache: "ReAttentionCache"):
+        for layer in cache.layers:
+            layer.on_device = True
+        try:
+            return self.model(**self._static)
+        finally:
+            for layer in cache.layers:
+                layer.on_device = False
+
+    def _capture(self, cache: "ReAttentionCache", layers: list) -> None:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._step(cache)
+                for kv in layers:  # the warm-up appended a token: put the lengths back
+                    kv.cache_seqlens.fill_(kv.length)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._out = self._step(cache)
+        self._graph = graph
+        self.captures += 1
+
+
+def decode_graph(model: torch.nn.Module) -> DecodeGraph:
+    """The :class:`DecodeGraph` that runs ``generate``'s decode steps of an enabled model."""
+    state = _require_state(model)
+    if state.decode is None:
+        raise ValueError(f"reattention: {type(model).__name__} has no generate() decode steps")
+    return state.decode
 
 
 # --------------------------------------------------------------------------- prefill

@@ -49,6 +49,10 @@ def chunk_reps_ref(k_cache: torch.Tensor, cache_seqlens: torch.Tensor | None, re
                    block_table: torch.Tensor | None = None) -> None:
     """Fill chunk representatives in place for the complete chunks ``j >= start_chunk``.
 
+    A negative ``start_chunk = -m`` instead refreshes the last m complete chunks of each
+    sequence, ``[max(0, c_b - m), c_b)`` with ``c_b`` its complete chunks (the host-free
+    update of a graph-captured decode step: docs/design.md section 3).
+
     k_cache : [B, Hkv, Nmax, D] raw keys (or pages with ``block_table``: every function here
         reads a paged cache as its contiguous copy, :func:`layout.unpage`).
     reps : "bound" -> [B, Hkv, n_chunks, 2, D] (min, max); "mean" -> [B, Hkv, n_chunks, D];
@@ -61,16 +65,17 @@ def chunk_reps_ref(k_cache: torch.Tensor, cache_seqlens: torch.Tensor | None, re
     n_chunks = reps.shape[2]
     for b, n in enumerate(_seqlens(cache_seqlens, b_, nmax)):
         end = min(n_chunks, max(0, n - sink) // chunk)
-        if end <= start_chunk:
+        first = start_chunk if start_chunk >= 0 else max(0, end + start_chunk)
+        if end <= first:
             continue
-        toks = k_cache[b, :, sink + start_chunk * chunk: sink + end * chunk]
-        toks = toks.reshape(h_, end - start_chunk, chunk, d)
+        toks = k_cache[b, :, sink + first * chunk: sink + end * chunk]
+        toks = toks.reshape(h_, end - first, chunk, d)
         if rep == "bound":
-            reps[b, :, start_chunk:end, 0] = toks.amin(dim=2)
-            reps[b, :, start_chunk:end, 1] = toks.amax(dim=2)
+            reps[b, :, first:end, 0] = toks.amin(dim=2)
+            reps[b, :, first:end, 1] = toks.amax(dim=2)
         elif rep == "mean":
             acc = toks.to(_acc_dtype(toks)).sum(dim=2) / chunk
-            reps[b, :, start_chunk:end] = acc.to(reps.dtype)
+            reps[b, :, first:end] = acc.to(reps.dtype)
         else:
             raise ValueError(f"rep must be 'bound' or 'mean' for chunk_reps, got {rep!r}")
 

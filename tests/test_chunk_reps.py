@@ -4,7 +4,7 @@ import torch
 
 import reattention
 from reattention import layout, reference
-from reattention.testing import make_inputs
+from reattention.testing import make_inputs, to_paged
 
 from cases import CASES, IDS
 from conftest import PARITY_BACKENDS, device_for, require
@@ -74,3 +74,43 @@ def test_float64_reps_on_the_reference(rep):
     out = reattention.reattention_attn(q, k, torch.randn_like(k), sink=4, local=16, chunk=8,
                                        topk=2, rep=rep, backend="reference")
     assert out.dtype == torch.float64 and out.shape == (1, 4, 1, 8)
+
+
+@pytest.mark.parametrize("backend", PARITY_BACKENDS)
+@pytest.mark.parametrize("rep", ["bound", "mean"])
+@pytest.mark.parametrize("page", [None, 8, 3], ids=["contiguous", "paged8", "paged3"])
+@pytest.mark.parametrize("m", [1, 2, 5, 40])
+def test_chunk_reps_last_chunks(m, page, rep, backend):
+    """last_chunks=m writes the last m complete chunks of each sequence, found from its device
+    length, with the bytes start_chunk=0 writes there, and touches nothing else (NaN-filled
+    reps); paged caches too (pages of a chunk, and pages a chunk straddles)."""
+    torch.manual_seed(1)
+    dev = device_for(backend)
+    dtype = torch.bfloat16 if backend == "cuda" else torch.float32
+    sink, chunk = 5, 8
+    lens_host = (211, 4, 5 + 3 * 8, 100)  # varlen: 25, 0, 3 and 11 complete chunks
+    k = torch.randn(4, 3, 213, 64, device=dev).to(dtype)
+    require(backend, k)
+    lens = torch.tensor(lens_host, dtype=torch.int32, device=dev)
+    table = None
+    if page is not None:
+        k, table = to_paged(k, lens, page, seed=2)
+    kw = dict(sink=sink, chunk=chunk, rep=rep, backend=backend, block_table=table)
+    full = reattention.chunk_reps(k, lens, **kw)
+    reps = layout.new_reps(k, sink, chunk, rep, table).fill_(float("nan"))
+    reattention.chunk_reps(k, lens, reps=reps, last_chunks=m, **kw)
+    reps, full = reps.cpu(), full.cpu()
+    for b, n in enumerate(lens_host):
+        c = min(reps.shape[2], max(0, n - sink) // chunk)
+        lo = max(0, c - m)
+        assert torch.equal(reps[b, :, lo:c], full[b, :, lo:c]), b
+        assert reps[b, :, :lo].isnan().all() and reps[b, :, c:].isnan().all(), b
+
+
+def test_last_chunks_validation():
+    k = torch.randn(1, 2, 40, 8)
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="last_chunks must be"):
+            reattention.chunk_reps(k, sink=4, chunk=8, rep="bound", last_chunks=bad)
+    with pytest.raises(ValueError, match="last_chunks must be"):
+        reattention.chunk_reps(k, sink=4, chunk=8, rep="bound", last_chunks=2, start_chunk=1)

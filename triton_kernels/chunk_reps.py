@@ -11,8 +11,12 @@ each chunk up in the block table; when every chunk lies inside one page (page_si
 multiples of chunk, e.g. the fast case page_size == chunk) a chunk's page is looked up once.
 
 Invariants: only chunks j in [start_chunk, min(n_chunks, max(0, (N_b - sink) // chunk))) are
-written (the incremental contract); the bound is computed in fp32 and is exact. Nothing
-depends on the lengths' values on the host, so the op is CUDA-graph safe.
+written (the incremental contract); the bound is computed in fp32 and is exact. A negative
+start_chunk = -m writes the last m complete chunks of each sequence instead, [max(0, c_b - m),
+c_b) with c_b = min(n_chunks, (N_b - sink) // chunk): the grid covers m chunks per (b, h) and
+each program finds its chunks from the device length. Nothing depends on the lengths' values
+on the host, so the op is CUDA-graph safe, and with a negative start_chunk its grid does not
+depend on the length either.
 """
 from __future__ import annotations
 
@@ -53,9 +57,13 @@ def _chunk_reps_kernel(k_ptr, seqlens_ptr, reps_ptr,
     h = bh % n_heads
     n = tl.load(seqlens_ptr + b)
     end = tl.minimum(n_chunks, tl.maximum(n - sink, 0) // chunk)
-    j = start_chunk + tile * BLOCK_J + tl.arange(0, BLOCK_J)
+    if start_chunk < 0:  # the last -start_chunk complete chunks of this sequence
+        first = end + start_chunk
+    else:
+        first = start_chunk
+    j = first + tile * BLOCK_J + tl.arange(0, BLOCK_J)
     offs_d = tl.arange(0, BLOCK_D)
-    j_ok = j < end
+    j_ok = (j >= 0) & (j < end)
     mask = j_ok[:, None] & (offs_d < head_dim)[None, :]
     base = kv_head_base(k_ptr, b, h, stride_kb, stride_kh, PAGED)
     table_row = kv_table_row(table_ptr, b, stride_tb, PAGED)
@@ -106,7 +114,8 @@ def chunk_reps_triton(k_cache: torch.Tensor, cache_seqlens: torch.Tensor, reps: 
         cache dtype, last dim contiguous; chunk j covers tokens [sink + j*chunk, ... + chunk).
     sink, chunk : segment sizes (chunk >= 1).
     rep : "bound" or "mean".
-    start_chunk : first chunk index to (re)compute.
+    start_chunk : first chunk index to (re)compute; negative -m: the last m complete chunks
+        of each sequence.
     block_table : None (contiguous cache) or int32 [B, max_pages] (paged cache,
         Nmax = max_pages * page_size).
 
@@ -120,7 +129,9 @@ def chunk_reps_triton(k_cache: torch.Tensor, cache_seqlens: torch.Tensor, reps: 
     b, _, lay, paged = kv_layout(k_cache, block_table, cache_seqlens)
     h, d = k_cache.shape[1], k_cache.shape[3]
     n_chunks = reps.shape[2]
-    todo = n_chunks - start_chunk
+    # The last m > n_chunks chunks are all n_chunks of them.
+    start_chunk = max(start_chunk, -n_chunks)
+    todo = -start_chunk if start_chunk < 0 else n_chunks - start_chunk
     if todo <= 0 or b * h == 0:
         return
     if k_cache.stride(3) != 1 or reps.stride(-1) != 1:

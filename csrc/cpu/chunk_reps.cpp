@@ -5,6 +5,9 @@
 //
 // Work items are (b, h, j). Only chunks j in [start_chunk, min(n_chunks, (N_b - S) / C)) are
 // written, so after appending tokens a caller recomputes just the chunks that became complete.
+// A negative start_chunk = -m writes the last m complete chunks of each sequence instead,
+// [max(0, c_b - m), c_b) with c_b = min(n_chunks, (N_b - S) / C): m work items per (b, h), found
+// from the device lengths, so a graph-captured decode step needs no host length.
 #include <algorithm>
 #include <limits>
 #include <vector>
@@ -19,7 +22,8 @@ template <typename T>
 void chunk_reps_kernel(const Tensor& k_cache, const Tensor& cache_seqlens, const Tensor& reps,
                        const OpArgs& a, const Dims& d, int64_t sink, int64_t chunk, RepMode rep,
                        int64_t start) {
-  const int64_t per_head = d.n_chunks - start;
+  const bool last = start < 0;  // the last -start complete chunks of each sequence
+  const int64_t per_head = last ? std::min(-start, d.n_chunks) : d.n_chunks - start;
   if (per_head <= 0) return;
   const auto keys = cpu::kv_rows<T>(k_cache, d, a);
   const int32_t* lens = cache_seqlens.const_data_ptr<int32_t>();
@@ -37,9 +41,10 @@ void chunk_reps_kernel(const Tensor& k_cache, const Tensor& cache_seqlens, const
         for (int64_t item = begin; item < end; ++item) {
           const int64_t b = item / (d.hkv * per_head);
           const int64_t h = (item / per_head) % d.hkv;
-          const int64_t j = start + item % per_head;
           const int64_t n = lens[b * lens_stride];
-          if (j >= std::min(d.n_chunks, complete_chunks(n, sink, chunk))) continue;
+          const int64_t complete = std::min(d.n_chunks, complete_chunks(n, sink, chunk));
+          const int64_t j = (last ? complete - per_head : start) + item % per_head;
+          if (j < 0 || j >= complete) continue;
           const int64_t t0 = sink + j * chunk;
           T* dst = out + b * rs0 + h * rs1 + j * rs2;
           if (bound) {
@@ -72,8 +77,9 @@ void chunk_reps_kernel(const Tensor& k_cache, const Tensor& cache_seqlens, const
 void chunk_reps_cpu(Tensor k_cache, Tensor cache_seqlens, Tensor reps, int64_t sink,
                     int64_t chunk, std::string rep, int64_t start_chunk,
                     std::optional<Tensor> block_table) {
-  const OpArgs a = chunk_reps_args(k_cache, cache_seqlens, reps, sink, chunk, rep, start_chunk,
-                                   block_table);
+  // The shared checks want start_chunk >= 0; a negative one (the last chunks) is valid here.
+  const OpArgs a = chunk_reps_args(k_cache, cache_seqlens, reps, sink, chunk, rep,
+                                   std::max<int64_t>(start_chunk, 0), block_table);
   const Dims d = check_inputs(a);
   dispatch_float(k_cache.scalar_type(), "k_cache", [&](auto tag) {
     using T = typename decltype(tag)::type;

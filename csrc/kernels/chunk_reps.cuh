@@ -2,6 +2,9 @@
 //
 // One CTA per (chunk j, kv head, sequence). Chunk j covers tokens [S + jC, S + (j+1)C); only
 // chunks in [start_chunk, min(n_chunks, (N_b - S) / C)) are written, nothing else is touched.
+// A negative start_chunk = -m writes the last m complete chunks of each sequence instead: the
+// grid has m CTAs per (b, h) and each finds its chunk from the device length N_b, so the launch
+// depends on no host length (a CUDA-graph-captured decode step replays it as the cache grows).
 // Thread t owns the 8-element slice (t % (D/8)) of the head dim and walks the chunk's tokens
 // with a stride of 128 / (D/8) rows; partial results meet in shared memory. A paged cache
 // resolves the chunk's page once when the chunk lies in one page (page_size == chunk with the
@@ -36,12 +39,13 @@ __global__ void __launch_bounds__(kRepsThreads) chunk_reps_kernel(ChunkRepsParam
   constexpr int kRows = kRepsThreads / kSlices;  // tokens read in parallel
   static_assert(kRepsThreads % kSlices == 0, "head dim must divide the CTA");
 
-  const int j = p.start_chunk + blockIdx.x;
   const int h = blockIdx.y;
   const int b = blockIdx.z;
   const int n = p.seqlens[b];
-  const int complete = n > p.sink ? (n - p.sink) / p.chunk : 0;
-  if (j >= p.n_chunks || j >= complete) return;
+  const int complete = min(p.n_chunks, n > p.sink ? (n - p.sink) / p.chunk : 0);
+  const int j = (p.start_chunk < 0 ? complete - static_cast<int>(gridDim.x) : p.start_chunk) +
+                static_cast<int>(blockIdx.x);
+  if (j < 0 || j >= complete) return;
 
   const int slice = threadIdx.x % kSlices;
   const int row = threadIdx.x / kSlices;
@@ -116,7 +120,7 @@ __global__ void __launch_bounds__(kRepsThreads) chunk_reps_kernel(ChunkRepsParam
 
 template <typename T, int D>
 cudaError_t launch_chunk_reps(const ChunkRepsParams& p, cudaStream_t stream) {
-  const int todo = p.n_chunks - p.start_chunk;
+  const int todo = p.start_chunk < 0 ? min(-p.start_chunk, p.n_chunks) : p.n_chunks - p.start_chunk;
   if (todo <= 0 || p.batch == 0 || p.heads == 0) return cudaSuccess;
   const dim3 grid(todo, p.heads, p.batch);
   chunk_reps_kernel<T, D><<<grid, kRepsThreads, 0, stream>>>(p);

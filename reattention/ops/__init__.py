@@ -32,7 +32,8 @@ __all__ = [
 
 def chunk_reps(k_cache: torch.Tensor, cache_seqlens: torch.Tensor | None = None, *, sink: int,
                chunk: int, rep: str, backend: str = "auto", reps: torch.Tensor | None = None,
-               start_chunk: int = 0, block_table: torch.Tensor | None = None) -> torch.Tensor:
+               start_chunk: int = 0, block_table: torch.Tensor | None = None,
+               last_chunks: int | None = None) -> torch.Tensor:
     """Chunk representatives of the complete middle chunks of a raw-key cache.
 
     Parameters
@@ -43,6 +44,12 @@ def chunk_reps(k_cache: torch.Tensor, cache_seqlens: torch.Tensor | None = None,
     rep : "bound" (min/max per dim) or "mean" (centroid).
     reps : an existing reps tensor to update in place (incremental), or None to allocate.
     start_chunk : only chunks j >= start_chunk are (re)computed.
+    last_chunks : int >= 1, optional
+        Instead of ``start_chunk``: (re)compute only the last ``last_chunks`` complete chunks
+        of each sequence, j in ``[max(0, c_b - last_chunks), c_b)`` with ``c_b`` the complete
+        chunks of sequence b, found from its device length: nothing depends on a host length,
+        so a CUDA graph captured once stays valid as the cache grows (docs/design.md
+        section 3). Recomputing a chunk writes the same bytes as computing it the first time.
     block_table : int32 [B, max_pages] for a paged cache: ``k_cache`` (and ``v_cache``) are
         then pages [num_pages, Hkv, page_size, D], token t of sequence b in page
         ``block_table[b, t // page_size]`` at row ``t % page_size``; Nmax = max_pages *
@@ -72,7 +79,15 @@ def chunk_reps(k_cache: torch.Tensor, cache_seqlens: torch.Tensor | None = None,
     check_params(sink=sink, chunk=chunk)
     _check_choice("rep", rep, ("bound", "mean"))
     _need(isinstance(start_chunk, int) and start_chunk >= 0,
-          f"start_chunk must be an int >= 0, got {start_chunk!r}")
+          f"start_chunk must be an int >= 0 (last_chunks=m refreshes the last m chunks), got "
+          f"{start_chunk!r}")
+    if last_chunks is not None:
+        _need(isinstance(last_chunks, int) and not isinstance(last_chunks, bool)
+              and last_chunks >= 1 and start_chunk == 0,
+              f"last_chunks must be None or an int >= 1 with start_chunk left at 0, got "
+              f"last_chunks={last_chunks!r}, start_chunk={start_chunk!r}")
+        # The ops take the last m chunks as a negative start_chunk (csrc/ops.cpp).
+        start_chunk = -last_chunks
     if block_table is not None:
         check_table_shape(block_table, k_cache.device)
     seqlens = check_seqlens(cache_seqlens, k_cache, 0, block_table)
