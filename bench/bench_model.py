@@ -95,22 +95,28 @@ def sdpa_static(model, ids: torch.Tensor, steps: int) -> dict:
     """transformers' fast path: StaticCache, one-pass prefill, compiled decode (on a GPU)."""
     device = ids.device
     n = ids.shape[1]
-    cache = transformers.StaticCache(config=model.config, max_cache_len=n + steps + 8)
+    cache = transformers.StaticCache(config=model.config, max_cache_len=n + 2 * steps + 8)
     kw = dict(do_sample=False, pad_token_id=0, past_key_values=cache)
-    model.generate(ids[:, -64:], max_new_tokens=steps, **kw)  # compile at this cache size
+    model.generate(ids[:, -64:], max_new_tokens=steps, min_new_tokens=steps, **kw)  # compile
     cache.reset()
     sync(device)
     t0 = time.perf_counter()
     model.generate(ids, max_new_tokens=1, **kw)
     sync(device)
     prefill = time.perf_counter() - t0
-    cache.reset()
-    before = allocated_mib(device)
-    t0 = time.perf_counter()
-    model.generate(ids, max_new_tokens=1 + steps, **kw)
-    sync(device)
-    decode = max(1e-9, time.perf_counter() - t0 - prefill) / steps
-    growth = allocated_mib(device) - before
+    # Decode time per token: two generates that differ by ``steps`` tokens only, so the
+    # prefill and generate's set-up cancel (subtracting the separately timed prefill did not:
+    # its noise exceeded the steps' time at 32K).
+    walls = {}
+    for new in (1 + steps, 1 + 2 * steps):
+        cache.reset()
+        before = allocated_mib(device)
+        t0 = time.perf_counter()
+        model.generate(ids, max_new_tokens=new, min_new_tokens=new, **kw)
+        sync(device)
+        walls[new] = time.perf_counter() - t0
+        growth = allocated_mib(device) - before
+    decode = max(1e-9, walls[1 + 2 * steps] - walls[1 + steps]) / steps
     compiled = model._valid_auto_compile_criteria({"past_key_values": cache},
                                                    model.generation_config)
     return dict(prefill_tok_s=n / prefill, decode_tok_s=1.0 / decode,
