@@ -16,11 +16,13 @@ Rows, per (model, prompt length), each with prefill and decode tokens/s and peak
                 (``hf.decode_graph(model)``, what ``generate`` uses on a GPU; its capture
                 happens at the first step, outside the timed median)
   reattention-tiered   the same as reattention with ``offload="cpu"`` (``--tiered``)
-A path that runs out of memory records the error and the run goes on. Decode tokens/s is the
-median over ``--steps`` greedy steps of one token (batch 1); prefill tokens/s is the prompt
-length over the prefill's wall time, synchronised. Every row records its peak GPU memory and
-``decode_growth_mib``, the growth of allocated GPU memory from the first decode step to the
-last (sdpa-static: over its decode generate call).
+A path that runs out of memory records the error and the run goes on. Decode tokens/s of ours
+is the median over ``--steps`` greedy steps of one token (batch 1), each synchronised;
+sdpa-static's is the difference of two ``generate`` calls over ``--steps`` more tokens (see
+:func:`sdpa_static`). Prefill tokens/s is the prompt length over the prefill's wall time,
+synchronised. Every row records its peak GPU memory and ``decode_growth_mib``, the growth of
+allocated GPU memory from the first decode step to the last (sdpa-static: over its prefill
+generate call).
 
 The defaults (1b at 32K and 128K) run in a few minutes on an H200; ``--models 1b,8b
 --lengths 32768,131072,524288,1048576`` is the full table.
@@ -92,36 +94,42 @@ def reset_peak(device: torch.device) -> None:
 
 @torch.no_grad()
 def sdpa_static(model, ids: torch.Tensor, steps: int) -> dict:
-    """transformers' fast path: StaticCache, one-pass prefill, compiled decode (on a GPU)."""
+    """transformers' fast path: StaticCache, one-pass prefill, compiled decode (on a GPU).
+
+    A compiled static-cache decode step attends over the whole ``max_cache_len`` buffer
+    (static shapes; the mask hides the unwritten part), so its time does not depend on how
+    much of the cache is filled. Decode is therefore timed from a 64-token prompt in the
+    cache sized for the full length, as two generates that differ by ``steps`` tokens only
+    (their prefill and set-up cancel): one dense prefill of the full prompt per length, not
+    three.
+    """
     device = ids.device
     n = ids.shape[1]
     cache = transformers.StaticCache(config=model.config, max_cache_len=n + 2 * steps + 8)
     kw = dict(do_sample=False, pad_token_id=0, past_key_values=cache)
-    model.generate(ids[:, -64:], max_new_tokens=steps, min_new_tokens=steps, **kw)  # compile
+    short = ids[:, -64:]
+    model.generate(short, max_new_tokens=steps, min_new_tokens=steps, **kw)  # compile
+    walls = {}
+    for new in (1 + steps, 1 + 2 * steps):
+        cache.reset()
+        sync(device)
+        t0 = time.perf_counter()
+        model.generate(short, max_new_tokens=new, min_new_tokens=new, **kw)
+        sync(device)
+        walls[new] = time.perf_counter() - t0
+    decode = max(1e-9, walls[1 + 2 * steps] - walls[1 + steps]) / steps
     cache.reset()
     sync(device)
+    before = allocated_mib(device)
     t0 = time.perf_counter()
     model.generate(ids, max_new_tokens=1, **kw)
     sync(device)
     prefill = time.perf_counter() - t0
-    # Decode time per token: two generates that differ by ``steps`` tokens only, so the
-    # prefill and generate's set-up cancel (subtracting the separately timed prefill did not:
-    # its noise exceeded the steps' time at 32K).
-    walls = {}
-    for new in (1 + steps, 1 + 2 * steps):
-        cache.reset()
-        before = allocated_mib(device)
-        t0 = time.perf_counter()
-        model.generate(ids, max_new_tokens=new, min_new_tokens=new, **kw)
-        sync(device)
-        walls[new] = time.perf_counter() - t0
-        growth = allocated_mib(device) - before
-    decode = max(1e-9, walls[1 + 2 * steps] - walls[1 + steps]) / steps
     compiled = model._valid_auto_compile_criteria({"past_key_values": cache},
                                                    model.generation_config)
     return dict(prefill_tok_s=n / prefill, decode_tok_s=1.0 / decode,
                 decode_ms=decode * 1e3, compiled_decode=bool(compiled),
-                decode_growth_mib=growth)
+                decode_growth_mib=allocated_mib(device) - before)
 
 
 @torch.no_grad()
