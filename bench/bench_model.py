@@ -134,7 +134,7 @@ def sdpa_static(model, ids: torch.Tensor, steps: int) -> dict:
 
 @torch.no_grad()
 def ours(model, ids: torch.Tensor, steps: int, chunk: int, backend: str, graph: bool = False,
-         **tiers) -> dict:
+         profile: bool = False, **tiers) -> dict:
     """hf.prefill in chunk-token calls, then decode steps of one token: eager, or (graph)
     each one replay of the decode step's CUDA graph."""
     device = ids.device
@@ -161,10 +161,13 @@ def ours(model, ids: torch.Tensor, steps: int, chunk: int, backend: str, graph: 
             if i == 0:
                 first = allocated_mib(device)
         decode = statistics.median(times[len(times) // 4:])
+        kernels = _profile_steps(step, tok, feed, device) if profile else None
         row = dict(prefill_tok_s=ids.shape[1] / prefill, decode_tok_s=1.0 / decode,
                    decode_ms=decode * 1e3, decode_growth_mib=allocated_mib(device) - first)
         if graph:
             row["graph_replays"] = hf.decode_graph(model).replays
+        if kernels is not None:
+            row["step_kernels_us"] = kernels
         if tiers:
             pools = [layer.kv.pool for layer in cache.layers]
             lookups = sum(int(p.lookups) for p in pools)
@@ -172,6 +175,25 @@ def ours(model, ids: torch.Tensor, steps: int, chunk: int, backend: str, graph: 
         return row
     finally:
         hf.disable(model)
+
+
+def _profile_steps(step, tok, feed, device, n: int = 4) -> dict | None:
+    """Device time per decode step of each kernel (summed by name, the 25 largest, in us),
+    from torch.profiler over ``n`` more steps; None off a GPU."""
+    if device.type != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            logits = step(input_ids=tok, use_cache=True, **feed).logits[:, -1]
+            tok = logits.argmax(-1, keepdim=True)
+        sync(device)
+    totals: dict = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            totals[e.name[:90]] = totals.get(e.name[:90], 0.0) + e.device_time / n
+    top = sorted(totals.items(), key=lambda kv: -kv[1])[:25]
+    return dict(total=round(sum(totals.values()), 1), **{k: round(v, 1) for k, v in top})
 
 
 def run_row(fn, device: torch.device, **kw) -> dict:
@@ -194,6 +216,8 @@ def main(argv=None):
     p.add_argument("--device", default="cuda")
     p.add_argument("--backend", default="auto")
     p.add_argument("--tiered", action="store_true", help="also run the tiered cache at every length")
+    p.add_argument("--profile", action="store_true",
+                   help="record the kernels of a graph decode step (torch.profiler)")
     p.add_argument("--sdpa-max-len", type=int, default=524288,
                    help="skip transformers' path above this length (its prefill is O(N^2))")
     a = p.parse_args(argv)
@@ -214,7 +238,8 @@ def main(argv=None):
                                                                steps=a.steps)))
             common = dict(model=model, ids=ids, steps=a.steps, chunk=a.chunk, backend=a.backend)
             paths.append(("reattention", ours, common))
-            paths.append(("reattention-graph", ours, dict(common, graph=True)))
+            paths.append(("reattention-graph", ours, dict(common, graph=True,
+                                                          profile=a.profile)))
             if a.tiered:
                 paths.append(("reattention-tiered", ours,
                               dict(common, offload="cpu", max_append=a.chunk)))
