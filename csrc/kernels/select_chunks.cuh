@@ -366,7 +366,10 @@ __device__ void block_topk(int m, int k, Load load, Emit emit, TopkSmem<kThreads
     return;
   }
   const int tid = threadIdx.x, lane = tid & 31;
+  // Unroll limits: the fused path inlines this twice into the scoring kernel, whose registers
+  // must stay low (no spills on sm_90a; registers bound its CTAs per SM at D 64).
   uint32_t mine = 0;  // key 0 ranks below every key, so it is the max of nothing
+#pragma unroll 1
   for (int i = tid; i < m; i += kThreads) mine = max(mine, load(i));
   sm.tmax[tid] = mine;
   if (tid == 0) sm.count = 0;
@@ -382,6 +385,7 @@ __device__ void block_topk(int m, int k, Load load, Emit emit, TopkSmem<kThreads
   if (tid < groups) {  // ranks of the maxima, ties to the lower group: exactly one is k - 1
     const uint32_t g = gmax[tid];
     int rank = 0;
+#pragma unroll 4
     for (int j = 0; j < groups; ++j) {
       const uint32_t o = gmax[j];
       rank += (o > g || (o == g && j < tid)) ? 1 : 0;
@@ -417,6 +421,7 @@ __device__ void block_topk(int m, int k, Load load, Emit emit, TopkSmem<kThreads
     const uint64_t me = c < n ? cand[c] : 0u;
     int above = 0;
     if (c < n) {
+#pragma unroll 4
       for (int d = part; d < n; d += lanes) above += cand[d] > me ? 1 : 0;
     }
     for (int o = 1; o < lanes; o <<= 1) above += __shfl_xor_sync(0xffffffffu, above, o);
@@ -428,6 +433,7 @@ __device__ void block_topk(int m, int k, Load load, Emit emit, TopkSmem<kThreads
   if (tid < k) {
     const int i = sm.sel[tid];
     int slot = 0;
+#pragma unroll 4
     for (int j = 0; j < k; ++j) slot += sm.sel[j] < i ? 1 : 0;
     emit(slot, i);
   }
@@ -507,6 +513,9 @@ __global__ void __launch_bounds__(kScoreThreads) chunk_scores_kernel(SelectParam
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int wm = warp / kWarpsN, wn = warp % kWarpsN;
   constexpr bool kTokens = kRep == RepMode::kMax;
+  // Only reps fuse the top-k (launch_chunk_scores): "max" kernels leave its code out, and
+  // its registers with it.
+  constexpr bool kMayFuse = !kTokens;
   const ScoreTile t = score_tile(p, kBM, kTokens);
   static_assert(2 * kBN * kVec * sizeof(T) >= kFusedMaxCandidates * sizeof(uint32_t),
                 "fused_topk stages the candidates in the column stages");
@@ -516,7 +525,7 @@ __global__ void __launch_bounds__(kScoreThreads) chunk_scores_kernel(SelectParam
   uint64_t* s_cand = reinterpret_cast<uint64_t*>(s_a);
   if (t.empty()) {
     // Its slot still counts for the last CTA.
-    if (p.fused) fused_topk(p, t, s_best, s_stage, s_cand);
+    if (kMayFuse && p.fused) fused_topk(p, t, s_best, s_stage, s_cand);
     return;
   }
 
@@ -565,7 +574,7 @@ __global__ void __launch_bounds__(kScoreThreads) chunk_scores_kernel(SelectParam
     }
   }
   __syncthreads();
-  if (p.fused) {
+  if (kMayFuse && p.fused) {
     // The stages and the A tile are idle: every copy has landed and every mma has read them.
     fused_topk(p, t, s_best, s_stage, s_cand);
   } else {
@@ -869,7 +878,7 @@ cudaError_t launch_chunk_scores(const SelectParams& plan, bool* fused, cudaStrea
                                 score_smem_bytes<kVec, kTile.block_m, kTile.block_n>(0),
                                 kTile.block_n, kMaxChunksPerCta,
                                 kRep == RepMode::kMax ? plan.chunk : 1,
-                                kRep != RepMode::kMax, fused, stream);
+                                /*may_fuse=*/kRep != RepMode::kMax, fused, stream);
 }
 
 template <typename T, int D, RepMode kRep>
