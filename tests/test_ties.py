@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import reattention
-from reattention import reference
+from reattention import layout, reference
 from reattention.testing import assert_selection_equivalent
 
 from conftest import PARITY_BACKENDS, device_for, require
@@ -73,3 +73,35 @@ def test_exact_ties_go_to_the_lower_index(rep, dtype, lq, query_block, backend):
             ref = reference.select_chunks_ref(*args, topk, rep, query_block)
             assert_selection_equivalent(idx, ref,
                                         reference.chunk_scores_ref(*args, rep, query_block))
+
+
+@pytest.mark.parametrize("backend", PARITY_BACKENDS)
+@pytest.mark.parametrize("rep", ["max", "bound", "mean"])
+@pytest.mark.parametrize("n_chunks", [300, 700, 4095, 4096])
+def test_ties_at_the_kth_score_outnumber_the_rest(n_chunks, rep, backend):
+    """Every middle chunk but five is one bit-identical chunk, so hundreds to thousands of exact
+    ties sit at the k-th score: the five hot chunks, then the lowest tied indices. On CUDA this
+    overflows the top-k's candidate filter (it then falls back to a radix select) for the
+    larger rows, and 4095 / 4096 chunks sit on either side of the fused decode top-k."""
+    dev = device_for(backend)
+    sink, local, chunk, lq = 4, 8, 4, 1
+    n = sink + n_chunks * chunk + local + chunk // 2 + lq
+    assert layout.block_segments(n, lq, 0, lq, sink, local, chunk).n_mid == n_chunks
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(1, 4, lq, 64, generator=g).abs()
+    base = torch.randn(1, 1, chunk, 64, generator=g).abs().bfloat16().float()
+    k = base.repeat(1, 1, -(-n // chunk), 1)[:, :, :n].clone()
+    hot = torch.randperm(n_chunks, generator=g)[:5].tolist()
+    for r, j in enumerate(hot):  # distinct scores well above the tied one
+        k[:, :, sink + j * chunk: sink + (j + 1) * chunk] = base * (2 + r)
+    q, k = q.to(dev, torch.bfloat16), k.to(dev, torch.bfloat16)
+    require(backend, q)
+    reps = None
+    if rep != "max":
+        reps = reattention.chunk_reps(k, sink=sink, chunk=chunk, rep=rep, backend=backend)
+    for topk in (3, 32):
+        idx = reattention.select_chunks(q, k, reps=reps, topk=topk, sink=sink, local=local,
+                                        chunk=chunk, query_block=1, rep=rep, backend=backend)
+        best = hot[::-1][:topk]  # the hotter, the later in `hot`
+        want = sorted(best + [j for j in range(n_chunks) if j not in hot][:topk - len(best)])
+        assert idx.flatten().tolist() == want, (topk, idx.flatten().tolist(), want)

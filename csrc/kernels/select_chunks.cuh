@@ -32,9 +32,11 @@
 //    epilogue reduces over rows in registers, then a butterfly reduce-scatter over the 8 row
 //    lanes leaves each lane the max of its own columns, which meets the other M warps in a
 //    shared atomicMax per column (per warp when the warp's columns lie in one chunk).
-// 3. topk_kernel, one CTA per (sequence, kv head, block): radix select (4 passes of 8 bits) finds
-//    the K-th largest key T and how many keys equal to T to keep; one pass in index order then
-//    keeps key > T and the lowest-index keys == T (ties go low) and writes them ascending.
+// 3. topk_kernel, one CTA per (sequence, kv head, block): block_topk below. A cheap bound on the
+//    K-th largest key (from 2K group maxima) leaves ~1.4 K candidates, which are ranked by
+//    (key, then lower index) and written ascending; more candidates than the CTA can rank
+//    (many exact ties) fall back to a radix select (4 passes of 8 bits) that finds the K-th
+//    largest key T, then keeps key > T and the lowest-index keys == T (ties go low).
 #pragma once
 
 #include <algorithm>
@@ -75,6 +77,9 @@ constexpr int kScoreThreads = 128;
 // fixed cost that only a long row repays.
 constexpr int64_t kFusedMinChunks = 4096;
 constexpr int64_t kFusedMaxCandidates = 4096;
+// Candidates block_topk's filter may keep in the fused top-k (128 threads rank them): 4x the
+// ~1.4 k expected at topk 32 on iid scores; more means many exact ties (radix fallback).
+constexpr int kFusedFilterCap = 256;
 
 // uint32 words of select_chunks' `scores` workspace (from static shapes only): the dense chunk
 // scores of every row, or, when the few-rows kernel may fuse the top-k (bound/mean), one
@@ -241,21 +246,29 @@ __device__ __forceinline__ int block_prefix_count(bool flag, int* s_warp, int& t
   return before + __popc(ballot & ((1u << lane) - 1u));
 }
 
-// Shared memory of block_topk.
+// Shared memory of block_topk. The filter's fields reuse the radix histogram's words, each in a
+// phase of its own between barriers, so that the fused top-k adds only `count` to the scoring
+// kernel, whose CTAs per SM are set by shared memory.
 template <int kThreads>
 struct TopkSmem {
-  int hist[256];
+  union {
+    int hist[256];                                   // radix passes
+    uint32_t tmax[kThreads > 256 ? kThreads : 256];  // filter: each thread's largest key,
+    uint32_t bound;                                  // then the bound on the k-th largest key,
+    int sel[256];                                    // then the selected positions, by rank
+  };
   int warp[kThreads / 32];
   int digit, above;
+  int count;  // filter: candidates found
 };
 
-// Top-k of the m keys load(0..m) over one CTA, ties to the lower position: radix select (4
-// passes of 8 bits) finds the k-th largest key T and how many keys equal to T to keep; one pass
-// in position order then keeps key > T and the lowest-position keys == T and calls
+// Top-k of the m keys load(0..m) over one CTA by radix select (block_topk's fallback): 4 passes
+// of 8 bits find the k-th largest key T and how many keys equal to T to keep; one pass in
+// position order then keeps key > T and the lowest-position keys == T and calls
 // emit(rank, position) for them in ascending position order (rank 0, 1, ...). 0 < k <= m;
 // every thread of the CTA must call it.
 template <int kThreads, typename Load, typename Emit>
-__device__ void block_topk(int m, int k, Load load, Emit emit, TopkSmem<kThreads>& sm) {
+__device__ void block_topk_radix(int m, int k, Load load, Emit emit, TopkSmem<kThreads>& sm) {
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   uint32_t prefix = 0, mask = 0;
   int remaining = k;  // how many of the keys matching `prefix` are still to be taken
@@ -328,6 +341,104 @@ __device__ void block_topk(int m, int k, Load load, Emit emit, TopkSmem<kThreads
   }
 }
 
+// Top-k of the m keys load(0..m) over one CTA under the order (key, then lower position), as
+// block_topk_radix, with the same emit(rank, position) calls, in a fixed number of barriers
+// instead of five passes over the keys:
+//  1. Bound: the positions fall into G = 2k groups (group of thread t: t % G). The k largest
+//     group maxima are k distinct keys, so the k-th largest of them, B, is at most the k-th
+//     largest key. On iid keys about 1.4 k keys are >= B (B is the median group maximum),
+//     whatever m is.
+//  2. Filter: keys >= B go to `cand` as (key << 32 | ~position), whose plain uint64 order is
+//     the selection order. Every key of the top k is there, and so is every key that outranks
+//     one of them, so a candidate's rank among the candidates is its rank among all keys.
+//  3. Rank: each candidate counts the candidates above it (several lanes per candidate when
+//     few); ranks < k are the selection, stored by rank, then each finds its output slot by
+//     counting the selected positions below its own.
+// More than `cap` candidates (many exact ties at the bound) fall back to block_topk_radix, as
+// do k with 2k > min(kThreads, 256) or 4k > cap. `cand`: cap uint64 words of shared memory.
+// 0 < k <= m; every thread of the CTA must call it.
+template <int kThreads, typename Load, typename Emit>
+__device__ void block_topk(int m, int k, Load load, Emit emit, TopkSmem<kThreads>& sm,
+                           uint64_t* cand, int cap) {
+  const int groups = 2 * k;
+  if (groups > kThreads || groups > 256 || 4 * k > cap) {
+    block_topk_radix<kThreads>(m, k, load, emit, sm);
+    return;
+  }
+  const int tid = threadIdx.x, lane = tid & 31;
+  // Unroll limits: the fused path inlines this twice into the scoring kernel, whose registers
+  // must stay low (no spills on sm_90a; registers bound its CTAs per SM at D 64).
+  uint32_t mine = 0;  // key 0 ranks below every key, so it is the max of nothing
+#pragma unroll 1
+  for (int i = tid; i < m; i += kThreads) mine = max(mine, load(i));
+  sm.tmax[tid] = mine;
+  if (tid == 0) sm.count = 0;
+  __syncthreads();
+  // The group maxima wait in `cand`, which the filter fills only after the bound is read.
+  uint32_t* gmax = reinterpret_cast<uint32_t*>(cand);
+  if (tid < groups) {
+    uint32_t g = 0;
+    for (int t = tid; t < kThreads; t += groups) g = max(g, sm.tmax[t]);
+    gmax[tid] = g;
+  }
+  __syncthreads();
+  if (tid < groups) {  // ranks of the maxima, ties to the lower group: exactly one is k - 1
+    const uint32_t g = gmax[tid];
+    int rank = 0;
+#pragma unroll 4
+    for (int j = 0; j < groups; ++j) {
+      const uint32_t o = gmax[j];
+      rank += (o > g || (o == g && j < tid)) ? 1 : 0;
+    }
+    if (rank == k - 1) sm.bound = g;
+  }
+  __syncthreads();
+  const uint32_t bound = sm.bound;
+  for (int base = 0; base < m; base += kThreads) {
+    const int i = base + tid;
+    const uint32_t key = i < m ? load(i) : 0u;
+    const bool keep = i < m && key >= bound;
+    const unsigned ballot = __ballot_sync(0xffffffffu, keep);
+    if (ballot == 0u) continue;
+    int first = 0;
+    if (lane == 0) first = atomicAdd(&sm.count, __popc(ballot));
+    first = __shfl_sync(0xffffffffu, first, 0);
+    const int slot = first + __popc(ballot & ((1u << lane) - 1u));
+    if (keep && slot < cap) {
+      cand[slot] = (static_cast<uint64_t>(key) << 32) | ~static_cast<uint32_t>(i);
+    }
+  }
+  __syncthreads();
+  const int n = sm.count;
+  if (n > cap) {
+    block_topk_radix<kThreads>(m, k, load, emit, sm);
+    return;
+  }
+  int lanes = 32;  // lanes per candidate, a power of two: a warp's lanes split into groups
+  while (lanes > 1 && lanes * n > kThreads) lanes >>= 1;
+  for (int c0 = 0; c0 < n; c0 += kThreads / lanes) {
+    const int c = c0 + tid / lanes, part = tid % lanes;
+    const uint64_t me = c < n ? cand[c] : 0u;
+    int above = 0;
+    if (c < n) {
+#pragma unroll 4
+      for (int d = part; d < n; d += lanes) above += cand[d] > me ? 1 : 0;
+    }
+    for (int o = 1; o < lanes; o <<= 1) above += __shfl_xor_sync(0xffffffffu, above, o);
+    if (part == 0 && c < n && above < k) {
+      sm.sel[above] = static_cast<int>(~static_cast<uint32_t>(me));
+    }
+  }
+  __syncthreads();
+  if (tid < k) {
+    const int i = sm.sel[tid];
+    int slot = 0;
+#pragma unroll 4
+    for (int j = 0; j < k; ++j) slot += sm.sel[j] < i ? 1 : 0;
+    emit(slot, i);
+  }
+}
+
 // Decode top-k inside the few-rows scoring kernel (p.fused). Every scoring CTA of a (sequence,
 // kv head, block) row keeps the top-k of its own chunk range as candidates (keys and chunk ids,
 // padded with key 0, which ranks below every score); the last CTA of the row to finish selects
@@ -337,10 +448,12 @@ __device__ void block_topk(int m, int k, Load load, Emit emit, TopkSmem<kThreads
 // so the tie rule and the ascending output carry over. Workspace p.scores: one zeroed arrival
 // counter per row, then per row col_splits * topk keys and as many chunk ids.
 // s_stage: shared scratch of kFusedMaxCandidates words (the scoring kernel's column stages,
-// idle by then) into which the last CTA copies the row's candidate keys once, so its radix
-// passes read shared memory instead of waiting on L2 for every step.
+// idle by then) into which the last CTA copies the row's candidate keys once, so that
+// block_topk's passes read shared memory instead of waiting on L2. s_cand: kFusedFilterCap
+// words of 8 bytes (the A tile, idle too) for block_topk's filtered candidates.
 __device__ __forceinline__ void fused_topk(const SelectParams& p, const ScoreTile& t,
-                                           const uint32_t* s_best, uint32_t* s_stage) {
+                                           const uint32_t* s_best, uint32_t* s_stage,
+                                           uint64_t* s_cand) {
   __shared__ TopkSmem<kScoreThreads> sm;
   __shared__ bool s_last;
   const int tid = threadIdx.x;
@@ -360,7 +473,7 @@ __device__ __forceinline__ void fused_topk(const SelectParams& p, const ScoreTil
           keys[slot * p.topk + rank] = s_best[i];
           ids[slot * p.topk + rank] = t.j0 + i;
         },
-        sm);
+        sm, s_cand, kFusedFilterCap);
   }
   // Publish the candidates, then count this CTA in; the last one sees every slot.
   __threadfence();
@@ -380,7 +493,7 @@ __device__ __forceinline__ void fused_topk(const SelectParams& p, const ScoreTil
   for (int i = tid; i < n_cand; i += kScoreThreads) s_stage[i] = __ldcg(keys + i);
   block_topk<kScoreThreads>(
       n_cand, k, [&](int i) { return s_stage[i]; },
-      [&](int rank, int i) { out[rank] = __ldcg(ids + i); }, sm);
+      [&](int rank, int i) { out[rank] = __ldcg(ids + i); }, sm, s_cand, kFusedFilterCap);
 }
 
 template <typename T, int D, RepMode kRep>
@@ -400,12 +513,19 @@ __global__ void __launch_bounds__(kScoreThreads) chunk_scores_kernel(SelectParam
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int wm = warp / kWarpsN, wn = warp % kWarpsN;
   constexpr bool kTokens = kRep == RepMode::kMax;
+  // Only reps fuse the top-k (launch_chunk_scores): "max" kernels leave its code out, and
+  // its registers with it.
+  constexpr bool kMayFuse = !kTokens;
   const ScoreTile t = score_tile(p, kBM, kTokens);
   static_assert(2 * kBN * kVec * sizeof(T) >= kFusedMaxCandidates * sizeof(uint32_t),
                 "fused_topk stages the candidates in the column stages");
+  static_assert(kBM * kVec * sizeof(T) >= kFusedFilterCap * sizeof(uint64_t),
+                "fused_topk keeps the filtered candidates in the A tile");
   uint32_t* s_stage = reinterpret_cast<uint32_t*>(s_b);
+  uint64_t* s_cand = reinterpret_cast<uint64_t*>(s_a);
   if (t.empty()) {
-    if (p.fused) fused_topk(p, t, s_best, s_stage);  // its slot still counts for the last CTA
+    // Its slot still counts for the last CTA.
+    if (kMayFuse && p.fused) fused_topk(p, t, s_best, s_stage, s_cand);
     return;
   }
 
@@ -454,8 +574,9 @@ __global__ void __launch_bounds__(kScoreThreads) chunk_scores_kernel(SelectParam
     }
   }
   __syncthreads();
-  if (p.fused) {
-    fused_topk(p, t, s_best, s_stage);  // the stages are idle: every copy has been waited for
+  if (kMayFuse && p.fused) {
+    // The stages and the A tile are idle: every copy has landed and every mma has read them.
+    fused_topk(p, t, s_best, s_stage, s_cand);
   } else {
     store_chunk_maxima<kScoreThreads>(p, t, s_best);
   }
@@ -660,9 +781,12 @@ __global__ void __launch_bounds__(256, 1) chunk_scores_gemm_kernel(SelectParams 
 
 constexpr int kTopkThreads = 1024;
 
-// Rows whose keys fit in this much shared memory are staged there once (the radix passes then
+// Rows whose keys fit in this much shared memory are staged there once (block_topk's passes then
 // re-read shared memory instead of L2).
 constexpr int kTopkSmemRowBytes = 64 * 1024;
+// Candidates block_topk's filter may keep in topk_kernel: ranking n of them costs each of the
+// 1024 threads about n^2 / 1024 comparisons, 256 at this cap.
+constexpr int kTopkFilterCap = 512;
 
 template <int kThreads>
 __global__ void __launch_bounds__(kThreads) topk_kernel(SelectParams p, bool stage_row) {
@@ -678,14 +802,16 @@ __global__ void __launch_bounds__(kThreads) topk_kernel(SelectParams p, bool sta
   for (int i = k + tid; i < p.topk; i += kThreads) out[i] = -1;
   if (k == 0) return;
 
+  uint64_t* s_cand = reinterpret_cast<uint64_t*>(smem_raw);
   const uint32_t* src = p.scores + static_cast<int64_t>(row) * p.n_cols;
   if (stage_row) {
-    uint32_t* s_row = reinterpret_cast<uint32_t*>(smem_raw);
+    uint32_t* s_row = reinterpret_cast<uint32_t*>(s_cand + kTopkFilterCap);
     for (int i = tid; i < m; i += kThreads) s_row[i] = src[i];
     src = s_row;  // generic addressing: the passes read shared or global alike
   }
   block_topk<kThreads>(
-      m, k, [&](int i) { return src[i]; }, [&](int rank, int i) { out[rank] = i; }, sm);
+      m, k, [&](int i) { return src[i]; }, [&](int rank, int i) { out[rank] = i; }, sm, s_cand,
+      kTopkFilterCap);
 }
 
 // Launches a scoring kernel as one wave of equal CTAs: every (sequence, head, block, row tile)
@@ -752,7 +878,7 @@ cudaError_t launch_chunk_scores(const SelectParams& plan, bool* fused, cudaStrea
                                 score_smem_bytes<kVec, kTile.block_m, kTile.block_n>(0),
                                 kTile.block_n, kMaxChunksPerCta,
                                 kRep == RepMode::kMax ? plan.chunk : 1,
-                                kRep != RepMode::kMax, fused, stream);
+                                /*may_fuse=*/kRep != RepMode::kMax, fused, stream);
 }
 
 template <typename T, int D, RepMode kRep>
@@ -789,10 +915,11 @@ cudaError_t launch_select_chunks(const SelectParams& p, RepMode rep, cudaStream_
     if (err != cudaSuccess || fused) return err;
   }
   const bool stage_row = static_cast<int64_t>(p.n_cols) * 4 <= kTopkSmemRowBytes;
-  const int smem = stage_row ? p.n_cols * 4 : 0;
+  constexpr int kCandBytes = kTopkFilterCap * static_cast<int>(sizeof(uint64_t));
+  const int smem = kCandBytes + (stage_row ? p.n_cols * 4 : 0);
   auto kernel = topk_kernel<kTopkThreads>;
-  cudaError_t err =
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kTopkSmemRowBytes);
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         kCandBytes + kTopkSmemRowBytes);
   if (err != cudaSuccess) return err;
   kernel<<<p.batch * p.hkv * p.n_blocks, kTopkThreads, smem, stream>>>(p, stage_row);
   return cudaGetLastError();
