@@ -217,3 +217,36 @@ def test_captured_decode_equals_eager_at_128k(rep):
     assert torch.equal(outs[True][0], outs[False][0])
     assert torch.equal(outs[True][1], outs[False][1])
     assert runner.replays == 63 and runner.captures == 1  # generate's prefill: 1 eager token
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rep", ["bound", "max"])
+def test_prefill_and_graph_decode_never_sync(rep):
+    """hf.prefill in large calls and the replayed decode step make no host sync: under
+    torch.cuda's sync debug mode "error" any device-to-host read raises."""
+    from reattention.needle.model import NEEDLE_SETTINGS, load_model
+
+    model, _ = load_model("cuda", torch.bfloat16)
+    hf.enable(model, reattention.ReAttentionConfig(**dict(NEEDLE_SETTINGS, rep=rep)))
+    ids = torch.randint(2, model.config.vocab_size, (1, 32 * 1024),
+                        generator=torch.Generator().manual_seed(1)).cuda()
+    cache = hf.ReAttentionCache(model)
+    runner = hf.decode_graph(model)
+    feed = hf._cache_kwargs(model, cache)
+    tok = ids[:, -1:]
+    step = lambda: runner(input_ids=tok, use_cache=True, **feed)  # noqa: E731
+    # Room for everything up front: a regrowth would move the buffers and make the next step
+    # capture again (torch.cuda.graph synchronises), inside the checked region.
+    hf.prefill(model, ids[:, :8192], cache, chunk_size=4096, progress=False,
+               reserve_new_tokens=ids.shape[1])
+    step()  # the capture: outside the checked region
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        hf.prefill(model, ids, cache, chunk_size=8192, progress=False, reserve_new_tokens=64)
+        for _ in range(8):
+            step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
+    assert runner.replays == 9 and cache.get_seq_length() == ids.shape[1] - 1 + 8
