@@ -46,6 +46,16 @@ def _aligned(n: int) -> int:
     return -(-n // _ALIGN) * _ALIGN
 
 
+def _check_new_tokens(k: torch.Tensor, v: torch.Tensor) -> None:
+    """k and v of an append: 4-D [B, Hkv, L, D] tensors of one shape."""
+    for name, t in (("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"{name} must be a 4-D tensor [B, Hkv, L, D], got "
+                             f"{getattr(t, 'shape', type(t).__name__)}")
+    if v.shape != k.shape:
+        raise ValueError(f"v shape {tuple(v.shape)} must equal k shape {tuple(k.shape)}")
+
+
 class PagePool:
     """Pages of one layer's raw keys and values, and the block table of its sequences
     (docs/design.md section 3.7).
@@ -452,25 +462,13 @@ class LayerCache:
         k, v : [B, Hkv, L, D] raw keys and values (any strides); allocated on the first call
             with their batch, heads, head dim, dtype and device, which later calls must match.
         """
-        for name, t in (("k", k), ("v", v)):
-            if not isinstance(t, torch.Tensor) or t.dim() != 4:
-                raise ValueError(f"{name} must be a 4-D tensor [B, Hkv, L, D], got "
-                                 f"{getattr(t, 'shape', type(t).__name__)}")
-        if v.shape != k.shape:
-            raise ValueError(f"v shape {tuple(v.shape)} must equal k shape {tuple(k.shape)}")
+        _check_new_tokens(k, v)
         b, h, n_new, d = k.shape
         if not self.is_allocated:
             first = self.max_length if self.max_length is not None else max(
                 _aligned(max(n_new, _MIN_CAPACITY)), self._first_capacity)
             self.allocate(b, h, d, k.dtype, k.device, first)
-        want_b, want_h, want_d, dtype, device = self._dims
-        if (b, h, d) != (want_b, want_h, want_d):
-            raise ValueError(f"k must be [B={want_b}, Hkv={want_h}, L, D={want_d}] like the "
-                             f"cache, got {tuple(k.shape)}")
-        for name, t in (("k", k), ("v", v)):
-            if t.dtype != dtype or t.device != device:
-                raise ValueError(f"{name} is {t.dtype} on {t.device} but the cache holds "
-                                 f"{dtype} on {device}")
+        self._check_like_cache(k, v)
         old = self.length
         self._ensure_room(old + n_new)
         if isinstance(self.pool, TieredPool):
@@ -494,6 +492,18 @@ class LayerCache:
                                          rep=self.config.rep,
                                          backend=ops.resolve_backend(self.backend, k_store),
                                          start_chunk=start, block_table=table)
+
+    def _check_like_cache(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """New tokens' batch, heads, head dim, dtype and device must be the cache's."""
+        want_b, want_h, want_d, dtype, device = self._dims
+        b, h, _, d = k.shape
+        if (b, h, d) != (want_b, want_h, want_d):
+            raise ValueError(f"k must be [B={want_b}, Hkv={want_h}, L, D={want_d}] like the "
+                             f"cache, got {tuple(k.shape)}")
+        for name, t in (("k", k), ("v", v)):
+            if t.dtype != dtype or t.device != device:
+                raise ValueError(f"{name} is {t.dtype} on {t.device} but the cache holds "
+                                 f"{dtype} on {device}")
 
     def make_room(self, n_new: int) -> None:
         """Get ready for :meth:`append_on_device` of ``n_new`` tokens: refuse the layouts it
@@ -533,16 +543,10 @@ class LayerCache:
         """
         if self.pool is not None or not self.is_allocated:
             self.make_room(1)  # raises why
-        b, h, d, dtype, device = self._dims
-        for name, t in (("k", k), ("v", v)):
-            if not (isinstance(t, torch.Tensor) and t.dim() == 4 and t.shape[0] == b
-                    and t.shape[1] == h and t.shape[3] == d and t.dtype == dtype
-                    and t.device == device):
-                raise ValueError(f"{name} must be [B={b}, Hkv={h}, L, D={d}] {dtype} on {device} "
-                                 f"like the cache, got {getattr(t, 'shape', type(t).__name__)}")
+        _check_new_tokens(k, v)
+        self._check_like_cache(k, v)
         n_new = k.shape[2]
-        if v.shape != k.shape:
-            raise ValueError(f"v shape {tuple(v.shape)} must equal k shape {tuple(k.shape)}")
+        device = self._dims[4]
         if self.length + n_new > self.capacity:
             raise ValueError(f"{self.length} + {n_new} tokens exceed the capacity "
                              f"{self.capacity}: call make_room({n_new}) first")
