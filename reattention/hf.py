@@ -90,9 +90,8 @@ class _State:
     previous_attn: str
     hooks: list
     tagged: list
-    # generate's cache preparation as the model's own attribute before enable(), if it had one
-    previous_prepare: object = None
-    # the model's own attributes that enable() overrides, to put back on disable()
+    # the model's own attributes (its __dict__ entries, None where it had none) that enable()
+    # overrides, to put back on disable()
     previous_attrs: dict = dataclasses.field(default_factory=dict)
     decode: "DecodeGraph | None" = None
     warned_scope: bool = False
@@ -287,16 +286,15 @@ def enable(model: "transformers.PreTrainedModel", config: ReAttentionConfig | No
                          f"transformers.AttentionInterface, so it cannot be enabled")
     state.hooks.append(rotary.register_forward_hook(_identity_rotary))
     state.hooks.append(decoder.register_forward_pre_hook(_refuse_masks, with_kwargs=True))
+    def override(name, attr):
+        state.previous_attrs[name] = model.__dict__.get(name)
+        setattr(model, name, attr)
     if hasattr(model, _PREPARE_CACHE):
-        state.previous_prepare = model.__dict__.get(_PREPARE_CACHE)
-        prepare = _generate_with_own_cache(model, getattr(model, _PREPARE_CACHE))
-        setattr(model, _PREPARE_CACHE, prepare)
+        override(_PREPARE_CACHE, _generate_with_own_cache(model, getattr(model, _PREPARE_CACHE)))
     if hasattr(model, _COMPILE_CRITERIA) and hasattr(model, _COMPILED_CALL):
         state.decode = DecodeGraph(model)
-        for name, attr in ((_COMPILE_CRITERIA, _graph_criteria(model, state.decode)),
-                           (_COMPILED_CALL, lambda compile_config=None: state.decode)):
-            state.previous_attrs[name] = model.__dict__.get(name)
-            setattr(model, name, attr)
+        override(_COMPILE_CRITERIA, _graph_criteria(model, state.decode))
+        override(_COMPILED_CALL, lambda compile_config=None: state.decode)
     # Attention modules are the ones that know their layer; the attention function gets
     # the module, so the state rides on it.
     for m in [model, *(m for m in decoder.modules() if hasattr(m, "layer_idx"))]:
@@ -317,11 +315,6 @@ def disable(model: "transformers.PreTrainedModel") -> "transformers.PreTrainedMo
         h.remove()
     for m in state.tagged:
         delattr(m, _STATE_ATTR)
-    if _PREPARE_CACHE in model.__dict__:
-        if state.previous_prepare is None:
-            delattr(model, _PREPARE_CACHE)
-        else:
-            setattr(model, _PREPARE_CACHE, state.previous_prepare)
     for name, previous in state.previous_attrs.items():
         if previous is None:
             model.__dict__.pop(name, None)
