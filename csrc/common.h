@@ -207,10 +207,11 @@ inline Dims check_inputs(const OpArgs& a) {
   }
   STD_TORCH_CHECK(d.hkv >= 1 && d.d >= 2 && d.d % 2 == 0,
                   "k_cache needs Hkv >= 1 and an even head dim D, got Hkv=", d.hkv, " D=", d.d);
+  // start_chunk takes any value: j >= start_chunk, or for start_chunk = -m the last m complete
+  // chunks of each sequence (chunk_reps).
   STD_TORCH_CHECK(a.sink >= 0 && a.local >= 0 && a.chunk >= 1 && a.topk >= 1 &&
-                      a.query_block >= 1 && a.start_chunk >= 0,
-                  "need sink >= 0, local >= 0, chunk >= 1, topk >= 1, query_block >= 1, "
-                  "start_chunk >= 0");
+                      a.query_block >= 1,
+                  "need sink >= 0, local >= 0, chunk >= 1, topk >= 1, query_block >= 1");
   const auto device = k.device();
   auto same_device = [&](const Tensor& t, const char* name) {
     STD_TORCH_CHECK(t.device() == device, name, " must be on k_cache's device");

@@ -77,9 +77,8 @@ void chunk_reps_kernel(const Tensor& k_cache, const Tensor& cache_seqlens, const
 void chunk_reps_cpu(Tensor k_cache, Tensor cache_seqlens, Tensor reps, int64_t sink,
                     int64_t chunk, std::string rep, int64_t start_chunk,
                     std::optional<Tensor> block_table) {
-  // The shared checks want start_chunk >= 0; a negative one (the last chunks) is valid here.
-  const OpArgs a = chunk_reps_args(k_cache, cache_seqlens, reps, sink, chunk, rep,
-                                   std::max<int64_t>(start_chunk, 0), block_table);
+  const OpArgs a = chunk_reps_args(k_cache, cache_seqlens, reps, sink, chunk, rep, start_chunk,
+                                   block_table);
   const Dims d = check_inputs(a);
   dispatch_float(k_cache.scalar_type(), "k_cache", [&](auto tag) {
     using T = typename decltype(tag)::type;

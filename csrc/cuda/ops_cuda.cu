@@ -120,9 +120,8 @@ k::PageTable page_table(const Tensor& cache, const Dims& d, const OpArgs& a) {
 void chunk_reps_cuda(Tensor k_cache, Tensor cache_seqlens, Tensor reps, int64_t sink,
                      int64_t chunk, std::string rep, int64_t start_chunk,
                      std::optional<Tensor> block_table) {
-  // The shared checks want start_chunk >= 0; a negative one (the last chunks) is valid here.
-  const OpArgs a = chunk_reps_args(k_cache, cache_seqlens, reps, sink, chunk, rep,
-                                   std::max<int64_t>(start_chunk, 0), block_table);
+  const OpArgs a = chunk_reps_args(k_cache, cache_seqlens, reps, sink, chunk, rep, start_chunk,
+                                   block_table);
   const Dims d = check_inputs(a);
   check_int32_range(d, sink, 0, chunk, 1);
   STD_TORCH_CHECK(k_cache.is_cuda(), "chunk_reps (cuda) needs CUDA tensors");
