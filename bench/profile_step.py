@@ -6,8 +6,13 @@ bench_attn.py times it) and the torch.profiler device time of every kernel of an
 averaged over repeated steps. The gap between the sum of kernel times and the replay time is
 the launch-to-launch latency of the dependent kernels.
 
-Usage: python bench/profile_step.py --out DIR [--lengths 32768,131072,1048576]
-Writes DIR/profile_step-<gpu>.json and prints one line per kernel.
+With --prefill it profiles the prefill call of bench_attn.py instead: one 4096-query call at the
+largest length (32 query blocks of 128, bound reps given, selection included), kernel by kernel,
+and the exact (max) selection of 128 queries.
+
+Usage: python bench/profile_step.py --out DIR [--lengths 32768,131072,1048576] [--prefill]
+Writes DIR/profile_step-<gpu>.json (DIR/profile_prefill-<gpu>.json with --prefill) and prints
+one line per kernel.
 """
 from __future__ import annotations
 
@@ -48,12 +53,51 @@ def main(argv=None):
     p.add_argument("--lengths", default="32768,131072,1048576")
     p.add_argument("--backends", default="cuda,triton")
     p.add_argument("--reps", default="bound,mean")
+    p.add_argument("--prefill", action="store_true",
+                   help="profile the 4096-query prefill call and the exact selection instead")
     a = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("profile_step.py needs a CUDA device")
     reattention.set_device_checks(False)
     inv = reattention.default_inv_freq(D, device="cuda")
     rows = []
+
+    def record(n, be, what, fn, graph):
+        """Time ``fn`` (graph replay for decode, eager for prefill) and profile its kernels."""
+        ms = bench(fn, graph=graph)
+        kernels = kernel_times(fn)
+        row = dict(n=n, backend=be, what=what, us=1e3 * ms,
+                   kernel_sum_us=sum(kernels.values()), kernels=kernels)
+        rows.append(row)
+        print(f"N={n} {be} {what}: {row['us']:.1f} us, kernels {row['kernel_sum_us']:.1f} us",
+              flush=True)
+        for name, us in kernels.items():
+            print(f"    {us:8.2f} us  {name}", flush=True)
+
+    if a.prefill:
+        n, lq = max(int(x) for x in a.lengths.split(",")), 4096
+        k, v = make_cache(n, seed=1)
+        lens = torch.full((B,), n, dtype=torch.int32, device="cuda")
+        reps = reattention.chunk_reps(k, lens, sink=SINK, chunk=CHUNK, rep="bound")
+        q = torch.randn(B, HQ, lq, D, device="cuda", dtype=DTYPE)
+        q128 = q[:, :, -128:].contiguous()
+        for be in a.backends.split(","):
+            if ops.available_backends()[be] is not None:
+                continue
+            record(n, be, "prefill 4096 q (bound, with selection)",
+                   lambda be=be: reattention.reattention_attn(
+                       q, k, v, lens, sink=SINK, local=LOCAL, chunk=CHUNK, topk=TOPK,
+                       query_block=QB, rep="bound", reps=reps, inv_freq=inv, backend=be), False)
+            record(n, be, "bound selection of 4096 q",
+                   lambda be=be: reattention.select_chunks(
+                       q, k, lens, reps=reps, sink=SINK, local=LOCAL, chunk=CHUNK, topk=TOPK,
+                       query_block=QB, rep="bound", backend=be), False)
+            record(n, be, "exact (max) selection of 128 q",
+                   lambda be=be: reattention.select_chunks(
+                       q128, k, lens, sink=SINK, local=LOCAL, chunk=CHUNK, topk=TOPK,
+                       query_block=128, rep="max", backend=be), False)
+        _write(a.out, "profile_prefill", rows)
+        return
     for n in (int(x) for x in a.lengths.split(",")):
         k, v = make_cache(n)
         q = torch.randn(B, HQ, 1, D, device="cuda", dtype=DTYPE)
@@ -68,20 +112,17 @@ def main(argv=None):
                     return reattention.reattention_attn(
                         q, k, v, lens, sink=SINK, local=LOCAL, chunk=CHUNK, topk=TOPK,
                         query_block=QB, rep=rep, reps=reps, inv_freq=inv, backend=be)
-                graph_us = 1e3 * bench(step, graph=True)  # as bench_attn.py times a step
-                kernels = kernel_times(step)
-                row = dict(n=n, backend=be, rep=rep, graph_us=graph_us,
-                           kernel_sum_us=sum(kernels.values()), kernels=kernels)
-                rows.append(row)
-                print(f"N={n} {be}({rep}): graph {graph_us:.1f} us, kernels "
-                      f"{row['kernel_sum_us']:.1f} us", flush=True)
-                for name, us in kernels.items():
-                    print(f"    {us:8.2f} us  {name}", flush=True)
+                # the graph replay, as bench_attn.py times a decode step
+                record(n, be, f"decode ({rep}), graph", step, True)
         del k, v
         torch.cuda.empty_cache()
-    os.makedirs(a.out, exist_ok=True)
+    _write(a.out, "profile_step", rows)
+
+
+def _write(out: str, stem: str, rows: list) -> None:
+    os.makedirs(out, exist_ok=True)
     gpu = torch.cuda.get_device_name().split()[-1].lower()
-    with open(os.path.join(a.out, f"profile_step-{gpu}.json"), "w") as f:
+    with open(os.path.join(out, f"{stem}-{gpu}.json"), "w") as f:
         json.dump(dict(header=header(), rows=rows), f, indent=1)
 
 
