@@ -25,7 +25,18 @@ allocated GPU memory from the first decode step to the last (sdpa-static: over i
 generate call).
 
 The defaults (1b at 32K and 128K) run in a few minutes on an H200; ``--models 1b,8b
---lengths 32768,131072,524288,1048576`` is the full table.
+--lengths 32768,131072,524288,1048576`` is the full table. Options for the rows that do not fit
+one pass or one GPU:
+  --paths          run only these paths (e.g. ``reattention-tiered`` alone at 8B and 1M, where
+                   the all-GPU cache cannot fit and would only fail after a long prefill)
+  --sdpa-chunk C   prefill sdpa-static in C-token forward passes (transformers'
+                   ``prefill_chunk_size``, eager) instead of one pass, whose activations do not
+                   fit at 8B and 512K
+  --sdpa-prefill-max-len N   above N tokens sdpa-static times its decode only (its decode
+                   does not need the long prefill, see :func:`sdpa_static`)
+  --layers L       keep L of the model's layers (e.g. an 8B-shaped slice of 4 layers, on which
+                   a dense 512K prefill costs minutes instead of most of an hour); rows name
+                   the model ``8b/4L``
 
 Usage: python bench/bench_model.py --out DIR [--models 1b,8b] [--lengths 32768,131072]
 """
@@ -63,8 +74,11 @@ SHAPES = {
 }
 
 
-def build(name: str, device: torch.device, dtype: torch.dtype):
-    config = transformers.LlamaConfig(**SHAPES[name], max_position_embeddings=131072,
+def build(name: str, device: torch.device, dtype: torch.dtype, layers: int | None = None):
+    shape = dict(SHAPES[name])
+    if layers:
+        shape["num_hidden_layers"] = layers
+    config = transformers.LlamaConfig(**shape, max_position_embeddings=131072,
                                       rope_parameters=dict(LLAMA3_ROPE))
     config._attn_implementation = "sdpa"
     torch.manual_seed(0)
@@ -93,7 +107,8 @@ def reset_peak(device: torch.device) -> None:
 
 
 @torch.no_grad()
-def sdpa_static(model, ids: torch.Tensor, steps: int) -> dict:
+def sdpa_static(model, ids: torch.Tensor, steps: int, prefill_chunk: int = 0,
+                prefill: bool = True) -> dict:
     """transformers' fast path: StaticCache, one-pass prefill, compiled decode (on a GPU).
 
     A compiled static-cache decode step attends over the whole ``max_cache_len`` buffer
@@ -101,7 +116,9 @@ def sdpa_static(model, ids: torch.Tensor, steps: int) -> dict:
     much of the cache is filled. Decode is therefore timed from a 64-token prompt in the
     cache sized for the full length, as two generates that differ by ``steps`` tokens only
     (their prefill and set-up cancel): one dense prefill of the full prompt per length, not
-    three.
+    three. ``prefill_chunk`` > 0 prefills in forward passes of that many tokens (eager:
+    transformers would otherwise compile one more graph for the chunk shape); ``prefill``
+    False skips the prefill timing (the row then has decode figures only).
     """
     device = ids.device
     n = ids.shape[1]
@@ -118,18 +135,22 @@ def sdpa_static(model, ids: torch.Tensor, steps: int) -> dict:
         sync(device)
         walls[new] = time.perf_counter() - t0
     decode = max(1e-9, walls[1 + 2 * steps] - walls[1 + steps]) / steps
+    compiled = model._valid_auto_compile_criteria({"past_key_values": cache},
+                                                   model.generation_config)
+    row = dict(decode_tok_s=1.0 / decode, decode_ms=decode * 1e3, compiled_decode=bool(compiled))
+    if not prefill:
+        return dict(row, prefill="not timed (--sdpa-prefill-max-len)")
     cache.reset()
     sync(device)
     before = allocated_mib(device)
+    chunked = dict(prefill_chunk_size=prefill_chunk, disable_compile=True) if prefill_chunk else {}
     t0 = time.perf_counter()
-    model.generate(ids, max_new_tokens=1, **kw)
+    model.generate(ids, max_new_tokens=1, **kw, **chunked)
     sync(device)
-    prefill = time.perf_counter() - t0
-    compiled = model._valid_auto_compile_criteria({"past_key_values": cache},
-                                                   model.generation_config)
-    return dict(prefill_tok_s=n / prefill, decode_tok_s=1.0 / decode,
-                decode_ms=decode * 1e3, compiled_decode=bool(compiled),
-                decode_growth_mib=allocated_mib(device) - before)
+    wall = time.perf_counter() - t0
+    if prefill_chunk:
+        row["prefill_chunk"] = prefill_chunk
+    return dict(row, prefill_tok_s=n / wall, decode_growth_mib=allocated_mib(device) - before)
 
 
 @torch.no_grad()
@@ -220,22 +241,41 @@ def main(argv=None):
                    help="record the kernels of a graph decode step (torch.profiler)")
     p.add_argument("--sdpa-max-len", type=int, default=524288,
                    help="skip transformers' path above this length (its prefill is O(N^2))")
+    p.add_argument("--sdpa-prefill-max-len", type=int, default=None,
+                   help="above this length sdpa-static times its decode only")
+    p.add_argument("--sdpa-chunk", type=int, default=0,
+                   help="prefill sdpa-static in forward passes of this many tokens (0: one pass)")
+    p.add_argument("--paths", default=None, help="comma list of the paths to run (default: all)")
+    p.add_argument("--layers", type=int, default=None,
+                   help="keep this many of each model's layers (rows name the model NAME/<L>L)")
     a = p.parse_args(argv)
+    for arg in ("steps", "chunk", "layers", "sdpa_chunk"):
+        value = getattr(a, arg)
+        if value is not None and value < (0 if arg == "sdpa_chunk" else 1):
+            raise ValueError(f"--{arg.replace('_', '-')} must be positive, got {value}")
+    known = {"sdpa-static", "reattention", "reattention-graph", "reattention-tiered"}
+    wanted = set(a.paths.split(",")) if a.paths else known
+    if not wanted <= known:
+        raise ValueError(f"--paths: unknown {sorted(wanted - known)}; known {sorted(known)}")
     device = torch.device(a.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     reattention.set_device_checks(False)
     res = dict(header=header() if device.type == "cuda" else {}, config=dict(
-        reattention=dataclasses.asdict(CFG), steps=a.steps, chunk=a.chunk, dtype=str(dtype)), rows=[])
+        reattention=dataclasses.asdict(CFG), steps=a.steps, chunk=a.chunk, dtype=str(dtype),
+        layers=a.layers, sdpa_chunk=a.sdpa_chunk), rows=[])
     os.makedirs(a.out, exist_ok=True)
     for name in a.models.split(","):
-        model = build(name, device, dtype)
+        model = build(name, device, dtype, a.layers)
+        label = f"{name}/{a.layers}L" if a.layers else name
         for n in (int(x) for x in a.lengths.split(",")):
             ids = torch.randint(2, model.config.vocab_size, (1, n), device=device,
                                 generator=torch.Generator(device).manual_seed(n))
             paths = []
             if n <= a.sdpa_max_len:
-                paths.append(("sdpa-static", sdpa_static, dict(model=model, ids=ids,
-                                                               steps=a.steps)))
+                timed = a.sdpa_prefill_max_len is None or n <= a.sdpa_prefill_max_len
+                paths.append(("sdpa-static", sdpa_static, dict(
+                    model=model, ids=ids, steps=a.steps, prefill_chunk=a.sdpa_chunk,
+                    prefill=timed)))
             common = dict(model=model, ids=ids, steps=a.steps, chunk=a.chunk, backend=a.backend)
             paths.append(("reattention", ours, common))
             paths.append(("reattention-graph", ours, dict(common, graph=True,
@@ -244,7 +284,9 @@ def main(argv=None):
                 paths.append(("reattention-tiered", ours,
                               dict(common, offload="cpu", max_append=a.chunk)))
             for path, fn, kw in paths:
-                row = dict(model=name, n=n, path=path, **run_row(fn, device, **kw))
+                if path not in wanted:
+                    continue
+                row = dict(model=label, n=n, path=path, **run_row(fn, device, **kw))
                 res["rows"].append(row)
                 print(json.dumps(row), flush=True)
                 with open(os.path.join(a.out, "model-bench.json"), "w") as f:
