@@ -5,6 +5,7 @@ them, a failure when REATTENTION_REQUIRE names cuda). References run on the GPU 
 so the 1M-token cases stay fast; the low-precision baseline of the tolerance rule is the same
 reference run in the kernel's dtype.
 """
+import dataclasses
 import functools
 import math
 
@@ -221,6 +222,35 @@ def test_gather_attention(case, dtype, style, positions, rope_scale):
                                                 chunk=case.chunk, query_block=case.query_block,
                                                 scale=scale, backend="triton", **kw)
         assert_close_rule(out, other.float(), low, dtype, "out vs triton")
+
+
+# The many-rows kernel's RoPE paths: 16-byte rotary units from the table (compact) or sincosf
+# (original), both styles, full and partial R; R/2 = 10 (neither style's units) and 20 (the
+# interleaved units only) take the per-pair loop. Several key tiles per block, the first ones
+# before every query (softmax without the mask), the last ones masked.
+#        b  hq hkv  lq   nmax    d  sink local chunk topk qb
+MANY_ROWS = [
+    Case(2, 8, 2, 45, 900, 64, 8, 48, 16, 6, 16, lens=(900, 517)),
+    Case(1, 4, 1, 70, 1200, 128, 16, 64, 16, 8, 32),
+]
+
+
+@pytest.mark.parametrize("positions", ["compact", "original"])
+@pytest.mark.parametrize("style", ["half", "interleaved"])
+@pytest.mark.parametrize("rotary", [None, 48, 40, 20], ids=lambda r: f"R{r}")
+@pytest.mark.parametrize("base", MANY_ROWS, ids=[c.id for c in MANY_ROWS])
+def test_many_rows_rope_paths(base, rotary, style, positions):
+    case = dataclasses.replace(base, rotary=rotary)
+    q, k, v, lens, inv_freq = cuda_inputs(case, torch.bfloat16)
+    idx = reference.select_chunks_ref(q, k, None, lens, case.sink, case.local, case.chunk,
+                                      case.topk, "max", case.query_block)
+    kw = dict(rope_style=style, positions=positions)
+    scale = 1 / math.sqrt(case.d)
+    out, lse = reattention.gather_attention(q, k, v, idx, lens, inv_freq=inv_freq,
+                                            sink=case.sink, local=case.local, chunk=case.chunk,
+                                            query_block=case.query_block, scale=scale,
+                                            backend="cuda", **kw)
+    check_attention(case, q, k, v, lens, idx, inv_freq, out, lse, scale, **kw)
 
 
 def select_then_attend(case, rep, q, k, v, lens, inv_freq, positions="compact"):

@@ -253,8 +253,10 @@ __device__ __forceinline__ void stage_rotated_q(T* s_q, int* s_qpos, const AttnP
 // One key tile of the exp2-domain online softmax for a thread's two rows, S in the fragment
 // layout of warp_gemm_abt (kpos: the positions of the warp's 8 * kNT key columns; qpos: the
 // rows' positions, -1 for padding). Masks keys after the row's position, updates (m, l),
-// rescales the O accumulators and leaves P = exp2(S * scale_log2 - m) in s.
-template <int kNT, int kDT>
+// rescales the O accumulators and leaves P = exp2(S * scale_log2 - m) in s. kMask = false
+// (many-rows kernel, a tile whose keys all precede the warp's rows) skips the compare, which
+// then always holds: the same values without kpos and qpos.
+template <int kNT, int kDT, bool kMask = true>
 __device__ __forceinline__ void online_softmax_tile(float (&s)[kNT][4], float (&o)[kDT][4],
                                                     float (&m_run)[2], float (&l_run)[2],
                                                     const int* kpos, const int (&qpos)[2],
@@ -267,7 +269,7 @@ __device__ __forceinline__ void online_softmax_tile(float (&s)[kNT][4], float (&
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
         float& x = s[nt][2 * half + e];
-        x = kpos[nt * 8 + 2 * t4 + e] <= qpos[half] ? x * scale_log2 : -INFINITY;
+        x = !kMask || kpos[nt * 8 + 2 * t4 + e] <= qpos[half] ? x * scale_log2 : -INFINITY;
         mx = fmaxf(mx, x);
       }
     }

@@ -10,13 +10,23 @@
 // kStages cp.async stages with one barrier per tile: past it the CTA issues the copy of tile
 // t + kStages - 1, rotates tile t + 1 in place and runs S = Q K^T, the exp2-domain online
 // softmax and P V on tile t, so one tile's rotation overlaps the tensor-core work on the
-// previous one across warps. RoPE at compact positions reads (cos, sin) * rope_scale from a
-// table filled once per call by rope_table_kernel with the same sincosf on the same fp32
-// angle, hence bit-identical to computing it in place; positions past the table and original
-// positions (any token, angles up to ~1e6 rad) call sincosf. Masking compares original
-// positions (padding rows -1, tail keys INT_MAX); local keys after the CTA's last query are
-// invisible to all its rows, so their tiles are skipped. Outputs and lse are written as
-// gather_attention_kernel writes them (o_part/lse_part when the keys are split).
+// previous one across warps. The loop keeps its integer work per key row, not per element:
+// - copy (load_kv_rows): kTPR = 256 / kBN threads share a key row; each finds the row's cache
+//   token (and page) once and issues its 16-byte pieces of K and V from that base;
+// - rotation (rotate_key_row): a thread owns one key row of every tile and a fixed set of
+//   16-byte rotary units of it (4 interleaved pairs, or 8 half-style pairs with their second
+//   halves R/2 columns on), unrolled, one table row pointer per key; R/2 not a multiple of 4
+//   (interleaved) or 8 (half) takes the per-pair loop;
+// - masks: a warp whose tile holds only keys at or before its first row's position (sink,
+//   chunks, all but the last local tiles; the copy gives keys past n_keys INT_MAX) runs the
+//   softmax without the per-element compare, which would hold everywhere: the same values.
+// RoPE at compact positions reads (cos, sin) * rope_scale from a table filled once per call
+// by rope_table_kernel with the same sincosf on the same fp32 angle, hence bit-identical to
+// computing it in place; positions past the table and original positions (any token, angles
+// up to ~1e6 rad) call sincosf. Masking compares original positions (padding rows -1, tail
+// keys INT_MAX); local keys after the CTA's last query are invisible to all its rows, so their
+// tiles are skipped. Outputs and lse are written as gather_attention_kernel writes them
+// (o_part/lse_part when the keys are split).
 #pragma once
 
 #include <cstring>
@@ -103,6 +113,121 @@ inline cudaError_t launch_rope_table(const AttnParams& p, int* n_pos, cudaStream
   return cudaGetLastError();
 }
 
+// Threads that share a key row in the copy and the rotation of a K/V tile.
+template <int D>
+__host__ __device__ constexpr int prefill_row_threads() {
+  return kPrefillThreads / prefill_block_n(D);
+}
+
+// Copies the K and V rows of gathered keys [tile * kBN, tile * kBN + kBN) into the swizzled
+// tiles sk and sv and their cache tokens into kpos, exactly as load_kv_tile (the same bytes,
+// zeros and INT_MAX past n_keys, one commit group), but a thread owns one key row: it finds
+// the row's token and page once and issues its D / 8 / kTPR pieces of 16 bytes of K and of V
+// from that base (pieces sub, sub + kTPR, ..., so kTPR neighbouring lanes read 16 kTPR
+// contiguous bytes of a row at a time).
+template <typename T, int D>
+__device__ __forceinline__ void load_kv_rows(T* sk, T* sv, int* kpos, const GatheredKeys& g,
+                                             const AttnParams& p, const T* k_base,
+                                             const T* v_base, int tile) {
+  constexpr int kBN = prefill_block_n(D), kTPR = prefill_row_threads<D>();
+  constexpr int kPieces = D / 8 / kTPR;
+  static_assert(kPrefillThreads == kBN * kTPR && kPieces * kTPR * 8 == D, "whole rows");
+  const int r = threadIdx.x / kTPR, sub = threadIdx.x % kTPR;
+  const int key = tile * kBN + r;
+  const bool valid = key < g.n_keys;
+  const int tok = valid ? g.token(key, p) : 0;
+  const T *ks, *vs;
+  if (g.pages == nullptr) {
+    ks = k_base + tok * p.k_sn;
+    vs = v_base + tok * p.v_sn;
+  } else {
+    int page, in;
+    p.pages.locate(g.pages, tok, page, in);
+    ks = k_base + page * p.k_sb + in * p.k_sn;
+    vs = v_base + page * p.v_sb + in * p.v_sn;
+  }
+#pragma unroll
+  for (int j = 0; j < kPieces; ++j) {
+    const int col = (sub + kTPR * j) * 8;
+    cp_async_16(sk + swz<D>(r, col), ks + col, valid);
+    cp_async_16(sv + swz<D>(r, col), vs + col, valid);
+  }
+  if (sub == 0) kpos[r] = valid ? tok : INT_MAX;
+  cp_async_commit();
+}
+
+// Whether rotate_key_row applies: every rotary unit (16 bytes of a K row: 4 interleaved pairs,
+// or 8 first halves of the half style with their 8 second halves) lies in whole 16-byte
+// pieces.
+__device__ __forceinline__ bool prefill_rope_units(const AttnParams& p) {
+  return p.half_rot % (p.interleaved ? 4 : 8) == 0;
+}
+
+// Rotates key row r of a swizzled K tile in place at position pos, the units sub, sub + kTPR,
+// ... of the row (kIl: 4 pairs (2i, 2i + 1) per unit, else pairs (i, i + R/2) for 8 i per
+// unit): a 16-byte shared load and store per piece, (cos, sin) from the table row of pos
+// (kTable: 16-byte loads) or sincosf of fl(pos * inv_freq), the values rope_table_kernel
+// stored. Per element the math of the per-pair rotation (fp32, rope_apply, rounded once to T).
+template <typename T, int D, bool kIl, bool kTable>
+__device__ __forceinline__ void rotate_key_row(T* row, int r, int sub, int pos,
+                                               const float2* __restrict__ table,
+                                               const AttnParams& p, const float* s_invf) {
+  constexpr int kTPR = prefill_row_threads<D>();
+  constexpr int kPairs = kIl ? 4 : 8;  // frequencies per unit
+  constexpr int kUnits = (D / 2 / kPairs + kTPR - 1) / kTPR;  // units per thread at most
+  const int hr = p.half_rot, n_units = hr / kPairs, x = r & 7;
+  const float2* trow = kTable ? table + static_cast<int64_t>(pos) * hr : nullptr;
+#pragma unroll(kTable ? kUnits : 1)
+  for (int s = 0; s < kUnits; ++s) {
+    const int u = sub + kTPR * s;
+    if (u >= n_units) break;
+    const int i0 = u * kPairs;  // first frequency of the unit
+    float2 cs[kPairs];
+    if constexpr (kTable) {
+#pragma unroll
+      for (int e = 0; e < kPairs; e += 2) {
+        const float4 t = __ldg(reinterpret_cast<const float4*>(trow + i0 + e));
+        cs[e] = make_float2(t.x, t.y);
+        cs[e + 1] = make_float2(t.z, t.w);
+      }
+    } else {
+#pragma unroll
+      for (int e = 0; e < kPairs; ++e) {
+        cs[e] = rope_cos_sin(pos, i0 + e, nullptr, 0, hr, s_invf[i0 + e], p.rope_scale);
+      }
+    }
+    // Unit u starts at column 2 * i0 (interleaved) or i0, i.e. in 16-byte piece u.
+    uint4* lo = reinterpret_cast<uint4*>(row + ((u ^ x) << 3));
+    uint4 a = *lo;
+    uint32_t* wa = reinterpret_cast<uint32_t*>(&a);
+    if constexpr (kIl) {
+#pragma unroll
+      for (int w = 0; w < 4; ++w) {  // word w: (x0, x1) of pair i0 + w
+        const float2 v = unpack2<T>(wa[w]);
+        float x0 = v.x, x1 = v.y;
+        rope_apply(x0, x1, cs[w]);
+        wa[w] = Dtype<T>::pack2(x0, x1);
+      }
+    } else {
+      // The second halves of the unit's pairs sit R/2 columns on: piece u + R/16.
+      uint4* hi = reinterpret_cast<uint4*>(row + (((u + hr / 8) ^ x) << 3));
+      uint4 b = *hi;
+      uint32_t* wb = reinterpret_cast<uint32_t*>(&b);
+#pragma unroll
+      for (int w = 0; w < 4; ++w) {  // word w of a: x0 of pairs i0 + 2w, +1; of b: their x1
+        const float2 va = unpack2<T>(wa[w]), vb = unpack2<T>(wb[w]);
+        float a0 = va.x, a1 = vb.x, c0 = va.y, c1 = vb.y;
+        rope_apply(a0, a1, cs[2 * w]);
+        rope_apply(c0, c1, cs[2 * w + 1]);
+        wa[w] = Dtype<T>::pack2(a0, c0);
+        wb[w] = Dtype<T>::pack2(a1, c1);
+      }
+      *hi = b;
+    }
+    *lo = a;
+  }
+}
+
 template <typename T, int D>
 __global__ void __launch_bounds__(kPrefillThreads, PrefillShape<D>::kMinBlocks)
     gather_attention_prefill_kernel(AttnParams p, const float2* __restrict__ table, int n_pos) {
@@ -138,15 +263,43 @@ __global__ void __launch_bounds__(kPrefillThreads, PrefillShape<D>::kMinBlocks)
   const T *k_base, *v_base;
   kv_bases<T>(p, b, h, k_base, v_base);
   auto load_tile = [&](int stage, int tile) {
-    load_kv_tile<T, D, kBN, kPrefillThreads>(s_k + stage * kBN * D, s_v + stage * kBN * D,
-                                             s_kpos + stage * kBN, gk, p, k_base, v_base, tile);
+    load_kv_rows<T, D>(s_k + stage * kBN * D, s_v + stage * kBN * D, s_kpos + stage * kBN, gk,
+                       p, k_base, v_base, tile);
   };
-  // Rotates the K tile of `stage` in place, all threads together. With R/2 even a step takes
-  // two adjacent pairs i, i + 1 (i even): one float4 of the table and two 32-bit shared words,
-  // (x0, x1) of each pair in the interleaved style, (x0 of both, x1 of both) in the half style.
+  // Rotation: thread tid owns key row rot_r of every tile, units rot_sub, rot_sub + kTPR, ...
+  // of it (rotate_key_row). With kTPR = 4 the two rows of each 8 lanes are 4 apart, so their
+  // 16-byte pieces fall in different bank groups.
+  constexpr int kTPR = prefill_row_threads<D>();
+  const int rot_rr = tid / kTPR, rot_sub = tid % kTPR;
+  const int rot_r =
+      kTPR == 4 ? (rot_rr & ~7) | ((rot_rr >> 1) & 3) | ((rot_rr & 1) << 2) : rot_rr;
+  const bool units = prefill_rope_units(p);
+  // Rotates the K tile of `stage` in place, all threads together.
   auto rotate_tile = [&](int stage, int tile) {
     T* sk = s_k + stage * kBN * D;
     const int* kpos = s_kpos + stage * kBN;
+    if (units) {
+      const int key = tile * kBN + rot_r;
+      if (key >= n_keys || p.half_rot == 0) return;
+      const int pos = p.compact ? key : kpos[rot_r];
+      T* row = sk + rot_r * D;
+      if (static_cast<unsigned>(pos) < static_cast<unsigned>(n_pos)) {
+        if (p.interleaved) {
+          rotate_key_row<T, D, true, true>(row, rot_r, rot_sub, pos, table, p, s_invf);
+        } else {
+          rotate_key_row<T, D, false, true>(row, rot_r, rot_sub, pos, table, p, s_invf);
+        }
+      } else if (p.interleaved) {
+        rotate_key_row<T, D, true, false>(row, rot_r, rot_sub, pos, table, p, s_invf);
+      } else {
+        rotate_key_row<T, D, false, false>(row, rot_r, rot_sub, pos, table, p, s_invf);
+      }
+      return;
+    }
+    // Other R/2 (not a multiple of 8, or of 4 interleaved): per pair or pair of pairs. With
+    // R/2 even a step takes two adjacent pairs i, i + 1 (i even): one float4 of the table and
+    // two 32-bit shared words, (x0, x1) of each pair in the interleaved style, (x0 of both,
+    // x1 of both) in the half style.
     if (p.half_rot % 2 == 0) {
       const bool il = p.interleaved;
       for (int id = tid; id < kBN * (D / 4); id += kPrefillThreads) {
@@ -218,6 +371,10 @@ __global__ void __launch_bounds__(kPrefillThreads, PrefillShape<D>::kMinBlocks)
   }
   // A warp whose 16 rows are all padding only helps with copies and rotations.
   const bool active = row0 + warp * 16 < rows;
+  // Position of the warp's first row; its other rows sit at or after it (padding rows are
+  // never written, so their scores need no mask). A tile whose key positions are all at most
+  // this one (sink, chunks, most of the local window; INT_MAX past n_keys) needs no mask.
+  const int warp_q0 = p0 + q0 + (row0 + warp * 16) / group;
 
   uint32_t qf[Shape::kQInRegs ? kKT : 1][4];
   if constexpr (Shape::kQInRegs) {
@@ -272,7 +429,14 @@ __global__ void __launch_bounds__(kPrefillThreads, PrefillShape<D>::kMinBlocks)
       warp_gemm_abt<T, D, kNT>(s, s_q, warp * 16, sk, 0, lane);
     }
 
-    online_softmax_tile(s, o, m_run, l_run, kpos, qpos, p.scale_log2, t4);
+    bool before = true;
+#pragma unroll
+    for (int c = 0; c < kBN; c += 32) before = before && kpos[c + lane] <= warp_q0;
+    if (__all_sync(0xffffffffu, before)) {
+      online_softmax_tile<kNT, kDT, false>(s, o, m_run, l_run, kpos, qpos, p.scale_log2, t4);
+    } else {
+      online_softmax_tile(s, o, m_run, l_run, kpos, qpos, p.scale_log2, t4);
+    }
     pv_tile<T, D>(o, s, sv, 0, lane);
   }
   cp_async_wait<0>();  // only empty groups can be left
