@@ -174,13 +174,20 @@ struct ColumnRows {
   }
 };
 
+// Element offset of (row, col) in an A tile of kVec-element rows, swizzled as one tile.
+template <int kVec>
+struct RowMajorSwizzled {
+  __device__ __forceinline__ int operator()(int row, int col) const { return swz<kVec>(row, col); }
+};
+
 // Stages rows [row0, row0 + kRows) of the tile's query block as the A tile (kVec elements per
-// row, swizzled; bound splits q by sign). Rows at or past `rows` are zero: callers mask them out
-// of the row max.
-template <typename T, int D, RepMode kRep, int kRows, int kThreads>
+// row, at Layout()(row, col); bound splits q by sign). Rows at or past `rows` are zero: callers
+// mask them out of the row max.
+template <typename T, int D, RepMode kRep, int kRows, int kThreads,
+          typename Layout = RowMajorSwizzled<kRep == RepMode::kBound ? 2 * D : D>>
 __device__ __forceinline__ void stage_query_rows(T* s_a, const SelectParams& p,
                                                  const ScoreTile& t) {
-  constexpr int kVec = kRep == RepMode::kBound ? 2 * D : D;
+  const Layout at;
   const int group = p.hq / p.hkv;
   const T* q_base = static_cast<const T*>(p.q) + t.b * p.q_sb;
   for (int id = threadIdx.x; id < kRows * (D / 8); id += kThreads) {
@@ -203,10 +210,10 @@ __device__ __forceinline__ void stage_query_rows(T* s_a, const SelectParams& p,
         xn[e] = negative ? x[e] : zero;
         xp[e] = negative ? zero : x[e];
       }
-      *reinterpret_cast<uint4*>(s_a + swz<kVec>(r, ch * 8)) = neg;
-      *reinterpret_cast<uint4*>(s_a + swz<kVec>(r, D + ch * 8)) = pos;
+      *reinterpret_cast<uint4*>(s_a + at(r, ch * 8)) = neg;
+      *reinterpret_cast<uint4*>(s_a + at(r, D + ch * 8)) = pos;
     } else {
-      *reinterpret_cast<uint4*>(s_a + swz<kVec>(r, ch * 8)) = raw;
+      *reinterpret_cast<uint4*>(s_a + at(r, ch * 8)) = raw;
     }
   }
 }
@@ -620,15 +627,105 @@ __device__ __forceinline__ void max_fold(float* v, int lane, int lane_bit) {
   }
 }
 
+// Copies the kStep-element slice from element k0 of columns col0 .. col0 + kBN - 1 into a
+// swizzled tile of kBN rows of kStep elements (cp.async, the caller commits); columns at or past
+// n_cols land as zeros.
+template <int kBN, int kStep, int kThreads, typename T, bool kTokens>
+__device__ __forceinline__ void load_column_slice(T* dst, const ColumnRows<T, kTokens>& col_rows,
+                                                  const SelectParams& p, int col0, int k0,
+                                                  int n_cols) {
+  constexpr int kPieces = kStep / 8;
+  static_assert(kBN * kPieces % kThreads == 0, "slice shape");
+#pragma unroll
+  for (int i = 0; i < kBN * kPieces / kThreads; ++i) {
+    const int id = threadIdx.x + i * kThreads;
+    const int r = id / kPieces, ch = id % kPieces;
+    const int c = col0 + r;
+    const bool valid = c < n_cols;
+    cp_async_16(dst + swz<kStep>(r, ch * 8), col_rows(valid ? c : 0, p) + k0 + ch * 8, valid);
+  }
+}
+
+// Epilogue of one warp's accumulator tile (m16n8 fragment layout: acc[mt][nt][0..1] at row
+// warp_row0 + mt * 16 + lane / 4, acc[mt][nt][2..3] eight rows lower, columns warp_col0 +
+// nt * 8 + 2 * (lane % 4) + {0, 1}): rows at or past t.rows drop out, the max over the rows of
+// each column is reduce-scattered over the 8 row lanes (each lane keeps kNT / 4 columns), then
+// meets the other warps' in a shared atomicMax per column, or per chunk of tokens ("max") where
+// the warp's or a lane quad's columns lie in one chunk.
+template <int kMT, int kNT, bool kTokens>
+__device__ __forceinline__ void warp_tile_maxima(const float (&acc)[kMT][kNT][4], const SelectParams& p,
+                                                 const ScoreTile& t, int warp_row0, int warp_col0,
+                                                 uint32_t* s_best, int lane) {
+  static_assert(kNT % 4 == 0, "the reduce-scatter gives each lane kNT / 4 columns");
+  constexpr int kPerLane = kNT / 4, kWN = kNT * 8;
+  const int g = lane >> 2, t4 = lane & 3, n_cols = t.n_cols;
+  // Zero rows of A (past t.rows) must not lift a max. Selects, not stores: the accumulators are
+  // only read here (on sm_90a a conditional write would serialize the wgmma).
+  float v[2 * kNT];  // v[2 nt + e]: column nt * 8 + 2 * t4 + e
+#pragma unroll
+  for (int nt = 0; nt < kNT; ++nt) {
+#pragma unroll
+    for (int e = 0; e < 2; ++e) v[2 * nt + e] = -INFINITY;
+  }
+#pragma unroll
+  for (int mt = 0; mt < kMT; ++mt) {
+    const bool lo = warp_row0 + mt * 16 + g < t.rows;
+    const bool hi = warp_row0 + mt * 16 + g + 8 < t.rows;
+#pragma unroll
+    for (int nt = 0; nt < kNT; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        v[2 * nt + e] = fmaxf(v[2 * nt + e], fmaxf(lo ? acc[mt][nt][e] : -INFINITY,
+                                                   hi ? acc[mt][nt][e + 2] : -INFINITY));
+      }
+    }
+  }
+  max_fold<kNT>(v, lane, 16);
+  max_fold<kNT / 2>(v, lane, 8);
+  max_fold<kNT / 4>(v, lane, 4);
+  // Lane (g, t4) now holds v[i] = the max over the warp's rows of value g * kPerLane + i, so
+  // the quad g owns the kPerLane * 4 columns from warp_col0 + g * kPerLane * 4.
+  auto column = [&](int i) {
+    const int x = g * kPerLane + i;
+    return warp_col0 + (x >> 1) * 8 + 2 * t4 + (x & 1);
+  };
+  if constexpr (kTokens) {
+    float m = v[0];
+#pragma unroll
+    for (int i = 1; i < kPerLane; ++i) m = fmaxf(m, v[i]);
+    const int first = warp_col0 / p.chunk;
+    if (warp_col0 + kWN <= n_cols && (warp_col0 + kWN - 1) / p.chunk == first) {
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+      if (lane == 0) atomicMax(&s_best[first], float_to_key(m));
+    } else {  // the warp's columns straddle chunks or run past the last one
+      m = quad_max(m);
+      const int quad_col0 = warp_col0 + g * kPerLane * 4, quad_last = quad_col0 + kPerLane * 4 - 1;
+      if (quad_last < n_cols && quad_col0 / p.chunk == quad_last / p.chunk) {
+        if (t4 == 0) atomicMax(&s_best[quad_col0 / p.chunk], float_to_key(m));
+      } else {
+#pragma unroll
+        for (int i = 0; i < kPerLane; ++i) {
+          const int c = column(i);
+          if (c < n_cols) atomicMax(&s_best[c / p.chunk], float_to_key(v[i]));
+        }
+      }
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < kPerLane; ++i) {
+      const int c = column(i);
+      if (c < n_cols) atomicMax(&s_best[c], float_to_key(v[i]));
+    }
+  }
+}
+
 template <typename T, int D, RepMode kRep>
 __global__ void __launch_bounds__(256, 1) chunk_scores_gemm_kernel(SelectParams p) {
   constexpr int kVec = kRep == RepMode::kBound ? 2 * D : D;
   using G = GemmTile<kVec>;
   constexpr int kMT = G::kWM / 16, kNT = G::kWN / 8;
-  // A thread's accumulators cover 2 * kNT columns; after the reduce-scatter over the 8 row
-  // lanes (lane bits 4, 3, 2) each lane owns kPerLane of the warp's kWN columns.
-  constexpr int kPerLane = kNT / 4;
-  static_assert(G::kThreads == 256 && kNT % 4 == 0, "warp layout and reduce-scatter disagree");
+  static_assert(G::kThreads == 256, "warp layout");
   constexpr bool kTokens = kRep == RepMode::kMax;
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -646,18 +743,9 @@ __global__ void __launch_bounds__(256, 1) chunk_scores_gemm_kernel(SelectParams 
   const int n_steps = (n_cols + G::kBN - 1) / G::kBN * G::kKSteps;  // (column tile, slice)
 
   auto load_step = [&](int step) {
-    T* dst = s_b + (step % G::kStages) * (G::kBN * G::kKStep);
-    const int tile = step / G::kKSteps, k0 = step % G::kKSteps * G::kKStep;
-    constexpr int kPieces = G::kKStep / 8;
-#pragma unroll
-    for (int i = 0; i < G::kBN * kPieces / G::kThreads; ++i) {
-      const int id = tid + i * G::kThreads;
-      const int r = id / kPieces, ch = id % kPieces;
-      const int c = tile * G::kBN + r;
-      const bool valid = c < n_cols;
-      cp_async_16(dst + swz<G::kKStep>(r, ch * 8), col_rows(valid ? c : 0, p) + k0 + ch * 8,
-                  valid);
-    }
+    load_column_slice<G::kBN, G::kKStep, G::kThreads>(
+        s_b + (step % G::kStages) * (G::kBN * G::kKStep), col_rows, p,
+        step / G::kKSteps * G::kBN, step % G::kKSteps * G::kKStep, n_cols);
   };
 
   // The first kStages - 1 slices fly while the A tile is built. Every iteration commits one
@@ -670,9 +758,7 @@ __global__ void __launch_bounds__(256, 1) chunk_scores_gemm_kernel(SelectParams 
   stage_query_rows<T, D, kRep, G::kBM, G::kThreads>(s_a, p, t);
   for (int i = tid; i < t.j1 - t.j0; i += G::kThreads) s_best[i] = 0u;
 
-  const int g = lane >> 2, t4 = lane & 3;
   const int warp_row0 = t.row0 + wm * G::kWM;
-  const bool ragged = warp_row0 + G::kWM > t.rows;  // zero rows of A must not lift a max
   float acc[kMT][kNT][4];
   for (int step = 0; step < n_steps; ++step) {
     cp_async_wait<G::kStages - 2>();
@@ -714,70 +800,20 @@ __global__ void __launch_bounds__(256, 1) chunk_scores_gemm_kernel(SelectParams 
     }
     if (ks != G::kKSteps - 1) continue;
 
-    // Epilogue of column tile step / kKSteps: fragment rows are g and g + 8 of each m16 tile,
-    // columns nt * 8 + 2 * t4 + {0, 1}.
-    if (ragged) {
-#pragma unroll
-      for (int mt = 0; mt < kMT; ++mt) {
-        const bool lo = warp_row0 + mt * 16 + g < t.rows;
-        const bool hi = warp_row0 + mt * 16 + g + 8 < t.rows;
-#pragma unroll
-        for (int nt = 0; nt < kNT; ++nt) {
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            if (!lo) acc[mt][nt][e] = -INFINITY;
-            if (!hi) acc[mt][nt][e + 2] = -INFINITY;
-          }
-        }
-      }
-    }
-    float v[2 * kNT];  // v[2 nt + e]: column nt * 8 + 2 * t4 + e
-#pragma unroll
-    for (int nt = 0; nt < kNT; ++nt) {
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        float m = fmaxf(acc[0][nt][e], acc[0][nt][e + 2]);
-#pragma unroll
-        for (int mt = 1; mt < kMT; ++mt) m = fmaxf(m, fmaxf(acc[mt][nt][e], acc[mt][nt][e + 2]));
-        v[2 * nt + e] = m;
-      }
-    }
-    max_fold<kNT>(v, lane, 16);
-    max_fold<kNT / 2>(v, lane, 8);
-    max_fold<kNT / 4>(v, lane, 4);
-    // Lane (g, t4) now holds v[i] = the max over the warp's rows of value g * kPerLane + i.
-    const int warp_col0 = step / G::kKSteps * G::kBN + wn * G::kWN;
-    auto column = [&](int i) {
-      const int x = g * kPerLane + i;
-      return warp_col0 + (x >> 1) * 8 + 2 * t4 + (x & 1);
-    };
-    if constexpr (kTokens) {
-      const int first = warp_col0 / p.chunk;
-      if (warp_col0 + G::kWN <= n_cols && (warp_col0 + G::kWN - 1) / p.chunk == first) {
-        float m = v[0];
-#pragma unroll
-        for (int i = 1; i < kPerLane; ++i) m = fmaxf(m, v[i]);
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
-        if (lane == 0) atomicMax(&s_best[first], float_to_key(m));
-      } else {  // the warp's columns straddle chunks or run past the last one
-#pragma unroll
-        for (int i = 0; i < kPerLane; ++i) {
-          const int c = column(i);
-          if (c < n_cols) atomicMax(&s_best[c / p.chunk], float_to_key(v[i]));
-        }
-      }
-    } else {
-#pragma unroll
-      for (int i = 0; i < kPerLane; ++i) {
-        const int c = column(i);
-        if (c < n_cols) atomicMax(&s_best[c], float_to_key(v[i]));
-      }
-    }
+    // Epilogue of column tile step / kKSteps.
+    warp_tile_maxima<kMT, kNT, kTokens>(acc, p, t, warp_row0,
+                                        step / G::kKSteps * G::kBN + wn * G::kWN, s_best, lane);
   }
   __syncthreads();
   store_chunk_maxima<G::kThreads>(p, t, s_best);
 }
+
+}  // namespace reattention::kernels
+
+// The sm_90a (wgmma) version of chunk_scores_gemm_kernel and the rule that picks it.
+#include "select_chunks_sm90.cuh"
+
+namespace reattention::kernels {
 
 constexpr int kTopkThreads = 1024;
 
@@ -881,12 +917,25 @@ cudaError_t launch_chunk_scores(const SelectParams& plan, bool* fused, cudaStrea
                                 /*may_fuse=*/kRep != RepMode::kMax, fused, stream);
 }
 
+// The many-rows scoring GEMM: the sm_90a kernel where wgmma_scores_usable says so, else the
+// mma.sync (sm80) one.
 template <typename T, int D, RepMode kRep>
 cudaError_t launch_chunk_scores_gemm(const SelectParams& plan, bool* fused, cudaStream_t stream) {
-  using G = GemmTile<kRep == RepMode::kBound ? 2 * D : D>;
+  constexpr int kVec = kRep == RepMode::kBound ? 2 * D : D;
+  const int cols_per_chunk = kRep == RepMode::kMax ? plan.chunk : 1;
+  bool wgmma = false;
+  cudaError_t err = wgmma_scores_usable<T, D, kRep>(&wgmma);
+  if (err != cudaSuccess) return err;
+  if (wgmma) {
+    using W = WgmmaTile<kVec>;
+    return launch_scores_one_wave(chunk_scores_wgmma_kernel<T, D, kRep>, plan, W::kThreads,
+                                  W::kFixedSmem, W::kBN, W::kMaxChunks, cols_per_chunk, false,
+                                  fused, stream);
+  }
+  using G = GemmTile<kVec>;
   return launch_scores_one_wave(chunk_scores_gemm_kernel<T, D, kRep>, plan, G::kThreads,
-                                G::kFixedSmem, G::kBN, G::kMaxChunks,
-                                kRep == RepMode::kMax ? plan.chunk : 1, false, fused, stream);
+                                G::kFixedSmem, G::kBN, G::kMaxChunks, cols_per_chunk, false, fused,
+                                stream);
 }
 
 // Scores (when any middle chunk can exist) then top-k. `p.scores` must be zeroed by the
