@@ -1,0 +1,109 @@
+// Hopper (sm_90a) warpgroup MMA building blocks shared by the sm_90a kernels: the shared-memory
+// matrix descriptor of a K-major tile in the 128-byte swizzle, the wgmma fences and group
+// waits, the async-proxy fence after generic shared-memory writes, and wgmma.mma_async
+// m64nNk16 with fp32 accumulators and both operands in shared memory.
+//
+// The 128-byte swizzle atom is 8 rows x 128 bytes (64 16-bit elements), row r at byte 128 r,
+// its 16-byte chunk c stored at chunk c ^ (r % 8): swz<64> of device_utils.cuh. Atoms must be
+// 1024-byte aligned, since the hardware applies the XOR to the final address. Everything here
+// is compiled for sm_90a only (__CUDA_ARCH_FEAT_SM90_ALL); callers guard their use the same way.
+#pragma once
+
+#include <cuda_fp16.h>
+
+#include <cstdint>
+#include <type_traits>
+
+namespace reattention::kernels {
+
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+
+// wgmma shared-memory matrix descriptor of a K-major 128-byte-swizzled tile at shared address
+// `addr` (1024-byte aligned atoms; see the header comment for the fields).
+__device__ __forceinline__ uint64_t wgmma_desc_sw128(uint32_t addr) {
+  return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) | (1ull << 16) | (64ull << 32) |
+         (1ull << 62);
+}
+
+__device__ __forceinline__ void wgmma_fence() {
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+}
+__device__ __forceinline__ void wgmma_commit() {
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+}
+template <int kPending>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(kPending) : "memory");
+}
+// Orders this thread's generic-proxy shared memory writes before later async-proxy reads.
+__device__ __forceinline__ void fence_proxy_async_shared() {
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+
+// Keeps the compiler from moving accesses of the accumulators across the asynchronous MMA.
+template <int kRegs>
+__device__ __forceinline__ void fence_accumulators(float* d) {
+#pragma unroll
+  for (int i = 0; i < kRegs; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+
+#define REATTENTION_F8(i)                                                                 \
+  "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]), \
+      "+f"(d[i + 6]), "+f"(d[i + 7])
+
+#define REATTENTION_WGMMA_M64N128K16(type)                                           \
+  asm volatile(                                                                      \
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"                                  \
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32." type "." type " {"                \
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "  \
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "  \
+      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "  \
+      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"  \
+      "}, %64, %65, p, 1, 1, 0, 0;\n}\n"                                             \
+      : REATTENTION_F8(0), REATTENTION_F8(8), REATTENTION_F8(16), REATTENTION_F8(24), REATTENTION_F8(32), REATTENTION_F8(40), REATTENTION_F8(48), REATTENTION_F8(56) \
+      : "l"(desc_a), "l"(desc_b), "r"(scale_d))
+
+#define REATTENTION_WGMMA_M64N256K16(type)                                           \
+  asm volatile(                                                                      \
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"                                  \
+      "wgmma.mma_async.sync.aligned.m64n256k16.f32." type "." type " {"                \
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "  \
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "  \
+      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "  \
+      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, "  \
+      "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, "  \
+      "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, "  \
+      "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, "  \
+      "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127"  \
+      "}, %128, %129, p, 1, 1, 0, 0;\n}\n"                                             \
+      : REATTENTION_F8(0), REATTENTION_F8(8), REATTENTION_F8(16), REATTENTION_F8(24), REATTENTION_F8(32), REATTENTION_F8(40), REATTENTION_F8(48), REATTENTION_F8(56), REATTENTION_F8(64), REATTENTION_F8(72), REATTENTION_F8(80), REATTENTION_F8(88), REATTENTION_F8(96), REATTENTION_F8(104), REATTENTION_F8(112), REATTENTION_F8(120) \
+      : "l"(desc_a), "l"(desc_b), "r"(scale_d))
+
+// d (kN / 2 fp32 per thread) = A B^T (+ d when scale_d != 0) for one k16 step.
+template <typename T, int kN>
+__device__ __forceinline__ void wgmma_m64k16(float* d, uint64_t desc_a, uint64_t desc_b,
+                                             int scale_d) {
+  static_assert(kN == 128 || kN == 256, "wgmma shapes used here");
+  constexpr bool kHalf = std::is_same_v<T, __half>;
+  if constexpr (kN == 256) {
+    if constexpr (kHalf) {
+      REATTENTION_WGMMA_M64N256K16("f16");
+    } else {
+      REATTENTION_WGMMA_M64N256K16("bf16");
+    }
+  } else {
+    if constexpr (kHalf) {
+      REATTENTION_WGMMA_M64N128K16("f16");
+    } else {
+      REATTENTION_WGMMA_M64N128K16("bf16");
+    }
+  }
+}
+
+#undef REATTENTION_WGMMA_M64N128K16
+#undef REATTENTION_WGMMA_M64N256K16
+#undef REATTENTION_F8
+
+#endif  // sm_90a
+
+}  // namespace reattention::kernels
