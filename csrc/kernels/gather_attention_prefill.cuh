@@ -355,6 +355,36 @@ __device__ __forceinline__ void store_prefill_rows(const AttnParams& p,
   }
 }
 
+// Key tiles [t_begin, t_end) of kBN gathered keys that a CTA's split attends to. Sink and
+// chunk keys precede every query; local key r sits at mid_end + r - loc0, so the ones after
+// the CTA's last query are masked for all its rows and their tiles are skipped.
+template <int kBM, int kBN>
+__device__ __forceinline__ void prefill_tile_range(const AttnParams& p, const AttnTile& at,
+                                                   const GatheredKeys& gk, int& t_begin,
+                                                   int& t_end) {
+  const int q_last = gk.p0 + at.q0 + (min(at.rows, at.row0 + kBM) - 1) / at.group;
+  const int n_vis = min(gk.n_keys, gk.loc0 + max(0, q_last - gk.mid_end + 1));
+  const int n_tiles = (n_vis + kBN - 1) / kBN;
+  t_begin = at.split * p.tiles_per_split;
+  t_end = min(n_tiles, t_begin + p.tiles_per_split);
+}
+
+// Original positions of a thread's rows ra, ra + 8 of the CTA's tile (-1: padding) and of its
+// warp's first row, warp_q0; the warp's other rows sit at or after it (padding rows are never
+// written, so their scores need no mask), so a tile whose key positions are all at most
+// warp_q0 (sink, chunks, most of the local window; INT_MAX past n_keys) needs no mask.
+__device__ __forceinline__ void prefill_row_positions(const AttnTile& at, const GatheredKeys& gk,
+                                                      int warp, int ra, int (&qpos)[2],
+                                                      int& warp_q0) {
+  const int first = gk.p0 + at.q0;
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int gr = at.row0 + ra + 8 * half;
+    qpos[half] = gr < at.rows ? first + gr / at.group : -1;
+  }
+  warp_q0 = first + (at.row0 + warp * 16) / at.group;
+}
+
 template <typename T, int D>
 __global__ void __launch_bounds__(kPrefillThreads, PrefillShape<D>::kMinBlocks)
     gather_attention_prefill_kernel(AttnParams p, const float2* __restrict__ table, int n_pos) {
@@ -377,15 +407,11 @@ __global__ void __launch_bounds__(kPrefillThreads, PrefillShape<D>::kMinBlocks)
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const AttnTile at = attn_tile(p, kBM);
   if (at.row0 >= at.rows) return;
-  const int beta = at.beta, h = at.h, split = at.split, b = at.b, group = at.group;
+  const int beta = at.beta, h = at.h, b = at.b, group = at.group;
   const int q0 = at.q0, rows = at.rows, row0 = at.row0;
 
   const GatheredKeys gk = gathered_keys<D, kPrefillThreads>(p, b, h, beta, s_invf, &s_nsel);
-  const int p0 = gk.p0, loc0 = gk.loc0, n_keys = gk.n_keys;
-  // Sink and chunk keys precede every query; local key r sits at mid_end + r - loc0, so the
-  // ones after this CTA's last query are masked for all its rows.
-  const int q_last = p0 + q0 + (min(rows, row0 + kBM) - 1) / group;
-  const int n_vis = min(n_keys, loc0 + max(0, q_last - gk.mid_end + 1));
+  const int n_keys = gk.n_keys;
 
   const T *k_base, *v_base;
   kv_bases<T>(p, b, h, k_base, v_base);
@@ -402,9 +428,8 @@ __global__ void __launch_bounds__(kPrefillThreads, PrefillShape<D>::kMinBlocks)
                                         n_keys, rot_r, rot_sub, units, p, table, n_pos, s_invf);
   };
 
-  const int n_tiles = (n_vis + kBN - 1) / kBN;
-  const int t_begin = split * p.tiles_per_split;
-  const int t_end = min(n_tiles, t_begin + p.tiles_per_split);
+  int t_begin, t_end;
+  prefill_tile_range<kBM, kBN>(p, at, gk, t_begin, t_end);
   // kStages - 1 tiles in flight from the start; every iteration then commits exactly one copy
   // group (empty past the end), so "at most kStages - 3 groups pending" at the top of
   // iteration t means tile t + 1 has landed.
@@ -421,18 +446,10 @@ __global__ void __launch_bounds__(kPrefillThreads, PrefillShape<D>::kMinBlocks)
 
   const int g = lane >> 2, t4 = lane & 3;
   const int ra = warp * 16 + g;  // this thread's two rows in the tile: ra and ra + 8
-  int qpos[2];
-#pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    const int gr = row0 + ra + 8 * half;
-    qpos[half] = gr < rows ? p0 + q0 + gr / group : -1;
-  }
+  int qpos[2], warp_q0;
+  prefill_row_positions(at, gk, warp, ra, qpos, warp_q0);
   // A warp whose 16 rows are all padding only helps with copies and rotations.
   const bool active = row0 + warp * 16 < rows;
-  // Position of the warp's first row; its other rows sit at or after it (padding rows are
-  // never written, so their scores need no mask). A tile whose key positions are all at most
-  // this one (sink, chunks, most of the local window; INT_MAX past n_keys) needs no mask.
-  const int warp_q0 = p0 + q0 + (row0 + warp * 16) / group;
 
   uint32_t qf[Shape::kQInRegs ? kKT : 1][4];
   if constexpr (Shape::kQInRegs) {

@@ -99,14 +99,11 @@ __global__ void __launch_bounds__(kPrefillThreads, PrefillSm90Shape<D>::kMinBloc
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wg = warp >> 2;
   const AttnTile at = attn_tile(p, kBM);
   if (at.row0 >= at.rows) return;
-  const int beta = at.beta, h = at.h, split = at.split, b = at.b, group = at.group;
+  const int beta = at.beta, h = at.h, b = at.b, group = at.group;
   const int q0 = at.q0, rows = at.rows, row0 = at.row0;
 
   const GatheredKeys gk = gathered_keys<D, kPrefillThreads>(p, b, h, beta, s_invf, &s_nsel);
-  const int p0 = gk.p0, loc0 = gk.loc0, n_keys = gk.n_keys;
-  // Local keys after this CTA's last query are masked for all its rows (as in the sm80 kernel).
-  const int q_last = p0 + q0 + (min(rows, row0 + kBM) - 1) / group;
-  const int n_vis = min(n_keys, loc0 + max(0, q_last - gk.mid_end + 1));
+  const int n_keys = gk.n_keys;
 
   const T *k_base, *v_base;
   kv_bases<T>(p, b, h, k_base, v_base);
@@ -123,9 +120,8 @@ __global__ void __launch_bounds__(kPrefillThreads, PrefillSm90Shape<D>::kMinBloc
                                     n_keys, rot_r, rot_sub, units, p, table, n_pos, s_invf);
   };
 
-  const int n_tiles = (n_vis + kBN - 1) / kBN;
-  const int t_begin = split * p.tiles_per_split;
-  const int t_end = min(n_tiles, t_begin + p.tiles_per_split);
+  int t_begin, t_end;
+  prefill_tile_range<kBM, kBN>(p, at, gk, t_begin, t_end);
   // kStages - 1 tiles in flight from the start; every iteration commits exactly one copy group
   // (empty past the end), so "at most kStages - 3 groups pending" at the top of iteration t
   // means tile t + 1 has landed.
@@ -142,14 +138,8 @@ __global__ void __launch_bounds__(kPrefillThreads, PrefillSm90Shape<D>::kMinBloc
 
   const int g = lane >> 2, t4 = lane & 3;
   const int ra = warp * 16 + g;  // this thread's two rows in the tile: ra and ra + 8
-  int qpos[2];
-#pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    const int gr = row0 + ra + 8 * half;
-    qpos[half] = gr < rows ? p0 + q0 + gr / group : -1;
-  }
-  // Position of the warp's first row; a tile whose keys all sit at or before it needs no mask.
-  const int warp_q0 = p0 + q0 + (row0 + warp * 16) / group;
+  int qpos[2], warp_q0;
+  prefill_row_positions(at, gk, warp, ra, qpos, warp_q0);
 
   // The warpgroup's 64 rows of each Q slice; the K and V rings.
   const uint32_t q_addr =
@@ -238,20 +228,9 @@ template <typename T, int D>
 inline cudaError_t prefill_sm90_usable(bool* usable) {
   *usable = false;
   if constexpr (prefill_sm90_covers(D)) {
-    int device = 0, major = 0, minor = 0;
-    cudaError_t err = cudaGetDevice(&device);
-    if (err != cudaSuccess) return err;
-    if ((err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device)) !=
-            cudaSuccess ||
-        (err = cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device)) !=
-            cudaSuccess)
-      return err;
-    if (major != 9 || minor != 0) return cudaSuccess;
-    cudaFuncAttributes attr;
-    if ((err = cudaFuncGetAttributes(&attr, gather_attention_prefill_sm90_kernel<T, D>)) !=
-        cudaSuccess)
-      return err;
-    *usable = attr.binaryVersion == 90;
+    return sm90a_code_usable(reinterpret_cast<const void*>(
+                                 gather_attention_prefill_sm90_kernel<T, D>),
+                             usable);
   }
   return cudaSuccess;
 }

@@ -11,6 +11,7 @@
 #pragma once
 
 #include <cuda_fp16.h>
+#include <cuda_runtime_api.h>
 
 #include <cstdint>
 #include <type_traits>
@@ -181,5 +182,25 @@ __device__ __forceinline__ void wgmma_m64k16_rs(float* d, const uint32_t (&a)[4]
 #undef REATTENTION_F8
 
 #endif  // sm_90a
+
+// Whether `kernel` (a __global__ function) runs sm_90a code on the current device: a compute
+// capability 9.0 device and a build whose binary for it was compiled for sm_90a (the kernel's
+// binary version is 90). The launchers of the sm_90a kernels pick them by this rule.
+inline cudaError_t sm90a_code_usable(const void* kernel, bool* usable) {
+  *usable = false;
+  int device = 0, major = 0, minor = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  if ((err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device)) !=
+          cudaSuccess ||
+      (err = cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device)) !=
+          cudaSuccess)
+    return err;
+  if (major != 9 || minor != 0) return cudaSuccess;
+  cudaFuncAttributes attr;
+  if ((err = cudaFuncGetAttributes(&attr, kernel)) != cudaSuccess) return err;
+  *usable = attr.binaryVersion == 90;
+  return cudaSuccess;
+}
 
 }  // namespace reattention::kernels
