@@ -215,11 +215,19 @@ __device__ __forceinline__ void rope_apply(float& x0, float& x1, float2 cs) {
   x1 = y1;
 }
 
+// Element offset of (row, col) in a tile of D-element rows, each row swizzled on its own
+// (swz<D>): the Q and K/V tiles of the mma.sync kernels. The sm_90a prefill kernel passes its
+// 64-element slices (Sliced64, gather_attention_prefill_sm90.cuh) to the same staging code.
+template <int D>
+struct RowSwizzled {
+  __device__ __forceinline__ int operator()(int row, int col) const { return swz<D>(row, col); }
+};
+
 // Stages rows [row0, row0 + kBM) of the block's query rows (row = query * group + head; rows
 // at or past `rows` are zero) rotated at their compact or original positions, rounded once to
-// T, into the swizzled tile s_q; with kQpos, also each row's original position (-1: padding)
-// into s_qpos. table/n_pos: the RoPE table (rope_table_kernel) or null/0.
-template <typename T, int D, int kBM, int kThreads, bool kQpos>
+// T, into the swizzled tile s_q (layout L); with kQpos, also each row's original position
+// (-1: padding) into s_qpos. table/n_pos: the RoPE table (rope_table_kernel) or null/0.
+template <typename T, int D, int kBM, int kThreads, bool kQpos, class L = RowSwizzled<D>>
 __device__ __forceinline__ void stage_rotated_q(T* s_q, int* s_qpos, const AttnParams& p,
                                                 const GatheredKeys& gk, int b, int h, int group,
                                                 int q0, int row0, int rows, const float* s_invf,
@@ -245,8 +253,8 @@ __device__ __forceinline__ void stage_rotated_q(T* s_q, int* s_qpos, const AttnP
     } else if (kQpos && i == 0) {
       s_qpos[r] = -1;
     }
-    s_q[swz<D>(r, d0)] = Dtype<T>::from_float(x0);
-    s_q[swz<D>(r, d1)] = Dtype<T>::from_float(x1);
+    s_q[L{}(r, d0)] = Dtype<T>::from_float(x0);
+    s_q[L{}(r, d1)] = Dtype<T>::from_float(x1);
   }
 }
 

@@ -120,12 +120,12 @@ __host__ __device__ constexpr int prefill_row_threads() {
 }
 
 // Copies the K and V rows of gathered keys [tile * kBN, tile * kBN + kBN) into the swizzled
-// tiles sk and sv and their cache tokens into kpos, exactly as load_kv_tile (the same bytes,
-// zeros and INT_MAX past n_keys, one commit group), but a thread owns one key row: it finds
-// the row's token and page once and issues its D / 8 / kTPR pieces of 16 bytes of K and of V
-// from that base (pieces sub, sub + kTPR, ..., so kTPR neighbouring lanes read 16 kTPR
-// contiguous bytes of a row at a time).
-template <typename T, int D>
+// tiles sk and sv (layout L) and their cache tokens into kpos, exactly as load_kv_tile (the
+// same bytes, zeros and INT_MAX past n_keys, one commit group), but a thread owns one key row:
+// it finds the row's token and page once and issues its D / 8 / kTPR pieces of 16 bytes of K
+// and of V from that base (pieces sub, sub + kTPR, ..., so kTPR neighbouring lanes read
+// 16 kTPR contiguous bytes of a row at a time).
+template <typename T, int D, class L = RowSwizzled<D>>
 __device__ __forceinline__ void load_kv_rows(T* sk, T* sv, int* kpos, const GatheredKeys& g,
                                              const AttnParams& p, const T* k_base,
                                              const T* v_base, int tile) {
@@ -149,8 +149,8 @@ __device__ __forceinline__ void load_kv_rows(T* sk, T* sv, int* kpos, const Gath
 #pragma unroll
   for (int j = 0; j < kPieces; ++j) {
     const int col = (sub + kTPR * j) * 8;
-    cp_async_16(sk + swz<D>(r, col), ks + col, valid);
-    cp_async_16(sv + swz<D>(r, col), vs + col, valid);
+    cp_async_16(sk + L{}(r, col), ks + col, valid);
+    cp_async_16(sv + L{}(r, col), vs + col, valid);
   }
   if (sub == 0) kpos[r] = valid ? tok : INT_MAX;
   cp_async_commit();
@@ -163,19 +163,19 @@ __device__ __forceinline__ bool prefill_rope_units(const AttnParams& p) {
   return p.half_rot % (p.interleaved ? 4 : 8) == 0;
 }
 
-// Rotates key row r of a swizzled K tile in place at position pos, the units sub, sub + kTPR,
+// Rotates key row r of a K tile (layout L) in place at position pos, the units sub, sub + kTPR,
 // ... of the row (kIl: 4 pairs (2i, 2i + 1) per unit, else pairs (i, i + R/2) for 8 i per
 // unit): a 16-byte shared load and store per piece, (cos, sin) from the table row of pos
 // (kTable: 16-byte loads) or sincosf of fl(pos * inv_freq), the values rope_table_kernel
 // stored. Per element the math of the per-pair rotation (fp32, rope_apply, rounded once to T).
-template <typename T, int D, bool kIl, bool kTable>
-__device__ __forceinline__ void rotate_key_row(T* row, int r, int sub, int pos,
+template <typename T, int D, bool kIl, bool kTable, class L>
+__device__ __forceinline__ void rotate_key_row(T* sk, int r, int sub, int pos,
                                                const float2* __restrict__ table,
                                                const AttnParams& p, const float* s_invf) {
   constexpr int kTPR = prefill_row_threads<D>();
   constexpr int kPairs = kIl ? 4 : 8;  // frequencies per unit
   constexpr int kUnits = (D / 2 / kPairs + kTPR - 1) / kTPR;  // units per thread at most
-  const int hr = p.half_rot, n_units = hr / kPairs, x = r & 7;
+  const int hr = p.half_rot, n_units = hr / kPairs;
   const float2* trow = kTable ? table + static_cast<int64_t>(pos) * hr : nullptr;
 #pragma unroll(kTable ? kUnits : 1)
   for (int s = 0; s < kUnits; ++s) {
@@ -197,7 +197,7 @@ __device__ __forceinline__ void rotate_key_row(T* row, int r, int sub, int pos,
       }
     }
     // Unit u starts at column 2 * i0 (interleaved) or i0, i.e. in 16-byte piece u.
-    uint4* lo = reinterpret_cast<uint4*>(row + ((u ^ x) << 3));
+    uint4* lo = reinterpret_cast<uint4*>(sk + L{}(r, u << 3));
     uint4 a = *lo;
     uint32_t* wa = reinterpret_cast<uint32_t*>(&a);
     if constexpr (kIl) {
@@ -210,7 +210,7 @@ __device__ __forceinline__ void rotate_key_row(T* row, int r, int sub, int pos,
       }
     } else {
       // The second halves of the unit's pairs sit R/2 columns on: piece u + R/16.
-      uint4* hi = reinterpret_cast<uint4*>(row + (((u + hr / 8) ^ x) << 3));
+      uint4* hi = reinterpret_cast<uint4*>(sk + L{}(r, (u + hr / 8) << 3));
       uint4 b = *hi;
       uint32_t* wb = reinterpret_cast<uint32_t*>(&b);
 #pragma unroll
@@ -226,6 +226,163 @@ __device__ __forceinline__ void rotate_key_row(T* row, int r, int sub, int pos,
     }
     *lo = a;
   }
+}
+
+// Key row of every tile that thread tid rotates (units tid % kTPR, + kTPR, ... of it). With
+// kTPR = 4 the two rows of each 8 lanes are 4 apart, so their 16-byte pieces fall in different
+// bank groups (in a 256-byte swz<128> row and in a 128-byte slice row alike).
+template <int D>
+__device__ __forceinline__ int prefill_rotation_row(int tid) {
+  constexpr int kTPR = prefill_row_threads<D>();
+  const int rr = tid / kTPR;
+  return kTPR == 4 ? (rr & ~7) | ((rr >> 1) & 3) | ((rr & 1) << 2) : rr;
+}
+
+// Rotates the K tile sk (layout L, gathered keys tile * kBN ..) in place, all kThreads
+// threads together: thread tid owns key row rot_r of the tile, units rot_sub, rot_sub + kTPR,
+// ... of it (rotate_key_row) when prefill_rope_units(p) (`units`), else the per-pair loops.
+template <typename T, int D, class L>
+__device__ __forceinline__ void rotate_k_tile(T* sk, const int* kpos, int tile, int n_keys,
+                                              int rot_r, int rot_sub, bool units,
+                                              const AttnParams& p,
+                                              const float2* __restrict__ table, int n_pos,
+                                              const float* s_invf) {
+  constexpr int kBN = prefill_block_n(D), kThreads = kPrefillThreads;
+  const int tid = threadIdx.x;
+  if (units) {
+    const int key = tile * kBN + rot_r;
+    if (key >= n_keys || p.half_rot == 0) return;
+    const int pos = p.compact ? key : kpos[rot_r];
+    if (static_cast<unsigned>(pos) < static_cast<unsigned>(n_pos)) {
+      if (p.interleaved) {
+        rotate_key_row<T, D, true, true, L>(sk, rot_r, rot_sub, pos, table, p, s_invf);
+      } else {
+        rotate_key_row<T, D, false, true, L>(sk, rot_r, rot_sub, pos, table, p, s_invf);
+      }
+    } else if (p.interleaved) {
+      rotate_key_row<T, D, true, false, L>(sk, rot_r, rot_sub, pos, table, p, s_invf);
+    } else {
+      rotate_key_row<T, D, false, false, L>(sk, rot_r, rot_sub, pos, table, p, s_invf);
+    }
+    return;
+  }
+  // Other R/2 (not a multiple of 8, or of 4 interleaved): per pair or pair of pairs. With
+  // R/2 even a step takes two adjacent pairs i, i + 1 (i even): one float4 of the table and
+  // two 32-bit shared words, (x0, x1) of each pair in the interleaved style, (x0 of both,
+  // x1 of both) in the half style.
+  if (p.half_rot % 2 == 0) {
+    const bool il = p.interleaved;
+    for (int id = tid; id < kBN * (D / 4); id += kThreads) {
+      const int r = id / (D / 4), i = 2 * (id % (D / 4));
+      const int key = tile * kBN + r;
+      if (i >= p.half_rot || key >= n_keys) continue;
+      const int pos = p.compact ? key : kpos[r];
+      float2 cs0, cs1;
+      if (static_cast<unsigned>(pos) < static_cast<unsigned>(n_pos)) {
+        const float4 t = __ldg(reinterpret_cast<const float4*>(
+            table + static_cast<int64_t>(pos) * p.half_rot + i));
+        cs0 = make_float2(t.x, t.y);
+        cs1 = make_float2(t.z, t.w);
+      } else {
+        cs0 = rope_cos_sin(pos, i, table, 0, p.half_rot, s_invf[i], p.rope_scale);
+        cs1 = rope_cos_sin(pos, i + 1, table, 0, p.half_rot, s_invf[i + 1], p.rope_scale);
+      }
+      uint32_t* u0 = reinterpret_cast<uint32_t*>(sk + L{}(r, il ? 2 * i : i));
+      uint32_t* u1 = il ? u0 + 1 : reinterpret_cast<uint32_t*>(sk + L{}(r, i + p.half_rot));
+      const float2 w0 = unpack2<T>(*u0), w1 = unpack2<T>(*u1);
+      float a0 = w0.x, a1 = il ? w0.y : w1.x;  // pair i
+      float c0 = il ? w1.x : w0.y, c1 = w1.y;  // pair i + 1
+      rope_apply(a0, a1, cs0);
+      rope_apply(c0, c1, cs1);
+      *u0 = il ? Dtype<T>::pack2(a0, a1) : Dtype<T>::pack2(a0, c0);
+      *u1 = il ? Dtype<T>::pack2(c0, c1) : Dtype<T>::pack2(a1, c1);
+    }
+    return;
+  }
+  for (int id = tid; id < kBN * (D / 2); id += kThreads) {
+    const int r = id / (D / 2), i = id % (D / 2);
+    const int key = tile * kBN + r;
+    if (i >= p.half_rot || key >= n_keys) continue;
+    int d0, d1;
+    rope_pair(i, p.half_rot, p.interleaved, d0, d1);
+    float x0 = Dtype<T>::to_float(sk[L{}(r, d0)]);
+    float x1 = Dtype<T>::to_float(sk[L{}(r, d1)]);
+    rope_apply(x0, x1, rope_cos_sin(p.compact ? key : kpos[r], i, table, n_pos, p.half_rot,
+                                    s_invf[i], p.rope_scale));
+    sk[L{}(r, d0)] = Dtype<T>::from_float(x0);
+    sk[L{}(r, d1)] = Dtype<T>::from_float(x1);
+  }
+}
+
+// Writes a thread's two rows ra, ra + 8 of the CTA's tile from the m16n8 accumulator
+// fragments (o[dt][2 half + e]: row ra + 8 half, column 8 dt + 2 t4 + e) and the row's (m, l)
+// in the exp2 domain: out and lse, or o_part and lse_part of the split when the keys are
+// split. Padding rows are not written.
+template <typename T, int D>
+__device__ __forceinline__ void store_prefill_rows(const AttnParams& p,
+                                                   const float (&o)[D / 8][4],
+                                                   const float (&m_run)[2],
+                                                   const float (&l_run)[2], const AttnTile& at,
+                                                   int ra, int t4) {
+  constexpr int kDT = D / 8;
+  const int row0 = at.row0, rows = at.rows, group = at.group, h = at.h, b = at.b;
+  const int64_t row_stride = static_cast<int64_t>(p.lq);
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const float l = quad_sum(l_run[half]);
+    const int gr = row0 + ra + 8 * half;
+    if (gr >= rows) continue;
+    const float inv = l > 0.f ? 1.f / l : 0.f;
+    const float lse = l > 0.f ? (m_run[half] + log2f(l)) * 0.69314718055994531f : -INFINITY;
+    const int head = h * group + gr % group, query = at.q0 + gr / group;
+    const int64_t orow = (static_cast<int64_t>(b) * p.hq + head) * row_stride + query;
+    if (p.num_splits == 1) {
+      uint32_t* dst = reinterpret_cast<uint32_t*>(static_cast<T*>(p.out) + orow * D + 2 * t4);
+#pragma unroll
+      for (int dt = 0; dt < kDT; ++dt) {
+        dst[dt * 4] = Dtype<T>::pack2(o[dt][2 * half] * inv, o[dt][2 * half + 1] * inv);
+      }
+      if (t4 == 0) p.lse[orow] = lse;
+    } else {
+      const int64_t prow = static_cast<int64_t>(at.split) * p.batch * p.hq * row_stride + orow;
+      float2* dst = reinterpret_cast<float2*>(p.o_part + prow * D + 2 * t4);
+#pragma unroll
+      for (int dt = 0; dt < kDT; ++dt) {
+        dst[dt * 4] = make_float2(o[dt][2 * half] * inv, o[dt][2 * half + 1] * inv);
+      }
+      if (t4 == 0) p.lse_part[prow] = lse;
+    }
+  }
+}
+
+// Key tiles [t_begin, t_end) of kBN gathered keys that a CTA's split attends to. Sink and
+// chunk keys precede every query; local key r sits at mid_end + r - loc0, so the ones after
+// the CTA's last query are masked for all its rows and their tiles are skipped.
+template <int kBM, int kBN>
+__device__ __forceinline__ void prefill_tile_range(const AttnParams& p, const AttnTile& at,
+                                                   const GatheredKeys& gk, int& t_begin,
+                                                   int& t_end) {
+  const int q_last = gk.p0 + at.q0 + (min(at.rows, at.row0 + kBM) - 1) / at.group;
+  const int n_vis = min(gk.n_keys, gk.loc0 + max(0, q_last - gk.mid_end + 1));
+  const int n_tiles = (n_vis + kBN - 1) / kBN;
+  t_begin = at.split * p.tiles_per_split;
+  t_end = min(n_tiles, t_begin + p.tiles_per_split);
+}
+
+// Original positions of a thread's rows ra, ra + 8 of the CTA's tile (-1: padding) and of its
+// warp's first row, warp_q0; the warp's other rows sit at or after it (padding rows are never
+// written, so their scores need no mask), so a tile whose key positions are all at most
+// warp_q0 (sink, chunks, most of the local window; INT_MAX past n_keys) needs no mask.
+__device__ __forceinline__ void prefill_row_positions(const AttnTile& at, const GatheredKeys& gk,
+                                                      int warp, int ra, int (&qpos)[2],
+                                                      int& warp_q0) {
+  const int first = gk.p0 + at.q0;
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int gr = at.row0 + ra + 8 * half;
+    qpos[half] = gr < at.rows ? first + gr / at.group : -1;
+  }
+  warp_q0 = first + (at.row0 + warp * 16) / at.group;
 }
 
 template <typename T, int D>
@@ -250,15 +407,11 @@ __global__ void __launch_bounds__(kPrefillThreads, PrefillShape<D>::kMinBlocks)
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const AttnTile at = attn_tile(p, kBM);
   if (at.row0 >= at.rows) return;
-  const int beta = at.beta, h = at.h, split = at.split, b = at.b, group = at.group;
+  const int beta = at.beta, h = at.h, b = at.b, group = at.group;
   const int q0 = at.q0, rows = at.rows, row0 = at.row0;
 
   const GatheredKeys gk = gathered_keys<D, kPrefillThreads>(p, b, h, beta, s_invf, &s_nsel);
-  const int p0 = gk.p0, loc0 = gk.loc0, n_keys = gk.n_keys;
-  // Sink and chunk keys precede every query; local key r sits at mid_end + r - loc0, so the
-  // ones after this CTA's last query are masked for all its rows.
-  const int q_last = p0 + q0 + (min(rows, row0 + kBM) - 1) / group;
-  const int n_vis = min(n_keys, loc0 + max(0, q_last - gk.mid_end + 1));
+  const int n_keys = gk.n_keys;
 
   const T *k_base, *v_base;
   kv_bases<T>(p, b, h, k_base, v_base);
@@ -266,87 +419,17 @@ __global__ void __launch_bounds__(kPrefillThreads, PrefillShape<D>::kMinBlocks)
     load_kv_rows<T, D>(s_k + stage * kBN * D, s_v + stage * kBN * D, s_kpos + stage * kBN, gk,
                        p, k_base, v_base, tile);
   };
-  // Rotation: thread tid owns key row rot_r of every tile, units rot_sub, rot_sub + kTPR, ...
-  // of it (rotate_key_row). With kTPR = 4 the two rows of each 8 lanes are 4 apart, so their
-  // 16-byte pieces fall in different bank groups.
   constexpr int kTPR = prefill_row_threads<D>();
-  const int rot_rr = tid / kTPR, rot_sub = tid % kTPR;
-  const int rot_r =
-      kTPR == 4 ? (rot_rr & ~7) | ((rot_rr >> 1) & 3) | ((rot_rr & 1) << 2) : rot_rr;
+  const int rot_r = prefill_rotation_row<D>(tid), rot_sub = tid % kTPR;
   const bool units = prefill_rope_units(p);
   // Rotates the K tile of `stage` in place, all threads together.
   auto rotate_tile = [&](int stage, int tile) {
-    T* sk = s_k + stage * kBN * D;
-    const int* kpos = s_kpos + stage * kBN;
-    if (units) {
-      const int key = tile * kBN + rot_r;
-      if (key >= n_keys || p.half_rot == 0) return;
-      const int pos = p.compact ? key : kpos[rot_r];
-      T* row = sk + rot_r * D;
-      if (static_cast<unsigned>(pos) < static_cast<unsigned>(n_pos)) {
-        if (p.interleaved) {
-          rotate_key_row<T, D, true, true>(row, rot_r, rot_sub, pos, table, p, s_invf);
-        } else {
-          rotate_key_row<T, D, false, true>(row, rot_r, rot_sub, pos, table, p, s_invf);
-        }
-      } else if (p.interleaved) {
-        rotate_key_row<T, D, true, false>(row, rot_r, rot_sub, pos, table, p, s_invf);
-      } else {
-        rotate_key_row<T, D, false, false>(row, rot_r, rot_sub, pos, table, p, s_invf);
-      }
-      return;
-    }
-    // Other R/2 (not a multiple of 8, or of 4 interleaved): per pair or pair of pairs. With
-    // R/2 even a step takes two adjacent pairs i, i + 1 (i even): one float4 of the table and
-    // two 32-bit shared words, (x0, x1) of each pair in the interleaved style, (x0 of both,
-    // x1 of both) in the half style.
-    if (p.half_rot % 2 == 0) {
-      const bool il = p.interleaved;
-      for (int id = tid; id < kBN * (D / 4); id += kPrefillThreads) {
-        const int r = id / (D / 4), i = 2 * (id % (D / 4));
-        const int key = tile * kBN + r;
-        if (i >= p.half_rot || key >= n_keys) continue;
-        const int pos = p.compact ? key : kpos[r];
-        float2 cs0, cs1;
-        if (static_cast<unsigned>(pos) < static_cast<unsigned>(n_pos)) {
-          const float4 t = __ldg(reinterpret_cast<const float4*>(
-              table + static_cast<int64_t>(pos) * p.half_rot + i));
-          cs0 = make_float2(t.x, t.y);
-          cs1 = make_float2(t.z, t.w);
-        } else {
-          cs0 = rope_cos_sin(pos, i, table, 0, p.half_rot, s_invf[i], p.rope_scale);
-          cs1 = rope_cos_sin(pos, i + 1, table, 0, p.half_rot, s_invf[i + 1], p.rope_scale);
-        }
-        uint32_t* u0 = reinterpret_cast<uint32_t*>(sk + swz<D>(r, il ? 2 * i : i));
-        uint32_t* u1 = il ? u0 + 1 : reinterpret_cast<uint32_t*>(sk + swz<D>(r, i + p.half_rot));
-        const float2 w0 = unpack2<T>(*u0), w1 = unpack2<T>(*u1);
-        float a0 = w0.x, a1 = il ? w0.y : w1.x;  // pair i
-        float c0 = il ? w1.x : w0.y, c1 = w1.y;  // pair i + 1
-        rope_apply(a0, a1, cs0);
-        rope_apply(c0, c1, cs1);
-        *u0 = il ? Dtype<T>::pack2(a0, a1) : Dtype<T>::pack2(a0, c0);
-        *u1 = il ? Dtype<T>::pack2(c0, c1) : Dtype<T>::pack2(a1, c1);
-      }
-      return;
-    }
-    for (int id = tid; id < kBN * (D / 2); id += kPrefillThreads) {
-      const int r = id / (D / 2), i = id % (D / 2);
-      const int key = tile * kBN + r;
-      if (i >= p.half_rot || key >= n_keys) continue;
-      int d0, d1;
-      rope_pair(i, p.half_rot, p.interleaved, d0, d1);
-      float x0 = Dtype<T>::to_float(sk[swz<D>(r, d0)]);
-      float x1 = Dtype<T>::to_float(sk[swz<D>(r, d1)]);
-      rope_apply(x0, x1, rope_cos_sin(p.compact ? key : kpos[r], i, table, n_pos, p.half_rot,
-                                      s_invf[i], p.rope_scale));
-      sk[swz<D>(r, d0)] = Dtype<T>::from_float(x0);
-      sk[swz<D>(r, d1)] = Dtype<T>::from_float(x1);
-    }
+    rotate_k_tile<T, D, RowSwizzled<D>>(s_k + stage * kBN * D, s_kpos + stage * kBN, tile,
+                                        n_keys, rot_r, rot_sub, units, p, table, n_pos, s_invf);
   };
 
-  const int n_tiles = (n_vis + kBN - 1) / kBN;
-  const int t_begin = split * p.tiles_per_split;
-  const int t_end = min(n_tiles, t_begin + p.tiles_per_split);
+  int t_begin, t_end;
+  prefill_tile_range<kBM, kBN>(p, at, gk, t_begin, t_end);
   // kStages - 1 tiles in flight from the start; every iteration then commits exactly one copy
   // group (empty past the end), so "at most kStages - 3 groups pending" at the top of
   // iteration t means tile t + 1 has landed.
@@ -363,18 +446,10 @@ __global__ void __launch_bounds__(kPrefillThreads, PrefillShape<D>::kMinBlocks)
 
   const int g = lane >> 2, t4 = lane & 3;
   const int ra = warp * 16 + g;  // this thread's two rows in the tile: ra and ra + 8
-  int qpos[2];
-#pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    const int gr = row0 + ra + 8 * half;
-    qpos[half] = gr < rows ? p0 + q0 + gr / group : -1;
-  }
+  int qpos[2], warp_q0;
+  prefill_row_positions(at, gk, warp, ra, qpos, warp_q0);
   // A warp whose 16 rows are all padding only helps with copies and rotations.
   const bool active = row0 + warp * 16 < rows;
-  // Position of the warp's first row; its other rows sit at or after it (padding rows are
-  // never written, so their scores need no mask). A tile whose key positions are all at most
-  // this one (sink, chunks, most of the local window; INT_MAX past n_keys) needs no mask.
-  const int warp_q0 = p0 + q0 + (row0 + warp * 16) / group;
 
   uint32_t qf[Shape::kQInRegs ? kKT : 1][4];
   if constexpr (Shape::kQInRegs) {
@@ -442,43 +517,27 @@ __global__ void __launch_bounds__(kPrefillThreads, PrefillShape<D>::kMinBlocks)
   cp_async_wait<0>();  // only empty groups can be left
 
   // Epilogue straight from the fragments: each row lives in one warp, so (m, l, O) are final.
-  const int64_t row_stride = static_cast<int64_t>(p.lq);
-#pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    const float l = quad_sum(l_run[half]);
-    const int gr = row0 + ra + 8 * half;
-    if (gr >= rows) continue;
-    const float inv = l > 0.f ? 1.f / l : 0.f;
-    const float lse = l > 0.f ? (m_run[half] + log2f(l)) * 0.69314718055994531f : -INFINITY;
-    const int head = h * group + gr % group, query = q0 + gr / group;
-    const int64_t orow = (static_cast<int64_t>(b) * p.hq + head) * row_stride + query;
-    if (p.num_splits == 1) {
-      uint32_t* dst = reinterpret_cast<uint32_t*>(static_cast<T*>(p.out) + orow * D + 2 * t4);
-#pragma unroll
-      for (int dt = 0; dt < kDT; ++dt) {
-        dst[dt * 4] = Dtype<T>::pack2(o[dt][2 * half] * inv, o[dt][2 * half + 1] * inv);
-      }
-      if (t4 == 0) p.lse[orow] = lse;
-    } else {
-      const int64_t prow = static_cast<int64_t>(split) * p.batch * p.hq * row_stride + orow;
-      float2* dst = reinterpret_cast<float2*>(p.o_part + prow * D + 2 * t4);
-#pragma unroll
-      for (int dt = 0; dt < kDT; ++dt) {
-        dst[dt * 4] = make_float2(o[dt][2 * half] * inv, o[dt][2 * half + 1] * inv);
-      }
-      if (t4 == 0) p.lse_part[prow] = lse;
-    }
-  }
+  store_prefill_rows<T, D>(p, o, m_run, l_run, at, ra, t4);
 }
+
+}  // namespace reattention::kernels
+
+#include "gather_attention_prefill_sm90.cuh"
+
+namespace reattention::kernels {
 
 // Launches the many-rows kernel on plan_attention's row tiles (kBM rows) and splits (the
 // o_part/lse_part workspace is sized by them; splits left without tiles write lse -inf, which
-// merge_splits_kernel weighs as zero).
+// merge_splits_kernel weighs as zero): the sm_90a kernel where prefill_sm90_usable says so,
+// else gather_attention_prefill_kernel.
 template <typename T, int D>
 cudaError_t launch_prefill_attention(const AttnParams& p, cudaStream_t stream) {
   int n_pos = 0;
   cudaError_t err = launch_rope_table(p, &n_pos, stream);
   if (err != cudaSuccess) return err;
+  bool sm90 = false;
+  if ((err = prefill_sm90_usable<T, D>(&sm90)) != cudaSuccess) return err;
+  if (sm90) return launch_prefill_sm90<T, D>(p, n_pos, stream);
   constexpr int smem = prefill_smem_bytes<D>();
   auto kernel = gather_attention_prefill_kernel<T, D>;
   err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);

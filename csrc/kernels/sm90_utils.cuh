@@ -1,7 +1,8 @@
 // Hopper (sm_90a) warpgroup MMA building blocks shared by the sm_90a kernels: the shared-memory
 // matrix descriptor of a K-major tile in the 128-byte swizzle, the wgmma fences and group
 // waits, the async-proxy fence after generic shared-memory writes, and wgmma.mma_async
-// m64nNk16 with fp32 accumulators and both operands in shared memory.
+// m64nNk16 with fp32 accumulators, both operands in shared memory (K-major) or A in registers
+// and B an MN-major tile.
 //
 // The 128-byte swizzle atom is 8 rows x 128 bytes (64 16-bit elements), row r at byte 128 r,
 // its 16-byte chunk c stored at chunk c ^ (r % 8): swz<64> of device_utils.cuh. Atoms must be
@@ -10,6 +11,7 @@
 #pragma once
 
 #include <cuda_fp16.h>
+#include <cuda_runtime_api.h>
 
 #include <cstdint>
 #include <type_traits>
@@ -23,6 +25,15 @@ namespace reattention::kernels {
 __device__ __forceinline__ uint64_t wgmma_desc_sw128(uint32_t addr) {
   return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) | (1ull << 16) | (64ull << 32) |
          (1ull << 62);
+}
+
+// Descriptor of an MN-major 128-byte-swizzled tile (the B of A B with N contiguous: rows
+// of 64 N-elements, 128 bytes, one per k; 1024-byte atoms of 8 k rows, the next 8 k rows 1024
+// bytes on (stride byte offset); the next 64 N-elements `lbo` bytes on (leading byte offset).
+// wgmma reads it with the B-transpose immediate set (wgmma_m64k16_rs).
+__device__ __forceinline__ uint64_t wgmma_desc_sw128_mn(uint32_t addr, uint32_t lbo) {
+  return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) |
+         (static_cast<uint64_t>((lbo & 0x3FFFF) >> 4) << 16) | (64ull << 32) | (1ull << 62);
 }
 
 __device__ __forceinline__ void wgmma_fence() {
@@ -79,13 +90,51 @@ __device__ __forceinline__ void fence_accumulators(float* d) {
       : REATTENTION_F8(0), REATTENTION_F8(8), REATTENTION_F8(16), REATTENTION_F8(24), REATTENTION_F8(32), REATTENTION_F8(40), REATTENTION_F8(48), REATTENTION_F8(56), REATTENTION_F8(64), REATTENTION_F8(72), REATTENTION_F8(80), REATTENTION_F8(88), REATTENTION_F8(96), REATTENTION_F8(104), REATTENTION_F8(112), REATTENTION_F8(120) \
       : "l"(desc_a), "l"(desc_b), "r"(scale_d))
 
+#define REATTENTION_WGMMA_M64N64K16(type)                                            \
+  asm volatile(                                                                      \
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"                                   \
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32." type "." type " {"                 \
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "  \
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"  \
+      "}, %32, %33, p, 1, 1, 0, 0;\n}\n"                                             \
+      : REATTENTION_F8(0), REATTENTION_F8(8), REATTENTION_F8(16), REATTENTION_F8(24) \
+      : "l"(desc_a), "l"(desc_b), "r"(scale_d))
+
+#define REATTENTION_WGMMA_M64N64K16_RS(type)                                        \
+  asm volatile(                                                                      \
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"                                   \
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32." type "." type " {"                 \
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "  \
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"  \
+      "}, {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"                        \
+      : REATTENTION_F8(0), REATTENTION_F8(8), REATTENTION_F8(16), REATTENTION_F8(24) \
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(scale_d))
+
+#define REATTENTION_WGMMA_M64N128K16_RS(type)                                        \
+  asm volatile(                                                                      \
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"                                   \
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32." type "." type " {"                 \
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "  \
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "  \
+      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "  \
+      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"  \
+      "}, {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"                        \
+      : REATTENTION_F8(0), REATTENTION_F8(8), REATTENTION_F8(16), REATTENTION_F8(24), REATTENTION_F8(32), REATTENTION_F8(40), REATTENTION_F8(48), REATTENTION_F8(56) \
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(scale_d))
+
 // d (kN / 2 fp32 per thread) = A B^T (+ d when scale_d != 0) for one k16 step.
 template <typename T, int kN>
 __device__ __forceinline__ void wgmma_m64k16(float* d, uint64_t desc_a, uint64_t desc_b,
                                              int scale_d) {
-  static_assert(kN == 128 || kN == 256, "wgmma shapes used here");
+  static_assert(kN == 64 || kN == 128 || kN == 256, "wgmma shapes used here");
   constexpr bool kHalf = std::is_same_v<T, __half>;
-  if constexpr (kN == 256) {
+  if constexpr (kN == 64) {
+    if constexpr (kHalf) {
+      REATTENTION_WGMMA_M64N64K16("f16");
+    } else {
+      REATTENTION_WGMMA_M64N64K16("bf16");
+    }
+  } else if constexpr (kN == 256) {
     if constexpr (kHalf) {
       REATTENTION_WGMMA_M64N256K16("f16");
     } else {
@@ -100,10 +149,58 @@ __device__ __forceinline__ void wgmma_m64k16(float* d, uint64_t desc_a, uint64_t
   }
 }
 
+// d (kN / 2 fp32 per thread) = A B (+ d when scale_d != 0) for one k16 step, A (64 x 16) from
+// registers, B (16 x kN) an MN-major tile in shared memory (desc_b: wgmma_desc_sw128_mn). The A
+// fragment of a warp is that of mma.m16n8k16 for its 16 rows (warp i of the warpgroup: rows
+// 16 i ..): a[0] (row g, k 2 t4, +1), a[1] (row g + 8, same k), a[2], a[3] the same at k + 8,
+// g = lane / 4, t4 = lane % 4; the m64nNk16 accumulator of a warp packs the same way.
+template <typename T, int kN>
+__device__ __forceinline__ void wgmma_m64k16_rs(float* d, const uint32_t (&a)[4],
+                                                uint64_t desc_b, int scale_d) {
+  static_assert(kN == 64 || kN == 128, "wgmma shapes used here");
+  constexpr bool kHalf = std::is_same_v<T, __half>;
+  if constexpr (kN == 64) {
+    if constexpr (kHalf) {
+      REATTENTION_WGMMA_M64N64K16_RS("f16");
+    } else {
+      REATTENTION_WGMMA_M64N64K16_RS("bf16");
+    }
+  } else {
+    if constexpr (kHalf) {
+      REATTENTION_WGMMA_M64N128K16_RS("f16");
+    } else {
+      REATTENTION_WGMMA_M64N128K16_RS("bf16");
+    }
+  }
+}
+
+#undef REATTENTION_WGMMA_M64N64K16
+#undef REATTENTION_WGMMA_M64N64K16_RS
+#undef REATTENTION_WGMMA_M64N128K16_RS
 #undef REATTENTION_WGMMA_M64N128K16
 #undef REATTENTION_WGMMA_M64N256K16
 #undef REATTENTION_F8
 
 #endif  // sm_90a
+
+// Whether `kernel` (a __global__ function) runs sm_90a code on the current device: a compute
+// capability 9.0 device and a build whose binary for it was compiled for sm_90a (the kernel's
+// binary version is 90). The launchers of the sm_90a kernels pick them by this rule.
+inline cudaError_t sm90a_code_usable(const void* kernel, bool* usable) {
+  *usable = false;
+  int device = 0, major = 0, minor = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  if ((err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device)) !=
+          cudaSuccess ||
+      (err = cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device)) !=
+          cudaSuccess)
+    return err;
+  if (major != 9 || minor != 0) return cudaSuccess;
+  cudaFuncAttributes attr;
+  if ((err = cudaFuncGetAttributes(&attr, kernel)) != cudaSuccess) return err;
+  *usable = attr.binaryVersion == 90;
+  return cudaSuccess;
+}
 
 }  // namespace reattention::kernels

@@ -1,0 +1,256 @@
+// gather_attention, many-rows layout on sm_90a: gather_attention_prefill_kernel's work (same CTA
+// tile, plan, splits, softmax and outputs) with Hopper's warpgroup MMA, one wgmma.mma_async per
+// 64 x N x 16 product instead of a warp instruction per 16 x 8 x 16 plus its ldmatrix.
+//
+// CTA: 256 threads = 2 warpgroups over kBM = 128 rows of (sequence b, kv head h, query block
+// beta, split); warpgroup w owns rows 64 w .. 64 w + 63, its warp i rows 64 w + 16 i .. + 15
+// (so warp k of the CTA owns rows 16 k .. 16 k + 15, as in the sm80 kernel), each warp with its
+// own exp2-domain online softmax: no cross-warp merge.
+//
+// Shared memory (1024-byte aligned base): the rotated Q tile, kStages K tiles, kStages V tiles
+// (kBN = 64 gathered keys each), key positions, inverse frequencies. Every tile is stored as
+// D / 64 slices of 64 elements (Sliced64): slice j holds columns 64 j .. 64 j + 63 of all its
+// rows, row r at byte 128 r of the slice, 16-byte chunk c at chunk c ^ (r % 8) (the 128-byte
+// swizzle of wgmma; slices are 8 or 16 KB, so every 8-row atom is 1024-byte aligned).
+// - S = Q K^T: wgmma m64n64k16, A = the warpgroup's 64 rows of Q, B = the K tile, both K-major
+//   over D (descriptor wgmma_desc_sw128: stride byte offset 1024 between 8-row atoms); k16 step
+//   kk reads slice kk / 4, 32 (kk % 4) bytes into each 128-byte row.
+// - O += P V: wgmma m64nDk16 with A = P from registers and B = the V tile. The S accumulator of
+//   a warp is the m16n8 fragment layout (s[nt][0..1]: row g, keys 8 nt + 2 t4 + {0, 1};
+//   s[nt][2..3]: row g + 8), and the register A fragment of m64nNk16 is mma.m16n8k16's A layout
+//   for the warp's 16 rows, so P packs as in pv_tile: a[kk] = {S tiles 2 kk, 2 kk + 1} rounded
+//   to T. V rows are keys with D contiguous: for B (K = keys, N = D) an MN-major tile, read with
+//   the B-transpose immediate; descriptor wgmma_desc_sw128_mn: rows of 64 D-columns per key,
+//   8-key atoms 1024 bytes apart (stride byte offset), the next 64 D-columns one slice (kBN * 128
+//   bytes) on (leading byte offset); k16 step kk starts 16 keys = 2048 bytes further.
+//   The O accumulator is again the m16n8 layout: o[dt][..] as in the sm80 kernel, so the online
+//   softmax (online_softmax_tile) and the epilogue (store_prefill_rows) are shared.
+//
+// Pipeline (all 256 threads, no producer warp): the sm80 kernel's cp.async ring of kStages K/V
+// tiles, one barrier per tile. Each iteration: wait for tile t + 1's copy, fence.proxy.async
+// (this thread's cp.async and rotation writes were generic-proxy writes; wgmma reads through the
+// async proxy), barrier; issue the copy of tile t + kStages - 1; issue S = Q K^T on tile t
+// (one wgmma group); rotate tile t + 1 in place while it runs; wait; softmax (unmasked when the
+// tile's keys all precede the warp's first row); issue P V and wait for it before the next
+// barrier, whose copy may refill tile t's stage. The accumulators are touched only between a
+// wait and the next wgmma.fence, outside any branch around a wgmma.
+//
+// Rotation, masks, RoPE table, paged caches, positions, splits and outputs: exactly the sm80
+// kernel's (shared code: load_kv_rows, rotate_k_tile, stage_rotated_q with the Sliced64 layout).
+// Padding rows are computed (Q rows are zero, every key masked) and never written, since a
+// warpgroup must run its wgmma whole. The body is compiled for sm_90a only
+// (__CUDA_ARCH_FEAT_SM90_ALL); elsewhere it traps, and prefill_sm90_usable never picks it there.
+#pragma once
+
+#include "sm90_utils.cuh"
+
+namespace reattention::kernels {
+
+// Head dims the sm_90a kernel serves (the others run gather_attention_prefill_kernel).
+__host__ __device__ constexpr bool prefill_sm90_covers(int head_dim) {
+  return head_dim == 64 || head_dim == 128;
+}
+
+// Element offset of (row, col) in a tile of kRows rows stored as 64-element column slices in
+// the 128-byte swizzle (see the header comment).
+template <int kRows>
+struct Sliced64 {
+  __device__ __forceinline__ int operator()(int row, int col) const {
+    return (col >> 6) * (kRows * 64) + swz<64>(row, col & 63);
+  }
+};
+
+template <int D>
+struct PrefillSm90Shape {
+  static_assert(prefill_sm90_covers(D), "head dims of the sm_90a kernel");
+  static constexpr int kBM = kPrefillBlockM;
+  static constexpr int kBN = prefill_block_n(D);  // 64 keys: plan_attention's tiles
+  static constexpr int kStages = 4;
+  static constexpr int kAlign = 1024;
+  static constexpr int kQElems = kBM * D, kTileElems = kBN * D;
+  static constexpr int kSmem =
+      kAlign + (kQElems + 2 * kStages * kTileElems) * 2 + kStages * kBN * 4 + (D / 2) * 4;
+  static constexpr int kMinBlocks = D <= 64 ? 2 : 1;  // 82 KB or 162 KB of shared memory
+  static_assert(kBN == 64 && kBM == 128, "two warpgroups of 64 rows, m64n64 S tiles");
+};
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kPrefillThreads, PrefillSm90Shape<D>::kMinBlocks)
+    gather_attention_prefill_sm90_kernel(AttnParams p, const float2* __restrict__ table,
+                                         int n_pos) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using Shape = PrefillSm90Shape<D>;
+  constexpr int kBM = Shape::kBM, kBN = Shape::kBN, kStages = Shape::kStages;
+  constexpr int kNT = kBN / 8;  // 8-wide key column tiles of S
+  constexpr int kDT = D / 8;    // 8-wide output column tiles
+  using TileLayout = Sliced64<kBN>;
+  static_assert(kStages >= 3, "the ring holds the tile in use, the one rotated and one in flight");
+
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const uint32_t raw_addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw));
+  T* s_q = reinterpret_cast<T*>(smem_raw +
+                                ((Shape::kAlign - raw_addr % Shape::kAlign) % Shape::kAlign));
+  T* s_k = s_q + Shape::kQElems;
+  T* s_v = s_k + kStages * Shape::kTileElems;
+  int* s_kpos = reinterpret_cast<int*>(s_v + kStages * Shape::kTileElems);
+  float* s_invf = reinterpret_cast<float*>(s_kpos + kStages * kBN);
+  __shared__ int s_nsel;
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wg = warp >> 2;
+  const AttnTile at = attn_tile(p, kBM);
+  if (at.row0 >= at.rows) return;
+  const int beta = at.beta, h = at.h, b = at.b, group = at.group;
+  const int q0 = at.q0, rows = at.rows, row0 = at.row0;
+
+  const GatheredKeys gk = gathered_keys<D, kPrefillThreads>(p, b, h, beta, s_invf, &s_nsel);
+  const int n_keys = gk.n_keys;
+
+  const T *k_base, *v_base;
+  kv_bases<T>(p, b, h, k_base, v_base);
+  auto load_tile = [&](int stage, int tile) {
+    load_kv_rows<T, D, TileLayout>(s_k + stage * Shape::kTileElems,
+                                   s_v + stage * Shape::kTileElems, s_kpos + stage * kBN, gk, p,
+                                   k_base, v_base, tile);
+  };
+  constexpr int kTPR = prefill_row_threads<D>();
+  const int rot_r = prefill_rotation_row<D>(tid), rot_sub = tid % kTPR;
+  const bool units = prefill_rope_units(p);
+  auto rotate_tile = [&](int stage, int tile) {
+    rotate_k_tile<T, D, TileLayout>(s_k + stage * Shape::kTileElems, s_kpos + stage * kBN, tile,
+                                    n_keys, rot_r, rot_sub, units, p, table, n_pos, s_invf);
+  };
+
+  int t_begin, t_end;
+  prefill_tile_range<kBM, kBN>(p, at, gk, t_begin, t_end);
+  // kStages - 1 tiles in flight from the start; every iteration commits exactly one copy group
+  // (empty past the end), so "at most kStages - 3 groups pending" at the top of iteration t
+  // means tile t + 1 has landed.
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (t_begin + s < t_end) load_tile(s, t_begin + s); else cp_async_commit();
+  }
+
+  stage_rotated_q<T, D, kBM, kPrefillThreads, false, Sliced64<kBM>>(
+      s_q, nullptr, p, gk, b, h, group, q0, row0, rows, s_invf, table, n_pos);
+  cp_async_wait<kStages - 2>();  // tile t_begin has landed
+  __syncthreads();               // ... for every thread
+  if (t_begin < t_end) rotate_tile(0, t_begin);
+
+  const int g = lane >> 2, t4 = lane & 3;
+  const int ra = warp * 16 + g;  // this thread's two rows in the tile: ra and ra + 8
+  int qpos[2], warp_q0;
+  prefill_row_positions(at, gk, warp, ra, qpos, warp_q0);
+
+  // The warpgroup's 64 rows of each Q slice; the K and V rings.
+  const uint32_t q_addr =
+      static_cast<uint32_t>(__cvta_generic_to_shared(s_q)) + wg * 64 * 128;
+  const uint32_t k_addr = static_cast<uint32_t>(__cvta_generic_to_shared(s_k));
+  const uint32_t v_addr = static_cast<uint32_t>(__cvta_generic_to_shared(s_v));
+  constexpr uint32_t kTileBytes = Shape::kTileElems * 2, kSliceBytes = kBN * 128;
+
+  float o[kDT][4];
+#pragma unroll
+  for (int dt = 0; dt < kDT; ++dt) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) o[dt][e] = 0.f;
+  }
+  float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
+  float s[kNT][4];
+
+  for (int tile = t_begin; tile < t_end; ++tile) {
+    const int it = tile - t_begin;
+    cp_async_wait<kStages - 3>();
+    fence_proxy_async_shared();  // this thread's copies, rotation and Q stores -> async proxy
+    // Tile tile + 1 is visible, tile's rotation is complete and every warpgroup's wgmma on
+    // tile - 1 has retired, whose stage the next copy refills.
+    __syncthreads();
+    const int next = tile + kStages - 1;
+    if (next < t_end) load_tile((it + kStages - 1) % kStages, next); else cp_async_commit();
+
+    const int stage = it % kStages;
+    const uint32_t k_stage = k_addr + stage * kTileBytes, v_stage = v_addr + stage * kTileBytes;
+    // S = Q K^T, in flight while this thread rotates tile + 1 (another stage).
+    wgmma_fence();
+    fence_accumulators<kNT * 4>(&s[0][0]);
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      const uint64_t desc_q = wgmma_desc_sw128(q_addr + (kk >> 2) * (kBM * 128)) + 2 * (kk & 3);
+      const uint64_t desc_k = wgmma_desc_sw128(k_stage + (kk >> 2) * kSliceBytes) + 2 * (kk & 3);
+      wgmma_m64k16<T, kBN>(&s[0][0], desc_q, desc_k, kk > 0);
+    }
+    wgmma_commit();
+    if (tile + 1 < t_end) rotate_tile((it + 1) % kStages, tile + 1);
+    wgmma_wait<0>();
+    fence_accumulators<kNT * 4>(&s[0][0]);
+
+    const int* kpos = s_kpos + stage * kBN;
+    bool before = true;
+#pragma unroll
+    for (int c = 0; c < kBN; c += 32) before = before && kpos[c + lane] <= warp_q0;
+    if (__all_sync(0xffffffffu, before)) {
+      online_softmax_tile<kNT, kDT, false>(s, o, m_run, l_run, kpos, qpos, p.scale_log2, t4);
+    } else {
+      online_softmax_tile(s, o, m_run, l_run, kpos, qpos, p.scale_log2, t4);
+    }
+
+    // O += P V: P rounded to T in mma.m16n8k16's A layout (see the header comment).
+    uint32_t pa[kNT / 2][4];
+#pragma unroll
+    for (int kk = 0; kk < kNT / 2; ++kk) {
+      pa[kk][0] = Dtype<T>::pack2(s[2 * kk][0], s[2 * kk][1]);
+      pa[kk][1] = Dtype<T>::pack2(s[2 * kk][2], s[2 * kk][3]);
+      pa[kk][2] = Dtype<T>::pack2(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+      pa[kk][3] = Dtype<T>::pack2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+    }
+    wgmma_fence();
+    fence_accumulators<kDT * 4>(&o[0][0]);
+#pragma unroll
+    for (int kk = 0; kk < kNT / 2; ++kk) {
+      wgmma_m64k16_rs<T, D>(&o[0][0], pa[kk], wgmma_desc_sw128_mn(v_stage + kk * 2048, kSliceBytes),
+                            1);
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_accumulators<kDT * 4>(&o[0][0]);
+  }
+  cp_async_wait<0>();  // only empty groups can be left
+
+  store_prefill_rows<T, D>(p, o, m_run, l_run, at, ra, t4);
+#else
+  __trap();  // compiled without sm_90a: prefill_sm90_usable never launches this
+#endif
+}
+
+// Whether the many-rows attention runs gather_attention_prefill_sm90_kernel<T, D>: a head dim
+// it covers, a compute capability 9.0 device and a build whose binary for it was compiled for
+// sm_90a (the kernel's binary version is 90). Everything else runs the sm80 kernel.
+template <typename T, int D>
+inline cudaError_t prefill_sm90_usable(bool* usable) {
+  *usable = false;
+  if constexpr (prefill_sm90_covers(D)) {
+    return sm90a_code_usable(reinterpret_cast<const void*>(
+                                 gather_attention_prefill_sm90_kernel<T, D>),
+                             usable);
+  }
+  return cudaSuccess;
+}
+
+// Launches the sm_90a kernel on plan_attention's row tiles and splits (the RoPE table is
+// filled: table/n_pos from launch_rope_table).
+template <typename T, int D>
+cudaError_t launch_prefill_sm90(const AttnParams& p, int n_pos, cudaStream_t stream) {
+  if constexpr (prefill_sm90_covers(D)) {
+    constexpr int smem = PrefillSm90Shape<D>::kSmem;
+    auto kernel = gather_attention_prefill_sm90_kernel<T, D>;
+    cudaError_t err =
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    if (err != cudaSuccess) return err;
+    const dim3 grid(p.n_blocks * p.row_tiles, p.hkv * p.num_splits, p.batch);
+    kernel<<<grid, kPrefillThreads, smem, stream>>>(p, p.rope_table, n_pos);
+    return cudaGetLastError();
+  } else {
+    return cudaErrorInvalidValue;  // prefill_sm90_usable is false for this head dim
+  }
+}
+
+}  // namespace reattention::kernels
