@@ -159,27 +159,13 @@ __global__ void __launch_bounds__(256, 1) chunk_scores_wgmma_kernel(SelectParams
 #endif
 }
 
-// Whether the scoring GEMM runs chunk_scores_wgmma_kernel<T, D, kRep> on the current device:
-// a compute capability 9.0 device and a build whose binary for it was compiled for sm_90a
-// (the kernel's binary version is 90). Every shape the GEMM kernel serves is covered; other
-// devices and builds run chunk_scores_gemm_kernel.
+// Whether the scoring GEMM runs chunk_scores_wgmma_kernel<T, D, kRep> on the current device
+// (sm90a_code_usable's rule). Every shape the GEMM kernel serves is covered; other devices and
+// builds run chunk_scores_gemm_kernel.
 template <typename T, int D, RepMode kRep>
 inline cudaError_t wgmma_scores_usable(bool* usable) {
-  *usable = false;
-  int device = 0, major = 0, minor = 0;
-  cudaError_t err = cudaGetDevice(&device);
-  if (err != cudaSuccess) return err;
-  if ((err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device)) !=
-          cudaSuccess ||
-      (err = cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device)) !=
-          cudaSuccess)
-    return err;
-  if (major != 9 || minor != 0) return cudaSuccess;
-  cudaFuncAttributes attr;
-  if ((err = cudaFuncGetAttributes(&attr, chunk_scores_wgmma_kernel<T, D, kRep>)) != cudaSuccess)
-    return err;
-  *usable = attr.binaryVersion == 90;
-  return cudaSuccess;
+  return sm90a_code_usable(reinterpret_cast<const void*>(chunk_scores_wgmma_kernel<T, D, kRep>),
+                           usable);
 }
 
 }  // namespace reattention::kernels

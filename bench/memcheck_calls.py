@@ -1,0 +1,36 @@
+"""Small calls of the prefill-side CUDA kernels, to run under compute-sanitizer.
+
+The many-rows attention (sm80 or sm_90a kernel, whichever the device picks) and the scoring
+GEMM (bound and exact `max` selection), bf16 and fp16, head dims 64 and 128, compact positions
+with half-style RoPE and original positions with interleaved RoPE. Shapes are small so that
+the sanitizer finishes in seconds; several key tiles, ragged query blocks and split keys occur.
+
+Usage: compute-sanitizer --tool memcheck python bench/memcheck_calls.py
+"""
+import torch
+
+import reattention
+
+
+def main() -> None:
+    if not torch.cuda.is_available():
+        raise SystemExit("memcheck_calls.py needs a CUDA device")
+    torch.manual_seed(0)
+    n, lq, hq, hkv = 9000, 300, 8, 2
+    lens = torch.tensor([n], dtype=torch.int32, device="cuda")
+    for dtype in (torch.bfloat16, torch.float16):
+        for d in (64, 128):
+            k = torch.randn(1, hkv, n, d, device="cuda", dtype=dtype)
+            v = torch.randn_like(k)
+            q = torch.randn(1, hq, lq, d, device="cuda", dtype=dtype)
+            for rep in ("bound", "max"):
+                for pos, style in (("compact", "half"), ("original", "interleaved")):
+                    reattention.reattention_attn(
+                        q, k, v, lens, sink=16, local=512, chunk=32, topk=8, query_block=64,
+                        rep=rep, backend="cuda", positions=pos, rope_style=style)
+    torch.cuda.synchronize()
+    print("memcheck_calls: done")
+
+
+if __name__ == "__main__":
+    main()
