@@ -385,6 +385,26 @@ __device__ __forceinline__ void prefill_row_positions(const AttnTile& at, const 
   warp_q0 = first + (at.row0 + warp * 16) / at.group;
 }
 
+// One key tile of the online softmax in the many-rows kernels: a tile whose kBN keys all sit at
+// or before the warp's first row (one vote over kpos) takes the path without the per-element
+// compare, which would hold for every element; other tiles (the last local ones, the tail
+// keys at INT_MAX) are masked as usual.
+template <int kBN, int kNT, int kDT>
+__device__ __forceinline__ void prefill_softmax_tile(float (&s)[kNT][4], float (&o)[kDT][4],
+                                                     float (&m_run)[2], float (&l_run)[2],
+                                                     const int* kpos, const int (&qpos)[2],
+                                                     int warp_q0, float scale_log2, int lane) {
+  bool before = true;
+#pragma unroll
+  for (int c = 0; c < kBN; c += 32) before = before && kpos[c + lane] <= warp_q0;
+  const int t4 = lane & 3;
+  if (__all_sync(0xffffffffu, before)) {
+    online_softmax_tile<kNT, kDT, false>(s, o, m_run, l_run, kpos, qpos, scale_log2, t4);
+  } else {
+    online_softmax_tile(s, o, m_run, l_run, kpos, qpos, scale_log2, t4);
+  }
+}
+
 template <typename T, int D>
 __global__ void __launch_bounds__(kPrefillThreads, PrefillShape<D>::kMinBlocks)
     gather_attention_prefill_kernel(AttnParams p, const float2* __restrict__ table, int n_pos) {
@@ -504,14 +524,7 @@ __global__ void __launch_bounds__(kPrefillThreads, PrefillShape<D>::kMinBlocks)
       warp_gemm_abt<T, D, kNT>(s, s_q, warp * 16, sk, 0, lane);
     }
 
-    bool before = true;
-#pragma unroll
-    for (int c = 0; c < kBN; c += 32) before = before && kpos[c + lane] <= warp_q0;
-    if (__all_sync(0xffffffffu, before)) {
-      online_softmax_tile<kNT, kDT, false>(s, o, m_run, l_run, kpos, qpos, p.scale_log2, t4);
-    } else {
-      online_softmax_tile(s, o, m_run, l_run, kpos, qpos, p.scale_log2, t4);
-    }
+    prefill_softmax_tile<kBN>(s, o, m_run, l_run, kpos, qpos, warp_q0, p.scale_log2, lane);
     pv_tile<T, D>(o, s, sv, 0, lane);
   }
   cp_async_wait<0>();  // only empty groups can be left

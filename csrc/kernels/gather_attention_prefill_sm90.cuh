@@ -184,14 +184,7 @@ __global__ void __launch_bounds__(kPrefillThreads, PrefillSm90Shape<D>::kMinBloc
     fence_accumulators<kNT * 4>(&s[0][0]);
 
     const int* kpos = s_kpos + stage * kBN;
-    bool before = true;
-#pragma unroll
-    for (int c = 0; c < kBN; c += 32) before = before && kpos[c + lane] <= warp_q0;
-    if (__all_sync(0xffffffffu, before)) {
-      online_softmax_tile<kNT, kDT, false>(s, o, m_run, l_run, kpos, qpos, p.scale_log2, t4);
-    } else {
-      online_softmax_tile(s, o, m_run, l_run, kpos, qpos, p.scale_log2, t4);
-    }
+    prefill_softmax_tile<kBN>(s, o, m_run, l_run, kpos, qpos, warp_q0, p.scale_log2, lane);
 
     // O += P V: P rounded to T in mma.m16n8k16's A layout (see the header comment).
     uint32_t pa[kNT / 2][4];
