@@ -51,15 +51,6 @@ __host__ __device__ constexpr bool prefill_sm90_covers(int head_dim) {
   return head_dim == 64 || head_dim == 128;
 }
 
-// Element offset of (row, col) in a tile of kRows rows stored as 64-element column slices in
-// the 128-byte swizzle (see the header comment).
-template <int kRows>
-struct Sliced64 {
-  __device__ __forceinline__ int operator()(int row, int col) const {
-    return (col >> 6) * (kRows * 64) + swz<64>(row, col & 63);
-  }
-};
-
 template <int D>
 struct PrefillSm90Shape {
   static_assert(prefill_sm90_covers(D), "head dims of the sm_90a kernel");

@@ -64,15 +64,6 @@ struct WgmmaTile {
   static_assert(kVec % kKStep == 0 && kWgM * kWgN == 2 && kStages >= 3, "tile shape");
 };
 
-// Element offset of (row, col) in the A tile of WgmmaTile<kVec>: kVec / 64 K-major slices of kBM
-// rows, each in the 128-byte swizzle.
-template <int kVec>
-struct KSlicedSwizzled {
-  __device__ __forceinline__ int operator()(int row, int col) const {
-    return (col >> 6) * (WgmmaTile<kVec>::kBM * 64) + swz<64>(row, col & 63);
-  }
-};
-
 template <typename T, int D, RepMode kRep>
 __global__ void __launch_bounds__(256, 1) chunk_scores_wgmma_kernel(SelectParams p) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -108,7 +99,7 @@ __global__ void __launch_bounds__(256, 1) chunk_scores_wgmma_kernel(SelectParams
     if (s < n_steps) load_step(s);
     cp_async_commit();
   }
-  stage_query_rows<T, D, kRep, W::kBM, W::kThreads, KSlicedSwizzled<kVec>>(s_a, p, t);
+  stage_query_rows<T, D, kRep, W::kBM, W::kThreads, Sliced64<W::kBM>>(s_a, p, t);
   for (int i = threadIdx.x; i < t.j1 - t.j0; i += W::kThreads) s_best[i] = 0u;
 
   // This warpgroup's rows of every A slice, and its columns of every ring slice (whole atoms:

@@ -6,8 +6,9 @@
 //
 // The 128-byte swizzle atom is 8 rows x 128 bytes (64 16-bit elements), row r at byte 128 r,
 // its 16-byte chunk c stored at chunk c ^ (r % 8): swz<64> of device_utils.cuh. Atoms must be
-// 1024-byte aligned, since the hardware applies the XOR to the final address. Everything here
-// is compiled for sm_90a only (__CUDA_ARCH_FEAT_SM90_ALL); callers guard their use the same way.
+// 1024-byte aligned, since the hardware applies the XOR to the final address. Sliced64 addresses
+// tiles of such slices. The PTX wrappers are compiled for sm_90a only (__CUDA_ARCH_FEAT_SM90_ALL;
+// callers guard their use the same way); sm90a_code_usable is the launchers' host-side rule.
 #pragma once
 
 #include <cuda_fp16.h>
@@ -16,7 +17,20 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "device_utils.cuh"
+
 namespace reattention::kernels {
+
+// Element offset of (row, col) in a tile of kRows rows of 16-bit elements stored as 64-element
+// column slices, each in the 128-byte swizzle: slice j holds columns 64 j .. 64 j + 63 of every
+// row (kRows * 128 bytes), row r of a slice at byte 128 r with its 16-byte chunk c at chunk
+// c ^ (r % 8), i.e. swz<64>. The K-major operand layout of the sm_90a kernels.
+template <int kRows>
+struct Sliced64 {
+  __device__ __forceinline__ int operator()(int row, int col) const {
+    return (col >> 6) * (kRows * 64) + swz<64>(row, col & 63);
+  }
+};
 
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
 
