@@ -102,6 +102,14 @@ __device__ __forceinline__ int swz(int row, int col) {
   return row * kRow + ((((col >> 3) ^ (row & 7)) << 3) | (col & 7));
 }
 
+// swz<kRow> as a layout object, for staging code that also writes other tile layouts (the
+// sm_90a kernels' Sliced64): the Q and K/V tiles of the mma.sync kernels, the A tile of the
+// mma.sync scoring GEMM.
+template <int kRow>
+struct RowSwizzled {
+  __device__ __forceinline__ int operator()(int row, int col) const { return swz<kRow>(row, col); }
+};
+
 // S[16 x 8*kNT] = A[16 x kK] * B[8*kNT x kK]^T for one warp. A rows a_row0.., B rows (the
 // columns of S) b_row0.., both swizzled tiles of kK elements per row. S's fragment layout:
 // s[nt][0..1] = row lane/4, cols nt*8 + 2*(lane%4) + {0,1}; s[nt][2..3] = the same at row +8.

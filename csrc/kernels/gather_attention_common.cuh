@@ -215,14 +215,6 @@ __device__ __forceinline__ void rope_apply(float& x0, float& x1, float2 cs) {
   x1 = y1;
 }
 
-// Element offset of (row, col) in a tile of D-element rows, each row swizzled on its own
-// (swz<D>): the Q and K/V tiles of the mma.sync kernels. The sm_90a prefill kernel passes its
-// 64-element slices (Sliced64, gather_attention_prefill_sm90.cuh) to the same staging code.
-template <int D>
-struct RowSwizzled {
-  __device__ __forceinline__ int operator()(int row, int col) const { return swz<D>(row, col); }
-};
-
 // Stages rows [row0, row0 + kBM) of the block's query rows (row = query * group + head; rows
 // at or past `rows` are zero) rotated at their compact or original positions, rounded once to
 // T, into the swizzled tile s_q (layout L); with kQpos, also each row's original position

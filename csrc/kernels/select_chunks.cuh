@@ -174,17 +174,11 @@ struct ColumnRows {
   }
 };
 
-// Element offset of (row, col) in an A tile of kVec-element rows, swizzled as one tile.
-template <int kVec>
-struct RowMajorSwizzled {
-  __device__ __forceinline__ int operator()(int row, int col) const { return swz<kVec>(row, col); }
-};
-
 // Stages rows [row0, row0 + kRows) of the tile's query block as the A tile (kVec elements per
 // row, at Layout()(row, col); bound splits q by sign). Rows at or past `rows` are zero: callers
 // mask them out of the row max.
 template <typename T, int D, RepMode kRep, int kRows, int kThreads,
-          typename Layout = RowMajorSwizzled<kRep == RepMode::kBound ? 2 * D : D>>
+          typename Layout = RowSwizzled<kRep == RepMode::kBound ? 2 * D : D>>
 __device__ __forceinline__ void stage_query_rows(T* s_a, const SelectParams& p,
                                                  const ScoreTile& t) {
   const Layout at;
