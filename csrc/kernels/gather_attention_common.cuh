@@ -145,7 +145,7 @@ __device__ __forceinline__ GatheredKeys gathered_keys(const AttnParams& p, int b
 }
 
 // The CTA's K and V bases: sequence b, head h of a contiguous cache, or head h of the page
-// pool (load_kv_tile adds each row's page).
+// pool (gathered_row adds each row's page).
 template <typename T>
 __device__ __forceinline__ void kv_bases(const AttnParams& p, int b, int h, const T*& k_base,
                                          const T*& v_base) {
@@ -157,32 +157,35 @@ __device__ __forceinline__ void kv_bases(const AttnParams& p, int b, int h, cons
   }
 }
 
-// Copies the K and V rows of gathered keys [tile * kBN, tile * kBN + kBN) from the cache into
-// the swizzled tiles sk and sv (cp.async, one commit group; zero-filled past n_keys) and their
-// cache tokens into kpos (INT_MAX past n_keys, so the mask drops them). k_base/v_base come
-// from kv_bases; a paged cache's row finds its page in g.pages (token 0 for the zero-filled
-// rows past n_keys: a used entry, though nothing is read there).
-template <typename T, int D, int kBN, int kThreads>
-__device__ __forceinline__ void load_kv_tile(T* sk, T* sv, int* kpos, const GatheredKeys& g,
-                                             const AttnParams& p, const T* k_base,
-                                             const T* v_base, int tile) {
-  for (int id = threadIdx.x; id < kBN * (D / 8); id += kThreads) {
-    const int r = id / (D / 8), ch = id % (D / 8);
-    const int key = tile * kBN + r;
-    const bool valid = key < g.n_keys;
-    const int tok = valid ? g.token(key, p) : 0;
-    if (g.pages == nullptr) {
-      cp_async_16(sk + swz<D>(r, ch * 8), k_base + tok * p.k_sn + ch * 8, valid);
-      cp_async_16(sv + swz<D>(r, ch * 8), v_base + tok * p.v_sn + ch * 8, valid);
-    } else {
-      int page, in;
-      p.pages.locate(g.pages, tok, page, in);
-      cp_async_16(sk + swz<D>(r, ch * 8), k_base + page * p.k_sb + in * p.k_sn + ch * 8, valid);
-      cp_async_16(sv + swz<D>(r, ch * 8), v_base + page * p.v_sb + in * p.v_sn + ch * 8, valid);
-    }
-    if (ch == 0) kpos[r] = valid ? tok : INT_MAX;
+// Where gathered key `key` of a CTA lives in the cache: valid (key < n_keys), its token (0 past
+// n_keys: a used entry, though the zero-filled copy reads nothing there) and its K and V rows,
+// from the bases of kv_bases (a paged cache's row adds its page, found in g.pages). The copy
+// functions of the decode and many-rows kernels find it once per row and thread.
+template <typename T>
+struct GatheredRow {
+  bool valid;
+  int tok;
+  const T* k;
+  const T* v;
+};
+
+template <typename T>
+__device__ __forceinline__ GatheredRow<T> gathered_row(const GatheredKeys& g, const AttnParams& p,
+                                                       int key, const T* k_base,
+                                                       const T* v_base) {
+  GatheredRow<T> row;
+  row.valid = key < g.n_keys;
+  row.tok = row.valid ? g.token(key, p) : 0;
+  if (g.pages == nullptr) {
+    row.k = k_base + row.tok * p.k_sn;
+    row.v = v_base + row.tok * p.v_sn;
+  } else {
+    int page, in;
+    p.pages.locate(g.pages, row.tok, page, in);
+    row.k = k_base + page * p.k_sb + in * p.k_sn;
+    row.v = v_base + page * p.v_sb + in * p.v_sn;
   }
-  cp_async_commit();
+  return row;
 }
 
 // Longest gathered sequence of any block at any length in [Lq, Nmax] (static shapes only): at

@@ -94,8 +94,8 @@ __device__ __forceinline__ void rotate_unit(T* sk, int r, int u, int units, bool
 
 // Copies the K and V rows of gathered keys [tile * kBN, tile * kBN + kBN) into the swizzled
 // tiles sk and sv (cp.async, one commit group; zero-filled past n_keys) and their cache tokens
-// into kpos (INT_MAX past n_keys). As load_kv_tile, but kThreads / kBN threads share a row and
-// find its token (chunk lookup, page) once; consecutive threads take consecutive 16-byte
+// into kpos (INT_MAX past n_keys). kThreads / kBN threads share a row and find its token
+// (gathered_row: chunk lookup, page) once; consecutive threads take consecutive 16-byte
 // chunks, so each copy instruction still covers whole 32-byte sectors.
 template <typename T, int D, int kBN, int kThreads>
 __device__ __forceinline__ void load_decode_tile(T* sk, T* sv, int* kpos, const GatheredKeys& g,
@@ -104,30 +104,17 @@ __device__ __forceinline__ void load_decode_tile(T* sk, T* sv, int* kpos, const 
   constexpr int kPerRow = kThreads / kBN;  // threads per row
   static_assert(kThreads % kBN == 0 && (D / 8) % kPerRow == 0, "whole rows per thread group");
   const int r = threadIdx.x / kPerRow, sub = threadIdx.x % kPerRow;
-  const int key = tile * kBN + r;
-  const bool valid = key < g.n_keys;
-  const int tok = valid ? g.token(key, p) : 0;
-  const T* k_row = k_base;
-  const T* v_row = v_base;
-  if (g.pages == nullptr) {
-    k_row += tok * p.k_sn;
-    v_row += tok * p.v_sn;
-  } else {
-    int page, in;
-    p.pages.locate(g.pages, tok, page, in);
-    k_row += page * p.k_sb + in * p.k_sn;
-    v_row += page * p.v_sb + in * p.v_sn;
-  }
+  const GatheredRow<T> row = gathered_row(g, p, tile * kBN + r, k_base, v_base);
   // Rows r..r+3 of a quarter warp take their chunk pairs in different orders, so its
   // 16-byte writes land in 8 different bank groups.
   const int order = kPerRow == 2 && D / 8 >= 8 ? (r & 3) << 1 : 0;
 #pragma unroll
   for (int j = 0; j < D / 8 / kPerRow; ++j) {
     const int ch = (j * kPerRow + sub) ^ order;
-    cp_async_16(sk + swz<D>(r, ch * 8), k_row + ch * 8, valid);
-    cp_async_16(sv + swz<D>(r, ch * 8), v_row + ch * 8, valid);
+    cp_async_16(sk + swz<D>(r, ch * 8), row.k + ch * 8, row.valid);
+    cp_async_16(sv + swz<D>(r, ch * 8), row.v + ch * 8, row.valid);
   }
-  if (sub == 0) kpos[r] = valid ? tok : INT_MAX;
+  if (sub == 0) kpos[r] = row.valid ? row.tok : INT_MAX;
   cp_async_commit();
 }
 

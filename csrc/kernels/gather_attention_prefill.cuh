@@ -120,9 +120,9 @@ __host__ __device__ constexpr int prefill_row_threads() {
 }
 
 // Copies the K and V rows of gathered keys [tile * kBN, tile * kBN + kBN) into the swizzled
-// tiles sk and sv (layout L) and their cache tokens into kpos, exactly as load_kv_tile (the
-// same bytes, zeros and INT_MAX past n_keys, one commit group), but a thread owns one key row:
-// it finds the row's token and page once and issues its D / 8 / kTPR pieces of 16 bytes of K
+// tiles sk and sv (layout L; cp.async, one commit group, zero-filled past n_keys) and their
+// cache tokens into kpos (INT_MAX past n_keys, so the mask drops them). kTPR threads share a
+// key row: each finds the row's token and page once (gathered_row) and issues its D / 8 / kTPR pieces of 16 bytes of K
 // and of V from that base (pieces sub, sub + kTPR, ..., so kTPR neighbouring lanes read
 // 16 kTPR contiguous bytes of a row at a time).
 template <typename T, int D, class L = RowSwizzled<D>>
@@ -133,26 +133,14 @@ __device__ __forceinline__ void load_kv_rows(T* sk, T* sv, int* kpos, const Gath
   constexpr int kPieces = D / 8 / kTPR;
   static_assert(kPrefillThreads == kBN * kTPR && kPieces * kTPR * 8 == D, "whole rows");
   const int r = threadIdx.x / kTPR, sub = threadIdx.x % kTPR;
-  const int key = tile * kBN + r;
-  const bool valid = key < g.n_keys;
-  const int tok = valid ? g.token(key, p) : 0;
-  const T *ks, *vs;
-  if (g.pages == nullptr) {
-    ks = k_base + tok * p.k_sn;
-    vs = v_base + tok * p.v_sn;
-  } else {
-    int page, in;
-    p.pages.locate(g.pages, tok, page, in);
-    ks = k_base + page * p.k_sb + in * p.k_sn;
-    vs = v_base + page * p.v_sb + in * p.v_sn;
-  }
+  const GatheredRow<T> row = gathered_row(g, p, tile * kBN + r, k_base, v_base);
 #pragma unroll
   for (int j = 0; j < kPieces; ++j) {
     const int col = (sub + kTPR * j) * 8;
-    cp_async_16(sk + L{}(r, col), ks + col, valid);
-    cp_async_16(sv + L{}(r, col), vs + col, valid);
+    cp_async_16(sk + L{}(r, col), row.k + col, row.valid);
+    cp_async_16(sv + L{}(r, col), row.v + col, row.valid);
   }
-  if (sub == 0) kpos[r] = valid ? tok : INT_MAX;
+  if (sub == 0) kpos[r] = row.valid ? row.tok : INT_MAX;
   cp_async_commit();
 }
 
