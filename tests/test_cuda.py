@@ -170,6 +170,22 @@ def test_select_chunks(case, dtype, rep):
         assert_selection_equivalent(idx, other, scores)
 
 
+# The many-rows scoring GEMM folds "max" per 64-column group when chunks are multiples of 64,
+# and pads partial row tiles with copies of a real row: 400 rows (3 full tiles and 16 rows),
+# column tiles ending mid-tile, and all-negative scores (a zero row would outscore every key).
+@pytest.mark.parametrize("chunk", [64, 128, 48])
+@pytest.mark.parametrize("negative", [False, True])
+def test_select_max_many_rows_chunk_groups(chunk, negative):
+    case = Case(1, 8, 2, 100, 16 + 300 * chunk + 37, 128, 16, 128, chunk, 8, 100)
+    q, k, _, lens, _ = cuda_inputs(case, torch.bfloat16, seed=3)
+    if negative:
+        q, k = -q.abs(), k.abs()
+    idx = reattention.select_chunks(q, k, lens, sink=case.sink, local=case.local, chunk=chunk,
+                                    topk=case.topk, query_block=case.query_block, rep="max",
+                                    backend="cuda")
+    check_selection(q, k, None, lens, case, "max", idx)
+
+
 def test_select_chunks_ties_go_low():
     """Exact ties (duplicated chunks) resolve to the lower index, as the reference does."""
     case = Case(1, 2, 1, 1, 8 + 400 * 8 + 17, 64, 8, 16, 8, 256, 1)

@@ -175,8 +175,9 @@ struct ColumnRows {
 };
 
 // Stages rows [row0, row0 + kRows) of the tile's query block as the A tile (kVec elements per
-// row, at Layout()(row, col); bound splits q by sign). Rows at or past `rows` are zero: callers
-// mask them out of the row max.
+// row, at Layout()(row, col); bound splits q by sign). Rows at or past `rows` repeat the tile's
+// first row (zeros if the tile has no row): a copy of a real row cannot change a max over rows,
+// so the epilogues need no row mask.
 template <typename T, int D, RepMode kRep, int kRows, int kThreads,
           typename Layout = RowSwizzled<kRep == RepMode::kBound ? 2 * D : D>>
 __device__ __forceinline__ void stage_query_rows(T* s_a, const SelectParams& p,
@@ -186,7 +187,7 @@ __device__ __forceinline__ void stage_query_rows(T* s_a, const SelectParams& p,
   const T* q_base = static_cast<const T*>(p.q) + t.b * p.q_sb;
   for (int id = threadIdx.x; id < kRows * (D / 8); id += kThreads) {
     const int r = id / (D / 8), ch = id % (D / 8);
-    const int gr = t.row0 + r;
+    const int gr = t.row0 + r < t.rows ? t.row0 + r : t.row0;
     uint4 raw = make_uint4(0, 0, 0, 0);
     if (gr < t.rows) {
       const int head = t.h * group + gr % group, query = t.q0 + gr / group;
@@ -642,36 +643,55 @@ __device__ __forceinline__ void load_column_slice(T* dst, const ColumnRows<T, kT
 
 // Epilogue of one warp's accumulator tile (m16n8 fragment layout: acc[mt][nt][0..1] at row
 // warp_row0 + mt * 16 + lane / 4, acc[mt][nt][2..3] eight rows lower, columns warp_col0 +
-// nt * 8 + 2 * (lane % 4) + {0, 1}): rows at or past t.rows drop out, the max over the rows of
-// each column is reduce-scattered over the 8 row lanes (each lane keeps kNT / 4 columns), then
-// meets the other warps' in a shared atomicMax per column, or per chunk of tokens ("max") where
-// the warp's or a lane quad's columns lie in one chunk.
+// nt * 8 + 2 * (lane % 4) + {0, 1}); every row counts (stage_query_rows pads with copies of a
+// real row). "max" with 64-aligned chunks (the usual case): each 64-column group of the warp
+// lies in one chunk, so a thread folds its values of a group, a warp-wide max finishes it and
+// one shared atomicMax per group and warp meets the other warps'. Otherwise the max over the
+// rows of each column is reduce-scattered over the 8 row lanes (each lane keeps kNT / 4
+// columns), then meets the other warps' in a shared atomicMax per column, or per chunk of tokens
+// where the warp's or a lane quad's columns lie in one chunk.
 template <int kMT, int kNT, bool kTokens>
 __device__ __forceinline__ void warp_tile_maxima(const float (&acc)[kMT][kNT][4], const SelectParams& p,
-                                                 const ScoreTile& t, int warp_row0, int warp_col0,
-                                                 uint32_t* s_best, int lane) {
+                                                 const ScoreTile& t, int /*warp_row0*/,
+                                                 int warp_col0, uint32_t* s_best, int lane) {
   static_assert(kNT % 4 == 0, "the reduce-scatter gives each lane kNT / 4 columns");
   constexpr int kPerLane = kNT / 4, kWN = kNT * 8;
   const int g = lane >> 2, t4 = lane & 3, n_cols = t.n_cols;
-  // Zero rows of A (past t.rows) must not lift a max. Selects, not stores: the accumulators are
-  // only read here (on sm_90a a conditional write would serialize the wgmma).
-  float v[2 * kNT];  // v[2 nt + e]: column nt * 8 + 2 * t4 + e
+  float v[2 * kNT];  // v[2 nt + e]: column nt * 8 + 2 * t4 + e, max over the thread's rows
 #pragma unroll
   for (int nt = 0; nt < kNT; ++nt) {
 #pragma unroll
-    for (int e = 0; e < 2; ++e) v[2 * nt + e] = -INFINITY;
+    for (int e = 0; e < 2; ++e) v[2 * nt + e] = fmaxf(acc[0][nt][e], acc[0][nt][e + 2]);
   }
 #pragma unroll
-  for (int mt = 0; mt < kMT; ++mt) {
-    const bool lo = warp_row0 + mt * 16 + g < t.rows;
-    const bool hi = warp_row0 + mt * 16 + g + 8 < t.rows;
+  for (int mt = 1; mt < kMT; ++mt) {
 #pragma unroll
     for (int nt = 0; nt < kNT; ++nt) {
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
-        v[2 * nt + e] = fmaxf(v[2 * nt + e], fmaxf(lo ? acc[mt][nt][e] : -INFINITY,
-                                                   hi ? acc[mt][nt][e + 2] : -INFINITY));
+        v[2 * nt + e] = fmaxf(v[2 * nt + e], fmaxf(acc[mt][nt][e], acc[mt][nt][e + 2]));
       }
+    }
+  }
+  if constexpr (kTokens && kWN % 64 == 0) {
+    if (p.chunk % 64 == 0 && warp_col0 + kWN <= n_cols) {  // warp_col0 is a multiple of kWN
+      constexpr int kGroups = kWN / 64;
+      float m[kGroups];
+#pragma unroll
+      for (int gi = 0; gi < kGroups; ++gi) {
+        m[gi] = v[16 * gi];
+#pragma unroll
+        for (int i = 1; i < 16; ++i) m[gi] = fmaxf(m[gi], v[16 * gi + i]);
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) m[gi] = fmaxf(m[gi], __shfl_xor_sync(0xffffffffu, m[gi], o));
+      }
+      if (lane < kGroups) {
+        float mine = m[0];
+#pragma unroll
+        for (int gi = 1; gi < kGroups; ++gi) mine = lane == gi ? m[gi] : mine;
+        atomicMax(&s_best[(warp_col0 + 64 * lane) / p.chunk], float_to_key(mine));
+      }
+      return;
     }
   }
   max_fold<kNT>(v, lane, 16);
