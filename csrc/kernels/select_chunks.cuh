@@ -624,20 +624,37 @@ __device__ __forceinline__ void max_fold(float* v, int lane, int lane_bit) {
 
 // Copies the kStep-element slice from element k0 of columns col0 .. col0 + kBN - 1 into a
 // swizzled tile of kBN rows of kStep elements (cp.async, the caller commits); columns at or past
-// n_cols land as zeros.
+// n_cols land as zeros. Thread i copies 16-byte piece i % kPieces of rows i / kPieces + j *
+// kRowStep: on strided columns (reps, contiguous keys) one address per thread and slice, then
+// a constant stride, and a swizzle that is the same for all its rows (kRowStep is a multiple
+// of 8), so a copy costs a few instructions; paged keys find each row's page.
 template <int kBN, int kStep, int kThreads, typename T, bool kTokens>
 __device__ __forceinline__ void load_column_slice(T* dst, const ColumnRows<T, kTokens>& col_rows,
                                                   const SelectParams& p, int col0, int k0,
                                                   int n_cols) {
   constexpr int kPieces = kStep / 8;
-  static_assert(kBN * kPieces % kThreads == 0, "slice shape");
+  constexpr int kPer = kBN * kPieces / kThreads, kRowStep = kThreads / kPieces;
+  static_assert(kBN * kPieces % kThreads == 0 && kThreads % kPieces == 0 && kRowStep % 8 == 0,
+                "slice shape");
+  const int r0 = threadIdx.x / kPieces, ch = threadIdx.x % kPieces;
+  if (!kTokens || col_rows.pages == nullptr) {
+    const T* src = col_rows.base + static_cast<int64_t>(col0 + r0) * p.c_sn + k0 + ch * 8;
+    const int64_t stride = static_cast<int64_t>(kRowStep) * p.c_sn;
+    const int left = n_cols - col0 - r0;  // this thread's rows below n_cols: j * kRowStep < left
+    T* d = dst + swz<kStep>(r0, ch * 8);
 #pragma unroll
-  for (int i = 0; i < kBN * kPieces / kThreads; ++i) {
-    const int id = threadIdx.x + i * kThreads;
-    const int r = id / kPieces, ch = id % kPieces;
-    const int c = col0 + r;
-    const bool valid = c < n_cols;
-    cp_async_16(dst + swz<kStep>(r, ch * 8), col_rows(valid ? c : 0, p) + k0 + ch * 8, valid);
+    for (int j = 0; j < kPer; ++j) {
+      const bool valid = j * kRowStep < left;
+      cp_async_16(d + j * kRowStep * kStep, valid ? src + j * stride : col_rows.base, valid);
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < kPer; ++j) {
+      const int r = r0 + j * kRowStep;
+      const int c = col0 + r;
+      const bool valid = c < n_cols;
+      cp_async_16(dst + swz<kStep>(r, ch * 8), col_rows(valid ? c : 0, p) + k0 + ch * 8, valid);
+    }
   }
 }
 
