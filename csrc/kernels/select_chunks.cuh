@@ -948,20 +948,28 @@ cudaError_t launch_chunk_scores(const SelectParams& plan, bool* fused, cudaStrea
                                 /*may_fuse=*/kRep != RepMode::kMax, fused, stream);
 }
 
-// The many-rows scoring GEMM: the sm_90a kernel where wgmma_scores_usable says so, else the
-// mma.sync (sm80) one.
+// The many-rows scoring GEMM: on a device and build that run sm_90a code (sm90a_code_usable),
+// the wgmma kernel of this instantiation's vector length, picked at compile time
+// (WgmmaTile::kWarpSpecialized: chunk_scores_wgmma_ws_kernel for kVec <= 128, else
+// chunk_scores_wgmma_kernel; docs/design.md section 4); else the mma.sync (sm80) one.
 template <typename T, int D, RepMode kRep>
 cudaError_t launch_chunk_scores_gemm(const SelectParams& plan, bool* fused, cudaStream_t stream) {
   constexpr int kVec = kRep == RepMode::kBound ? 2 * D : D;
   const int cols_per_chunk = kRep == RepMode::kMax ? plan.chunk : 1;
+  using W = WgmmaTile<kVec>;
+  void (*const wgmma_kernel)(SelectParams) = [] {
+    if constexpr (W::kWarpSpecialized) {
+      return chunk_scores_wgmma_ws_kernel<T, D, kRep>;
+    } else {
+      return chunk_scores_wgmma_kernel<T, D, kRep>;
+    }
+  }();
   bool wgmma = false;
-  cudaError_t err = wgmma_scores_usable<T, D, kRep>(&wgmma);
+  cudaError_t err = sm90a_code_usable(reinterpret_cast<const void*>(wgmma_kernel), &wgmma);
   if (err != cudaSuccess) return err;
   if (wgmma) {
-    using W = WgmmaTile<kVec>;
-    return launch_scores_one_wave(chunk_scores_wgmma_kernel<T, D, kRep>, plan, W::kThreads,
-                                  W::kFixedSmem, W::kBN, W::kMaxChunks, cols_per_chunk, false,
-                                  fused, stream);
+    return launch_scores_one_wave(wgmma_kernel, plan, W::kThreads, W::kFixedSmem, W::kBN,
+                                  W::kMaxChunks, cols_per_chunk, false, fused, stream);
   }
   using G = GemmTile<kVec>;
   return launch_scores_one_wave(chunk_scores_gemm_kernel<T, D, kRep>, plan, G::kThreads,

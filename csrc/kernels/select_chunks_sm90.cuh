@@ -2,81 +2,172 @@
 // kernel 2) with Hopper's warpgroup MMA, wgmma.mma_async m64nNk16 (fp32 accumulate), which reads
 // both operands from shared memory: no ldmatrix, and one instruction per 64 x N x 16 product.
 //
-// CTA: 256 threads = 2 warpgroups; the CTA tile is kBM x 256 (kBM = gemm_block_m(kVec), so the
-// row tiling equals the sm80 kernel's). kBM = 128: warpgroup w owns rows 64 w .. 64 w + 63 and
+// Two kernels, picked at compile time per instantiation by launch_chunk_scores_gemm through
+// WgmmaTile<kVec>::kWarpSpecialized (docs/design.md section 4):
+// - chunk_scores_wgmma_kernel for kVec >= 256 (max / mean at D 256, bound at D 128 and 256):
+//   256 threads, cp.async by all and one CTA barrier per slice;
+// - chunk_scores_wgmma_ws_kernel for kVec <= 128 (max / mean at D 64 and 128, bound at D 64;
+//   the exact selection is kVec 128): 384 threads, warp-specialized, a producer warpgroup and
+//   two consumer warpgroups that take column tiles in turn. At kVec >= 256 the ring holds less
+//   than a column tile plus prefetch, so there is no turn-taking, and the mbarrier hand-off
+//   measured slower than the CTA barrier (bench/NOTES.md).
+//
+// Both: two MMA warpgroups and a CTA tile of kBM x 256 (kBM = gemm_block_m(kVec), so the row
+// tiling equals the sm80 kernel's). kBM = 128: MMA warpgroup w owns rows 64 w .. 64 w + 63 and
 // all 256 columns (N = 256, 128 fp32 accumulators per thread); kBM = 64 (bound, D 256): both own
 // the 64 rows and 128 columns each (N = 128).
 //
 // Shared memory layout: every operand tile is K-major in the 128-byte swizzle of wgmma, built
 // of 1024-byte atoms of 8 rows x 64 elements: row r at byte 128 r, its 16-byte chunk c stored
 // at chunk c ^ (r % 8), i.e. swz<64>. The A tile (query rows, kVec elements) is kept as kVec / 64
-// such slices of kBM rows; the column ring holds kStages slices of 256 columns x 64 elements,
-// exactly what load_column_slice writes. The descriptor of a slice: start address >> 4, stride
-// byte offset 1024 (from one 8-row atom to the next), leading byte offset unused (a k16 step
-// stays inside one 128-byte row), swizzle mode 1 (128 B); the k16 step kk starts 32 kk bytes
-// further, and the hardware applies the XOR to the final address, which is why the atoms must
-// be 1024-byte aligned (the dynamic shared memory base is rounded up to 1024).
+// such slices of kBM rows (Sliced64); the column ring holds kStages slices of 256 columns x 64
+// elements, exactly what load_column_slice writes. The descriptor of a slice: start address
+// >> 4, stride byte offset 1024 (from one 8-row atom to the next), leading byte offset unused
+// (a k16 step stays inside one 128-byte row), swizzle mode 1 (128 B); the k16 step kk starts
+// 32 kk bytes further, and the hardware applies the XOR to the final address, which is why the
+// atoms must be 1024-byte aligned (the dynamic shared memory base is rounded up to 1024). The
+// warp-specialized kernel keeps its mbarriers (128 bytes) after the ring; then the per-chunk
+// maxima.
 //
-// Pipeline, one (column tile, 64-element slice) per step, all 256 threads: cp.async the slice
-// kAhead = kStages - 2 steps ahead; wait for this step's slice; fence.proxy.async (the copies
-// were generic-proxy writes, wgmma reads through the async proxy); barrier; issue the 4 wgmma
-// of the slice as one group and keep it in flight (wgmma.wait_group 1), so the slice a step
-// refills (read by the group two steps back) is always retired. The last slice of a column tile
-// waits for all groups, and warp_tile_maxima (shared with the sm80 kernel) reduces the tile:
-// wgmma's accumulators per warp are the m16n8 fragment layout of one m16 tile (warp i of the
-// warpgroup holds rows 16 i .. 16 i + 15), so the epilogue semantics are the same: ragged rows
-// -inf, max over rows, per-column (or per-chunk of tokens) shared atomicMax, then
-// store_chunk_maxima. Every column runs the same wgmma sequence over its vector in the same k
-// order wherever it falls, so bit-identical chunks still get bit-identical keys.
+// Pipeline of chunk_scores_wgmma_kernel, one (column tile, 64-element slice) per step, all 256
+// threads: cp.async the slice kAhead = kStages - 2 steps ahead; wait for this step's slice;
+// fence.proxy.async (the copies were generic-proxy writes, wgmma reads through the async
+// proxy); barrier; issue the 4 wgmma of the slice as one group and keep it in flight
+// (wgmma.wait_group 1), so the slice a step refills (read by the group two steps back) is
+// always retired. The last slice of a column tile waits for all groups and reduces the tile.
 //
-// Included by select_chunks.cuh after the sm80 GEMM kernel, whose helpers it uses. The body is
-// compiled for sm_90a only (__CUDA_ARCH_FEAT_SM90_ALL); elsewhere it traps, and the launcher
-// (wgmma_scores_usable) never picks it there.
+// Pipeline of chunk_scores_wgmma_ws_kernel, synchronized by mbarriers only after the A tile is
+// staged (no CTA-wide barrier until the maxima are stored):
+// - full[s] / empty[s] per ring slot. The producer warpgroup (setmaxnreg down to kProducerRegs)
+//   copies every slice with load_column_slice over its 128 threads; a thread keeps kLag + 1
+//   slices in flight, and once its copies of a slice have landed (cp.async.wait_group kLag) it
+//   fences them to the async proxy and arrives on the slot's full barrier (128 arrivals). Before
+//   refilling a slot it waits on empty: all 8 consumer warps released the slot's previous use.
+// - A consumer warpgroup (setmaxnreg up to kConsumerRegs) waits on full, issues the slice's 4
+//   wgmma as one group and keeps it in flight (wgmma.wait_group 1); each warp releases the slot
+//   of the group that just retired. The last slice of a column tile waits for all groups and
+//   reduces the tile.
+// - The consumers take turns per column tile through two more mbarriers: consumer 1 issues
+//   tile i once consumer 0 has issued it, consumer 0 tile i + 1 once consumer 1 has issued
+//   tile i, so one consumer's epilogue runs while the other's wgmma keep the tensor cores busy.
+//   This needs the ring to hold a column tile plus two slices (kStages >= kKSteps + 2), which
+//   is what limits the kernel to kVec <= 128.
+//
+// The reduction of a column tile is warp_tile_maxima (shared with the sm80 kernel): wgmma's
+// accumulators per warp are the m16n8 fragment layout of one m16 tile (warp i of the warpgroup
+// holds rows 16 i .. 16 i + 15), so the epilogue semantics are the same: ragged rows -inf, max
+// over rows, per-column (or per-chunk of tokens) shared atomicMax, then store_chunk_maxima after
+// a CTA barrier. In both kernels every column runs the same wgmma sequence over its vector in
+// the same k order wherever it falls, so bit-identical chunks still get bit-identical keys.
+//
+// Included by select_chunks.cuh after the sm80 GEMM kernel, whose helpers it uses. The bodies
+// are compiled for sm_90a only (__CUDA_ARCH_FEAT_SM90_ALL); elsewhere they trap, and the
+// launcher (sm90a_code_usable) never picks them there.
 #pragma once
 
 #include "sm90_utils.cuh"
 
 namespace reattention::kernels {
 
-// Shapes of the sm_90a scoring kernel for column vectors of kVec elements (every kVec the GEMM
+// Shapes of the sm_90a scoring kernels for column vectors of kVec elements (every kVec the GEMM
 // kernel serves: D and 2 D for D in 64, 128, 256).
 template <int kVec>
 struct WgmmaTile {
-  static constexpr int kThreads = 256;
+  // kVec <= 128: chunk_scores_wgmma_ws_kernel, else chunk_scores_wgmma_kernel.
+  static constexpr bool kWarpSpecialized = kVec <= 128;
+  static constexpr int kMmaWarpgroups = 2;
+  static constexpr int kThreads = 128 * (kMmaWarpgroups + (kWarpSpecialized ? 1 : 0));
+  static constexpr int kProducerRegs = 72;   // setmaxnreg: 128 x 72 + 256 x 216 = 384 x 168
+  static constexpr int kConsumerRegs = 216;  // the consumer path uses up to R211 (bound, D 64)
   static constexpr int kBM = gemm_block_m(kVec);
   static constexpr int kBN = 256;
-  static constexpr int kWgM = kBM / 64;           // warpgroups over the rows
-  static constexpr int kWgN = 2 / kWgM;           // and over the columns
-  static constexpr int kN = kBN / kWgN;           // the wgmma's N
-  static constexpr int kKStep = 64;               // one 128-byte swizzle row
+  static constexpr int kWgM = kBM / 64;                // MMA warpgroups over the rows
+  static constexpr int kWgN = kMmaWarpgroups / kWgM;   // and over the columns
+  static constexpr int kN = kBN / kWgN;                // the wgmma's N
+  static constexpr int kKStep = 64;                    // one 128-byte swizzle row
   static constexpr int kKSteps = kVec / kKStep;
   static constexpr int kMaxChunks = GemmTile<kVec>::kMaxChunks;
   static constexpr int kABytes = kBM * kVec * 2;
   static constexpr int kSliceBytes = kBN * kKStep * 2;
-  static constexpr int kAlign = 1024;              // swizzle atoms; the base is rounded up
-  // As many ring slices as fit next to the A tile and the chunk maxima in 227 KB (4 to 6).
+  static constexpr int kAlign = 1024;                  // swizzle atoms; the base is rounded up
+  static constexpr int kBarrierBytes = kWarpSpecialized ? 128 : 0;  // full, empty, turn
+  // As many ring slices as fit next to the A tile, the barriers and the chunk maxima in 227 KB
+  // (4 to 6).
   static constexpr int kSmemLimit = 227 * 1024;
   static constexpr int kStagesFit =
-      (kSmemLimit - kAlign - kABytes - kMaxChunks * 4) / kSliceBytes;
+      (kSmemLimit - kAlign - kABytes - kBarrierBytes - kMaxChunks * 4) / kSliceBytes;
   static constexpr int kStages = kStagesFit < 6 ? kStagesFit : 6;
-  static constexpr int kAhead = kStages - 2;      // slices in flight ahead of the one consumed
-  static constexpr int kFixedSmem = kAlign + kABytes + kStages * kSliceBytes;
-  static_assert(kVec % kKStep == 0 && kWgM * kWgN == 2 && kStages >= 3, "tile shape");
+  static constexpr int kAhead = kStages - 2;  // CTA-barrier kernel: slices in flight ahead
+  static constexpr int kLag = 3;              // warp-specialized producer: groups in flight - 1
+  static constexpr int kFixedSmem = kAlign + kABytes + kStages * kSliceBytes + kBarrierBytes;
+  static_assert(kVec % kKStep == 0 && kWgM * kWgN == kMmaWarpgroups && kStages >= 3,
+                "tile shape");
+  // The warp-specialized kernel: consumer turns need a column tile plus two slices in the ring;
+  // a producer's oldest slice in flight is older than the slot it waits to refill; the
+  // barriers fit; setmaxnreg moves registers within the launch's allocation (65536 / kThreads
+  // per thread, rounded down to 8: 168 at 384 threads).
+  static_assert(!kWarpSpecialized ||
+                    (kStages >= kKSteps + 2 && kLag <= kStages - 1 &&
+                     2 * kStages + 2 <= kBarrierBytes / 8 &&
+                     128 * kProducerRegs + 256 * kConsumerRegs <=
+                         kThreads * (65536 / kThreads / 8 * 8)),
+                "warp-specialized shape");
 };
 
+// The dynamic shared memory of both kernels: the A tile at the first 1024-byte boundary, the
+// ring, the mbarriers (warp-specialized kernel only), the per-chunk maxima.
+template <typename T, typename W>
+struct WgmmaSmem {
+  T* a;
+  T* ring;
+  uint64_t* barriers;
+  uint32_t* best;
+
+  __device__ __forceinline__ explicit WgmmaSmem(unsigned char* raw) {
+    const uint32_t raw_addr = static_cast<uint32_t>(__cvta_generic_to_shared(raw));
+    a = reinterpret_cast<T*>(raw + ((W::kAlign - raw_addr % W::kAlign) % W::kAlign));
+    ring = a + W::kABytes / 2;
+    barriers = reinterpret_cast<uint64_t*>(ring + W::kStages * W::kBN * W::kKStep);
+    best = reinterpret_cast<uint32_t*>(barriers + W::kBarrierBytes / 8);
+  }
+};
+
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+// One step of both kernels: the 4 wgmma (k16 steps) of A slice ks against ring slot `slot`,
+// issued as one group and committed. a_addr / b_addr: the MMA warpgroup's rows of A slice 0 and
+// columns of ring slot 0 (whole atoms: 64 rows, 128 or 256 columns, 128 bytes each); d: its
+// kN / 2 accumulators, overwritten by the first slice of a column tile (ks = 0).
+template <typename T, typename W>
+__device__ __forceinline__ void wgmma_slice(float* d, uint32_t a_addr, uint32_t b_addr, int ks,
+                                            int slot) {
+  const uint64_t desc_a = wgmma_desc_sw128(a_addr + ks * W::kBM * W::kKStep * 2);
+  const uint64_t desc_b = wgmma_desc_sw128(b_addr + slot * W::kSliceBytes);
+  wgmma_fence();
+  fence_accumulators<W::kN / 2>(d);
+#pragma unroll
+  for (int kk = 0; kk < W::kKStep / 16; ++kk) {
+    // k16 step kk: 32 bytes further in the 128-byte rows (2 in the descriptor's units).
+    wgmma_m64k16<T, W::kN>(d, desc_a + 2 * kk, desc_b + 2 * kk, ks > 0 || kk > 0);
+  }
+  wgmma_commit();
+}
+#endif  // sm_90a
+
+// The CTA-barrier kernel (kVec >= 256).
 template <typename T, int D, RepMode kRep>
 __global__ void __launch_bounds__(256, 1) chunk_scores_wgmma_kernel(SelectParams p) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr int kVec = kRep == RepMode::kBound ? 2 * D : D;
   using W = WgmmaTile<kVec>;
+  static_assert(!W::kWarpSpecialized && W::kThreads == 256, "kVec >= 256 only");
   constexpr int kNT = W::kN / 8;
   constexpr bool kTokens = kRep == RepMode::kMax;
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  const uint32_t raw_addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw));
-  T* s_a = reinterpret_cast<T*>(smem_raw + ((W::kAlign - raw_addr % W::kAlign) % W::kAlign));
-  T* s_b = s_a + W::kBM * kVec;
-  uint32_t* s_best = reinterpret_cast<uint32_t*>(s_b + W::kStages * W::kBN * W::kKStep);
+  const WgmmaSmem<T, W> smem(smem_raw);
+  T* s_a = smem.a;
+  T* s_b = smem.ring;
+  uint32_t* s_best = smem.best;
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, wg = warp / 4;
   const int wg_m = wg / W::kWgN, wg_n = wg % W::kWgN;
@@ -119,18 +210,7 @@ __global__ void __launch_bounds__(256, 1) chunk_scores_wgmma_kernel(SelectParams
     cp_async_commit();
 
     const int ks = step % W::kKSteps;
-    const uint64_t desc_a = wgmma_desc_sw128(a_addr + ks * W::kBM * W::kKStep * 2);
-    const uint64_t desc_b =
-        wgmma_desc_sw128(b_addr + step % W::kStages * W::kSliceBytes);
-    wgmma_fence();
-    fence_accumulators<kNT * 4>(d);
-#pragma unroll
-    for (int kk = 0; kk < W::kKStep / 16; ++kk) {
-      // k16 step kk: 32 bytes further in the 128-byte rows (2 in the descriptor's units);
-      // the first k16 step of a column tile overwrites the accumulators.
-      wgmma_m64k16<T, W::kN>(d, desc_a + 2 * kk, desc_b + 2 * kk, ks > 0 || kk > 0);
-    }
-    wgmma_commit();
+    wgmma_slice<T, W>(d, a_addr, b_addr, ks, step % W::kStages);
     if (ks != W::kKSteps - 1) {
       wgmma_wait<1>();  // the accumulators stay untouched while this group is in flight
       continue;
@@ -146,17 +226,113 @@ __global__ void __launch_bounds__(256, 1) chunk_scores_wgmma_kernel(SelectParams
   __syncthreads();
   store_chunk_maxima<W::kThreads>(p, t, s_best);
 #else
-  __trap();  // compiled without sm_90a: wgmma_scores_usable never launches this
+  __trap();  // compiled without sm_90a: the launcher never picks this
 #endif
 }
 
-// Whether the scoring GEMM runs chunk_scores_wgmma_kernel<T, D, kRep> on the current device
-// (sm90a_code_usable's rule). Every shape the GEMM kernel serves is covered; other devices and
-// builds run chunk_scores_gemm_kernel.
+// The warp-specialized kernel (kVec <= 128; the header comment describes the pipeline).
 template <typename T, int D, RepMode kRep>
-inline cudaError_t wgmma_scores_usable(bool* usable) {
-  return sm90a_code_usable(reinterpret_cast<const void*>(chunk_scores_wgmma_kernel<T, D, kRep>),
-                           usable);
+__global__ void __launch_bounds__(384, 1) chunk_scores_wgmma_ws_kernel(SelectParams p) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  constexpr int kVec = kRep == RepMode::kBound ? 2 * D : D;
+  using W = WgmmaTile<kVec>;
+  static_assert(W::kWarpSpecialized && W::kThreads == 384, "kVec <= 128 only");
+  constexpr int kNT = W::kN / 8;
+  constexpr bool kTokens = kRep == RepMode::kMax;
+
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const WgmmaSmem<T, W> smem(smem_raw);
+  const uint32_t bar0 = static_cast<uint32_t>(__cvta_generic_to_shared(smem.barriers));
+  auto full_bar = [&](int st) { return bar0 + 8 * st; };
+  auto empty_bar = [&](int st) { return bar0 + 8 * (W::kStages + st); };
+  auto turn_bar = [&](int c) { return bar0 + 8 * (2 * W::kStages + c); };
+
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, wg = warp / 4;
+  const ScoreTile t = score_tile(p, W::kBM, kTokens);
+  if (t.empty()) return;
+
+  const int n_cols = t.n_cols;
+  const int n_steps = (n_cols + W::kBN - 1) / W::kBN * W::kKSteps;  // (column tile, slice)
+  if (threadIdx.x == 0) {
+    for (int st = 0; st < W::kStages; ++st) {
+      mbar_init(full_bar(st), 128);     // every producer thread's copies of the slice
+      mbar_init(empty_bar(st), 4 * W::kMmaWarpgroups);  // one arrival per consumer warp
+    }
+    for (int c = 0; c < 2; ++c) mbar_init(turn_bar(c), 1);
+  }
+  stage_query_rows<T, D, kRep, W::kBM, W::kThreads, Sliced64<W::kBM>>(smem.a, p, t);
+  for (int i = threadIdx.x; i < t.j1 - t.j0; i += W::kThreads) smem.best[i] = 0u;
+  fence_proxy_async_shared();  // the A stores -> the async proxy (wgmma)
+  __syncthreads();             // barriers initialized, A staged, maxima zeroed
+
+  if (wg == 0) {
+    // Producer: step s's slice is issued at iteration s and announced at iteration s + kLag,
+    // once this thread's copies of it have landed. Every iteration commits one cp.async group
+    // (empty past the end), so the wait_group count stays uniform.
+    setmaxnreg_dec<W::kProducerRegs>();
+    const ColumnRows<T, kTokens> col_rows(p, t);
+    for (int step = 0; step < n_steps + W::kLag; ++step) {
+      if (step < n_steps) {
+        const int st = step % W::kStages, use = step / W::kStages;
+        if (use > 0) mbar_wait(empty_bar(st), (use - 1) & 1);
+        load_column_slice<W::kBN, W::kKStep, 128>(
+            smem.ring + st * (W::kBN * W::kKStep), col_rows, p, step / W::kKSteps * W::kBN,
+            step % W::kKSteps * W::kKStep, n_cols);
+      }
+      cp_async_commit();
+      if (step >= W::kLag) {
+        cp_async_wait<W::kLag>();
+        fence_proxy_async_shared();  // this thread's copies -> the async proxy
+        mbar_arrive(full_bar((step - W::kLag) % W::kStages));
+      }
+    }
+  } else {
+    // Consumer c: rows 64 wg_m of the tile and columns wg_n * kN of every column tile.
+    setmaxnreg_inc<W::kConsumerRegs>();
+    const int c = wg - 1, wg_m = c / W::kWgN, wg_n = c % W::kWgN;
+    const uint32_t a_addr =
+        static_cast<uint32_t>(__cvta_generic_to_shared(smem.a)) + wg_m * 64 * W::kKStep * 2;
+    const uint32_t b_addr =
+        static_cast<uint32_t>(__cvta_generic_to_shared(smem.ring)) + wg_n * W::kN * W::kKStep * 2;
+    const int warp_row0 = t.row0 + wg_m * 64 + (warp % 4) * 16;
+    auto release = [&](int step) {  // this warp's wgmma of `step` retired
+      if (lane == 0) mbar_arrive(empty_bar(step % W::kStages));
+    };
+    float acc[1][kNT][4];
+    float* d = &acc[0][0][0];
+    int tile = 0;
+    for (int step = 0; step < n_steps; ++step) {
+      const int ks = step % W::kKSteps, st = step % W::kStages;
+      if (ks == 0 && (c == 1 || tile > 0)) {
+        // Consumer 1 takes tile i once consumer 0 has issued it; consumer 0 takes tile i + 1
+        // once consumer 1 has issued tile i.
+        mbar_wait(turn_bar(c), (c == 1 ? tile : tile - 1) & 1);
+      }
+      mbar_wait(full_bar(st), (step / W::kStages) & 1);
+      wgmma_slice<T, W>(d, a_addr, b_addr, ks, st);
+      if (ks != W::kKSteps - 1) {
+        wgmma_wait<1>();  // the accumulators stay untouched while this group is in flight
+        if (ks > 0) release(step - 1);
+        continue;
+      }
+      if (threadIdx.x % 128 == 0) mbar_arrive(turn_bar(1 - c));  // tile issued: the other's turn
+      wgmma_wait<0>();
+      if (ks > 0) release(step - 1);
+      release(step);
+      fence_accumulators<kNT * 4>(d);
+      // Epilogue of column tile `tile` (in every warp: a branch around it would be a divergent
+      // path for the accumulators, which serializes the wgmma).
+      warp_tile_maxima<1, kNT, kTokens>(acc, p, t, warp_row0, tile * W::kBN + wg_n * W::kN,
+                                        smem.best, lane);
+      ++tile;
+    }
+    wgmma_wait<0>();  // nothing is in flight (the last step closes a tile); tells the compiler so
+  }
+  __syncthreads();  // every consumer's maxima are in smem.best
+  store_chunk_maxima<W::kThreads>(p, t, smem.best);
+#else
+  __trap();  // compiled without sm_90a: the launcher never picks this
+#endif
 }
 
 }  // namespace reattention::kernels

@@ -2,7 +2,8 @@
 // matrix descriptor of a K-major tile in the 128-byte swizzle, the wgmma fences and group
 // waits, the async-proxy fence after generic shared-memory writes, and wgmma.mma_async
 // m64nNk16 with fp32 accumulators, both operands in shared memory (K-major) or A in registers
-// and B an MN-major tile.
+// and B an MN-major tile; for the warp-specialized kernels, mbarrier init / arrive / parity
+// wait and setmaxnreg.
 //
 // The 128-byte swizzle atom is 8 rows x 128 bytes (64 16-bit elements), row r at byte 128 r,
 // its 16-byte chunk c stored at chunk c ^ (r % 8): swz<64> of device_utils.cuh. Atoms must be
@@ -194,6 +195,40 @@ __device__ __forceinline__ void wgmma_m64k16_rs(float* d, const uint32_t (&a)[4]
 #undef REATTENTION_WGMMA_M64N128K16
 #undef REATTENTION_WGMMA_M64N256K16
 #undef REATTENTION_F8
+
+// mbarrier (shared::cta) building blocks of the warp-specialized kernels: the barrier at shared
+// address `addr` completes a phase when `count` arrivals have been made; a waiter names the
+// parity of the phase it waits for (0 for the first).
+__device__ __forceinline__ void mbar_init(uint32_t addr, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(addr), "r"(count) : "memory");
+}
+// Arrival with release semantics: this thread's earlier writes are visible to the waiters.
+__device__ __forceinline__ void mbar_arrive(uint32_t addr) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(addr) : "memory");
+}
+// Waits (acquire) until the phase of parity `parity` has completed.
+__device__ __forceinline__ void mbar_wait(uint32_t addr, uint32_t parity) {
+  uint32_t done = 0;
+  do {
+    asm volatile(
+        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+        "selp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(addr), "r"(parity)
+        : "memory");
+  } while (!done);
+}
+
+// Hands registers between the warpgroups of a warp-specialized CTA (every warp of the
+// warpgroup executes it; kRegs a multiple of 8 in [24, 256]).
+template <int kRegs>
+__device__ __forceinline__ void setmaxnreg_inc() {
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kRegs));
+}
+template <int kRegs>
+__device__ __forceinline__ void setmaxnreg_dec() {
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kRegs));
+}
 
 #endif  // sm_90a
 
