@@ -40,13 +40,18 @@
 //   The O accumulator is again the m16n8 layout: o[dt][..] as in the sm80 kernel, so the online
 //   softmax (online_softmax_tile) and the epilogue (store_prefill_rows) are shared.
 //
-// Pipeline (all 256 threads, no producer warp): a cp.async ring of kStages K/V tiles, one
-// barrier per tile. Each iteration: wait for tile t + 1's copy, fence.proxy.async (cp.async and
-// Q stores are generic-proxy writes; wgmma reads through the async proxy), barrier; issue the copy
-// of tile t + kStages - 1; issue S = Q K^T on tile t (one wgmma group); wait; softmax (unmasked
-// when the tile's keys all precede the warp's first row); issue P V and wait for it before the
-// next barrier, whose copy may refill tile t's stage. The accumulators are touched only between
-// a wait and the next wgmma.fence, outside any branch around a wgmma.
+// Pipeline (all 256 threads, no producer warp): a cp.async ring of kStages = 5 K/V tiles, one
+// barrier per tile. Each iteration: wait for tile t's copy, fence.proxy.async (cp.async and Q
+// stores are generic-proxy writes; wgmma reads through the async proxy), barrier; issue the copy
+// of tile t + kStages - 2 into the stage of tile t - 2; issue S = Q K^T on tile t, then P V on
+// tile t - 1 (two wgmma groups in flight together: P V of a tile overlaps the barrier and S of
+// the next); wait for S; softmax (unmasked when the tile's keys all precede the warp's first
+// row) with O's rescale factors caught aside; wait for P V; rescale O and pack P of tile t into
+// registers (pa) for the next iteration. P V on tile t - 1 has retired before the next barrier,
+// so the copy after it may refill that tile's stage. Before the epilogue, P V on the last tile.
+// The accumulators and pa are touched only between a wait and the next wgmma.fence; the
+// branches around a wgmma are uniform over the CTA (no P V before the first tile, none after an
+// empty range).
 //
 // Masks, RoPE of Q, positions, splits and outputs: exactly the sm80 kernel's (shared code:
 // gathered_row, stage_rotated_q with the Sliced64 layout, prefill_softmax_tile,
@@ -70,12 +75,13 @@ struct PrefillSm90Shape {
   static_assert(prefill_sm90_covers(D), "head dims of the sm_90a kernel");
   static constexpr int kBM = kPrefillBlockM;
   static constexpr int kBN = prefill_block_n(D);  // 64 keys: plan_attention's tiles
-  static constexpr int kStages = 4;
+  // The tile in use, the one P V may still read and kStages - 2 in flight.
+  static constexpr int kStages = 5;
   static constexpr int kAlign = 1024;
   static constexpr int kQElems = kBM * D, kTileElems = kBN * D;
   static constexpr int kSmem =
       kAlign + (kQElems + 2 * kStages * kTileElems) * 2 + kStages * kBN * 4 + (D / 2) * 4;
-  static constexpr int kMinBlocks = D <= 64 ? 2 : 1;  // 82 KB or 162 KB of shared memory
+  static constexpr int kMinBlocks = D <= 64 ? 2 : 1;  // 99 KB or 195 KB of shared memory
   static_assert(kBN == 64 && kBM == 128, "two warpgroups of 64 rows, m64n64 S tiles");
 };
 
@@ -204,7 +210,7 @@ __global__ void __launch_bounds__(kPrefillThreads, PrefillSm90Shape<D>::kMinBloc
   constexpr int kBM = Shape::kBM, kBN = Shape::kBN, kStages = Shape::kStages;
   constexpr int kNT = kBN / 8;  // 8-wide key column tiles of S
   constexpr int kDT = D / 8;    // 8-wide output column tiles
-  static_assert(kStages >= 3, "the ring holds the tile in use, the next one and one in flight");
+  static_assert(kStages >= 3, "the ring holds the tile in use, the one P V reads, one in flight");
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const uint32_t raw_addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw));
@@ -234,11 +240,11 @@ __global__ void __launch_bounds__(kPrefillThreads, PrefillSm90Shape<D>::kMinBloc
 
   int t_begin, t_end;
   prefill_tile_range<kBM, kBN>(p, at, gk, t_begin, t_end);
-  // kStages - 1 tiles in flight from the start; every iteration commits exactly one copy group
+  // kStages - 2 tiles in flight from the start; every iteration commits exactly one copy group
   // (empty past the end), so "at most kStages - 3 groups pending" at the top of iteration t
-  // means tile t + 1 has landed.
+  // means tile t has landed.
 #pragma unroll
-  for (int s = 0; s < kStages - 1; ++s) {
+  for (int s = 0; s < kStages - 2; ++s) {
     if (t_begin + s < t_end) load_tile(s, t_begin + s); else cp_async_commit();
   }
 
@@ -265,20 +271,31 @@ __global__ void __launch_bounds__(kPrefillThreads, PrefillSm90Shape<D>::kMinBloc
   }
   float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
   float s[kNT][4];
+  // P of the previous tile, rounded to T in mma.m16n8k16's A layout (see the header comment).
+  uint32_t pa[kNT / 2][4];
+  // O += P V on the V tile at v_stage, A = pa (one wgmma group, committed by the caller).
+  auto issue_pv = [&](uint32_t v_stage) {
+    fence_accumulators<kDT * 4>(&o[0][0]);
+#pragma unroll
+    for (int kk = 0; kk < kNT / 2; ++kk) {
+      wgmma_m64k16_rs<T, D>(&o[0][0], pa[kk],
+                            wgmma_desc_sw128_mn(v_stage + kk * 2048, kSliceBytes), 1);
+    }
+  };
 
   for (int tile = t_begin; tile < t_end; ++tile) {
     const int it = tile - t_begin;
     cp_async_wait<kStages - 3>();
     fence_proxy_async_shared();  // this thread's copies and Q stores -> async proxy
-    // Tiles tile and tile + 1 are visible and every warpgroup's wgmma on tile - 1 has retired,
-    // whose stage the next copy refills.
+    // Tile `tile` is visible and every warpgroup's P V on tile - 2 has retired (waited in the
+    // previous iteration), whose stage the next copy refills.
     __syncthreads();
-    const int next = tile + kStages - 1;
-    if (next < t_end) load_tile((it + kStages - 1) % kStages, next); else cp_async_commit();
+    const int next = tile + kStages - 2;
+    if (next < t_end) load_tile((it + kStages - 2) % kStages, next); else cp_async_commit();
 
     const int stage = it % kStages;
-    const uint32_t k_stage = k_addr + stage * kTileBytes, v_stage = v_addr + stage * kTileBytes;
-    // S = Q K^T.
+    const uint32_t k_stage = k_addr + stage * kTileBytes;
+    // S = Q K^T on this tile, then P V on the previous one: two groups in flight together.
     wgmma_fence();
     fence_accumulators<kNT * 4>(&s[0][0]);
 #pragma unroll
@@ -288,14 +305,24 @@ __global__ void __launch_bounds__(kPrefillThreads, PrefillSm90Shape<D>::kMinBloc
       wgmma_m64k16<T, kBN>(&s[0][0], desc_q, desc_k, kk > 0);
     }
     wgmma_commit();
-    wgmma_wait<0>();
+    if (it > 0) issue_pv(v_addr + (it + kStages - 1) % kStages * kTileBytes);
+    wgmma_commit();   // empty on the first tile
+    wgmma_wait<1>();  // S
     fence_accumulators<kNT * 4>(&s[0][0]);
 
+    // The softmax of this tile with O's rescale factors caught in alpha (online_softmax_tile
+    // multiplies its "O" of ones by them), applied once P V of the previous tile has landed:
+    // the same products o * alpha as rescaling in place.
+    float alpha[1][4] = {{1.f, 1.f, 1.f, 1.f}};
     const int* kpos = s_kpos + stage * kBN;
-    prefill_softmax_tile<kBN>(s, o, m_run, l_run, kpos, qpos, warp_q0, p.scale_log2, lane);
-
-    // O += P V: P rounded to T in mma.m16n8k16's A layout (see the header comment).
-    uint32_t pa[kNT / 2][4];
+    prefill_softmax_tile<kBN>(s, alpha, m_run, l_run, kpos, qpos, warp_q0, p.scale_log2, lane);
+    wgmma_wait<0>();  // P V of the previous tile
+    fence_accumulators<kDT * 4>(&o[0][0]);
+#pragma unroll
+    for (int dt = 0; dt < kDT; ++dt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) o[dt][e] *= alpha[0][e];
+    }
 #pragma unroll
     for (int kk = 0; kk < kNT / 2; ++kk) {
       pa[kk][0] = Dtype<T>::pack2(s[2 * kk][0], s[2 * kk][1]);
@@ -303,17 +330,13 @@ __global__ void __launch_bounds__(kPrefillThreads, PrefillSm90Shape<D>::kMinBloc
       pa[kk][2] = Dtype<T>::pack2(s[2 * kk + 1][0], s[2 * kk + 1][1]);
       pa[kk][3] = Dtype<T>::pack2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
     }
-    wgmma_fence();
-    fence_accumulators<kDT * 4>(&o[0][0]);
-#pragma unroll
-    for (int kk = 0; kk < kNT / 2; ++kk) {
-      wgmma_m64k16_rs<T, D>(&o[0][0], pa[kk], wgmma_desc_sw128_mn(v_stage + kk * 2048, kSliceBytes),
-                            1);
-    }
-    wgmma_commit();
-    wgmma_wait<0>();
-    fence_accumulators<kDT * 4>(&o[0][0]);
   }
+  // P V on the last tile.
+  wgmma_fence();
+  if (t_begin < t_end) issue_pv(v_addr + (t_end - 1 - t_begin) % kStages * kTileBytes);
+  wgmma_commit();
+  wgmma_wait<0>();
+  fence_accumulators<kDT * 4>(&o[0][0]);
   cp_async_wait<0>();  // only empty groups can be left
 
   store_prefill_rows<T, D>(p, o, m_run, l_run, at, ra, t4);
