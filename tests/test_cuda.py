@@ -269,6 +269,39 @@ def test_many_rows_rope_paths(base, rotary, style, positions):
     check_attention(case, q, k, v, lens, idx, inv_freq, out, lse, scale, **kw)
 
 
+# The sm_90a many-rows kernel rotates K once per query block into a workspace of at most
+# 256 MiB, so a call whose blocks do not fit runs as several groups of blocks (here 3 + 3 + 1,
+# every block's slot 2 x 4 x 36672 rows x 256 bytes = 75 MB); other devices run it in one launch.
+# The second sequence is shorter than the local window (no middle).
+#        b  hq hkv  lq    nmax    d  sink local chunk topk qb
+PREROT_GROUPS = Case(2, 8, 4, 200, 40_000, 128, 16, 36_000, 64, 8, 32, lens=(40_000, 23_456))
+
+
+def prerot_groups(case: Case) -> int:
+    """Launch groups of the sm_90a many-rows path (docs/design.md section 4)."""
+    rows = (min(case.sink, case.nmax) + case.topk * case.chunk
+            + min(case.query_block + case.local + case.chunk - 1, case.nmax))
+    rows = -(-rows // 64) * 64
+    per_group = max(1, (256 << 20) // (case.b * case.hkv * rows * case.d * 2))
+    blocks = -(-case.lq // case.query_block)
+    return -(-blocks // min(per_group, blocks))
+
+
+@pytest.mark.parametrize("positions", ["compact", "original"])
+def test_many_rows_several_workspace_groups(positions):
+    case = PREROT_GROUPS
+    assert prerot_groups(case) == 3
+    q, k, v, lens, inv_freq = cuda_inputs(case, torch.bfloat16)
+    idx = reference.select_chunks_ref(q, k, None, lens, case.sink, case.local, case.chunk,
+                                      case.topk, "max", case.query_block)
+    scale = 1 / math.sqrt(case.d)
+    out, lse = reattention.gather_attention(q, k, v, idx, lens, inv_freq=inv_freq,
+                                            sink=case.sink, local=case.local, chunk=case.chunk,
+                                            query_block=case.query_block, scale=scale,
+                                            positions=positions, backend="cuda")
+    check_attention(case, q, k, v, lens, idx, inv_freq, out, lse, scale, positions=positions)
+
+
 def select_then_attend(case, rep, q, k, v, lens, inv_freq, positions="compact"):
     """The whole CUDA path (reps, selection, attention), each stage checked."""
     reps = None

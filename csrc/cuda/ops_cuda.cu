@@ -64,11 +64,21 @@ cudaStream_t current_stream(const Tensor& t) {
   return static_cast<cudaStream_t>(stream);
 }
 
-int sm_count(int32_t device) {
+int device_attribute(int32_t device, cudaDeviceAttr attr) {
   int n = 0;
-  const cudaError_t err = cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device);
+  const cudaError_t err = cudaDeviceGetAttribute(&n, attr, device);
   STD_TORCH_CHECK(err == cudaSuccess, "cudaDeviceGetAttribute: ", cudaGetErrorString(err));
   return n;
+}
+
+int sm_count(int32_t device) {
+  return device_attribute(device, cudaDevAttrMultiProcessorCount);
+}
+
+// Compute capability 9.0: the devices of the sm_90a kernels.
+bool sm90_device(int32_t device) {
+  return device_attribute(device, cudaDevAttrComputeCapabilityMajor) == 9 &&
+         device_attribute(device, cudaDevAttrComputeCapabilityMinor) == 0;
 }
 
 void check_launch(cudaError_t err, const char* op) {
@@ -299,6 +309,16 @@ std::tuple<Tensor, Tensor> gather_attention_cuda(Tensor q, Tensor k_cache, Tenso
   if (const int64_t elems = k::rope_table_elems(p); elems > 0) {
     rope_table = torch::stable::new_empty(q, {2 * elems}, ScalarType::Float);
     p.rope_table = static_cast<float2*>(rope_table.data_ptr());
+  }
+  // Rotated K rows of the sm_90a many-rows kernel, in q's dtype: sized from static shapes
+  // (the launcher runs groups of query blocks that fit it): at most 256 MiB unless a single
+  // block needs more.
+  Tensor k_rot;
+  if (const int64_t k_rot_elems =
+          k::prerot_elems(p, static_cast<int>(d.d), sm90_device(q.get_device_index()));
+      k_rot_elems > 0) {
+    k_rot = torch::stable::new_empty(q, {k_rot_elems});
+    p.k_rot = k_rot.data_ptr();
   }
   const cudaStream_t stream = current_stream(q);
   dispatch_kernel(q.scalar_type(), d.d, "gather_attention", [&](auto tag, auto dim) {

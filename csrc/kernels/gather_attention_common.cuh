@@ -37,6 +37,7 @@ struct AttnParams {
   float* o_part;          // [splits, B, Hq, Lq, D] when num_splits > 1
   float* lse_part;        // [splits, B, Hq, Lq]
   float2* rope_table;     // [rope_table_elems(p)] (cos, sin) of the many-rows path, or null
+  void* k_rot;            // [prerot_elems(p, D)] rotated gathered K rows (sm_90a many-rows), or null
   int64_t q_sb, q_sh, q_sl;
   int64_t k_sb, k_sh, k_sn;  // dim 0: a sequence, or a page
   int64_t v_sb, v_sh, v_sn;
@@ -63,7 +64,8 @@ __device__ __forceinline__ void rope_pair(int i, int half_rot, bool interleaved,
 }
 
 // What one CTA owns. Grid: x = query block * row_tiles + row tile, y = kv head * num_splits +
-// split, z = sequence. Rows of a block: its queries times the group's q heads.
+// split, z = sequence; a launch on a group of blocks numbers them from beta0. Rows of a block:
+// its queries times the group's q heads.
 struct AttnTile {
   int beta, h, split, b, group;
   int q0;    // the block's first query
@@ -71,9 +73,9 @@ struct AttnTile {
   int row0;  // the CTA's first row (row0 >= rows: nothing to do)
 };
 
-__device__ __forceinline__ AttnTile attn_tile(const AttnParams& p, int block_m) {
+__device__ __forceinline__ AttnTile attn_tile(const AttnParams& p, int block_m, int beta0 = 0) {
   AttnTile t;
-  t.beta = blockIdx.x / p.row_tiles;
+  t.beta = beta0 + blockIdx.x / p.row_tiles;
   t.h = blockIdx.y / p.num_splits;
   t.split = blockIdx.y % p.num_splits;
   t.b = blockIdx.z;

@@ -1,6 +1,20 @@
 // gather_attention, many-rows layout on sm_90a: gather_attention_prefill_kernel's work (same CTA
 // tile, plan, splits, softmax and outputs) with Hopper's warpgroup MMA, one wgmma.mma_async per
-// 64 x N x 16 product instead of a warp instruction per 16 x 8 x 16 plus its ldmatrix.
+// 64 x N x 16 product instead of a warp instruction per 16 x 8 x 16 plus its ldmatrix, and K
+// rotated once per query block by a pre-pass instead of in the attention loop.
+//
+// Pre-pass (prerot_k_kernel): the row_tiles CTAs of a (sequence b, kv head h, query block beta)
+// attend to the same gathered keys at the same positions, so rotating K in each of them did the
+// work (and read the RoPE table) row_tiles times. One CTA per tile of kBN gathered keys of a
+// block copies the K rows (gathered_row's lookup), rotates them (rotate_k_tile: the same fp32
+// math rounded once to T, so the rows equal what the in-place rotation produced) and stores
+// them to the workspace p.k_rot, one slot of prerot_rows(p, D) rows x D per (b, h, block):
+// row i = gathered key i, zero past the block's n_keys in its last tile. The slot rows are
+// contiguous, so the attention kernel copies K tiles with plain 16-byte cp.async, no page lookup
+// and no rotation; V rows and key positions still come from the cache through gathered_row.
+// Memory stays bounded whatever Lq is: the launcher runs pre-pass + attention on groups of
+// prerot_group_blocks(p, D) query blocks, sized from static shapes so the workspace holds at
+// most kPrerotBytes (at least one block per group); the op layer allocates prerot_elems(p, D).
 //
 // CTA: 256 threads = 2 warpgroups over kBM = 128 rows of (sequence b, kv head h, query block
 // beta, split); warpgroup w owns rows 64 w .. 64 w + 63, its warp i rows 64 w + 16 i .. + 15
@@ -26,20 +40,25 @@
 //   The O accumulator is again the m16n8 layout: o[dt][..] as in the sm80 kernel, so the online
 //   softmax (online_softmax_tile) and the epilogue (store_prefill_rows) are shared.
 //
-// Pipeline (all 256 threads, no producer warp): the sm80 kernel's cp.async ring of kStages K/V
-// tiles, one barrier per tile. Each iteration: wait for tile t + 1's copy, fence.proxy.async
-// (this thread's cp.async and rotation writes were generic-proxy writes; wgmma reads through the
-// async proxy), barrier; issue the copy of tile t + kStages - 1; issue S = Q K^T on tile t
-// (one wgmma group); rotate tile t + 1 in place while it runs; wait; softmax (unmasked when the
-// tile's keys all precede the warp's first row); issue P V and wait for it before the next
-// barrier, whose copy may refill tile t's stage. The accumulators are touched only between a
-// wait and the next wgmma.fence, outside any branch around a wgmma.
+// Pipeline (all 256 threads, no producer warp): a cp.async ring of kStages = 5 K/V tiles, one
+// barrier per tile. Each iteration: wait for tile t's copy, fence.proxy.async (cp.async and Q
+// stores are generic-proxy writes; wgmma reads through the async proxy), barrier; issue the copy
+// of tile t + kStages - 2 into the stage of tile t - 2; issue S = Q K^T on tile t, then P V on
+// tile t - 1 (two wgmma groups in flight together: P V of a tile overlaps the barrier and S of
+// the next); wait for S; softmax (unmasked when the tile's keys all precede the warp's first
+// row) with O's rescale factors caught aside; wait for P V; rescale O and pack P of tile t into
+// registers (pa) for the next iteration. P V on tile t - 1 has retired before the next barrier,
+// so the copy after it may refill that tile's stage. Before the epilogue, P V on the last tile.
+// The accumulators and pa are touched only between a wait and the next wgmma.fence; the
+// branches around a wgmma are uniform over the CTA (no P V before the first tile, none after an
+// empty range).
 //
-// Rotation, masks, RoPE table, paged caches, positions, splits and outputs: exactly the sm80
-// kernel's (shared code: load_kv_rows, rotate_k_tile, stage_rotated_q with the Sliced64 layout).
-// Padding rows are computed (Q rows are zero, every key masked) and never written, since a
-// warpgroup must run its wgmma whole. The body is compiled for sm_90a only
-// (__CUDA_ARCH_FEAT_SM90_ALL); elsewhere it traps, and prefill_sm90_usable never picks it there.
+// Masks, RoPE of Q, positions, splits and outputs: exactly the sm80 kernel's (shared code:
+// gathered_row, stage_rotated_q with the Sliced64 layout, prefill_softmax_tile,
+// store_prefill_rows). Padding rows are computed (Q rows are zero, every key masked) and never
+// written, since a warpgroup must run its wgmma whole. The bodies are compiled for sm_90a only
+// (__CUDA_ARCH_FEAT_SM90_ALL); elsewhere they trap, and prefill_sm90_usable never picks them
+// there.
 #pragma once
 
 #include "sm90_utils.cuh"
@@ -56,26 +75,142 @@ struct PrefillSm90Shape {
   static_assert(prefill_sm90_covers(D), "head dims of the sm_90a kernel");
   static constexpr int kBM = kPrefillBlockM;
   static constexpr int kBN = prefill_block_n(D);  // 64 keys: plan_attention's tiles
-  static constexpr int kStages = 4;
+  // The tile in use, the one P V may still read and kStages - 2 in flight.
+  static constexpr int kStages = 5;
   static constexpr int kAlign = 1024;
   static constexpr int kQElems = kBM * D, kTileElems = kBN * D;
   static constexpr int kSmem =
       kAlign + (kQElems + 2 * kStages * kTileElems) * 2 + kStages * kBN * 4 + (D / 2) * 4;
-  static constexpr int kMinBlocks = D <= 64 ? 2 : 1;  // 82 KB or 162 KB of shared memory
+  static constexpr int kMinBlocks = D <= 64 ? 2 : 1;  // 99 KB or 195 KB of shared memory
   static_assert(kBN == 64 && kBM == 128, "two warpgroups of 64 rows, m64n64 S tiles");
 };
+
+// Workspace bound of the rotated K rows: groups of query blocks are sized to stay under it.
+constexpr int64_t kPrerotBytes = int64_t{256} << 20;
+
+// Rows of a (sequence, kv head, block) slot of the workspace: the longest gathered sequence of
+// any block (static shapes) in whole key tiles.
+inline int64_t prerot_rows(const AttnParams& p, int head_dim) {
+  const int bn = prefill_block_n(head_dim);
+  return (gathered_keys_max(p) + bn - 1) / bn * bn;
+}
+
+// Query blocks per pre-pass + attention launch: as many as keep the workspace within
+// kPrerotBytes, at least one, at most n_blocks.
+inline int prerot_group_blocks(const AttnParams& p, int head_dim) {
+  const int64_t per_block =
+      static_cast<int64_t>(p.batch) * p.hkv * prerot_rows(p, head_dim) * head_dim * 2;
+  const int64_t n = per_block > 0 ? kPrerotBytes / per_block : p.n_blocks;
+  return static_cast<int>(n < 1 ? 1 : (n > p.n_blocks ? p.n_blocks : n));
+}
+
+// Elements (of the call's dtype) of the workspace p.k_rot the op layer allocates: 0 unless the
+// call may run the sm_90a many-rows kernel (a head dim it covers, more rows than decode, and
+// `sm90_device`: a compute capability 9.0 device; a build without sm_90a code allocates it
+// there, unused, and runs the sm80 kernel).
+inline int64_t prerot_elems(const AttnParams& p, int head_dim, bool sm90_device) {
+  if (!sm90_device || !prefill_sm90_covers(head_dim) || p.batch == 0 || p.hq == 0 ||
+      p.lq == 0 || few_rows(p.lq, p.query_block, p.hq / p.hkv))
+    return 0;
+  return static_cast<int64_t>(p.batch) * p.hkv * prerot_group_blocks(p, head_dim) *
+         prerot_rows(p, head_dim) * head_dim;
+}
+
+// The query blocks [beta0, beta0 + n_blocks) of one pre-pass + attention launch, and the rows
+// of a workspace slot; slot (b, h, beta) starts at row ((b * Hkv + h) * n_blocks + beta - beta0)
+// * rows.
+struct PrerotGroup {
+  int beta0, n_blocks, rows;
+};
+
+__device__ __forceinline__ int64_t prerot_slot(const AttnParams& p, const PrerotGroup& g, int b,
+                                               int h, int beta) {
+  return ((static_cast<int64_t>(b) * p.hkv + h) * g.n_blocks + (beta - g.beta0)) * g.rows;
+}
+
+// Pre-pass: CTA (tile, block * Hkv + h, b) copies gathered keys [tile * kBN, tile * kBN + kBN)
+// of block beta0 + block, kv head h, sequence b (zero past n_keys), rotates them as the sm80
+// kernel does in its loop and stores the rows to their workspace slot with 16-byte stores.
+// Tiles wholly past the block's n_keys are never read and not written.
+template <typename T, int D>
+__global__ void __launch_bounds__(kPrefillThreads)
+    prerot_k_kernel(AttnParams p, const float2* __restrict__ table, int n_pos, PrerotGroup grp) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  constexpr int kBN = prefill_block_n(D), kTPR = prefill_row_threads<D>();
+  using L = RowSwizzled<D>;
+  __shared__ __align__(128) T s_k[kBN * D];
+  __shared__ int s_kpos[kBN];
+  __shared__ float s_invf[D / 2];
+  __shared__ int s_nsel;
+  const int tile = blockIdx.x, h = blockIdx.y % p.hkv, b = blockIdx.z;
+  const int beta = grp.beta0 + static_cast<int>(blockIdx.y) / p.hkv;
+  const GatheredKeys gk = gathered_keys<D, kPrefillThreads>(p, b, h, beta, s_invf, &s_nsel);
+  if (tile * kBN >= gk.n_keys) return;  // uniform over the CTA
+
+  const T *k_base, *v_base;
+  kv_bases<T>(p, b, h, k_base, v_base);
+  {
+    const int r = threadIdx.x / kTPR, sub = threadIdx.x % kTPR;
+    const GatheredRow<T> row = gathered_row(gk, p, tile * kBN + r, k_base, v_base);
+#pragma unroll
+    for (int j = 0; j < D / 8 / kTPR; ++j) {
+      const int col = (sub + kTPR * j) * 8;
+      cp_async_16(s_k + L{}(r, col), row.k + col, row.valid);
+    }
+    if (sub == 0) s_kpos[r] = row.valid ? row.tok : INT_MAX;
+    cp_async_commit();
+  }
+  cp_async_wait<0>();
+  __syncthreads();
+  rotate_k_tile<T, D, L>(s_k, s_kpos, tile, gk.n_keys, prefill_rotation_row<D>(threadIdx.x),
+                         threadIdx.x % kTPR, prefill_rope_units(p), p, table, n_pos, s_invf);
+  __syncthreads();
+  T* dst = static_cast<T*>(p.k_rot) + (prerot_slot(p, grp, b, h, beta) + tile * kBN) * D;
+  for (int e = threadIdx.x; e < kBN * D / 8; e += kPrefillThreads) {
+    const int r = e / (D / 8), col = e % (D / 8) * 8;
+    *reinterpret_cast<uint4*>(dst + r * D + col) =
+        *reinterpret_cast<const uint4*>(s_k + L{}(r, col));
+  }
+#else
+  __trap();  // compiled without sm_90a: prefill_sm90_usable never launches this
+#endif
+}
+
+// Copies K rows [tile * kBN, tile * kBN + kBN) of the CTA's workspace slot k_rows (rotated, zero
+// past n_keys) and the V rows of those gathered keys into the Sliced64 tiles sk and sv, and
+// their cache tokens into kpos (INT_MAX past n_keys), one commit group; kTPR threads per row, as
+// load_kv_rows.
+template <typename T, int D>
+__device__ __forceinline__ void load_prerot_kv_rows(T* sk, T* sv, int* kpos, const GatheredKeys& g,
+                                                    const AttnParams& p, const T* k_rows,
+                                                    const T* k_base, const T* v_base, int tile) {
+  using L = Sliced64<prefill_block_n(D)>;
+  constexpr int kBN = prefill_block_n(D), kTPR = prefill_row_threads<D>();
+  constexpr int kPieces = D / 8 / kTPR;
+  static_assert(kPrefillThreads == kBN * kTPR && kPieces * kTPR * 8 == D, "whole rows");
+  const int r = threadIdx.x / kTPR, sub = threadIdx.x % kTPR;
+  const GatheredRow<T> row = gathered_row(g, p, tile * kBN + r, k_base, v_base);
+  const T* k_row = k_rows + static_cast<int64_t>(tile * kBN + r) * D;
+#pragma unroll
+  for (int j = 0; j < kPieces; ++j) {
+    const int col = (sub + kTPR * j) * 8;
+    cp_async_16(sk + L{}(r, col), k_row + col, true);
+    cp_async_16(sv + L{}(r, col), row.v + col, row.valid);
+  }
+  if (sub == 0) kpos[r] = row.valid ? row.tok : INT_MAX;
+  cp_async_commit();
+}
 
 template <typename T, int D>
 __global__ void __launch_bounds__(kPrefillThreads, PrefillSm90Shape<D>::kMinBlocks)
     gather_attention_prefill_sm90_kernel(AttnParams p, const float2* __restrict__ table,
-                                         int n_pos) {
+                                         int n_pos, PrerotGroup grp) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using Shape = PrefillSm90Shape<D>;
   constexpr int kBM = Shape::kBM, kBN = Shape::kBN, kStages = Shape::kStages;
   constexpr int kNT = kBN / 8;  // 8-wide key column tiles of S
   constexpr int kDT = D / 8;    // 8-wide output column tiles
-  using TileLayout = Sliced64<kBN>;
-  static_assert(kStages >= 3, "the ring holds the tile in use, the one rotated and one in flight");
+  static_assert(kStages >= 3, "the ring holds the tile in use, the one P V reads, one in flight");
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const uint32_t raw_addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw));
@@ -88,44 +223,33 @@ __global__ void __launch_bounds__(kPrefillThreads, PrefillSm90Shape<D>::kMinBloc
   __shared__ int s_nsel;
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wg = warp >> 2;
-  const AttnTile at = attn_tile(p, kBM);
+  const AttnTile at = attn_tile(p, kBM, grp.beta0);
   if (at.row0 >= at.rows) return;
   const int beta = at.beta, h = at.h, b = at.b, group = at.group;
   const int q0 = at.q0, rows = at.rows, row0 = at.row0;
 
   const GatheredKeys gk = gathered_keys<D, kPrefillThreads>(p, b, h, beta, s_invf, &s_nsel);
-  const int n_keys = gk.n_keys;
 
   const T *k_base, *v_base;
   kv_bases<T>(p, b, h, k_base, v_base);
+  const T* k_rows = static_cast<const T*>(p.k_rot) + prerot_slot(p, grp, b, h, beta) * D;
   auto load_tile = [&](int stage, int tile) {
-    load_kv_rows<T, D, TileLayout>(s_k + stage * Shape::kTileElems,
-                                   s_v + stage * Shape::kTileElems, s_kpos + stage * kBN, gk, p,
-                                   k_base, v_base, tile);
-  };
-  constexpr int kTPR = prefill_row_threads<D>();
-  const int rot_r = prefill_rotation_row<D>(tid), rot_sub = tid % kTPR;
-  const bool units = prefill_rope_units(p);
-  auto rotate_tile = [&](int stage, int tile) {
-    rotate_k_tile<T, D, TileLayout>(s_k + stage * Shape::kTileElems, s_kpos + stage * kBN, tile,
-                                    n_keys, rot_r, rot_sub, units, p, table, n_pos, s_invf);
+    load_prerot_kv_rows<T, D>(s_k + stage * Shape::kTileElems, s_v + stage * Shape::kTileElems,
+                              s_kpos + stage * kBN, gk, p, k_rows, k_base, v_base, tile);
   };
 
   int t_begin, t_end;
   prefill_tile_range<kBM, kBN>(p, at, gk, t_begin, t_end);
-  // kStages - 1 tiles in flight from the start; every iteration commits exactly one copy group
+  // kStages - 2 tiles in flight from the start; every iteration commits exactly one copy group
   // (empty past the end), so "at most kStages - 3 groups pending" at the top of iteration t
-  // means tile t + 1 has landed.
+  // means tile t has landed.
 #pragma unroll
-  for (int s = 0; s < kStages - 1; ++s) {
+  for (int s = 0; s < kStages - 2; ++s) {
     if (t_begin + s < t_end) load_tile(s, t_begin + s); else cp_async_commit();
   }
 
   stage_rotated_q<T, D, kBM, kPrefillThreads, false, Sliced64<kBM>>(
       s_q, nullptr, p, gk, b, h, group, q0, row0, rows, s_invf, table, n_pos);
-  cp_async_wait<kStages - 2>();  // tile t_begin has landed
-  __syncthreads();               // ... for every thread
-  if (t_begin < t_end) rotate_tile(0, t_begin);
 
   const int g = lane >> 2, t4 = lane & 3;
   const int ra = warp * 16 + g;  // this thread's two rows in the tile: ra and ra + 8
@@ -147,20 +271,31 @@ __global__ void __launch_bounds__(kPrefillThreads, PrefillSm90Shape<D>::kMinBloc
   }
   float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
   float s[kNT][4];
+  // P of the previous tile, rounded to T in mma.m16n8k16's A layout (see the header comment).
+  uint32_t pa[kNT / 2][4];
+  // O += P V on the V tile at v_stage, A = pa (one wgmma group, committed by the caller).
+  auto issue_pv = [&](uint32_t v_stage) {
+    fence_accumulators<kDT * 4>(&o[0][0]);
+#pragma unroll
+    for (int kk = 0; kk < kNT / 2; ++kk) {
+      wgmma_m64k16_rs<T, D>(&o[0][0], pa[kk],
+                            wgmma_desc_sw128_mn(v_stage + kk * 2048, kSliceBytes), 1);
+    }
+  };
 
   for (int tile = t_begin; tile < t_end; ++tile) {
     const int it = tile - t_begin;
     cp_async_wait<kStages - 3>();
-    fence_proxy_async_shared();  // this thread's copies, rotation and Q stores -> async proxy
-    // Tile tile + 1 is visible, tile's rotation is complete and every warpgroup's wgmma on
-    // tile - 1 has retired, whose stage the next copy refills.
+    fence_proxy_async_shared();  // this thread's copies and Q stores -> async proxy
+    // Tile `tile` is visible and every warpgroup's P V on tile - 2 has retired (waited in the
+    // previous iteration), whose stage the next copy refills.
     __syncthreads();
-    const int next = tile + kStages - 1;
-    if (next < t_end) load_tile((it + kStages - 1) % kStages, next); else cp_async_commit();
+    const int next = tile + kStages - 2;
+    if (next < t_end) load_tile((it + kStages - 2) % kStages, next); else cp_async_commit();
 
     const int stage = it % kStages;
-    const uint32_t k_stage = k_addr + stage * kTileBytes, v_stage = v_addr + stage * kTileBytes;
-    // S = Q K^T, in flight while this thread rotates tile + 1 (another stage).
+    const uint32_t k_stage = k_addr + stage * kTileBytes;
+    // S = Q K^T on this tile, then P V on the previous one: two groups in flight together.
     wgmma_fence();
     fence_accumulators<kNT * 4>(&s[0][0]);
 #pragma unroll
@@ -170,15 +305,24 @@ __global__ void __launch_bounds__(kPrefillThreads, PrefillSm90Shape<D>::kMinBloc
       wgmma_m64k16<T, kBN>(&s[0][0], desc_q, desc_k, kk > 0);
     }
     wgmma_commit();
-    if (tile + 1 < t_end) rotate_tile((it + 1) % kStages, tile + 1);
-    wgmma_wait<0>();
+    if (it > 0) issue_pv(v_addr + (it + kStages - 1) % kStages * kTileBytes);
+    wgmma_commit();   // empty on the first tile
+    wgmma_wait<1>();  // S
     fence_accumulators<kNT * 4>(&s[0][0]);
 
+    // The softmax of this tile with O's rescale factors caught in alpha (online_softmax_tile
+    // multiplies its "O" of ones by them), applied once P V of the previous tile has landed:
+    // the same products o * alpha as rescaling in place.
+    float alpha[1][4] = {{1.f, 1.f, 1.f, 1.f}};
     const int* kpos = s_kpos + stage * kBN;
-    prefill_softmax_tile<kBN>(s, o, m_run, l_run, kpos, qpos, warp_q0, p.scale_log2, lane);
-
-    // O += P V: P rounded to T in mma.m16n8k16's A layout (see the header comment).
-    uint32_t pa[kNT / 2][4];
+    prefill_softmax_tile<kBN>(s, alpha, m_run, l_run, kpos, qpos, warp_q0, p.scale_log2, lane);
+    wgmma_wait<0>();  // P V of the previous tile
+    fence_accumulators<kDT * 4>(&o[0][0]);
+#pragma unroll
+    for (int dt = 0; dt < kDT; ++dt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) o[dt][e] *= alpha[0][e];
+    }
 #pragma unroll
     for (int kk = 0; kk < kNT / 2; ++kk) {
       pa[kk][0] = Dtype<T>::pack2(s[2 * kk][0], s[2 * kk][1]);
@@ -186,17 +330,13 @@ __global__ void __launch_bounds__(kPrefillThreads, PrefillSm90Shape<D>::kMinBloc
       pa[kk][2] = Dtype<T>::pack2(s[2 * kk + 1][0], s[2 * kk + 1][1]);
       pa[kk][3] = Dtype<T>::pack2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
     }
-    wgmma_fence();
-    fence_accumulators<kDT * 4>(&o[0][0]);
-#pragma unroll
-    for (int kk = 0; kk < kNT / 2; ++kk) {
-      wgmma_m64k16_rs<T, D>(&o[0][0], pa[kk], wgmma_desc_sw128_mn(v_stage + kk * 2048, kSliceBytes),
-                            1);
-    }
-    wgmma_commit();
-    wgmma_wait<0>();
-    fence_accumulators<kDT * 4>(&o[0][0]);
   }
+  // P V on the last tile.
+  wgmma_fence();
+  if (t_begin < t_end) issue_pv(v_addr + (t_end - 1 - t_begin) % kStages * kTileBytes);
+  wgmma_commit();
+  wgmma_wait<0>();
+  fence_accumulators<kDT * 4>(&o[0][0]);
   cp_async_wait<0>();  // only empty groups can be left
 
   store_prefill_rows<T, D>(p, o, m_run, l_run, at, ra, t4);
@@ -219,19 +359,32 @@ inline cudaError_t prefill_sm90_usable(bool* usable) {
   return cudaSuccess;
 }
 
-// Launches the sm_90a kernel on plan_attention's row tiles and splits (the RoPE table is
-// filled: table/n_pos from launch_rope_table).
+// Launches the pre-pass and the sm_90a kernel on plan_attention's row tiles and splits, one
+// pair per group of prerot_group_blocks(p, D) query blocks sharing the workspace p.k_rot (the
+// RoPE table is filled: table/n_pos from launch_rope_table).
 template <typename T, int D>
 cudaError_t launch_prefill_sm90(const AttnParams& p, int n_pos, cudaStream_t stream) {
   if constexpr (prefill_sm90_covers(D)) {
+    if (p.k_rot == nullptr) return cudaErrorInvalidValue;  // prerot_elems sized it
     constexpr int smem = PrefillSm90Shape<D>::kSmem;
     auto kernel = gather_attention_prefill_sm90_kernel<T, D>;
     cudaError_t err =
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     if (err != cudaSuccess) return err;
-    const dim3 grid(p.n_blocks * p.row_tiles, p.hkv * p.num_splits, p.batch);
-    kernel<<<grid, kPrefillThreads, smem, stream>>>(p, p.rope_table, n_pos);
-    return cudaGetLastError();
+    const int per_group = prerot_group_blocks(p, D);
+    const int64_t rows = prerot_rows(p, D);
+    for (int beta0 = 0; beta0 < p.n_blocks; beta0 += per_group) {
+      const int left = p.n_blocks - beta0;
+      const PrerotGroup grp{beta0, left < per_group ? left : per_group, static_cast<int>(rows)};
+      const dim3 pre_grid(static_cast<unsigned>(rows / prefill_block_n(D)), grp.n_blocks * p.hkv,
+                          p.batch);
+      prerot_k_kernel<T, D><<<pre_grid, kPrefillThreads, 0, stream>>>(p, p.rope_table, n_pos, grp);
+      if ((err = cudaGetLastError()) != cudaSuccess) return err;
+      const dim3 grid(grp.n_blocks * p.row_tiles, p.hkv * p.num_splits, p.batch);
+      kernel<<<grid, kPrefillThreads, smem, stream>>>(p, p.rope_table, n_pos, grp);
+      if ((err = cudaGetLastError()) != cudaSuccess) return err;
+    }
+    return cudaSuccess;
   } else {
     return cudaErrorInvalidValue;  // prefill_sm90_usable is false for this head dim
   }
