@@ -24,7 +24,8 @@
 // keys equal the contiguous layout's bit for bit. Reps are never paged.)
 //
 // 1. chunk_scores_kernel (few rows: decode, <= 16 rows): one m16 row tile, 4 warps side by side
-//    over the columns; memory-bound, so it streams wide column tiles.
+//    over 32-column tiles (8 columns each); memory-bound, so a 4-stage cp.async ring keeps 3
+//    tiles in flight per CTA and the launcher packs as many CTAs per SM as shared memory allows.
 // 2. chunk_scores_gemm_kernel (many rows: prefill blocks, exact selection): 8 warps, a CTA tile
 //    of 128 rows x 256 columns (64 x 256 when a column holds 512 elements), warp tiles of
 //    64 rows x 64 (or 32) columns, so each k16 step issues 4 A and 4 (2) B ldmatrix.x4 for
