@@ -24,7 +24,8 @@
 // keys equal the contiguous layout's bit for bit. Reps are never paged.)
 //
 // 1. chunk_scores_kernel (few rows: decode, <= 16 rows): one m16 row tile, 4 warps side by side
-//    over the columns; memory-bound, so it streams wide column tiles.
+//    over 32-column tiles (8 columns each); memory-bound, so a 4-stage cp.async ring keeps 3
+//    tiles in flight per CTA and the launcher packs as many CTAs per SM as shared memory allows.
 // 2. chunk_scores_gemm_kernel (many rows: prefill blocks, exact selection): 8 warps, a CTA tile
 //    of 128 rows x 256 columns (64 x 256 when a column holds 512 elements), warp tiles of
 //    64 rows x 64 (or 32) columns, so each k16 step issues 4 A and 4 (2) B ldmatrix.x4 for
@@ -69,6 +70,13 @@ constexpr int kMaxChunksPerCta = 2048;
 
 constexpr int kScoreThreads = 128;
 
+// Column tiles of the few-rows scoring kernel: kScoreBlockN vectors (8 per warp), streamed
+// through a ring of kScoreStages buffers with kScoreStages - 1 tiles in flight while one is
+// scored. At bound D 128 a tile is 16 KB: 48 KB in flight per CTA, and 3 CTAs per SM on the
+// H200 (the ring, the A tile and up to 2 KB of chunk maxima: 74 KB each).
+constexpr int kScoreBlockN = 32;
+constexpr int kScoreStages = 4;
+
 // The fused decode top-k (fused_topk) runs for rows of at least kFusedMinChunks chunks with at
 // most kFusedMaxCandidates candidates (col_splits * topk; the last CTA's 128 threads then make
 // at most 32 steps per radix pass). On the H200 (bf16, Hkv 8, topk 32) it took the decode
@@ -84,12 +92,12 @@ constexpr int kFusedFilterCap = 256;
 // uint32 words of select_chunks' `scores` workspace (from static shapes only): the dense chunk
 // scores of every row, or, when the few-rows kernel may fuse the top-k (bound/mean), one
 // arrival counter per row plus 2 * topk candidate words for each chunk range of the row, of
-// which there are at most ceil(n_cols / block_n) (a range holds at least one column tile).
+// which there are at most ceil(n_cols / kScoreBlockN) (a range holds at least one column tile).
 inline int64_t select_workspace_words(const SelectParams& p, RepMode rep, int head_dim) {
   const int64_t rows = static_cast<int64_t>(p.batch) * p.hkv * p.n_blocks;
   const int64_t dense = rows * p.n_cols;
   if (rep == RepMode::kMax || !few_rows(p.lq, p.query_block, p.hq / p.hkv)) return dense;
-  const int block_n = kFewRowsTile.block_n;
+  const int block_n = kScoreBlockN;
   const int64_t splits = (static_cast<int64_t>(p.n_cols) + block_n - 1) / block_n;
   return std::max(dense, rows * (1 + 2 * static_cast<int64_t>(p.topk) * splits));
 }
@@ -110,9 +118,11 @@ inline void plan_select(SelectParams& p, RepMode rep, int head_dim) {
   p.atomic = p.row_tiles > 1;
 }
 
-template <int kVec, int kBM, int kBN>
+// Dynamic shared memory of the few-rows scoring kernel: the A tile, the column ring, then one
+// key per chunk of the CTA's range.
+template <int kVec, int kBM, int kBN, int kStages>
 __host__ __device__ constexpr int score_smem_bytes(int chunks_per_cta) {
-  return (kBM * kVec + 2 * kBN * kVec) * 2 + chunks_per_cta * 4;
+  return (kBM * kVec + kStages * kBN * kVec) * 2 + chunks_per_cta * 4;
 }
 
 // What one scoring CTA owns: sequence b, kv head h, query block beta (first query q0, `rows`
@@ -498,29 +508,39 @@ __device__ __forceinline__ void fused_topk(const SelectParams& p, const ScoreTil
       [&](int rank, int i) { out[rank] = __ldcg(ids + i); }, sm, s_cand, kFusedFilterCap);
 }
 
+// One CTA: the m16 A tile, then column tiles of kScoreBlockN vectors through the cp.async ring
+// (wait for tile t, refill the buffer that tile t - 1 used, score tile t), so kScoreStages - 1
+// tiles are in flight while one is scored. Each warp owns 8 columns of a tile and runs the
+// k16 steps in order, two per B ldmatrix.x4; with vectors of at most 256 elements the A
+// fragments stay in registers (64 at 256), so a tile costs the warps its B reads only, else
+// each step reloads A from shared memory. Every column sees the same mma sequence as ever,
+// so the keys do not depend on the tile shape.
 template <typename T, int D, RepMode kRep>
 __global__ void __launch_bounds__(kScoreThreads) chunk_scores_kernel(SelectParams p) {
   constexpr int kVec = kRep == RepMode::kBound ? 2 * D : D;
-  constexpr int kBM = kFewRowsTile.block_m, kBN = kFewRowsTile.block_n;
-  constexpr int kWarpsN = kFewRowsTile.warps_n;
-  constexpr int kNW = kBN / kWarpsN;  // columns per warp
-  constexpr int kNT = kNW / 8;
+  constexpr int kBM = kFewRowsTile.block_m, kBN = kScoreBlockN, kStages = kScoreStages;
+  constexpr int kWarps = kScoreThreads / 32;
+  static_assert(kBN == 8 * kWarps, "each warp owns one n8 tile of the column tile");
+  constexpr int kSteps = kVec / 16;  // k16 steps, taken in pairs
+  static_assert(kSteps % 2 == 0, "vectors are a multiple of 32 elements");
+  constexpr bool kARegs = kVec <= 256;
   constexpr int kChunksPerRow = kVec / 8;
+  constexpr int kCopies = kBN * kChunksPerRow / kScoreThreads;  // 16-byte copies per thread
+  static_assert(kCopies * kScoreThreads == kBN * kChunksPerRow, "whole copy rounds");
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* s_a = reinterpret_cast<T*>(smem_raw);
-  T* s_b = s_a + kBM * kVec;                                   // 2 stages of kBN x kVec
-  uint32_t* s_best = reinterpret_cast<uint32_t*>(s_b + 2 * kBN * kVec);
+  T* s_b = s_a + kBM * kVec;  // kStages buffers of kBN x kVec
+  uint32_t* s_best = reinterpret_cast<uint32_t*>(s_b + kStages * kBN * kVec);
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int wm = warp / kWarpsN, wn = warp % kWarpsN;
   constexpr bool kTokens = kRep == RepMode::kMax;
   // Only reps fuse the top-k (launch_chunk_scores): "max" kernels leave its code out, and
   // its registers with it.
   constexpr bool kMayFuse = !kTokens;
   const ScoreTile t = score_tile(p, kBM, kTokens);
-  static_assert(2 * kBN * kVec * sizeof(T) >= kFusedMaxCandidates * sizeof(uint32_t),
-                "fused_topk stages the candidates in the column stages");
+  static_assert(kStages * kBN * kVec * sizeof(T) >= kFusedMaxCandidates * sizeof(uint32_t),
+                "fused_topk stages the candidates in the column ring");
   static_assert(kBM * kVec * sizeof(T) >= kFusedFilterCap * sizeof(uint64_t),
                 "fused_topk keeps the filtered candidates in the A tile");
   uint32_t* s_stage = reinterpret_cast<uint32_t*>(s_b);
@@ -536,48 +556,110 @@ __global__ void __launch_bounds__(kScoreThreads) chunk_scores_kernel(SelectParam
   const ColumnRows<T, kTokens> col_rows(p, t);
   const int n_tiles = (n_cols + kBN - 1) / kBN;
 
+  // Copy i of a thread moves 16 bytes `ch` of column row r0 + i * kRowStep (r0 < kRowStep, a
+  // power of two, so that row's swizzle is r0's XOR a constant). Columns past n_cols land as
+  // zeros. Strided columns step by one 64-bit add per copy; the keys of a paged cache find
+  // each row's page.
+  constexpr int kRowStep = kScoreThreads / kChunksPerRow;
+  static_assert(kRowStep * kChunksPerRow == kScoreThreads, "a copy round covers whole rows");
+  const int cp_r0 = tid / kChunksPerRow, cp_ch = tid % kChunksPerRow;
+  const int cp_dst = swz<kVec>(cp_r0, cp_ch * 8);
+  const bool paged = kTokens && col_rows.pages != nullptr;
+  const T* const cp_first = col_rows(0, p);
+  const int64_t cp_step = static_cast<int64_t>(kRowStep) * p.c_sn;
+
+  // Always commits a group (empty past the last tile), so that the wait below counts tiles.
   auto load_tile = [&](int stage, int tile) {
-    T* dst = s_b + stage * kBN * kVec;
-    for (int id = tid; id < kBN * kChunksPerRow; id += kScoreThreads) {
-      const int r = id / kChunksPerRow, ch = id % kChunksPerRow;
-      const int c = tile * kBN + r;
-      const bool valid = c < n_cols;
-      cp_async_16(dst + swz<kVec>(r, ch * 8), col_rows(valid ? c : 0, p) + ch * 8, valid);
+    if (tile < n_tiles) {
+      T* dst = s_b + stage * kBN * kVec;
+      const int c0 = tile * kBN + cp_r0;
+      const T* src = cp_first + static_cast<int64_t>(c0) * p.c_sn + cp_ch * 8;
+#pragma unroll
+      for (int i = 0; i < kCopies; ++i) {
+        const int c = c0 + i * kRowStep;
+        const bool valid = c < n_cols;
+        const int off = (cp_dst ^ (((i * kRowStep) & 7) << 3)) + i * kRowStep * kVec;
+        const T* from = paged ? col_rows(valid ? c : 0, p) + cp_ch * 8 : (valid ? src : cp_first);
+        cp_async_16(dst + off, from, valid);
+        src += cp_step;
+      }
     }
     cp_async_commit();
   };
 
-  load_tile(0, 0);  // in flight while the A tile is built
+#pragma unroll 1
+  for (int s = 0; s < kStages - 1; ++s) load_tile(s, s);  // in flight while A is built
   stage_query_rows<T, D, kRep, kBM, kScoreThreads>(s_a, p, t);
   for (int i = tid; i < t.j1 - t.j0; i += kScoreThreads) s_best[i] = 0u;
+  __syncthreads();
+
+  // A fragment of k16 step kk (rows 0..15 of the tile).
+  auto load_a = [&](uint32_t(&a)[4], int kk) {
+    ldmatrix_x4(a, s_a + swz<kVec>(lane & 15, kk * 16 + (lane >> 4) * 8));
+  };
+  uint32_t a_regs[kARegs ? kSteps : 1][4];
+  if constexpr (kARegs) {
+#pragma unroll
+    for (int kk = 0; kk < kSteps; ++kk) load_a(a_regs[kk], kk);
+  }
 
   const int g = lane >> 2, t4 = lane & 3;
-  const bool row_a_ok = t.row0 + wm * 16 + g < t.rows;
-  const bool row_b_ok = t.row0 + wm * 16 + g + 8 < t.rows;
+  const bool row_a_ok = t.row0 + g < t.rows;
+  const bool row_b_ok = t.row0 + g + 8 < t.rows;
+  // This lane's B rows: column warp * 8 + lane % 8, k offset 8 * (lane / 8) of each pair of
+  // k16 steps (matrices 0, 1: step kk; 2, 3: step kk + 1).
+  const int b_row = warp * 8 + (lane & 7), b_k = (lane >> 3) * 8;
+#pragma unroll 1
   for (int tile = 0; tile < n_tiles; ++tile) {
-    const int stage = tile & 1;
-    cp_async_wait<0>();
-    __syncthreads();
-    if (tile + 1 < n_tiles) load_tile(stage ^ 1, tile + 1);
+    cp_async_wait<kStages - 2>();
+    __syncthreads();  // tile `tile` landed for all; tile - 1's buffer is free
+    load_tile((tile + kStages - 1) % kStages, tile + kStages - 1);
 
-    float s[kNT][4];
-    warp_gemm_abt<T, kVec, kNT>(s, s_a, wm * 16, s_b + stage * kBN * kVec, wn * kNW, lane);
+    const T* sb = s_b + (tile % kStages) * kBN * kVec;
+    float s[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
-    for (int nt = 0; nt < kNT; ++nt) {
+    for (int kk = 0; kk < kSteps; kk += 2) {
+      uint32_t b[4];
+      ldmatrix_x4(b, sb + swz<kVec>(b_row, kk * 16 + b_k));
+      if constexpr (kARegs) {
+        mma_16816<T>(s, a_regs[kk], b[0], b[1]);
+        mma_16816<T>(s, a_regs[kk + 1], b[2], b[3]);
+      } else {
+        uint32_t a[4];
+        load_a(a, kk);
+        mma_16816<T>(s, a, b[0], b[1]);
+        load_a(a, kk + 1);
+        mma_16816<T>(s, a, b[2], b[3]);
+      }
+    }
+    // Row max: this lane's two rows, then over the 8 row groups (lanes with the same t4).
+    uint32_t key[2];
 #pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        float v = fmaxf(row_a_ok ? s[nt][e] : -INFINITY, row_b_ok ? s[nt][e + 2] : -INFINITY);
-        v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 4));
-        v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 8));
-        v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 16));
-        const int c = tile * kBN + wn * kNW + nt * 8 + 2 * t4 + e;
-        if (g == 0 && c < n_cols) atomicMax(&s_best[kTokens ? c / p.chunk : c], float_to_key(v));
+    for (int e = 0; e < 2; ++e) {
+      float v = fmaxf(row_a_ok ? s[e] : -INFINITY, row_b_ok ? s[e + 2] : -INFINITY);
+      v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 4));
+      v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 8));
+      v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 16));
+      key[e] = float_to_key(v);
+    }
+    const int c = tile * kBN + warp * 8 + 2 * t4;  // even
+    if (g == 0) {
+      if constexpr (kTokens) {
+        // A chunk spans several columns (tiles, warps): they meet by atomicMax.
+        if (c < n_cols) atomicMax(&s_best[c / p.chunk], key[0]);
+        if (c + 1 < n_cols) atomicMax(&s_best[(c + 1) / p.chunk], key[1]);
+      } else if (c + 1 < n_cols) {
+        // One column per chunk, scored once by this CTA: plain stores, both in one.
+        *reinterpret_cast<uint2*>(s_best + c) = make_uint2(key[0], key[1]);
+      } else if (c < n_cols) {
+        s_best[c] = key[0];
       }
     }
   }
+  cp_async_wait<0>();  // only empty groups are left, but the ring is reused below
   __syncthreads();
   if (kMayFuse && p.fused) {
-    // The stages and the A tile are idle: every copy has landed and every mma has read them.
+    // The ring and the A tile are idle: every copy has landed and every mma has read them.
     fused_topk(p, t, s_best, s_stage, s_cand);
   } else {
     store_chunk_maxima<kScoreThreads>(p, t, s_best);
@@ -887,11 +969,12 @@ __global__ void __launch_bounds__(kThreads) topk_kernel(SelectParams p, bool sta
 // memory-bound decode step. Dynamic shared memory: fixed_smem + 4 bytes per chunk of the range.
 // With may_fuse (few-rows bound/mean) the decode top-k runs inside the kernel (fused_topk) when
 // the row's candidates stay few; *fused says whether it did, else topk_kernel must follow.
+// fill_sms (the few-rows kernel) searches for the most CTAs per SM that still fit.
 template <typename Kernel>
 cudaError_t launch_scores_one_wave(Kernel kernel, const SelectParams& plan, int threads,
                                    int fixed_smem, int block_n, int max_chunks,
                                    int cols_per_chunk, bool may_fuse, bool* fused,
-                                   cudaStream_t stream) {
+                                   cudaStream_t stream, bool fill_sms = false) {
   const int max_smem = fixed_smem + max_chunks * 4;
   cudaError_t err =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, max_smem);
@@ -916,16 +999,38 @@ cudaError_t launch_scores_one_wave(Kernel kernel, const SelectParams& plan, int 
     return static_cast<int>(std::min<int64_t>(std::max<int64_t>(chunks, 1), max_chunks));
   };
   p.chunks_per_cta = chunks_for(per_sm);
-  // The occupancy above assumed the largest chunk range; the planned one may leave room for
-  // more CTAs per SM (more bytes in flight for a memory-bound decode step): plan for those.
-  int per_sm_planned = 0;
-  err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm_planned, kernel, threads,
-                                                      fixed_smem + p.chunks_per_cta * 4);
-  if (err != cudaSuccess) return err;
-  if (per_sm_planned > per_sm) p.chunks_per_cta = chunks_for(per_sm_planned);
-  p.col_splits = (p.n_cols + p.chunks_per_cta - 1) / p.chunks_per_cta;
-  p.fused = may_fuse && p.row_tiles == 1 && p.n_cols >= kFusedMinChunks &&
-            static_cast<int64_t>(p.col_splits) * p.topk <= kFusedMaxCandidates;
+  auto splits_of = [&](int chunks) { return (p.n_cols + chunks - 1) / chunks; };
+  auto fusable = [&](int chunks) {
+    return may_fuse && p.row_tiles == 1 && p.n_cols >= kFusedMinChunks &&
+           static_cast<int64_t>(splits_of(chunks)) * p.topk <= kFusedMaxCandidates;
+  };
+  if (fill_sms) {
+    // The occupancy above assumed the largest chunk range; a shorter one may leave room for
+    // more CTAs per SM (more bytes in flight for a memory-bound decode step): take the most,
+    // up to kFillCtasPerSm, that still fit with their own range, unless the row's candidates
+    // would outgrow the fused top-k. Bound D 128 at 16K chunks on the H200: 2 CTAs of 512
+    // chunks would need 75.8 KB each (3 do not fit), 3 of 352 chunks 73.4 KB.
+    constexpr int kFillCtasPerSm = 4;
+    for (int ctas = per_sm + 1; ctas <= kFillCtasPerSm; ++ctas) {
+      const int chunks = chunks_for(ctas);
+      int fit = 0;
+      err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&fit, kernel, threads,
+                                                          fixed_smem + chunks * 4);
+      if (err != cudaSuccess) return err;
+      if (fit < ctas || (fusable(p.chunks_per_cta) && !fusable(chunks))) break;
+      p.chunks_per_cta = chunks;
+    }
+  } else {
+    // The occupancy above assumed the largest chunk range; the planned one may leave room for
+    // more CTAs per SM: plan for those.
+    int per_sm_planned = 0;
+    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm_planned, kernel, threads,
+                                                        fixed_smem + p.chunks_per_cta * 4);
+    if (err != cudaSuccess) return err;
+    if (per_sm_planned > per_sm) p.chunks_per_cta = chunks_for(per_sm_planned);
+  }
+  p.col_splits = splits_of(p.chunks_per_cta);
+  p.fused = fusable(p.chunks_per_cta);
   *fused = p.fused;
   if (p.fused) {  // the arrival counters, one per row
     const size_t rows = static_cast<size_t>(p.batch) * p.hkv * p.n_blocks;
@@ -940,12 +1045,13 @@ cudaError_t launch_scores_one_wave(Kernel kernel, const SelectParams& plan, int 
 template <typename T, int D, RepMode kRep>
 cudaError_t launch_chunk_scores(const SelectParams& plan, bool* fused, cudaStream_t stream) {
   constexpr int kVec = kRep == RepMode::kBound ? 2 * D : D;
-  constexpr TileShape kTile = kFewRowsTile;
   return launch_scores_one_wave(chunk_scores_kernel<T, D, kRep>, plan, kScoreThreads,
-                                score_smem_bytes<kVec, kTile.block_m, kTile.block_n>(0),
-                                kTile.block_n, kMaxChunksPerCta,
+                                score_smem_bytes<kVec, kFewRowsTile.block_m, kScoreBlockN,
+                                                 kScoreStages>(0),
+                                kScoreBlockN, kMaxChunksPerCta,
                                 kRep == RepMode::kMax ? plan.chunk : 1,
-                                /*may_fuse=*/kRep != RepMode::kMax, fused, stream);
+                                /*may_fuse=*/kRep != RepMode::kMax, fused, stream,
+                                /*fill_sms=*/true);
 }
 
 // The many-rows scoring GEMM: on a device and build that run sm_90a code (sm90a_code_usable),
