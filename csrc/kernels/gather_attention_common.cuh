@@ -255,6 +255,19 @@ __device__ __forceinline__ void stage_rotated_q(T* s_q, int* s_qpos, const AttnP
   }
 }
 
+// The online softmax's starting state for a thread's two rows: O zero, m = -inf, l = 0.
+template <int kDT>
+__device__ __forceinline__ void softmax_state_init(float (&o)[kDT][4], float (&m_run)[2],
+                                                   float (&l_run)[2]) {
+#pragma unroll
+  for (int dt = 0; dt < kDT; ++dt) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) o[dt][e] = 0.f;
+  }
+  m_run[0] = m_run[1] = -INFINITY;
+  l_run[0] = l_run[1] = 0.f;
+}
+
 // One key tile of the exp2-domain online softmax for a thread's two rows, S in the fragment
 // layout of warp_gemm_abt (kpos: the positions of the warp's 8 * kNT key columns; qpos: the
 // rows' positions, -1 for padding). Masks keys after the row's position, updates (m, l),

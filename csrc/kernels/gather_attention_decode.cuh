@@ -203,13 +203,8 @@ __global__ void __launch_bounds__(kAttnThreads, decode_min_blocks<D>())
     s_step[tid] = make_float2(cs, sn);
   }
 
-  float o[kDT][4];
-#pragma unroll
-  for (int dt = 0; dt < kDT; ++dt) {
-#pragma unroll
-    for (int e = 0; e < 4; ++e) o[dt][e] = 0.f;
-  }
-  float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
+  float o[kDT][4], m_run[2], l_run[2];
+  softmax_state_init(o, m_run, l_run);
   const int g = lane >> 2, t4 = lane & 3;
   const int ra = wm * 16 + g;  // this thread's two rows in the tile: ra and ra + 8
 

@@ -467,13 +467,8 @@ __global__ void __launch_bounds__(kPrefillThreads, PrefillShape<D>::kMinBlocks)
     }
   }
 
-  float o[kDT][4];
-#pragma unroll
-  for (int dt = 0; dt < kDT; ++dt) {
-#pragma unroll
-    for (int e = 0; e < 4; ++e) o[dt][e] = 0.f;
-  }
-  float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
+  float o[kDT][4], m_run[2], l_run[2];
+  softmax_state_init(o, m_run, l_run);
 
   for (int tile = t_begin; tile < t_end; ++tile) {
     const int it = tile - t_begin;

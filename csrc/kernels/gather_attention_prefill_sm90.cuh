@@ -263,13 +263,8 @@ __global__ void __launch_bounds__(kPrefillThreads, PrefillSm90Shape<D>::kMinBloc
   const uint32_t v_addr = static_cast<uint32_t>(__cvta_generic_to_shared(s_v));
   constexpr uint32_t kTileBytes = Shape::kTileElems * 2, kSliceBytes = kBN * 128;
 
-  float o[kDT][4];
-#pragma unroll
-  for (int dt = 0; dt < kDT; ++dt) {
-#pragma unroll
-    for (int e = 0; e < 4; ++e) o[dt][e] = 0.f;
-  }
-  float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
+  float o[kDT][4], m_run[2], l_run[2];
+  softmax_state_init(o, m_run, l_run);
   float s[kNT][4];
   // P of the previous tile, rounded to T in mma.m16n8k16's A layout (see the header comment).
   uint32_t pa[kNT / 2][4];
