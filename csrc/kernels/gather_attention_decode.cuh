@@ -255,29 +255,36 @@ __global__ void __launch_bounds__(kAttnThreads, decode_min_blocks<D>())
   rope_pair(qi, p.half_rot, p.interleaved, qd0, qd1);
   const float q_invf = qi < p.half_rot ? __ldg(p.inv_freq + qi) : 0.f;
   const T* q_base = static_cast<const T*>(p.q) + b * p.q_sb;
-  // The raw pair (d0, d1) of row qr0 + k * kQRowStep (zero past `rows`), packed in a word.
-  auto load_q = [&](int k) {
-    const int gr = row0 + qr0 + k * kQRowStep;
-    uint32_t w = 0;
-    if (gr < rows) {
-      const int head = h * group + gr % group, query = q0 + gr / group;
-      const T* qr = q_base + head * p.q_sh + query * p.q_sl;
-      T x[2] = {qr[qd0], qr[qd1]};
-      memcpy(&w, x, sizeof(w));
+  // Row qr0 + k * kQRowStep of the block is (query q0 + qq, head h * group + hh): one division
+  // for k = 0, then steps of kQRowStep.
+  const int gr0 = row0 + qr0;
+  const int qq0 = gr0 / group, hh0 = gr0 - qq0 * group;
+  // Steps (qq, hh) to the next row of this thread.
+  auto next_row = [&](int& qq, int& hh) {
+    hh += kQRowStep;
+#pragma unroll
+    for (int s = 0; s < kQRowStep; ++s) {
+      if (hh >= group) {
+        hh -= group;
+        ++qq;
+      }
     }
-    return w;
   };
-  uint32_t qx[kQIter];
+  int qq = qq0, hh = hh0;
+  uint32_t qx[kQIter];  // the raw pair (d0, d1) of row k (zero past `rows`), packed in a word
 #pragma unroll
   for (int k = 0; k < kQIter; ++k) {
+    if (k > 0) next_row(qq, hh);
+    const T* qr = q_base + (h * group + hh) * p.q_sh + (q0 + qq) * p.q_sl;
+    const bool in = gr0 + k * kQRowStep < rows;
     if constexpr (kQInRegs) {
-      qx[k] = load_q(k);
-    } else {
-      const int gr = row0 + qr0 + k * kQRowStep;
-      if (gr < rows) {
-        const int head = h * group + gr % group, query = q0 + gr / group;
-        prefetch_l1(q_base + head * p.q_sh + query * p.q_sl + qd0);
+      qx[k] = 0;
+      if (in) {
+        T x[2] = {qr[qd0], qr[qd1]};
+        memcpy(&qx[k], x, sizeof(qx[k]));
       }
+    } else if (in) {
+      prefetch_l1(qr + qd0);
     }
   }
 
@@ -318,12 +325,13 @@ __global__ void __launch_bounds__(kAttnThreads, decode_min_blocks<D>())
       s_q[RowSwizzled<D>{}(r, qd0)] = x[0];
       s_q[RowSwizzled<D>{}(r, qd1)] = x[1];
     }
+    int rq = qq0, rh = hh0;
 #pragma unroll 1
-    for (int k = 0; k < kQIter; ++k) {
+    for (int k = 0; k < kQIter; ++k, next_row(rq, rh)) {
       const int r = qr0 + k * kQRowStep;
       const int gr = row0 + r;
       if (gr < rows) {
-        const int pos = gk.p0 + q0 + gr / group;
+        const int pos = gk.p0 + q0 + rq;
         T& q0_ref = s_q[RowSwizzled<D>{}(r, qd0)];
         T& q1_ref = s_q[RowSwizzled<D>{}(r, qd1)];
         float x0 = Dtype<T>::to_float(q0_ref), x1 = Dtype<T>::to_float(q1_ref);
