@@ -100,29 +100,34 @@ struct GatheredKeys {
   int shift;       // compact query position - original query position
   const int* pages;  // paged cache: the sequence's block table row, else nullptr
 
-  // Cache token of gathered key r (r < n_keys). Clamped so a malformed idx cannot read outside
-  // the cache; a well-formed one never needs it.
-  __device__ __forceinline__ int token(int r, const AttnParams& p) const {
+  // Cache token of gathered key r (r < n_keys); sel_of(c) gives chunk id sel[c] and is called
+  // only for a key of the middle. Clamped so a malformed idx cannot read outside the cache; a
+  // well-formed one never needs it.
+  template <class SelOf>
+  __device__ __forceinline__ int token(int r, const AttnParams& p, SelOf sel_of) const {
     int tok;
     if (r < sink_len) {
       tok = r;
     } else if (r < loc0) {
       const int c = (r - sink_len) / p.chunk;
-      tok = p.sink + sel[c] * p.chunk + (r - sink_len - c * p.chunk);
+      tok = p.sink + sel_of(c) * p.chunk + (r - sink_len - c * p.chunk);
     } else {
       tok = mid_end + (r - loc0);
     }
     return min(max(tok, 0), p.nmax - 1);
   }
+
+  __device__ __forceinline__ int token(int r, const AttnParams& p) const {
+    return token(r, p, [this](int c) { return sel[c]; });
+  }
 };
 
-// The CTA's gathered sequence: counts the block's selected chunks (in *s_nsel) and stages the
-// inverse frequencies, zero past R/2, in s_invf[D / 2]. Every thread calls it (two barriers).
-template <int D, int kThreads>
-__device__ __forceinline__ GatheredKeys gathered_keys(const AttnParams& p, int b, int h,
-                                                      int beta, float* s_invf, int* s_nsel) {
+// The parts of a block's gathered sequence that need only the sequence length n (sel, the
+// segments, p0, pages); *end is the end of its local window. gathered_keys_finish adds the
+// count of selected chunks.
+__device__ __forceinline__ GatheredKeys gathered_keys_start(const AttnParams& p, int n, int b,
+                                                            int h, int beta, int* end) {
   GatheredKeys g;
-  const int n = p.seqlens[b];
   const Segments seg =
       block_segments(n, p.lq, p.query_block, beta, p.sink, p.local, p.chunk);
   g.sink_len = static_cast<int>(seg.sink_len);
@@ -130,6 +135,24 @@ __device__ __forceinline__ GatheredKeys gathered_keys(const AttnParams& p, int b
   g.p0 = n - p.lq;
   g.sel = p.idx + b * p.i_sb + h * p.i_sh + beta * p.i_sblk;
   g.pages = p.pages.paged() ? p.pages.row(b) : nullptr;
+  *end = static_cast<int>(seg.end);
+  return g;
+}
+
+__device__ __forceinline__ void gathered_keys_finish(GatheredKeys& g, const AttnParams& p,
+                                                     int end, int n_sel) {
+  g.loc0 = g.sink_len + n_sel * p.chunk;
+  g.n_keys = g.loc0 + max(0, end - g.mid_end);
+  g.shift = p.sink + n_sel * p.chunk - g.mid_end;
+}
+
+// The CTA's gathered sequence: counts the block's selected chunks (in *s_nsel) and stages the
+// inverse frequencies, zero past R/2, in s_invf[D / 2]. Every thread calls it (two barriers).
+template <int D, int kThreads>
+__device__ __forceinline__ GatheredKeys gathered_keys(const AttnParams& p, int b, int h,
+                                                      int beta, float* s_invf, int* s_nsel) {
+  int end;
+  GatheredKeys g = gathered_keys_start(p, p.seqlens[b], b, h, beta, &end);
   if (threadIdx.x == 0) *s_nsel = 0;
   __syncthreads();
   int mine = 0;
@@ -139,10 +162,7 @@ __device__ __forceinline__ GatheredKeys gathered_keys(const AttnParams& p, int b
     s_invf[i] = i < p.half_rot ? p.inv_freq[i] : 0.f;
   }
   __syncthreads();
-  const int n_sel = *s_nsel;
-  g.loc0 = g.sink_len + n_sel * p.chunk;
-  g.n_keys = g.loc0 + max(0, static_cast<int>(seg.end) - g.mid_end);
-  g.shift = p.sink + n_sel * p.chunk - g.mid_end;
+  gathered_keys_finish(g, p, end, *s_nsel);
   return g;
 }
 
@@ -171,13 +191,14 @@ struct GatheredRow {
   const T* v;
 };
 
-template <typename T>
+// sel_of(c): chunk id sel[c] (GatheredKeys::token).
+template <typename T, class SelOf>
 __device__ __forceinline__ GatheredRow<T> gathered_row(const GatheredKeys& g, const AttnParams& p,
                                                        int key, const T* k_base,
-                                                       const T* v_base) {
+                                                       const T* v_base, SelOf sel_of) {
   GatheredRow<T> row;
   row.valid = key < g.n_keys;
-  row.tok = row.valid ? g.token(key, p) : 0;
+  row.tok = row.valid ? g.token(key, p, sel_of) : 0;
   if (g.pages == nullptr) {
     row.k = k_base + row.tok * p.k_sn;
     row.v = v_base + row.tok * p.v_sn;
@@ -188,6 +209,13 @@ __device__ __forceinline__ GatheredRow<T> gathered_row(const GatheredKeys& g, co
     row.v = v_base + page * p.v_sb + in * p.v_sn;
   }
   return row;
+}
+
+template <typename T>
+__device__ __forceinline__ GatheredRow<T> gathered_row(const GatheredKeys& g, const AttnParams& p,
+                                                       int key, const T* k_base,
+                                                       const T* v_base) {
+  return gathered_row(g, p, key, k_base, v_base, [&g](int c) { return g.sel[c]; });
 }
 
 // Longest gathered sequence of any block at any length in [Lq, Nmax] (static shapes only): at
@@ -224,10 +252,12 @@ __device__ __forceinline__ void rope_apply(float& x0, float& x1, float2 cs) {
 // at or past `rows` are zero) rotated at their compact or original positions, rounded once to
 // T, into the swizzled tile s_q (layout L); with kQpos, also each row's original position
 // (-1: padding) into s_qpos. table/n_pos: the RoPE table (rope_table_kernel) or null/0.
-template <typename T, int D, int kBM, int kThreads, bool kQpos, class L = RowSwizzled<D>>
+// s_invf[i]: inverse frequency i (an array, or anything with that operator).
+template <typename T, int D, int kBM, int kThreads, bool kQpos, class L = RowSwizzled<D>,
+          class InvF = const float*>
 __device__ __forceinline__ void stage_rotated_q(T* s_q, int* s_qpos, const AttnParams& p,
                                                 const GatheredKeys& gk, int b, int h, int group,
-                                                int q0, int row0, int rows, const float* s_invf,
+                                                int q0, int row0, int rows, InvF s_invf,
                                                 const float2* table, int n_pos) {
   const T* q_base = static_cast<const T*>(p.q) + b * p.q_sb;
   for (int id = threadIdx.x; id < kBM * (D / 2); id += kThreads) {

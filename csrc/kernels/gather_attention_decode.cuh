@@ -92,19 +92,84 @@ __device__ __forceinline__ void rotate_unit(T* sk, int r, int u, int units, bool
   *pb = make_uint4(b[0], b[1], b[2], b[3]);
 }
 
+// Asks for the L1 line of a global address ahead of its load (no register waits on it).
+__device__ __forceinline__ void prefetch_l1(const void* ptr) {
+  asm volatile("prefetch.global.L1 [%0];\n" ::"l"(ptr));
+}
+
+// The prologue's copy of the block's idx row: lane l of every warp holds entries l + 32 j,
+// j < kSelWords (-1 past topk), so each warp counts the selected chunks with ballots and the
+// first two tiles find their chunk ids by shuffles, with no barrier and no second load.
+// Entries from kSelWords * 32 on (topk > 32 kSelWords) are read from memory. 8 words (topk
+// 256) fit the registers of D >= 128; D = 64 (capped at 80 registers on sm_90a) keeps 4.
+template <int kSelWords>
+struct SelRow {
+  int w[kSelWords];
+  int words;  // words holding entries: min(ceil(topk / 32), kSelWords)
+
+  // Issues the loads of the idx row `sel` (no wait).
+  __device__ __forceinline__ void load(const int* sel, int topk, int lane) {
+    words = min((topk + 31) >> 5, kSelWords);
+#pragma unroll
+    for (int j = 0; j < kSelWords; ++j) {
+      const int i = lane + 32 * j;
+      w[j] = i < topk ? __ldg(sel + i) : -1;
+    }
+  }
+
+  // Entries of the row that are >= 0 (the whole warp calls it).
+  __device__ __forceinline__ int count(const int* sel, int topk, int lane) const {
+    int n = 0;
+#pragma unroll
+    for (int j = 0; j < kSelWords; ++j) n += __popc(__ballot_sync(0xffffffffu, w[j] >= 0));
+    for (int i0 = kSelWords * 32; i0 < topk; i0 += 32) {
+      const int i = i0 + lane;
+      n += __popc(__ballot_sync(0xffffffffu, i < topk && __ldg(sel + i) >= 0));
+    }
+    return n;
+  }
+
+  // Entry c of the row for each lane when 0 <= c < kSelWords * 32, else -1 (the whole warp
+  // calls it).
+  __device__ __forceinline__ int entry(int c) const {
+    int v = -1;
+#pragma unroll
+    for (int j = 0; j < kSelWords; ++j) {
+      if (j < words) {  // uniform over the warp
+        const int x = __shfl_sync(0xffffffffu, w[j], c & 31);
+        if ((c >> 5) == j) v = x;
+      }
+    }
+    return v;
+  }
+};
+
 // Copies the K and V rows of gathered keys [tile * kBN, tile * kBN + kBN) into the swizzled
 // tiles sk and sv (cp.async, one commit group; zero-filled past n_keys) and their cache tokens
 // into kpos (INT_MAX past n_keys). kThreads / kBN threads share a row and find its token
 // (gathered_row: chunk lookup, page) once; consecutive threads take consecutive 16-byte
 // chunks, so each copy instruction still covers whole 32-byte sectors.
-template <typename T, int D, int kBN, int kThreads>
+// With sel_row (the prologue's tiles; every thread calls it), the chunk ids come from its
+// registers by shuffles; without, from g.sel.
+template <typename T, int D, int kBN, int kThreads, int kSelWords>
 __device__ __forceinline__ void load_decode_tile(T* sk, T* sv, int* kpos, const GatheredKeys& g,
                                                  const AttnParams& p, const T* k_base,
-                                                 const T* v_base, int tile) {
+                                                 const T* v_base, int tile,
+                                                 const SelRow<kSelWords>* sel_row) {
   constexpr int kPerRow = kThreads / kBN;  // threads per row
   static_assert(kThreads % kBN == 0 && (D / 8) % kPerRow == 0, "whole rows per thread group");
   const int r = threadIdx.x / kPerRow, sub = threadIdx.x % kPerRow;
-  const GatheredRow<T> row = gathered_row(g, p, tile * kBN + r, k_base, v_base);
+  const int key = tile * kBN + r;
+  GatheredRow<T> row;
+  if (sel_row != nullptr) {
+    // The slot of a middle key, as GatheredKeys::token computes it (any value elsewhere).
+    const int id = sel_row->entry((key - g.sink_len) / p.chunk);
+    row = gathered_row(g, p, key, k_base, v_base, [&](int c) {
+      return c < kSelWords * 32 ? id : __ldg(g.sel + c);
+    });
+  } else {
+    row = gathered_row(g, p, key, k_base, v_base);
+  }
   // Rows r..r+3 of a quarter warp take their chunk pairs in different orders, so its
   // 16-byte writes land in 8 different bank groups.
   const int order = kPerRow == 2 && D / 8 >= 8 ? (r & 3) << 1 : 0;
@@ -159,7 +224,6 @@ __global__ void __launch_bounds__(kAttnThreads, decode_min_blocks<D>())
   int* s_qpos = reinterpret_cast<int*>(s_invf + D / 2);
   float* s_m = reinterpret_cast<float*>(s_qpos + kBM);
   float* s_l = s_m + kWarpsN * kBM;
-  __shared__ int s_nsel;
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int wm = warp / kWarpsN, wn = warp % kWarpsN;
@@ -168,27 +232,128 @@ __global__ void __launch_bounds__(kAttnThreads, decode_min_blocks<D>())
   const int beta = at.beta, h = at.h, split = at.split, b = at.b, group = at.group;
   const int q0 = at.q0, rows = at.rows, row0 = at.row0;
 
-  const GatheredKeys gk = gathered_keys<D, kAttnThreads>(p, b, h, beta, s_invf, &s_nsel);
+  // Prologue, one chain of latencies instead of several: the loads that do not depend on each
+  // other go out first and together (the sequence's length, the block's idx row, this
+  // thread's Q elements and their inverse frequency); each warp counts the selected chunks of
+  // the idx row with ballots (no shared atomics, no barrier: the first one is the loop's); the
+  // first two tiles take their chunk ids from that row by shuffles and their copies go out
+  // before the Q rows are rotated into s_q. The arithmetic is the same as before, bit for bit.
+  constexpr int kHalf = D / 2;
+  static_assert(kAttnThreads % kHalf == 0, "a thread keeps one frequency of the Q rows");
+  constexpr int kQIter = kBM * kHalf / kAttnThreads;  // Q pairs per thread
+  constexpr int kQRowStep = kAttnThreads / kHalf;     // rows between them
+  // D >= 128 loads its Q pairs first into registers; D = 64 (80 registers on sm_90a, which
+  // that would spill) prefetches them into L1 and loads them as it rotates them.
+  constexpr bool kQInRegs = D >= 128;
+  const int n = __ldg(p.seqlens + b);
+  const int* sel = p.idx + b * p.i_sb + h * p.i_sh + beta * p.i_sblk;
+  constexpr int kSelWords = D <= 64 ? 4 : 8;
+  SelRow<kSelWords> sel_row;
+  sel_row.load(sel, p.topk, lane);
+  const int qi = tid % kHalf, qr0 = tid / kHalf;  // frequency qi of rows qr0 + k * kQRowStep
+  int qd0, qd1;
+  rope_pair(qi, p.half_rot, p.interleaved, qd0, qd1);
+  const float q_invf = qi < p.half_rot ? __ldg(p.inv_freq + qi) : 0.f;
+  const T* q_base = static_cast<const T*>(p.q) + b * p.q_sb;
+  // Row qr0 + k * kQRowStep of the block is (query q0 + qq, head h * group + hh): one division
+  // for k = 0, then steps of kQRowStep.
+  const int gr0 = row0 + qr0;
+  const int qq0 = gr0 / group, hh0 = gr0 - qq0 * group;
+  // Steps (qq, hh) to the next row of this thread.
+  auto next_row = [&](int& qq, int& hh) {
+    hh += kQRowStep;
+#pragma unroll
+    for (int s = 0; s < kQRowStep; ++s) {
+      if (hh >= group) {
+        hh -= group;
+        ++qq;
+      }
+    }
+  };
+  int qq = qq0, hh = hh0;
+  uint32_t qx[kQIter];  // the raw pair (d0, d1) of row k (zero past `rows`), packed in a word
+#pragma unroll
+  for (int k = 0; k < kQIter; ++k) {
+    if (k > 0) next_row(qq, hh);
+    const T* qr = q_base + (h * group + hh) * p.q_sh + (q0 + qq) * p.q_sl;
+    const bool in = gr0 + k * kQRowStep < rows;
+    if constexpr (kQInRegs) {
+      qx[k] = 0;
+      if (in) {
+        T x[2] = {qr[qd0], qr[qd1]};
+        memcpy(&qx[k], x, sizeof(qx[k]));
+      }
+    } else if (in) {
+      prefetch_l1(qr + qd0);
+    }
+  }
+
+  int end;
+  GatheredKeys gk = gathered_keys_start(p, n, b, h, beta, &end);
+  gathered_keys_finish(gk, p, end, sel_row.count(sel, p.topk, lane));
   const int n_keys = gk.n_keys;
   const T *k_base, *v_base;
   kv_bases<T>(p, b, h, k_base, v_base);
-  auto load_tile = [&](int stage, int tile) {
+  auto load_tile = [&](int stage, int tile, const SelRow<kSelWords>* from) {
     load_decode_tile<T, D, kBN, kAttnThreads>(s_kv + stage * kBN * D,
                                               s_kv + (2 + stage) * kBN * D, s_kpos + stage * kBN,
-                                              gk, p, k_base, v_base, tile);
+                                              gk, p, k_base, v_base, tile, from);
   };
 
   const int n_tiles = (n_keys + kBN - 1) / kBN;
   const int t_begin = split * p.tiles_per_split;
   const int t_end = min(n_tiles, t_begin + p.tiles_per_split);
-  // The first two tiles are in flight while the Q rows are loaded and rotated. Every loop
-  // iteration then commits exactly one copy group (empty past the end), so "at most one
-  // group pending" always means the current tile has landed.
-  if (t_begin < t_end) load_tile(0, t_begin); else cp_async_commit();
-  if (t_begin + 1 < t_end) load_tile(1, t_begin + 1); else cp_async_commit();
+  // The first two tiles are in flight while the Q rows are rotated. Every loop iteration then
+  // commits exactly one copy group (empty past the end), so "at most one group pending"
+  // always means the current tile has landed.
+  if (t_begin < t_end) load_tile(0, t_begin, &sel_row); else cp_async_commit();
+  if (t_begin + 1 < t_end) load_tile(1, t_begin + 1, &sel_row); else cp_async_commit();
 
-  stage_rotated_q<T, D, kBM, kAttnThreads, true>(s_q, s_qpos, p, gk, b, h, group, q0, row0,
-                                                  rows, s_invf, nullptr, 0);
+  // The Q rows [row0, row0 + kBM), rotated at their compact or original positions and rounded
+  // once to T (rows at or past `rows` are zero), and each row's original position (-1:
+  // padding); the inverse frequencies, zero past R/2. All read past the first loop barrier.
+  if (tid < kHalf) s_invf[tid] = q_invf;
+  if constexpr (kQInRegs) {
+    // The raw pairs go to their places in s_q first (the loads have had the copies' time to
+    // land), then each thread rotates its own pairs there, with one sincosf call site.
+#pragma unroll
+    for (int k = 0; k < kQIter; ++k) {
+      const int r = qr0 + k * kQRowStep;
+      const uint32_t w = qx[k];
+      T x[2];
+      memcpy(x, &w, sizeof(w));
+      s_q[RowSwizzled<D>{}(r, qd0)] = x[0];
+      s_q[RowSwizzled<D>{}(r, qd1)] = x[1];
+    }
+    int rq = qq0, rh = hh0;
+#pragma unroll 1
+    for (int k = 0; k < kQIter; ++k, next_row(rq, rh)) {
+      const int r = qr0 + k * kQRowStep;
+      const int gr = row0 + r;
+      if (gr < rows) {
+        const int pos = gk.p0 + q0 + rq;
+        T& q0_ref = s_q[RowSwizzled<D>{}(r, qd0)];
+        T& q1_ref = s_q[RowSwizzled<D>{}(r, qd1)];
+        float x0 = Dtype<T>::to_float(q0_ref), x1 = Dtype<T>::to_float(q1_ref);
+        if (qi < p.half_rot) {
+          rope_apply(x0, x1, rope_cos_sin(p.compact ? pos + gk.shift : pos, qi, nullptr, 0,
+                                          p.half_rot, q_invf, p.rope_scale));
+        }
+        q0_ref = Dtype<T>::from_float(x0);
+        q1_ref = Dtype<T>::from_float(x1);
+        if (qi == 0) s_qpos[r] = pos;
+      } else if (qi == 0) {
+        s_qpos[r] = -1;
+      }
+    }
+  } else {
+    struct {  // this thread's inverse frequency: stage_rotated_q asks only for s_invf[qi]
+      float v;
+      __device__ float operator[](int) const { return v; }
+    } invf{q_invf};
+    stage_rotated_q<T, D, kBM, kAttnThreads, true>(s_q, s_qpos, p, gk, b, h, group, q0, row0,
+                                                    rows, invf, nullptr, 0);
+  }
 
   // Fast RoPE: this thread's unit u (frequencies 8u..8u+7), first row r0 of every tile, row
   // stride, and the stride's (cos, sin) per frequency (the stride is a power of two, so its
@@ -197,9 +362,9 @@ __global__ void __launch_bounds__(kAttnThreads, decode_min_blocks<D>())
   const int u = units ? tid & (units - 1) : 0;
   const int r_stride = units ? kAttnThreads / units : kBN;
   const int r0 = units ? tid / units : kBN;
-  if (units && tid < p.half_rot) {  // read past the first loop barrier
+  if (units && tid < p.half_rot) {  // tid < R/2 <= D/2: q_invf is inv_freq[tid]
     float sn, cs;
-    sincosf(static_cast<float>(r_stride) * s_invf[tid], &sn, &cs);
+    sincosf(static_cast<float>(r_stride) * q_invf, &sn, &cs);
     s_step[tid] = make_float2(cs, sn);
   }
 
@@ -266,7 +431,7 @@ __global__ void __launch_bounds__(kAttnThreads, decode_min_blocks<D>())
     online_softmax_tile(s, o, m_run, l_run, kpos + wn * kNW, qpos, p.scale_log2, t4);
     pv_tile<T, D>(o, s, sv, wn * kNW, lane);
     __syncthreads();  // every warp is done with this stage before it is refilled
-    if (tile + 2 < t_end) load_tile(stage, tile + 2); else cp_async_commit();
+    if (tile + 2 < t_end) load_tile(stage, tile + 2, nullptr); else cp_async_commit();
   }
 
   // Epilogue: per-warp (m, l, unnormalised O) through shared memory, merged over the warps

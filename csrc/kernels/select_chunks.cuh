@@ -91,15 +91,16 @@ constexpr int kFusedFilterCap = 256;
 
 // uint32 words of select_chunks' `scores` workspace (from static shapes only): the dense chunk
 // scores of every row, or, when the few-rows kernel may fuse the top-k (bound/mean), one
-// arrival counter per row plus 2 * topk candidate words for each chunk range of the row, of
-// which there are at most ceil(n_cols / kScoreBlockN) (a range holds at least one column tile).
+// arrival counter and 2 * topk group words per row plus 2 * topk candidate words for each chunk
+// range of the row, of which there are at most ceil(n_cols / kScoreBlockN) (a range holds at
+// least one column tile).
 inline int64_t select_workspace_words(const SelectParams& p, RepMode rep, int head_dim) {
   const int64_t rows = static_cast<int64_t>(p.batch) * p.hkv * p.n_blocks;
   const int64_t dense = rows * p.n_cols;
   if (rep == RepMode::kMax || !few_rows(p.lq, p.query_block, p.hq / p.hkv)) return dense;
   const int block_n = kScoreBlockN;
   const int64_t splits = (static_cast<int64_t>(p.n_cols) + block_n - 1) / block_n;
-  return std::max(dense, rows * (1 + 2 * static_cast<int64_t>(p.topk) * splits));
+  return std::max(dense, rows * (1 + 2 * static_cast<int64_t>(p.topk) * (1 + splits)));
 }
 
 // Rows of the many-rows (GEMM) kernel's CTA tile: its A tile of block_m x vec_len elements
@@ -353,48 +354,15 @@ __device__ void block_topk_radix(int m, int k, Load load, Emit emit, TopkSmem<kT
   }
 }
 
-// Top-k of the m keys load(0..m) over one CTA under the order (key, then lower position), as
-// block_topk_radix, with the same emit(rank, position) calls, in a fixed number of barriers
-// instead of five passes over the keys:
-//  1. Bound: the positions fall into G = 2k groups (group of thread t: t % G). The k largest
-//     group maxima are k distinct keys, so the k-th largest of them, B, is at most the k-th
-//     largest key. On iid keys about 1.4 k keys are >= B (B is the median group maximum),
-//     whatever m is.
-//  2. Filter: keys >= B go to `cand` as (key << 32 | ~position), whose plain uint64 order is
-//     the selection order. Every key of the top k is there, and so is every key that outranks
-//     one of them, so a candidate's rank among the candidates is its rank among all keys.
-//  3. Rank: each candidate counts the candidates above it (several lanes per candidate when
-//     few); ranks < k are the selection, stored by rank, then each finds its output slot by
-//     counting the selected positions below its own.
-// More than `cap` candidates (many exact ties at the bound) fall back to block_topk_radix, as
-// do k with 2k > min(kThreads, 256) or 4k > cap. `cand`: cap uint64 words of shared memory.
-// 0 < k <= m; every thread of the CTA must call it.
-template <int kThreads, typename Load, typename Emit>
-__device__ void block_topk(int m, int k, Load load, Emit emit, TopkSmem<kThreads>& sm,
-                           uint64_t* cand, int cap) {
-  const int groups = 2 * k;
-  if (groups > kThreads || groups > 256 || 4 * k > cap) {
-    block_topk_radix<kThreads>(m, k, load, emit, sm);
-    return;
-  }
-  const int tid = threadIdx.x, lane = tid & 31;
-  // Unroll limits: the fused path inlines this twice into the scoring kernel, whose registers
-  // must stay low (no spills on sm_90a; registers bound its CTAs per SM at D 64).
-  uint32_t mine = 0;  // key 0 ranks below every key, so it is the max of nothing
-#pragma unroll 1
-  for (int i = tid; i < m; i += kThreads) mine = max(mine, load(i));
-  sm.tmax[tid] = mine;
-  if (tid == 0) sm.count = 0;
-  __syncthreads();
-  // The group maxima wait in `cand`, which the filter fills only after the bound is read.
-  uint32_t* gmax = reinterpret_cast<uint32_t*>(cand);
-  if (tid < groups) {
-    uint32_t g = 0;
-    for (int t = tid; t < kThreads; t += groups) g = max(g, sm.tmax[t]);
-    gmax[tid] = g;
-  }
-  __syncthreads();
-  if (tid < groups) {  // ranks of the maxima, ties to the lower group: exactly one is k - 1
+// The k-th largest of `groups` group maxima gmax[0..groups) (written before a barrier; ties to
+// the lower group), returned to every thread. Groups that partition a set of keys have distinct
+// keys as maxima (or 0, the max of nothing), so at least k keys are >= the result: it is at most
+// the k-th largest key, and a key below it ranks below k others. k <= groups <= kThreads.
+template <int kThreads>
+__device__ __forceinline__ uint32_t group_bound(const uint32_t* gmax, int groups, int k,
+                                                TopkSmem<kThreads>& sm) {
+  const int tid = threadIdx.x;
+  if (tid < groups) {  // exactly one group has rank k - 1
     const uint32_t g = gmax[tid];
     int rank = 0;
 #pragma unroll 4
@@ -405,7 +373,20 @@ __device__ void block_topk(int m, int k, Load load, Emit emit, TopkSmem<kThreads
     if (rank == k - 1) sm.bound = g;
   }
   __syncthreads();
-  const uint32_t bound = sm.bound;
+  return sm.bound;
+}
+
+// block_topk's filter and rank under a given bound: the top k (key, then lower position) of the
+// keys load(0..m) that are >= bound, or all of them when fewer than k are, emitted as block_topk
+// does (emit(slot, position), ascending position). Returns how many, or -1 with nothing emitted
+// when more than `cap` keys are >= bound (the caller falls back to block_topk_radix). A key's
+// rank among the candidates is its rank among all keys >= bound, which is its rank among all m
+// keys whenever the bound is at most the k-th largest key. Call with sm.count == 0, set before a
+// barrier, and sm.sel unread; every thread of the CTA must call it.
+template <int kThreads, typename Load, typename Emit>
+__device__ int block_topk_above(int m, int k, uint32_t bound, Load load, Emit emit,
+                                TopkSmem<kThreads>& sm, uint64_t* cand, int cap) {
+  const int tid = threadIdx.x, lane = tid & 31;
   for (int base = 0; base < m; base += kThreads) {
     const int i = base + tid;
     const uint32_t key = i < m ? load(i) : 0u;
@@ -422,47 +403,106 @@ __device__ void block_topk(int m, int k, Load load, Emit emit, TopkSmem<kThreads
   }
   __syncthreads();
   const int n = sm.count;
-  if (n > cap) {
-    block_topk_radix<kThreads>(m, k, load, emit, sm);
-    return;
-  }
-  int lanes = 32;  // lanes per candidate, a power of two: a warp's lanes split into groups
-  while (lanes > 1 && lanes * n > kThreads) lanes >>= 1;
-  for (int c0 = 0; c0 < n; c0 += kThreads / lanes) {
-    const int c = c0 + tid / lanes, part = tid % lanes;
-    const uint64_t me = c < n ? cand[c] : 0u;
-    int above = 0;
-    if (c < n) {
+  if (n > cap) return -1;
+  const int kept = min(n, k);
+  if (n > k) {
+    int lanes = 32;  // lanes per candidate, a power of two: a warp's lanes split into groups
+    while (lanes > 1 && lanes * n > kThreads) lanes >>= 1;
+    for (int c0 = 0; c0 < n; c0 += kThreads / lanes) {
+      const int c = c0 + tid / lanes, part = tid % lanes;
+      const uint64_t me = c < n ? cand[c] : 0u;
+      int above = 0;
+      if (c < n) {
 #pragma unroll 4
-      for (int d = part; d < n; d += lanes) above += cand[d] > me ? 1 : 0;
+        for (int d = part; d < n; d += lanes) above += cand[d] > me ? 1 : 0;
+      }
+      for (int o = 1; o < lanes; o <<= 1) above += __shfl_xor_sync(0xffffffffu, above, o);
+      if (part == 0 && c < n && above < k) {
+        sm.sel[above] = static_cast<int>(~static_cast<uint32_t>(me));
+      }
     }
-    for (int o = 1; o < lanes; o <<= 1) above += __shfl_xor_sync(0xffffffffu, above, o);
-    if (part == 0 && c < n && above < k) {
-      sm.sel[above] = static_cast<int>(~static_cast<uint32_t>(me));
-    }
+  } else if (tid < n) {  // every candidate is selected
+    sm.sel[tid] = static_cast<int>(~static_cast<uint32_t>(cand[tid]));
   }
   __syncthreads();
-  if (tid < k) {
+  if (tid < kept) {
     const int i = sm.sel[tid];
     int slot = 0;
 #pragma unroll 4
-    for (int j = 0; j < k; ++j) slot += sm.sel[j] < i ? 1 : 0;
+    for (int j = 0; j < kept; ++j) slot += sm.sel[j] < i ? 1 : 0;
     emit(slot, i);
+  }
+  return kept;
+}
+
+// Top-k of the m keys load(0..m) over one CTA under the order (key, then lower position), as
+// block_topk_radix, with the same emit(rank, position) calls, in a fixed number of barriers
+// instead of five passes over the keys:
+//  1. Bound: the positions fall into G = 2k groups (group of thread t: t % G); group_bound of
+//     their maxima, B, is at most the k-th largest key. On iid keys about 1.4 k keys are >= B
+//     (B is the median group maximum), whatever m is.
+//  2. Filter: keys >= B go to `cand` as (key << 32 | ~position), whose plain uint64 order is
+//     the selection order. Every key of the top k is there, and so is every key that outranks
+//     one of them, so a candidate's rank among the candidates is its rank among all keys.
+//  3. Rank: each candidate counts the candidates above it (several lanes per candidate when
+//     few); ranks < k are the selection, stored by rank, then each finds its output slot by
+//     counting the selected positions below its own.
+// Steps 2 and 3 are block_topk_above. More than `cap` candidates (many exact ties at the bound)
+// fall back to block_topk_radix, as do k with 2k > min(kThreads, 256) or 4k > cap. `cand`: cap
+// uint64 words of shared memory. 0 < k <= m; every thread of the CTA must call it.
+template <int kThreads, typename Load, typename Emit>
+__device__ void block_topk(int m, int k, Load load, Emit emit, TopkSmem<kThreads>& sm,
+                           uint64_t* cand, int cap) {
+  const int groups = 2 * k;
+  if (groups > kThreads || groups > 256 || 4 * k > cap) {
+    block_topk_radix<kThreads>(m, k, load, emit, sm);
+    return;
+  }
+  const int tid = threadIdx.x;
+  // Unroll limits: the fused path inlines the steps twice into the scoring kernel, whose
+  // registers must stay low (no spills on sm_90a; registers bound its CTAs per SM at D 64).
+  uint32_t mine = 0;  // key 0 ranks below every key, so it is the max of nothing
+#pragma unroll 1
+  for (int i = tid; i < m; i += kThreads) mine = max(mine, load(i));
+  sm.tmax[tid] = mine;
+  if (tid == 0) sm.count = 0;
+  __syncthreads();
+  // The group maxima wait in `cand`, which the filter fills only after the bound is read.
+  uint32_t* gmax = reinterpret_cast<uint32_t*>(cand);
+  if (tid < groups) {
+    uint32_t g = 0;
+    for (int t = tid; t < kThreads; t += groups) g = max(g, sm.tmax[t]);
+    gmax[tid] = g;
+  }
+  __syncthreads();
+  const uint32_t bound = group_bound<kThreads>(gmax, groups, k, sm);
+  if (block_topk_above<kThreads>(m, k, bound, load, emit, sm, cand, cap) < 0) {
+    block_topk_radix<kThreads>(m, k, load, emit, sm);
   }
 }
 
 // Decode top-k inside the few-rows scoring kernel (p.fused). Every scoring CTA of a (sequence,
-// kv head, block) row keeps the top-k of its own chunk range as candidates (keys and chunk ids,
-// padded with key 0, which ranks below every score); the last CTA of the row to finish selects
-// the row's top-k among the col_splits * topk candidates. The global top-k is among them: a
-// chunk outranked by fewer than k chunks overall is outranked by fewer than k in its range,
-// under the same order (key, then lower index), and candidate positions grow with chunk ids,
-// so the tie rule and the ascending output carry over. Workspace p.scores: one zeroed arrival
-// counter per row, then per row col_splits * topk keys and as many chunk ids.
+// kv head, block) row keeps candidates from its own chunk range (keys and chunk ids, padded with
+// key 0, which ranks below every score); the last CTA of the row to finish selects the row's
+// top-k among the col_splits * topk candidate slots. The row's chunks fall into G = 2 topk
+// groups (position i of a range: group (i % 128) % G), whose maxima the CTAs combine by
+// atomicMax in G zeroed words of the row. At any moment each word is the max of a subset of its
+// group, so group_bound of the words as a CTA reads them (its own maxima in) is a bound B <= the
+// row's topk-th largest key, and it only grows as ranges come in:
+//  - a CTA keeps its keys >= B, and of those at most topk, ranked (key, then lower index): a
+//    chunk of the row's top-k is >= B and outranked by fewer than topk keys of its range, so
+//    it is kept. Late CTAs see a bound near the row's and keep few, often without ranking.
+//  - the last CTA reads the final words, group maxima of the whole row: its filter keeps ~1.4
+//    topk candidates on iid scores with no pass over the candidates to find a bound. Candidate
+//    positions grow with chunk ids, so the tie rule and the ascending output carry over.
+// Many exact ties (more than kFusedFilterCap keys >= B) fall back to block_topk_radix. The
+// launcher fuses only for 2 topk <= kScoreThreads. Workspace p.scores: one zeroed arrival
+// counter per row, then G zeroed group words per row, then per row col_splits * topk keys and
+// as many chunk ids (select_workspace_words).
 // s_stage: shared scratch of kFusedMaxCandidates words (the scoring kernel's column stages,
 // idle by then) into which the last CTA copies the row's candidate keys once, so that
-// block_topk's passes read shared memory instead of waiting on L2. s_cand: kFusedFilterCap
-// words of 8 bytes (the A tile, idle too) for block_topk's filtered candidates.
+// block_topk_above's passes read shared memory instead of waiting on L2. s_cand: kFusedFilterCap
+// words of 8 bytes (the A tile, idle too) for the group words, then the filtered candidates.
 __device__ __forceinline__ void fused_topk(const SelectParams& p, const ScoreTile& t,
                                            const uint32_t* s_best, uint32_t* s_stage,
                                            uint64_t* s_cand) {
@@ -471,26 +511,51 @@ __device__ __forceinline__ void fused_topk(const SelectParams& p, const ScoreTil
   const int tid = threadIdx.x;
   const int64_t row = (static_cast<int64_t>(t.b) * p.hkv + t.h) * p.n_blocks + t.beta;
   const int64_t n_rows = static_cast<int64_t>(p.batch) * p.hkv * p.n_blocks;
+  const int groups = 2 * p.topk;
   const int n_cand = p.col_splits * p.topk;
-  uint32_t* keys = p.scores + n_rows + row * 2 * n_cand;
+  uint32_t* row_groups = p.scores + n_rows + row * groups;
+  uint32_t* keys = p.scores + n_rows * (1 + groups) + row * 2 * n_cand;
   int* ids = reinterpret_cast<int*>(keys + n_cand);
   const int slot = blockIdx.x / (p.row_tiles * p.n_blocks);  // this CTA's chunk range
   const int mine = max(0, t.j1 - t.j0);
-  const int k_mine = min(p.topk, mine);
-  for (int i = k_mine + tid; i < p.topk; i += kScoreThreads) keys[slot * p.topk + i] = 0u;
-  if (k_mine > 0) {
-    block_topk<kScoreThreads>(
-        mine, k_mine, [&](int i) { return s_best[i]; },
-        [&](int rank, int i) {
-          keys[slot * p.topk + rank] = s_best[i];
-          ids[slot * p.topk + rank] = t.j0 + i;
-        },
-        sm, s_cand, kFusedFilterCap);
+
+  // This range's group maxima into the row's words; the words as returned give the bound.
+  uint32_t tmax = 0;
+#pragma unroll 1
+  for (int i = tid; i < mine; i += kScoreThreads) tmax = max(tmax, s_best[i]);
+  sm.tmax[tid] = tmax;
+  if (tid == 0) sm.count = 0;
+  __syncthreads();
+  uint32_t* s_groups = reinterpret_cast<uint32_t*>(s_cand);
+  if (tid < groups) {
+    uint32_t g = 0;
+    for (int u = tid; u < kScoreThreads; u += groups) g = max(g, sm.tmax[u]);
+    s_groups[tid] = max(g, atomicMax(row_groups + tid, g));
   }
-  // Publish the candidates, then count this CTA in; the last one sees every slot.
+  __syncthreads();
+  const uint32_t bound = group_bound<kScoreThreads>(s_groups, groups, p.topk, sm);
+  auto local_key = [&](int i) { return s_best[i]; };
+  auto publish = [&](int rank, int i) {
+    keys[slot * p.topk + rank] = s_best[i];
+    ids[slot * p.topk + rank] = t.j0 + i;
+  };
+  int kept = 0;
+  if (mine > 0) {
+    kept = block_topk_above<kScoreThreads>(mine, p.topk, bound, local_key, publish, sm, s_cand,
+                                           kFusedFilterCap);
+    if (kept < 0) {  // many ties at the bound: this range's own top-k
+      kept = min(p.topk, mine);
+      block_topk_radix<kScoreThreads>(mine, kept, local_key, publish, sm);
+    }
+  }
+  for (int i = kept + tid; i < p.topk; i += kScoreThreads) keys[slot * p.topk + i] = 0u;
+  // Publish the candidates, then count this CTA in; the last one sees every slot and word.
   __threadfence();
   __syncthreads();
-  if (tid == 0) s_last = atomicAdd(p.scores + row, 1u) == static_cast<uint32_t>(p.col_splits - 1);
+  if (tid == 0) {
+    sm.count = 0;  // for the last CTA's filter
+    s_last = atomicAdd(p.scores + row, 1u) == static_cast<uint32_t>(p.col_splits - 1);
+  }
   __syncthreads();
   if (!s_last) return;
   __threadfence();
@@ -501,11 +566,20 @@ __device__ __forceinline__ void fused_topk(const SelectParams& p, const ScoreTil
   int* out = p.idx + row * p.topk;
   for (int i = k + tid; i < p.topk; i += kScoreThreads) out[i] = -1;
   if (k == 0) return;
-  // Other CTAs wrote the candidates: read them from L2 (__ldcg), never a stale L1 line.
+  // Other CTAs wrote the candidates and words: read them from L2 (__ldcg), never a stale L1
+  // line.
   for (int i = tid; i < n_cand; i += kScoreThreads) s_stage[i] = __ldcg(keys + i);
-  block_topk<kScoreThreads>(
-      n_cand, k, [&](int i) { return s_stage[i]; },
-      [&](int rank, int i) { out[rank] = __ldcg(ids + i); }, sm, s_cand, kFusedFilterCap);
+  if (tid < groups) s_groups[tid] = __ldcg(row_groups + tid);
+  __syncthreads();
+  // Real keys are never 0 (a NaN pattern), so the floor of 1 drops the padding when fewer than
+  // topk groups hold a chunk (a short row): every real key still passes.
+  const uint32_t final_bound = max(group_bound<kScoreThreads>(s_groups, groups, p.topk, sm), 1u);
+  auto cand_key = [&](int i) { return s_stage[i]; };
+  auto select = [&](int rank, int i) { out[rank] = __ldcg(ids + i); };
+  if (block_topk_above<kScoreThreads>(n_cand, k, final_bound, cand_key, select, sm, s_cand,
+                                      kFusedFilterCap) < 0) {
+    block_topk_radix<kScoreThreads>(n_cand, k, cand_key, select, sm);
+  }
 }
 
 // One CTA: the m16 A tile, then column tiles of kScoreBlockN vectors through the cp.async ring
@@ -1002,6 +1076,7 @@ cudaError_t launch_scores_one_wave(Kernel kernel, const SelectParams& plan, int 
   auto splits_of = [&](int chunks) { return (p.n_cols + chunks - 1) / chunks; };
   auto fusable = [&](int chunks) {
     return may_fuse && p.row_tiles == 1 && p.n_cols >= kFusedMinChunks &&
+           2 * p.topk <= kScoreThreads &&  // fused_topk's group words
            static_cast<int64_t>(splits_of(chunks)) * p.topk <= kFusedMaxCandidates;
   };
   if (fill_sms) {
@@ -1032,9 +1107,10 @@ cudaError_t launch_scores_one_wave(Kernel kernel, const SelectParams& plan, int 
   p.col_splits = splits_of(p.chunks_per_cta);
   p.fused = fusable(p.chunks_per_cta);
   *fused = p.fused;
-  if (p.fused) {  // the arrival counters, one per row
+  if (p.fused) {  // the arrival counters and the group words, 1 + 2 * topk per row
     const size_t rows = static_cast<size_t>(p.batch) * p.hkv * p.n_blocks;
-    if ((err = cudaMemsetAsync(p.scores, 0, rows * sizeof(uint32_t), stream)) != cudaSuccess)
+    const size_t words = rows * (1 + 2 * static_cast<size_t>(p.topk));
+    if ((err = cudaMemsetAsync(p.scores, 0, words * sizeof(uint32_t), stream)) != cudaSuccess)
       return err;
   }
   const dim3 grid(p.col_splits * p.n_blocks * p.row_tiles, p.hkv, p.batch);
