@@ -43,9 +43,7 @@ cudaError_t launch_gather_attention(const AttnParams& p, cudaStream_t stream) {
   cudaError_t err = decode ? launch_decode_attention<T, D>(p, stream)
                            : launch_prefill_attention<T, D>(p, stream);
   if (err != cudaSuccess || p.num_splits == 1) return err;
-  const int64_t n_rows = static_cast<int64_t>(p.batch) * p.hq * p.lq;
-  merge_splits_kernel<T, D><<<static_cast<unsigned>(n_rows), kMergeWarps * 32, 0, stream>>>(p);
-  return cudaGetLastError();
+  return launch_merge_splits<T, D>(p, stream);
 }
 
 }  // namespace reattention::kernels

@@ -369,63 +369,115 @@ __device__ __forceinline__ void pv_tile(float (&o)[D / 8][4], const float (&s)[k
   }
 }
 
-// One CTA per output row: lse-weighted sum of the splits' normalised partial outputs. The
-// splits are spread over the CTA (warp w takes splits w, w + 4, ...; a lane owns D/32 dims)
-// so their loads are in flight together instead of one dependent load per split.
-constexpr int kMergeWarps = 4;
+// One CTA per output row: lse-weighted sum of the splits' normalised partial outputs.
+// Warp w takes splits w, w + kWarps, ... kMergeBatch at a time (a lane owns D/32 contiguous
+// dims): a batch's lse values and output rows are all loaded before any of them is used, so a
+// row of up to kWarps * kMergeBatch splits costs one round trip to memory, not one for the
+// maxima and then one per few splits. Each warp keeps its own running maximum (rescaling its
+// sum when a batch raises it); the warps then meet through shared memory. Splits left without
+// keys carry lse -inf and weigh zero; a row whose splits all do gets zeros and lse -inf.
+// launch_merge_splits picks 16 warps when there are more than 16 splits (the decode step's
+// ~50), else 4.
+constexpr int kMergeBatch = 4;
 
-template <typename T, int D>
-__global__ void __launch_bounds__(kMergeWarps * 32) merge_splits_kernel(AttnParams p) {
-  constexpr int kPer = D / 32;  // contiguous dims per lane
-  __shared__ float s_part_max[kMergeWarps];
-  __shared__ float s_sum[kMergeWarps];
-  __shared__ float s_acc[kMergeWarps][D];
+template <int kPer>
+__device__ __forceinline__ void load_part_row(const float* src, float (&v)[kPer]) {
+  if constexpr (kPer % 4 == 0) {
+#pragma unroll
+    for (int e = 0; e < kPer; e += 4) {
+      const float4 x = *reinterpret_cast<const float4*>(src + e);
+      v[e] = x.x, v[e + 1] = x.y, v[e + 2] = x.z, v[e + 3] = x.w;
+    }
+  } else {
+#pragma unroll
+    for (int e = 0; e < kPer; e += 2) {
+      const float2 x = *reinterpret_cast<const float2*>(src + e);
+      v[e] = x.x, v[e + 1] = x.y;
+    }
+  }
+}
+
+template <typename T, int D, int kWarps>
+__global__ void __launch_bounds__(kWarps * 32) merge_splits_kernel(AttnParams p) {
+  static_assert(D % 64 == 0, "a lane owns an even number of dims");
+  constexpr int kPer = D / 32;
+  __shared__ float s_max[kWarps];
+  __shared__ float s_sum[kWarps];
+  __shared__ float s_acc[kWarps][D];
   const int64_t n_rows = static_cast<int64_t>(p.batch) * p.hq * p.lq;
   const int64_t row = blockIdx.x;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
 
-  float m = -INFINITY;
-  for (int s = threadIdx.x; s < p.num_splits; s += kMergeWarps * 32) {
-    m = fmaxf(m, p.lse_part[s * n_rows + row]);
-  }
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
-  if (lane == 0) s_part_max[warp] = m;
-  __syncthreads();
-  float m_all = s_part_max[0];
-#pragma unroll
-  for (int w = 1; w < kMergeWarps; ++w) m_all = fmaxf(m_all, s_part_max[w]);
-
-  float acc[kPer], sum = 0.f;
+  float m = -INFINITY, sum = 0.f, acc[kPer];
 #pragma unroll
   for (int e = 0; e < kPer; ++e) acc[e] = 0.f;
-  if (m_all != -INFINITY) {
-#pragma unroll 4
-    for (int s = warp; s < p.num_splits; s += kMergeWarps) {
-      const float w = expf(p.lse_part[s * n_rows + row] - m_all);
-      const float* src = p.o_part + (s * n_rows + row) * D + lane * kPer;
+  for (int s0 = warp; s0 < p.num_splits; s0 += kWarps * kMergeBatch) {
+    float l[kMergeBatch], v[kMergeBatch][kPer];
+#pragma unroll
+    for (int j = 0; j < kMergeBatch; ++j) {
+      const int64_t s = s0 + j * kWarps;
+      l[j] = -INFINITY;
+#pragma unroll
+      for (int e = 0; e < kPer; ++e) v[j][e] = 0.f;
+      if (s < p.num_splits) {
+        l[j] = p.lse_part[s * n_rows + row];
+        load_part_row<kPer>(p.o_part + (s * n_rows + row) * D + lane * kPer, v[j]);
+      }
+    }
+    float mb = m;
+#pragma unroll
+    for (int j = 0; j < kMergeBatch; ++j) mb = fmaxf(mb, l[j]);
+    if (mb == -INFINITY) continue;  // nothing with keys yet
+    const float c = expf(m - mb);   // 0 while m is -inf (sum and acc are 0 then)
+    sum *= c;
+#pragma unroll
+    for (int e = 0; e < kPer; ++e) acc[e] *= c;
+#pragma unroll
+    for (int j = 0; j < kMergeBatch; ++j) {
+      const float w = expf(l[j] - mb);  // 0 for a split without keys or past the last
       sum += w;
 #pragma unroll
-      for (int e = 0; e < kPer; ++e) acc[e] += w * src[e];
+      for (int e = 0; e < kPer; ++e) acc[e] += w * v[j][e];
     }
+    m = mb;
   }
 #pragma unroll
   for (int e = 0; e < kPer; ++e) s_acc[warp][lane * kPer + e] = acc[e];
-  if (lane == 0) s_sum[warp] = sum;
+  if (lane == 0) {
+    s_max[warp] = m;
+    s_sum[warp] = sum;
+  }
   __syncthreads();
 
-  float total = 0.f;
+  float m_all = s_max[0];
 #pragma unroll
-  for (int w = 0; w < kMergeWarps; ++w) total += s_sum[w];
+  for (int w = 1; w < kWarps; ++w) m_all = fmaxf(m_all, s_max[w]);
+  float scale[kWarps], total = 0.f;
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) {
+    scale[w] = s_max[w] == -INFINITY ? 0.f : expf(s_max[w] - m_all);
+    total += scale[w] * s_sum[w];
+  }
   const float inv = total > 0.f ? 1.f / total : 0.f;
   T* dst = static_cast<T*>(p.out) + row * D;
-  for (int d = threadIdx.x; d < D; d += kMergeWarps * 32) {
+  for (int d = threadIdx.x; d < D; d += kWarps * 32) {
     float o = 0.f;
 #pragma unroll
-    for (int w = 0; w < kMergeWarps; ++w) o += s_acc[w][d];
+    for (int w = 0; w < kWarps; ++w) o += scale[w] * s_acc[w][d];
     dst[d] = Dtype<T>::from_float(o * inv);
   }
   if (threadIdx.x == 0) p.lse[row] = total > 0.f ? m_all + logf(total) : -INFINITY;
+}
+
+template <typename T, int D>
+cudaError_t launch_merge_splits(const AttnParams& p, cudaStream_t stream) {
+  const unsigned rows = static_cast<unsigned>(static_cast<int64_t>(p.batch) * p.hq * p.lq);
+  if (p.num_splits > 16) {
+    merge_splits_kernel<T, D, 16><<<rows, 16 * 32, 0, stream>>>(p);
+  } else {
+    merge_splits_kernel<T, D, 4><<<rows, 4 * 32, 0, stream>>>(p);
+  }
+  return cudaGetLastError();
 }
 
 }  // namespace reattention::kernels
