@@ -32,13 +32,13 @@
 // P V adds exact zeros: the same results as an iteration of the first half alone.
 //
 // Shared memory (1024-byte aligned base): the rotated Q tile, kStages K stages, kStages V stages
-// (kBN gathered keys each), key positions, inverse frequencies: 227 KB at D 128 (3 stages of
-// 64 KB with the 32 KB Q tile; the opt-in limit, one CTA per SM), 99 KB at D 64 (5 stages of
-// 16 KB, two CTAs per SM). Every tile is stored as D / 64 slices of 64 elements (Sliced64):
-// slice j holds columns 64 j .. 64 j + 63 of all its rows, row r at byte 128 r of the slice,
-// 16-byte chunk c at chunk c ^ (r % 8) (the 128-byte swizzle of wgmma; slices are 8, 16 or
-// 32 KB, so every 8-row atom is 1024-byte aligned). A stage's two 64-key tiles are rows 0 .. 63
-// and 64 .. 127 of one Sliced64<128> tile.
+// (kBN gathered keys each), kStages slots of key tokens, inverse frequencies: 227 KB at D 128 (3 +
+// 3 stages of 32 KB with the 32 KB Q tile: the opt-in limit, one CTA per SM), 99 KB at D 64 (5 + 5
+// stages of 8 KB, two CTAs per SM). Every tile is stored as D / 64 slices of 64 elements
+// (Sliced64): slice j holds columns 64 j .. 64 j + 63 of all its rows, row r at byte 128 r of the
+// slice, 16-byte chunk c at chunk c ^ (r % 8) (the 128-byte swizzle of wgmma; slices are 8 or 16
+// KB, so every 8-row atom is 1024-byte aligned). A 128-key stage holds its two 64-key tiles as rows
+// 0 .. 63 and 64 .. 127 of one Sliced64<128> tile.
 // - S = Q K^T: wgmma m64nkBNk16 (m64n128k16 at D 128), A = the warpgroup's 64 rows of Q, B = the
 //   K stage, both K-major over D (descriptor wgmma_desc_sw128: stride byte offset 1024 between
 //   8-row atoms); k16 step kk reads slice kk / 4, 32 (kk % 4) bytes into each 128-byte row.
@@ -58,19 +58,24 @@
 //   64); the per-element math (scale, mask, exp2 against the running max, fp32 sums, P rounded
 //   to T) is the same, only the max that a group of keys is rescaled against may differ.
 //
-// Pipeline (all 256 threads, no producer warp): a cp.async ring of kStages stages, one barrier
-// per iteration. Each iteration: wait for stage it's copy, fence.proxy.async (cp.async and Q
-// stores are generic-proxy writes; wgmma reads through the async proxy), barrier; issue the copy
-// of iteration it + kStages - 2 into the stage of iteration it - 2; issue S = Q K^T on stage
-// it, then P V on iteration it - 1 (two wgmma groups in flight together: P V of an iteration
-// overlaps the barrier and S of the next); wait for S; softmax (unmasked when the stage's keys
-// all precede the warp's first row) with O's rescale factors caught aside; wait for P V;
-// rescale O and pack P of iteration it into registers (pa) for the next iteration. P V on
-// iteration it - 1 has retired before the next barrier, so the copy after it may refill that
-// stage. Before the epilogue, P V on the last iteration. At D 128 (3 stages) one stage is in
-// flight: the copy of iteration it + 1 overlaps iteration it. The accumulators and pa are
-// touched only between a wait and the next wgmma.fence; the branches around a wgmma are uniform
-// over the CTA (no P V before the first iteration, none after an empty range).
+// Pipeline (all 256 threads, no producer warp): cp.async rings of kStages K stages and kStages
+// V stages (with their key tokens), one barrier per iteration. K runs one iteration further
+// ahead than V, since a K stage is free once S on it has been waited and a V stage only after
+// P V on it, an iteration later: copy group j holds K of iteration j and V of iteration j - 1.
+// Each iteration: wait for group it (K of it, V of it - 1), fence.proxy.async (cp.async and Q
+// stores are generic-proxy writes; wgmma reads through the async proxy), barrier; copy K of
+// iteration it + kStages - 1 into the K stage of it - 1 and V of it + kStages - 2 into the V
+// stage of it - 2; issue S = Q K^T on iteration it, then P V on iteration it - 1 (two wgmma
+// groups in flight together: P V of an iteration overlaps the barrier and S of the next); wait
+// for S; softmax (unmasked when the iteration's keys all precede the warp's first row) with O's
+// rescale factors caught aside; wait for P V; rescale O and pack P of iteration it into
+// registers (pa) for the next iteration. S on it and P V on it - 1 have retired before the next
+// barrier, so the copies after it may refill those stages. Before the epilogue, a wait and a
+// barrier for V of the last iteration, then P V on it. At D 128 (3 stages) iteration it copies
+// K of it + 2 and V of it + 1: each copy has two iterations before its first read. The
+// accumulators and pa are touched only between a wait and the next wgmma.fence; the branches
+// around a wgmma and the barriers are uniform over the CTA (no P V before the first iteration,
+// none after an empty range).
 //
 // Masks, RoPE of Q, positions, splits and outputs: exactly the sm80 kernel's (shared code:
 // gathered_row, stage_rotated_q with the Sliced64 layout, prefill_softmax_tile,
@@ -99,8 +104,8 @@ struct PrefillSm90Shape {
   // CTAs share an SM.
   static constexpr int kIterTiles = D == 128 ? 2 : 1;
   static constexpr int kBN = kTileN * kIterTiles;  // keys per iteration and per ring stage
-  // The stage in use, the one P V may still read and kStages - 2 in flight: 3 x 64 KB at D 128
-  // (with the 32 KB Q tile just under the 227 KB opt-in limit), 5 x 16 KB at D 64.
+  // K and V stages (kBN keys each): at D 128 3 + 3 of 32 KB (with the 32 KB Q tile just under
+  // the 227 KB opt-in limit), at D 64 5 + 5 of 8 KB. See the pipeline in the header comment.
   static constexpr int kStages = kIterTiles == 2 ? 3 : 5;
   static constexpr int kAlign = 1024;
   static constexpr int kQElems = kBM * D, kTileElems = kBN * D;
@@ -204,13 +209,13 @@ __global__ void __launch_bounds__(kPrefillThreads)
 }
 
 // Copies K rows [tile * kTileN, tile * kTileN + kTileN) of the CTA's workspace slot k_rows
-// (rotated, zero past n_keys) and the V rows of those gathered keys into rows row0 .. row0 +
-// kTileN - 1 of the Sliced64<kRows> stage tiles sk and sv, and their cache tokens into kpos
-// (INT_MAX past n_keys); kTPR threads per row, as load_kv_rows. When !live (a tile past the
-// split's range: the second half of a 128-key iteration) nothing is read, the rows are zero
-// filled and their tokens are INT_MAX, so the mask drops them and P V adds exact zeros. The
-// caller commits the group.
-template <typename T, int D, int kRows>
+// (rotated, zero past n_keys) into rows row0 .. row0 + kTileN - 1 of the Sliced64<kRows> stage
+// tile sk (kLoadK), and the V rows of those gathered keys into the same rows of sv and their
+// cache tokens into kpos, INT_MAX past n_keys (kLoadV); kTPR threads per row, as load_kv_rows.
+// When !live (a tile past the split's range: the second half of a 128-key iteration) nothing is
+// read, the rows are zero filled and their tokens are INT_MAX, so the mask drops them and P V
+// adds exact zeros. The caller commits the group.
+template <typename T, int D, int kRows, bool kLoadK, bool kLoadV>
 __device__ __forceinline__ void load_prerot_kv_rows(T* sk, T* sv, int* kpos, const GatheredKeys& g,
                                                     const AttnParams& p, const T* k_rows,
                                                     const T* k_base, const T* v_base, int tile,
@@ -221,23 +226,31 @@ __device__ __forceinline__ void load_prerot_kv_rows(T* sk, T* sv, int* kpos, con
   static_assert(kPrefillThreads == kTileN * kTPR && kPieces * kTPR * 8 == D, "whole rows");
   const int r = threadIdx.x / kTPR, sub = threadIdx.x % kTPR;
   if (live) {
-    const GatheredRow<T> row = gathered_row(g, p, tile * kTileN + r, k_base, v_base);
     const T* k_row = k_rows + static_cast<int64_t>(tile * kTileN + r) * D;
+    if constexpr (kLoadK) {
 #pragma unroll
-    for (int j = 0; j < kPieces; ++j) {
-      const int col = (sub + kTPR * j) * 8;
-      cp_async_16(sk + L{}(row0 + r, col), k_row + col, true);
-      cp_async_16(sv + L{}(row0 + r, col), row.v + col, row.valid);
+      for (int j = 0; j < kPieces; ++j) {
+        const int col = (sub + kTPR * j) * 8;
+        cp_async_16(sk + L{}(row0 + r, col), k_row + col, true);
+      }
     }
-    if (sub == 0) kpos[row0 + r] = row.valid ? row.tok : INT_MAX;
+    if constexpr (kLoadV) {
+      const GatheredRow<T> row = gathered_row(g, p, tile * kTileN + r, k_base, v_base);
+#pragma unroll
+      for (int j = 0; j < kPieces; ++j) {
+        const int col = (sub + kTPR * j) * 8;
+        cp_async_16(sv + L{}(row0 + r, col), row.v + col, row.valid);
+      }
+      if (sub == 0) kpos[row0 + r] = row.valid ? row.tok : INT_MAX;
+    }
   } else {
 #pragma unroll
     for (int j = 0; j < kPieces; ++j) {
       const int col = (sub + kTPR * j) * 8;
-      cp_async_16(sk + L{}(row0 + r, col), k_rows, false);
-      cp_async_16(sv + L{}(row0 + r, col), k_rows, false);
+      if constexpr (kLoadK) cp_async_16(sk + L{}(row0 + r, col), k_rows, false);
+      if constexpr (kLoadV) cp_async_16(sv + L{}(row0 + r, col), k_rows, false);
     }
-    if (sub == 0) kpos[row0 + r] = INT_MAX;
+    if (kLoadV && sub == 0) kpos[row0 + r] = INT_MAX;
   }
 }
 
@@ -281,25 +294,33 @@ __global__ void __launch_bounds__(kPrefillThreads, PrefillSm90Shape<D>::kMinBloc
   int t_begin, t_end;
   prefill_tile_range<kBM, kTileN>(p, at, gk, t_begin, t_end);
   const int n_iters = max(0, (t_end - t_begin + kIterTiles - 1) / kIterTiles);
-  // Iteration it's kIterTiles plan tiles into ring stage `stage`, one commit group.
-  auto load_iter = [&](int stage, int it) {
+  // Copies of iteration it's kIterTiles plan tiles: K into K stage it % kStages, V and tokens
+  // into V stage and kpos slot it % kStages (no commit).
+  auto load_iter = [&](auto load_k, auto load_v, int it) {
+    const int stage = it % kStages;
 #pragma unroll
     for (int half = 0; half < kIterTiles; ++half) {
       const int tile = t_begin + it * kIterTiles + half;
-      load_prerot_kv_rows<T, D, kBN>(s_k + stage * Shape::kTileElems,
-                                     s_v + stage * Shape::kTileElems, s_kpos + stage * kBN, gk,
-                                     p, k_rows, k_base, v_base, tile, half * kTileN,
-                                     tile < t_end);
+      load_prerot_kv_rows<T, D, kBN, decltype(load_k)::value, decltype(load_v)::value>(
+          s_k + stage * Shape::kTileElems, s_v + stage * Shape::kTileElems,
+          s_kpos + stage * kBN, gk, p, k_rows, k_base, v_base, tile, half * kTileN,
+          tile < t_end);
     }
-    cp_async_commit();
   };
-
-  // kStages - 2 stages in flight from the start; every iteration commits exactly one copy group
-  // (empty past the end), so "at most kStages - 3 groups pending" at the top of iteration it
-  // means its stage has landed.
+  using Yes = std::true_type;
+  using No = std::false_type;
+  // Copy group j holds K of iteration j and V (with the tokens) of iteration j - 1: the
+  // prologue commits groups 0 .. kStages - 2, iteration it group it + kStages - 1. K runs one
+  // iteration further ahead than V: K of iteration it - 1 is free once S of it - 1 has been
+  // waited, V of it - 1 only after P V of it - 1, issued in iteration it. Iteration it needs K
+  // of it and V of it - 1, group it, so "at most kStages - 2 groups pending" at its top
+  // (kStages - 1 + it committed) means they have landed; its tokens (group it + 1) are plain
+  // stores, visible after its barrier.
 #pragma unroll
-  for (int s = 0; s < kStages - 2; ++s) {
-    if (s < n_iters) load_iter(s, s); else cp_async_commit();
+  for (int j = 0; j < kStages - 1; ++j) {
+    if (j < n_iters) load_iter(Yes{}, No{}, j);
+    if (j >= 1 && j - 1 < n_iters) load_iter(No{}, Yes{}, j - 1);
+    cp_async_commit();
   }
 
   stage_rotated_q<T, D, kBM, kPrefillThreads, false, Sliced64<kBM>>(
@@ -334,13 +355,15 @@ __global__ void __launch_bounds__(kPrefillThreads, PrefillSm90Shape<D>::kMinBloc
   };
 
   for (int it = 0; it < n_iters; ++it) {
-    cp_async_wait<kStages - 3>();
+    cp_async_wait<kStages - 2>();
     fence_proxy_async_shared();  // this thread's copies and Q stores -> async proxy
-    // Stage it is visible and every warpgroup's P V on iteration it - 2 has retired (waited in
-    // the previous iteration), whose stage the next copy refills.
+    // K of iteration it, V of it - 1 and the tokens of it are visible, S of it - 1 and every
+    // warpgroup's P V on iteration it - 2 have retired (waited in the previous iteration): the
+    // K stage of it - 1 and the V stage of it - 2 are free for the next copies.
     __syncthreads();
-    const int next = it + kStages - 2;
-    if (next < n_iters) load_iter(next % kStages, next); else cp_async_commit();
+    if (it + kStages - 1 < n_iters) load_iter(Yes{}, No{}, it + kStages - 1);
+    if (it + kStages - 2 < n_iters) load_iter(No{}, Yes{}, it + kStages - 2);
+    cp_async_commit();  // empty near the end
 
     const int stage = it % kStages;
     const uint32_t k_stage = k_addr + stage * kTileBytes;
@@ -381,13 +404,17 @@ __global__ void __launch_bounds__(kPrefillThreads, PrefillSm90Shape<D>::kMinBloc
       pa[kk][3] = Dtype<T>::pack2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
     }
   }
-  // P V on the last iteration.
+  // P V on the last iteration, once its V (group n_iters) is visible.
+  cp_async_wait<0>();  // past group n_iters only empty groups are left
+  if (n_iters > 0) {   // uniform over the CTA
+    fence_proxy_async_shared();
+    __syncthreads();
+  }
   wgmma_fence();
   if (n_iters > 0) issue_pv(v_addr + (n_iters - 1) % kStages * kTileBytes);
   wgmma_commit();
   wgmma_wait<0>();
   fence_accumulators<kDT * 4>(&o[0][0]);
-  cp_async_wait<0>();  // only empty groups can be left
 
   store_prefill_rows<T, D>(p, o, m_run, l_run, at, ra, t4);
 #else
