@@ -1,57 +1,81 @@
 // gather_attention, many-rows layout on sm_90a: gather_attention_prefill_kernel's work (same CTA
-// tile, plan, splits, softmax and outputs) with Hopper's warpgroup MMA, one wgmma.mma_async per
-// 64 x N x 16 product instead of a warp instruction per 16 x 8 x 16 plus its ldmatrix, and K
-// rotated once per query block by a pre-pass instead of in the attention loop.
+// tile, plan, splits, masks and outputs; the softmax order below) with Hopper's warpgroup MMA, one
+// wgmma.mma_async per 64 x N x 16 product instead of a warp instruction per 16 x 8 x 16 plus its
+// ldmatrix, and K rotated once per query block by a pre-pass instead of in the attention loop.
 //
 // Pre-pass (prerot_k_kernel): the row_tiles CTAs of a (sequence b, kv head h, query block beta)
 // attend to the same gathered keys at the same positions, so rotating K in each of them did the
-// work (and read the RoPE table) row_tiles times. One CTA per tile of kBN gathered keys of a
-// block copies the K rows (gathered_row's lookup), rotates them (rotate_k_tile: the same fp32
-// math rounded once to T, so the rows equal what the in-place rotation produced) and stores
-// them to the workspace p.k_rot, one slot of prerot_rows(p, D) rows x D per (b, h, block):
-// row i = gathered key i, zero past the block's n_keys in its last tile. The slot rows are
-// contiguous, so the attention kernel copies K tiles with plain 16-byte cp.async, no page lookup
-// and no rotation; V rows and key positions still come from the cache through gathered_row.
-// Memory stays bounded whatever Lq is: the launcher runs pre-pass + attention on groups of
-// prerot_group_blocks(p, D) query blocks, sized from static shapes so the workspace holds at
-// most kPrerotBytes (at least one block per group); the op layer allocates prerot_elems(p, D).
+// work (and read the RoPE table) row_tiles times. One CTA per 64-key plan tile of gathered keys of
+// a block copies the K rows (gathered_row's lookup), rotates them (rotate_k_tile: the same fp32
+// math rounded once to T, so the rows equal what the in-place rotation produced) and stores them to
+// the workspace p.k_rot, one slot of prerot_rows(p, D) rows x D per (b, h, block): row i = gathered
+// key i, zero past the block's n_keys in its last tile. The slot rows are contiguous, so the
+// attention kernel copies K tiles with plain 16-byte cp.async, no page lookup and no rotation; V
+// rows and key positions still come from the cache through gathered_row. Memory stays bounded
+// whatever Lq is: the launcher runs pre-pass + attention on groups of prerot_group_blocks(p, D)
+// query blocks, sized from static shapes so the workspace holds at most kPrerotBytes (at least one
+// block per group); the op layer allocates prerot_elems(p, D).
 //
 // CTA: 256 threads = 2 warpgroups over kBM = 128 rows of (sequence b, kv head h, query block
 // beta, split); warpgroup w owns rows 64 w .. 64 w + 63, its warp i rows 64 w + 16 i .. + 15
 // (so warp k of the CTA owns rows 16 k .. 16 k + 15, as in the sm80 kernel), each warp with its
 // own exp2-domain online softmax: no cross-warp merge.
 //
-// Shared memory (1024-byte aligned base): the rotated Q tile, kStages K tiles, kStages V tiles
-// (kBN = 64 gathered keys each), key positions, inverse frequencies. Every tile is stored as
-// D / 64 slices of 64 elements (Sliced64): slice j holds columns 64 j .. 64 j + 63 of all its
-// rows, row r at byte 128 r of the slice, 16-byte chunk c at chunk c ^ (r % 8) (the 128-byte
-// swizzle of wgmma; slices are 8 or 16 KB, so every 8-row atom is 1024-byte aligned).
-// - S = Q K^T: wgmma m64n64k16, A = the warpgroup's 64 rows of Q, B = the K tile, both K-major
-//   over D (descriptor wgmma_desc_sw128: stride byte offset 1024 between 8-row atoms); k16 step
-//   kk reads slice kk / 4, 32 (kk % 4) bytes into each 128-byte row.
-// - O += P V: wgmma m64nDk16 with A = P from registers and B = the V tile. The S accumulator of
-//   a warp is the m16n8 fragment layout (s[nt][0..1]: row g, keys 8 nt + 2 t4 + {0, 1};
-//   s[nt][2..3]: row g + 8), and the register A fragment of m64nNk16 is mma.m16n8k16's A layout
-//   for the warp's 16 rows, so P packs as in pv_tile: a[kk] = {S tiles 2 kk, 2 kk + 1} rounded
-//   to T. V rows are keys with D contiguous: for B (K = keys, N = D) an MN-major tile, read with
-//   the B-transpose immediate; descriptor wgmma_desc_sw128_mn: rows of 64 D-columns per key,
-//   8-key atoms 1024 bytes apart (stride byte offset), the next 64 D-columns one slice (kBN * 128
-//   bytes) on (leading byte offset); k16 step kk starts 16 keys = 2048 bytes further.
-//   The O accumulator is again the m16n8 layout: o[dt][..] as in the sm80 kernel, so the online
-//   softmax (online_softmax_tile) and the epilogue (store_prefill_rows) are shared.
+// Iteration width kBN: each loop iteration consumes kIterTiles of plan_attention's 64-key tiles,
+// two at D 128 (kBN = 128 keys: one CTA barrier, one softmax and one O rescale per 128 keys, so
+// the per-iteration chain that leaves the tensor cores idle is paid half as often), one at D 64
+// (kBN = 64: 128-key stages would not let two CTAs share an SM). plan_attention, the splits and
+// the pre-pass keep 64-key tiles: a split's range may hold an odd number of them, and then the
+// second half of its last iteration lies past the range; that half is never copied (no read past
+// the split's keys or the workspace slot): its K and V rows are zero filled and its key tokens
+// are INT_MAX, so the mask drops them by key index, they add nothing to the max or the sum, and
+// P V adds exact zeros: the same results as an iteration of the first half alone.
 //
-// Pipeline (all 256 threads, no producer warp): a cp.async ring of kStages = 5 K/V tiles, one
-// barrier per tile. Each iteration: wait for tile t's copy, fence.proxy.async (cp.async and Q
-// stores are generic-proxy writes; wgmma reads through the async proxy), barrier; issue the copy
-// of tile t + kStages - 2 into the stage of tile t - 2; issue S = Q K^T on tile t, then P V on
-// tile t - 1 (two wgmma groups in flight together: P V of a tile overlaps the barrier and S of
-// the next); wait for S; softmax (unmasked when the tile's keys all precede the warp's first
-// row) with O's rescale factors caught aside; wait for P V; rescale O and pack P of tile t into
-// registers (pa) for the next iteration. P V on tile t - 1 has retired before the next barrier,
-// so the copy after it may refill that tile's stage. Before the epilogue, P V on the last tile.
-// The accumulators and pa are touched only between a wait and the next wgmma.fence; the
-// branches around a wgmma are uniform over the CTA (no P V before the first tile, none after an
-// empty range).
+// Shared memory (1024-byte aligned base): the rotated Q tile, kStages K stages, kStages V stages
+// (kBN gathered keys each), kStages slots of key tokens, inverse frequencies: 227 KB at D 128 (3 +
+// 3 stages of 32 KB with the 32 KB Q tile: the opt-in limit, one CTA per SM), 99 KB at D 64 (5 + 5
+// stages of 8 KB, two CTAs per SM). Every tile is stored as D / 64 slices of 64 elements
+// (Sliced64): slice j holds columns 64 j .. 64 j + 63 of all its rows, row r at byte 128 r of the
+// slice, 16-byte chunk c at chunk c ^ (r % 8) (the 128-byte swizzle of wgmma; slices are 8 or 16
+// KB, so every 8-row atom is 1024-byte aligned). A 128-key stage holds its two 64-key tiles as rows
+// 0 .. 63 and 64 .. 127 of one Sliced64<128> tile.
+// - S = Q K^T: wgmma m64nkBNk16 (m64n128k16 at D 128), A = the warpgroup's 64 rows of Q, B = the
+//   K stage, both K-major over D (descriptor wgmma_desc_sw128: stride byte offset 1024 between
+//   8-row atoms); k16 step kk reads slice kk / 4, 32 (kk % 4) bytes into each 128-byte row.
+// - O += P V: wgmma m64nDk16 with A = P from registers and B = the V stage, kBN / 16 k16 steps.
+//   The S accumulator of a warp is the m16n8 fragment layout (s[nt][0..1]: row g, keys
+//   8 nt + 2 t4 + {0, 1}; s[nt][2..3]: row g + 8), and the register A fragment of m64nNk16 is
+//   mma.m16n8k16's A layout for the warp's 16 rows, so P packs as in pv_tile: a[kk] = {S tiles
+//   2 kk, 2 kk + 1} rounded to T. V rows are keys with D contiguous: for B (K = keys, N = D) an
+//   MN-major tile, read with the B-transpose immediate; descriptor wgmma_desc_sw128_mn: rows of
+//   64 D-columns per key, 8-key atoms 1024 bytes apart (stride byte offset), the next 64
+//   D-columns one slice (kBN * 128 bytes) on (leading byte offset); k16 step kk starts 16 keys =
+//   2048 bytes further. The O accumulator is again the m16n8 layout: o[dt][..] as in the sm80
+//   kernel, so the online softmax (online_softmax_tile) and the epilogue (store_prefill_rows)
+//   are shared.
+// - Softmax order: one online-softmax update per iteration, the running max taken over the
+//   iteration's kBN keys at once (at D 128 over 128 keys, where the sm80 kernel updates every
+//   64); the per-element math (scale, mask, exp2 against the running max, fp32 sums, P rounded
+//   to T) is the same, only the max that a group of keys is rescaled against may differ.
+//
+// Pipeline (all 256 threads, no producer warp): cp.async rings of kStages K stages and kStages
+// V stages (with their key tokens), one barrier per iteration. K runs one iteration further
+// ahead than V, since a K stage is free once S on it has been waited and a V stage only after
+// P V on it, an iteration later: copy group j holds K of iteration j and V of iteration j - 1.
+// Each iteration: wait for group it (K of it, V of it - 1), fence.proxy.async (cp.async and Q
+// stores are generic-proxy writes; wgmma reads through the async proxy), barrier; copy K of
+// iteration it + kStages - 1 into the K stage of it - 1 and V of it + kStages - 2 into the V
+// stage of it - 2; issue S = Q K^T on iteration it, then P V on iteration it - 1 (two wgmma
+// groups in flight together: P V of an iteration overlaps the barrier and S of the next); wait
+// for S; softmax (unmasked when the iteration's keys all precede the warp's first row) with O's
+// rescale factors caught aside; wait for P V; rescale O and pack P of iteration it into
+// registers (pa) for the next iteration. S on it and P V on it - 1 have retired before the next
+// barrier, so the copies after it may refill those stages. Before the epilogue, a wait and a
+// barrier for V of the last iteration, then P V on it. At D 128 (3 stages) iteration it copies
+// K of it + 2 and V of it + 1: each copy has two iterations before its first read. The
+// accumulators and pa are touched only between a wait and the next wgmma.fence; the branches
+// around a wgmma and the barriers are uniform over the CTA (no P V before the first iteration,
+// none after an empty range).
 //
 // Masks, RoPE of Q, positions, splits and outputs: exactly the sm80 kernel's (shared code:
 // gathered_row, stage_rotated_q with the Sliced64 layout, prefill_softmax_tile,
@@ -74,15 +98,23 @@ template <int D>
 struct PrefillSm90Shape {
   static_assert(prefill_sm90_covers(D), "head dims of the sm_90a kernel");
   static constexpr int kBM = kPrefillBlockM;
-  static constexpr int kBN = prefill_block_n(D);  // 64 keys: plan_attention's tiles
-  // The tile in use, the one P V may still read and kStages - 2 in flight.
-  static constexpr int kStages = 5;
+  static constexpr int kTileN = prefill_block_n(D);  // 64 keys: plan_attention's tiles
+  // Plan tiles per loop iteration: two at D 128 (S = m64n128k16, P V over 8 k16 steps, one
+  // softmax and one barrier per 128 keys); one at D 64, whose 128-key stages would not let two
+  // CTAs share an SM.
+  static constexpr int kIterTiles = D == 128 ? 2 : 1;
+  static constexpr int kBN = kTileN * kIterTiles;  // keys per iteration and per ring stage
+  // K and V stages (kBN keys each): at D 128 3 + 3 of 32 KB (with the 32 KB Q tile just under
+  // the 227 KB opt-in limit), at D 64 5 + 5 of 8 KB. See the pipeline in the header comment.
+  static constexpr int kStages = kIterTiles == 2 ? 3 : 5;
   static constexpr int kAlign = 1024;
   static constexpr int kQElems = kBM * D, kTileElems = kBN * D;
   static constexpr int kSmem =
       kAlign + (kQElems + 2 * kStages * kTileElems) * 2 + kStages * kBN * 4 + (D / 2) * 4;
-  static constexpr int kMinBlocks = D <= 64 ? 2 : 1;  // 99 KB or 195 KB of shared memory
-  static_assert(kBN == 64 && kBM == 128, "two warpgroups of 64 rows, m64n64 S tiles");
+  static constexpr int kMinBlocks = D <= 64 ? 2 : 1;  // 99 KB or 227 KB of shared memory
+  static_assert(kTileN == 64 && kBM == 128, "two warpgroups of 64 rows, 64-key plan tiles");
+  static_assert(kSmem + 256 <= 227 * 1024, "opt-in shared memory limit (with static shared)");
+  static_assert(kMinBlocks * (kSmem + 1024 + 256) <= 228 * 1024, "CTAs per SM of kMinBlocks");
 };
 
 // Workspace bound of the rotated K rows: groups of query blocks are sized to stay under it.
@@ -176,29 +208,50 @@ __global__ void __launch_bounds__(kPrefillThreads)
 #endif
 }
 
-// Copies K rows [tile * kBN, tile * kBN + kBN) of the CTA's workspace slot k_rows (rotated, zero
-// past n_keys) and the V rows of those gathered keys into the Sliced64 tiles sk and sv, and
-// their cache tokens into kpos (INT_MAX past n_keys), one commit group; kTPR threads per row, as
-// load_kv_rows.
-template <typename T, int D>
+// Copies K rows [tile * kTileN, tile * kTileN + kTileN) of the CTA's workspace slot k_rows
+// (rotated, zero past n_keys) into rows row0 .. row0 + kTileN - 1 of the Sliced64<kRows> stage
+// tile sk (kLoadK), and the V rows of those gathered keys into the same rows of sv and their
+// cache tokens into kpos, INT_MAX past n_keys (kLoadV); kTPR threads per row, as load_kv_rows.
+// When !live (a tile past the split's range: the second half of a 128-key iteration) nothing is
+// read, the rows are zero filled and their tokens are INT_MAX, so the mask drops them and P V
+// adds exact zeros. The caller commits the group.
+template <typename T, int D, int kRows, bool kLoadK, bool kLoadV>
 __device__ __forceinline__ void load_prerot_kv_rows(T* sk, T* sv, int* kpos, const GatheredKeys& g,
                                                     const AttnParams& p, const T* k_rows,
-                                                    const T* k_base, const T* v_base, int tile) {
-  using L = Sliced64<prefill_block_n(D)>;
-  constexpr int kBN = prefill_block_n(D), kTPR = prefill_row_threads<D>();
+                                                    const T* k_base, const T* v_base, int tile,
+                                                    int row0, bool live) {
+  using L = Sliced64<kRows>;
+  constexpr int kTileN = prefill_block_n(D), kTPR = prefill_row_threads<D>();
   constexpr int kPieces = D / 8 / kTPR;
-  static_assert(kPrefillThreads == kBN * kTPR && kPieces * kTPR * 8 == D, "whole rows");
+  static_assert(kPrefillThreads == kTileN * kTPR && kPieces * kTPR * 8 == D, "whole rows");
   const int r = threadIdx.x / kTPR, sub = threadIdx.x % kTPR;
-  const GatheredRow<T> row = gathered_row(g, p, tile * kBN + r, k_base, v_base);
-  const T* k_row = k_rows + static_cast<int64_t>(tile * kBN + r) * D;
+  if (live) {
+    const T* k_row = k_rows + static_cast<int64_t>(tile * kTileN + r) * D;
+    if constexpr (kLoadK) {
 #pragma unroll
-  for (int j = 0; j < kPieces; ++j) {
-    const int col = (sub + kTPR * j) * 8;
-    cp_async_16(sk + L{}(r, col), k_row + col, true);
-    cp_async_16(sv + L{}(r, col), row.v + col, row.valid);
+      for (int j = 0; j < kPieces; ++j) {
+        const int col = (sub + kTPR * j) * 8;
+        cp_async_16(sk + L{}(row0 + r, col), k_row + col, true);
+      }
+    }
+    if constexpr (kLoadV) {
+      const GatheredRow<T> row = gathered_row(g, p, tile * kTileN + r, k_base, v_base);
+#pragma unroll
+      for (int j = 0; j < kPieces; ++j) {
+        const int col = (sub + kTPR * j) * 8;
+        cp_async_16(sv + L{}(row0 + r, col), row.v + col, row.valid);
+      }
+      if (sub == 0) kpos[row0 + r] = row.valid ? row.tok : INT_MAX;
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < kPieces; ++j) {
+      const int col = (sub + kTPR * j) * 8;
+      if constexpr (kLoadK) cp_async_16(sk + L{}(row0 + r, col), k_rows, false);
+      if constexpr (kLoadV) cp_async_16(sv + L{}(row0 + r, col), k_rows, false);
+    }
+    if (kLoadV && sub == 0) kpos[row0 + r] = INT_MAX;
   }
-  if (sub == 0) kpos[r] = row.valid ? row.tok : INT_MAX;
-  cp_async_commit();
 }
 
 template <typename T, int D>
@@ -208,9 +261,10 @@ __global__ void __launch_bounds__(kPrefillThreads, PrefillSm90Shape<D>::kMinBloc
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using Shape = PrefillSm90Shape<D>;
   constexpr int kBM = Shape::kBM, kBN = Shape::kBN, kStages = Shape::kStages;
+  constexpr int kTileN = Shape::kTileN, kIterTiles = Shape::kIterTiles;
   constexpr int kNT = kBN / 8;  // 8-wide key column tiles of S
   constexpr int kDT = D / 8;    // 8-wide output column tiles
-  static_assert(kStages >= 3, "the ring holds the tile in use, the one P V reads, one in flight");
+  static_assert(kStages >= 3, "the ring holds the stage in use, the one P V reads, one in flight");
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const uint32_t raw_addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw));
@@ -233,19 +287,40 @@ __global__ void __launch_bounds__(kPrefillThreads, PrefillSm90Shape<D>::kMinBloc
   const T *k_base, *v_base;
   kv_bases<T>(p, b, h, k_base, v_base);
   const T* k_rows = static_cast<const T*>(p.k_rot) + prerot_slot(p, grp, b, h, beta) * D;
-  auto load_tile = [&](int stage, int tile) {
-    load_prerot_kv_rows<T, D>(s_k + stage * Shape::kTileElems, s_v + stage * Shape::kTileElems,
-                              s_kpos + stage * kBN, gk, p, k_rows, k_base, v_base, tile);
-  };
 
+  // plan_attention's 64-key tiles [t_begin, t_end) of the split, kIterTiles per iteration: the
+  // split's range may hold an odd number of tiles, so the last iteration's second half may lie
+  // past t_end; its copy is skipped (zero rows, tokens INT_MAX: masked by key index).
   int t_begin, t_end;
-  prefill_tile_range<kBM, kBN>(p, at, gk, t_begin, t_end);
-  // kStages - 2 tiles in flight from the start; every iteration commits exactly one copy group
-  // (empty past the end), so "at most kStages - 3 groups pending" at the top of iteration t
-  // means tile t has landed.
+  prefill_tile_range<kBM, kTileN>(p, at, gk, t_begin, t_end);
+  const int n_iters = max(0, (t_end - t_begin + kIterTiles - 1) / kIterTiles);
+  // Copies of iteration it's kIterTiles plan tiles: K into K stage it % kStages, V and tokens
+  // into V stage and kpos slot it % kStages (no commit).
+  auto load_iter = [&](auto load_k, auto load_v, int it) {
+    const int stage = it % kStages;
 #pragma unroll
-  for (int s = 0; s < kStages - 2; ++s) {
-    if (t_begin + s < t_end) load_tile(s, t_begin + s); else cp_async_commit();
+    for (int half = 0; half < kIterTiles; ++half) {
+      const int tile = t_begin + it * kIterTiles + half;
+      load_prerot_kv_rows<T, D, kBN, decltype(load_k)::value, decltype(load_v)::value>(
+          s_k + stage * Shape::kTileElems, s_v + stage * Shape::kTileElems,
+          s_kpos + stage * kBN, gk, p, k_rows, k_base, v_base, tile, half * kTileN,
+          tile < t_end);
+    }
+  };
+  using Yes = std::true_type;
+  using No = std::false_type;
+  // Copy group j holds K of iteration j and V (with the tokens) of iteration j - 1: the
+  // prologue commits groups 0 .. kStages - 2, iteration it group it + kStages - 1. K runs one
+  // iteration further ahead than V: K of iteration it - 1 is free once S of it - 1 has been
+  // waited, V of it - 1 only after P V of it - 1, issued in iteration it. Iteration it needs K
+  // of it and V of it - 1, group it, so "at most kStages - 2 groups pending" at its top
+  // (kStages - 1 + it committed) means they have landed; its tokens (group it + 1) are plain
+  // stores, visible after its barrier.
+#pragma unroll
+  for (int j = 0; j < kStages - 1; ++j) {
+    if (j < n_iters) load_iter(Yes{}, No{}, j);
+    if (j >= 1 && j - 1 < n_iters) load_iter(No{}, Yes{}, j - 1);
+    cp_async_commit();
   }
 
   stage_rotated_q<T, D, kBM, kPrefillThreads, false, Sliced64<kBM>>(
@@ -266,9 +341,10 @@ __global__ void __launch_bounds__(kPrefillThreads, PrefillSm90Shape<D>::kMinBloc
   float o[kDT][4], m_run[2], l_run[2];
   softmax_state_init(o, m_run, l_run);
   float s[kNT][4];
-  // P of the previous tile, rounded to T in mma.m16n8k16's A layout (see the header comment).
+  // P of the previous iteration, rounded to T in mma.m16n8k16's A layout (see the header
+  // comment).
   uint32_t pa[kNT / 2][4];
-  // O += P V on the V tile at v_stage, A = pa (one wgmma group, committed by the caller).
+  // O += P V on the V stage at v_stage, A = pa (one wgmma group, committed by the caller).
   auto issue_pv = [&](uint32_t v_stage) {
     fence_accumulators<kDT * 4>(&o[0][0]);
 #pragma unroll
@@ -278,19 +354,20 @@ __global__ void __launch_bounds__(kPrefillThreads, PrefillSm90Shape<D>::kMinBloc
     }
   };
 
-  for (int tile = t_begin; tile < t_end; ++tile) {
-    const int it = tile - t_begin;
-    cp_async_wait<kStages - 3>();
+  for (int it = 0; it < n_iters; ++it) {
+    cp_async_wait<kStages - 2>();
     fence_proxy_async_shared();  // this thread's copies and Q stores -> async proxy
-    // Tile `tile` is visible and every warpgroup's P V on tile - 2 has retired (waited in the
-    // previous iteration), whose stage the next copy refills.
+    // K of iteration it, V of it - 1 and the tokens of it are visible, S of it - 1 and every
+    // warpgroup's P V on iteration it - 2 have retired (waited in the previous iteration): the
+    // K stage of it - 1 and the V stage of it - 2 are free for the next copies.
     __syncthreads();
-    const int next = tile + kStages - 2;
-    if (next < t_end) load_tile((it + kStages - 2) % kStages, next); else cp_async_commit();
+    if (it + kStages - 1 < n_iters) load_iter(Yes{}, No{}, it + kStages - 1);
+    if (it + kStages - 2 < n_iters) load_iter(No{}, Yes{}, it + kStages - 2);
+    cp_async_commit();  // empty near the end
 
     const int stage = it % kStages;
     const uint32_t k_stage = k_addr + stage * kTileBytes;
-    // S = Q K^T on this tile, then P V on the previous one: two groups in flight together.
+    // S = Q K^T on this stage, then P V on the previous one: two groups in flight together.
     wgmma_fence();
     fence_accumulators<kNT * 4>(&s[0][0]);
 #pragma unroll
@@ -301,17 +378,18 @@ __global__ void __launch_bounds__(kPrefillThreads, PrefillSm90Shape<D>::kMinBloc
     }
     wgmma_commit();
     if (it > 0) issue_pv(v_addr + (it + kStages - 1) % kStages * kTileBytes);
-    wgmma_commit();   // empty on the first tile
+    wgmma_commit();   // empty on the first iteration
     wgmma_wait<1>();  // S
     fence_accumulators<kNT * 4>(&s[0][0]);
 
-    // The softmax of this tile with O's rescale factors caught in alpha (online_softmax_tile
-    // multiplies its "O" of ones by them), applied once P V of the previous tile has landed:
-    // the same products o * alpha as rescaling in place.
+    // The softmax of this iteration's kBN keys at once (one running max and sum update per
+    // row) with O's rescale factors caught in alpha (online_softmax_tile multiplies its "O" of
+    // ones by them), applied once P V of the previous iteration has landed: the same products
+    // o * alpha as rescaling in place.
     float alpha[1][4] = {{1.f, 1.f, 1.f, 1.f}};
     const int* kpos = s_kpos + stage * kBN;
     prefill_softmax_tile<kBN>(s, alpha, m_run, l_run, kpos, qpos, warp_q0, p.scale_log2, lane);
-    wgmma_wait<0>();  // P V of the previous tile
+    wgmma_wait<0>();  // P V of the previous iteration
     fence_accumulators<kDT * 4>(&o[0][0]);
 #pragma unroll
     for (int dt = 0; dt < kDT; ++dt) {
@@ -326,13 +404,17 @@ __global__ void __launch_bounds__(kPrefillThreads, PrefillSm90Shape<D>::kMinBloc
       pa[kk][3] = Dtype<T>::pack2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
     }
   }
-  // P V on the last tile.
+  // P V on the last iteration, once its V (group n_iters) is visible.
+  cp_async_wait<0>();  // past group n_iters only empty groups are left
+  if (n_iters > 0) {   // uniform over the CTA
+    fence_proxy_async_shared();
+    __syncthreads();
+  }
   wgmma_fence();
-  if (t_begin < t_end) issue_pv(v_addr + (t_end - 1 - t_begin) % kStages * kTileBytes);
+  if (n_iters > 0) issue_pv(v_addr + (n_iters - 1) % kStages * kTileBytes);
   wgmma_commit();
   wgmma_wait<0>();
   fence_accumulators<kDT * 4>(&o[0][0]);
-  cp_async_wait<0>();  // only empty groups can be left
 
   store_prefill_rows<T, D>(p, o, m_run, l_run, at, ra, t4);
 #else
