@@ -435,6 +435,29 @@ __device__ int block_topk_above(int m, int k, uint32_t bound, Load load, Emit em
   return kept;
 }
 
+// Step 1 of block_topk and of fused_topk: each thread's largest key among load(i), i = tid,
+// tid + kThreads, ... < m (key 0, below every key, when it has none), then the maxima of the
+// `groups` groups of threads (thread t in group t % groups) stored as out[group] =
+// combine(max, group). Also zeroes sm.count for block_topk_above. Ends without a barrier after
+// the stores. Unroll limits: the fused path inlines it into the scoring kernel, whose registers
+// must stay low (no spills on sm_90a; registers bound its CTAs per SM at D 64).
+template <int kThreads, typename Load, typename Combine>
+__device__ __forceinline__ void group_maxima(int m, int groups, Load load, TopkSmem<kThreads>& sm,
+                                             uint32_t* out, Combine combine) {
+  const int tid = threadIdx.x;
+  uint32_t mine = 0;
+#pragma unroll 1
+  for (int i = tid; i < m; i += kThreads) mine = max(mine, load(i));
+  sm.tmax[tid] = mine;
+  if (tid == 0) sm.count = 0;
+  __syncthreads();
+  if (tid < groups) {
+    uint32_t g = 0;
+    for (int t = tid; t < kThreads; t += groups) g = max(g, sm.tmax[t]);
+    out[tid] = combine(g, tid);
+  }
+}
+
 // Top-k of the m keys load(0..m) over one CTA under the order (key, then lower position), as
 // block_topk_radix, with the same emit(rank, position) calls, in a fixed number of barriers
 // instead of five passes over the keys:
@@ -458,22 +481,9 @@ __device__ void block_topk(int m, int k, Load load, Emit emit, TopkSmem<kThreads
     block_topk_radix<kThreads>(m, k, load, emit, sm);
     return;
   }
-  const int tid = threadIdx.x;
-  // Unroll limits: the fused path inlines the steps twice into the scoring kernel, whose
-  // registers must stay low (no spills on sm_90a; registers bound its CTAs per SM at D 64).
-  uint32_t mine = 0;  // key 0 ranks below every key, so it is the max of nothing
-#pragma unroll 1
-  for (int i = tid; i < m; i += kThreads) mine = max(mine, load(i));
-  sm.tmax[tid] = mine;
-  if (tid == 0) sm.count = 0;
-  __syncthreads();
   // The group maxima wait in `cand`, which the filter fills only after the bound is read.
   uint32_t* gmax = reinterpret_cast<uint32_t*>(cand);
-  if (tid < groups) {
-    uint32_t g = 0;
-    for (int t = tid; t < kThreads; t += groups) g = max(g, sm.tmax[t]);
-    gmax[tid] = g;
-  }
+  group_maxima<kThreads>(m, groups, load, sm, gmax, [](uint32_t g, int) { return g; });
   __syncthreads();
   const uint32_t bound = group_bound<kThreads>(gmax, groups, k, sm);
   if (block_topk_above<kThreads>(m, k, bound, load, emit, sm, cand, cap) < 0) {
@@ -520,18 +530,10 @@ __device__ __forceinline__ void fused_topk(const SelectParams& p, const ScoreTil
   const int mine = max(0, t.j1 - t.j0);
 
   // This range's group maxima into the row's words; the words as returned give the bound.
-  uint32_t tmax = 0;
-#pragma unroll 1
-  for (int i = tid; i < mine; i += kScoreThreads) tmax = max(tmax, s_best[i]);
-  sm.tmax[tid] = tmax;
-  if (tid == 0) sm.count = 0;
-  __syncthreads();
   uint32_t* s_groups = reinterpret_cast<uint32_t*>(s_cand);
-  if (tid < groups) {
-    uint32_t g = 0;
-    for (int u = tid; u < kScoreThreads; u += groups) g = max(g, sm.tmax[u]);
-    s_groups[tid] = max(g, atomicMax(row_groups + tid, g));
-  }
+  group_maxima<kScoreThreads>(
+      mine, groups, [&](int i) { return s_best[i]; }, sm, s_groups,
+      [&](uint32_t g, int group) { return max(g, atomicMax(row_groups + group, g)); });
   __syncthreads();
   const uint32_t bound = group_bound<kScoreThreads>(s_groups, groups, p.topk, sm);
   auto local_key = [&](int i) { return s_best[i]; };
