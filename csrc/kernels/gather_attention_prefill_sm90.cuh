@@ -22,9 +22,9 @@
 // own exp2-domain online softmax: no cross-warp merge.
 //
 // Iteration width kBN: each loop iteration consumes kIterTiles of plan_attention's 64-key tiles,
-// two at D 128 (kBN = 128 keys: one CTA barrier, one softmax and one O rescale per 128 keys, so
-// the per-iteration chain that leaves the tensor cores idle is paid half as often), one at D 64
-// (kBN = 64: 128-key stages would not let two CTAs share an SM). plan_attention, the splits and
+// two at D 128 (kBN = 128 keys: one turn, one softmax and one O rescale per 128 keys, so the
+// per-iteration chain of a warpgroup is paid half as often), one at D 64 (kBN = 64: 128-key
+// stages would not let two CTAs share an SM). plan_attention, the splits and
 // the pre-pass keep 64-key tiles: a split's range may hold an odd number of them, and then the
 // second half of its last iteration lies past the range; that half is never copied (no read past
 // the split's keys or the workspace slot): its K and V rows are zero filled and its key tokens
@@ -58,24 +58,47 @@
 //   64); the per-element math (scale, mask, exp2 against the running max, fp32 sums, P rounded
 //   to T) is the same, only the max that a group of keys is rescaled against may differ.
 //
-// Pipeline (all 256 threads, no producer warp): cp.async rings of kStages K stages and kStages
-// V stages (with their key tokens), one barrier per iteration. K runs one iteration further
-// ahead than V, since a K stage is free once S on it has been waited and a V stage only after
-// P V on it, an iteration later: copy group j holds K of iteration j and V of iteration j - 1.
-// Each iteration: wait for group it (K of it, V of it - 1), fence.proxy.async (cp.async and Q
-// stores are generic-proxy writes; wgmma reads through the async proxy), barrier; copy K of
-// iteration it + kStages - 1 into the K stage of it - 1 and V of it + kStages - 2 into the V
-// stage of it - 2; issue S = Q K^T on iteration it, then P V on iteration it - 1 (two wgmma
-// groups in flight together: P V of an iteration overlaps the barrier and S of the next); wait
-// for S; softmax (unmasked when the iteration's keys all precede the warp's first row) with O's
-// rescale factors caught aside; wait for P V; rescale O and pack P of iteration it into
-// registers (pa) for the next iteration. S on it and P V on it - 1 have retired before the next
-// barrier, so the copies after it may refill those stages. Before the epilogue, a wait and a
-// barrier for V of the last iteration, then P V on it. At D 128 (3 stages) iteration it copies
-// K of it + 2 and V of it + 1: each copy has two iterations before its first read. The
-// accumulators and pa are touched only between a wait and the next wgmma.fence; the branches
-// around a wgmma and the barriers are uniform over the CTA (no P V before the first iteration,
-// none after an empty range).
+// Pipeline (all 256 threads copy, no producer warp): cp.async rings of kStages K stages (with
+// their key tokens) and kStages V stages. Copy group j holds K and the tokens of iteration j and
+// V of iteration j - 1, all read by turn j: each warpgroup's turn j issues S = Q K^T on
+// iteration j, then P V on iteration j - 1 (two wgmma groups in flight together), and turn
+// n_iters P V on the last iteration. After its turn a warpgroup waits for S, runs the softmax
+// (unmasked when the iteration's keys all precede the warp's first row) with O's rescale
+// factors caught aside, waits for P V, rescales O and packs P into registers (pa) for the next
+// turn: its "body" j.
+// - Ping-pong: the two warpgroups take turns issuing, ordered by two named barriers of 256
+//   threads (ids 1 and 2, never the CTA barrier inside the loop). Warpgroup w waits on barrier
+//   1 + w (bar.sync) before the wgmma of a turn and arrives on the other one (bar.arrive)
+//   after them, so the issues go 0, 1, 0, 1, ...: while one warpgroup runs its softmax the
+//   other's GEMMs keep the tensor cores busy, and warpgroup 1 runs about half an iteration
+//   behind. Warpgroup 1 arrives once before its turn 0 and not after its turn n_iters, so each
+//   thread meets each barrier n_iters + 1 times, as its 128 waiters do (none when n_iters is 0:
+//   the branch is uniform over the CTA). It cannot deadlock: turn k of warpgroup 0 waits only
+//   for warpgroup 1's arrival after its turn k - 1 (its first arrival for k = 0), turn k of
+//   warpgroup 1 only for warpgroup 0's arrival after its turn k, so the turns run in one order
+//   (0 of wg 0, 0 of wg 1, 1 of wg 0, ...), each waiting only on the one before it; and no
+//   arrival runs a phase ahead (a warpgroup arrives again only after a turn that needed the
+//   other's wait on its previous arrival to have completed).
+// - Ring: each thread copies its rows of every group. A barrier completion orders the
+//   arrivers' earlier work before the waiters' later work, so at the top of its turn c
+//   warpgroup 0 knows warpgroup 1 has finished body c - 2 (it issued turn c - 1), and
+//   warpgroup 1 knows warpgroup 0 has finished body c - 1. After the wgmma and arrival of turn c,
+//   warpgroup w therefore commits group c + kStages - 2 + w (K and tokens into the stages of
+//   iteration c - 2 + w, V into that of c - 3 + w): both warpgroups have waited S, run the
+//   softmax and waited P V of those iterations (the prologue commits the groups before). The
+//   wgmma then in flight read other stages. Data: before waiting on its barrier at turn c a
+//   thread waits for its part of group c + w (at most kStages - 3 of its groups pending) and
+//   runs fence.proxy.async (cp.async and Q stores are generic-proxy writes; wgmma reads through
+//   the async proxy), so group c is complete for both warpgroups at turn c: warpgroup 0's
+//   part through its own barrier, warpgroup 1's through its arrival after turn c - 1 (before
+//   turn 0, its first arrival, which also publishes its Q stores). A copy gets kStages - 2
+//   iterations before it is waited (one at D 128; one more before the ping-pong, when one CTA
+//   barrier per iteration freed the stages of both warpgroups at once). The tokens travel with
+//   K since the softmax reads them right after S.
+// The accumulators and pa are touched only between a wait and the next wgmma.fence; the
+// branches around a wgmma are uniform over its warpgroup (no P V before the first turn, only
+// P V in turn n_iters), and which barriers a thread meets depends only on n_iters and its
+// warpgroup (counted above).
 //
 // Masks, RoPE of Q, positions, splits and outputs: exactly the sm80 kernel's (shared code:
 // gathered_row, stage_rotated_q with the Sliced64 layout, prefill_softmax_tile,
@@ -100,7 +123,7 @@ struct PrefillSm90Shape {
   static constexpr int kBM = kPrefillBlockM;
   static constexpr int kTileN = prefill_block_n(D);  // 64 keys: plan_attention's tiles
   // Plan tiles per loop iteration: two at D 128 (S = m64n128k16, P V over 8 k16 steps, one
-  // softmax and one barrier per 128 keys); one at D 64, whose 128-key stages would not let two
+  // softmax and one turn per 128 keys); one at D 64, whose 128-key stages would not let two
   // CTAs share an SM.
   static constexpr int kIterTiles = D == 128 ? 2 : 1;
   static constexpr int kBN = kTileN * kIterTiles;  // keys per iteration and per ring stage
@@ -210,11 +233,12 @@ __global__ void __launch_bounds__(kPrefillThreads)
 
 // Copies K rows [tile * kTileN, tile * kTileN + kTileN) of the CTA's workspace slot k_rows
 // (rotated, zero past n_keys) into rows row0 .. row0 + kTileN - 1 of the Sliced64<kRows> stage
-// tile sk (kLoadK), and the V rows of those gathered keys into the same rows of sv and their
-// cache tokens into kpos, INT_MAX past n_keys (kLoadV); kTPR threads per row, as load_kv_rows.
-// When !live (a tile past the split's range: the second half of a 128-key iteration) nothing is
-// read, the rows are zero filled and their tokens are INT_MAX, so the mask drops them and P V
-// adds exact zeros. The caller commits the group.
+// tile sk and the cache tokens of those gathered keys into kpos, INT_MAX past n_keys (kLoadK),
+// and their V rows into the same rows of sv (kLoadV); kTPR threads per row, as load_kv_rows.
+// The tokens travel with K since the softmax of an iteration reads them right after its S, an
+// iteration before P V reads its V. When !live (a tile past the split's range: the second half
+// of a 128-key iteration) nothing is read, the rows are zero filled and their tokens are
+// INT_MAX, so the mask drops them and P V adds exact zeros. The caller commits the group.
 template <typename T, int D, int kRows, bool kLoadK, bool kLoadV>
 __device__ __forceinline__ void load_prerot_kv_rows(T* sk, T* sv, int* kpos, const GatheredKeys& g,
                                                     const AttnParams& p, const T* k_rows,
@@ -225,23 +249,24 @@ __device__ __forceinline__ void load_prerot_kv_rows(T* sk, T* sv, int* kpos, con
   constexpr int kPieces = D / 8 / kTPR;
   static_assert(kPrefillThreads == kTileN * kTPR && kPieces * kTPR * 8 == D, "whole rows");
   const int r = threadIdx.x / kTPR, sub = threadIdx.x % kTPR;
+  const int key = tile * kTileN + r;
   if (live) {
-    const T* k_row = k_rows + static_cast<int64_t>(tile * kTileN + r) * D;
     if constexpr (kLoadK) {
+      const T* k_row = k_rows + static_cast<int64_t>(key) * D;
 #pragma unroll
       for (int j = 0; j < kPieces; ++j) {
         const int col = (sub + kTPR * j) * 8;
         cp_async_16(sk + L{}(row0 + r, col), k_row + col, true);
       }
+      if (sub == 0) kpos[row0 + r] = key < g.n_keys ? g.token(key, p) : INT_MAX;
     }
     if constexpr (kLoadV) {
-      const GatheredRow<T> row = gathered_row(g, p, tile * kTileN + r, k_base, v_base);
+      const GatheredRow<T> row = gathered_row(g, p, key, k_base, v_base);
 #pragma unroll
       for (int j = 0; j < kPieces; ++j) {
         const int col = (sub + kTPR * j) * 8;
         cp_async_16(sv + L{}(row0 + r, col), row.v + col, row.valid);
       }
-      if (sub == 0) kpos[row0 + r] = row.valid ? row.tok : INT_MAX;
     }
   } else {
 #pragma unroll
@@ -250,7 +275,7 @@ __device__ __forceinline__ void load_prerot_kv_rows(T* sk, T* sv, int* kpos, con
       if constexpr (kLoadK) cp_async_16(sk + L{}(row0 + r, col), k_rows, false);
       if constexpr (kLoadV) cp_async_16(sv + L{}(row0 + r, col), k_rows, false);
     }
-    if (kLoadV && sub == 0) kpos[row0 + r] = INT_MAX;
+    if (kLoadK && sub == 0) kpos[row0 + r] = INT_MAX;
   }
 }
 
@@ -294,8 +319,8 @@ __global__ void __launch_bounds__(kPrefillThreads, PrefillSm90Shape<D>::kMinBloc
   int t_begin, t_end;
   prefill_tile_range<kBM, kTileN>(p, at, gk, t_begin, t_end);
   const int n_iters = max(0, (t_end - t_begin + kIterTiles - 1) / kIterTiles);
-  // Copies of iteration it's kIterTiles plan tiles: K into K stage it % kStages, V and tokens
-  // into V stage and kpos slot it % kStages (no commit).
+  // Copies of iteration it's kIterTiles plan tiles: K and tokens into K stage and kpos slot
+  // it % kStages, V into V stage it % kStages (no commit).
   auto load_iter = [&](auto load_k, auto load_v, int it) {
     const int stage = it % kStages;
 #pragma unroll
@@ -309,18 +334,21 @@ __global__ void __launch_bounds__(kPrefillThreads, PrefillSm90Shape<D>::kMinBloc
   };
   using Yes = std::true_type;
   using No = std::false_type;
-  // Copy group j holds K of iteration j and V (with the tokens) of iteration j - 1: the
-  // prologue commits groups 0 .. kStages - 2, iteration it group it + kStages - 1. K runs one
-  // iteration further ahead than V: K of iteration it - 1 is free once S of it - 1 has been
-  // waited, V of it - 1 only after P V of it - 1, issued in iteration it. Iteration it needs K
-  // of it and V of it - 1, group it, so "at most kStages - 2 groups pending" at its top
-  // (kStages - 1 + it committed) means they have landed; its tokens (group it + 1) are plain
-  // stores, visible after its barrier.
+  // Copy group j holds K (with the tokens) of iteration j and V of iteration j - 1, both read
+  // by turn j (S of j, P V of j - 1). Every thread copies its rows of every group; warpgroup w
+  // commits group j at its turn j - lead (after that turn's wgmma), the prologue groups
+  // 0 .. lead - 1: the turn's barrier has shown it that both warpgroups are past every read of
+  // the stages it refills (see the pipeline in the header comment). At the top of its turn it
+  // warpgroup w needs its part of group it + w landed (it + lead - 1 committed): at most
+  // kStages - 3 of its groups pending.
+  const int lead = kStages - 2 + wg;
 #pragma unroll
   for (int j = 0; j < kStages - 1; ++j) {
-    if (j < n_iters) load_iter(Yes{}, No{}, j);
-    if (j >= 1 && j - 1 < n_iters) load_iter(No{}, Yes{}, j - 1);
-    cp_async_commit();
+    if (j < lead) {
+      if (j < n_iters) load_iter(Yes{}, No{}, j);
+      if (j >= 1 && j - 1 < n_iters) load_iter(No{}, Yes{}, j - 1);
+      cp_async_commit();
+    }
   }
 
   stage_rotated_q<T, D, kBM, kPrefillThreads, false, Sliced64<kBM>>(
@@ -354,16 +382,41 @@ __global__ void __launch_bounds__(kPrefillThreads, PrefillSm90Shape<D>::kMinBloc
     }
   };
 
+  // Turns (ping-pong): warpgroup w issues the wgmma of its turn only after named barrier
+  // kTurnBar + w has completed, then arrives on the other warpgroup's, so the issues alternate
+  // 0, 1, 0, 1, ... and one warpgroup's GEMMs run while the other computes its softmax. Each
+  // barrier counts 256 threads: the 128 that wait on it and the 128 that arrive. Warpgroup 1
+  // arrives once before its first turn (its part of group 0 and its Q stores published) and
+  // not after its last, so both barriers see n_iters + 1 waits and n_iters + 1 arrivals per
+  // thread (turns 0 .. n_iters; none at all when n_iters is 0).
+  constexpr int kTurnBar = 1;  // ids 1 and 2 (0 is __syncthreads')
+  auto turn_begin = [&] {
+    if (wg == 0) {
+      named_bar_sync<kTurnBar, kPrefillThreads>();
+    } else {
+      named_bar_sync<kTurnBar + 1, kPrefillThreads>();
+    }
+  };
+  auto turn_end = [&] {
+    if (wg == 0) {
+      named_bar_arrive<kTurnBar + 1, kPrefillThreads>();
+    } else {
+      named_bar_arrive<kTurnBar, kPrefillThreads>();
+    }
+  };
+  if (wg == 1 && n_iters > 0) {
+    cp_async_wait<kStages - 2>();  // group 0
+    fence_proxy_async_shared();    // this thread's copies and Q stores -> async proxy
+    turn_end();
+  }
+
   for (int it = 0; it < n_iters; ++it) {
-    cp_async_wait<kStages - 2>();
-    fence_proxy_async_shared();  // this thread's copies and Q stores -> async proxy
-    // K of iteration it, V of it - 1 and the tokens of it are visible, S of it - 1 and every
-    // warpgroup's P V on iteration it - 2 have retired (waited in the previous iteration): the
-    // K stage of it - 1 and the V stage of it - 2 are free for the next copies.
-    __syncthreads();
-    if (it + kStages - 1 < n_iters) load_iter(Yes{}, No{}, it + kStages - 1);
-    if (it + kStages - 2 < n_iters) load_iter(No{}, Yes{}, it + kStages - 2);
-    cp_async_commit();  // empty near the end
+    cp_async_wait<kStages - 3>();  // this thread's part of group it + wg
+    fence_proxy_async_shared();    // this thread's copies and Q stores -> async proxy
+    // The other warpgroup has issued its turn it - 1 + wg: its parts of groups up to it have
+    // landed, and it is past S, the softmax and P V of iteration it - 2 + wg (the refill
+    // below); this warpgroup's threads are all here, their parts of group it + wg landed.
+    turn_begin();
 
     const int stage = it % kStages;
     const uint32_t k_stage = k_addr + stage * kTileBytes;
@@ -378,8 +431,14 @@ __global__ void __launch_bounds__(kPrefillThreads, PrefillSm90Shape<D>::kMinBloc
     }
     wgmma_commit();
     if (it > 0) issue_pv(v_addr + (it + kStages - 1) % kStages * kTileBytes);
-    wgmma_commit();   // empty on the first iteration
-    wgmma_wait<1>();  // S
+    wgmma_commit();  // empty on the first iteration
+    turn_end();
+    // This warpgroup's part of group it + lead, into the stages of iterations it + lead -
+    // kStages (K, tokens) and it + lead - 1 - kStages (V).
+    if (it + lead < n_iters) load_iter(Yes{}, No{}, it + lead);
+    if (it + lead - 1 < n_iters) load_iter(No{}, Yes{}, it + lead - 1);
+    cp_async_commit();  // empty near the end
+    wgmma_wait<1>();    // S
     fence_accumulators<kNT * 4>(&s[0][0]);
 
     // The softmax of this iteration's kBN keys at once (one running max and sum update per
@@ -404,15 +463,16 @@ __global__ void __launch_bounds__(kPrefillThreads, PrefillSm90Shape<D>::kMinBloc
       pa[kk][3] = Dtype<T>::pack2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
     }
   }
-  // P V on the last iteration, once its V (group n_iters) is visible.
+  // Turn n_iters: P V on the last iteration, once its V (group n_iters) is visible.
   cp_async_wait<0>();  // past group n_iters only empty groups are left
   if (n_iters > 0) {   // uniform over the CTA
     fence_proxy_async_shared();
-    __syncthreads();
+    turn_begin();
   }
   wgmma_fence();
   if (n_iters > 0) issue_pv(v_addr + (n_iters - 1) % kStages * kTileBytes);
   wgmma_commit();
+  if (n_iters > 0 && wg == 0) turn_end();  // warpgroup 1's last turn; it arrives no more
   wgmma_wait<0>();
   fence_accumulators<kDT * 4>(&o[0][0]);
 

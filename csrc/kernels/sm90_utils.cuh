@@ -2,8 +2,9 @@
 // matrix descriptor of a K-major tile in the 128-byte swizzle, the wgmma fences and group
 // waits, the async-proxy fence after generic shared-memory writes, and wgmma.mma_async
 // m64nNk16 with fp32 accumulators, both operands in shared memory (K-major) or A in registers
-// and B an MN-major tile; for the warp-specialized kernels, mbarrier init / arrive / parity
-// wait and setmaxnreg.
+// and B an MN-major tile; named barrier sync / arrive (the warpgroups' turns of the many-rows
+// kernel); for the warp-specialized kernels, mbarrier init / arrive / parity wait and
+// setmaxnreg.
 //
 // The 128-byte swizzle atom is 8 rows x 128 bytes (64 16-bit elements), row r at byte 128 r,
 // its 16-byte chunk c stored at chunk c ^ (r % 8): swz<64> of device_utils.cuh. Atoms must be
@@ -64,6 +65,22 @@ __device__ __forceinline__ void wgmma_wait() {
 // Orders this thread's generic-proxy shared memory writes before later async-proxy reads.
 __device__ __forceinline__ void fence_proxy_async_shared() {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+
+// Named barrier kId (1 .. 15; 0 is __syncthreads') of kCount threads (a multiple of 32), each
+// warp of a caller uniform: named_bar_sync waits for the barrier to complete, named_bar_arrive
+// adds this thread's arrival without waiting (a producer's signal). Either orders this thread's
+// earlier memory accesses before the accesses of the threads that pass the barrier after it.
+// The id is an immediate, so ptxas counts only the barriers a kernel names.
+template <int kId, int kCount>
+__device__ __forceinline__ void named_bar_sync() {
+  static_assert(kId > 0 && kId < 16 && kCount % 32 == 0, "named barrier");
+  asm volatile("bar.sync %0, %1;\n" ::"n"(kId), "n"(kCount) : "memory");
+}
+template <int kId, int kCount>
+__device__ __forceinline__ void named_bar_arrive() {
+  static_assert(kId > 0 && kId < 16 && kCount % 32 == 0, "named barrier");
+  asm volatile("bar.arrive %0, %1;\n" ::"n"(kId), "n"(kCount) : "memory");
 }
 
 // Keeps the compiler from moving accesses of the accumulators across the asynchronous MMA.
