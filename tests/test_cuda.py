@@ -240,6 +240,42 @@ def test_gather_attention(case, dtype, style, positions, rope_scale):
         assert_close_rule(out, other.float(), low, dtype, "out vs triton")
 
 
+# Decode with splits of two key tiles (the plan of the 1M decode step: about three CTAs per SM)
+# and a last split of one partial tile, so every split's second stage, the stepped RoPE seeds
+# of both tiles and the merge of ~100 splits are checked. Shapes follow the device's SM count
+# so the plan lands there: 2 Hkv, 2 sequences -> ceil(3 * SMs / 4) splits over 2 * splits - 1
+# key tiles. Both RoPE paths (16-byte units by stepping; R/2 = 24 per element), both position
+# modes, D 128 and 256.
+def two_tile_case(d: int, rotary: int | None) -> Case:
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    splits = -(-3 * sms // 4)
+    n_keys = 64 * (2 * splits - 2) + 40
+    sink, chunk, topk = 16, 32, 8
+    local = n_keys - sink - topk * chunk - chunk  # gathered_keys_max = n_keys
+    nmax = local + 3000
+    return Case(2, 8, 2, 1, nmax, d, sink, local, chunk, topk, 1, lens=(nmax, nmax - 1900),
+                rotary=rotary)
+
+
+@pytest.mark.parametrize("dtype,style,positions,rope_scale",
+                         [(torch.bfloat16, *r) for r in ROPE] + [(torch.float16, *ROPE[0])],
+                         ids=lambda x: str(x).replace("torch.", ""))
+@pytest.mark.parametrize("d,rotary", [(128, None), (128, 48), (256, None)], ids=str)
+def test_decode_two_tile_splits(d, rotary, dtype, style, positions, rope_scale):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    case = two_tile_case(d, rotary)
+    q, k, v, lens, inv_freq = cuda_inputs(case, dtype)
+    idx = reference.select_chunks_ref(q, k, None, lens, case.sink, case.local, case.chunk,
+                                      case.topk, "max", case.query_block)
+    kw = dict(rope_scale=rope_scale, rope_style=style, positions=positions)
+    scale = 1 / math.sqrt(case.d)
+    out, lse = reattention.gather_attention(q, k, v, idx, lens, inv_freq=inv_freq,
+                                            sink=case.sink, local=case.local, chunk=case.chunk,
+                                            query_block=1, scale=scale, backend="cuda", **kw)
+    check_attention(case, q, k, v, lens, idx, inv_freq, out, lse, scale, **kw)
+
+
 # The many-rows kernel's RoPE paths: 16-byte rotary units from the table (compact) or sincosf
 # (original), both styles, full and partial R; R/2 = 10 (neither style's units) and 20 (the
 # interleaved units only) take the per-pair loop. Several key tiles per block, the first ones
