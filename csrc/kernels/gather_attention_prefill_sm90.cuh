@@ -66,8 +66,11 @@
 // (unmasked when the iteration's keys all precede the warp's first row) with O's rescale
 // factors caught aside, waits for P V, rescales O and packs P into registers (pa) for the next
 // turn: its "body" j.
-// - Ping-pong: the two warpgroups take turns issuing, ordered by two named barriers of 256
-//   threads (ids 1 and 2, never the CTA barrier inside the loop). Warpgroup w waits on barrier
+// - D 64 (kPingPong false) keeps the lock-step schedule, which measured faster there: one CTA
+//   barrier at the top of each iteration, after which every thread commits group it + kStages
+//   - 1 (the stages of it - 1 and it - 2 are free for both warpgroups) before the wgmma.
+// - Ping-pong (D 128): the two warpgroups take turns issuing, ordered by two named barriers of
+//   256 threads (ids 1 and 2, never the CTA barrier inside the loop). Warpgroup w waits on barrier
 //   1 + w (bar.sync) before the wgmma of a turn and arrives on the other one (bar.arrive)
 //   after them, so the issues go 0, 1, 0, 1, ...: while one warpgroup runs its softmax the
 //   other's GEMMs keep the tensor cores busy, and warpgroup 1 runs about half an iteration
@@ -127,6 +130,10 @@ struct PrefillSm90Shape {
   // CTAs share an SM.
   static constexpr int kIterTiles = D == 128 ? 2 : 1;
   static constexpr int kBN = kTileN * kIterTiles;  // keys per iteration and per ring stage
+  // The two warpgroups take turns issuing their GEMMs (see the pipeline in the header comment)
+  // at D 128; at D 64 they stay in lock step with one CTA barrier per iteration, which measured
+  // faster there (the 4096-query call at 512K: 1.76 ms in lock step, 1.84 ms with turns).
+  static constexpr bool kPingPong = D == 128;
   // K and V stages (kBN keys each): at D 128 3 + 3 of 32 KB (with the 32 KB Q tile just under
   // the 227 KB opt-in limit), at D 64 5 + 5 of 8 KB. See the pipeline in the header comment.
   static constexpr int kStages = kIterTiles == 2 ? 3 : 5;
@@ -286,6 +293,7 @@ __global__ void __launch_bounds__(kPrefillThreads, PrefillSm90Shape<D>::kMinBloc
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using Shape = PrefillSm90Shape<D>;
   constexpr int kBM = Shape::kBM, kBN = Shape::kBN, kStages = Shape::kStages;
+  constexpr bool kPingPong = Shape::kPingPong;
   constexpr int kTileN = Shape::kTileN, kIterTiles = Shape::kIterTiles;
   constexpr int kNT = kBN / 8;  // 8-wide key column tiles of S
   constexpr int kDT = D / 8;    // 8-wide output column tiles
@@ -341,7 +349,10 @@ __global__ void __launch_bounds__(kPrefillThreads, PrefillSm90Shape<D>::kMinBloc
   // the stages it refills (see the pipeline in the header comment). At the top of its turn it
   // warpgroup w needs its part of group it + w landed (it + lead - 1 committed): at most
   // kStages - 3 of its groups pending.
-  const int lead = kStages - 2 + wg;
+  // Without the ping-pong (D 64) every thread commits group j at iteration j - (kStages - 1),
+  // after the iteration's CTA barrier, and needs group it at the top of iteration it: at most
+  // kStages - 2 groups pending.
+  const int lead = kPingPong ? kStages - 2 + wg : kStages - 1;
 #pragma unroll
   for (int j = 0; j < kStages - 1; ++j) {
     if (j < lead) {
@@ -404,19 +415,28 @@ __global__ void __launch_bounds__(kPrefillThreads, PrefillSm90Shape<D>::kMinBloc
       named_bar_arrive<kTurnBar, kPrefillThreads>();
     }
   };
-  if (wg == 1 && n_iters > 0) {
+  if (kPingPong && wg == 1 && n_iters > 0) {
     cp_async_wait<kStages - 2>();  // group 0
     fence_proxy_async_shared();    // this thread's copies and Q stores -> async proxy
     turn_end();
   }
 
   for (int it = 0; it < n_iters; ++it) {
-    cp_async_wait<kStages - 3>();  // this thread's part of group it + wg
-    fence_proxy_async_shared();    // this thread's copies and Q stores -> async proxy
-    // The other warpgroup has issued its turn it - 1 + wg: its parts of groups up to it have
-    // landed, and it is past S, the softmax and P V of iteration it - 2 + wg (the refill
-    // below); this warpgroup's threads are all here, their parts of group it + wg landed.
-    turn_begin();
+    cp_async_wait<kPingPong ? kStages - 3 : kStages - 2>();  // this thread's part of group it + wg
+    fence_proxy_async_shared();  // this thread's copies and Q stores -> async proxy
+    if constexpr (kPingPong) {
+      // The other warpgroup has issued its turn it - 1 + wg: its parts of groups up to it have
+      // landed, and it is past S, the softmax and P V of iteration it - 2 + wg (the refill
+      // below); this warpgroup's threads are all here, their parts of group it + wg landed.
+      turn_begin();
+    } else {
+      // Group it has landed for every thread; S of it - 1 and P V of it - 2 have retired in
+      // both warpgroups: the K stage of it - 1 and the V stage of it - 2 are free.
+      __syncthreads();
+      if (it + lead < n_iters) load_iter(Yes{}, No{}, it + lead);
+      if (it + lead - 1 < n_iters) load_iter(No{}, Yes{}, it + lead - 1);
+      cp_async_commit();  // empty near the end
+    }
 
     const int stage = it % kStages;
     const uint32_t k_stage = k_addr + stage * kTileBytes;
@@ -432,13 +452,15 @@ __global__ void __launch_bounds__(kPrefillThreads, PrefillSm90Shape<D>::kMinBloc
     wgmma_commit();
     if (it > 0) issue_pv(v_addr + (it + kStages - 1) % kStages * kTileBytes);
     wgmma_commit();  // empty on the first iteration
-    turn_end();
-    // This warpgroup's part of group it + lead, into the stages of iterations it + lead -
-    // kStages (K, tokens) and it + lead - 1 - kStages (V).
-    if (it + lead < n_iters) load_iter(Yes{}, No{}, it + lead);
-    if (it + lead - 1 < n_iters) load_iter(No{}, Yes{}, it + lead - 1);
-    cp_async_commit();  // empty near the end
-    wgmma_wait<1>();    // S
+    if constexpr (kPingPong) {
+      turn_end();
+      // This warpgroup's part of group it + lead, into the stages of iterations it + lead -
+      // kStages (K, tokens) and it + lead - 1 - kStages (V).
+      if (it + lead < n_iters) load_iter(Yes{}, No{}, it + lead);
+      if (it + lead - 1 < n_iters) load_iter(No{}, Yes{}, it + lead - 1);
+      cp_async_commit();  // empty near the end
+    }
+    wgmma_wait<1>();  // S
     fence_accumulators<kNT * 4>(&s[0][0]);
 
     // The softmax of this iteration's kBN keys at once (one running max and sum update per
@@ -467,12 +489,16 @@ __global__ void __launch_bounds__(kPrefillThreads, PrefillSm90Shape<D>::kMinBloc
   cp_async_wait<0>();  // past group n_iters only empty groups are left
   if (n_iters > 0) {   // uniform over the CTA
     fence_proxy_async_shared();
-    turn_begin();
+    if constexpr (kPingPong) {
+      turn_begin();
+    } else {
+      __syncthreads();
+    }
   }
   wgmma_fence();
   if (n_iters > 0) issue_pv(v_addr + (n_iters - 1) % kStages * kTileBytes);
   wgmma_commit();
-  if (n_iters > 0 && wg == 0) turn_end();  // warpgroup 1's last turn; it arrives no more
+  if (kPingPong && n_iters > 0 && wg == 0) turn_end();  // wg 1's last turn; it arrives no more
   wgmma_wait<0>();
   fence_accumulators<kDT * 4>(&o[0][0]);
 
