@@ -217,26 +217,35 @@ ATTN_VARIANTS = [(torch.bfloat16, *ROPE[0]), (torch.float16, *ROPE[0]),
                  *[(torch.bfloat16, *r) for r in ROPE[1:]]]
 
 
-@pytest.mark.parametrize("dtype,style,positions,rope_scale", ATTN_VARIANTS,
-                         ids=lambda x: str(x).replace("torch.", ""))
-@pytest.mark.parametrize("case", CASES, ids=IDS)
-def test_gather_attention(case, dtype, style, positions, rope_scale):
+def check_cuda_attention(case, dtype, style, positions, rope_scale):
+    """CUDA gather_attention over the reference's exact selection, checked against the
+    reference. Returns the output, the low-precision baseline of the tolerance rule, q, and the
+    same call on another backend."""
     q, k, v, lens, inv_freq = cuda_inputs(case, dtype)
     idx = reference.select_chunks_ref(q, k, None, lens, case.sink, case.local, case.chunk,
                                       case.topk, "max", case.query_block)
     kw = dict(rope_scale=rope_scale, rope_style=style, positions=positions)
     scale = 1 / math.sqrt(case.d)
-    out, lse = reattention.gather_attention(q, k, v, idx, lens, inv_freq=inv_freq,
+
+    def call(backend):
+        return reattention.gather_attention(q, k, v, idx, lens, inv_freq=inv_freq,
                                             sink=case.sink, local=case.local, chunk=case.chunk,
                                             query_block=case.query_block, scale=scale,
-                                            backend="cuda", **kw)
+                                            backend=backend, **kw)
+
+    out, lse = call("cuda")
     assert out.dtype == dtype and lse.dtype == torch.float32
     low = check_attention(case, q, k, v, lens, idx, inv_freq, out, lse, scale, **kw)
+    return out, low, q, call
+
+
+@pytest.mark.parametrize("dtype,style,positions,rope_scale", ATTN_VARIANTS,
+                         ids=lambda x: str(x).replace("torch.", ""))
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_gather_attention(case, dtype, style, positions, rope_scale):
+    out, low, q, call = check_cuda_attention(case, dtype, style, positions, rope_scale)
     if triton_ready("gather_attention", q, case):
-        other, _ = reattention.gather_attention(q, k, v, idx, lens, inv_freq=inv_freq,
-                                                sink=case.sink, local=case.local,
-                                                chunk=case.chunk, query_block=case.query_block,
-                                                scale=scale, backend="triton", **kw)
+        other, _ = call("triton")
         assert_close_rule(out, other.float(), low, dtype, "out vs triton")
 
 
@@ -264,16 +273,7 @@ def two_tile_case(d: int, rotary: int | None) -> Case:
 def test_decode_two_tile_splits(d, rotary, dtype, style, positions, rope_scale):
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
-    case = two_tile_case(d, rotary)
-    q, k, v, lens, inv_freq = cuda_inputs(case, dtype)
-    idx = reference.select_chunks_ref(q, k, None, lens, case.sink, case.local, case.chunk,
-                                      case.topk, "max", case.query_block)
-    kw = dict(rope_scale=rope_scale, rope_style=style, positions=positions)
-    scale = 1 / math.sqrt(case.d)
-    out, lse = reattention.gather_attention(q, k, v, idx, lens, inv_freq=inv_freq,
-                                            sink=case.sink, local=case.local, chunk=case.chunk,
-                                            query_block=1, scale=scale, backend="cuda", **kw)
-    check_attention(case, q, k, v, lens, idx, inv_freq, out, lse, scale, **kw)
+    check_cuda_attention(two_tile_case(d, rotary), dtype, style, positions, rope_scale)
 
 
 # The many-rows kernel's RoPE paths: 16-byte rotary units from the table (compact) or sincosf
