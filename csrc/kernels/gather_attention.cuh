@@ -31,11 +31,12 @@ inline int device_smem_per_sm() {
 // Host-side plan: row_tiles, num_splits and tiles_per_split of the decode (<= 16 rows) or the
 // prefill kernel, from static shapes only (the longest gathered sequence of any block at any
 // length in [Lq, Nmax]), so the workspace size never depends on device data.
-// The m16 decode kernel and the prefill kernels aim for about three CTAs per SM. The transposed
-// decode kernel (<= 8 rows) aims for the CTAs per SM that its one-stage shared memory and
-// register bound allow (attn_t_ctas_per_sm: 6 at D 128 on an H200); when that needs no more
-// splits than key tiles, every split is one key tile (one K/V stage). Otherwise it plans for
-// its two-stage occupancy. smem_per_sm: shared memory per SM, 0 to ask the current device.
+// The kernels aim for about three CTAs per SM, except the transposed decode kernel (<= 8 rows)
+// where the CTAs per SM that its one-stage shared memory and register bound allow
+// (attn_t_ctas_per_sm: 6 at D 128 on an H200) need no more splits than key tiles: then every
+// split is one key tile (the kernel keeps one K/V stage), about that many CTAs per SM (the
+// decode step at batch 1). Otherwise it runs two stages on the three-per-SM plan.
+// smem_per_sm: shared memory per SM, 0 to ask the current device.
 inline void plan_attention(AttnParams& p, int head_dim, int num_sms, int smem_per_sm = 0) {
   const int group = p.hq / p.hkv;
   const bool decode = few_rows(p.lq, p.query_block, group);
@@ -52,7 +53,6 @@ inline void plan_attention(AttnParams& p, int head_dim, int num_sms, int smem_pe
     splits = splits < 1 ? 1 : (splits > tiles_max ? tiles_max : splits);
     return splits > 1024 ? int64_t{1024} : splits;
   };
-  int per_sm = 3;
   if (transposed) {
     const int smem = smem_per_sm > 0 ? smem_per_sm : device_smem_per_sm();
     if (splits_for(attn_t_ctas_per_sm(head_dim, 1, smem)) >= tiles_max) {
@@ -60,9 +60,8 @@ inline void plan_attention(AttnParams& p, int head_dim, int num_sms, int smem_pe
       p.num_splits = static_cast<int>(tiles_max < 1 ? 1 : tiles_max);
       return;
     }
-    per_sm = attn_t_ctas_per_sm(head_dim, 2, smem);
   }
-  const int64_t splits = splits_for(per_sm);
+  const int64_t splits = splits_for(3);
   const int64_t per = (tiles_max + splits - 1) / splits;
   p.tiles_per_split = static_cast<int>(per < 1 ? 1 : per);
   p.num_splits = static_cast<int>(per < 1 ? 1 : (tiles_max + per - 1) / per);

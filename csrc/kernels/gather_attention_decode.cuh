@@ -17,6 +17,11 @@
 // rotate every key alike). Other RoPE shapes and original positions call sincosf per
 // element, as before (a RoPE table's L2 loads would sit on the critical path of this
 // latency-bound kernel, see gather_attention_prefill.cuh).
+// Blocks of at most 8 rows (GQA <= 8 at Lq 1) take the transposed variant (kT): an 8-row Q
+// tile and O^T accumulators (P V as V^T P^T, gather_attention_common.cuh), D/4 accumulator
+// floats per thread instead of D/2, so at D 128 it fits 80 registers and, with one K/V stage
+// when plan_attention gives every split one key tile, 6 CTAs per SM instead of 3. The m16
+// variant keeps blocks of 9..16 rows.
 #pragma once
 
 #include <cstring>
