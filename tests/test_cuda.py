@@ -249,31 +249,60 @@ def test_gather_attention(case, dtype, style, positions, rope_scale):
         assert_close_rule(out, other.float(), low, dtype, "out vs triton")
 
 
-# Decode with splits of two key tiles (the plan of the 1M decode step: about three CTAs per SM)
-# and a last split of one partial tile, so every split's second stage, the stepped RoPE seeds
-# of both tiles and the merge of ~100 splits are checked. Shapes follow the device's SM count
-# so the plan lands there: 2 Hkv, 2 sequences -> ceil(3 * SMs / 4) splits over 2 * splits - 1
-# key tiles. Both RoPE paths (16-byte units by stepping; R/2 = 24 per element), both position
-# modes, D 128 and 256.
-def two_tile_case(d: int, rotary: int | None) -> Case:
+# Decode over ~2 * ceil(3 * SMs / 4) - 1 key tiles of 2 sequences and 2 kv heads, the last one
+# partial. GQA 16 (16 rows: the m16 kernel) gets splits of two key tiles (the m16 plan: about
+# three CTAs per SM), so every split's second stage, the stepped RoPE seeds of both tiles and
+# the merge of ~100 splits are checked; GQA 4 (the transposed kernel) gets one key tile per
+# split (its plan: up to 6 CTAs per SM) and a merge of ~200 splits. Shapes follow the device's
+# SM count so the plans land there. Both RoPE paths (16-byte units by stepping; R/2 = 24 per
+# element), both position modes, D 128 and 256.
+def two_tile_case(d: int, rotary: int | None, hq: int = 8) -> Case:
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     splits = -(-3 * sms // 4)
     n_keys = 64 * (2 * splits - 2) + 40
     sink, chunk, topk = 16, 32, 8
     local = n_keys - sink - topk * chunk - chunk  # gathered_keys_max = n_keys
     nmax = local + 3000
-    return Case(2, 8, 2, 1, nmax, d, sink, local, chunk, topk, 1, lens=(nmax, nmax - 1900),
+    return Case(2, hq, 2, 1, nmax, d, sink, local, chunk, topk, 1, lens=(nmax, nmax - 1900),
                 rotary=rotary)
 
 
 @pytest.mark.parametrize("dtype,style,positions,rope_scale",
                          [(torch.bfloat16, *r) for r in ROPE] + [(torch.float16, *ROPE[0])],
                          ids=lambda x: str(x).replace("torch.", ""))
-@pytest.mark.parametrize("d,rotary", [(128, None), (128, 48), (256, None)], ids=str)
-def test_decode_two_tile_splits(d, rotary, dtype, style, positions, rope_scale):
+@pytest.mark.parametrize("d,rotary,hq", [(128, None, 8), (128, 48, 8), (256, None, 8),
+                                         (128, None, 32), (128, 48, 32), (256, None, 32)],
+                         ids=str)
+def test_decode_two_tile_splits(d, rotary, hq, dtype, style, positions, rope_scale):
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
-    check_cuda_attention(two_tile_case(d, rotary), dtype, style, positions, rope_scale)
+    check_cuda_attention(two_tile_case(d, rotary, hq), dtype, style, positions, rope_scale)
+
+
+# The transposed decode kernel (blocks of at most 8 rows) on its two-stage plan: 8 sequences x
+# 8 kv heads (GQA 4) over more key tiles than its one-tile plan would have splits (SMs / 4 + 2
+# tiles against at most SMs / 8 splits), so it keeps two K/V stages on the three-per-SM plan:
+# splits of several key tiles, a shorter last split, a partial last tile; sequences of varied
+# lengths, one shorter than the local window.
+def transposed_two_stage_case(d: int) -> Case:
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    n_keys = 64 * (sms // 4 + 1) + 40
+    sink, chunk, topk = 16, 32, 8
+    local = n_keys - sink - topk * chunk - chunk  # gathered_keys_max = n_keys
+    nmax = local + 3000
+    lens = (nmax, nmax - 1900, 700, nmax - 1, local + 100, nmax - 777, 1234, nmax - 3001)
+    return Case(8, 32, 8, 1, nmax, d, sink, local, chunk, topk, 1, lens=lens)
+
+
+@pytest.mark.parametrize("dtype,style,positions,rope_scale",
+                         [(torch.bfloat16, *ROPE[0]), (torch.bfloat16, *ROPE[1]),
+                          (torch.float16, *ROPE[3])],
+                         ids=lambda x: str(x).replace("torch.", ""))
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_decode_transposed_two_stages(d, dtype, style, positions, rope_scale):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    check_cuda_attention(transposed_two_stage_case(d), dtype, style, positions, rope_scale)
 
 
 # The many-rows kernel's RoPE paths: 16-byte rotary units from the table (compact) or sincosf

@@ -15,22 +15,53 @@
 
 namespace reattention::kernels {
 
+// Shared memory per SM of the current device (the launcher's device guard selects it), for the
+// plan of the transposed decode kernel; 228 KB (sm90) if the query fails.
+inline int device_smem_per_sm() {
+  int device = 0, bytes = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device) !=
+          cudaSuccess ||
+      bytes <= 0) {
+    return 228 * 1024;
+  }
+  return bytes;
+}
+
 // Host-side plan: row_tiles, num_splits and tiles_per_split of the decode (<= 16 rows) or the
 // prefill kernel, from static shapes only (the longest gathered sequence of any block at any
 // length in [Lq, Nmax]), so the workspace size never depends on device data.
-inline void plan_attention(AttnParams& p, int head_dim, int num_sms) {
+// The kernels aim for about three CTAs per SM, except the transposed decode kernel (<= 8 rows)
+// where the CTAs per SM that its one-stage shared memory and register bound allow
+// (attn_t_ctas_per_sm: 6 at D 128 on an H200) need no more splits than key tiles: then every
+// split is one key tile (the kernel keeps one K/V stage), about that many CTAs per SM (the
+// decode step at batch 1). Otherwise it runs two stages on the three-per-SM plan.
+// smem_per_sm: shared memory per SM, 0 to ask the current device.
+inline void plan_attention(AttnParams& p, int head_dim, int num_sms, int smem_per_sm = 0) {
   const int group = p.hq / p.hkv;
   const bool decode = few_rows(p.lq, p.query_block, group);
-  const int block_m = decode ? kFewRowsTile.block_m : kPrefillBlockM;
+  const bool transposed = decode && transposed_rows(p.lq, p.query_block, group);
+  const int block_m = transposed ? kRowsT : decode ? kFewRowsTile.block_m : kPrefillBlockM;
   const int block_n = decode ? kFewRowsTile.block_n : prefill_block_n(head_dim);
   const int rows = (p.lq < p.query_block ? p.lq : p.query_block) * group;
   p.row_tiles = (rows + block_m - 1) / block_m;
   const int64_t tiles_max = (gathered_keys_max(p) + block_n - 1) / block_n;
   const int64_t ctas = static_cast<int64_t>(p.batch) * p.hkv * p.n_blocks * p.row_tiles;
-  // Aim for about three CTAs per SM; never more splits than key tiles.
-  int64_t splits = (3 * static_cast<int64_t>(num_sms) + ctas - 1) / ctas;
-  splits = splits < 1 ? 1 : (splits > tiles_max ? tiles_max : splits);
-  splits = splits > 1024 ? 1024 : splits;
+  // Never more splits than key tiles, nor than 1024.
+  auto splits_for = [&](int per_sm) {
+    int64_t splits = (per_sm * static_cast<int64_t>(num_sms) + ctas - 1) / ctas;
+    splits = splits < 1 ? 1 : (splits > tiles_max ? tiles_max : splits);
+    return splits > 1024 ? int64_t{1024} : splits;
+  };
+  if (transposed) {
+    const int smem = smem_per_sm > 0 ? smem_per_sm : device_smem_per_sm();
+    if (splits_for(attn_t_ctas_per_sm(head_dim, 1, smem)) >= tiles_max) {
+      p.tiles_per_split = 1;
+      p.num_splits = static_cast<int>(tiles_max < 1 ? 1 : tiles_max);
+      return;
+    }
+  }
+  const int64_t splits = splits_for(3);
   const int64_t per = (tiles_max + splits - 1) / splits;
   p.tiles_per_split = static_cast<int>(per < 1 ? 1 : per);
   p.num_splits = static_cast<int>(per < 1 ? 1 : (tiles_max + per - 1) / per);

@@ -369,6 +369,119 @@ __device__ __forceinline__ void pv_tile(float (&o)[D / 8][4], const float (&s)[k
   }
 }
 
+// The transposed few-rows step (query blocks of at most 8 rows: GQA <= 8 at Lq 1). S = Q K^T
+// stays an m16 tile whose rows 8..15 are zero, but P V is computed as O^T[D x 8] += V^T[D x
+// k16] P^T[k16 x 8]: D/16 mma m16n8k16 per k16 step instead of D/8, and D/4 accumulator floats
+// per thread instead of D/2. The fragments meet without shuffles: P^T's B fragment (thread
+// (g, t4) = (lane/4, lane%4) holds keys 2t4, 2t4+1 and 2t4+8, 2t4+9 of row g) is exactly row g
+// of S's accumulator fragment. The O^T accumulator o[mt] of a thread holds O^T[16 mt + g][row
+// 2t4], [16 mt + g][2t4 + 1], [16 mt + g + 8][2t4], [16 mt + g + 8][2t4 + 1].
+__host__ __device__ inline bool transposed_rows(int lq, int query_block, int group) {
+  return (lq < query_block ? lq : query_block) * group <= 8;
+}
+
+__device__ __forceinline__ void ldmatrix_x2(uint32_t (&r)[2], const void* smem) {
+  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n"
+               : "=r"(r[0]), "=r"(r[1])
+               : "r"(addr));
+}
+
+// warp_gemm_abt with an A of 8 rows (a swizzled tile of 8 rows of kK elements): rows 8..15 of
+// the m16 tile are zero registers, so s[nt][2..3] are zero and only s[nt][0..1] (row lane/4)
+// are meaningful.
+template <typename T, int kK, int kNT>
+__device__ __forceinline__ void warp_gemm_abt_m8(float (&s)[kNT][4], const T* sa, const T* sb,
+                                                 int b_row0, int lane) {
+  static_assert(kNT % 2 == 0, "B fragments are loaded for pairs of 8-column tiles");
+#pragma unroll
+  for (int nt = 0; nt < kNT; ++nt) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) s[nt][e] = 0.f;
+  }
+#pragma unroll
+  for (int kk = 0; kk < kK / 16; ++kk) {
+    uint32_t a2[2];  // lanes 0..7: row lane, columns kk*16..+7; lanes 8..15: columns +8..+15
+    ldmatrix_x2(a2, sa + swz<kK>(lane & 7, kk * 16 + ((lane >> 3) & 1) * 8));
+    const uint32_t a[4] = {a2[0], 0u, a2[1], 0u};
+#pragma unroll
+    for (int np = 0; np < kNT / 2; ++np) {
+      uint32_t b[4];
+      ldmatrix_x4(b, sb + swz<kK>(b_row0 + np * 16 + (lane & 7) + ((lane >> 4) << 3),
+                                  kk * 16 + ((lane >> 3) & 1) * 8));
+      mma_16816<T>(s[2 * np], a, b[0], b[1]);
+      mma_16816<T>(s[2 * np + 1], a, b[2], b[3]);
+    }
+  }
+}
+
+// online_softmax_tile for the transposed step: one row per thread (row lane/4, the S values
+// s[nt][0..1]), the same arithmetic as online_softmax_tile's first half; the O^T columns of a
+// thread are rows 2t4 and 2t4 + 1, whose rescale factors come from lanes 8 t4 and 8 t4 + 4.
+template <int kNT, int kMT>
+__device__ __forceinline__ void online_softmax_tile_t(float (&s)[kNT][4], float (&ot)[kMT][4],
+                                                      float& m_run, float& l_run, const int* kpos,
+                                                      int qpos, float scale_log2, int lane) {
+  const int t4 = lane & 3;
+  float mx = -INFINITY;
+#pragma unroll
+  for (int nt = 0; nt < kNT; ++nt) {
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      float& x = s[nt][e];
+      x = kpos[nt * 8 + 2 * t4 + e] <= qpos ? x * scale_log2 : -INFINITY;
+      mx = fmaxf(mx, x);
+    }
+  }
+  mx = quad_max(mx);
+  const float m_new = fmaxf(m_run, mx);
+  const float m_use = m_new == -INFINITY ? 0.f : m_new;  // nothing visible yet: no NaN
+  const float alpha = exp2f(m_run - m_use);
+  m_run = m_new;
+  float sum = 0.f;
+#pragma unroll
+  for (int nt = 0; nt < kNT; ++nt) {
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      float& x = s[nt][e];
+      x = exp2f(x - m_use);
+      sum += x;
+    }
+  }
+  l_run = l_run * alpha + sum;
+  const float alpha0 = __shfl_sync(0xffffffffu, alpha, 8 * t4);      // row 2 t4
+  const float alpha1 = __shfl_sync(0xffffffffu, alpha, 8 * t4 + 4);  // row 2 t4 + 1
+#pragma unroll
+  for (int mt = 0; mt < kMT; ++mt) {
+    ot[mt][0] *= alpha0;
+    ot[mt][1] *= alpha1;
+    ot[mt][2] *= alpha0;
+    ot[mt][3] *= alpha1;
+  }
+}
+
+// O^T[D x 8] += V^T[D x 8 kNT] P^T for one warp: P^T's B fragments are row lane/4 of the softmax
+// fragments (rounded to T), V^T's A fragments come from V rows key0 .. key0 + 8 kNT - 1 of a
+// swizzled [key][D] tile through ldmatrix.trans: matrix j of the x4 (addresses of lanes 8j..8j+7)
+// is keys 8 (j >> 1) + 0..7 at dims 16 mt + 8 (j & 1) + 0..7, transposed into a[j].
+template <typename T, int D, int kNT>
+__device__ __forceinline__ void pv_tile_t(float (&ot)[D / 16][4], const float (&s)[kNT][4],
+                                          const T* sv, int key0, int lane) {
+  static_assert(kNT % 2 == 0, "P V takes keys in k16 steps");
+#pragma unroll
+  for (int kk = 0; kk < kNT / 2; ++kk) {
+    const uint32_t b0 = Dtype<T>::pack2(s[2 * kk][0], s[2 * kk][1]);
+    const uint32_t b1 = Dtype<T>::pack2(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+#pragma unroll
+    for (int mt = 0; mt < D / 16; ++mt) {
+      uint32_t a[4];
+      ldmatrix_x4_trans(a, sv + swz<D>(key0 + kk * 16 + (lane & 7) + ((lane >> 4) << 3),
+                                       mt * 16 + ((lane >> 3) & 1) * 8));
+      mma_16816<T>(ot[mt], a, b0, b1);
+    }
+  }
+}
+
 // One CTA per output row: lse-weighted sum of the splits' normalised partial outputs.
 // Warp w takes splits w, w + kWarps, ... kMergeBatch at a time (a lane owns D/32 contiguous
 // dims): a batch's lse values and output rows are all loaded before any of them is used, so a

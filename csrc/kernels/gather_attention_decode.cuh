@@ -17,6 +17,11 @@
 // rotate every key alike). Other RoPE shapes and original positions call sincosf per
 // element, as before (a RoPE table's L2 loads would sit on the critical path of this
 // latency-bound kernel, see gather_attention_prefill.cuh).
+// Blocks of at most 8 rows (GQA <= 8 at Lq 1) take the transposed variant (kT): an 8-row Q
+// tile and O^T accumulators (P V as V^T P^T, gather_attention_common.cuh), D/4 accumulator
+// floats per thread instead of D/2, so at D 128 it fits 80 registers and, with one K/V stage
+// when plan_attention gives every split one key tile, 6 CTAs per SM instead of 3. The m16
+// variant keeps blocks of 9..16 rows.
 #pragma once
 
 #include <cstring>
@@ -36,6 +41,35 @@ __host__ __device__ constexpr int attn_smem_bytes() {
   constexpr int epilogue = kWarpsN * kBM * (D + 8) * 4;
   return kBM * D * 2 + (stages > epilogue ? stages : epilogue) + 2 * kBN * 4 + (D / 2) * 8 +
          (D / 2) * 4 + kBM * 4 + 2 * kWarpsN * kBM * 4;
+}
+
+// The transposed kernel (blocks of at most 8 rows, gather_attention_common.cuh): its Q tile has
+// 8 rows, its epilogue rows a stride of D + 4 floats, and it keeps `stages` K and V stages:
+// one when each split is one key tile (plan_attention's usual decode plan), else two.
+constexpr int kRowsT = 8;
+
+__host__ __device__ constexpr int attn_t_epilogue_bytes(int d) {
+  return kFewRowsTile.warps_n * kRowsT * (d + 4) * 4;
+}
+
+__host__ __device__ constexpr int attn_t_smem_bytes(int d, int stages) {
+  const int kv = stages * 2 * kFewRowsTile.block_n * d * 2;
+  const int epilogue = attn_t_epilogue_bytes(d);
+  return kRowsT * d * 2 + (kv > epilogue ? kv : epilogue) + stages * kFewRowsTile.block_n * 4 +
+         (d / 2) * 8 + (d / 2) * 4 + kRowsT * 4 + 2 * kFewRowsTile.warps_n * kRowsT * 4;
+}
+
+// CTAs per SM of the transposed kernel with `stages` stages on an SM of smem_per_sm bytes of
+// shared memory (1 KB reserved per CTA), capped where its registers would spill (ptxas, no
+// spills): 80 registers (6 CTAs of 128 threads) at D 128; at D 64, 64 registers (8 CTAs) on
+// sm90 (228 KB per SM) and 72 (7 CTAs) on sm80, whose code needs more. Both the kernel's
+// register bound (one stage, decode_smem_per_sm) and plan_attention (the device's shared
+// memory) use it, so registers never cut the planned occupancy.
+__host__ __device__ constexpr int attn_t_ctas_per_sm(int d, int stages, int smem_per_sm) {
+  const int by_smem = smem_per_sm / (attn_t_smem_bytes(d, stages) + 1024);
+  const int by_regs = d > 64 ? 6 : smem_per_sm > 164 * 1024 ? 8 : 7;
+  const int n = by_smem < by_regs ? by_smem : by_regs;
+  return n < 1 ? 1 : n;
 }
 
 // Two 16-bit values of T packed in a 32-bit word, as floats (lo, hi).
@@ -199,27 +233,46 @@ constexpr int decode_min_blocks() {
   return n < 1 ? 1 : n;
 }
 
-template <typename T, int D>
-__global__ void __launch_bounds__(kAttnThreads, decode_min_blocks<D>())
+// Shared memory per SM as decode_min_blocks counts it.
+__host__ __device__ constexpr int decode_smem_per_sm() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+  return 164 * 1024;
+#else
+  return 228 * 1024;
+#endif
+}
+
+// kT: the transposed variant for blocks of at most 8 rows (O^T accumulators, an 8-row Q tile,
+// one or two K/V stages: `stages` is 1 when every split is one key tile, see plan_attention);
+// otherwise the m16 variant (two stages) for up to 16 rows.
+template <typename T, int D, bool kT>
+__global__ void __launch_bounds__(kAttnThreads,
+                                  kT ? attn_t_ctas_per_sm(D, 1, decode_smem_per_sm())
+                                     : decode_min_blocks<D>())
     gather_attention_kernel(AttnParams p) {
   constexpr TileShape kTile = kFewRowsTile;
   constexpr int kWarpsN = kTile.warps_n;
-  constexpr int kBM = kTile.block_m, kBN = kTile.block_n;
+  constexpr int kBM = kT ? kRowsT : kTile.block_m, kBN = kTile.block_n;
   constexpr int kNW = kBN / kWarpsN;  // keys per warp per tile
   constexpr int kNT = kNW / 8;
   constexpr int kDT = D / 8;          // 8-wide output column tiles
-  constexpr int kOStride = D + 8;     // epilogue row stride (floats), off the bank period
+  constexpr int kMT = D / 16;         // 16-row tiles of O^T (kT)
+  // Epilogue row stride (floats), off the bank period; kT's D + 4 spreads the transposed
+  // stores of rows 2t4 and 2t4 + 1 over all 32 banks.
+  constexpr int kOStride = kT ? D + 4 : D + 8;
   static_assert(kNW % 16 == 0, "each warp needs whole k16 steps of keys for PV");
+  const int stages = kT && p.tiles_per_split == 1 ? 1 : 2;
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* s_q = reinterpret_cast<T*>(smem_raw);
-  T* s_kv = s_q + kBM * D;  // K stage 0, K stage 1, V stage 0, V stage 1
-  constexpr int kStageBytes = 2 * 2 * kBN * D * 2;
+  T* s_kv = s_q + kBM * D;  // K stage 0, [K stage 1,] V stage 0[, V stage 1]
   constexpr int kEpiBytes = kWarpsN * kBM * kOStride * 4;
+  static_assert(!kT || kEpiBytes <= 2 * kBN * D * 2, "kT's epilogue fits one K/V stage");
+  const int stage_bytes = stages * 2 * kBN * D * 2;
   float* s_o = reinterpret_cast<float*>(s_kv);
   int* s_kpos = reinterpret_cast<int*>(reinterpret_cast<unsigned char*>(s_kv) +
-                                       (kStageBytes > kEpiBytes ? kStageBytes : kEpiBytes));
-  float2* s_step = reinterpret_cast<float2*>(s_kpos + 2 * kBN);
+                                       (stage_bytes > kEpiBytes ? stage_bytes : kEpiBytes));
+  float2* s_step = reinterpret_cast<float2*>(s_kpos + stages * kBN);
   float* s_invf = reinterpret_cast<float*>(s_step + D / 2);
   int* s_qpos = reinterpret_cast<int*>(s_invf + D / 2);
   float* s_m = reinterpret_cast<float*>(s_qpos + kBM);
@@ -296,18 +349,21 @@ __global__ void __launch_bounds__(kAttnThreads, decode_min_blocks<D>())
   kv_bases<T>(p, b, h, k_base, v_base);
   auto load_tile = [&](int stage, int tile, const SelRow<kSelWords>* from) {
     load_decode_tile<T, D, kBN, kAttnThreads>(s_kv + stage * kBN * D,
-                                              s_kv + (2 + stage) * kBN * D, s_kpos + stage * kBN,
-                                              gk, p, k_base, v_base, tile, from);
+                                              s_kv + (stages + stage) * kBN * D,
+                                              s_kpos + stage * kBN, gk, p, k_base, v_base, tile,
+                                              from);
   };
 
   const int n_tiles = (n_keys + kBN - 1) / kBN;
   const int t_begin = split * p.tiles_per_split;
   const int t_end = min(n_tiles, t_begin + p.tiles_per_split);
-  // The first two tiles are in flight while the Q rows are rotated. Every loop iteration then
-  // commits exactly one copy group (empty past the end), so "at most one group pending"
-  // always means the current tile has landed.
+  // The first two tiles (one with one stage) are in flight while the Q rows are rotated.
+  // Every loop iteration then commits exactly one copy group (empty past the end), so with two
+  // stages "at most one group pending" always means the current tile has landed; with one, the
+  // loop waits for every group.
   if (t_begin < t_end) load_tile(0, t_begin, &sel_row); else cp_async_commit();
-  if (t_begin + 1 < t_end) load_tile(1, t_begin + 1, &sel_row); else cp_async_commit();
+  if (stages == 2 && t_begin + 1 < t_end) load_tile(1, t_begin + 1, &sel_row);
+  else cp_async_commit();
 
   // The Q rows [row0, row0 + kBM), rotated at their compact or original positions and rounded
   // once to T (rows at or past `rows` are zero), and each row's original position (-1:
@@ -368,18 +424,19 @@ __global__ void __launch_bounds__(kAttnThreads, decode_min_blocks<D>())
     s_step[tid] = make_float2(cs, sn);
   }
 
-  float o[kDT][4], m_run[2], l_run[2];
+  // kT: o holds O^T (kMT tiles) and m_run[0], l_run[0] are row g's state.
+  float o[kT ? kMT : kDT][4], m_run[2], l_run[2];
   softmax_state_init(o, m_run, l_run);
   const int g = lane >> 2, t4 = lane & 3;
-  const int ra = wm * 16 + g;  // this thread's two rows in the tile: ra and ra + 8
+  const int ra = wm * 16 + g;  // this thread's two rows in the tile: ra and ra + 8 (kT: g)
 
   for (int tile = t_begin; tile < t_end; ++tile) {
-    const int stage = (tile - t_begin) & 1;
-    cp_async_wait<1>();
+    const int stage = (tile - t_begin) & (stages - 1);
+    if (stages == 1) cp_async_wait<0>(); else cp_async_wait<1>();
     __syncthreads();
 
     T* sk = s_kv + stage * kBN * D;
-    const T* sv = s_kv + (2 + stage) * kBN * D;
+    const T* sv = s_kv + (stages + stage) * kBN * D;
     const int* kpos = s_kpos + stage * kBN;
     if (units) {
       const int n_rows = min(kBN, n_keys - tile * kBN);
@@ -425,32 +482,55 @@ __global__ void __launch_bounds__(kAttnThreads, decode_min_blocks<D>())
     __syncthreads();
 
     float s[kNT][4];
-    warp_gemm_abt<T, D, kNT>(s, s_q, wm * 16, sk, wn * kNW, lane);
-
-    const int qpos[2] = {s_qpos[ra], s_qpos[ra + 8]};
-    online_softmax_tile(s, o, m_run, l_run, kpos + wn * kNW, qpos, p.scale_log2, t4);
-    pv_tile<T, D>(o, s, sv, wn * kNW, lane);
+    if constexpr (kT) {
+      warp_gemm_abt_m8<T, D, kNT>(s, s_q, sk, wn * kNW, lane);
+      online_softmax_tile_t(s, o, m_run[0], l_run[0], kpos + wn * kNW, s_qpos[g], p.scale_log2,
+                            lane);
+      pv_tile_t<T, D>(o, s, sv, wn * kNW, lane);
+    } else {
+      warp_gemm_abt<T, D, kNT>(s, s_q, wm * 16, sk, wn * kNW, lane);
+      const int qpos[2] = {s_qpos[ra], s_qpos[ra + 8]};
+      online_softmax_tile(s, o, m_run, l_run, kpos + wn * kNW, qpos, p.scale_log2, t4);
+      pv_tile<T, D>(o, s, sv, wn * kNW, lane);
+    }
     __syncthreads();  // every warp is done with this stage before it is refilled
-    if (tile + 2 < t_end) load_tile(stage, tile + 2, nullptr); else cp_async_commit();
+    if (tile + stages < t_end) load_tile(stage, tile + stages, nullptr); else cp_async_commit();
   }
 
   // Epilogue: per-warp (m, l, unnormalised O) through shared memory, merged over the warps
   // that split the key tile, normalised, written as the output or as this split's partial.
   cp_async_wait<0>();  // only empty groups can be left; s_o overlays the K/V stages
   __syncthreads();
-#pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    const int r = ra + 8 * half;
-    const float l = quad_sum(l_run[half]);
+  if constexpr (kT) {
+    const float l = quad_sum(l_run[0]);
     if (t4 == 0) {
-      s_m[wn * kBM + r] = m_run[half];
-      s_l[wn * kBM + r] = l;
+      s_m[wn * kBM + g] = m_run[0];
+      s_l[wn * kBM + g] = l;
     }
+    // O^T[16 mt + g (+ 8)][rows 2t4, 2t4 + 1] to rows 2t4, 2t4 + 1 of the warp's O.
 #pragma unroll
-    for (int dt = 0; dt < kDT; ++dt) {
-      float* dst = s_o + (wn * kBM + r) * kOStride + dt * 8 + 2 * t4;
-      dst[0] = o[dt][2 * half];
-      dst[1] = o[dt][2 * half + 1];
+    for (int mt = 0; mt < kMT; ++mt) {
+      float* dst = s_o + (wn * kBM + 2 * t4) * kOStride + mt * 16 + g;
+      dst[0] = o[mt][0];
+      dst[kOStride] = o[mt][1];
+      dst[8] = o[mt][2];
+      dst[kOStride + 8] = o[mt][3];
+    }
+  } else {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int r = ra + 8 * half;
+      const float l = quad_sum(l_run[half]);
+      if (t4 == 0) {
+        s_m[wn * kBM + r] = m_run[half];
+        s_l[wn * kBM + r] = l;
+      }
+#pragma unroll
+      for (int dt = 0; dt < kDT; ++dt) {
+        float* dst = s_o + (wn * kBM + r) * kOStride + dt * 8 + 2 * t4;
+        dst[0] = o[dt][2 * half];
+        dst[1] = o[dt][2 * half + 1];
+      }
     }
   }
   __syncthreads();
@@ -496,11 +576,15 @@ __global__ void __launch_bounds__(kAttnThreads, decode_min_blocks<D>())
   }
 }
 
+// Blocks of at most 8 rows take the transposed kernel (one K/V stage when plan_attention made
+// every split one key tile), larger ones the m16 kernel.
 template <typename T, int D>
 cudaError_t launch_decode_attention(const AttnParams& p, cudaStream_t stream) {
   constexpr TileShape kTile = kFewRowsTile;
-  constexpr int smem = attn_smem_bytes<D, kTile.warps_n, kTile.block_m, kTile.block_n>();
-  auto kernel = gather_attention_kernel<T, D>;
+  const bool t = transposed_rows(p.lq, p.query_block, p.hq / p.hkv);
+  const int smem = t ? attn_t_smem_bytes(D, p.tiles_per_split == 1 ? 1 : 2)
+                     : attn_smem_bytes<D, kTile.warps_n, kTile.block_m, kTile.block_n>();
+  auto kernel = t ? gather_attention_kernel<T, D, true> : gather_attention_kernel<T, D, false>;
   cudaError_t err =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
