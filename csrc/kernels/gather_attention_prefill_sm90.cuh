@@ -157,11 +157,11 @@ inline int64_t prerot_rows(const AttnParams& p, int head_dim) {
   return (gathered_keys_max(p) + bn - 1) / bn * bn;
 }
 
-// Query blocks per pre-pass + attention launch: as many as keep the workspace within
-// kPrerotBytes, at least one, at most n_blocks.
+// Query blocks per pre-pass + attention launch: as many as keep the workspace (rotated K rows
+// and their int32 cache tokens) within kPrerotBytes, at least one, at most n_blocks.
 inline int prerot_group_blocks(const AttnParams& p, int head_dim) {
   const int64_t per_block =
-      static_cast<int64_t>(p.batch) * p.hkv * prerot_rows(p, head_dim) * head_dim * 2;
+      static_cast<int64_t>(p.batch) * p.hkv * prerot_rows(p, head_dim) * (head_dim * 2 + 4);
   const int64_t n = per_block > 0 ? kPrerotBytes / per_block : p.n_blocks;
   return static_cast<int>(n < 1 ? 1 : (n > p.n_blocks ? p.n_blocks : n));
 }
@@ -174,8 +174,9 @@ inline int64_t prerot_elems(const AttnParams& p, int head_dim, bool sm90_device)
   if (!sm90_device || !prefill_sm90_covers(head_dim) || p.batch == 0 || p.hq == 0 ||
       p.lq == 0 || few_rows(p.lq, p.query_block, p.hq / p.hkv))
     return 0;
+  // Each slot row: D elements of K, then (after all K rows) an int32 token = 2 elements.
   return static_cast<int64_t>(p.batch) * p.hkv * prerot_group_blocks(p, head_dim) *
-         prerot_rows(p, head_dim) * head_dim;
+         prerot_rows(p, head_dim) * (head_dim + 2);
 }
 
 // The query blocks [beta0, beta0 + n_blocks) of one pre-pass + attention launch, and the rows
@@ -188,6 +189,14 @@ struct PrerotGroup {
 __device__ __forceinline__ int64_t prerot_slot(const AttnParams& p, const PrerotGroup& g, int b,
                                                int h, int beta) {
   return ((static_cast<int64_t>(b) * p.hkv + h) * g.n_blocks + (beta - g.beta0)) * g.rows;
+}
+
+// The group's cache tokens, one int32 per slot row (INT_MAX past the block's n_keys), after
+// the K rows of all its slots: row i of slot s at prerot_tokens(...)[s + i].
+template <int D>
+__device__ __forceinline__ int* prerot_tokens(const AttnParams& p, const PrerotGroup& g) {
+  const int64_t k_bytes = static_cast<int64_t>(p.batch) * p.hkv * g.n_blocks * g.rows * D * 2;
+  return reinterpret_cast<int*>(static_cast<char*>(p.k_rot) + k_bytes);
 }
 
 // Pre-pass: CTA (tile, block * Hkv + h, b) copies gathered keys [tile * kBN, tile * kBN + kBN)
@@ -227,7 +236,9 @@ __global__ void __launch_bounds__(kPrefillThreads)
   rotate_k_tile<T, D, L>(s_k, s_kpos, tile, gk.n_keys, prefill_rotation_row<D>(threadIdx.x),
                          threadIdx.x % kTPR, prefill_rope_units(p), p, table, n_pos, s_invf);
   __syncthreads();
-  T* dst = static_cast<T*>(p.k_rot) + (prerot_slot(p, grp, b, h, beta) + tile * kBN) * D;
+  const int64_t slot_row = prerot_slot(p, grp, b, h, beta) + tile * kBN;
+  T* dst = static_cast<T*>(p.k_rot) + slot_row * D;
+  if (threadIdx.x < kBN) prerot_tokens<D>(p, grp)[slot_row + threadIdx.x] = s_kpos[threadIdx.x];
   for (int e = threadIdx.x; e < kBN * D / 8; e += kPrefillThreads) {
     const int r = e / (D / 8), col = e % (D / 8) * 8;
     *reinterpret_cast<uint4*>(dst + r * D + col) =
@@ -240,17 +251,20 @@ __global__ void __launch_bounds__(kPrefillThreads)
 
 // Copies K rows [tile * kTileN, tile * kTileN + kTileN) of the CTA's workspace slot k_rows
 // (rotated, zero past n_keys) into rows row0 .. row0 + kTileN - 1 of the Sliced64<kRows> stage
-// tile sk and the cache tokens of those gathered keys into kpos, INT_MAX past n_keys (kLoadK),
-// and their V rows into the same rows of sv (kLoadV); kTPR threads per row, as load_kv_rows.
-// The tokens travel with K since the softmax of an iteration reads them right after its S, an
-// iteration before P V reads its V. When !live (a tile past the split's range: the second half
-// of a 128-key iteration) nothing is read, the rows are zero filled and their tokens are
-// INT_MAX, so the mask drops them and P V adds exact zeros. The caller commits the group.
+// tile sk and their cache tokens (the slot's tok_rows, INT_MAX past n_keys, written by the
+// pre-pass) into kpos, both by cp.async (kLoadK), and their V rows into the same rows of sv
+// (kLoadV); kTPR threads per row, as load_kv_rows. The tokens travel with K since the softmax
+// of an iteration reads them right after its S, an iteration before P V reads its V; copying
+// them keeps the token lookup (the idx load and the chunk division) off the K copies. When
+// !live (a tile past the split's range: the second half of a 128-key iteration) nothing is
+// read, the rows are zero filled and their tokens are INT_MAX, so the mask drops them and P V
+// adds exact zeros. The caller commits the group.
 template <typename T, int D, int kRows, bool kLoadK, bool kLoadV>
 __device__ __forceinline__ void load_prerot_kv_rows(T* sk, T* sv, int* kpos, const GatheredKeys& g,
                                                     const AttnParams& p, const T* k_rows,
-                                                    const T* k_base, const T* v_base, int tile,
-                                                    int row0, bool live) {
+                                                    const int* tok_rows, const T* k_base,
+                                                    const T* v_base, int tile, int row0,
+                                                    bool live) {
   using L = Sliced64<kRows>;
   constexpr int kTileN = prefill_block_n(D), kTPR = prefill_row_threads<D>();
   constexpr int kPieces = D / 8 / kTPR;
@@ -265,7 +279,7 @@ __device__ __forceinline__ void load_prerot_kv_rows(T* sk, T* sv, int* kpos, con
         const int col = (sub + kTPR * j) * 8;
         cp_async_16(sk + L{}(row0 + r, col), k_row + col, true);
       }
-      if (sub == 0) kpos[row0 + r] = key < g.n_keys ? g.token(key, p) : INT_MAX;
+      if (sub == 0) cp_async_4(kpos + row0 + r, tok_rows + key);
     }
     if constexpr (kLoadV) {
       const GatheredRow<T> row = gathered_row(g, p, key, k_base, v_base);
@@ -319,7 +333,9 @@ __global__ void __launch_bounds__(kPrefillThreads, PrefillSm90Shape<D>::kMinBloc
 
   const T *k_base, *v_base;
   kv_bases<T>(p, b, h, k_base, v_base);
-  const T* k_rows = static_cast<const T*>(p.k_rot) + prerot_slot(p, grp, b, h, beta) * D;
+  const int64_t slot = prerot_slot(p, grp, b, h, beta);
+  const T* k_rows = static_cast<const T*>(p.k_rot) + slot * D;
+  const int* tok_rows = prerot_tokens<D>(p, grp) + slot;
 
   // plan_attention's 64-key tiles [t_begin, t_end) of the split, kIterTiles per iteration: the
   // split's range may hold an odd number of tiles, so the last iteration's second half may lie
@@ -336,7 +352,7 @@ __global__ void __launch_bounds__(kPrefillThreads, PrefillSm90Shape<D>::kMinBloc
       const int tile = t_begin + it * kIterTiles + half;
       load_prerot_kv_rows<T, D, kBN, decltype(load_k)::value, decltype(load_v)::value>(
           s_k + stage * Shape::kTileElems, s_v + stage * Shape::kTileElems,
-          s_kpos + stage * kBN, gk, p, k_rows, k_base, v_base, tile, half * kTileN,
+          s_kpos + stage * kBN, gk, p, k_rows, tok_rows, k_base, v_base, tile, half * kTileN,
           tile < t_end);
     }
   };
