@@ -4,7 +4,7 @@ An experiment with the existing ops, before building an L2 prefetch of the gathe
 the selection kernels (bench/NOTES.md, "Round eight"). Shapes as bench_attn.py (bf16, B=1,
 Hq=32, Hkv=8, D=128, sink 64, chunk 64, topk 32, local 4096, bound reps). For each length the
 step's attention call (`gather_attention` with the selection's idx) is timed alone, eager, one
-CUDA-event pair per call, median of --reps calls, in four states of the L2 cache:
+CUDA-event pair around a CUDA-graph replay of the call, median of --reps calls, in four states of the L2 cache:
   warm      the call after itself (what a replayed benchmark step sees at 32K/128K, where the
             step's reps do not flush the L2);
   cold      after a 256 MiB write that evicts the L2 (what a model's decode sees: the other
@@ -12,7 +12,7 @@ CUDA-event pair per call, median of --reps calls, in four states of the L2 cache
   fixed     cold, then the sink and local rows of K and V read back into the L2;
   all       cold, then every gathered row of K and V read back (sink, selected chunks, local).
 The reads that refill the L2 are index_select calls outside the timed pair. The whole step
-(select + attend) is timed warm and cold the same way.
+(`reattention_attn`: select + attend) is timed warm and cold the same way.
 
 Usage: python bench/probe_l2.py --out DIR [--lengths 131072,1048576] [--reps 200]
 Writes DIR/probe_l2-<gpu>.json and prints one line per length.
@@ -36,6 +36,7 @@ def timed(fn, before, reps: int) -> float:
     fn()
     out = []
     for _ in range(reps):
+        torch.cuda._sleep(200_000)  # the GPU stays busy while the host queues the pair
         before()
         start.record()
         fn()
@@ -74,9 +75,9 @@ def main(argv=None):
             return reattention.gather_attention(q, k, v, idx, lens, inv_freq=inv,
                                                 backend="cuda", **seg)
 
-        def step():
-            return reattention.gather_attention(q, k, v, select(), lens, inv_freq=inv,
-                                                backend="cuda", **seg)
+        def step():  # the public call: on CUDA its selection may prefetch the fixed rows
+            return reattention.reattention_attn(q, k, v, lens, reps=reps, rep="bound",
+                                                topk=TOPK, inv_freq=inv, backend="cuda", **seg)
 
         # Rows of the flat [B * Hkv * n, D] views that the attention reads, per kv head.
         local0 = SINK + CHUNK * (max(0, n - 1 - LOCAL - SINK) // CHUNK)  # mid_end, P0 = n - 1
@@ -98,6 +99,15 @@ def main(argv=None):
                 vf.index_select(0, r)
             return f
 
+        def graphed(fn):
+            fn()
+            torch.cuda.synchronize()
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                fn()
+            return g.replay
+
+        attend, step = graphed(attend), graphed(step)
         row = dict(n=n, attn_warm=timed(attend, lambda: None, a.reps),
                    attn_cold=timed(attend, flush, a.reps),
                    attn_fixed=timed(attend, refill(fixed_rows), a.reps),
@@ -107,7 +117,7 @@ def main(argv=None):
         rows.append(row)
         print(f"N={n}: attention warm {row['attn_warm']:.1f} us, cold {row['attn_cold']:.1f}, "
               f"fixed rows in L2 {row['attn_fixed']:.1f}, all rows in L2 {row['attn_all']:.1f}; "
-              f"step (eager) warm {row['step_warm']:.1f}, cold {row['step_cold']:.1f}", flush=True)
+              f"step (graph) warm {row['step_warm']:.1f}, cold {row['step_cold']:.1f}", flush=True)
         del k, v, reps, kf, vf
         torch.cuda.empty_cache()
     os.makedirs(a.out, exist_ok=True)
