@@ -54,6 +54,16 @@ def header() -> dict:
                 python=sys.version.split()[0])
 
 
+def save_json(out: str, stem: str, res: dict) -> str:
+    """Write ``res`` to OUT/<stem>-<gpu>.json (gpu: the device name's last word, e.g. h200)."""
+    os.makedirs(out, exist_ok=True)
+    gpu = torch.cuda.get_device_name().split()[-1].lower()
+    path = os.path.join(out, f"{stem}-{gpu}.json")
+    with open(path, "w") as f:
+        json.dump(res, f, indent=1)
+    return path
+
+
 def bench(fn, graph: bool) -> float:
     """Median milliseconds over repeated CUDA-event timings (graph replays when asked)."""
     import triton.testing as tt
@@ -374,11 +384,9 @@ def main(argv=None):
     res = run(backends, [int(x) for x in a.lengths.split(",")], a.quick, a.paged)
     text = table(res)
     print(text)
-    os.makedirs(a.out, exist_ok=True)
-    gpu = res["header"]["gpu"].split()[-1].lower()
     for be in backends or ["baselines"]:
-        with open(os.path.join(a.out, f"{be}-{gpu}.json"), "w") as f:
-            json.dump(res, f, indent=1)
+        save_json(a.out, be, res)
+    gpu = res["header"]["gpu"].split()[-1].lower()
     with open(os.path.join(a.out, f"attn-{gpu}.md"), "w") as f:
         f.write(text + "\n")
 

@@ -19,13 +19,12 @@ Writes DIR/probe_fork-<gpu>.json and prints one line per length.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 
 import torch
 
 import reattention
-from bench_attn import B, CHUNK, D, DTYPE, HKV, HQ, LOCAL, SINK, TOPK, bench, header, make_cache
+from bench_attn import (B, CHUNK, D, DTYPE, HKV, HQ, LOCAL, SINK, TOPK, bench, header, make_cache,
+                        save_json)
 
 
 def main(argv=None):
@@ -85,10 +84,7 @@ def main(argv=None):
               f"forked {row['forked']:.1f} us", flush=True)
         del k, v, reps
         torch.cuda.empty_cache()
-    os.makedirs(a.out, exist_ok=True)
-    gpu = torch.cuda.get_device_name().split()[-1].lower()
-    with open(os.path.join(a.out, f"probe_fork-{gpu}.json"), "w") as f:
-        json.dump(dict(header=header(), unit="us", rows=rows), f, indent=1)
+    save_json(a.out, "probe_fork", dict(header=header(), unit="us", rows=rows))
 
 
 if __name__ == "__main__":

@@ -20,14 +20,12 @@ Writes DIR/probe_l2-<gpu>.json and prints one line per length.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 
 import torch
 
 import reattention
-from bench_attn import B, CHUNK, D, HKV, HQ, LOCAL, SINK, TOPK, header, make_cache
+from bench_attn import B, CHUNK, D, HKV, HQ, LOCAL, SINK, TOPK, header, make_cache, save_json
 
 
 def timed(fn, before, reps: int) -> float:
@@ -120,10 +118,7 @@ def main(argv=None):
               f"step (graph) warm {row['step_warm']:.1f}, cold {row['step_cold']:.1f}", flush=True)
         del k, v, reps, kf, vf
         torch.cuda.empty_cache()
-    os.makedirs(a.out, exist_ok=True)
-    gpu = torch.cuda.get_device_name().split()[-1].lower()
-    with open(os.path.join(a.out, f"probe_l2-{gpu}.json"), "w") as f:
-        json.dump(dict(header=header(), unit="us", rows=rows), f, indent=1)
+    save_json(a.out, "probe_l2", dict(header=header(), unit="us", rows=rows))
 
 
 if __name__ == "__main__":

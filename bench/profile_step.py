@@ -17,14 +17,13 @@ one line per kernel.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 from collections import defaultdict
 
 import torch
 
 import reattention
-from bench_attn import B, CHUNK, D, DTYPE, HQ, LOCAL, QB, SINK, TOPK, bench, header, make_cache
+from bench_attn import (B, CHUNK, D, DTYPE, HQ, LOCAL, QB, SINK, TOPK, bench, header, make_cache,
+                        save_json)
 from reattention import ops
 
 STEPS = 20
@@ -96,7 +95,7 @@ def main(argv=None):
                    lambda be=be: reattention.select_chunks(
                        q128, k, lens, sink=SINK, local=LOCAL, chunk=CHUNK, topk=TOPK,
                        query_block=128, rep="max", backend=be), False)
-        _write(a.out, "profile_prefill", rows)
+        save_json(a.out, "profile_prefill", dict(header=header(), rows=rows))
         return
     for n in (int(x) for x in a.lengths.split(",")):
         k, v = make_cache(n)
@@ -116,14 +115,7 @@ def main(argv=None):
                 record(n, be, f"decode ({rep}), graph", step, True)
         del k, v
         torch.cuda.empty_cache()
-    _write(a.out, "profile_step", rows)
-
-
-def _write(out: str, stem: str, rows: list) -> None:
-    os.makedirs(out, exist_ok=True)
-    gpu = torch.cuda.get_device_name().split()[-1].lower()
-    with open(os.path.join(out, f"{stem}-{gpu}.json"), "w") as f:
-        json.dump(dict(header=header(), rows=rows), f, indent=1)
+    save_json(a.out, "profile_step", dict(header=header(), rows=rows))
 
 
 if __name__ == "__main__":

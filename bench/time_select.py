@@ -17,12 +17,12 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import os
 
 import torch
 
 import reattention
-from bench_attn import B, CHUNK, D, DTYPE, HKV, HQ, LOCAL, QB, SINK, TOPK, bench, header, make_cache
+from bench_attn import (B, CHUNK, D, DTYPE, HKV, HQ, LOCAL, QB, SINK, TOPK, bench, header,
+                        make_cache, save_json)
 
 SHAPES = [("max", 128), ("max", 4096), ("bound", 4096), ("mean", 4096)]
 
@@ -69,10 +69,7 @@ def main(argv=None):
         raise SystemExit("time_select.py needs a CUDA device")
     res = run(args.backends.split(","), args.n)
     print(json.dumps(res["header"]))
-    gpu = torch.cuda.get_device_name().split()[-1].lower()
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, f"time_select-{gpu}.json"), "w") as f:
-        json.dump(res, f, indent=1)
+    save_json(args.out, "time_select", res)
 
 
 if __name__ == "__main__":
