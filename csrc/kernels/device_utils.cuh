@@ -66,6 +66,13 @@ __device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&d)[4], const ui
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+__device__ __forceinline__ void ldmatrix_x2(uint32_t (&r)[2], const void* smem) {
+  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n"
+               : "=r"(r[0]), "=r"(r[1])
+               : "r"(addr));
+}
+
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem) {
   const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
@@ -119,9 +126,12 @@ struct RowSwizzled {
 // S[16 x 8*kNT] = A[16 x kK] * B[8*kNT x kK]^T for one warp. A rows a_row0.., B rows (the
 // columns of S) b_row0.., both swizzled tiles of kK elements per row. S's fragment layout:
 // s[nt][0..1] = row lane/4, cols nt*8 + 2*(lane%4) + {0,1}; s[nt][2..3] = the same at row +8.
-template <typename T, int kK, int kNT>
+// kARows = 8: A has 8 rows (a_row0..+7, one ldmatrix x2 per k16 step); rows 8..15 of the m16
+// tile are zero registers, so s[nt][2..3] stay zero and only s[nt][0..1] mean anything.
+template <typename T, int kK, int kNT, int kARows = 16>
 __device__ __forceinline__ void warp_gemm_abt(float (&s)[kNT][4], const T* sa, int a_row0,
                                               const T* sb, int b_row0, int lane) {
+  static_assert(kARows == 16 || kARows == 8, "an m16 tile of 16 or 8 real rows");
   static_assert(kNT % 2 == 0, "B fragments are loaded for pairs of 8-column tiles");
 #pragma unroll
   for (int nt = 0; nt < kNT; ++nt) {
@@ -131,7 +141,13 @@ __device__ __forceinline__ void warp_gemm_abt(float (&s)[kNT][4], const T* sa, i
 #pragma unroll
   for (int kk = 0; kk < kK / 16; ++kk) {
     uint32_t a[4];
-    ldmatrix_x4(a, sa + swz<kK>(a_row0 + (lane & 15), kk * 16 + (lane >> 4) * 8));
+    if constexpr (kARows == 16) {
+      ldmatrix_x4(a, sa + swz<kK>(a_row0 + (lane & 15), kk * 16 + (lane >> 4) * 8));
+    } else {  // lanes 0..7: row lane, columns kk*16..+7; lanes 8..15: columns +8..+15
+      uint32_t a2[2];
+      ldmatrix_x2(a2, sa + swz<kK>(a_row0 + (lane & 7), kk * 16 + ((lane >> 3) & 1) * 8));
+      a[0] = a2[0], a[1] = 0u, a[2] = a2[1], a[3] = 0u;
+    }
 #pragma unroll
     for (int np = 0; np < kNT / 2; ++np) {
       uint32_t b[4];

@@ -380,41 +380,6 @@ __host__ __device__ inline bool transposed_rows(int lq, int query_block, int gro
   return (lq < query_block ? lq : query_block) * group <= 8;
 }
 
-__device__ __forceinline__ void ldmatrix_x2(uint32_t (&r)[2], const void* smem) {
-  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n"
-               : "=r"(r[0]), "=r"(r[1])
-               : "r"(addr));
-}
-
-// warp_gemm_abt with an A of 8 rows (a swizzled tile of 8 rows of kK elements): rows 8..15 of
-// the m16 tile are zero registers, so s[nt][2..3] are zero and only s[nt][0..1] (row lane/4)
-// are meaningful.
-template <typename T, int kK, int kNT>
-__device__ __forceinline__ void warp_gemm_abt_m8(float (&s)[kNT][4], const T* sa, const T* sb,
-                                                 int b_row0, int lane) {
-  static_assert(kNT % 2 == 0, "B fragments are loaded for pairs of 8-column tiles");
-#pragma unroll
-  for (int nt = 0; nt < kNT; ++nt) {
-#pragma unroll
-    for (int e = 0; e < 4; ++e) s[nt][e] = 0.f;
-  }
-#pragma unroll
-  for (int kk = 0; kk < kK / 16; ++kk) {
-    uint32_t a2[2];  // lanes 0..7: row lane, columns kk*16..+7; lanes 8..15: columns +8..+15
-    ldmatrix_x2(a2, sa + swz<kK>(lane & 7, kk * 16 + ((lane >> 3) & 1) * 8));
-    const uint32_t a[4] = {a2[0], 0u, a2[1], 0u};
-#pragma unroll
-    for (int np = 0; np < kNT / 2; ++np) {
-      uint32_t b[4];
-      ldmatrix_x4(b, sb + swz<kK>(b_row0 + np * 16 + (lane & 7) + ((lane >> 4) << 3),
-                                  kk * 16 + ((lane >> 3) & 1) * 8));
-      mma_16816<T>(s[2 * np], a, b[0], b[1]);
-      mma_16816<T>(s[2 * np + 1], a, b[2], b[3]);
-    }
-  }
-}
-
 // online_softmax_tile for the transposed step: one row per thread (row lane/4, the S values
 // s[nt][0..1]), the same arithmetic as online_softmax_tile's first half; the O^T columns of a
 // thread are rows 2t4 and 2t4 + 1, whose rescale factors come from lanes 8 t4 and 8 t4 + 4.

@@ -483,7 +483,7 @@ __global__ void __launch_bounds__(kAttnThreads,
 
     float s[kNT][4];
     if constexpr (kT) {
-      warp_gemm_abt_m8<T, D, kNT>(s, s_q, sk, wn * kNW, lane);
+      warp_gemm_abt<T, D, kNT, 8>(s, s_q, 0, sk, wn * kNW, lane);
       online_softmax_tile_t(s, o, m_run[0], l_run[0], kpos + wn * kNW, s_qpos[g], p.scale_log2,
                             lane);
       pv_tile_t<T, D>(o, s, sv, wn * kNW, lane);
