@@ -32,31 +32,29 @@ namespace reattention::kernels {
 
 constexpr int kAttnThreads = 128;
 
-// Shared memory: Q tile, two K and V stages (reused by the epilogue's per-warp outputs), key
-// positions, the fast RoPE path's row-stride (cos, sin), inverse frequencies, query positions,
-// per-warp softmax state.
-template <int D, int kWarpsN, int kBM, int kBN>
-__host__ __device__ constexpr int attn_smem_bytes() {
-  constexpr int stages = 2 * 2 * kBN * D * 2;
-  constexpr int epilogue = kWarpsN * kBM * (D + 8) * 4;
-  return kBM * D * 2 + (stages > epilogue ? stages : epilogue) + 2 * kBN * 4 + (D / 2) * 8 +
-         (D / 2) * 4 + kBM * 4 + 2 * kWarpsN * kBM * 4;
-}
-
-// The transposed kernel (blocks of at most 8 rows, gather_attention_common.cuh): its Q tile has
-// 8 rows, its epilogue rows a stride of D + 4 floats, and it keeps `stages` K and V stages:
-// one when each split is one key tile (plan_attention's usual decode plan), else two.
+// The two variants of the kernel: the m16 one (a 16-row Q tile, two K/V stages) and the
+// transposed one (kT, blocks of at most 8 rows, gather_attention_common.cuh: an 8-row Q tile,
+// one K/V stage when each split is one key tile, plan_attention's usual decode plan, else two).
 constexpr int kRowsT = 8;
 
-__host__ __device__ constexpr int attn_t_epilogue_bytes(int d) {
-  return kFewRowsTile.warps_n * kRowsT * (d + 4) * 4;
+__host__ __device__ constexpr int attn_stages(bool t, int tiles_per_split) {
+  return t && tiles_per_split == 1 ? 1 : 2;
 }
 
-__host__ __device__ constexpr int attn_t_smem_bytes(int d, int stages) {
-  const int kv = stages * 2 * kFewRowsTile.block_n * d * 2;
-  const int epilogue = attn_t_epilogue_bytes(d);
-  return kRowsT * d * 2 + (kv > epilogue ? kv : epilogue) + stages * kFewRowsTile.block_n * 4 +
-         (d / 2) * 8 + (d / 2) * 4 + kRowsT * 4 + 2 * kFewRowsTile.warps_n * kRowsT * 4;
+// Epilogue row stride (floats), off the bank period; kT's D + 4 spreads the transposed stores
+// of rows 2t4 and 2t4 + 1 over all 32 banks.
+__host__ __device__ constexpr int attn_o_stride(int d, bool t) { return t ? d + 4 : d + 8; }
+
+// Shared memory of a Q tile of `rows` rows and `stages` K and V stages (reused by the
+// epilogue's per-warp outputs), key positions per stage, the fast RoPE path's row-stride
+// (cos, sin), inverse frequencies, query positions, per-warp softmax state.
+__host__ __device__ constexpr int attn_smem_bytes(int d, bool t, int stages) {
+  constexpr TileShape kTile = kFewRowsTile;
+  const int rows = t ? kRowsT : kTile.block_m;
+  const int kv = stages * 2 * kTile.block_n * d * 2;
+  const int epilogue = kTile.warps_n * rows * attn_o_stride(d, t) * 4;
+  return rows * d * 2 + (kv > epilogue ? kv : epilogue) + stages * kTile.block_n * 4 +
+         (d / 2) * 8 + (d / 2) * 4 + rows * 4 + 2 * kTile.warps_n * rows * 4;
 }
 
 // CTAs per SM of the transposed kernel with `stages` stages on an SM of smem_per_sm bytes of
@@ -66,7 +64,7 @@ __host__ __device__ constexpr int attn_t_smem_bytes(int d, int stages) {
 // register bound (one stage, decode_smem_per_sm) and plan_attention (the device's shared
 // memory) use it, so registers never cut the planned occupancy.
 __host__ __device__ constexpr int attn_t_ctas_per_sm(int d, int stages, int smem_per_sm) {
-  const int by_smem = smem_per_sm / (attn_t_smem_bytes(d, stages) + 1024);
+  const int by_smem = smem_per_sm / (attn_smem_bytes(d, true, stages) + 1024);
   const int by_regs = d > 64 ? 6 : smem_per_sm > 164 * 1024 ? 8 : 7;
   const int n = by_smem < by_regs ? by_smem : by_regs;
   return n < 1 ? 1 : n;
@@ -217,29 +215,23 @@ __device__ __forceinline__ void load_decode_tile(T* sk, T* sv, int* kpos, const 
   cp_async_commit();
 }
 
-// CTAs per SM that shared memory allows (228 KB on sm90, 164 KB on sm80, 1 KB reserved per
-// CTA). The kernel's registers are capped to match, so they never cut the occupancy further
-// (on an H200, D = 64 would take 95 registers and lose a sixth of its CTAs).
-template <int D>
-constexpr int decode_min_blocks() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
-  constexpr int kSmemPerSm = 164 * 1024;
-#else
-  constexpr int kSmemPerSm = 228 * 1024;
-#endif
-  constexpr TileShape kTile = kFewRowsTile;
-  constexpr int n =
-      kSmemPerSm / (attn_smem_bytes<D, kTile.warps_n, kTile.block_m, kTile.block_n>() + 1024);
-  return n < 1 ? 1 : n;
-}
-
-// Shared memory per SM as decode_min_blocks counts it.
+// Shared memory per SM the kernels' register bounds count with: 228 KB on sm90, 164 KB on
+// sm80.
 __host__ __device__ constexpr int decode_smem_per_sm() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
   return 164 * 1024;
 #else
   return 228 * 1024;
 #endif
+}
+
+// CTAs per SM of the m16 kernel that shared memory allows (1 KB reserved per CTA). The
+// kernel's registers are capped to match, so they never cut the occupancy further (on an
+// H200, D = 64 would take 95 registers and lose a sixth of its CTAs).
+template <int D>
+constexpr int decode_min_blocks() {
+  constexpr int n = decode_smem_per_sm() / (attn_smem_bytes(D, false, 2) + 1024);
+  return n < 1 ? 1 : n;
 }
 
 // kT: the transposed variant for blocks of at most 8 rows (O^T accumulators, an 8-row Q tile,
@@ -257,10 +249,9 @@ __global__ void __launch_bounds__(kAttnThreads,
   constexpr int kNT = kNW / 8;
   constexpr int kDT = D / 8;          // 8-wide output column tiles
   constexpr int kMT = D / 16;         // 16-row tiles of O^T (kT)
-  // Epilogue row stride (floats), off the bank period; kT's D + 4 spreads the transposed
-  // stores of rows 2t4 and 2t4 + 1 over all 32 banks.
-  constexpr int kOStride = kT ? D + 4 : D + 8;
+  constexpr int kOStride = attn_o_stride(D, kT);
   static_assert(kNW % 16 == 0, "each warp needs whole k16 steps of keys for PV");
+  // attn_stages, spelled out: as a call it changed the SASS of both variants.
   const int stages = kT && p.tiles_per_split == 1 ? 1 : 2;
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -580,10 +571,8 @@ __global__ void __launch_bounds__(kAttnThreads,
 // every split one key tile), larger ones the m16 kernel.
 template <typename T, int D>
 cudaError_t launch_decode_attention(const AttnParams& p, cudaStream_t stream) {
-  constexpr TileShape kTile = kFewRowsTile;
   const bool t = transposed_rows(p.lq, p.query_block, p.hq / p.hkv);
-  const int smem = t ? attn_t_smem_bytes(D, p.tiles_per_split == 1 ? 1 : 2)
-                     : attn_smem_bytes<D, kTile.warps_n, kTile.block_m, kTile.block_n>();
+  const int smem = attn_smem_bytes(D, t, attn_stages(t, p.tiles_per_split));
   auto kernel = t ? gather_attention_kernel<T, D, true> : gather_attention_kernel<T, D, false>;
   cudaError_t err =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
