@@ -298,6 +298,42 @@ __device__ __forceinline__ void softmax_state_init(float (&o)[kDT][4], float (&m
   l_run[0] = l_run[1] = 0.f;
 }
 
+// One row of online_softmax_tile: the thread's S values s[nt][2 half + e] (its quad holds the
+// rest of the row) are masked, scaled to the exp2 domain and replaced by P; (m_run, l_run) are
+// updated. Returns the factor alpha by which the row's O must be rescaled.
+template <int kNT, bool kMask>
+__device__ __forceinline__ float softmax_row_update(float (&s)[kNT][4], int half, float& m_run,
+                                                    float& l_run, const int* kpos, int qpos,
+                                                    float scale_log2, int t4) {
+  float mx = -INFINITY;
+#pragma unroll
+  for (int nt = 0; nt < kNT; ++nt) {
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      float& x = s[nt][2 * half + e];
+      x = !kMask || kpos[nt * 8 + 2 * t4 + e] <= qpos ? x * scale_log2 : -INFINITY;
+      mx = fmaxf(mx, x);
+    }
+  }
+  mx = quad_max(mx);
+  const float m_new = fmaxf(m_run, mx);
+  const float m_use = m_new == -INFINITY ? 0.f : m_new;  // nothing visible yet: no NaN
+  const float alpha = exp2f(m_run - m_use);
+  m_run = m_new;
+  float sum = 0.f;
+#pragma unroll
+  for (int nt = 0; nt < kNT; ++nt) {
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      float& x = s[nt][2 * half + e];
+      x = exp2f(x - m_use);
+      sum += x;
+    }
+  }
+  l_run = l_run * alpha + sum;
+  return alpha;
+}
+
 // One key tile of the exp2-domain online softmax for a thread's two rows, S in the fragment
 // layout of warp_gemm_abt (kpos: the positions of the warp's 8 * kNT key columns; qpos: the
 // rows' positions, -1 for padding). Masks keys after the row's position, updates (m, l),
@@ -311,32 +347,8 @@ __device__ __forceinline__ void online_softmax_tile(float (&s)[kNT][4], float (&
                                                     float scale_log2, int t4) {
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
-    float mx = -INFINITY;
-#pragma unroll
-    for (int nt = 0; nt < kNT; ++nt) {
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        float& x = s[nt][2 * half + e];
-        x = !kMask || kpos[nt * 8 + 2 * t4 + e] <= qpos[half] ? x * scale_log2 : -INFINITY;
-        mx = fmaxf(mx, x);
-      }
-    }
-    mx = quad_max(mx);
-    const float m_new = fmaxf(m_run[half], mx);
-    const float m_use = m_new == -INFINITY ? 0.f : m_new;  // nothing visible yet: no NaN
-    const float alpha = exp2f(m_run[half] - m_use);
-    m_run[half] = m_new;
-    float sum = 0.f;
-#pragma unroll
-    for (int nt = 0; nt < kNT; ++nt) {
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        float& x = s[nt][2 * half + e];
-        x = exp2f(x - m_use);
-        sum += x;
-      }
-    }
-    l_run[half] = l_run[half] * alpha + sum;
+    const float alpha = softmax_row_update<kNT, kMask>(s, half, m_run[half], l_run[half], kpos,
+                                                       qpos[half], scale_log2, t4);
 #pragma unroll
     for (int dt = 0; dt < kDT; ++dt) {
       o[dt][2 * half] *= alpha;
@@ -381,39 +393,15 @@ __host__ __device__ inline bool transposed_rows(int lq, int query_block, int gro
 }
 
 // online_softmax_tile for the transposed step: one row per thread (row lane/4, the S values
-// s[nt][0..1]), the same arithmetic as online_softmax_tile's first half; the O^T columns of a
-// thread are rows 2t4 and 2t4 + 1, whose rescale factors come from lanes 8 t4 and 8 t4 + 4.
+// s[nt][0..1]: softmax_row_update's first half); the O^T columns of a thread are rows 2t4 and
+// 2t4 + 1, whose rescale factors come from lanes 8 t4 and 8 t4 + 4.
 template <int kNT, int kMT>
 __device__ __forceinline__ void online_softmax_tile_t(float (&s)[kNT][4], float (&ot)[kMT][4],
                                                       float& m_run, float& l_run, const int* kpos,
                                                       int qpos, float scale_log2, int lane) {
   const int t4 = lane & 3;
-  float mx = -INFINITY;
-#pragma unroll
-  for (int nt = 0; nt < kNT; ++nt) {
-#pragma unroll
-    for (int e = 0; e < 2; ++e) {
-      float& x = s[nt][e];
-      x = kpos[nt * 8 + 2 * t4 + e] <= qpos ? x * scale_log2 : -INFINITY;
-      mx = fmaxf(mx, x);
-    }
-  }
-  mx = quad_max(mx);
-  const float m_new = fmaxf(m_run, mx);
-  const float m_use = m_new == -INFINITY ? 0.f : m_new;  // nothing visible yet: no NaN
-  const float alpha = exp2f(m_run - m_use);
-  m_run = m_new;
-  float sum = 0.f;
-#pragma unroll
-  for (int nt = 0; nt < kNT; ++nt) {
-#pragma unroll
-    for (int e = 0; e < 2; ++e) {
-      float& x = s[nt][e];
-      x = exp2f(x - m_use);
-      sum += x;
-    }
-  }
-  l_run = l_run * alpha + sum;
+  const float alpha =
+      softmax_row_update<kNT, true>(s, 0, m_run, l_run, kpos, qpos, scale_log2, t4);
   const float alpha0 = __shfl_sync(0xffffffffu, alpha, 8 * t4);      // row 2 t4
   const float alpha1 = __shfl_sync(0xffffffffu, alpha, 8 * t4 + 4);  // row 2 t4 + 1
 #pragma unroll
