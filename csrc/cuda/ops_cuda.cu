@@ -293,7 +293,9 @@ std::tuple<Tensor, Tensor> gather_attention_cuda(Tensor q, Tensor k_cache, Tenso
   p.rope_scale = static_cast<float>(rope_scale);
   p.interleaved = interleaved;
   p.compact = compact;
-  k::plan_attention(p, static_cast<int>(d.d), sm_count(q.get_device_index()));
+  k::plan_attention(p, static_cast<int>(d.d), sm_count(q.get_device_index()),
+                    device_attribute(q.get_device_index(),
+                                     cudaDevAttrMaxSharedMemoryPerMultiprocessor));
   // Split workspace: its size depends on static shapes only (capturable in a CUDA graph).
   Tensor o_part, lse_part;
   if (p.num_splits > 1) {

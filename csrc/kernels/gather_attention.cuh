@@ -15,19 +15,6 @@
 
 namespace reattention::kernels {
 
-// Shared memory per SM of the current device (the launcher's device guard selects it), for the
-// plan of the transposed decode kernel; 228 KB (sm90) if the query fails.
-inline int device_smem_per_sm() {
-  int device = 0, bytes = 0;
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device) !=
-          cudaSuccess ||
-      bytes <= 0) {
-    return 228 * 1024;
-  }
-  return bytes;
-}
-
 // Host-side plan: row_tiles, num_splits and tiles_per_split of the decode (<= 16 rows) or the
 // prefill kernel, from static shapes only (the longest gathered sequence of any block at any
 // length in [Lq, Nmax]), so the workspace size never depends on device data.
@@ -36,8 +23,8 @@ inline int device_smem_per_sm() {
 // (attn_t_ctas_per_sm: 6 at D 128 on an H200) need no more splits than key tiles: then every
 // split is one key tile (the kernel keeps one K/V stage), about that many CTAs per SM (the
 // decode step at batch 1). Otherwise it runs two stages on the three-per-SM plan.
-// smem_per_sm: shared memory per SM, 0 to ask the current device.
-inline void plan_attention(AttnParams& p, int head_dim, int num_sms, int smem_per_sm = 0) {
+// num_sms, smem_per_sm: the device's SMs and shared memory per SM (bytes).
+inline void plan_attention(AttnParams& p, int head_dim, int num_sms, int smem_per_sm) {
   const int group = p.hq / p.hkv;
   const bool decode = few_rows(p.lq, p.query_block, group);
   const bool transposed = decode && transposed_rows(p.lq, p.query_block, group);
@@ -54,8 +41,7 @@ inline void plan_attention(AttnParams& p, int head_dim, int num_sms, int smem_pe
     return splits > 1024 ? int64_t{1024} : splits;
   };
   if (transposed) {
-    const int smem = smem_per_sm > 0 ? smem_per_sm : device_smem_per_sm();
-    if (splits_for(attn_t_ctas_per_sm(head_dim, 1, smem)) >= tiles_max) {
+    if (splits_for(attn_t_ctas_per_sm(head_dim, 1, smem_per_sm)) >= tiles_max) {
       p.tiles_per_split = 1;
       p.num_splits = static_cast<int>(tiles_max < 1 ? 1 : tiles_max);
       return;
