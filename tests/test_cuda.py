@@ -256,15 +256,21 @@ def test_gather_attention(case, dtype, style, positions, rope_scale):
 # split (its plan: up to 6 CTAs per SM) and a merge of ~200 splits. Shapes follow the device's
 # SM count so the plans land there. Both RoPE paths (16-byte units by stepping; R/2 = 24 per
 # element), both position modes, D 128 and 256.
+def decode_case(b: int, hq: int, hkv: int, d: int, n_keys: int, lens, rotary=None) -> Case:
+    """A decode Case (Lq 1) with sink 16, chunk 32, topk 8 and the local window that makes
+    gathered_keys_max = n_keys; Nmax 3000 tokens past the window. lens(nmax): the lengths."""
+    sink, chunk, topk = 16, 32, 8
+    local = n_keys - sink - topk * chunk - chunk
+    nmax = local + 3000
+    return Case(b, hq, hkv, 1, nmax, d, sink, local, chunk, topk, 1, lens=lens(nmax),
+                rotary=rotary)
+
+
 def two_tile_case(d: int, rotary: int | None, hq: int = 8) -> Case:
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     splits = -(-3 * sms // 4)
-    n_keys = 64 * (2 * splits - 2) + 40
-    sink, chunk, topk = 16, 32, 8
-    local = n_keys - sink - topk * chunk - chunk  # gathered_keys_max = n_keys
-    nmax = local + 3000
-    return Case(2, hq, 2, 1, nmax, d, sink, local, chunk, topk, 1, lens=(nmax, nmax - 1900),
-                rotary=rotary)
+    return decode_case(2, hq, 2, d, 64 * (2 * splits - 2) + 40,
+                       lambda nmax: (nmax, nmax - 1900), rotary)
 
 
 @pytest.mark.parametrize("dtype,style,positions,rope_scale",
@@ -286,12 +292,9 @@ def test_decode_two_tile_splits(d, rotary, hq, dtype, style, positions, rope_sca
 # lengths, one shorter than the local window.
 def transposed_two_stage_case(d: int) -> Case:
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    n_keys = 64 * (sms // 4 + 1) + 40
-    sink, chunk, topk = 16, 32, 8
-    local = n_keys - sink - topk * chunk - chunk  # gathered_keys_max = n_keys
-    nmax = local + 3000
-    lens = (nmax, nmax - 1900, 700, nmax - 1, local + 100, nmax - 777, 1234, nmax - 3001)
-    return Case(8, 32, 8, 1, nmax, d, sink, local, chunk, topk, 1, lens=lens)
+    return decode_case(8, 32, 8, d, 64 * (sms // 4 + 1) + 40,
+                       lambda nmax: (nmax, nmax - 1900, 700, nmax - 1, nmax - 2900, nmax - 777,
+                                     1234, nmax - 3001))
 
 
 @pytest.mark.parametrize("dtype,style,positions,rope_scale",
