@@ -54,11 +54,15 @@ def header() -> dict:
                 python=sys.version.split()[0])
 
 
+def gpu_tag() -> str:
+    """The device name's last word, lower case (e.g. h200): the suffix of result files."""
+    return torch.cuda.get_device_name().split()[-1].lower()
+
+
 def save_json(out: str, stem: str, res: dict) -> str:
-    """Write ``res`` to OUT/<stem>-<gpu>.json (gpu: the device name's last word, e.g. h200)."""
+    """Write ``res`` to OUT/<stem>-<gpu_tag()>.json."""
     os.makedirs(out, exist_ok=True)
-    gpu = torch.cuda.get_device_name().split()[-1].lower()
-    path = os.path.join(out, f"{stem}-{gpu}.json")
+    path = os.path.join(out, f"{stem}-{gpu_tag()}.json")
     with open(path, "w") as f:
         json.dump(res, f, indent=1)
     return path
@@ -386,8 +390,7 @@ def main(argv=None):
     print(text)
     for be in backends or ["baselines"]:
         save_json(a.out, be, res)
-    gpu = res["header"]["gpu"].split()[-1].lower()
-    with open(os.path.join(a.out, f"attn-{gpu}.md"), "w") as f:
+    with open(os.path.join(a.out, f"attn-{gpu_tag()}.md"), "w") as f:
         f.write(text + "\n")
 
 
