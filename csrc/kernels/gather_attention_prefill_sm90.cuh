@@ -437,7 +437,11 @@ __global__ void __launch_bounds__(kPrefillThreads, PrefillSm90Shape<D>::kMinBloc
     turn_end();
   }
 
-  for (int it = 0; it < n_iters; ++it) {
+  // One iteration; the first (kFirst) has no P V to issue. It is compiled apart rather than
+  // branching on it == 0: an empty wgmma group there made ptxas emit a placeholder group after
+  // P V on every iteration, so that the wait for S below also waited for P V.
+  auto iteration = [&](int it, auto first) {
+    constexpr bool kFirst = decltype(first)::value;
     cp_async_wait<kPingPong ? kStages - 3 : kStages - 2>();  // this thread's part of group it + wg
     fence_proxy_async_shared();  // this thread's copies and Q stores -> async proxy
     if constexpr (kPingPong) {
@@ -466,8 +470,10 @@ __global__ void __launch_bounds__(kPrefillThreads, PrefillSm90Shape<D>::kMinBloc
       wgmma_m64k16<T, kBN>(&s[0][0], desc_q, desc_k, kk > 0);
     }
     wgmma_commit();
-    if (it > 0) issue_pv(v_addr + (it + kStages - 1) % kStages * kTileBytes);
-    wgmma_commit();  // empty on the first iteration
+    if constexpr (!kFirst) {
+      issue_pv(v_addr + (it + kStages - 1) % kStages * kTileBytes);
+      wgmma_commit();
+    }
     if constexpr (kPingPong) {
       turn_end();
       // This warpgroup's part of group it + lead, into the stages of iterations it + lead -
@@ -476,7 +482,11 @@ __global__ void __launch_bounds__(kPrefillThreads, PrefillSm90Shape<D>::kMinBloc
       if (it + lead - 1 < n_iters) load_iter(No{}, Yes{}, it + lead - 1);
       cp_async_commit();  // empty near the end
     }
-    wgmma_wait<1>();  // S
+    if constexpr (kFirst) {
+      wgmma_wait<0>();  // S, the only group
+    } else {
+      wgmma_wait<1>();  // S; P V of the previous iteration may still run
+    }
     fence_accumulators<kNT * 4>(&s[0][0]);
 
     // The softmax of this iteration's kBN keys at once (one running max and sum update per
@@ -500,7 +510,9 @@ __global__ void __launch_bounds__(kPrefillThreads, PrefillSm90Shape<D>::kMinBloc
       pa[kk][2] = Dtype<T>::pack2(s[2 * kk + 1][0], s[2 * kk + 1][1]);
       pa[kk][3] = Dtype<T>::pack2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
     }
-  }
+  };
+  if (n_iters > 0) iteration(0, Yes{});
+  for (int it = 1; it < n_iters; ++it) iteration(it, No{});
   // Turn n_iters: P V on the last iteration, once its V (group n_iters) is visible.
   cp_async_wait<0>();  // past group n_iters only empty groups are left
   if (n_iters > 0) {   // uniform over the CTA
@@ -512,8 +524,10 @@ __global__ void __launch_bounds__(kPrefillThreads, PrefillSm90Shape<D>::kMinBloc
     }
   }
   wgmma_fence();
-  if (n_iters > 0) issue_pv(v_addr + (n_iters - 1) % kStages * kTileBytes);
-  wgmma_commit();
+  if (n_iters > 0) {
+    issue_pv(v_addr + (n_iters - 1) % kStages * kTileBytes);
+    wgmma_commit();
+  }
   if (kPingPong && n_iters > 0 && wg == 0) turn_end();  // wg 1's last turn; it arrives no more
   wgmma_wait<0>();
   fence_accumulators<kDT * 4>(&o[0][0]);
