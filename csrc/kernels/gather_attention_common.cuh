@@ -436,15 +436,15 @@ __device__ __forceinline__ void pv_tile_t(float (&ot)[D / 16][4], const float (&
 }
 
 // One CTA per output row: lse-weighted sum of the splits' normalised partial outputs.
-// Warp w takes splits w, w + kWarps, ... kMergeBatch at a time (a lane owns D/32 contiguous
-// dims): a batch's lse values and output rows are all loaded before any of them is used, so a
-// row of up to kWarps * kMergeBatch splits costs one round trip to memory, not one for the
-// maxima and then one per few splits. Each warp keeps its own running maximum (rescaling its
-// sum when a batch raises it); the warps then meet through shared memory. Splits left without
-// keys carry lse -inf and weigh zero; a row whose splits all do gets zeros and lse -inf.
-// launch_merge_splits picks 16 warps when there are more than 16 splits (the decode step's
-// ~50), else 4.
-constexpr int kMergeBatch = 4;
+// Warp w takes splits w, w + kWarps, ... kBatch at a time (a lane owns D/32 contiguous dims):
+// a batch's lse values and output rows are all loaded before any of them is used, so a row of
+// up to kWarps * kBatch splits costs one round trip to memory, not one for the maxima and then
+// one per few splits. Each warp keeps its own running maximum (rescaling its sum when a batch
+// raises it); the warps then meet through shared memory. Splits left without keys carry lse
+// -inf and weigh zero; a row whose splits all do gets zeros and lse -inf.
+// launch_merge_splits picks 4 warps up to 16 splits, 16 warps of 4 up to 64 (the two-tile
+// decode plans' ~50), else 16 warps of 8 (the O^T decode plan's ~100 one-tile splits: one
+// round trip for up to 128).
 
 template <int kPer>
 __device__ __forceinline__ void load_part_row(const float* src, float (&v)[kPer]) {
@@ -463,7 +463,7 @@ __device__ __forceinline__ void load_part_row(const float* src, float (&v)[kPer]
   }
 }
 
-template <typename T, int D, int kWarps>
+template <typename T, int D, int kWarps, int kBatch>
 __global__ void __launch_bounds__(kWarps * 32) merge_splits_kernel(AttnParams p) {
   static_assert(D % 64 == 0, "a lane owns an even number of dims");
   constexpr int kPer = D / 32;
@@ -477,10 +477,10 @@ __global__ void __launch_bounds__(kWarps * 32) merge_splits_kernel(AttnParams p)
   float m = -INFINITY, sum = 0.f, acc[kPer];
 #pragma unroll
   for (int e = 0; e < kPer; ++e) acc[e] = 0.f;
-  for (int s0 = warp; s0 < p.num_splits; s0 += kWarps * kMergeBatch) {
-    float l[kMergeBatch], v[kMergeBatch][kPer];
+  for (int s0 = warp; s0 < p.num_splits; s0 += kWarps * kBatch) {
+    float l[kBatch], v[kBatch][kPer];
 #pragma unroll
-    for (int j = 0; j < kMergeBatch; ++j) {
+    for (int j = 0; j < kBatch; ++j) {
       const int64_t s = s0 + j * kWarps;
       l[j] = -INFINITY;
 #pragma unroll
@@ -492,14 +492,14 @@ __global__ void __launch_bounds__(kWarps * 32) merge_splits_kernel(AttnParams p)
     }
     float mb = m;
 #pragma unroll
-    for (int j = 0; j < kMergeBatch; ++j) mb = fmaxf(mb, l[j]);
+    for (int j = 0; j < kBatch; ++j) mb = fmaxf(mb, l[j]);
     if (mb == -INFINITY) continue;  // nothing with keys yet
     const float c = expf(m - mb);   // 0 while m is -inf (sum and acc are 0 then)
     sum *= c;
 #pragma unroll
     for (int e = 0; e < kPer; ++e) acc[e] *= c;
 #pragma unroll
-    for (int j = 0; j < kMergeBatch; ++j) {
+    for (int j = 0; j < kBatch; ++j) {
       const float w = expf(l[j] - mb);  // 0 for a split without keys or past the last
       sum += w;
 #pragma unroll
@@ -538,10 +538,12 @@ __global__ void __launch_bounds__(kWarps * 32) merge_splits_kernel(AttnParams p)
 template <typename T, int D>
 cudaError_t launch_merge_splits(const AttnParams& p, cudaStream_t stream) {
   const unsigned rows = static_cast<unsigned>(static_cast<int64_t>(p.batch) * p.hq * p.lq);
-  if (p.num_splits > 16) {
-    merge_splits_kernel<T, D, 16><<<rows, 16 * 32, 0, stream>>>(p);
+  if (p.num_splits > 64) {
+    merge_splits_kernel<T, D, 16, 8><<<rows, 16 * 32, 0, stream>>>(p);
+  } else if (p.num_splits > 16) {
+    merge_splits_kernel<T, D, 16, 4><<<rows, 16 * 32, 0, stream>>>(p);
   } else {
-    merge_splits_kernel<T, D, 4><<<rows, 4 * 32, 0, stream>>>(p);
+    merge_splits_kernel<T, D, 4, 4><<<rows, 4 * 32, 0, stream>>>(p);
   }
   return cudaGetLastError();
 }
