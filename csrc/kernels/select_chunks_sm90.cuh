@@ -39,14 +39,19 @@
 // Pipeline of chunk_scores_wgmma_ws_kernel, synchronized by mbarriers only after the A tile is
 // staged (no CTA-wide barrier until the maxima are stored):
 // - full[s] / empty[s] per ring slot. The producer warpgroup (setmaxnreg down to kProducerRegs)
-//   copies every slice with load_column_slice over its 128 threads; a thread keeps kLag + 1
-//   slices in flight, and once its copies of a slice have landed (cp.async.wait_group kLag) it
-//   fences them to the async proxy and arrives on the slot's full barrier (128 arrivals). Before
-//   refilling a slot it waits on empty: all 8 consumer warps released the slot's previous use.
-// - A consumer warpgroup (setmaxnreg up to kConsumerRegs) waits on full, issues the slice's 4
-//   wgmma as one group and keeps it in flight (wgmma.wait_group 1); each warp releases the slot
-//   of the group that just retired. The last slice of a column tile waits for all groups and
-//   reduces the tile.
+//   copies every slice with load_column_slice over its 128 threads and follows each thread's
+//   copies of a slice with cp.async.mbarrier.arrive.noinc on the slot's full barrier (128
+//   arrivals), which the hardware makes once those copies have landed: the producer never waits
+//   for its own copies, only on empty before refilling a slot (all 8 consumer warps released the
+//   slot's previous use), so every free slot is refilled at once. (Round nine: announcing a
+//   slice only after the thread's next kLag slices were issued, cp.async.wait_group kLag, tied
+//   the announcement of slice s to the release of slice s + kLag - kStages, which held the
+//   turn-taking consumers in lockstep; bench/NOTES.md.)
+// - A consumer warpgroup (setmaxnreg up to kConsumerRegs) waits on full, fences the slice to the
+//   async proxy (the copies were generic-proxy writes of other threads, visible after the
+//   acquire), issues the slice's 4 wgmma as one group and keeps it in flight (wgmma.wait_group
+//   1); each warp releases the slot of the group that just retired. The last slice of a column
+//   tile waits for all groups and reduces the tile.
 // - The consumers take turns per column tile through two more mbarriers: consumer 1 issues
 //   tile i once consumer 0 has issued it, consumer 0 tile i + 1 once consumer 1 has issued
 //   tile i, so one consumer's epilogue runs while the other's wgmma keep the tensor cores busy.
@@ -98,17 +103,14 @@ struct WgmmaTile {
       (kSmemLimit - kAlign - kABytes - kBarrierBytes - kMaxChunks * 4) / kSliceBytes;
   static constexpr int kStages = kStagesFit < 6 ? kStagesFit : 6;
   static constexpr int kAhead = kStages - 2;  // CTA-barrier kernel: slices in flight ahead
-  static constexpr int kLag = 3;              // warp-specialized producer: groups in flight - 1
   static constexpr int kFixedSmem = kAlign + kABytes + kStages * kSliceBytes + kBarrierBytes;
   static_assert(kVec % kKStep == 0 && kWgM * kWgN == kMmaWarpgroups && kStages >= 3,
                 "tile shape");
   // The warp-specialized kernel: consumer turns need a column tile plus two slices in the ring;
-  // a producer's oldest slice in flight is older than the slot it waits to refill; the
-  // barriers fit; setmaxnreg moves registers within the launch's allocation (65536 / kThreads
+  // the barriers fit; setmaxnreg moves registers within the launch's allocation (65536 / kThreads
   // per thread, rounded down to 8: 168 at 384 threads).
   static_assert(!kWarpSpecialized ||
-                    (kStages >= kKSteps + 2 && kLag <= kStages - 1 &&
-                     2 * kStages + 2 <= kBarrierBytes / 8 &&
+                    (kStages >= kKSteps + 2 && 2 * kStages + 2 <= kBarrierBytes / 8 &&
                      128 * kProducerRegs + 256 * kConsumerRegs <=
                          kThreads * (65536 / kThreads / 8 * 8)),
                 "warp-specialized shape");
@@ -266,25 +268,17 @@ __global__ void __launch_bounds__(384, 1) chunk_scores_wgmma_ws_kernel(SelectPar
   __syncthreads();             // barriers initialized, A staged, maxima zeroed
 
   if (wg == 0) {
-    // Producer: step s's slice is issued at iteration s and announced at iteration s + kLag,
-    // once this thread's copies of it have landed. Every iteration commits one cp.async group
-    // (empty past the end), so the wait_group count stays uniform.
+    // Producer: the slice of step s goes into slot s % kStages once that slot is free; the
+    // hardware arrives on its full barrier when this thread's copies of it have landed.
     setmaxnreg_dec<W::kProducerRegs>();
     const ColumnRows<T, kTokens> col_rows(p, t);
-    for (int step = 0; step < n_steps + W::kLag; ++step) {
-      if (step < n_steps) {
-        const int st = step % W::kStages, use = step / W::kStages;
-        if (use > 0) mbar_wait(empty_bar(st), (use - 1) & 1);
-        load_column_slice<W::kBN, W::kKStep, 128>(
-            smem.ring + st * (W::kBN * W::kKStep), col_rows, p, step / W::kKSteps * W::kBN,
-            step % W::kKSteps * W::kKStep, n_cols);
-      }
-      cp_async_commit();
-      if (step >= W::kLag) {
-        cp_async_wait<W::kLag>();
-        fence_proxy_async_shared();  // this thread's copies -> the async proxy
-        mbar_arrive(full_bar((step - W::kLag) % W::kStages));
-      }
+    for (int step = 0; step < n_steps; ++step) {
+      const int st = step % W::kStages, use = step / W::kStages;
+      if (use > 0) mbar_wait(empty_bar(st), (use - 1) & 1);
+      load_column_slice<W::kBN, W::kKStep, 128>(
+          smem.ring + st * (W::kBN * W::kKStep), col_rows, p, step / W::kKSteps * W::kBN,
+          step % W::kKSteps * W::kKStep, n_cols);
+      cp_async_mbar_arrive(full_bar(st));
     }
   } else {
     // Consumer c: rows 64 wg_m of the tile and columns wg_n * kN of every column tile.
@@ -309,6 +303,7 @@ __global__ void __launch_bounds__(384, 1) chunk_scores_wgmma_ws_kernel(SelectPar
         mbar_wait(turn_bar(c), (c == 1 ? tile : tile - 1) & 1);
       }
       mbar_wait(full_bar(st), (step / W::kStages) & 1);
+      fence_proxy_async_shared();  // the producer's copies of the slice -> the async proxy
       wgmma_slice<T, W>(d, a_addr, b_addr, ks, st);
       if (ks != W::kKSteps - 1) {
         wgmma_wait<1>();  // the accumulators stay untouched while this group is in flight
