@@ -79,7 +79,7 @@ namespace reattention::kernels {
 template <int kVec>
 struct WgmmaTile {
   // kVec <= 128: chunk_scores_wgmma_ws_kernel, else chunk_scores_wgmma_kernel.
-  static constexpr bool kWarpSpecialized = kVec <= 128;
+  static constexpr bool kWarpSpecialized = kVec <= 256;
   static constexpr int kMmaWarpgroups = 2;
   static constexpr int kThreads = 128 * (kMmaWarpgroups + (kWarpSpecialized ? 1 : 0));
   static constexpr int kProducerRegs = 72;   // setmaxnreg: 128 x 72 + 256 x 216 = 384 x 168
@@ -103,6 +103,9 @@ struct WgmmaTile {
       (kSmemLimit - kAlign - kABytes - kBarrierBytes - kMaxChunks * 4) / kSliceBytes;
   static constexpr int kStages = kStagesFit < 6 ? kStagesFit : 6;
   static constexpr int kAhead = kStages - 2;  // CTA-barrier kernel: slices in flight ahead
+  // Warp-specialized kernel: the consumers take column tiles in turn when the ring holds a
+  // column tile plus two slices, else they run each tile side by side.
+  static constexpr bool kTurns = kStages >= kKSteps + 2;
   static constexpr int kFixedSmem = kAlign + kABytes + kStages * kSliceBytes + kBarrierBytes;
   static_assert(kVec % kKStep == 0 && kWgM * kWgN == kMmaWarpgroups && kStages >= 3,
                 "tile shape");
@@ -110,7 +113,7 @@ struct WgmmaTile {
   // the barriers fit; setmaxnreg moves registers within the launch's allocation (65536 / kThreads
   // per thread, rounded down to 8: 168 at 384 threads).
   static_assert(!kWarpSpecialized ||
-                    (kStages >= kKSteps + 2 && 2 * kStages + 2 <= kBarrierBytes / 8 &&
+                    (2 * kStages + 2 <= kBarrierBytes / 8 &&
                      128 * kProducerRegs + 256 * kConsumerRegs <=
                          kThreads * (65536 / kThreads / 8 * 8)),
                 "warp-specialized shape");
@@ -161,7 +164,7 @@ __global__ void __launch_bounds__(256, 1) chunk_scores_wgmma_kernel(SelectParams
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr int kVec = kRep == RepMode::kBound ? 2 * D : D;
   using W = WgmmaTile<kVec>;
-  static_assert(!W::kWarpSpecialized && W::kThreads == 256, "kVec >= 256 only");
+  static_assert(!W::kWarpSpecialized && W::kThreads == 256, "kVec >= 512 only");
   constexpr int kNT = W::kN / 8;
   constexpr bool kTokens = kRep == RepMode::kMax;
 
@@ -238,7 +241,7 @@ __global__ void __launch_bounds__(384, 1) chunk_scores_wgmma_ws_kernel(SelectPar
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr int kVec = kRep == RepMode::kBound ? 2 * D : D;
   using W = WgmmaTile<kVec>;
-  static_assert(W::kWarpSpecialized && W::kThreads == 384, "kVec <= 128 only");
+  static_assert(W::kWarpSpecialized && W::kThreads == 384, "kVec <= 256 only");
   constexpr int kNT = W::kN / 8;
   constexpr bool kTokens = kRep == RepMode::kMax;
 
@@ -297,7 +300,7 @@ __global__ void __launch_bounds__(384, 1) chunk_scores_wgmma_ws_kernel(SelectPar
     int tile = 0;
     for (int step = 0; step < n_steps; ++step) {
       const int ks = step % W::kKSteps, st = step % W::kStages;
-      if (ks == 0 && (c == 1 || tile > 0)) {
+      if (W::kTurns && ks == 0 && (c == 1 || tile > 0)) {
         // Consumer 1 takes tile i once consumer 0 has issued it; consumer 0 takes tile i + 1
         // once consumer 1 has issued tile i.
         mbar_wait(turn_bar(c), (c == 1 ? tile : tile - 1) & 1);
@@ -310,7 +313,7 @@ __global__ void __launch_bounds__(384, 1) chunk_scores_wgmma_ws_kernel(SelectPar
         if (ks > 0) release(step - 1);
         continue;
       }
-      if (threadIdx.x % 128 == 0) mbar_arrive(turn_bar(1 - c));  // tile issued: the other's turn
+      if (W::kTurns && threadIdx.x % 128 == 0) mbar_arrive(turn_bar(1 - c));  // the other's turn
       wgmma_wait<0>();
       if (ks > 0) release(step - 1);
       release(step);
