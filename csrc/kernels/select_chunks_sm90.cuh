@@ -4,13 +4,15 @@
 //
 // Two kernels, picked at compile time per instantiation by launch_chunk_scores_gemm through
 // WgmmaTile<kVec>::kWarpSpecialized (docs/design.md section 4):
-// - chunk_scores_wgmma_kernel for kVec >= 256 (max / mean at D 256, bound at D 128 and 256):
-//   256 threads, cp.async by all and one CTA barrier per slice;
-// - chunk_scores_wgmma_ws_kernel for kVec <= 128 (max / mean at D 64 and 128, bound at D 64;
-//   the exact selection is kVec 128): 384 threads, warp-specialized, a producer warpgroup and
-//   two consumer warpgroups that take column tiles in turn. At kVec >= 256 the ring holds less
-//   than a column tile plus prefetch, so there is no turn-taking, and the mbarrier hand-off
-//   measured slower than the CTA barrier (bench/NOTES.md).
+// - chunk_scores_wgmma_ws_kernel for kVec <= 256 (max / mean at D 64, 128 and 256, bound at
+//   D 64 and 128; the exact selection is kVec 128, the prefill call's bound scoring kVec 256):
+//   384 threads, warp-specialized, a producer warpgroup and two consumer warpgroups. Up to
+//   kVec 128 the ring holds a column tile plus two slices and the consumers take column tiles
+//   in turn (kTurns); at 256 it does not, and they run each tile side by side.
+// - chunk_scores_wgmma_kernel for kVec 512 (bound at D 256): 256 threads, cp.async by all and
+//   one CTA barrier per slice.
+// Round nine (bench/NOTES.md) measured the warp-specialized kernel at kVec 256 11% faster than
+// the CTA-barrier one once its producer announced slices as they landed.
 //
 // Both: two MMA warpgroups and a CTA tile of kBM x 256 (kBM = gemm_block_m(kVec), so the row
 // tiling equals the sm80 kernel's). kBM = 128: MMA warpgroup w owns rows 64 w .. 64 w + 63 and
@@ -52,11 +54,11 @@
 //   acquire), issues the slice's 4 wgmma as one group and keeps it in flight (wgmma.wait_group
 //   1); each warp releases the slot of the group that just retired. The last slice of a column
 //   tile waits for all groups and reduces the tile.
-// - The consumers take turns per column tile through two more mbarriers: consumer 1 issues
-//   tile i once consumer 0 has issued it, consumer 0 tile i + 1 once consumer 1 has issued
-//   tile i, so one consumer's epilogue runs while the other's wgmma keep the tensor cores busy.
-//   This needs the ring to hold a column tile plus two slices (kStages >= kKSteps + 2), which
-//   is what limits the kernel to kVec <= 128.
+// - With kTurns the consumers take turns per column tile through two more mbarriers: consumer 1
+//   issues tile i once consumer 0 has issued it, consumer 0 tile i + 1 once consumer 1 has
+//   issued tile i, so one consumer's epilogue runs while the other's wgmma keep the tensor
+//   cores busy. This needs the ring to hold a column tile plus two slices (kStages >= kKSteps
+//   + 2: kVec <= 128); at kVec 256 both consumers issue each tile as its slices land.
 //
 // The reduction of a column tile is warp_tile_maxima (shared with the sm80 kernel): wgmma's
 // accumulators per warp are the m16n8 fragment layout of one m16 tile (warp i of the warpgroup
@@ -78,7 +80,7 @@ namespace reattention::kernels {
 // kernel serves: D and 2 D for D in 64, 128, 256).
 template <int kVec>
 struct WgmmaTile {
-  // kVec <= 128: chunk_scores_wgmma_ws_kernel, else chunk_scores_wgmma_kernel.
+  // kVec <= 256: chunk_scores_wgmma_ws_kernel, else chunk_scores_wgmma_kernel.
   static constexpr bool kWarpSpecialized = kVec <= 256;
   static constexpr int kMmaWarpgroups = 2;
   static constexpr int kThreads = 128 * (kMmaWarpgroups + (kWarpSpecialized ? 1 : 0));
@@ -158,7 +160,7 @@ __device__ __forceinline__ void wgmma_slice(float* d, uint32_t a_addr, uint32_t 
 }
 #endif  // sm_90a
 
-// The CTA-barrier kernel (kVec >= 256).
+// The CTA-barrier kernel (kVec 512).
 template <typename T, int D, RepMode kRep>
 __global__ void __launch_bounds__(256, 1) chunk_scores_wgmma_kernel(SelectParams p) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -235,7 +237,7 @@ __global__ void __launch_bounds__(256, 1) chunk_scores_wgmma_kernel(SelectParams
 #endif
 }
 
-// The warp-specialized kernel (kVec <= 128; the header comment describes the pipeline).
+// The warp-specialized kernel (kVec <= 256; the header comment describes the pipeline).
 template <typename T, int D, RepMode kRep>
 __global__ void __launch_bounds__(384, 1) chunk_scores_wgmma_ws_kernel(SelectParams p) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
