@@ -1134,7 +1134,7 @@ cudaError_t launch_chunk_scores(const SelectParams& plan, bool* fused, cudaStrea
 
 // The many-rows scoring GEMM: on a device and build that run sm_90a code (sm90a_code_usable),
 // the wgmma kernel of this instantiation's vector length, picked at compile time
-// (WgmmaTile::kWarpSpecialized: chunk_scores_wgmma_ws_kernel for kVec <= 128, else
+// (WgmmaTile::kWarpSpecialized: chunk_scores_wgmma_ws_kernel for kVec <= 256, else
 // chunk_scores_wgmma_kernel; docs/design.md section 4); else the mma.sync (sm80) one.
 template <typename T, int D, RepMode kRep>
 cudaError_t launch_chunk_scores_gemm(const SelectParams& plan, bool* fused, cudaStream_t stream) {

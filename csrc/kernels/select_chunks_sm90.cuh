@@ -4,13 +4,15 @@
 //
 // Two kernels, picked at compile time per instantiation by launch_chunk_scores_gemm through
 // WgmmaTile<kVec>::kWarpSpecialized (docs/design.md section 4):
-// - chunk_scores_wgmma_kernel for kVec >= 256 (max / mean at D 256, bound at D 128 and 256):
-//   256 threads, cp.async by all and one CTA barrier per slice;
-// - chunk_scores_wgmma_ws_kernel for kVec <= 128 (max / mean at D 64 and 128, bound at D 64;
-//   the exact selection is kVec 128): 384 threads, warp-specialized, a producer warpgroup and
-//   two consumer warpgroups that take column tiles in turn. At kVec >= 256 the ring holds less
-//   than a column tile plus prefetch, so there is no turn-taking, and the mbarrier hand-off
-//   measured slower than the CTA barrier (bench/NOTES.md).
+// - chunk_scores_wgmma_ws_kernel for kVec <= 256 (max / mean at D 64, 128 and 256, bound at
+//   D 64 and 128; the exact selection is kVec 128, the prefill call's bound scoring kVec 256):
+//   384 threads, warp-specialized, a producer warpgroup and two consumer warpgroups. Up to
+//   kVec 128 the ring holds a column tile plus two slices and the consumers take column tiles
+//   in turn (kTurns); at 256 it does not, and they run each tile side by side.
+// - chunk_scores_wgmma_kernel for kVec 512 (bound at D 256): 256 threads, cp.async by all and
+//   one CTA barrier per slice.
+// Round nine (bench/NOTES.md) measured the warp-specialized kernel at kVec 256 11% faster than
+// the CTA-barrier one once its producer announced slices as they landed.
 //
 // Both: two MMA warpgroups and a CTA tile of kBM x 256 (kBM = gemm_block_m(kVec), so the row
 // tiling equals the sm80 kernel's). kBM = 128: MMA warpgroup w owns rows 64 w .. 64 w + 63 and
@@ -39,19 +41,24 @@
 // Pipeline of chunk_scores_wgmma_ws_kernel, synchronized by mbarriers only after the A tile is
 // staged (no CTA-wide barrier until the maxima are stored):
 // - full[s] / empty[s] per ring slot. The producer warpgroup (setmaxnreg down to kProducerRegs)
-//   copies every slice with load_column_slice over its 128 threads; a thread keeps kLag + 1
-//   slices in flight, and once its copies of a slice have landed (cp.async.wait_group kLag) it
-//   fences them to the async proxy and arrives on the slot's full barrier (128 arrivals). Before
-//   refilling a slot it waits on empty: all 8 consumer warps released the slot's previous use.
-// - A consumer warpgroup (setmaxnreg up to kConsumerRegs) waits on full, issues the slice's 4
-//   wgmma as one group and keeps it in flight (wgmma.wait_group 1); each warp releases the slot
-//   of the group that just retired. The last slice of a column tile waits for all groups and
-//   reduces the tile.
-// - The consumers take turns per column tile through two more mbarriers: consumer 1 issues
-//   tile i once consumer 0 has issued it, consumer 0 tile i + 1 once consumer 1 has issued
-//   tile i, so one consumer's epilogue runs while the other's wgmma keep the tensor cores busy.
-//   This needs the ring to hold a column tile plus two slices (kStages >= kKSteps + 2), which
-//   is what limits the kernel to kVec <= 128.
+//   copies every slice with load_column_slice over its 128 threads and follows each thread's
+//   copies of a slice with cp.async.mbarrier.arrive.noinc on the slot's full barrier (128
+//   arrivals), which the hardware makes once those copies have landed: the producer never waits
+//   for its own copies, only on empty before refilling a slot (all 8 consumer warps released the
+//   slot's previous use), so every free slot is refilled at once. (Round nine: announcing a
+//   slice only after the thread's next kLag slices were issued, cp.async.wait_group kLag, tied
+//   the announcement of slice s to the release of slice s + kLag - kStages, which held the
+//   turn-taking consumers in lockstep; bench/NOTES.md.)
+// - A consumer warpgroup (setmaxnreg up to kConsumerRegs) waits on full, fences the slice to the
+//   async proxy (the copies were generic-proxy writes of other threads, visible after the
+//   acquire), issues the slice's 4 wgmma as one group and keeps it in flight (wgmma.wait_group
+//   1); each warp releases the slot of the group that just retired. The last slice of a column
+//   tile waits for all groups and reduces the tile.
+// - With kTurns the consumers take turns per column tile through two more mbarriers: consumer 1
+//   issues tile i once consumer 0 has issued it, consumer 0 tile i + 1 once consumer 1 has
+//   issued tile i, so one consumer's epilogue runs while the other's wgmma keep the tensor
+//   cores busy. This needs the ring to hold a column tile plus two slices (kStages >= kKSteps
+//   + 2: kVec <= 128); at kVec 256 both consumers issue each tile as its slices land.
 //
 // The reduction of a column tile is warp_tile_maxima (shared with the sm80 kernel): wgmma's
 // accumulators per warp are the m16n8 fragment layout of one m16 tile (warp i of the warpgroup
@@ -73,8 +80,8 @@ namespace reattention::kernels {
 // kernel serves: D and 2 D for D in 64, 128, 256).
 template <int kVec>
 struct WgmmaTile {
-  // kVec <= 128: chunk_scores_wgmma_ws_kernel, else chunk_scores_wgmma_kernel.
-  static constexpr bool kWarpSpecialized = kVec <= 128;
+  // kVec <= 256: chunk_scores_wgmma_ws_kernel, else chunk_scores_wgmma_kernel.
+  static constexpr bool kWarpSpecialized = kVec <= 256;
   static constexpr int kMmaWarpgroups = 2;
   static constexpr int kThreads = 128 * (kMmaWarpgroups + (kWarpSpecialized ? 1 : 0));
   static constexpr int kProducerRegs = 72;   // setmaxnreg: 128 x 72 + 256 x 216 = 384 x 168
@@ -98,17 +105,17 @@ struct WgmmaTile {
       (kSmemLimit - kAlign - kABytes - kBarrierBytes - kMaxChunks * 4) / kSliceBytes;
   static constexpr int kStages = kStagesFit < 6 ? kStagesFit : 6;
   static constexpr int kAhead = kStages - 2;  // CTA-barrier kernel: slices in flight ahead
-  static constexpr int kLag = 3;              // warp-specialized producer: groups in flight - 1
+  // Warp-specialized kernel: the consumers take column tiles in turn when the ring holds a
+  // column tile plus two slices, else they run each tile side by side.
+  static constexpr bool kTurns = kStages >= kKSteps + 2;
   static constexpr int kFixedSmem = kAlign + kABytes + kStages * kSliceBytes + kBarrierBytes;
   static_assert(kVec % kKStep == 0 && kWgM * kWgN == kMmaWarpgroups && kStages >= 3,
                 "tile shape");
   // The warp-specialized kernel: consumer turns need a column tile plus two slices in the ring;
-  // a producer's oldest slice in flight is older than the slot it waits to refill; the
-  // barriers fit; setmaxnreg moves registers within the launch's allocation (65536 / kThreads
+  // the barriers fit; setmaxnreg moves registers within the launch's allocation (65536 / kThreads
   // per thread, rounded down to 8: 168 at 384 threads).
   static_assert(!kWarpSpecialized ||
-                    (kStages >= kKSteps + 2 && kLag <= kStages - 1 &&
-                     2 * kStages + 2 <= kBarrierBytes / 8 &&
+                    (2 * kStages + 2 <= kBarrierBytes / 8 &&
                      128 * kProducerRegs + 256 * kConsumerRegs <=
                          kThreads * (65536 / kThreads / 8 * 8)),
                 "warp-specialized shape");
@@ -153,13 +160,13 @@ __device__ __forceinline__ void wgmma_slice(float* d, uint32_t a_addr, uint32_t 
 }
 #endif  // sm_90a
 
-// The CTA-barrier kernel (kVec >= 256).
+// The CTA-barrier kernel (kVec 512).
 template <typename T, int D, RepMode kRep>
 __global__ void __launch_bounds__(256, 1) chunk_scores_wgmma_kernel(SelectParams p) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr int kVec = kRep == RepMode::kBound ? 2 * D : D;
   using W = WgmmaTile<kVec>;
-  static_assert(!W::kWarpSpecialized && W::kThreads == 256, "kVec >= 256 only");
+  static_assert(!W::kWarpSpecialized && W::kThreads == 256, "kVec >= 512 only");
   constexpr int kNT = W::kN / 8;
   constexpr bool kTokens = kRep == RepMode::kMax;
 
@@ -230,13 +237,13 @@ __global__ void __launch_bounds__(256, 1) chunk_scores_wgmma_kernel(SelectParams
 #endif
 }
 
-// The warp-specialized kernel (kVec <= 128; the header comment describes the pipeline).
+// The warp-specialized kernel (kVec <= 256; the header comment describes the pipeline).
 template <typename T, int D, RepMode kRep>
 __global__ void __launch_bounds__(384, 1) chunk_scores_wgmma_ws_kernel(SelectParams p) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr int kVec = kRep == RepMode::kBound ? 2 * D : D;
   using W = WgmmaTile<kVec>;
-  static_assert(W::kWarpSpecialized && W::kThreads == 384, "kVec <= 128 only");
+  static_assert(W::kWarpSpecialized && W::kThreads == 384, "kVec <= 256 only");
   constexpr int kNT = W::kN / 8;
   constexpr bool kTokens = kRep == RepMode::kMax;
 
@@ -266,25 +273,17 @@ __global__ void __launch_bounds__(384, 1) chunk_scores_wgmma_ws_kernel(SelectPar
   __syncthreads();             // barriers initialized, A staged, maxima zeroed
 
   if (wg == 0) {
-    // Producer: step s's slice is issued at iteration s and announced at iteration s + kLag,
-    // once this thread's copies of it have landed. Every iteration commits one cp.async group
-    // (empty past the end), so the wait_group count stays uniform.
+    // Producer: the slice of step s goes into slot s % kStages once that slot is free; the
+    // hardware arrives on its full barrier when this thread's copies of it have landed.
     setmaxnreg_dec<W::kProducerRegs>();
     const ColumnRows<T, kTokens> col_rows(p, t);
-    for (int step = 0; step < n_steps + W::kLag; ++step) {
-      if (step < n_steps) {
-        const int st = step % W::kStages, use = step / W::kStages;
-        if (use > 0) mbar_wait(empty_bar(st), (use - 1) & 1);
-        load_column_slice<W::kBN, W::kKStep, 128>(
-            smem.ring + st * (W::kBN * W::kKStep), col_rows, p, step / W::kKSteps * W::kBN,
-            step % W::kKSteps * W::kKStep, n_cols);
-      }
-      cp_async_commit();
-      if (step >= W::kLag) {
-        cp_async_wait<W::kLag>();
-        fence_proxy_async_shared();  // this thread's copies -> the async proxy
-        mbar_arrive(full_bar((step - W::kLag) % W::kStages));
-      }
+    for (int step = 0; step < n_steps; ++step) {
+      const int st = step % W::kStages, use = step / W::kStages;
+      if (use > 0) mbar_wait(empty_bar(st), (use - 1) & 1);
+      load_column_slice<W::kBN, W::kKStep, 128>(
+          smem.ring + st * (W::kBN * W::kKStep), col_rows, p, step / W::kKSteps * W::kBN,
+          step % W::kKSteps * W::kKStep, n_cols);
+      cp_async_mbar_arrive(full_bar(st));
     }
   } else {
     // Consumer c: rows 64 wg_m of the tile and columns wg_n * kN of every column tile.
@@ -303,19 +302,20 @@ __global__ void __launch_bounds__(384, 1) chunk_scores_wgmma_ws_kernel(SelectPar
     int tile = 0;
     for (int step = 0; step < n_steps; ++step) {
       const int ks = step % W::kKSteps, st = step % W::kStages;
-      if (ks == 0 && (c == 1 || tile > 0)) {
+      if (W::kTurns && ks == 0 && (c == 1 || tile > 0)) {
         // Consumer 1 takes tile i once consumer 0 has issued it; consumer 0 takes tile i + 1
         // once consumer 1 has issued tile i.
         mbar_wait(turn_bar(c), (c == 1 ? tile : tile - 1) & 1);
       }
       mbar_wait(full_bar(st), (step / W::kStages) & 1);
+      fence_proxy_async_shared();  // the producer's copies of the slice -> the async proxy
       wgmma_slice<T, W>(d, a_addr, b_addr, ks, st);
       if (ks != W::kKSteps - 1) {
         wgmma_wait<1>();  // the accumulators stay untouched while this group is in flight
         if (ks > 0) release(step - 1);
         continue;
       }
-      if (threadIdx.x % 128 == 0) mbar_arrive(turn_bar(1 - c));  // tile issued: the other's turn
+      if (W::kTurns && threadIdx.x % 128 == 0) mbar_arrive(turn_bar(1 - c));  // the other's turn
       wgmma_wait<0>();
       if (ks > 0) release(step - 1);
       release(step);

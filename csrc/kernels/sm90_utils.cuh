@@ -223,6 +223,12 @@ __device__ __forceinline__ void mbar_init(uint32_t addr, int count) {
 __device__ __forceinline__ void mbar_arrive(uint32_t addr) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(addr) : "memory");
 }
+// Arrival made by the hardware once every cp.async this thread issued before it has landed
+// (.noinc: it counts as one of the `count` arrivals). The thread goes on at once; a waiter on
+// the phase sees the copied bytes (generic proxy; fence them before an async-proxy read).
+__device__ __forceinline__ void cp_async_mbar_arrive(uint32_t addr) {
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(addr) : "memory");
+}
 // Waits (acquire) until the phase of parity `parity` has completed.
 __device__ __forceinline__ void mbar_wait(uint32_t addr, uint32_t parity) {
   uint32_t done = 0;
