@@ -111,9 +111,9 @@ struct WgmmaTile {
   static constexpr int kFixedSmem = kAlign + kABytes + kStages * kSliceBytes + kBarrierBytes;
   static_assert(kVec % kKStep == 0 && kWgM * kWgN == kMmaWarpgroups && kStages >= 3,
                 "tile shape");
-  // The warp-specialized kernel: consumer turns need a column tile plus two slices in the ring;
-  // the barriers fit; setmaxnreg moves registers within the launch's allocation (65536 / kThreads
-  // per thread, rounded down to 8: 168 at 384 threads).
+  // The warp-specialized kernel: the barriers fit (full and empty per slot, two turn words,
+  // initialized whether or not kTurns uses them); setmaxnreg moves registers within the
+  // launch's allocation (65536 / kThreads per thread, rounded down to 8: 168 at 384 threads).
   static_assert(!kWarpSpecialized ||
                     (2 * kStages + 2 <= kBarrierBytes / 8 &&
                      128 * kProducerRegs + 256 * kConsumerRegs <=
