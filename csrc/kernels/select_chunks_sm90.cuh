@@ -6,9 +6,10 @@
 // WgmmaTile<kVec>::kWarpSpecialized (docs/design.md section 4):
 // - chunk_scores_wgmma_ws_kernel for kVec <= 256 (max / mean at D 64, 128 and 256, bound at
 //   D 64 and 128; the exact selection is kVec 128, the prefill call's bound scoring kVec 256):
-//   384 threads, warp-specialized, a producer warpgroup and two consumer warpgroups. Up to
-//   kVec 128 the ring holds a column tile plus two slices and the consumers take column tiles
-//   in turn (kTurns); at 256 it does not, and they run each tile side by side.
+//   384 threads, warp-specialized, a producer warpgroup and two consumer warpgroups that hold
+//   their query rows in registers (wgmma's register A operand), so the A tile's shared memory
+//   joins the column ring once they have loaded it; the ring of 6 slices then holds a column
+//   tile plus two slices at every kVec and the consumers take column tiles in turn (kTurns).
 // - chunk_scores_wgmma_kernel for kVec 512 (bound at D 256): 256 threads, cp.async by all and
 //   one CTA barrier per slice.
 // Round nine (bench/NOTES.md) measured the warp-specialized kernel at kVec 256 11% faster than
@@ -49,6 +50,10 @@
 //   slice only after the thread's next kLag slices were issued, cp.async.wait_group kLag, tied
 //   the announcement of slice s to the release of slice s + kLag - kStages, which held the
 //   turn-taking consumers in lockstep; bench/NOTES.md.)
+// - The A tile is staged in the ring's last kASlots slots. Each consumer warp loads its 16 rows
+//   of every k16 step into registers (ldmatrix.x4: the fragment of mma.m16n8k16, which is what
+//   the register A operand of wgmma takes) and then arrives once on the empty barrier of each of
+//   those slots; the producer's first fill of such a slot waits for that extra phase.
 // - A consumer warpgroup (setmaxnreg up to kConsumerRegs) waits on full, fences the slice to the
 //   async proxy (the copies were generic-proxy writes of other threads, visible after the
 //   acquire), issues the slice's 4 wgmma as one group and keeps it in flight (wgmma.wait_group
@@ -58,7 +63,7 @@
 //   issues tile i once consumer 0 has issued it, consumer 0 tile i + 1 once consumer 1 has
 //   issued tile i, so one consumer's epilogue runs while the other's wgmma keep the tensor
 //   cores busy. This needs the ring to hold a column tile plus two slices (kStages >= kKSteps
-//   + 2: kVec <= 128); at kVec 256 both consumers issue each tile as its slices land.
+//   + 2), which the register A tile makes room for at kVec 256.
 //
 // The reduction of a column tile is warp_tile_maxima (shared with the sm80 kernel): wgmma's
 // accumulators per warp are the m16n8 fragment layout of one m16 tile (warp i of the warpgroup
@@ -84,8 +89,8 @@ struct WgmmaTile {
   static constexpr bool kWarpSpecialized = kVec <= 256;
   static constexpr int kMmaWarpgroups = 2;
   static constexpr int kThreads = 128 * (kMmaWarpgroups + (kWarpSpecialized ? 1 : 0));
-  static constexpr int kProducerRegs = 72;   // setmaxnreg: 128 x 72 + 256 x 216 = 384 x 168
-  static constexpr int kConsumerRegs = 216;  // the consumer path uses up to R211 (bound, D 64)
+  static constexpr int kProducerRegs = 56;   // setmaxnreg: 128 x 56 + 256 x 224 = 384 x 168
+  static constexpr int kConsumerRegs = 224;  // register A at kVec 256: 128 accumulators + 64
   static constexpr int kBM = gemm_block_m(kVec);
   static constexpr int kBN = 256;
   static constexpr int kWgM = kBM / 64;                // MMA warpgroups over the rows
@@ -98,19 +103,29 @@ struct WgmmaTile {
   static constexpr int kSliceBytes = kBN * kKStep * 2;
   static constexpr int kAlign = 1024;                  // swizzle atoms; the base is rounded up
   static constexpr int kBarrierBytes = kWarpSpecialized ? 128 : 0;  // full, empty, turn
-  // As many ring slices as fit next to the A tile, the barriers and the chunk maxima in 227 KB
-  // (4 to 6).
+  // The warp-specialized kernel's consumers keep their A rows in registers (wgmma's register A
+  // operand) once the prologue has loaded them, so the A tile lies in the last kASlots slots of
+  // the ring, which the producer first fills after both consumers have loaded their fragments.
+  static constexpr bool kRegA = kWarpSpecialized;
+  static constexpr int kASlots = kRegA ? (kABytes + kSliceBytes - 1) / kSliceBytes : 0;
+  // As many ring slices as fit next to the A tile (unless it lies in the ring), the barriers
+  // and the chunk maxima in 227 KB (4 to 6).
   static constexpr int kSmemLimit = 227 * 1024;
   static constexpr int kStagesFit =
-      (kSmemLimit - kAlign - kABytes - kBarrierBytes - kMaxChunks * 4) / kSliceBytes;
+      (kSmemLimit - kAlign - (kRegA ? 0 : kABytes) - kBarrierBytes - kMaxChunks * 4) /
+      kSliceBytes;
   static constexpr int kStages = kStagesFit < 6 ? kStagesFit : 6;
   static constexpr int kAhead = kStages - 2;  // CTA-barrier kernel: slices in flight ahead
   // Warp-specialized kernel: the consumers take column tiles in turn when the ring holds a
   // column tile plus two slices, else they run each tile side by side.
   static constexpr bool kTurns = kStages >= kKSteps + 2;
-  static constexpr int kFixedSmem = kAlign + kABytes + kStages * kSliceBytes + kBarrierBytes;
+  static constexpr int kFixedSmem =
+      kAlign + (kRegA ? 0 : kABytes) + kStages * kSliceBytes + kBarrierBytes;
   static_assert(kVec % kKStep == 0 && kWgM * kWgN == kMmaWarpgroups && kStages >= 3,
                 "tile shape");
+  // Register A: the consumers own 64 rows and all kN = 256 columns (m64n256k16), and the ring
+  // keeps at least two slots the producer may fill before the A tile is released.
+  static_assert(!kRegA || (kWgN == 1 && kN == 256 && kStages - kASlots >= 2), "register A");
   // The warp-specialized kernel: the barriers fit (full and empty per slot, two turn words,
   // initialized whether or not kTurns uses them); setmaxnreg moves registers within the
   // launch's allocation (65536 / kThreads per thread, rounded down to 8: 168 at 384 threads).
@@ -121,8 +136,10 @@ struct WgmmaTile {
                 "warp-specialized shape");
 };
 
-// The dynamic shared memory of both kernels: the A tile at the first 1024-byte boundary, the
-// ring, the mbarriers (warp-specialized kernel only), the per-chunk maxima.
+// The dynamic shared memory of both kernels from the first 1024-byte boundary: the A tile then
+// the ring (CTA-barrier kernel), or the ring with the A tile in its last kASlots slots
+// (warp-specialized kernel, kRegA); the mbarriers (warp-specialized kernel only); the per-chunk
+// maxima.
 template <typename T, typename W>
 struct WgmmaSmem {
   T* a;
@@ -132,8 +149,14 @@ struct WgmmaSmem {
 
   __device__ __forceinline__ explicit WgmmaSmem(unsigned char* raw) {
     const uint32_t raw_addr = static_cast<uint32_t>(__cvta_generic_to_shared(raw));
-    a = reinterpret_cast<T*>(raw + ((W::kAlign - raw_addr % W::kAlign) % W::kAlign));
-    ring = a + W::kABytes / 2;
+    T* base = reinterpret_cast<T*>(raw + ((W::kAlign - raw_addr % W::kAlign) % W::kAlign));
+    if constexpr (W::kRegA) {  // A in the ring's last kASlots slots
+      ring = base;
+      a = ring + (W::kStages - W::kASlots) * W::kBN * W::kKStep;
+    } else {
+      a = base;
+      ring = a + W::kABytes / 2;
+    }
     barriers = reinterpret_cast<uint64_t*>(ring + W::kStages * W::kBN * W::kKStep);
     best = reinterpret_cast<uint32_t*>(barriers + W::kBarrierBytes / 8);
   }
@@ -269,62 +292,88 @@ __global__ void __launch_bounds__(384, 1) chunk_scores_wgmma_ws_kernel(SelectPar
   }
   stage_query_rows<T, D, kRep, W::kBM, W::kThreads, Sliced64<W::kBM>>(smem.a, p, t);
   for (int i = threadIdx.x; i < t.j1 - t.j0; i += W::kThreads) smem.best[i] = 0u;
-  fence_proxy_async_shared();  // the A stores -> the async proxy (wgmma)
-  __syncthreads();             // barriers initialized, A staged, maxima zeroed
+  __syncthreads();  // barriers initialized, A staged (read by ldmatrix below), maxima zeroed
 
   if (wg == 0) {
     // Producer: the slice of step s goes into slot s % kStages once that slot is free; the
-    // hardware arrives on its full barrier when this thread's copies of it have landed.
+    // hardware arrives on its full barrier when this thread's copies of it have landed. The
+    // slots that hold the A tile start used: their first fill waits for one more completed
+    // phase of empty, the consumers' release of A.
     setmaxnreg_dec<W::kProducerRegs>();
     const ColumnRows<T, kTokens> col_rows(p, t);
     for (int step = 0; step < n_steps; ++step) {
-      const int st = step % W::kStages, use = step / W::kStages;
-      if (use > 0) mbar_wait(empty_bar(st), (use - 1) & 1);
+      const int st = step % W::kStages;
+      const int released = step / W::kStages + (st >= W::kStages - W::kASlots ? 1 : 0);
+      if (released > 0) mbar_wait(empty_bar(st), (released - 1) & 1);
       load_column_slice<W::kBN, W::kKStep, 128>(
           smem.ring + st * (W::kBN * W::kKStep), col_rows, p, step / W::kKSteps * W::kBN,
           step % W::kKSteps * W::kKStep, n_cols);
       cp_async_mbar_arrive(full_bar(st));
     }
   } else {
-    // Consumer c: rows 64 wg_m of the tile and columns wg_n * kN of every column tile.
+    // Consumer c: rows 64 c .. 64 c + 63 of the tile, all 256 columns of every column tile.
     setmaxnreg_inc<W::kConsumerRegs>();
-    const int c = wg - 1, wg_m = c / W::kWgN, wg_n = c % W::kWgN;
-    const uint32_t a_addr =
-        static_cast<uint32_t>(__cvta_generic_to_shared(smem.a)) + wg_m * 64 * W::kKStep * 2;
-    const uint32_t b_addr =
-        static_cast<uint32_t>(__cvta_generic_to_shared(smem.ring)) + wg_n * W::kN * W::kKStep * 2;
-    const int warp_row0 = t.row0 + wg_m * 64 + (warp % 4) * 16;
+    const int c = wg - 1;
+    // This warp's A fragments (rows 64 c + 16 (warp % 4) .., every k16 step of the vector),
+    // loaded once; then each warp releases the A slots to the producer.
+    constexpr int kK16 = kVec / 16;
+    uint32_t a_frag[kK16][4];
+    {
+      const int m = lane >> 3;  // ldmatrix matrix m: rows 8 (m % 2) .., k 8 (m / 2) ..
+      const int r = c * 64 + (warp % 4) * 16 + (lane & 7) + 8 * (m & 1);
+#pragma unroll
+      for (int kk = 0; kk < kK16; ++kk) {
+        ldmatrix_x4(a_frag[kk], smem.a + Sliced64<W::kBM>{}(r, kk * 16 + 8 * (m >> 1)));
+      }
+    }
+    __syncwarp();
+    if (lane == 0) {
+#pragma unroll
+      for (int s = W::kStages - W::kASlots; s < W::kStages; ++s) mbar_arrive(empty_bar(s));
+    }
+    const uint32_t b_addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem.ring));
+    const int warp_row0 = t.row0 + c * 64 + (warp % 4) * 16;
     auto release = [&](int step) {  // this warp's wgmma of `step` retired
       if (lane == 0) mbar_arrive(empty_bar(step % W::kStages));
     };
     float acc[1][kNT][4];
     float* d = &acc[0][0][0];
-    int tile = 0;
-    for (int step = 0; step < n_steps; ++step) {
-      const int ks = step % W::kKSteps, st = step % W::kStages;
-      if (W::kTurns && ks == 0 && (c == 1 || tile > 0)) {
+    const int n_tiles = n_steps / W::kKSteps;
+    for (int tile = 0; tile < n_tiles; ++tile) {
+      if (W::kTurns && (c == 1 || tile > 0)) {
         // Consumer 1 takes tile i once consumer 0 has issued it; consumer 0 takes tile i + 1
         // once consumer 1 has issued tile i.
         mbar_wait(turn_bar(c), (c == 1 ? tile : tile - 1) & 1);
       }
-      mbar_wait(full_bar(st), (step / W::kStages) & 1);
-      fence_proxy_async_shared();  // the producer's copies of the slice -> the async proxy
-      wgmma_slice<T, W>(d, a_addr, b_addr, ks, st);
-      if (ks != W::kKSteps - 1) {
-        wgmma_wait<1>();  // the accumulators stay untouched while this group is in flight
-        if (ks > 0) release(step - 1);
-        continue;
+#pragma unroll
+      for (int ks = 0; ks < W::kKSteps; ++ks) {
+        const int step = tile * W::kKSteps + ks, st = step % W::kStages;
+        mbar_wait(full_bar(st), (step / W::kStages) & 1);
+        fence_proxy_async_shared();  // the producer's copies of the slice -> the async proxy
+        const uint64_t desc_b = wgmma_desc_sw128(b_addr + st * W::kSliceBytes);
+        wgmma_fence();
+        fence_accumulators<W::kN / 2>(d);
+#pragma unroll
+        for (int kk = 0; kk < W::kKStep / 16; ++kk) {
+          // k16 step kk of the slice: 32 bytes further in the 128-byte rows (2 descriptor units).
+          wgmma_m64n256k16_rs<T>(d, a_frag[ks * (W::kKStep / 16) + kk], desc_b + 2 * kk,
+                                 ks > 0 || kk > 0);
+        }
+        wgmma_commit();
+        if (ks != W::kKSteps - 1) {
+          wgmma_wait<1>();  // the accumulators stay untouched while this group is in flight
+          if (ks > 0) release(step - 1);
+        }
       }
+      const int last = (tile + 1) * W::kKSteps - 1;
       if (W::kTurns && threadIdx.x % 128 == 0) mbar_arrive(turn_bar(1 - c));  // the other's turn
       wgmma_wait<0>();
-      if (ks > 0) release(step - 1);
-      release(step);
+      if (W::kKSteps > 1) release(last - 1);
+      release(last);
       fence_accumulators<kNT * 4>(d);
       // Epilogue of column tile `tile` (in every warp: a branch around it would be a divergent
       // path for the accumulators, which serializes the wgmma).
-      warp_tile_maxima<1, kNT, kTokens>(acc, p, t, warp_row0, tile * W::kBN + wg_n * W::kN,
-                                        smem.best, lane);
-      ++tile;
+      warp_tile_maxima<1, kNT, kTokens>(acc, p, t, warp_row0, tile * W::kBN, smem.best, lane);
     }
     wgmma_wait<0>();  // nothing is in flight (the last step closes a tile); tells the compiler so
   }

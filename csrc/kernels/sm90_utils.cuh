@@ -154,6 +154,23 @@ __device__ __forceinline__ void fence_accumulators(float* d) {
       : REATTENTION_F8(0), REATTENTION_F8(8), REATTENTION_F8(16), REATTENTION_F8(24), REATTENTION_F8(32), REATTENTION_F8(40), REATTENTION_F8(48), REATTENTION_F8(56) \
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(scale_d))
 
+// m64n256k16 with A from registers and B K-major in shared memory (no transpose).
+#define REATTENTION_WGMMA_M64N256K16_RS_KMAJOR(type)                                    \
+  asm volatile(                                                                      \
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %133, 0;\n"                                  \
+      "wgmma.mma_async.sync.aligned.m64n256k16.f32." type "." type " {"                \
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "  \
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "  \
+      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "  \
+      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, "  \
+      "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, "  \
+      "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, "  \
+      "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, "  \
+      "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127"  \
+      "}, {%128, %129, %130, %131}, %132, p, 1, 1, 0;\n}\n"                             \
+      : REATTENTION_F8(0), REATTENTION_F8(8), REATTENTION_F8(16), REATTENTION_F8(24), REATTENTION_F8(32), REATTENTION_F8(40), REATTENTION_F8(48), REATTENTION_F8(56), REATTENTION_F8(64), REATTENTION_F8(72), REATTENTION_F8(80), REATTENTION_F8(88), REATTENTION_F8(96), REATTENTION_F8(104), REATTENTION_F8(112), REATTENTION_F8(120) \
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(scale_d))
+
 // d (kN / 2 fp32 per thread) = A B^T (+ d when scale_d != 0) for one k16 step.
 template <typename T, int kN>
 __device__ __forceinline__ void wgmma_m64k16(float* d, uint64_t desc_a, uint64_t desc_b,
@@ -206,6 +223,20 @@ __device__ __forceinline__ void wgmma_m64k16_rs(float* d, const uint32_t (&a)[4]
   }
 }
 
+// d (128 fp32 per thread) = A B^T (+ d when scale_d != 0) for one k16 step of m64n256k16, A
+// (64 x 16) from registers in the fragment layout of wgmma_m64k16_rs, B (256 x 16) K-major in
+// shared memory (desc_b: wgmma_desc_sw128), as wgmma_m64k16 reads it.
+template <typename T>
+__device__ __forceinline__ void wgmma_m64n256k16_rs(float* d, const uint32_t (&a)[4],
+                                                    uint64_t desc_b, int scale_d) {
+  if constexpr (std::is_same_v<T, __half>) {
+    REATTENTION_WGMMA_M64N256K16_RS_KMAJOR("f16");
+  } else {
+    REATTENTION_WGMMA_M64N256K16_RS_KMAJOR("bf16");
+  }
+}
+
+#undef REATTENTION_WGMMA_M64N256K16_RS_KMAJOR
 #undef REATTENTION_WGMMA_M64N64K16
 #undef REATTENTION_WGMMA_M64N64K16_RS
 #undef REATTENTION_WGMMA_M64N128K16_RS
