@@ -90,7 +90,9 @@ struct WgmmaTile {
   static constexpr int kMmaWarpgroups = 2;
   static constexpr int kThreads = 128 * (kMmaWarpgroups + (kWarpSpecialized ? 1 : 0));
   static constexpr int kProducerRegs = 56;   // setmaxnreg: 128 x 56 + 256 x 224 = 384 x 168
-  static constexpr int kConsumerRegs = 224;  // register A at kVec 256: 128 accumulators + 64
+  // Consumers: 128 accumulators plus kVec / 4 registers of A (64 at kVec 256); ptxas (CUDA
+  // 13.0) uses up to R212 there and up to R36 on the producer path.
+  static constexpr int kConsumerRegs = 224;
   static constexpr int kBM = gemm_block_m(kVec);
   static constexpr int kBN = 256;
   static constexpr int kWgM = kBM / 64;                // MMA warpgroups over the rows
