@@ -94,32 +94,44 @@ __device__ __forceinline__ void fence_accumulators(float* d) {
   "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]), \
       "+f"(d[i + 6]), "+f"(d[i + 7])
 
+// Operand lists of the accumulators: "%0, ..., %63" / "%0, ..., %127" in the instruction string
+// and the matching "+f" outputs (d[0 .. 63] / d[0 .. 127]).
+#define REATTENTION_ACC64                                                               \
+  "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "              \
+  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "    \
+  "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "    \
+  "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+#define REATTENTION_ACC128                                                              \
+  REATTENTION_ACC64 ", "                                                                \
+  "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, "    \
+  "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, "    \
+  "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, "    \
+  "%110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, " \
+  "%124, %125, %126, %127"
+#define REATTENTION_OUT64                                                               \
+  REATTENTION_F8(0), REATTENTION_F8(8), REATTENTION_F8(16), REATTENTION_F8(24),         \
+      REATTENTION_F8(32), REATTENTION_F8(40), REATTENTION_F8(48), REATTENTION_F8(56)
+#define REATTENTION_OUT128                                                              \
+  REATTENTION_OUT64, REATTENTION_F8(64), REATTENTION_F8(72), REATTENTION_F8(80),        \
+      REATTENTION_F8(88), REATTENTION_F8(96), REATTENTION_F8(104), REATTENTION_F8(112), \
+      REATTENTION_F8(120)
+
 #define REATTENTION_WGMMA_M64N128K16(type)                                           \
   asm volatile(                                                                      \
       "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"                                  \
       "wgmma.mma_async.sync.aligned.m64n128k16.f32." type "." type " {"                \
-      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "  \
-      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "  \
-      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "  \
-      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"  \
+      REATTENTION_ACC64                                                              \
       "}, %64, %65, p, 1, 1, 0, 0;\n}\n"                                             \
-      : REATTENTION_F8(0), REATTENTION_F8(8), REATTENTION_F8(16), REATTENTION_F8(24), REATTENTION_F8(32), REATTENTION_F8(40), REATTENTION_F8(48), REATTENTION_F8(56) \
+      : REATTENTION_OUT64                                                            \
       : "l"(desc_a), "l"(desc_b), "r"(scale_d))
 
 #define REATTENTION_WGMMA_M64N256K16(type)                                           \
   asm volatile(                                                                      \
       "{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"                                  \
       "wgmma.mma_async.sync.aligned.m64n256k16.f32." type "." type " {"                \
-      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "  \
-      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "  \
-      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "  \
-      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, "  \
-      "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, "  \
-      "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, "  \
-      "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, "  \
-      "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127"  \
+      REATTENTION_ACC128                                                             \
       "}, %128, %129, p, 1, 1, 0, 0;\n}\n"                                             \
-      : REATTENTION_F8(0), REATTENTION_F8(8), REATTENTION_F8(16), REATTENTION_F8(24), REATTENTION_F8(32), REATTENTION_F8(40), REATTENTION_F8(48), REATTENTION_F8(56), REATTENTION_F8(64), REATTENTION_F8(72), REATTENTION_F8(80), REATTENTION_F8(88), REATTENTION_F8(96), REATTENTION_F8(104), REATTENTION_F8(112), REATTENTION_F8(120) \
+      : REATTENTION_OUT128                                                           \
       : "l"(desc_a), "l"(desc_b), "r"(scale_d))
 
 #define REATTENTION_WGMMA_M64N64K16(type)                                            \
@@ -146,12 +158,9 @@ __device__ __forceinline__ void fence_accumulators(float* d) {
   asm volatile(                                                                      \
       "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"                                   \
       "wgmma.mma_async.sync.aligned.m64n128k16.f32." type "." type " {"                 \
-      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "  \
-      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "  \
-      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "  \
-      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"  \
+      REATTENTION_ACC64                                                              \
       "}, {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"                        \
-      : REATTENTION_F8(0), REATTENTION_F8(8), REATTENTION_F8(16), REATTENTION_F8(24), REATTENTION_F8(32), REATTENTION_F8(40), REATTENTION_F8(48), REATTENTION_F8(56) \
+      : REATTENTION_OUT64                                                            \
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(scale_d))
 
 // m64n256k16 with A from registers and B K-major in shared memory (no transpose).
@@ -159,16 +168,9 @@ __device__ __forceinline__ void fence_accumulators(float* d) {
   asm volatile(                                                                      \
       "{\n.reg .pred p;\nsetp.ne.b32 p, %133, 0;\n"                                  \
       "wgmma.mma_async.sync.aligned.m64n256k16.f32." type "." type " {"                \
-      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "  \
-      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "  \
-      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "  \
-      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, "  \
-      "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, "  \
-      "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, "  \
-      "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, "  \
-      "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127"  \
+      REATTENTION_ACC128                                                             \
       "}, {%128, %129, %130, %131}, %132, p, 1, 1, 0;\n}\n"                             \
-      : REATTENTION_F8(0), REATTENTION_F8(8), REATTENTION_F8(16), REATTENTION_F8(24), REATTENTION_F8(32), REATTENTION_F8(40), REATTENTION_F8(48), REATTENTION_F8(56), REATTENTION_F8(64), REATTENTION_F8(72), REATTENTION_F8(80), REATTENTION_F8(88), REATTENTION_F8(96), REATTENTION_F8(104), REATTENTION_F8(112), REATTENTION_F8(120) \
+      : REATTENTION_OUT128                                                           \
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(scale_d))
 
 // d (kN / 2 fp32 per thread) = A B^T (+ d when scale_d != 0) for one k16 step.
@@ -242,6 +244,10 @@ __device__ __forceinline__ void wgmma_m64n256k16_rs(float* d, const uint32_t (&a
 #undef REATTENTION_WGMMA_M64N128K16_RS
 #undef REATTENTION_WGMMA_M64N128K16
 #undef REATTENTION_WGMMA_M64N256K16
+#undef REATTENTION_OUT128
+#undef REATTENTION_OUT64
+#undef REATTENTION_ACC128
+#undef REATTENTION_ACC64
 #undef REATTENTION_F8
 
 // mbarrier (shared::cta) building blocks of the warp-specialized kernels: the barrier at shared
