@@ -9,7 +9,7 @@
 //   384 threads, warp-specialized, a producer warpgroup and two consumer warpgroups that hold
 //   their query rows in registers (wgmma's register A operand), so the A tile's shared memory
 //   joins the column ring once they have loaded it; the ring of 6 slices then holds a column
-//   tile plus two slices at every kVec and the consumers take column tiles in turn (kTurns).
+//   tile plus two slices at every kVec and the consumers take column tiles in turn.
 // - chunk_scores_wgmma_kernel for kVec 512 (bound at D 256): 256 threads, cp.async by all and
 //   one CTA barrier per slice.
 // Round nine (bench/NOTES.md) measured the warp-specialized kernel at kVec 256 11% faster than
@@ -59,7 +59,7 @@
 //   acquire), issues the slice's 4 wgmma as one group and keeps it in flight (wgmma.wait_group
 //   1); each warp releases the slot of the group that just retired. The last slice of a column
 //   tile waits for all groups and reduces the tile.
-// - With kTurns the consumers take turns per column tile through two more mbarriers: consumer 1
+// - The consumers take turns per column tile through two more mbarriers: consumer 1
 //   issues tile i once consumer 0 has issued it, consumer 0 tile i + 1 once consumer 1 has
 //   issued tile i, so one consumer's epilogue runs while the other's wgmma keep the tensor
 //   cores busy. This needs the ring to hold a column tile plus two slices (kStages >= kKSteps
@@ -118,9 +118,6 @@ struct WgmmaTile {
       kSliceBytes;
   static constexpr int kStages = kStagesFit < 6 ? kStagesFit : 6;
   static constexpr int kAhead = kStages - 2;  // CTA-barrier kernel: slices in flight ahead
-  // Warp-specialized kernel: the consumers take column tiles in turn when the ring holds a
-  // column tile plus two slices, else they run each tile side by side.
-  static constexpr bool kTurns = kStages >= kKSteps + 2;
   static constexpr int kFixedSmem =
       kAlign + (kRegA ? 0 : kABytes) + kStages * kSliceBytes + kBarrierBytes;
   static_assert(kVec % kKStep == 0 && kWgM * kWgN == kMmaWarpgroups && kStages >= 3,
@@ -128,11 +125,12 @@ struct WgmmaTile {
   // Register A: the consumers own 64 rows and all kN = 256 columns (m64n256k16), and the ring
   // keeps at least two slots the producer may fill before the A tile is released.
   static_assert(!kRegA || (kWgN == 1 && kN == 256 && kStages - kASlots >= 2), "register A");
-  // The warp-specialized kernel: the barriers fit (full and empty per slot, two turn words,
-  // initialized whether or not kTurns uses them); setmaxnreg moves registers within the
-  // launch's allocation (65536 / kThreads per thread, rounded down to 8: 168 at 384 threads).
+  // The warp-specialized kernel: the consumers' turns need a column tile plus two slices in the
+  // ring; the barriers fit (full and empty per slot, two turn words); setmaxnreg moves
+  // registers within the launch's allocation (65536 / kThreads per thread, rounded down to 8:
+  // 168 at 384 threads).
   static_assert(!kWarpSpecialized ||
-                    (2 * kStages + 2 <= kBarrierBytes / 8 &&
+                    (kStages >= kKSteps + 2 && 2 * kStages + 2 <= kBarrierBytes / 8 &&
                      128 * kProducerRegs + 256 * kConsumerRegs <=
                          kThreads * (65536 / kThreads / 8 * 8)),
                 "warp-specialized shape");
@@ -165,10 +163,10 @@ struct WgmmaSmem {
 };
 
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-// One step of both kernels: the 4 wgmma (k16 steps) of A slice ks against ring slot `slot`,
-// issued as one group and committed. a_addr / b_addr: the MMA warpgroup's rows of A slice 0 and
-// columns of ring slot 0 (whole atoms: 64 rows, 128 or 256 columns, 128 bytes each); d: its
-// kN / 2 accumulators, overwritten by the first slice of a column tile (ks = 0).
+// One step of the CTA-barrier kernel: the 4 wgmma (k16 steps) of A slice ks against ring slot
+// `slot`, issued as one group and committed. a_addr / b_addr: the MMA warpgroup's rows of A
+// slice 0 and columns of ring slot 0 (whole atoms: 64 rows, 128 or 256 columns, 128 bytes
+// each); d: its kN / 2 accumulators, overwritten by the first slice of a column tile (ks = 0).
 template <typename T, typename W>
 __device__ __forceinline__ void wgmma_slice(float* d, uint32_t a_addr, uint32_t b_addr, int ks,
                                             int slot) {
@@ -342,7 +340,7 @@ __global__ void __launch_bounds__(384, 1) chunk_scores_wgmma_ws_kernel(SelectPar
     float* d = &acc[0][0][0];
     const int n_tiles = n_steps / W::kKSteps;
     for (int tile = 0; tile < n_tiles; ++tile) {
-      if (W::kTurns && (c == 1 || tile > 0)) {
+      if (c == 1 || tile > 0) {
         // Consumer 1 takes tile i once consumer 0 has issued it; consumer 0 takes tile i + 1
         // once consumer 1 has issued tile i.
         mbar_wait(turn_bar(c), (c == 1 ? tile : tile - 1) & 1);
@@ -368,7 +366,7 @@ __global__ void __launch_bounds__(384, 1) chunk_scores_wgmma_ws_kernel(SelectPar
         }
       }
       const int last = (tile + 1) * W::kKSteps - 1;
-      if (W::kTurns && threadIdx.x % 128 == 0) mbar_arrive(turn_bar(1 - c));  // the other's turn
+      if (threadIdx.x % 128 == 0) mbar_arrive(turn_bar(1 - c));  // the other's turn
       wgmma_wait<0>();
       if (W::kKSteps > 1) release(last - 1);
       release(last);
