@@ -52,8 +52,9 @@
 //   turn-taking consumers in lockstep; bench/NOTES.md.)
 // - The A tile is staged in the ring's last kASlots slots. Each consumer warp loads its 16 rows
 //   of every k16 step into registers (ldmatrix.x4: the fragment of mma.m16n8k16, which is what
-//   the register A operand of wgmma takes) and then arrives once on the empty barrier of each of
-//   those slots; the producer's first fill of such a slot waits for that extra phase.
+//   the register A operand of wgmma takes); every consumer thread then arrives on the A barrier
+//   (256 arrivals), on which the producer waits before its first fill of those slots. Each
+//   thread releases its own reads, so the ordering needs no warp-level step in between.
 // - A consumer warpgroup (setmaxnreg up to kConsumerRegs) waits on full, fences the slice to the
 //   async proxy (the copies were generic-proxy writes of other threads, visible after the
 //   acquire), issues the slice's 4 wgmma as one group and keeps it in flight (wgmma.wait_group
@@ -104,7 +105,7 @@ struct WgmmaTile {
   static constexpr int kABytes = kBM * kVec * 2;
   static constexpr int kSliceBytes = kBN * kKStep * 2;
   static constexpr int kAlign = 1024;                  // swizzle atoms; the base is rounded up
-  static constexpr int kBarrierBytes = kWarpSpecialized ? 128 : 0;  // full, empty, turn
+  static constexpr int kBarrierBytes = kWarpSpecialized ? 128 : 0;  // full, empty, turn, A
   // The warp-specialized kernel's consumers keep their A rows in registers (wgmma's register A
   // operand) once the prologue has loaded them, so the A tile lies in the last kASlots slots of
   // the ring, which the producer first fills after both consumers have loaded their fragments.
@@ -126,11 +127,11 @@ struct WgmmaTile {
   // keeps at least two slots the producer may fill before the A tile is released.
   static_assert(!kRegA || (kWgN == 1 && kN == 256 && kStages - kASlots >= 2), "register A");
   // The warp-specialized kernel: the consumers' turns need a column tile plus two slices in the
-  // ring; the barriers fit (full and empty per slot, two turn words); setmaxnreg moves
+  // ring; the barriers fit (full and empty per slot, two turn words, A); setmaxnreg moves
   // registers within the launch's allocation (65536 / kThreads per thread, rounded down to 8:
   // 168 at 384 threads).
   static_assert(!kWarpSpecialized ||
-                    (kStages >= kKSteps + 2 && 2 * kStages + 2 <= kBarrierBytes / 8 &&
+                    (kStages >= kKSteps + 2 && 2 * kStages + 3 <= kBarrierBytes / 8 &&
                      128 * kProducerRegs + 256 * kConsumerRegs <=
                          kThreads * (65536 / kThreads / 8 * 8)),
                 "warp-specialized shape");
@@ -276,6 +277,7 @@ __global__ void __launch_bounds__(384, 1) chunk_scores_wgmma_ws_kernel(SelectPar
   auto full_bar = [&](int st) { return bar0 + 8 * st; };
   auto empty_bar = [&](int st) { return bar0 + 8 * (W::kStages + st); };
   auto turn_bar = [&](int c) { return bar0 + 8 * (2 * W::kStages + c); };
+  const uint32_t a_bar = bar0 + 8 * (2 * W::kStages + 2);  // the consumers have loaded A
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, wg = warp / 4;
   const ScoreTile t = score_tile(p, W::kBM, kTokens);
@@ -289,6 +291,7 @@ __global__ void __launch_bounds__(384, 1) chunk_scores_wgmma_ws_kernel(SelectPar
       mbar_init(empty_bar(st), 4 * W::kMmaWarpgroups);  // one arrival per consumer warp
     }
     for (int c = 0; c < 2; ++c) mbar_init(turn_bar(c), 1);
+    mbar_init(a_bar, 128 * W::kMmaWarpgroups);  // every consumer thread's ldmatrix of A
   }
   stage_query_rows<T, D, kRep, W::kBM, W::kThreads, Sliced64<W::kBM>>(smem.a, p, t);
   for (int i = threadIdx.x; i < t.j1 - t.j0; i += W::kThreads) smem.best[i] = 0u;
@@ -297,14 +300,15 @@ __global__ void __launch_bounds__(384, 1) chunk_scores_wgmma_ws_kernel(SelectPar
   if (wg == 0) {
     // Producer: the slice of step s goes into slot s % kStages once that slot is free; the
     // hardware arrives on its full barrier when this thread's copies of it have landed. The
-    // slots that hold the A tile start used: their first fill waits for one more completed
-    // phase of empty, the consumers' release of A.
+    // slots that hold the A tile are first filled once every consumer thread has loaded its
+    // fragments of A (the A barrier).
     setmaxnreg_dec<W::kProducerRegs>();
     const ColumnRows<T, kTokens> col_rows(p, t);
     for (int step = 0; step < n_steps; ++step) {
       const int st = step % W::kStages;
-      const int released = step / W::kStages + (st >= W::kStages - W::kASlots ? 1 : 0);
-      if (released > 0) mbar_wait(empty_bar(st), (released - 1) & 1);
+      if (step == W::kStages - W::kASlots) mbar_wait(a_bar, 0);
+      const int use = step / W::kStages;
+      if (use > 0) mbar_wait(empty_bar(st), (use - 1) & 1);
       load_column_slice<W::kBN, W::kKStep, 128>(
           smem.ring + st * (W::kBN * W::kKStep), col_rows, p, step / W::kKSteps * W::kBN,
           step % W::kKSteps * W::kKStep, n_cols);
@@ -315,7 +319,7 @@ __global__ void __launch_bounds__(384, 1) chunk_scores_wgmma_ws_kernel(SelectPar
     setmaxnreg_inc<W::kConsumerRegs>();
     const int c = wg - 1;
     // This warp's A fragments (rows 64 c + 16 (warp % 4) .., every k16 step of the vector),
-    // loaded once; then each warp releases the A slots to the producer.
+    // loaded once; then each thread releases its reads of the A slots to the producer.
     constexpr int kK16 = kVec / 16;
     uint32_t a_frag[kK16][4];
     {
@@ -326,11 +330,7 @@ __global__ void __launch_bounds__(384, 1) chunk_scores_wgmma_ws_kernel(SelectPar
         ldmatrix_x4(a_frag[kk], smem.a + Sliced64<W::kBM>{}(r, kk * 16 + 8 * (m >> 1)));
       }
     }
-    __syncwarp();
-    if (lane == 0) {
-#pragma unroll
-      for (int s = W::kStages - W::kASlots; s < W::kStages; ++s) mbar_arrive(empty_bar(s));
-    }
+    mbar_arrive(a_bar);
     const uint32_t b_addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem.ring));
     const int warp_row0 = t.row0 + c * 64 + (warp % 4) * 16;
     auto release = [&](int step) {  // this warp's wgmma of `step` retired
