@@ -253,35 +253,66 @@ __device__ __forceinline__ void rope_apply(float& x0, float& x1, float2 cs) {
 // T, into the swizzled tile s_q (layout L); with kQpos, also each row's original position
 // (-1: padding) into s_qpos. table/n_pos: the RoPE table (rope_table_kernel) or null/0.
 // s_invf[i]: inverse frequency i (an array, or anything with that operator).
+// Each thread takes its (row, frequency) pairs kBatch at a time and issues all their global
+// loads (two Q elements and a table entry each) before it uses the first: one load latency
+// per batch instead of two dependent ones per pair. (One pair per loop trip left the many-rows
+// kernels' prologue, where nothing else runs on the SM, waiting on 32 such round trips per
+// thread: 16% of the sm_90a attention's warp samples under ncu, bench/NOTES.md.)
 template <typename T, int D, int kBM, int kThreads, bool kQpos, class L = RowSwizzled<D>,
           class InvF = const float*>
 __device__ __forceinline__ void stage_rotated_q(T* s_q, int* s_qpos, const AttnParams& p,
                                                 const GatheredKeys& gk, int b, int h, int group,
                                                 int q0, int row0, int rows, InvF s_invf,
                                                 const float2* table, int n_pos) {
+  constexpr int kPairs = kBM * (D / 2);
+  constexpr int kPerThread = (kPairs + kThreads - 1) / kThreads;
+  constexpr int kBatch = kPerThread < 8 ? kPerThread : 8;
   const T* q_base = static_cast<const T*>(p.q) + b * p.q_sb;
-  for (int id = threadIdx.x; id < kBM * (D / 2); id += kThreads) {
-    const int r = id / (D / 2), i = id % (D / 2);
-    const int gr = row0 + r;
-    int d0, d1;
-    rope_pair(i, p.half_rot, p.interleaved, d0, d1);
-    float x0 = 0.f, x1 = 0.f;
-    if (gr < rows) {
-      const int head = h * group + gr % group, query = q0 + gr / group;
-      const T* qr = q_base + head * p.q_sh + query * p.q_sl;
-      x0 = Dtype<T>::to_float(qr[d0]);
-      x1 = Dtype<T>::to_float(qr[d1]);
-      const int pos = gk.p0 + query;
-      if (i < p.half_rot) {
-        rope_apply(x0, x1, rope_cos_sin(p.compact ? pos + gk.shift : pos, i, table, n_pos,
-                                        p.half_rot, s_invf[i], p.rope_scale));
+  for (int id0 = threadIdx.x; id0 < kPairs; id0 += kBatch * kThreads) {
+    T x0[kBatch], x1[kBatch];
+    float2 cs[kBatch];
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {  // loads only
+      const int id = id0 + u * kThreads, r = id / (D / 2), i = id % (D / 2), gr = row0 + r;
+      int d0, d1;
+      rope_pair(i, p.half_rot, p.interleaved, d0, d1);
+      x0[u] = x1[u] = Dtype<T>::from_float(0.f);
+      cs[u] = make_float2(1.f, 0.f);
+      if (id < kPairs && gr < rows) {
+        const int head = h * group + gr % group, query = q0 + gr / group;
+        const T* qr = q_base + head * p.q_sh + query * p.q_sl;
+        x0[u] = qr[d0];
+        x1[u] = qr[d1];
+        const int pos = gk.p0 + query, rpos = p.compact ? pos + gk.shift : pos;
+        if (i < p.half_rot && static_cast<unsigned>(rpos) < static_cast<unsigned>(n_pos)) {
+          cs[u] = __ldg(table + static_cast<int64_t>(rpos) * p.half_rot + i);
+        }
       }
-      if (kQpos && i == 0) s_qpos[r] = pos;
-    } else if (kQpos && i == 0) {
-      s_qpos[r] = -1;
     }
-    s_q[L{}(r, d0)] = Dtype<T>::from_float(x0);
-    s_q[L{}(r, d1)] = Dtype<T>::from_float(x1);
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      const int id = id0 + u * kThreads, r = id / (D / 2), i = id % (D / 2), gr = row0 + r;
+      if (id >= kPairs) break;
+      int d0, d1;
+      rope_pair(i, p.half_rot, p.interleaved, d0, d1);
+      float y0 = Dtype<T>::to_float(x0[u]), y1 = Dtype<T>::to_float(x1[u]);
+      if (gr < rows) {
+        const int pos = gk.p0 + q0 + gr / group, rpos = p.compact ? pos + gk.shift : pos;
+        if (i < p.half_rot) {
+          // Past the table (or none): the angle computed exactly as the table was.
+          const float2 c = static_cast<unsigned>(rpos) < static_cast<unsigned>(n_pos)
+                               ? cs[u]
+                               : rope_cos_sin(rpos, i, nullptr, 0, p.half_rot, s_invf[i],
+                                              p.rope_scale);
+          rope_apply(y0, y1, c);
+        }
+        if (kQpos && i == 0) s_qpos[r] = pos;
+      } else if (kQpos && i == 0) {
+        s_qpos[r] = -1;
+      }
+      s_q[L{}(r, d0)] = Dtype<T>::from_float(y0);
+      s_q[L{}(r, d1)] = Dtype<T>::from_float(y1);
+    }
   }
 }
 
