@@ -331,7 +331,8 @@ __device__ __forceinline__ void softmax_state_init(float (&o)[kDT][4], float (&m
 
 // One row of online_softmax_tile: the thread's S values s[nt][2 half + e] (its quad holds the
 // rest of the row) are masked, scaled to the exp2 domain and replaced by P; (m_run, l_run) are
-// updated. Returns the factor alpha by which the row's O must be rescaled.
+// updated. Returns the factor alpha by which the row's O must be rescaled. exp2_ftz: weights
+// below 2^-126 of the row's running max become 0.
 template <int kNT, bool kMask>
 __device__ __forceinline__ float softmax_row_update(float (&s)[kNT][4], int half, float& m_run,
                                                     float& l_run, const int* kpos, int qpos,
@@ -349,7 +350,7 @@ __device__ __forceinline__ float softmax_row_update(float (&s)[kNT][4], int half
   mx = quad_max(mx);
   const float m_new = fmaxf(m_run, mx);
   const float m_use = m_new == -INFINITY ? 0.f : m_new;  // nothing visible yet: no NaN
-  const float alpha = exp2f(m_run - m_use);
+  const float alpha = exp2_ftz(m_run - m_use);
   m_run = m_new;
   float sum = 0.f;
 #pragma unroll
@@ -357,7 +358,7 @@ __device__ __forceinline__ float softmax_row_update(float (&s)[kNT][4], int half
 #pragma unroll
     for (int e = 0; e < 2; ++e) {
       float& x = s[nt][2 * half + e];
-      x = exp2f(x - m_use);
+      x = exp2_ftz(x - m_use);
       sum += x;
     }
   }
