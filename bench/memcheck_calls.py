@@ -5,14 +5,24 @@ GEMM (bound and exact `max` selection), bf16 and fp16, head dims 64 and 128, com
 with half-style RoPE and original positions with interleaved RoPE. Shapes are small so that
 the sanitizer finishes in seconds; several key tiles, ragged query blocks and split keys occur.
 
-Usage: compute-sanitizer --tool memcheck python bench/memcheck_calls.py
+With --select-only it runs only the many-row selections (`select_chunks` with bound, max and
+mean reps: the warp-specialized scoring kernel and top-k), which racecheck gets through in well
+under a minute where the whole script takes several.
+
+Usage: compute-sanitizer --tool memcheck python bench/memcheck_calls.py [--select-only]
 """
+import argparse
+
 import torch
 
 import reattention
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--select-only", action="store_true",
+                    help="only the many-row selections (bound, max, mean)")
+    a = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("memcheck_calls.py needs a CUDA device")
     torch.manual_seed(0)
@@ -23,6 +33,14 @@ def main() -> None:
             k = torch.randn(1, hkv, n, d, device="cuda", dtype=dtype)
             v = torch.randn_like(k)
             q = torch.randn(1, hq, lq, d, device="cuda", dtype=dtype)
+            if a.select_only:
+                for rep in ("bound", "max", "mean"):
+                    reps = None if rep == "max" else reattention.chunk_reps(
+                        k, lens, sink=16, chunk=32, rep=rep)
+                    reattention.select_chunks(q, k, lens, reps=reps, sink=16, local=512,
+                                              chunk=32, topk=8, query_block=64, rep=rep,
+                                              backend="cuda")
+                continue
             for rep in ("bound", "max"):
                 for pos, style in (("compact", "half"), ("original", "interleaved")):
                     reattention.reattention_attn(
