@@ -11,6 +11,8 @@ import reattention
 from reattention.cache import LayerCache
 from reattention.offload import TieredPool
 
+from conftest import needs_cpp_error_path
+
 B, HKV, HQ, D = 2, 2, 4, 16
 
 
@@ -136,11 +138,25 @@ def test_copy_pages_op():
                                torch.tensor([True, True, False]))
     assert torch.equal(dst[3], src[4]) and torch.equal(dst[0], src[2])
     assert not dst[1].any() and not dst[2].any()
-    with pytest.raises(RuntimeError, match="copies page 9"):
+    with pytest.raises(ValueError, match=r"src_index\[0\] = 9 is not one of its tensor's 5 pages"):
         reattention.ops.copy_pages(dst, src, torch.tensor([0]), torch.tensor([9]))
+    with pytest.raises(ValueError, match=r"dst_index\[1\] = -1 is not one of its tensor's 4"):
+        reattention.ops.copy_pages(dst, src, torch.tensor([0, -1]), torch.tensor([0, 1]))
+    # A masked-off entry is not copied, so its indices are not checked.
+    reattention.ops.copy_pages(dst, src, torch.tensor([7]), torch.tensor([9]),
+                               torch.tensor([False]))
     with pytest.raises(ValueError, match="dst_index must be an int64"):
         reattention.ops.copy_pages(dst, src, torch.tensor([0], dtype=torch.int32),
                                    torch.tensor([0]))
+
+
+@needs_cpp_error_path
+def test_copy_pages_kernel_refuses_bad_pages():
+    """The C++ kernel's own check, behind the Python one (it raises through torch >= 2.13)."""
+    src = torch.randn(5, 2, 3)
+    dst = torch.zeros(4, 2, 3)
+    with pytest.raises(RuntimeError, match="copies page 9"):
+        torch.ops.reattention.copy_pages(dst, src, torch.tensor([0]), torch.tensor([9]), None)
 
 
 # --------------------------------------------------------------------------- on a GPU

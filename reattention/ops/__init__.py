@@ -206,7 +206,9 @@ def copy_pages(dst: torch.Tensor, src: torch.Tensor, dst_index: torch.Tensor,
     it runs as a kernel on that GPU without a host sync; one of ``dst``/``src`` may then be a
     pinned CPU tensor, read or written in place, and the indices and mask (int64 and bool
     [L]) must be on the GPU. On the CPU every tensor is a CPU tensor. An index out of its
-    tensor's pages raises on the CPU and skips the entry on a GPU.
+    tensor's pages raises ValueError on the CPU (checked here, before the C++ kernel, whose
+    own check raises RuntimeError; an exception thrown by a stable-ABI kernel crashes
+    torch < 2.13) and skips the entry on a GPU (a check there would cost a host sync).
     """
     for name, t in (("dst", dst), ("src", src)):
         _need(isinstance(t, torch.Tensor) and t.dim() >= 1 and t.is_contiguous(),
@@ -229,6 +231,14 @@ def copy_pages(dst: torch.Tensor, src: torch.Tensor, dst_index: torch.Tensor,
                   f"{name} is a CPU tensor beside a CUDA one: it must be in pinned memory")
     else:
         _need(_status["cpu"] is None, f"copy_pages needs the cpu library: {_status['cpu']}")
+        live = torch.ones_like(dst_index, dtype=torch.bool) if mask is None else mask
+        for name, t, pages in (("dst_index", dst_index, dst.shape[0]),
+                               ("src_index", src_index, src.shape[0])):
+            bad = (live & ((t < 0) | (t >= pages))).nonzero().flatten()
+            if bad.numel():
+                i = int(bad[0])
+                raise ValueError(f"{name}[{i}] = {int(t[i])} is not one of its tensor's {pages} "
+                                 f"pages")
     torch.ops.reattention.copy_pages(dst, src, dst_index.contiguous(), src_index.contiguous(),
                                      None if mask is None else mask.contiguous())
 
