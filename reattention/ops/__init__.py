@@ -231,12 +231,13 @@ def copy_pages(dst: torch.Tensor, src: torch.Tensor, dst_index: torch.Tensor,
                   f"{name} is a CPU tensor beside a CUDA one: it must be in pinned memory")
     else:
         _need(_status["cpu"] is None, f"copy_pages needs the cpu library: {_status['cpu']}")
-        live = torch.ones_like(dst_index, dtype=torch.bool) if mask is None else mask
         for name, t, pages in (("dst_index", dst_index, dst.shape[0]),
                                ("src_index", src_index, src.shape[0])):
-            bad = (live & ((t < 0) | (t >= pages))).nonzero().flatten()
-            if bad.numel():
-                i = int(bad[0])
+            bad = (t < 0) | (t >= pages)
+            if mask is not None:
+                bad &= mask  # a masked-off entry is not copied
+            if bool(bad.any()):
+                i = int(bad.nonzero()[0])
                 raise ValueError(f"{name}[{i}] = {int(t[i])} is not one of its tensor's {pages} "
                                  f"pages")
     torch.ops.reattention.copy_pages(dst, src, dst_index.contiguous(), src_index.contiguous(),
