@@ -7,9 +7,11 @@ the sanitizer finishes in seconds; several key tiles, ragged query blocks and sp
 
 With --select-only it runs only the many-row selections (`select_chunks` with bound, max and
 mean reps: the warp-specialized scoring kernel and top-k), which racecheck gets through in well
-under a minute where the whole script takes several.
+under a minute where the whole script takes several. With --attn-only it runs only the
+attention (`gather_attention` on the CUDA backend, the pre-pass and the many-rows kernel) over
+chunks that the reference backend selects, so racecheck sees the attention's shared memory alone.
 
-Usage: compute-sanitizer --tool memcheck python bench/memcheck_calls.py [--select-only]
+Usage: compute-sanitizer --tool memcheck python bench/memcheck_calls.py [--select-only | --attn-only]
 """
 import argparse
 
@@ -22,6 +24,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--select-only", action="store_true",
                     help="only the many-row selections (bound, max, mean)")
+    ap.add_argument("--attn-only", action="store_true",
+                    help="only the attention, over chunks the reference backend selects")
     a = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("memcheck_calls.py needs a CUDA device")
@@ -40,6 +44,17 @@ def main() -> None:
                     reattention.select_chunks(q, k, lens, reps=reps, sink=16, local=512,
                                               chunk=32, topk=8, query_block=64, rep=rep,
                                               backend="cuda")
+                continue
+            if a.attn_only:
+                reps = reattention.chunk_reps(k, lens, sink=16, chunk=32, rep="bound")
+                idx = reattention.select_chunks(q, k, lens, reps=reps, sink=16, local=512,
+                                                chunk=32, topk=8, query_block=64, rep="bound",
+                                                backend="reference")
+                inv = reattention.default_inv_freq(d, device="cuda")
+                for pos, style in (("compact", "half"), ("original", "interleaved")):
+                    reattention.gather_attention(
+                        q, k, v, idx, lens, inv_freq=inv, sink=16, local=512, chunk=32,
+                        query_block=64, backend="cuda", positions=pos, rope_style=style)
                 continue
             for rep in ("bound", "max"):
                 for pos, style in (("compact", "half"), ("original", "interleaved")):

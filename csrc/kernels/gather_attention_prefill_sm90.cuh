@@ -8,10 +8,13 @@
 // work (and read the RoPE table) row_tiles times. One CTA per 64-key plan tile of gathered keys of
 // a block copies the K rows (gathered_row's lookup), rotates them (rotate_k_tile: the same fp32
 // math rounded once to T, so the rows equal what the in-place rotation produced) and stores them to
-// the workspace p.k_rot, one slot of prerot_rows(p, D) rows x D per (b, h, block): row i = gathered
-// key i, zero past the block's n_keys in its last tile. The slot rows are contiguous, so the
-// attention kernel copies K tiles with plain 16-byte cp.async, no page lookup and no rotation; V
-// rows and key positions still come from the cache through gathered_row. Memory stays bounded
+// the workspace p.k_rot, one slot of prerot_rows(p, D) rows x D per (b, h, block): plan tile t of
+// the slot (gathered keys 64 t .. 64 t + 63, zero past the block's n_keys in its last tile) is the
+// byte image of the attention's stage layout, Sliced64<64> (D / 64 swizzled slices of 8 KB), and
+// the slot's cache tokens (INT_MAX past n_keys) follow all K rows of the group. So the attention
+// kernel fetches a tile's K and tokens with D / 64 + 1 bulk copies issued by one thread, no page
+// lookup, no rotation and no per-thread address work, and finds each V row from its token (one
+// page lookup in a paged cache, no segment or chunk lookup). Memory stays bounded
 // whatever Lq is: the launcher runs pre-pass + attention on groups of prerot_group_blocks(p, D)
 // query blocks, sized from static shapes so the workspace holds at most kPrerotBytes (at least one
 // block per group); the op layer allocates prerot_elems(p, D).
@@ -58,17 +61,21 @@
 //   64); the per-element math (scale, mask, exp2 against the running max, fp32 sums, P rounded
 //   to T) is the same, only the max that a group of keys is rescaled against may differ.
 //
-// Pipeline (all 256 threads copy, no producer warp): cp.async rings of kStages K stages (with
-// their key tokens) and kStages V stages. Copy group j holds K and the tokens of iteration j and
-// V of iteration j - 1, all read by turn j: each warpgroup's turn j issues S = Q K^T on
+// Pipeline: rings of kStages K stages (with their key tokens) and kStages V stages. K and the
+// tokens of iteration j arrive by bulk copies that one lane of the producer warp (warp 4 with the
+// ping-pong, warp 0 without) issues, counted on mbarrier s_full[j % kStages], whose phase every
+// thread waits for at the top of turn j (and before it reads the tokens to copy V). V travels by
+// every thread's cp.async: copy group j holds V of iteration j - 1 (group 0 is empty). Both are
+// read by turn j: each warpgroup's turn j issues S = Q K^T on
 // iteration j, then P V on iteration j - 1 (two wgmma groups in flight together), and turn
 // n_iters P V on the last iteration. After its turn a warpgroup waits for S, runs the softmax
 // (unmasked when the iteration's keys all precede the warp's first row) with O's rescale
 // factors caught aside, waits for P V, rescales O and packs P into registers (pa) for the next
 // turn: its "body" j.
 // - D 64 (kPingPong false) keeps the lock-step schedule, which measured faster there: one CTA
-//   barrier at the top of each iteration, after which every thread commits group it + kStages
-//   - 1 (the stages of it - 1 and it - 2 are free for both warpgroups) before the wgmma.
+//   barrier at the top of each iteration, after which the producer warp fetches K of it +
+//   kStages - 1 and every thread commits group it + kStages - 1 (the stages of it - 1 and it - 2
+//   are free for both warpgroups) before the wgmma.
 // - Ping-pong (D 128): the two warpgroups take turns issuing, ordered by two named barriers of
 //   256 threads (ids 1 and 2, never the CTA barrier inside the loop). Warpgroup w waits on barrier
 //   1 + w (bar.sync) before the wgmma of a turn and arrives on the other one (bar.arrive)
@@ -86,25 +93,26 @@
 //   arrivers' earlier work before the waiters' later work, so at the top of its turn c
 //   warpgroup 0 knows warpgroup 1 has finished body c - 2 (it issued turn c - 1), and
 //   warpgroup 1 knows warpgroup 0 has finished body c - 1. After the wgmma and arrival of turn c,
-//   warpgroup w therefore commits group c + kStages - 2 + w (K and tokens into the stages of
-//   iteration c - 2 + w, V into that of c - 3 + w): both warpgroups have waited S, run the
-//   softmax and waited P V of those iterations (the prologue commits the groups before). The
-//   wgmma then in flight read other stages. Data: before waiting on its barrier at turn c a
-//   thread waits for its part of group c + w (at most kStages - 3 of its groups pending) and
-//   runs fence.proxy.async (cp.async and Q stores are generic-proxy writes; wgmma reads through
-//   the async proxy), so group c is complete for both warpgroups at turn c: warpgroup 0's
-//   part through its own barrier, warpgroup 1's through its arrival after turn c - 1 (before
-//   turn 0, its first arrival, which also publishes its Q stores). A copy gets kStages - 2
-//   iterations before it is waited (one at D 128; one more before the ping-pong, when one CTA
-//   barrier per iteration freed the stages of both warpgroups at once). The tokens travel with
-//   K since the softmax reads them right after S.
+//   warpgroup w therefore commits group c + kStages - 2 + w (V into the stage of iteration
+//   c - 3 + w), and the producer warp (in warpgroup 1) fetches K and tokens of c + kStages - 1
+//   into the stages of c - 1: both warpgroups have waited S, run the softmax and waited P V of
+//   those iterations (the prologue fetches K of 0 .. kStages - 2 and commits the first groups
+//   after staging Q). The wgmma then in flight read other stages. Data: before waiting on its
+//   barrier at turn c a thread waits for its part of group c + w (at most kStages - 3 of its
+//   groups pending), runs fence.proxy.async (cp.async and Q stores are generic-proxy writes;
+//   wgmma reads through the async proxy) and waits for phase c / kStages of s_full[c %
+//   kStages], so group c and K of c are complete for both warpgroups at turn c: warpgroup 0's
+//   part of the group through its own barrier, warpgroup 1's through its arrival after turn
+//   c - 1 (before turn 0, its first arrival, which also publishes its Q stores). K gets about
+//   two iterations before it is waited, a V copy kStages - 2 (one at D 128). The tokens travel
+//   with K since the softmax reads them right after S and the V copies before that.
 // The accumulators and pa are touched only between a wait and the next wgmma.fence; the
 // branches around a wgmma are uniform over its warpgroup (no P V before the first turn, only
 // P V in turn n_iters), and which barriers a thread meets depends only on n_iters and its
 // warpgroup (counted above).
 //
 // Masks, RoPE of Q, positions, splits and outputs: exactly the sm80 kernel's (shared code:
-// gathered_row, stage_rotated_q with the Sliced64 layout, prefill_softmax_tile,
+// gathered_keys, stage_rotated_q with the Sliced64 layout, prefill_softmax_tile,
 // store_prefill_rows). Padding rows are computed (Q rows are zero, every key masked) and never
 // written, since a warpgroup must run its wgmma whole. The bodies are compiled for sm_90a only
 // (__CUDA_ARCH_FEAT_SM90_ALL); elsewhere they trap, and prefill_sm90_usable never picks them
@@ -239,9 +247,11 @@ __global__ void __launch_bounds__(kPrefillThreads)
   const int64_t slot_row = prerot_slot(p, grp, b, h, beta) + tile * kBN;
   T* dst = static_cast<T*>(p.k_rot) + slot_row * D;
   if (threadIdx.x < kBN) prerot_tokens<D>(p, grp)[slot_row + threadIdx.x] = s_kpos[threadIdx.x];
+  // The tile's image in the attention's stage layout (Sliced64<kBN>): consecutive 16-byte
+  // pieces of each slice, so the stores stay coalesced whatever the swizzle.
   for (int e = threadIdx.x; e < kBN * D / 8; e += kPrefillThreads) {
     const int r = e / (D / 8), col = e % (D / 8) * 8;
-    *reinterpret_cast<uint4*>(dst + r * D + col) =
+    *reinterpret_cast<uint4*>(dst + Sliced64<kBN>{}(r, col)) =
         *reinterpret_cast<const uint4*>(s_k + L{}(r, col));
   }
 #else
@@ -249,54 +259,72 @@ __global__ void __launch_bounds__(kPrefillThreads)
 #endif
 }
 
-// Copies K rows [tile * kTileN, tile * kTileN + kTileN) of the CTA's workspace slot k_rows
-// (rotated, zero past n_keys) into rows row0 .. row0 + kTileN - 1 of the Sliced64<kRows> stage
-// tile sk and their cache tokens (the slot's tok_rows, INT_MAX past n_keys, written by the
-// pre-pass) into kpos, both by cp.async (kLoadK), and their V rows into the same rows of sv
-// (kLoadV); kTPR threads per row, as load_kv_rows. The tokens travel with K since the softmax
-// of an iteration reads them right after its S, an iteration before P V reads its V; copying
-// them keeps the token lookup (the idx load and the chunk division) off the K copies. When
-// !live (a tile past the split's range: the second half of a 128-key iteration) nothing is
-// read, the rows are zero filled and their tokens are INT_MAX, so the mask drops them and P V
-// adds exact zeros. The caller commits the group.
-template <typename T, int D, int kRows, bool kLoadK, bool kLoadV>
-__device__ __forceinline__ void load_prerot_kv_rows(T* sk, T* sv, int* kpos, const GatheredKeys& g,
-                                                    const AttnParams& p, const T* k_rows,
-                                                    const int* tok_rows, const T* k_base,
-                                                    const T* v_base, int tile, int row0,
-                                                    bool live) {
-  using L = Sliced64<kRows>;
+// K rows and cache tokens of plan tiles [tile, tile + kIterTiles) of the CTA's workspace slot
+// (k_rows: its pre-swizzled tile images; tok_rows: its tokens) into K stage sk (a
+// Sliced64<kIterTiles * 64> tile at shared address sk) and its token slot kpos, by bulk copies
+// counted on the stage's mbarrier `full`; called by one whole warp. Lane 0 arrives on `full` with
+// the bytes of the live tiles (tile < t_end) and issues their copies: D / 64 slices of 8 KB and
+// 256 bytes of tokens per tile. A tile past t_end (the second half of a split's last 128-key
+// iteration) is not copied: its K rows keep whatever the stage held, and the warp stores INT_MAX
+// to its tokens, so the softmax masks those keys (by select: a stale or non-finite S is
+// discarded) and P V meets zero weights against its zero-filled V rows. Only a split's last
+// iteration can hold such a tile, so no later bulk copy writes a token slot the warp stored to.
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+template <int D, int kIterTiles>
+__device__ __forceinline__ void bulk_load_k_tiles(uint32_t sk, int* kpos, uint32_t full,
+                                                  const void* k_rows, const int* tok_rows,
+                                                  int tile, int t_end, int lane) {
+  constexpr int kTileN = prefill_block_n(D);
+  constexpr uint32_t kSliceBytes = kTileN * 128, kTokBytes = kTileN * 4;
+  constexpr uint32_t kTileBytes = (D / 64) * kSliceBytes + kTokBytes;
+  const int live = min(kIterTiles, max(0, t_end - tile));
+  if (lane == 0) {
+    mbar_arrive_expect_tx(full, live * kTileBytes);
+    for (int half = 0; half < live; ++half) {
+      const char* src = static_cast<const char*>(k_rows) +
+                        static_cast<int64_t>(tile + half) * (D / 64) * kSliceBytes;
+#pragma unroll
+      for (int j = 0; j < D / 64; ++j) {
+        // Slice j of the stage holds all kIterTiles * 64 rows: this tile's at row 64 half.
+        bulk_copy_g2s(sk + j * (kIterTiles * kSliceBytes) + half * kSliceBytes,
+                      src + j * kSliceBytes, kSliceBytes, full);
+      }
+      bulk_copy_g2s(static_cast<uint32_t>(__cvta_generic_to_shared(kpos + half * kTileN)),
+                    tok_rows + static_cast<int64_t>(tile + half) * kTileN, kTokBytes, full);
+    }
+  }
+  for (int i = live * kTileN + lane; i < kIterTiles * kTileN; i += 32) kpos[i] = INT_MAX;
+}
+#endif
+
+// V rows of plan tiles [tile, tile + kIterTiles) into V stage sv (Sliced64<kIterTiles * 64>)
+// by cp.async, kTPR threads per row as the pre-pass copies K; the caller commits the group.
+// Each row's cache token comes from the iteration's token slot kpos (the bulk copy of
+// bulk_load_k_tiles, whose phase the caller has waited for): no segment or chunk lookup. Rows
+// past n_keys (token INT_MAX) and tiles past t_end are zero filled without a read.
+template <typename T, int D, int kIterTiles>
+__device__ __forceinline__ void load_v_tiles(T* sv, const int* kpos, const GatheredKeys& g,
+                                             const AttnParams& p, const T* v_base, int tile,
+                                             int t_end) {
+  using L = Sliced64<kIterTiles * prefill_block_n(D)>;
   constexpr int kTileN = prefill_block_n(D), kTPR = prefill_row_threads<D>();
   constexpr int kPieces = D / 8 / kTPR;
   static_assert(kPrefillThreads == kTileN * kTPR && kPieces * kTPR * 8 == D, "whole rows");
   const int r = threadIdx.x / kTPR, sub = threadIdx.x % kTPR;
-  const int key = tile * kTileN + r;
-  if (live) {
-    if constexpr (kLoadK) {
-      const T* k_row = k_rows + static_cast<int64_t>(key) * D;
 #pragma unroll
-      for (int j = 0; j < kPieces; ++j) {
-        const int col = (sub + kTPR * j) * 8;
-        cp_async_16(sk + L{}(row0 + r, col), k_row + col, true);
-      }
-      if (sub == 0) cp_async_4(kpos + row0 + r, tok_rows + key);
+  for (int half = 0; half < kIterTiles; ++half) {
+    const int row = half * kTileN + r;
+    const int tok = tile + half < t_end ? kpos[row] : INT_MAX;
+    const bool valid = tok != INT_MAX;
+    const T* src = v_base;
+    if (valid) {
+      src += g.pages == nullptr ? tok * p.v_sn : p.pages.offset(g.pages, tok, p.v_sb, p.v_sn);
     }
-    if constexpr (kLoadV) {
-      const GatheredRow<T> row = gathered_row(g, p, key, k_base, v_base);
-#pragma unroll
-      for (int j = 0; j < kPieces; ++j) {
-        const int col = (sub + kTPR * j) * 8;
-        cp_async_16(sv + L{}(row0 + r, col), row.v + col, row.valid);
-      }
-    }
-  } else {
 #pragma unroll
     for (int j = 0; j < kPieces; ++j) {
       const int col = (sub + kTPR * j) * 8;
-      if constexpr (kLoadK) cp_async_16(sk + L{}(row0 + r, col), k_rows, false);
-      if constexpr (kLoadV) cp_async_16(sv + L{}(row0 + r, col), k_rows, false);
+      cp_async_16(sv + L{}(row, col), src + col, valid);
     }
-    if (kLoadK && sub == 0) kpos[row0 + r] = INT_MAX;
   }
 }
 
@@ -322,10 +350,17 @@ __global__ void __launch_bounds__(kPrefillThreads, PrefillSm90Shape<D>::kMinBloc
   int* s_kpos = reinterpret_cast<int*>(s_v + kStages * Shape::kTileElems);
   float* s_invf = reinterpret_cast<float*>(s_kpos + kStages * kBN);
   __shared__ int s_nsel;
+  __shared__ __align__(8) uint64_t s_full[kStages];  // K stage s (and its tokens) landed
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wg = warp >> 2;
   const AttnTile at = attn_tile(p, kBM, grp.beta0);
   if (at.row0 >= at.rows) return;
+  const uint32_t full_addr = static_cast<uint32_t>(__cvta_generic_to_shared(s_full));
+  if (tid == 0) {
+#pragma unroll
+    for (int st = 0; st < kStages; ++st) mbar_init(full_addr + 8 * st, 1);  // the producer's
+    fence_mbarrier_init();  // published to the other threads by gathered_keys' barriers
+  }
   const int beta = at.beta, h = at.h, b = at.b, group = at.group;
   const int q0 = at.q0, rows = at.rows, row0 = at.row0;
 
@@ -339,47 +374,65 @@ __global__ void __launch_bounds__(kPrefillThreads, PrefillSm90Shape<D>::kMinBloc
 
   // plan_attention's 64-key tiles [t_begin, t_end) of the split, kIterTiles per iteration: the
   // split's range may hold an odd number of tiles, so the last iteration's second half may lie
-  // past t_end; its copy is skipped (zero rows, tokens INT_MAX: masked by key index).
+  // past t_end; it is not copied (its tokens INT_MAX, its V rows zero: masked by key index).
   int t_begin, t_end;
   prefill_tile_range<kBM, kTileN>(p, at, gk, t_begin, t_end);
   const int n_iters = max(0, (t_end - t_begin + kIterTiles - 1) / kIterTiles);
-  // Copies of iteration it's kIterTiles plan tiles: K and tokens into K stage and kpos slot
-  // it % kStages, V into V stage it % kStages (no commit).
-  auto load_iter = [&](auto load_k, auto load_v, int it) {
+  const uint32_t k_addr = static_cast<uint32_t>(__cvta_generic_to_shared(s_k));
+  const uint32_t v_addr = static_cast<uint32_t>(__cvta_generic_to_shared(s_v));
+  constexpr uint32_t kTileBytes = Shape::kTileElems * 2, kSliceBytes = kBN * 128;
+  // K and tokens of iteration it: bulk copies into K stage and token slot it % kStages, issued
+  // by the producer warp (kProducerWarp, one lane), counted on s_full[it % kStages], whose
+  // phase (it / kStages) % 2 every thread waits for before reading them.
+  constexpr int kProducerWarp = kPingPong ? 4 : 0;
+  auto full_bar = [&](int it) { return full_addr + 8 * (it % kStages); };
+  auto full_parity = [&](int it) { return static_cast<uint32_t>(it / kStages) & 1u; };
+  auto load_k = [&](int it) {
     const int stage = it % kStages;
-#pragma unroll
-    for (int half = 0; half < kIterTiles; ++half) {
-      const int tile = t_begin + it * kIterTiles + half;
-      load_prerot_kv_rows<T, D, kBN, decltype(load_k)::value, decltype(load_v)::value>(
-          s_k + stage * Shape::kTileElems, s_v + stage * Shape::kTileElems,
-          s_kpos + stage * kBN, gk, p, k_rows, tok_rows, k_base, v_base, tile, half * kTileN,
-          tile < t_end);
-    }
+    bulk_load_k_tiles<D, kIterTiles>(k_addr + stage * kTileBytes, s_kpos + stage * kBN,
+                                     full_bar(it), k_rows, tok_rows,
+                                     t_begin + it * kIterTiles, t_end, lane);
   };
-  using Yes = std::true_type;
-  using No = std::false_type;
-  // Copy group j holds K (with the tokens) of iteration j and V of iteration j - 1, both read
-  // by turn j (S of j, P V of j - 1). Every thread copies its rows of every group; warpgroup w
-  // commits group j at its turn j - lead (after that turn's wgmma), the prologue groups
-  // 0 .. lead - 1: the turn's barrier has shown it that both warpgroups are past every read of
-  // the stages it refills (see the pipeline in the header comment). At the top of its turn it
-  // warpgroup w needs its part of group it + w landed (it + lead - 1 committed): at most
-  // kStages - 3 of its groups pending.
+  // V of iteration it into V stage it % kStages by this thread's cp.async (no commit), each
+  // row's address from its token in the iteration's token slot.
+  auto load_v = [&](int it) {
+    mbar_wait(full_bar(it), full_parity(it));
+    const int stage = it % kStages;
+    load_v_tiles<T, D, kIterTiles>(s_v + stage * Shape::kTileElems, s_kpos + stage * kBN, gk, p,
+                                   v_base, t_begin + it * kIterTiles, t_end);
+  };
+  // K of iterations 0 .. kStages - 2 now (every stage is empty); K of iteration it + kStages - 1
+  // goes into the stage of it - 1 as soon as both warpgroups are past S of it - 1: at the top of
+  // iteration it without the ping-pong, at warpgroup 1's turn it with it (see the pipeline in
+  // the header comment).
+  if (warp == kProducerWarp) {
+#pragma unroll
+    for (int j = 0; j < kStages - 1; ++j) {
+      if (j < n_iters) load_k(j);
+    }
+  }
+  // cp.async group j holds V of iteration j - 1 (group 0 is empty), read by turn j (P V of
+  // j - 1). Every thread copies its rows of every group; warpgroup w commits group j at its turn
+  // j - lead (after that turn's wgmma), the prologue groups 0 .. lead - 1 (after the Q tile):
+  // the turn's barrier has shown it that both warpgroups are past every read of the stage it
+  // refills. At the top of its turn it warpgroup w needs its part of group it + w landed
+  // (it + lead - 1 committed): at most kStages - 3 of its groups pending.
   // Without the ping-pong (D 64) every thread commits group j at iteration j - (kStages - 1),
   // after the iteration's CTA barrier, and needs group it at the top of iteration it: at most
   // kStages - 2 groups pending.
   const int lead = kPingPong ? kStages - 2 + wg : kStages - 1;
-#pragma unroll
-  for (int j = 0; j < kStages - 1; ++j) {
-    if (j < lead) {
-      if (j < n_iters) load_iter(Yes{}, No{}, j);
-      if (j >= 1 && j - 1 < n_iters) load_iter(No{}, Yes{}, j - 1);
-      cp_async_commit();
-    }
-  }
+  using Yes = std::true_type;
+  using No = std::false_type;
 
   stage_rotated_q<T, D, kBM, kPrefillThreads, false, Sliced64<kBM>>(
       s_q, nullptr, p, gk, b, h, group, q0, row0, rows, s_invf, table, n_pos);
+#pragma unroll
+  for (int j = 0; j < kStages - 1; ++j) {
+    if (j < lead) {
+      if (j >= 1 && j - 1 < n_iters) load_v(j - 1);
+      cp_async_commit();
+    }
+  }
 
   const int g = lane >> 2, t4 = lane & 3;
   const int ra = warp * 16 + g;  // this thread's two rows in the tile: ra and ra + 8
@@ -389,9 +442,6 @@ __global__ void __launch_bounds__(kPrefillThreads, PrefillSm90Shape<D>::kMinBloc
   // The warpgroup's 64 rows of each Q slice; the K and V rings.
   const uint32_t q_addr =
       static_cast<uint32_t>(__cvta_generic_to_shared(s_q)) + wg * 64 * 128;
-  const uint32_t k_addr = static_cast<uint32_t>(__cvta_generic_to_shared(s_k));
-  const uint32_t v_addr = static_cast<uint32_t>(__cvta_generic_to_shared(s_v));
-  constexpr uint32_t kTileBytes = Shape::kTileElems * 2, kSliceBytes = kBN * 128;
 
   float o[kDT][4], m_run[2], l_run[2];
   softmax_state_init(o, m_run, l_run);
@@ -432,7 +482,7 @@ __global__ void __launch_bounds__(kPrefillThreads, PrefillSm90Shape<D>::kMinBloc
     }
   };
   if (kPingPong && wg == 1 && n_iters > 0) {
-    cp_async_wait<kStages - 2>();  // group 0
+    cp_async_wait<kStages - 2>();  // group 0 (empty: the V copies start with group 1)
     fence_proxy_async_shared();    // this thread's copies and Q stores -> async proxy
     turn_end();
   }
@@ -444,6 +494,7 @@ __global__ void __launch_bounds__(kPrefillThreads, PrefillSm90Shape<D>::kMinBloc
     constexpr bool kFirst = decltype(first)::value;
     cp_async_wait<kPingPong ? kStages - 3 : kStages - 2>();  // this thread's part of group it + wg
     fence_proxy_async_shared();  // this thread's copies and Q stores -> async proxy
+    mbar_wait(full_bar(it), full_parity(it));  // K and the tokens of iteration it
     if constexpr (kPingPong) {
       // The other warpgroup has issued its turn it - 1 + wg: its parts of groups up to it have
       // landed, and it is past S, the softmax and P V of iteration it - 2 + wg (the refill
@@ -453,8 +504,8 @@ __global__ void __launch_bounds__(kPrefillThreads, PrefillSm90Shape<D>::kMinBloc
       // Group it has landed for every thread; S of it - 1 and P V of it - 2 have retired in
       // both warpgroups: the K stage of it - 1 and the V stage of it - 2 are free.
       __syncthreads();
-      if (it + lead < n_iters) load_iter(Yes{}, No{}, it + lead);
-      if (it + lead - 1 < n_iters) load_iter(No{}, Yes{}, it + lead - 1);
+      if (warp == kProducerWarp && it + lead < n_iters) load_k(it + lead);
+      if (it + lead - 1 < n_iters) load_v(it + lead - 1);
       cp_async_commit();  // empty near the end
     }
 
@@ -476,10 +527,12 @@ __global__ void __launch_bounds__(kPrefillThreads, PrefillSm90Shape<D>::kMinBloc
     }
     if constexpr (kPingPong) {
       turn_end();
-      // This warpgroup's part of group it + lead, into the stages of iterations it + lead -
-      // kStages (K, tokens) and it + lead - 1 - kStages (V).
-      if (it + lead < n_iters) load_iter(Yes{}, No{}, it + lead);
-      if (it + lead - 1 < n_iters) load_iter(No{}, Yes{}, it + lead - 1);
+      // K of iteration it + kStages - 1 into the stage of it - 1 (warpgroup 1: warpgroup 0 has
+      // finished its body it - 1 before its turn it, this one before its turn it); this
+      // warpgroup's part of group it + lead: V of it + lead - 1 into the stage of
+      // it + lead - 1 - kStages.
+      if (warp == kProducerWarp && it + kStages - 1 < n_iters) load_k(it + kStages - 1);
+      if (it + lead - 1 < n_iters) load_v(it + lead - 1);
       cp_async_commit();  // empty near the end
     }
     if constexpr (kFirst) {

@@ -4,7 +4,7 @@
 // m64nNk16 with fp32 accumulators, both operands in shared memory (K-major) or A in registers
 // and B an MN-major tile; named barrier sync / arrive (the warpgroups' turns of the many-rows
 // kernel); for the warp-specialized kernels, mbarrier init / arrive / parity wait and
-// setmaxnreg.
+// setmaxnreg; bulk copies (global to shared, counted on an mbarrier).
 //
 // The 128-byte swizzle atom is 8 rows x 128 bytes (64 16-bit elements), row r at byte 128 r,
 // its 16-byte chunk c stored at chunk c ^ (r % 8): swz<64> of device_utils.cuh. Atoms must be
@@ -250,7 +250,8 @@ __device__ __forceinline__ void wgmma_m64n256k16_rs(float* d, const uint32_t (&a
 #undef REATTENTION_ACC64
 #undef REATTENTION_F8
 
-// mbarrier (shared::cta) building blocks of the warp-specialized kernels: the barrier at shared
+// mbarrier (shared::cta) building blocks of the warp-specialized kernels and the bulk copies of
+// the many-rows attention: the barrier at shared
 // address `addr` completes a phase when `count` arrivals have been made; a waiter names the
 // parity of the phase it waits for (0 for the first).
 __device__ __forceinline__ void mbar_init(uint32_t addr, int count) {
@@ -277,6 +278,30 @@ __device__ __forceinline__ void mbar_wait(uint32_t addr, uint32_t parity) {
         : "r"(addr), "r"(parity)
         : "memory");
   } while (!done);
+}
+
+// Makes this thread's mbarrier.init visible to the async proxy (the bulk copies' complete_tx);
+// a CTA barrier then publishes it to the other threads.
+__device__ __forceinline__ void fence_mbarrier_init() {
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+}
+// Arrival (one of `count`) that also raises the phase's expected transaction bytes by `bytes`:
+// the phase completes once the arrivals are made and that many bytes of bulk copies landed.
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t addr, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(addr), "r"(bytes)
+               : "memory");
+}
+// Bulk copy of `bytes` (a multiple of 16; both addresses 16-byte aligned) from global memory to
+// shared address `dst` by the copy engine, counted on the mbarrier at `bar` as transaction bytes.
+// The bytes land in order: a source laid out as the destination's swizzled image arrives as
+// that image. A waiter on the phase sees them, wgmma's async-proxy reads included.
+__device__ __forceinline__ void bulk_copy_g2s(uint32_t dst, const void* src, uint32_t bytes,
+                                              uint32_t bar) {
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::
+          "r"(dst),
+      "l"(src), "r"(bytes), "r"(bar)
+      : "memory");
 }
 
 // Hands registers between the warpgroups of a warp-specialized CTA (every warp of the
