@@ -333,10 +333,40 @@ __device__ __forceinline__ void softmax_state_init(float (&o)[kDT][4], float (&m
 // rest of the row) are masked, scaled to the exp2 domain and replaced by P; (m_run, l_run) are
 // updated. Returns the factor alpha by which the row's O must be rescaled. exp2_ftz: weights
 // below 2^-126 of the row's running max become 0.
+// kMask = false (no key of the tile follows the row) needs scale_log2 > 0: the row's max is
+// then taken over the raw S and scaled once (rounding is monotone, so it equals the max of the
+// scaled S), each weight is exp2 of one fma(S, scale_log2, -m), and the max and the sum run as
+// four partial chains. The weights may differ from the masked path's (x * scale_log2 rounded,
+// then - m) by the rounding of the product.
 template <int kNT, bool kMask>
 __device__ __forceinline__ float softmax_row_update(float (&s)[kNT][4], int half, float& m_run,
                                                     float& l_run, const int* kpos, int qpos,
                                                     float scale_log2, int t4) {
+  if constexpr (!kMask) {
+    float mx4[4] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY};
+#pragma unroll
+    for (int nt = 0; nt < kNT; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) mx4[(2 * nt + e) & 3] = fmaxf(mx4[(2 * nt + e) & 3], s[nt][2 * half + e]);
+    }
+    const float mx = quad_max(fmaxf(fmaxf(mx4[0], mx4[1]), fmaxf(mx4[2], mx4[3]))) * scale_log2;
+    const float m_new = fmaxf(m_run, mx);
+    const float m_use = m_new == -INFINITY ? 0.f : m_new;
+    const float alpha = exp2_ftz(m_run - m_use);
+    m_run = m_new;
+    float sum4[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+    for (int nt = 0; nt < kNT; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        float& x = s[nt][2 * half + e];
+        x = exp2_ftz(fmaf(x, scale_log2, -m_use));
+        sum4[(2 * nt + e) & 3] += x;
+      }
+    }
+    l_run = l_run * alpha + ((sum4[0] + sum4[1]) + (sum4[2] + sum4[3]));
+    return alpha;
+  }
   float mx = -INFINITY;
 #pragma unroll
   for (int nt = 0; nt < kNT; ++nt) {
@@ -370,8 +400,9 @@ __device__ __forceinline__ float softmax_row_update(float (&s)[kNT][4], int half
 // layout of warp_gemm_abt (kpos: the positions of the warp's 8 * kNT key columns; qpos: the
 // rows' positions, -1 for padding). Masks keys after the row's position, updates (m, l),
 // rescales the O accumulators and leaves P = exp2(S * scale_log2 - m) in s. kMask = false
-// (many-rows kernel, a tile whose keys all precede the warp's rows) skips the compare, which
-// then always holds: the same values without kpos and qpos.
+// (many-rows kernel, a tile whose keys all precede the warp's rows, scale_log2 > 0) skips the
+// compare, which then always holds, and fuses the scaling into the exponent's fma (see
+// softmax_row_update).
 template <int kNT, int kDT, bool kMask = true>
 __device__ __forceinline__ void online_softmax_tile(float (&s)[kNT][4], float (&o)[kDT][4],
                                                     float (&m_run)[2], float (&l_run)[2],

@@ -375,8 +375,9 @@ __device__ __forceinline__ void prefill_row_positions(const AttnTile& at, const 
 
 // One key tile of the online softmax in the many-rows kernels: a tile whose kBN keys all sit at
 // or before the warp's first row (one vote over kpos) takes the path without the per-element
-// compare, which would hold for every element; other tiles (the last local ones, the tail
-// keys at INT_MAX) are masked as usual.
+// compare, which would hold for every element, when scale_log2 > 0 (that path scales the raw
+// max); other tiles (the last local ones, the tail keys at INT_MAX) and every tile of a call
+// with a scale <= 0 are masked as usual.
 template <int kBN, int kNT, int kDT>
 __device__ __forceinline__ void prefill_softmax_tile(float (&s)[kNT][4], float (&o)[kDT][4],
                                                      float (&m_run)[2], float (&l_run)[2],
@@ -386,7 +387,7 @@ __device__ __forceinline__ void prefill_softmax_tile(float (&s)[kNT][4], float (
 #pragma unroll
   for (int c = 0; c < kBN; c += 32) before = before && kpos[c + lane] <= warp_q0;
   const int t4 = lane & 3;
-  if (__all_sync(0xffffffffu, before)) {
+  if (__all_sync(0xffffffffu, before) && scale_log2 > 0.f) {
     online_softmax_tile<kNT, kDT, false>(s, o, m_run, l_run, kpos, qpos, scale_log2, t4);
   } else {
     online_softmax_tile(s, o, m_run, l_run, kpos, qpos, scale_log2, t4);
