@@ -551,10 +551,14 @@ __global__ void __launch_bounds__(kPrefillThreads, PrefillSm90Shape<D>::kMinBloc
     prefill_softmax_tile<kBN>(s, alpha, m_run, l_run, kpos, qpos, warp_q0, p.scale_log2, lane);
     wgmma_wait<0>();  // P V of the previous iteration
     fence_accumulators<kDT * 4>(&o[0][0]);
+    // A warp whose rows all kept their running max (every alpha 1: most iterations once a row
+    // has met its largest scores) skips the multiplies, which would leave O as it is.
+    if (__any_sync(0xffffffffu, alpha[0][0] != 1.f || alpha[0][2] != 1.f)) {
 #pragma unroll
-    for (int dt = 0; dt < kDT; ++dt) {
+      for (int dt = 0; dt < kDT; ++dt) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) o[dt][e] *= alpha[0][e];
+        for (int e = 0; e < 4; ++e) o[dt][e] *= alpha[0][e];
+      }
     }
 #pragma unroll
     for (int kk = 0; kk < kNT / 2; ++kk) {
