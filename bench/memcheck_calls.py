@@ -11,7 +11,8 @@ under a minute where the whole script takes several. With --attn-only it runs on
 attention (`gather_attention` on the CUDA backend, the pre-pass and the many-rows kernel) over
 chunks that the reference backend selects, so racecheck sees the attention's shared memory alone.
 
-Usage: compute-sanitizer --tool memcheck python bench/memcheck_calls.py [--select-only | --attn-only]
+Usage: compute-sanitizer --tool memcheck python bench/memcheck_calls.py
+       [--select-only | --attn-only]
 """
 import argparse
 

@@ -337,6 +337,22 @@ def test_many_rows_rope_paths(base, rotary, style, positions):
     check_attention(case, q, k, v, lens, idx, inv_freq, out, lse, scale, **kw)
 
 
+@pytest.mark.parametrize("sign", [-1.0, 0.0], ids=["negative", "zero"])
+@pytest.mark.parametrize("base", MANY_ROWS, ids=[c.id for c in MANY_ROWS])
+def test_many_rows_scale_not_positive(base, sign):
+    """The many-rows softmax takes the raw row max and scales it once only when the scale is
+    positive; a scale <= 0 must take the masked path on every tile and still match."""
+    q, k, v, lens, inv_freq = cuda_inputs(base, torch.bfloat16)
+    idx = reference.select_chunks_ref(q, k, None, lens, base.sink, base.local, base.chunk,
+                                      base.topk, "max", base.query_block)
+    scale = sign / math.sqrt(base.d)
+    out, lse = reattention.gather_attention(q, k, v, idx, lens, inv_freq=inv_freq,
+                                            sink=base.sink, local=base.local, chunk=base.chunk,
+                                            query_block=base.query_block, scale=scale,
+                                            backend="cuda")
+    check_attention(base, q, k, v, lens, idx, inv_freq, out, lse, scale)
+
+
 # The sm_90a many-rows kernel rotates K once per query block into a workspace of at most
 # 256 MiB, so a call whose blocks do not fit runs as several groups of blocks (here 3 + 3 + 1,
 # every block's slot 2 x 4 x 36672 rows x 256 bytes = 75 MB); other devices run it in one launch.

@@ -347,7 +347,10 @@ __device__ __forceinline__ float softmax_row_update(float (&s)[kNT][4], int half
 #pragma unroll
     for (int nt = 0; nt < kNT; ++nt) {
 #pragma unroll
-      for (int e = 0; e < 2; ++e) mx4[(2 * nt + e) & 3] = fmaxf(mx4[(2 * nt + e) & 3], s[nt][2 * half + e]);
+      for (int e = 0; e < 2; ++e) {
+        float& m = mx4[(2 * nt + e) & 3];
+        m = fmaxf(m, s[nt][2 * half + e]);
+      }
     }
     const float mx = quad_max(fmaxf(fmaxf(mx4[0], mx4[1]), fmaxf(mx4[2], mx4[3]))) * scale_log2;
     const float m_new = fmaxf(m_run, mx);
