@@ -217,15 +217,15 @@ ATTN_VARIANTS = [(torch.bfloat16, *ROPE[0]), (torch.float16, *ROPE[0]),
                  *[(torch.bfloat16, *r) for r in ROPE[1:]]]
 
 
-def check_cuda_attention(case, dtype, style, positions, rope_scale):
+def check_cuda_attention(case, dtype, style, positions, rope_scale, scale=None):
     """CUDA gather_attention over the reference's exact selection, checked against the
-    reference. Returns the output, the low-precision baseline of the tolerance rule, q, and the
-    same call on another backend."""
+    reference (scale: 1 / sqrt(D) unless given). Returns the output, the low-precision baseline
+    of the tolerance rule, q, and the same call on another backend."""
     q, k, v, lens, inv_freq = cuda_inputs(case, dtype)
     idx = reference.select_chunks_ref(q, k, None, lens, case.sink, case.local, case.chunk,
                                       case.topk, "max", case.query_block)
     kw = dict(rope_scale=rope_scale, rope_style=style, positions=positions)
-    scale = 1 / math.sqrt(case.d)
+    scale = 1 / math.sqrt(case.d) if scale is None else scale
 
     def call(backend):
         return reattention.gather_attention(q, k, v, idx, lens, inv_freq=inv_freq,
@@ -342,15 +342,8 @@ def test_many_rows_rope_paths(base, rotary, style, positions):
 def test_many_rows_scale_not_positive(base, sign):
     """The many-rows softmax takes the raw row max and scales it once only when the scale is
     positive; a scale <= 0 must take the masked path on every tile and still match."""
-    q, k, v, lens, inv_freq = cuda_inputs(base, torch.bfloat16)
-    idx = reference.select_chunks_ref(q, k, None, lens, base.sink, base.local, base.chunk,
-                                      base.topk, "max", base.query_block)
-    scale = sign / math.sqrt(base.d)
-    out, lse = reattention.gather_attention(q, k, v, idx, lens, inv_freq=inv_freq,
-                                            sink=base.sink, local=base.local, chunk=base.chunk,
-                                            query_block=base.query_block, scale=scale,
-                                            backend="cuda")
-    check_attention(base, q, k, v, lens, idx, inv_freq, out, lse, scale)
+    check_cuda_attention(base, torch.bfloat16, "half", "compact", 1.0,
+                         scale=sign / math.sqrt(base.d))
 
 
 # The sm_90a many-rows kernel rotates K once per query block into a workspace of at most

@@ -342,7 +342,21 @@ template <int kNT, bool kMask>
 __device__ __forceinline__ float softmax_row_update(float (&s)[kNT][4], int half, float& m_run,
                                                     float& l_run, const int* kpos, int qpos,
                                                     float scale_log2, int t4) {
-  if constexpr (!kMask) {
+  // The row's max in the exp2 domain.
+  float mx;
+  if constexpr (kMask) {
+    mx = -INFINITY;
+#pragma unroll
+    for (int nt = 0; nt < kNT; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        float& x = s[nt][2 * half + e];
+        x = kpos[nt * 8 + 2 * t4 + e] <= qpos ? x * scale_log2 : -INFINITY;
+        mx = fmaxf(mx, x);
+      }
+    }
+    mx = quad_max(mx);
+  } else {
     float mx4[4] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY};
 #pragma unroll
     for (int nt = 0; nt < kNT; ++nt) {
@@ -352,11 +366,24 @@ __device__ __forceinline__ float softmax_row_update(float (&s)[kNT][4], int half
         m = fmaxf(m, s[nt][2 * half + e]);
       }
     }
-    const float mx = quad_max(fmaxf(fmaxf(mx4[0], mx4[1]), fmaxf(mx4[2], mx4[3]))) * scale_log2;
-    const float m_new = fmaxf(m_run, mx);
-    const float m_use = m_new == -INFINITY ? 0.f : m_new;
-    const float alpha = exp2_ftz(m_run - m_use);
-    m_run = m_new;
+    mx = quad_max(fmaxf(fmaxf(mx4[0], mx4[1]), fmaxf(mx4[2], mx4[3]))) * scale_log2;
+  }
+  const float m_new = fmaxf(m_run, mx);
+  const float m_use = m_new == -INFINITY ? 0.f : m_new;  // nothing visible yet: no NaN
+  const float alpha = exp2_ftz(m_run - m_use);
+  m_run = m_new;
+  float sum = 0.f;
+  if constexpr (kMask) {
+#pragma unroll
+    for (int nt = 0; nt < kNT; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        float& x = s[nt][2 * half + e];
+        x = exp2_ftz(x - m_use);
+        sum += x;
+      }
+    }
+  } else {
     float sum4[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
     for (int nt = 0; nt < kNT; ++nt) {
@@ -367,33 +394,7 @@ __device__ __forceinline__ float softmax_row_update(float (&s)[kNT][4], int half
         sum4[(2 * nt + e) & 3] += x;
       }
     }
-    l_run = l_run * alpha + ((sum4[0] + sum4[1]) + (sum4[2] + sum4[3]));
-    return alpha;
-  }
-  float mx = -INFINITY;
-#pragma unroll
-  for (int nt = 0; nt < kNT; ++nt) {
-#pragma unroll
-    for (int e = 0; e < 2; ++e) {
-      float& x = s[nt][2 * half + e];
-      x = !kMask || kpos[nt * 8 + 2 * t4 + e] <= qpos ? x * scale_log2 : -INFINITY;
-      mx = fmaxf(mx, x);
-    }
-  }
-  mx = quad_max(mx);
-  const float m_new = fmaxf(m_run, mx);
-  const float m_use = m_new == -INFINITY ? 0.f : m_new;  // nothing visible yet: no NaN
-  const float alpha = exp2_ftz(m_run - m_use);
-  m_run = m_new;
-  float sum = 0.f;
-#pragma unroll
-  for (int nt = 0; nt < kNT; ++nt) {
-#pragma unroll
-    for (int e = 0; e < 2; ++e) {
-      float& x = s[nt][2 * half + e];
-      x = exp2_ftz(x - m_use);
-      sum += x;
-    }
+    sum = (sum4[0] + sum4[1]) + (sum4[2] + sum4[3]);
   }
   l_run = l_run * alpha + sum;
   return alpha;
