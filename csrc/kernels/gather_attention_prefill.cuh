@@ -302,6 +302,61 @@ __device__ __forceinline__ void rotate_k_tile(T* sk, const int* kpos, int tile, 
   }
 }
 
+// The Q tile of the many-rows kernels in two steps, for R/2 that prefill_rope_units accepts
+// (stage_rotated_q serves the others). copy_q_tile: rows [row0, row0 + kBM) of the block's
+// query rows (row = query * group + head), raw, into s_q (layout L) by 16-byte cp.async, zero
+// past `rows`; it commits nothing (the caller's next commit takes the pieces). It needs no
+// device data, so a kernel issues it first and its latency hides under gathered_keys'.
+template <typename T, int D, int kBM, class L>
+__device__ __forceinline__ void copy_q_tile(T* s_q, const AttnParams& p, int b, int h, int group,
+                                            int q0, int row0, int rows) {
+  constexpr int kPieces = kBM * (D / 8);
+  static_assert(kPieces % kPrefillThreads == 0, "whole pieces per thread");
+  const T* q_base = static_cast<const T*>(p.q) + b * p.q_sb;
+#pragma unroll
+  for (int j = 0; j < kPieces / kPrefillThreads; ++j) {
+    const int e = threadIdx.x + j * kPrefillThreads, r = e / (D / 8), col = e % (D / 8) * 8;
+    const int gr = row0 + r;
+    const bool valid = gr < rows;
+    const int head = h * group + (valid ? gr % group : 0), query = q0 + (valid ? gr / group : 0);
+    cp_async_16(s_q + L{}(r, col), q_base + head * p.q_sh + query * p.q_sl + col, valid);
+  }
+}
+
+// rotate_q_tile: after copy_q_tile's pieces have landed for every thread (a wait and a CTA
+// barrier), rotates each real row in place at its query's position (compact or original, as
+// stage_rotated_q), with rotate_key_row's 16-byte units: the same values as stage_rotated_q.
+// Thread tid takes rows prefill_rotation_row(tid) + 64 j of the tile, units tid % kTPR, + kTPR,
+// ... of each. The caller orders these stores before the tile's readers (the kernels' barriers).
+template <typename T, int D, int kBM, class L>
+__device__ __forceinline__ void rotate_q_tile(T* s_q, const AttnParams& p,
+                                              const GatheredKeys& gk, int group, int q0,
+                                              int row0, int rows,
+                                              const float2* __restrict__ table, int n_pos,
+                                              const float* s_invf) {
+  constexpr int kTileN = prefill_block_n(D), kTPR = prefill_row_threads<D>();
+  static_assert(kBM % kTileN == 0, "row groups of prefill_rotation_row");
+  if (p.half_rot == 0) return;
+  const int sub = threadIdx.x % kTPR;
+#pragma unroll
+  for (int j = 0; j < kBM / kTileN; ++j) {
+    const int r = prefill_rotation_row<D>(threadIdx.x) + j * kTileN, gr = row0 + r;
+    if (gr >= rows) continue;
+    const int pos = gk.p0 + q0 + gr / group, rpos = p.compact ? pos + gk.shift : pos;
+    if (static_cast<unsigned>(rpos) < static_cast<unsigned>(n_pos)) {
+      if (p.interleaved) {
+        rotate_key_row<T, D, true, true, L>(s_q, r, sub, rpos, table, p, s_invf);
+      } else {
+        rotate_key_row<T, D, false, true, L>(s_q, r, sub, rpos, table, p, s_invf);
+      }
+    } else if (p.interleaved) {
+      rotate_key_row<T, D, true, false, L>(s_q, r, sub, rpos, table, p, s_invf);
+    } else {
+      rotate_key_row<T, D, false, false, L>(s_q, r, sub, rpos, table, p, s_invf);
+    }
+  }
+}
+
 // Writes a thread's two rows ra, ra + 8 of the CTA's tile from the m16n8 accumulator
 // fragments (o[dt][2 half + e]: row ra + 8 half, column 8 dt + 2 t4 + e) and the row's (m, l)
 // in the exp2 domain: out and lse, or o_part and lse_part of the split when the keys are
@@ -418,6 +473,10 @@ __global__ void __launch_bounds__(kPrefillThreads, PrefillShape<D>::kMinBlocks)
   if (at.row0 >= at.rows) return;
   const int beta = at.beta, h = at.h, b = at.b, group = at.group;
   const int q0 = at.q0, rows = at.rows, row0 = at.row0;
+  // Q raw in 16-byte pieces first (they join the first tile's copy group), rotated in place
+  // once that group has landed; stage_rotated_q for the R/2 that rotate_key_row cannot take.
+  const bool units = prefill_rope_units(p);
+  if (units) copy_q_tile<T, D, kBM, RowSwizzled<D>>(s_q, p, b, h, group, q0, row0, rows);
 
   const GatheredKeys gk = gathered_keys<D, kPrefillThreads>(p, b, h, beta, s_invf, &s_nsel);
   const int n_keys = gk.n_keys;
@@ -430,7 +489,6 @@ __global__ void __launch_bounds__(kPrefillThreads, PrefillShape<D>::kMinBlocks)
   };
   constexpr int kTPR = prefill_row_threads<D>();
   const int rot_r = prefill_rotation_row<D>(tid), rot_sub = tid % kTPR;
-  const bool units = prefill_rope_units(p);
   // Rotates the K tile of `stage` in place, all threads together.
   auto rotate_tile = [&](int stage, int tile) {
     rotate_k_tile<T, D, RowSwizzled<D>>(s_k + stage * kBN * D, s_kpos + stage * kBN, tile,
@@ -447,11 +505,18 @@ __global__ void __launch_bounds__(kPrefillThreads, PrefillShape<D>::kMinBlocks)
     if (t_begin + s < t_end) load_tile(s, t_begin + s); else cp_async_commit();
   }
 
-  stage_rotated_q<T, D, kBM, kPrefillThreads, false>(s_q, nullptr, p, gk, b, h, group, q0, row0,
-                                                      rows, s_invf, table, n_pos);
-  cp_async_wait<kStages - 2>();  // tile t_begin has landed
-  __syncthreads();               // ... for every thread, and the Q tile is complete
+  if (!units) {
+    stage_rotated_q<T, D, kBM, kPrefillThreads, false>(s_q, nullptr, p, gk, b, h, group, q0,
+                                                        row0, rows, s_invf, table, n_pos);
+  }
+  cp_async_wait<kStages - 2>();  // tile t_begin (and the raw Q pieces) have landed
+  __syncthreads();               // ... for every thread, and a staged Q tile is complete
+  if (units) {
+    rotate_q_tile<T, D, kBM, RowSwizzled<D>>(s_q, p, gk, group, q0, row0, rows, table, n_pos,
+                                             s_invf);
+  }
   if (t_begin < t_end) rotate_tile(0, t_begin);
+  if (units) __syncthreads();  // Q rotated by other warps' threads: before the ldmatrix below
 
   const int g = lane >> 2, t4 = lane & 3;
   const int ra = warp * 16 + g;  // this thread's two rows in the tile: ra and ra + 8

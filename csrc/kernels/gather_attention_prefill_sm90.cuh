@@ -363,6 +363,14 @@ __global__ void __launch_bounds__(kPrefillThreads, PrefillSm90Shape<D>::kMinBloc
   }
   const int beta = at.beta, h = at.h, b = at.b, group = at.group;
   const int q0 = at.q0, rows = at.rows, row0 = at.row0;
+  // Q raw in 16-byte pieces first (their own copy group, waited before the rotation below), so
+  // their latency hides under gathered_keys'; stage_rotated_q for the R/2 that rotate_key_row
+  // cannot take.
+  const bool q_units = prefill_rope_units(p);
+  if (q_units) {
+    copy_q_tile<T, D, kBM, Sliced64<kBM>>(s_q, p, b, h, group, q0, row0, rows);
+    cp_async_commit();
+  }
 
   const GatheredKeys gk = gathered_keys<D, kPrefillThreads>(p, b, h, beta, s_invf, &s_nsel);
 
@@ -424,8 +432,15 @@ __global__ void __launch_bounds__(kPrefillThreads, PrefillSm90Shape<D>::kMinBloc
   using Yes = std::true_type;
   using No = std::false_type;
 
-  stage_rotated_q<T, D, kBM, kPrefillThreads, false, Sliced64<kBM>>(
-      s_q, nullptr, p, gk, b, h, group, q0, row0, rows, s_invf, table, n_pos);
+  if (q_units) {
+    cp_async_wait<0>();  // the Q group, the only one so far (K travels by bulk copies)
+    __syncthreads();     // ... for every thread
+    rotate_q_tile<T, D, kBM, Sliced64<kBM>>(s_q, p, gk, group, q0, row0, rows, table, n_pos,
+                                            s_invf);
+  } else {
+    stage_rotated_q<T, D, kBM, kPrefillThreads, false, Sliced64<kBM>>(
+        s_q, nullptr, p, gk, b, h, group, q0, row0, rows, s_invf, table, n_pos);
+  }
 #pragma unroll
   for (int j = 0; j < kStages - 1; ++j) {
     if (j < lead) {
