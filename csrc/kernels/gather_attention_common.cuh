@@ -255,9 +255,10 @@ __device__ __forceinline__ void rope_apply(float& x0, float& x1, float2 cs) {
 // s_invf[i]: inverse frequency i (an array, or anything with that operator).
 // Each thread takes its (row, frequency) pairs kBatch at a time and issues all their global
 // loads (two Q elements and a table entry each) before it uses the first: one load latency
-// per batch instead of two dependent ones per pair. (One pair per loop trip left the many-rows
-// kernels' prologue, where nothing else runs on the SM, waiting on 32 such round trips per
-// thread: 16% of the sm_90a attention's warp samples under ncu, bench/NOTES.md.)
+// per batch instead of two dependent ones per pair. The decode kernels use it; the many-rows
+// kernels only for the R/2 that rotate_key_row cannot take (otherwise copy_q_tile and
+// rotate_q_tile: these batches were still 11% of the sm_90a attention's warp samples under
+// ncu, bench/NOTES.md round thirteen).
 template <typename T, int D, int kBM, int kThreads, bool kQpos, class L = RowSwizzled<D>,
           class InvF = const float*>
 __device__ __forceinline__ void stage_rotated_q(T* s_q, int* s_qpos, const AttnParams& p,
