@@ -216,6 +216,25 @@ __device__ __forceinline__ void rotate_key_row(T* sk, int r, int sub, int pos,
   }
 }
 
+// rotate_key_row for row r of a tile at position pos, its variant picked at run time: the RoPE
+// style from p, the table when pos lies in [0, n_pos), else sincosf.
+template <typename T, int D, class L>
+__device__ __forceinline__ void rotate_row_at(T* tile, int r, int sub, int pos,
+                                              const float2* __restrict__ table, int n_pos,
+                                              const AttnParams& p, const float* s_invf) {
+  if (static_cast<unsigned>(pos) < static_cast<unsigned>(n_pos)) {
+    if (p.interleaved) {
+      rotate_key_row<T, D, true, true, L>(tile, r, sub, pos, table, p, s_invf);
+    } else {
+      rotate_key_row<T, D, false, true, L>(tile, r, sub, pos, table, p, s_invf);
+    }
+  } else if (p.interleaved) {
+    rotate_key_row<T, D, true, false, L>(tile, r, sub, pos, table, p, s_invf);
+  } else {
+    rotate_key_row<T, D, false, false, L>(tile, r, sub, pos, table, p, s_invf);
+  }
+}
+
 // Key row of every tile that thread tid rotates (units tid % kTPR, + kTPR, ... of it). With
 // kTPR = 4 the two rows of each 8 lanes are 4 apart, so their 16-byte pieces fall in different
 // bank groups (in a 256-byte swz<128> row and in a 128-byte slice row alike).
@@ -241,17 +260,7 @@ __device__ __forceinline__ void rotate_k_tile(T* sk, const int* kpos, int tile, 
     const int key = tile * kBN + rot_r;
     if (key >= n_keys || p.half_rot == 0) return;
     const int pos = p.compact ? key : kpos[rot_r];
-    if (static_cast<unsigned>(pos) < static_cast<unsigned>(n_pos)) {
-      if (p.interleaved) {
-        rotate_key_row<T, D, true, true, L>(sk, rot_r, rot_sub, pos, table, p, s_invf);
-      } else {
-        rotate_key_row<T, D, false, true, L>(sk, rot_r, rot_sub, pos, table, p, s_invf);
-      }
-    } else if (p.interleaved) {
-      rotate_key_row<T, D, true, false, L>(sk, rot_r, rot_sub, pos, table, p, s_invf);
-    } else {
-      rotate_key_row<T, D, false, false, L>(sk, rot_r, rot_sub, pos, table, p, s_invf);
-    }
+    rotate_row_at<T, D, L>(sk, rot_r, rot_sub, pos, table, n_pos, p, s_invf);
     return;
   }
   // Other R/2 (not a multiple of 8, or of 4 interleaved): per pair or pair of pairs. With
@@ -343,17 +352,7 @@ __device__ __forceinline__ void rotate_q_tile(T* s_q, const AttnParams& p,
     const int r = prefill_rotation_row<D>(threadIdx.x) + j * kTileN, gr = row0 + r;
     if (gr >= rows) continue;
     const int pos = gk.p0 + q0 + gr / group, rpos = p.compact ? pos + gk.shift : pos;
-    if (static_cast<unsigned>(rpos) < static_cast<unsigned>(n_pos)) {
-      if (p.interleaved) {
-        rotate_key_row<T, D, true, true, L>(s_q, r, sub, rpos, table, p, s_invf);
-      } else {
-        rotate_key_row<T, D, false, true, L>(s_q, r, sub, rpos, table, p, s_invf);
-      }
-    } else if (p.interleaved) {
-      rotate_key_row<T, D, true, false, L>(s_q, r, sub, rpos, table, p, s_invf);
-    } else {
-      rotate_key_row<T, D, false, false, L>(s_q, r, sub, rpos, table, p, s_invf);
-    }
+    rotate_row_at<T, D, L>(s_q, r, sub, rpos, table, n_pos, p, s_invf);
   }
 }
 
