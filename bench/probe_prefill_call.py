@@ -35,6 +35,8 @@ from profile_step import kernel_times  # noqa: E402
 
 
 def main() -> None:
+    if not torch.cuda.is_available():
+        raise SystemExit("probe_prefill_call.py needs a CUDA device")
     reattention.set_device_checks(False)
     n = 1 << 20
     k, v = make_cache(n, seed=1)
