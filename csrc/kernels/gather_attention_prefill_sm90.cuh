@@ -113,10 +113,10 @@
 //
 // Masks, RoPE of Q, positions, splits and outputs: exactly the sm80 kernel's (shared code:
 // gathered_keys, copy_q_tile + rotate_q_tile or stage_rotated_q with the Sliced64 layout,
-// prefill_softmax_tile, store_prefill_rows). Padding rows are computed (Q rows are zero, every key masked) and never
-// written, since a warpgroup must run its wgmma whole. The bodies are compiled for sm_90a only
-// (__CUDA_ARCH_FEAT_SM90_ALL); elsewhere they trap, and prefill_sm90_usable never picks them
-// there.
+// prefill_softmax_tile, store_prefill_rows). Padding rows are computed (Q rows are zero, every
+// key masked) and never written, since a warpgroup must run its wgmma whole. The bodies are
+// compiled for sm_90a only (__CUDA_ARCH_FEAT_SM90_ALL); elsewhere they trap, and
+// prefill_sm90_usable never picks them there.
 #pragma once
 
 #include "sm90_utils.cuh"
