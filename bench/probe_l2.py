@@ -28,13 +28,15 @@ import reattention
 from bench_attn import B, CHUNK, D, HKV, HQ, LOCAL, SINK, TOPK, header, make_cache, save_json
 
 
-def timed(fn, before, reps: int) -> float:
-    """Median microseconds of fn() between two CUDA events, before() run ahead of each."""
+def timed(fn, before, reps: int, sleep_cycles: int = 200_000) -> float:
+    """Median microseconds of fn() between two CUDA events, before() run ahead of each.
+    ``sleep_cycles`` of GPU sleep go ahead of each pair: more than the host needs to queue
+    before() and fn() (a call whose host time is long needs more)."""
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     fn()
     out = []
     for _ in range(reps):
-        torch.cuda._sleep(200_000)  # the GPU stays busy while the host queues the pair
+        torch.cuda._sleep(sleep_cycles)  # the GPU stays busy while the host queues the pair
         before()
         start.record()
         fn()

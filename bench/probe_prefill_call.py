@@ -31,6 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import reattention  # noqa: E402
 from bench_attn import (B, CHUNK, D, DTYPE, HQ, LOCAL, QB, SINK, TOPK,  # noqa: E402
                         bench, make_cache)
+from probe_l2 import timed  # noqa: E402
 from profile_step import kernel_times  # noqa: E402
 
 
@@ -61,16 +62,7 @@ def main() -> None:
         host.append(1e6 * (time.perf_counter() - t0))
         torch.cuda.synchronize()
     res["host_us_median"] = statistics.median(host)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    dev = []
-    for _ in range(30):
-        torch.cuda._sleep(20_000_000)
-        start.record()
-        call()
-        end.record()
-        torch.cuda.synchronize()
-        dev.append(1e3 * start.elapsed_time(end))
-    res["busy_ahead_us_median"] = statistics.median(dev)
+    res["busy_ahead_us_median"] = timed(call, lambda: None, 30, sleep_cycles=20_000_000)
     res["do_bench_us"] = 1e3 * bench(call, graph=False)
 
     prof = cProfile.Profile()
