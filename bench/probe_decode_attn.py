@@ -5,8 +5,8 @@ N = 131072 with bench_attn.py's shapes (bf16, Hq 32, Hkv 8, D 128, sink 64, chun
 gathered sequences of different lengths: local window and topk varied. Up to 99 key tiles per
 kv head, plan_attention gives every split one 64-key tile (one CTA per tile and kv head, six
 CTAs per SM on an H200), so the rows run one wave of 8 x tiles CTAs each; longer sequences get
-splits of two tiles. For each row: the graph-replay time of the call, the profiler's time of
-its attention and merge kernels, and the CTAs.
+splits of several tiles. For each row: the graph-replay time of the call, the profiler's time of
+its attention and merge kernels, and the key tiles per kv head.
 
 Usage: python bench/probe_decode_attn.py [--out DIR]
 Writes DIR/probe_decode_attn-<gpu>.json.
@@ -18,11 +18,11 @@ import argparse
 import torch
 
 import reattention
-from bench_attn import B, CHUNK, D, DTYPE, HKV, HQ, SINK, bench, header, make_cache, save_json
+from bench_attn import B, CHUNK, D, DTYPE, HQ, SINK, bench, header, make_cache, save_json
 from profile_step import kernel_times
 
 N = 131072
-# (local, topk): from 9 to 129 key tiles per kv head
+# (local, topk): from 13 to 129 key tiles per kv head
 SHAPES = ((256, 8), (512, 16), (1024, 16), (1024, 32), (2048, 32), (3072, 32), (4096, 32),
           (4096, 64))
 
@@ -45,7 +45,7 @@ def main(argv=None):
         idx = reattention.select_chunks(q, k, lens, reps=reps, topk=topk, rep="bound",
                                         backend="cuda", **kw)
 
-        def call(local=local, idx=idx, kw=kw):
+        def call(idx=idx, kw=kw):
             return reattention.gather_attention(q, k, v, idx, lens, inv_freq=inv,
                                                 backend="cuda", **kw)
         us = 1e3 * bench(call, graph=True)
