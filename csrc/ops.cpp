@@ -27,6 +27,14 @@ STABLE_TORCH_LIBRARY(reattention, m) {
       "Tensor idx, Tensor inv_freq, int sink, int local, int chunk, int query_block, "
       "float scale, float rope_scale, str rope_style, str positions, Tensor? block_table=None) "
       "-> (Tensor, Tensor)");
+  // select_chunks then gather_attention on its idx, in one call: (out, lse, idx). The CUDA
+  // kernel overlaps the two where it can (docs/design.md section 5.3); other backends are the
+  // two ops in turn (reattention.ops.unchecked.attend).
+  m.def(
+      "attend(Tensor q, Tensor k_cache, Tensor v_cache, Tensor? reps, Tensor cache_seqlens, "
+      "Tensor inv_freq, int sink, int local, int chunk, int topk, str rep, int query_block, "
+      "float scale, float rope_scale, str rope_style, str positions, Tensor? block_table=None) "
+      "-> (Tensor, Tensor, Tensor)");
   // dst[dst_index[i]] = src[src_index[i]] for every i with mask[i] (all when mask is None):
   // whole pages (dim-0 slices) of two contiguous page tensors. On CUDA one of dst/src may be
   // a pinned CPU tensor (the host tier of a tiered cache), read or written in place.

@@ -160,6 +160,13 @@ def _attend_checked(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                                                cfg.positions)
     be = ops.resolve_backend(backend, q)
     seg = dict(sink=cfg.sink, local=cfg.local, chunk=cfg.chunk, query_block=cfg.query_block)
+    if on_selection is None:
+        out, lse, _ = unchecked.attend(q, k_cache, v_cache, seqlens, reps, inv_freq=inv_freq,
+                                       topk=cfg.topk, rep=cfg.rep, scale=scale,
+                                       rope_scale=float(rope_scale), rope_style=rope_style,
+                                       positions=cfg.positions, backend=be,
+                                       block_table=block_table, **seg)
+        return (out, lse) if return_lse else out
     idx = unchecked.select_chunks(q, k_cache, seqlens, reps, topk=cfg.topk, rep=cfg.rep,
                                   backend=be, block_table=block_table, **seg)
     if on_selection is not None:

@@ -15,7 +15,7 @@ import torch
 import reattention
 from reattention import layout, ops, reference
 from reattention.testing import (NOISE, Case, assert_close_rule, assert_selection_equivalent,
-                                 lowp_attention, make_inputs, max_err)
+                                 lowp_attention, make_inputs, max_err, to_paged)
 
 from conftest import needs_cpp_error_path, require
 from test_select_chunks import check_identical_chunks, identical_chunks_case
@@ -565,6 +565,93 @@ def test_cuda_graph_decode_step(rep):
         graph.replay()
         want_out, want_lse = step()
         torch.testing.assert_close(out, want_out, rtol=0, atol=0)
+        torch.testing.assert_close(lse, want_lse, rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------- attend
+# torch.ops.reattention.attend (what reattention_attn runs on "cuda"): on sm_90 its decode
+# attention starts beside the selection and only the CTAs that read selected chunks wait for it
+# (REATTENTION_OVERLAP 1: beside the top-k, 2: beside the scoring too, 0: off). Each mode must
+# give the two ops' results bit for bit: decode shapes with one and several key tiles per split,
+# sequences without middle chunks, the fused top-k (over 4096 chunks), a sink that is not a
+# whole key tile, D 64 and 256, and a many-rows call (no overlap there).
+#        b  hq hkv  lq    nmax    d  sink local chunk topk qb
+ATTEND = [
+    Case(3, 8, 2, 1, 300, 64, 16, 32, 16, 2, 1, lens=(40, 300, 129)),       # one with M = 0
+    Case(2, 8, 2, 1, 2000, 256, 16, 128, 32, 8, 1, lens=(2000, 1501)),      # D 256
+    Case(1, 32, 8, 1, 40_000, 128, 64, 1024, 64, 32, 1),                    # one tile per split
+    Case(2, 8, 2, 1, 300_000, 128, 24, 2048, 64, 16, 1, lens=(300_000, 7_000)),  # fused top-k
+    Case(1, 64, 4, 1, 30_000, 128, 64, 4096, 64, 64, 1),                    # 16 rows, 2 tiles
+    Case(2, 8, 2, 40, 3000, 128, 16, 64, 16, 8, 16, lens=(3000, 1200)),     # many rows
+]
+
+
+@pytest.mark.parametrize("mode", ["0", "1", "2"])
+@pytest.mark.parametrize("rep", ["bound", "max", "mean"])
+@pytest.mark.parametrize("case", ATTEND, ids=[c.id for c in ATTEND])
+def test_attend_equals_the_two_ops(case, rep, mode, monkeypatch):
+    q, k, v, lens, inv_freq = cuda_inputs(case, torch.bfloat16)
+    reps = None
+    if rep != "max":
+        reps = reattention.chunk_reps(k, lens, sink=case.sink, chunk=case.chunk, rep=rep,
+                                      backend="cuda")
+    kw = dict(sink=case.sink, local=case.local, chunk=case.chunk, query_block=case.query_block)
+    idx = reattention.select_chunks(q, k, lens, reps=reps, topk=case.topk, rep=rep,
+                                    backend="cuda", **kw)
+    want, want_lse = reattention.gather_attention(q, k, v, idx, lens, inv_freq=inv_freq,
+                                                  backend="cuda", **kw)
+    monkeypatch.setenv("REATTENTION_OVERLAP", mode)
+    out, lse, got_idx = torch.ops.reattention.attend(
+        q, k, v, reps, lens, inv_freq, case.sink, case.local, case.chunk, case.topk, rep,
+        case.query_block, 1 / math.sqrt(case.d), 1.0, "half", "compact", None)
+    torch.testing.assert_close(got_idx, idx, rtol=0, atol=0)
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+    torch.testing.assert_close(lse, want_lse, rtol=0, atol=0)
+    api = reattention.reattention_attn(q, k, v, lens, topk=case.topk, rep=rep, reps=reps,
+                                       inv_freq=inv_freq, backend="cuda", **kw)
+    torch.testing.assert_close(api, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mode", ["1", "2"])
+def test_attend_paged_and_graph(mode, monkeypatch):
+    """attend on a paged cache, captured in a CUDA graph and replayed on new queries and
+    lengths: the two ops' results, bit for bit."""
+    monkeypatch.setenv("REATTENTION_OVERLAP", mode)
+    case = Case(2, 16, 4, 1, 20_000, 128, 64, 1024, 64, 8, 1, lens=(20_000, 9_000))
+    q, k, v, lens, inv_freq = cuda_inputs(case, torch.bfloat16)
+    full = torch.full_like(lens, case.nmax)  # every token paged: the replays grow the lengths
+    kp, table = to_paged(k, full, 64)
+    vp, _ = to_paged(v, full, 64)
+    reps = reattention.chunk_reps(kp, full, sink=case.sink, chunk=case.chunk, rep="bound",
+                                  backend="cuda", block_table=table)
+    args = (case.sink, case.local, case.chunk, case.topk, "bound", 1, 1 / math.sqrt(case.d),
+            1.0, "half", "compact", table)
+
+    def step():
+        return torch.ops.reattention.attend(q, kp, vp, reps, lens, inv_freq, *args)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, lse, idx = step()
+    kw = dict(sink=case.sink, local=case.local, chunk=case.chunk, query_block=1)
+    for n0, n1, seed in ((20_000, 9_000, 1), (15_555, 19_999, 2)):
+        g = torch.Generator(device="cuda").manual_seed(seed)
+        q.copy_(torch.randn(q.shape, generator=g, device="cuda"))
+        lens.copy_(torch.tensor([n0, n1], dtype=torch.int32))
+        graph.replay()
+        want_idx = reattention.select_chunks(q, kp, lens, reps=reps, topk=case.topk,
+                                             rep="bound", backend="cuda", block_table=table,
+                                             **kw)
+        want, want_lse = reattention.gather_attention(q, kp, vp, want_idx, lens,
+                                                      inv_freq=inv_freq, backend="cuda",
+                                                      block_table=table, **kw)
+        torch.testing.assert_close(idx, want_idx, rtol=0, atol=0)
+        torch.testing.assert_close(out, want, rtol=0, atol=0)
         torch.testing.assert_close(lse, want_lse, rtol=0, atol=0)
 
 

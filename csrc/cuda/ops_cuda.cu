@@ -14,6 +14,7 @@
 #include <torch/csrc/stable/accelerator.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <tuple>
 #include <type_traits>
 
@@ -169,37 +170,46 @@ void chunk_reps_cuda(Tensor k_cache, Tensor cache_seqlens, Tensor reps, int64_t 
   });
 }
 
-Tensor select_chunks_cuda(Tensor q, Tensor k_cache, std::optional<Tensor> reps,
-                          Tensor cache_seqlens, int64_t sink, int64_t local, int64_t chunk,
-                          int64_t topk, std::string rep, int64_t query_block,
-                          std::optional<Tensor> block_table) {
+// A select_chunks call with its checked inputs, params and workspaces (held until launched).
+struct SelectCall {
+  k::SelectParams p{};
+  RepMode rep = RepMode::kBound;
+  ScalarType dtype = ScalarType::BFloat16;
+  int64_t head_dim = 0;
+  Tensor qv, cols, lens, idx, scores;
+};
+
+SelectCall prepare_select(const Tensor& q, const Tensor& k_cache, const std::optional<Tensor>& reps,
+                          const Tensor& cache_seqlens, int64_t sink, int64_t local, int64_t chunk,
+                          int64_t topk, const std::string& rep, int64_t query_block,
+                          const std::optional<Tensor>& block_table) {
   const OpArgs a = select_chunks_args(q, k_cache, reps, cache_seqlens, sink, local, chunk, topk,
                                       rep, query_block, block_table);
   const Dims d = check_inputs(a);
   check_int32_range(d, sink, local, chunk, topk);
   STD_TORCH_CHECK(q.is_cuda(), "select_chunks (cuda) needs CUDA tensors");
-  torch::stable::accelerator::DeviceGuard guard(q.get_device_index());
-
-  const Tensor qv = vector_ready(q);
-  const Tensor cols = a.rep == RepMode::kMax ? vector_ready(k_cache)
-                                             : torch::stable::contiguous(*reps);
-  Tensor idx = torch::stable::new_empty(q, {d.batch, d.hkv, d.n_blocks, topk},
-                                        ScalarType::Int);
-  k::SelectParams p{};
-  p.q = qv.data_ptr();
-  p.cols = cols.data_ptr();
+  SelectCall c;
+  c.rep = a.rep;
+  c.dtype = q.scalar_type();
+  c.head_dim = d.d;
+  c.qv = vector_ready(q);
+  c.cols = a.rep == RepMode::kMax ? vector_ready(k_cache) : torch::stable::contiguous(*reps);
+  c.idx = torch::stable::new_empty(q, {d.batch, d.hkv, d.n_blocks, topk}, ScalarType::Int);
+  k::SelectParams& p = c.p;
+  p.q = c.qv.data_ptr();
+  p.cols = c.cols.data_ptr();
   // Kernels read lens[b] at offset b; a strided view from a direct torch.ops call is copied.
-  const Tensor lens = torch::stable::contiguous(cache_seqlens);
-  p.seqlens = static_cast<const int*>(lens.data_ptr());
-  p.idx = static_cast<int*>(idx.data_ptr());
-  p.q_sb = qv.stride(0);
-  p.q_sh = qv.stride(1);
-  p.q_sl = qv.stride(2);
-  p.c_sb = cols.stride(0);
-  p.c_sh = cols.stride(1);
-  p.c_sn = cols.stride(2);
+  c.lens = torch::stable::contiguous(cache_seqlens);
+  p.seqlens = static_cast<const int*>(c.lens.data_ptr());
+  p.idx = static_cast<int*>(c.idx.data_ptr());
+  p.q_sb = c.qv.stride(0);
+  p.q_sh = c.qv.stride(1);
+  p.q_sl = c.qv.stride(2);
+  p.c_sb = c.cols.stride(0);
+  p.c_sh = c.cols.stride(1);
+  p.c_sn = c.cols.stride(2);
   // Only "max" reads the cache; reps are [B, Hkv, n_chunks, ...] whatever the cache layout.
-  if (a.rep == RepMode::kMax) p.pages = page_table(cols, d, a);
+  if (a.rep == RepMode::kMax) p.pages = page_table(c.cols, d, a);
   p.batch = static_cast<int>(d.batch);
   p.hq = static_cast<int>(d.hq);
   p.hkv = static_cast<int>(d.hkv);
@@ -215,30 +225,53 @@ Tensor select_chunks_cuda(Tensor q, Tensor k_cache, std::optional<Tensor> reps,
   p.n_cols = static_cast<int>(
       max_middle_chunks(d.nmax, d.lq, p.query_block, sink, local, chunk));
   k::plan_select(p, a.rep, static_cast<int>(d.d));
-  const cudaStream_t stream = current_stream(q);
-  Tensor scores = torch::stable::new_empty(
+  c.scores = torch::stable::new_empty(
       q, {std::max<int64_t>(1, k::select_workspace_words(p, a.rep, static_cast<int>(d.d)))},
       ScalarType::Int);
-  p.scores = static_cast<uint32_t*>(scores.data_ptr());
-  if (p.atomic) {
-    check_launch(cudaMemsetAsync(p.scores, 0, scores.numel() * sizeof(uint32_t), stream),
-                 "select_chunks");
-  }
-  dispatch_kernel(q.scalar_type(), d.d, "select_chunks", [&](auto tag, auto dim) {
-    using T = typename decltype(tag)::type;
-    check_launch(k::launch_select_chunks<T, decltype(dim)::value>(p, a.rep, stream),
-                 "select_chunks");
-  });
-  return idx;
+  p.scores = static_cast<uint32_t*>(c.scores.data_ptr());
+  return c;
 }
 
-std::tuple<Tensor, Tensor> gather_attention_cuda(Tensor q, Tensor k_cache, Tensor v_cache,
-                                                 Tensor cache_seqlens, Tensor idx,
-                                                 Tensor inv_freq, int64_t sink, int64_t local,
-                                                 int64_t chunk, int64_t query_block,
-                                                 double scale, double rope_scale,
-                                                 std::string rope_style, std::string positions,
-                                                 std::optional<Tensor> block_table) {
+void launch_select(const SelectCall& c, cudaStream_t stream, bool topk_early) {
+  const k::SelectParams& p = c.p;
+  if (p.atomic) {
+    check_launch(cudaMemsetAsync(p.scores, 0, c.scores.numel() * sizeof(uint32_t), stream),
+                 "select_chunks");
+  }
+  dispatch_kernel(c.dtype, c.head_dim, "select_chunks", [&](auto tag, auto dim) {
+    using T = typename decltype(tag)::type;
+    check_launch(k::launch_select_chunks<T, decltype(dim)::value>(p, c.rep, stream, topk_early),
+                 "select_chunks");
+  });
+}
+
+Tensor select_chunks_cuda(Tensor q, Tensor k_cache, std::optional<Tensor> reps,
+                          Tensor cache_seqlens, int64_t sink, int64_t local, int64_t chunk,
+                          int64_t topk, std::string rep, int64_t query_block,
+                          std::optional<Tensor> block_table) {
+  torch::stable::accelerator::DeviceGuard guard(q.get_device_index());
+  const SelectCall c = prepare_select(q, k_cache, reps, cache_seqlens, sink, local, chunk, topk,
+                                      rep, query_block, block_table);
+  launch_select(c, current_stream(q), false);
+  return c.idx;
+}
+
+// A gather_attention call with its checked inputs, params, outputs and workspaces (held until
+// launched).
+struct AttnCall {
+  k::AttnParams p{};
+  ScalarType dtype = ScalarType::BFloat16;
+  int64_t head_dim = 0;
+  bool sm90 = false;
+  Tensor qv, kv, vv, freqs, lens, out, lse, o_part, lse_part, rope_table, k_rot;
+};
+
+AttnCall prepare_attention(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
+                           const Tensor& cache_seqlens, const Tensor& idx,
+                           const Tensor& inv_freq, int64_t sink, int64_t local, int64_t chunk,
+                           int64_t query_block, double scale, double rope_scale,
+                           const std::string& rope_style, const std::string& positions,
+                           const std::optional<Tensor>& block_table) {
   const OpArgs a = gather_attention_args(q, k_cache, v_cache, cache_seqlens, idx, inv_freq, sink,
                                         local, chunk, query_block, block_table);
   const Dims d = check_inputs(a);
@@ -246,33 +279,38 @@ std::tuple<Tensor, Tensor> gather_attention_cuda(Tensor q, Tensor k_cache, Tenso
   STD_TORCH_CHECK(q.is_cuda(), "gather_attention (cuda) needs CUDA tensors");
   const bool interleaved = parse_rope_style(rope_style) == RopeStyle::kInterleaved;
   const bool compact = parse_positions(positions) == PosMode::kCompact;
-  torch::stable::accelerator::DeviceGuard guard(q.get_device_index());
 
-  const Tensor qv = vector_ready(q), kv = vector_ready(k_cache), vv = vector_ready(v_cache);
-  const Tensor freqs = torch::stable::contiguous(inv_freq);
-  Tensor out = torch::stable::new_empty(q, {d.batch, d.hq, d.lq, d.d});
-  Tensor lse = torch::stable::new_empty(q, {d.batch, d.hq, d.lq}, ScalarType::Float);
-  k::AttnParams p{};
-  p.q = qv.data_ptr();
-  p.k = kv.data_ptr();
-  p.v = vv.data_ptr();
+  AttnCall c;
+  c.dtype = q.scalar_type();
+  c.head_dim = d.d;
+  c.sm90 = sm90_device(q.get_device_index());
+  c.qv = vector_ready(q);
+  c.kv = vector_ready(k_cache);
+  c.vv = vector_ready(v_cache);
+  c.freqs = torch::stable::contiguous(inv_freq);
+  c.out = torch::stable::new_empty(q, {d.batch, d.hq, d.lq, d.d});
+  c.lse = torch::stable::new_empty(q, {d.batch, d.hq, d.lq}, ScalarType::Float);
+  k::AttnParams& p = c.p;
+  p.q = c.qv.data_ptr();
+  p.k = c.kv.data_ptr();
+  p.v = c.vv.data_ptr();
   // Kernels read lens[b] at offset b; a strided view from a direct torch.ops call is copied.
-  const Tensor lens = torch::stable::contiguous(cache_seqlens);
-  p.seqlens = static_cast<const int*>(lens.data_ptr());
+  c.lens = torch::stable::contiguous(cache_seqlens);
+  p.seqlens = static_cast<const int*>(c.lens.data_ptr());
   p.idx = static_cast<const int*>(idx.data_ptr());
-  p.inv_freq = static_cast<const float*>(freqs.data_ptr());
-  p.out = out.data_ptr();
-  p.lse = static_cast<float*>(lse.data_ptr());
-  p.q_sb = qv.stride(0);
-  p.q_sh = qv.stride(1);
-  p.q_sl = qv.stride(2);
-  p.k_sb = kv.stride(0);
-  p.k_sh = kv.stride(1);
-  p.k_sn = kv.stride(2);
-  p.v_sb = vv.stride(0);
-  p.v_sh = vv.stride(1);
-  p.v_sn = vv.stride(2);
-  p.pages = page_table(kv, d, a);  // k and v share the table
+  p.inv_freq = static_cast<const float*>(c.freqs.data_ptr());
+  p.out = c.out.data_ptr();
+  p.lse = static_cast<float*>(c.lse.data_ptr());
+  p.q_sb = c.qv.stride(0);
+  p.q_sh = c.qv.stride(1);
+  p.q_sl = c.qv.stride(2);
+  p.k_sb = c.kv.stride(0);
+  p.k_sh = c.kv.stride(1);
+  p.k_sn = c.kv.stride(2);
+  p.v_sb = c.vv.stride(0);
+  p.v_sh = c.vv.stride(1);
+  p.v_sn = c.vv.stride(2);
+  p.pages = page_table(c.kv, d, a);  // k and v share the table
   p.i_sb = idx.stride(0);
   p.i_sh = idx.stride(1);
   p.i_sblk = idx.stride(2);
@@ -297,38 +335,78 @@ std::tuple<Tensor, Tensor> gather_attention_cuda(Tensor q, Tensor k_cache, Tenso
                     device_attribute(q.get_device_index(),
                                      cudaDevAttrMaxSharedMemoryPerMultiprocessor));
   // Split workspace: its size depends on static shapes only (capturable in a CUDA graph).
-  Tensor o_part, lse_part;
   if (p.num_splits > 1) {
-    o_part = torch::stable::new_empty(q, {p.num_splits, d.batch, d.hq, d.lq, d.d},
-                                      ScalarType::Float);
-    lse_part = torch::stable::new_empty(q, {p.num_splits, d.batch, d.hq, d.lq},
+    c.o_part = torch::stable::new_empty(q, {p.num_splits, d.batch, d.hq, d.lq, d.d},
                                         ScalarType::Float);
-    p.o_part = static_cast<float*>(o_part.data_ptr());
-    p.lse_part = static_cast<float*>(lse_part.data_ptr());
+    c.lse_part = torch::stable::new_empty(q, {p.num_splits, d.batch, d.hq, d.lq},
+                                          ScalarType::Float);
+    p.o_part = static_cast<float*>(c.o_part.data_ptr());
+    p.lse_part = static_cast<float*>(c.lse_part.data_ptr());
   }
   // RoPE table of the many-rows kernel, also sized from static shapes only.
-  Tensor rope_table;
   if (const int64_t elems = k::rope_table_elems(p); elems > 0) {
-    rope_table = torch::stable::new_empty(q, {2 * elems}, ScalarType::Float);
-    p.rope_table = static_cast<float2*>(rope_table.data_ptr());
+    c.rope_table = torch::stable::new_empty(q, {2 * elems}, ScalarType::Float);
+    p.rope_table = static_cast<float2*>(c.rope_table.data_ptr());
   }
   // Rotated K rows of the sm_90a many-rows kernel, in q's dtype: sized from static shapes
   // (the launcher runs groups of query blocks that fit it): at most 256 MiB unless a single
   // block needs more.
-  Tensor k_rot;
-  if (const int64_t k_rot_elems =
-          k::prerot_elems(p, static_cast<int>(d.d), sm90_device(q.get_device_index()));
+  if (const int64_t k_rot_elems = k::prerot_elems(p, static_cast<int>(d.d), c.sm90);
       k_rot_elems > 0) {
-    k_rot = torch::stable::new_empty(q, {k_rot_elems});
-    p.k_rot = k_rot.data_ptr();
+    c.k_rot = torch::stable::new_empty(q, {k_rot_elems});
+    p.k_rot = c.k_rot.data_ptr();
   }
-  const cudaStream_t stream = current_stream(q);
-  dispatch_kernel(q.scalar_type(), d.d, "gather_attention", [&](auto tag, auto dim) {
+  return c;
+}
+
+void launch_attention(const AttnCall& c, cudaStream_t stream, bool overlap) {
+  dispatch_kernel(c.dtype, c.head_dim, "gather_attention", [&](auto tag, auto dim) {
     using T = typename decltype(tag)::type;
-    check_launch(k::launch_gather_attention<T, decltype(dim)::value>(p, stream),
+    check_launch(k::launch_gather_attention<T, decltype(dim)::value>(c.p, stream, overlap),
                  "gather_attention");
   });
-  return std::make_tuple(out, lse);
+}
+
+std::tuple<Tensor, Tensor> gather_attention_cuda(Tensor q, Tensor k_cache, Tensor v_cache,
+                                                 Tensor cache_seqlens, Tensor idx,
+                                                 Tensor inv_freq, int64_t sink, int64_t local,
+                                                 int64_t chunk, int64_t query_block,
+                                                 double scale, double rope_scale,
+                                                 std::string rope_style, std::string positions,
+                                                 std::optional<Tensor> block_table) {
+  torch::stable::accelerator::DeviceGuard guard(q.get_device_index());
+  const AttnCall c = prepare_attention(q, k_cache, v_cache, cache_seqlens, idx, inv_freq, sink,
+                                       local, chunk, query_block, scale, rope_scale, rope_style,
+                                       positions, block_table);
+  launch_attention(c, current_stream(q), false);
+  return std::make_tuple(c.out, c.lse);
+}
+
+// select_chunks then gather_attention on its idx, as one op (docs/design.md section 5.3). Every
+// tensor of both is allocated before the first launch and held until the last, so no buffer of
+// the one can be reused by the other while their kernels overlap: on sm_90 a decode call's
+// attention is launched as a programmatic dependent of the selection, and its CTAs that need
+// no selected chunk (sink and local window) run while the chunks are still being scored and
+// ranked. REATTENTION_OVERLAP=0 turns that off (1: beside the top-k; 2, the default: beside
+// the scoring as well).
+std::tuple<Tensor, Tensor, Tensor> attend_cuda(
+    Tensor q, Tensor k_cache, Tensor v_cache, std::optional<Tensor> reps, Tensor cache_seqlens,
+    Tensor inv_freq, int64_t sink, int64_t local, int64_t chunk, int64_t topk, std::string rep,
+    int64_t query_block, double scale, double rope_scale, std::string rope_style,
+    std::string positions, std::optional<Tensor> block_table) {
+  torch::stable::accelerator::DeviceGuard guard(q.get_device_index());
+  const SelectCall sc = prepare_select(q, k_cache, reps, cache_seqlens, sink, local, chunk, topk,
+                                       rep, query_block, block_table);
+  const AttnCall ac = prepare_attention(q, k_cache, v_cache, cache_seqlens, sc.idx, inv_freq,
+                                        sink, local, chunk, query_block, scale, rope_scale,
+                                        rope_style, positions, block_table);
+  int mode = 2;
+  if (const char* env = std::getenv("REATTENTION_OVERLAP")) mode = std::atoi(env);
+  const bool overlap = mode > 0 && ac.sm90;
+  const cudaStream_t stream = current_stream(q);
+  launch_select(sc, stream, overlap && mode >= 2);
+  launch_attention(ac, stream, overlap);
+  return std::make_tuple(ac.out, ac.lse, sc.idx);
 }
 
 }  // namespace
@@ -337,6 +415,7 @@ STABLE_TORCH_LIBRARY_IMPL(reattention, CUDA, m) {
   m.impl("chunk_reps", TORCH_BOX(&chunk_reps_cuda));
   m.impl("select_chunks", TORCH_BOX(&select_chunks_cuda));
   m.impl("gather_attention", TORCH_BOX(&gather_attention_cuda));
+  m.impl("attend", TORCH_BOX(&attend_cuda));
 }
 
 }  // namespace reattention

@@ -108,6 +108,45 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
 }
 
+// Programmatic dependent launch (sm_90; no-ops below). A kernel launched with the
+// programmatic-stream-serialization attribute may start once every CTA of the kernel ahead of
+// it has called grid_dependents_launch (or exited); grid_dependency_wait then blocks until
+// that kernel has completed and its writes are visible. Without the attribute the wait
+// returns at once.
+__device__ __forceinline__ void grid_dependents_launch() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void grid_dependency_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+
+// Launches kernel<<<grid, block, smem, stream>>>(args...), with early = true as a programmatic
+// dependent of the kernel ahead of it in the stream (grid_dependents_launch above).
+template <typename... Params, typename... Args>
+cudaError_t launch_maybe_early(void (*kernel)(Params...), dim3 grid, dim3 block, int smem,
+                               cudaStream_t stream, bool early, Args... args) {
+  if (!early) {
+    kernel<<<grid, block, smem, stream>>>(args...);
+    return cudaGetLastError();
+  }
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = static_cast<size_t>(smem);
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  return cudaLaunchKernelEx(&cfg, kernel, static_cast<Params>(args)...);
+}
+
 // Element offset of (row, col) in a swizzled tile with kRow elements per row.
 template <int kRow>
 __device__ __forceinline__ int swz(int row, int col) {

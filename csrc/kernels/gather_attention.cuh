@@ -53,11 +53,14 @@ inline void plan_attention(AttnParams& p, int head_dim, int num_sms, int smem_pe
   p.num_splits = static_cast<int>(per < 1 ? 1 : (tiles_max + per - 1) / per);
 }
 
+// overlap (decode calls only, see launch_decode_attention): the attention runs beside the
+// selection that was launched just before it.
 template <typename T, int D>
-cudaError_t launch_gather_attention(const AttnParams& p, cudaStream_t stream) {
+cudaError_t launch_gather_attention(const AttnParams& p, cudaStream_t stream,
+                                    bool overlap = false) {
   if (p.batch == 0 || p.hq == 0 || p.lq == 0) return cudaSuccess;
   const bool decode = few_rows(p.lq, p.query_block, p.hq / p.hkv);
-  cudaError_t err = decode ? launch_decode_attention<T, D>(p, stream)
+  cudaError_t err = decode ? launch_decode_attention<T, D>(p, stream, overlap)
                            : launch_prefill_attention<T, D>(p, stream);
   if (err != cudaSuccess || p.num_splits == 1) return err;
   return launch_merge_splits<T, D>(p, stream);

@@ -241,7 +241,7 @@ template <typename T, int D, bool kT>
 __global__ void __launch_bounds__(kAttnThreads,
                                   kT ? attn_t_ctas_per_sm(D, 1, decode_smem_per_sm())
                                      : decode_min_blocks<D>())
-    gather_attention_kernel(AttnParams p) {
+    gather_attention_kernel(AttnParams p, bool overlap) {
   constexpr TileShape kTile = kFewRowsTile;
   constexpr int kWarpsN = kTile.warps_n;
   constexpr int kBM = kT ? kRowsT : kTile.block_m, kBN = kTile.block_n;
@@ -273,8 +273,13 @@ __global__ void __launch_bounds__(kAttnThreads,
   const int wm = warp / kWarpsN, wn = warp % kWarpsN;
   const AttnTile at = attn_tile(p, kBM);
   if (at.row0 >= at.rows) return;
-  const int beta = at.beta, h = at.h, split = at.split, b = at.b, group = at.group;
+  const int beta = at.beta, b = at.b, group = at.group;
   const int q0 = at.q0, rows = at.rows, row0 = at.row0;
+  // overlap (attend): this grid may run beside the selection that writes idx. Its CTAs are
+  // ordered by split, last split first, the kv heads of a split side by side, so the local
+  // window's tiles are dispatched first and the selected chunks' last.
+  const int h = overlap ? blockIdx.y % p.hkv : at.h;
+  const int split = overlap ? p.num_splits - 1 - static_cast<int>(blockIdx.y) / p.hkv : at.split;
 
   // Prologue, one chain of latencies instead of several: the loads that do not depend on each
   // other go out first and together (the sequence's length, the block's idx row, this
@@ -293,7 +298,7 @@ __global__ void __launch_bounds__(kAttnThreads,
   const int* sel = p.idx + b * p.i_sb + h * p.i_sh + beta * p.i_sblk;
   constexpr int kSelWords = D <= 64 ? 4 : 8;
   SelRow<kSelWords> sel_row;
-  sel_row.load(sel, p.topk, lane);
+  if (!overlap) sel_row.load(sel, p.topk, lane);
   const int qi = tid % kHalf, qr0 = tid / kHalf;  // frequency qi of rows qr0 + k * kQRowStep
   int qd0, qd1;
   rope_pair(qi, p.half_rot, p.interleaved, qd0, qd1);
@@ -334,7 +339,25 @@ __global__ void __launch_bounds__(kAttnThreads,
 
   int end;
   GatheredKeys gk = gathered_keys_start(p, n, b, h, beta, &end);
-  gathered_keys_finish(gk, p, end, sel_row.count(sel, p.topk, lane));
+  if (overlap) {
+    // The selection of this op emits exactly min(topk, M) chunks (docs/design.md 2.5), so the
+    // gathered layout is known before idx is: only a CTA whose tiles reach the selected
+    // chunks waits for the selection (and loads its idx row past the wait).
+    const int n_sel = min(p.topk, (gk.mid_end - p.sink) / p.chunk);
+    gathered_keys_finish(gk, p, end, n_sel);
+    const int key0 = split * p.tiles_per_split * kBN;
+    const int key1 = key0 + p.tiles_per_split * kBN;
+    if (n_sel > 0 && key0 < gk.loc0 && key1 > gk.sink_len) {
+      grid_dependency_wait();
+      sel_row.load(sel, p.topk, lane);
+    } else {
+      sel_row.words = 0;
+#pragma unroll
+      for (int j = 0; j < kSelWords; ++j) sel_row.w[j] = -1;
+    }
+  } else {
+    gathered_keys_finish(gk, p, end, sel_row.count(sel, p.topk, lane));
+  }
   const int n_keys = gk.n_keys;
   const T *k_base, *v_base;
   kv_bases<T>(p, b, h, k_base, v_base);
@@ -569,8 +592,10 @@ __global__ void __launch_bounds__(kAttnThreads,
 
 // Blocks of at most 8 rows take the transposed kernel (one K/V stage when plan_attention made
 // every split one key tile), larger ones the m16 kernel.
+// overlap: launched as a programmatic dependent of the selection ahead of it (attend; idx must
+// hold exactly min(topk, M) chunks per block, as select_chunks writes it).
 template <typename T, int D>
-cudaError_t launch_decode_attention(const AttnParams& p, cudaStream_t stream) {
+cudaError_t launch_decode_attention(const AttnParams& p, cudaStream_t stream, bool overlap) {
   const bool t = transposed_rows(p.lq, p.query_block, p.hq / p.hkv);
   const int smem = attn_smem_bytes(D, t, attn_stages(t, p.tiles_per_split));
   auto kernel = t ? gather_attention_kernel<T, D, true> : gather_attention_kernel<T, D, false>;
@@ -578,8 +603,7 @@ cudaError_t launch_decode_attention(const AttnParams& p, cudaStream_t stream) {
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
   const dim3 grid(p.n_blocks * p.row_tiles, p.hkv * p.num_splits, p.batch);
-  kernel<<<grid, kAttnThreads, smem, stream>>>(p);
-  return cudaGetLastError();
+  return launch_maybe_early(kernel, grid, dim3(kAttnThreads), smem, stream, overlap, p, overlap);
 }
 
 }  // namespace reattention::kernels

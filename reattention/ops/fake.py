@@ -26,6 +26,15 @@ if _status["cpu"] is None:
                                block_table=None):
         return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
 
+    @torch.library.register_fake("reattention::attend")
+    def _attend_fake(q, k_cache, v_cache, reps, cache_seqlens, inv_freq, sink, local, chunk,
+                     topk, rep, query_block, scale, rope_scale, rope_style, positions,
+                     block_table=None):
+        b, _, lq, _ = q.shape
+        n_blocks = -(-lq // query_block)
+        return (torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32),
+                q.new_empty((b, k_cache.shape[1], n_blocks, topk), dtype=torch.int32))
+
     @torch.library.register_fake("reattention::copy_pages")
     def _copy_pages_fake(dst, src, dst_index, src_index, mask=None):
         return None

@@ -72,3 +72,33 @@ def gather_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     return _op("gather_attention", backend)(q, k_cache, v_cache, cache_seqlens, idx, inv_freq,
                                             sink, local, chunk, query_block, scale, rope_scale,
                                             rope_style, positions, block_table)
+
+
+def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+           cache_seqlens: torch.Tensor, reps: torch.Tensor | None, *, inv_freq: torch.Tensor,
+           sink: int, local: int, chunk: int, topk: int, query_block: int, rep: str,
+           scale: float, rope_scale: float, rope_style: str, positions: str, backend: str,
+           block_table: torch.Tensor | None = None,
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out, lse, idx): :func:`select_chunks`, then :func:`gather_attention` on its idx.
+
+    On "cuda" this is one op, ``torch.ops.reattention.attend``, whose decode attention starts
+    beside the selection (docs/design.md section 5.3); the other backends run the two cores in
+    turn. Same results either way."""
+    if backend != "cuda":
+        idx = select_chunks(q, k_cache, cache_seqlens, reps, sink=sink, local=local, chunk=chunk,
+                            topk=topk, query_block=query_block, rep=rep, backend=backend,
+                            block_table=block_table)
+        out, lse = gather_attention(q, k_cache, v_cache, idx, cache_seqlens, inv_freq=inv_freq,
+                                    sink=sink, local=local, chunk=chunk,
+                                    query_block=query_block, scale=scale,
+                                    rope_scale=rope_scale, rope_style=rope_style,
+                                    positions=positions, backend=backend,
+                                    block_table=block_table)
+        return out, lse, idx
+    if reps is None and rep != "max":
+        reps = chunk_reps(k_cache, cache_seqlens, sink=sink, chunk=chunk, rep=rep,
+                          backend=backend, block_table=block_table)
+    return torch.ops.reattention.attend(q, k_cache, v_cache, reps, cache_seqlens, inv_freq, sink,
+                                        local, chunk, topk, rep, query_block, scale, rope_scale,
+                                        rope_style, positions, block_table)
