@@ -28,8 +28,9 @@ STABLE_TORCH_LIBRARY(reattention, m) {
       "float scale, float rope_scale, str rope_style, str positions, Tensor? block_table=None) "
       "-> (Tensor, Tensor)");
   // select_chunks then gather_attention on its idx, in one call: (out, lse, idx). The CUDA
-  // kernel overlaps the two where it can (docs/design.md section 5.3); other backends are the
-  // two ops in turn (reattention.ops.unchecked.attend).
+  // kernel overlaps the two where it can (docs/design.md section 5.3); the CPU kernel
+  // (reattention/ops/backends.py) and the other backends (reattention.ops.unchecked.attend)
+  // run the two ops in turn.
   m.def(
       "attend(Tensor q, Tensor k_cache, Tensor v_cache, Tensor? reps, Tensor cache_seqlens, "
       "Tensor inv_freq, int sink, int local, int chunk, int topk, str rep, int query_block, "

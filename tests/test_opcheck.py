@@ -32,3 +32,12 @@ def test_opcheck(backend):
                           (q, k, None, lens, 8, 32, 16, 4, "max", 2))
     torch.library.opcheck(torch.ops.reattention.gather_attention.default,
                           (q, k, v, lens, idx, inv, 8, 32, 16, 2, 0.125, 1.0, "half", "compact"))
+    attend_args = (q, k, v, None, lens, inv, 8, 32, 16, 4, "max", 2, 0.125, 1.0, "half",
+                   "compact")
+    torch.library.opcheck(torch.ops.reattention.attend.default, attend_args)
+    out, lse, got = torch.ops.reattention.attend(*attend_args)  # the two ops in turn
+    want, want_lse = torch.ops.reattention.gather_attention(
+        q, k, v, lens, idx, inv, 8, 32, 16, 2, 0.125, 1.0, "half", "compact")
+    torch.testing.assert_close(got, idx, rtol=0, atol=0)
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+    torch.testing.assert_close(lse, want_lse, rtol=0, atol=0)

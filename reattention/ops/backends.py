@@ -102,6 +102,21 @@ def _load_libraries() -> None:
 
 _load_libraries()
 
+if _status["cpu"] is None:
+    # attend's CPU kernel: the two ops in turn (the CUDA one, in csrc/cuda/ops_cuda.cu,
+    # overlaps them).
+    @torch.library.impl("reattention::attend", "CPU")
+    def _attend_cpu(q, k_cache, v_cache, reps, cache_seqlens, inv_freq, sink, local, chunk, topk,
+                    rep, query_block, scale, rope_scale, rope_style, positions,
+                    block_table=None):
+        ops = torch.ops.reattention
+        idx = ops.select_chunks(q, k_cache, reps, cache_seqlens, sink, local, chunk, topk, rep,
+                                query_block, block_table)
+        out, lse = ops.gather_attention(q, k_cache, v_cache, cache_seqlens, idx, inv_freq, sink,
+                                        local, chunk, query_block, scale, rope_scale,
+                                        rope_style, positions, block_table)
+        return out, lse, idx
+
 
 def available_backends() -> dict[str, str | None]:
     """Map each backend to ``None`` when usable here, else the reason it is not."""
