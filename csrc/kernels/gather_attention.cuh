@@ -10,6 +10,8 @@
 // when the keys are split.
 #pragma once
 
+#include <cstdlib>
+
 #include "gather_attention_decode.cuh"
 #include "gather_attention_prefill.cuh"
 
@@ -63,7 +65,10 @@ cudaError_t launch_gather_attention(const AttnParams& p, cudaStream_t stream,
   cudaError_t err = decode ? launch_decode_attention<T, D>(p, stream, overlap)
                            : launch_prefill_attention<T, D>(p, stream);
   if (err != cudaSuccess || p.num_splits == 1) return err;
-  return launch_merge_splits<T, D>(p, stream);
+  // PROTOTYPE: REATTENTION_MERGE_EARLY=1 launches the merge of an overlapped decode call early.
+  const char* e = std::getenv("REATTENTION_MERGE_EARLY");
+  const bool early = overlap && decode && e != nullptr && e[0] == '1';
+  return launch_merge_splits<T, D>(p, stream, early);
 }
 
 }  // namespace reattention::kernels

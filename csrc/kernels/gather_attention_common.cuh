@@ -541,6 +541,7 @@ __global__ void __launch_bounds__(kWarps * 32) merge_splits_kernel(AttnParams p)
   const int64_t n_rows = static_cast<int64_t>(p.batch) * p.hq * p.lq;
   const int64_t row = blockIdx.x;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  grid_dependency_wait();  // launched early (attend): the partials are read past the wait
 
   float m = -INFINITY, sum = 0.f, acc[kPer];
 #pragma unroll
@@ -604,16 +605,17 @@ __global__ void __launch_bounds__(kWarps * 32) merge_splits_kernel(AttnParams p)
 }
 
 template <typename T, int D>
-cudaError_t launch_merge_splits(const AttnParams& p, cudaStream_t stream) {
+cudaError_t launch_merge_splits(const AttnParams& p, cudaStream_t stream, bool early = false) {
   const unsigned rows = static_cast<unsigned>(static_cast<int64_t>(p.batch) * p.hq * p.lq);
   if (p.num_splits > 64) {
-    merge_splits_kernel<T, D, 16, 8><<<rows, 16 * 32, 0, stream>>>(p);
+    return launch_maybe_early(merge_splits_kernel<T, D, 16, 8>, dim3(rows), dim3(16 * 32), 0,
+                              stream, early, p);
   } else if (p.num_splits > 16) {
-    merge_splits_kernel<T, D, 16, 4><<<rows, 16 * 32, 0, stream>>>(p);
-  } else {
-    merge_splits_kernel<T, D, 4, 4><<<rows, 4 * 32, 0, stream>>>(p);
+    return launch_maybe_early(merge_splits_kernel<T, D, 16, 4>, dim3(rows), dim3(16 * 32), 0,
+                              stream, early, p);
   }
-  return cudaGetLastError();
+  return launch_maybe_early(merge_splits_kernel<T, D, 4, 4>, dim3(rows), dim3(4 * 32), 0,
+                            stream, early, p);
 }
 
 }  // namespace reattention::kernels

@@ -511,6 +511,8 @@ __global__ void __launch_bounds__(kAttnThreads,
     if (tile + stages < t_end) load_tile(stage, tile + stages, nullptr); else cp_async_commit();
   }
 
+  // PROTOTYPE: the merge (launched early) may start once every CTA is past its keys.
+  if (overlap) grid_dependents_launch();
   // Epilogue: per-warp (m, l, unnormalised O) through shared memory, merged over the warps
   // that split the key tile, normalised, written as the output or as this split's partial.
   cp_async_wait<0>();  // only empty groups can be left; s_o overlays the K/V stages

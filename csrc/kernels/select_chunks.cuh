@@ -40,6 +40,8 @@
 //    largest key T, then keeps key > T and the lowest-index keys == T (ties go low).
 #pragma once
 
+#include <cstdlib>
+
 #include <algorithm>
 
 #include "device_utils.cuh"
@@ -1204,8 +1206,16 @@ cudaError_t launch_select_chunks(const SelectParams& p, RepMode rep, cudaStream_
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          kCandBytes + kTopkSmemRowBytes);
   if (err != cudaSuccess) return err;
-  return launch_maybe_early(kernel, dim3(p.batch * p.hkv * p.n_blocks), dim3(kTopkThreads), smem,
-                            stream, topk_early && p.n_cols > 0, p, stage_row);
+  // PROTOTYPE: REATTENTION_TOPK_SOLO=1 asks for enough shared memory that no attention CTA
+  // shares an SM with a top-k CTA.
+  int launch_smem = smem;
+  if (const char* e = std::getenv("REATTENTION_TOPK_SOLO"); e != nullptr && e[0] == '1') {
+    launch_smem = 190 * 1024;
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, launch_smem);
+    if (err != cudaSuccess) return err;
+  }
+  return launch_maybe_early(kernel, dim3(p.batch * p.hkv * p.n_blocks), dim3(kTopkThreads),
+                            launch_smem, stream, topk_early && p.n_cols > 0, p, stage_row);
 }
 
 }  // namespace reattention::kernels
