@@ -232,7 +232,7 @@ SelectCall prepare_select(const Tensor& q, const Tensor& k_cache, const std::opt
   return c;
 }
 
-void launch_select(const SelectCall& c, cudaStream_t stream, bool topk_early) {
+void launch_select(const SelectCall& c, cudaStream_t stream) {
   const k::SelectParams& p = c.p;
   if (p.atomic) {
     check_launch(cudaMemsetAsync(p.scores, 0, c.scores.numel() * sizeof(uint32_t), stream),
@@ -240,7 +240,7 @@ void launch_select(const SelectCall& c, cudaStream_t stream, bool topk_early) {
   }
   dispatch_kernel(c.dtype, c.head_dim, "select_chunks", [&](auto tag, auto dim) {
     using T = typename decltype(tag)::type;
-    check_launch(k::launch_select_chunks<T, decltype(dim)::value>(p, c.rep, stream, topk_early),
+    check_launch(k::launch_select_chunks<T, decltype(dim)::value>(p, c.rep, stream),
                  "select_chunks");
   });
 }
@@ -252,7 +252,7 @@ Tensor select_chunks_cuda(Tensor q, Tensor k_cache, std::optional<Tensor> reps,
   torch::stable::accelerator::DeviceGuard guard(q.get_device_index());
   const SelectCall c = prepare_select(q, k_cache, reps, cache_seqlens, sink, local, chunk, topk,
                                       rep, query_block, block_table);
-  launch_select(c, current_stream(q), false);
+  launch_select(c, current_stream(q));
   return c.idx;
 }
 
@@ -382,13 +382,13 @@ std::tuple<Tensor, Tensor> gather_attention_cuda(Tensor q, Tensor k_cache, Tenso
   return std::make_tuple(c.out, c.lse);
 }
 
-// select_chunks then gather_attention on its idx, as one op (docs/design.md section 5.3). Every
-// tensor of both is allocated before the first launch and held until the last, so no buffer of
-// the one can be reused by the other while their kernels overlap: on sm_90 a decode call's
-// attention is launched as a programmatic dependent of the selection, and its CTAs that need
-// no selected chunk (sink and local window) run while the chunks are still being scored and
-// ranked. REATTENTION_OVERLAP=0 turns that off (1: beside the top-k; 2, the default: beside
-// the scoring as well).
+// select_chunks then gather_attention on its idx, as one op (docs/design.md section 3.5).
+// Every tensor of both calls is allocated before the first launch and held until the last, so
+// neither call can get memory the other still uses while their kernels overlap. On sm_90 the
+// decode attention is launched as a programmatic dependent of the selection's last kernel:
+// its CTAs that need no selected chunk (sink, local window) run beside the top-k, the others
+// wait for it; its merge is launched the same way. REATTENTION_OVERLAP=0 launches them one
+// after the other instead (same results, bit for bit).
 std::tuple<Tensor, Tensor, Tensor> attend_cuda(
     Tensor q, Tensor k_cache, Tensor v_cache, std::optional<Tensor> reps, Tensor cache_seqlens,
     Tensor inv_freq, int64_t sink, int64_t local, int64_t chunk, int64_t topk, std::string rep,
@@ -400,11 +400,10 @@ std::tuple<Tensor, Tensor, Tensor> attend_cuda(
   const AttnCall ac = prepare_attention(q, k_cache, v_cache, cache_seqlens, sc.idx, inv_freq,
                                         sink, local, chunk, query_block, scale, rope_scale,
                                         rope_style, positions, block_table);
-  int mode = 2;
-  if (const char* env = std::getenv("REATTENTION_OVERLAP")) mode = std::atoi(env);
-  const bool overlap = mode > 0 && ac.sm90;
+  const char* env = std::getenv("REATTENTION_OVERLAP");
+  const bool overlap = ac.sm90 && !(env != nullptr && std::string(env) == "0");
   const cudaStream_t stream = current_stream(q);
-  launch_select(sc, stream, overlap && mode >= 2);
+  launch_select(sc, stream);
   launch_attention(ac, stream, overlap);
   return std::make_tuple(ac.out, ac.lse, sc.idx);
 }

@@ -10,8 +10,6 @@
 // when the keys are split.
 #pragma once
 
-#include <cstdlib>
-
 #include "gather_attention_decode.cuh"
 #include "gather_attention_prefill.cuh"
 
@@ -56,7 +54,7 @@ inline void plan_attention(AttnParams& p, int head_dim, int num_sms, int smem_pe
 }
 
 // overlap (decode calls only, see launch_decode_attention): the attention runs beside the
-// selection that was launched just before it.
+// selection launched just before it, and the merge is launched as its programmatic dependent.
 template <typename T, int D>
 cudaError_t launch_gather_attention(const AttnParams& p, cudaStream_t stream,
                                     bool overlap = false) {
@@ -65,10 +63,8 @@ cudaError_t launch_gather_attention(const AttnParams& p, cudaStream_t stream,
   cudaError_t err = decode ? launch_decode_attention<T, D>(p, stream, overlap)
                            : launch_prefill_attention<T, D>(p, stream);
   if (err != cudaSuccess || p.num_splits == 1) return err;
-  // PROTOTYPE: REATTENTION_MERGE_EARLY=1 launches the merge of an overlapped decode call early.
-  const char* e = std::getenv("REATTENTION_MERGE_EARLY");
-  const bool early = overlap && decode && e != nullptr && e[0] == '1';
-  return launch_merge_splits<T, D>(p, stream, early);
+  // An overlapped decode attention lets its merge start as its last CTAs write their partials.
+  return launch_merge_splits<T, D>(p, stream, overlap && decode);
 }
 
 }  // namespace reattention::kernels

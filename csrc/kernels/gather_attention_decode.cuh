@@ -511,7 +511,8 @@ __global__ void __launch_bounds__(kAttnThreads,
     if (tile + stages < t_end) load_tile(stage, tile + stages, nullptr); else cp_async_commit();
   }
 
-  // PROTOTYPE: the merge (launched early) may start once every CTA is past its keys.
+  // overlap: the merge, launched as a programmatic dependent, may start once every CTA is
+  // past its keys (it waits for this grid before it reads a partial).
   if (overlap) grid_dependents_launch();
   // Epilogue: per-warp (m, l, unnormalised O) through shared memory, merged over the warps
   // that split the key tile, normalised, written as the output or as this split's partial.

@@ -40,8 +40,6 @@
 //    largest key T, then keeps key > T and the lowest-index keys == T (ties go low).
 #pragma once
 
-#include <cstdlib>
-
 #include <algorithm>
 
 #include "device_utils.cuh"
@@ -611,8 +609,9 @@ __global__ void __launch_bounds__(kScoreThreads) chunk_scores_kernel(SelectParam
   T* s_b = s_a + kBM * kVec;  // kStages buffers of kBN x kVec
   uint32_t* s_best = reinterpret_cast<uint32_t*>(s_b + kStages * kBN * kVec);
 
-  // The decode step's attention (attend) may start beside this kernel: it waits for the
-  // selection only in the CTAs that read it.
+  // attend's decode attention, launched as a programmatic dependent, may start now (with the
+  // fused top-k this kernel is the one ahead of it): only its CTAs that read selected chunks
+  // wait for the selection.
   grid_dependents_launch();
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   constexpr bool kTokens = kRep == RepMode::kMax;
@@ -1022,8 +1021,7 @@ template <int kThreads>
 __global__ void __launch_bounds__(kThreads) topk_kernel(SelectParams p, bool stage_row) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   __shared__ TopkSmem<kThreads> sm;
-  // The decode step's attention may start now (see chunk_scores_kernel). When this kernel
-  // itself was launched early (attend), the scores are read only past the wait.
+  // The decode step's attention may start now (see chunk_scores_kernel).
   grid_dependents_launch();
   const int row = blockIdx.x;  // (b * hkv + h) * n_blocks + beta
   const int b = row / (p.hkv * p.n_blocks), beta = row % p.n_blocks;
@@ -1037,7 +1035,6 @@ __global__ void __launch_bounds__(kThreads) topk_kernel(SelectParams p, bool sta
 
   uint64_t* s_cand = reinterpret_cast<uint64_t*>(smem_raw);
   const uint32_t* src = p.scores + static_cast<int64_t>(row) * p.n_cols;
-  grid_dependency_wait();
   if (stage_row) {
     uint32_t* s_row = reinterpret_cast<uint32_t*>(s_cand + kTopkFilterCap);
     for (int i = tid; i < m; i += kThreads) s_row[i] = src[i];
@@ -1172,12 +1169,8 @@ cudaError_t launch_chunk_scores_gemm(const SelectParams& plan, bool* fused, cuda
 
 // Scores (when any middle chunk can exist) then top-k. `p.scores` must be zeroed by the
 // caller when p.atomic.
-// topk_early: launch topk_kernel (when it runs) as a programmatic dependent of the scoring
-// kernel, so that it, and an attention kernel launched the same way after it, can start
-// while the scores are still streaming (attend's second overlap mode).
 template <typename T, int D>
-cudaError_t launch_select_chunks(const SelectParams& p, RepMode rep, cudaStream_t stream,
-                                 bool topk_early = false) {
+cudaError_t launch_select_chunks(const SelectParams& p, RepMode rep, cudaStream_t stream) {
   if (p.batch == 0 || p.hkv == 0) return cudaSuccess;
   bool fused = false;
   if (p.n_cols > 0) {
@@ -1206,16 +1199,8 @@ cudaError_t launch_select_chunks(const SelectParams& p, RepMode rep, cudaStream_
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          kCandBytes + kTopkSmemRowBytes);
   if (err != cudaSuccess) return err;
-  // PROTOTYPE: REATTENTION_TOPK_SOLO=1 asks for enough shared memory that no attention CTA
-  // shares an SM with a top-k CTA.
-  int launch_smem = smem;
-  if (const char* e = std::getenv("REATTENTION_TOPK_SOLO"); e != nullptr && e[0] == '1') {
-    launch_smem = 190 * 1024;
-    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, launch_smem);
-    if (err != cudaSuccess) return err;
-  }
-  return launch_maybe_early(kernel, dim3(p.batch * p.hkv * p.n_blocks), dim3(kTopkThreads),
-                            launch_smem, stream, topk_early && p.n_cols > 0, p, stage_row);
+  kernel<<<p.batch * p.hkv * p.n_blocks, kTopkThreads, smem, stream>>>(p, stage_row);
+  return cudaGetLastError();
 }
 
 }  // namespace reattention::kernels
