@@ -1,4 +1,4 @@
-// The three reattention op schemas (docs/design.md section 3). Kernels register beside their code:
+// The reattention op schemas (docs/design.md section 3). Kernels register beside their code:
 // CPU in csrc/cpu/*.cpp (library _C, with these schemas), CUDA in csrc/cuda/*.cu (_C_cuda),
 // Triton in triton_kernels/ (as reattention::<op>_triton), fake kernels in reattention/ops/fake.py.
 //
@@ -28,7 +28,7 @@ STABLE_TORCH_LIBRARY(reattention, m) {
       "float scale, float rope_scale, str rope_style, str positions, Tensor? block_table=None) "
       "-> (Tensor, Tensor)");
   // select_chunks then gather_attention on its idx, in one call: (out, lse, idx). The CUDA
-  // kernel overlaps the two where it can (docs/design.md section 5.3); the CPU kernel
+  // kernel overlaps the two where it can (docs/design.md section 3.5); the CPU kernel
   // (reattention/ops/backends.py) and the other backends (reattention.ops.unchecked.attend)
   // run the two ops in turn.
   m.def(

@@ -149,7 +149,8 @@ def _attend_checked(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     reps: q, the cache and reps contiguous, ``seqlens`` int32 [B] on their device and valid.
 
     Checks the RoPE and softmax arguments (no device data is read), picks the backend, then
-    runs the two unchecked cores. The package's caches and Hugging Face path call it
+    runs the selection and the attention (``unchecked.attend``: one op on cuda, whose decode
+    attention overlaps the selection). The package's caches and Hugging Face path call it
     directly: their lengths and reps are valid by construction, so they are never read.
     ``on_selection(idx)``, when given, runs between the selection and the attention (the
     tiered cache brings the selected pages to the GPU there).

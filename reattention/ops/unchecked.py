@@ -83,7 +83,7 @@ def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     """(out, lse, idx): :func:`select_chunks`, then :func:`gather_attention` on its idx.
 
     On "cuda" this is one op, ``torch.ops.reattention.attend``, whose decode attention starts
-    beside the selection (docs/design.md section 5.3); the other backends run the two cores in
+    beside the selection (docs/design.md section 3.5); the other backends run the two cores in
     turn. Same results either way."""
     if backend != "cuda":
         idx = select_chunks(q, k_cache, cache_seqlens, reps, sink=sink, local=local, chunk=chunk,
