@@ -13,6 +13,7 @@
 #include <torch/csrc/inductor/aoti_torch/c/shim.h>
 #include <torch/csrc/stable/accelerator.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <tuple>
@@ -382,13 +383,13 @@ std::tuple<Tensor, Tensor> gather_attention_cuda(Tensor q, Tensor k_cache, Tenso
   return std::make_tuple(c.out, c.lse);
 }
 
-// select_chunks then gather_attention on its idx, as one op (docs/design.md section 3.5).
-// Every tensor of both calls is allocated before the first launch and held until the last, so
-// neither call can get memory the other still uses while their kernels overlap. On sm_90 the
-// decode attention is launched as a programmatic dependent of the selection's last kernel:
-// its CTAs that need no selected chunk (sink, local window) run beside the top-k, the others
-// wait for it; its merge is launched the same way. REATTENTION_OVERLAP=0 launches them one
-// after the other instead (same results, bit for bit).
+// select_chunks then gather_attention on its idx, as one op (docs/design.md section 3.5). On
+// sm_90 a decode call's attention is launched as a programmatic dependent of the selection's
+// last kernel: its CTAs that need no selected chunk (sink, local window) run beside the top-k,
+// the others wait for it; its merge is launched the same way. Every tensor of both calls is
+// then allocated before the first launch and held until the last, so neither can get memory
+// the other still uses while their kernels overlap. Other calls (prefill blocks, other
+// devices) and REATTENTION_OVERLAP=0 run the two ops' sequence (same results, bit for bit).
 std::tuple<Tensor, Tensor, Tensor> attend_cuda(
     Tensor q, Tensor k_cache, Tensor v_cache, std::optional<Tensor> reps, Tensor cache_seqlens,
     Tensor inv_freq, int64_t sink, int64_t local, int64_t chunk, int64_t topk, std::string rep,
@@ -397,14 +398,25 @@ std::tuple<Tensor, Tensor, Tensor> attend_cuda(
   torch::stable::accelerator::DeviceGuard guard(q.get_device_index());
   const SelectCall sc = prepare_select(q, k_cache, reps, cache_seqlens, sink, local, chunk, topk,
                                        rep, query_block, block_table);
+  const char* env = std::getenv("REATTENTION_OVERLAP");
+  const k::SelectParams& sp = sc.p;
+  const bool overlap = sm90_device(q.get_device_index()) &&
+                       k::few_rows(sp.lq, sp.query_block, sp.hq / std::max(sp.hkv, 1)) &&
+                       !(env != nullptr && std::string(env) == "0");
+  const cudaStream_t stream = current_stream(q);
+  if (!overlap) {  // the two ops' sequence: the attention's workspaces follow the selection
+    launch_select(sc, stream);
+    const AttnCall ac = prepare_attention(q, k_cache, v_cache, cache_seqlens, sc.idx, inv_freq,
+                                          sink, local, chunk, query_block, scale, rope_scale,
+                                          rope_style, positions, block_table);
+    launch_attention(ac, stream, false);
+    return std::make_tuple(ac.out, ac.lse, sc.idx);
+  }
   const AttnCall ac = prepare_attention(q, k_cache, v_cache, cache_seqlens, sc.idx, inv_freq,
                                         sink, local, chunk, query_block, scale, rope_scale,
                                         rope_style, positions, block_table);
-  const char* env = std::getenv("REATTENTION_OVERLAP");
-  const bool overlap = ac.sm90 && !(env != nullptr && std::string(env) == "0");
-  const cudaStream_t stream = current_stream(q);
   launch_select(sc, stream);
-  launch_attention(ac, stream, overlap);
+  launch_attention(ac, stream, true);
   return std::make_tuple(ac.out, ac.lse, sc.idx);
 }
 
