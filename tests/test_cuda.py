@@ -379,8 +379,9 @@ def test_many_rows_several_workspace_groups(positions):
     check_attention(case, q, k, v, lens, idx, inv_freq, out, lse, scale, positions=positions)
 
 
-def select_then_attend(case, rep, q, k, v, lens, inv_freq, positions="compact"):
-    """The whole CUDA path (reps, selection, attention), each stage checked."""
+def cuda_two_ops(case, rep, q, k, v, lens, inv_freq, positions="compact"):
+    """(reps, idx, out, lse): reps (None for "max"), select_chunks, then gather_attention, each
+    a separate call on the cuda backend."""
     reps = None
     if rep != "max":
         reps = reattention.chunk_reps(k, lens, sink=case.sink, chunk=case.chunk, rep=rep,
@@ -388,9 +389,15 @@ def select_then_attend(case, rep, q, k, v, lens, inv_freq, positions="compact"):
     kw = dict(sink=case.sink, local=case.local, chunk=case.chunk, query_block=case.query_block)
     idx = reattention.select_chunks(q, k, lens, reps=reps, topk=case.topk, rep=rep,
                                     backend="cuda", **kw)
-    check_selection(q, k, reps, lens, case, rep, idx)
     out, lse = reattention.gather_attention(q, k, v, idx, lens, inv_freq=inv_freq,
                                             positions=positions, backend="cuda", **kw)
+    return reps, idx, out, lse
+
+
+def select_then_attend(case, rep, q, k, v, lens, inv_freq, positions="compact"):
+    """The whole CUDA path (reps, selection, attention), each stage checked."""
+    reps, idx, out, lse = cuda_two_ops(case, rep, q, k, v, lens, inv_freq, positions)
+    check_selection(q, k, reps, lens, case, rep, idx)
     check_attention(case, q, k, v, lens, idx, inv_freq, out, lse, 1 / math.sqrt(case.d),
                     positions=positions)
 
@@ -536,6 +543,19 @@ def test_opcheck(dtype, lq, qb):
                            "compact"))
 
 
+def captured(step):
+    """(graph, outputs): step() run once on a side stream, then captured in a CUDA graph."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outputs = step()
+    return graph, outputs
+
+
 @pytest.mark.parametrize("rep", ["bound", "max"])
 def test_cuda_graph_decode_step(rep):
     """select + attend captured once, replayed on new queries and longer caches."""
@@ -550,14 +570,7 @@ def test_cuda_graph_decode_step(rep):
         return reattention.gather_attention(q, k, v, idx, lens, inv_freq=inv_freq,
                                             backend="cuda", **kw)
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out, lse = step()
+    graph, (out, lse) = captured(step)
     for n0, n1, seed in ((20_000, 9_000, 1), (15_555, 19_999, 2)):
         g = torch.Generator(device="cuda").manual_seed(seed)
         q.copy_(torch.randn(q.shape, generator=g, device="cuda"))
@@ -593,15 +606,7 @@ def test_attend_equals_the_two_ops(case, rep, mode, monkeypatch):
     q, k, v, lens, inv_freq = cuda_inputs(case, torch.bfloat16)
     if lens is None:  # the op takes the lengths as a tensor
         lens = torch.full((case.b,), case.nmax, dtype=torch.int32, device="cuda")
-    reps = None
-    if rep != "max":
-        reps = reattention.chunk_reps(k, lens, sink=case.sink, chunk=case.chunk, rep=rep,
-                                      backend="cuda")
-    kw = dict(sink=case.sink, local=case.local, chunk=case.chunk, query_block=case.query_block)
-    idx = reattention.select_chunks(q, k, lens, reps=reps, topk=case.topk, rep=rep,
-                                    backend="cuda", **kw)
-    want, want_lse = reattention.gather_attention(q, k, v, idx, lens, inv_freq=inv_freq,
-                                                  backend="cuda", **kw)
+    reps, idx, want, want_lse = cuda_two_ops(case, rep, q, k, v, lens, inv_freq)
     monkeypatch.setenv("REATTENTION_OVERLAP", mode)
     out, lse, got_idx = torch.ops.reattention.attend(
         q, k, v, reps, lens, inv_freq, case.sink, case.local, case.chunk, case.topk, rep,
@@ -609,8 +614,10 @@ def test_attend_equals_the_two_ops(case, rep, mode, monkeypatch):
     torch.testing.assert_close(got_idx, idx, rtol=0, atol=0)
     torch.testing.assert_close(out, want, rtol=0, atol=0)
     torch.testing.assert_close(lse, want_lse, rtol=0, atol=0)
-    api = reattention.reattention_attn(q, k, v, lens, topk=case.topk, rep=rep, reps=reps,
-                                       inv_freq=inv_freq, backend="cuda", **kw)
+    api = reattention.reattention_attn(q, k, v, lens, sink=case.sink, local=case.local,
+                                       chunk=case.chunk, topk=case.topk,
+                                       query_block=case.query_block, rep=rep, reps=reps,
+                                       inv_freq=inv_freq, backend="cuda")
     torch.testing.assert_close(api, want, rtol=0, atol=0)
 
 
@@ -632,14 +639,7 @@ def test_attend_paged_and_graph(mode, monkeypatch):
     def step():
         return torch.ops.reattention.attend(q, kp, vp, reps, lens, inv_freq, *args)
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out, lse, idx = step()
+    graph, (out, lse, idx) = captured(step)
     kw = dict(sink=case.sink, local=case.local, chunk=case.chunk, query_block=1)
     for n0, n1, seed in ((20_000, 9_000, 1), (15_555, 19_999, 2)):
         g = torch.Generator(device="cuda").manual_seed(seed)
