@@ -587,7 +587,8 @@ def test_cuda_graph_decode_step(rep):
 # chunks wait for it (REATTENTION_OVERLAP=0: one kernel after the other). Both ways must give
 # the two ops' results bit for bit: decode shapes with one and several key tiles per split,
 # sequences without middle chunks, the fused top-k (over 4096 chunks), a sink that is not a
-# whole key tile, D 64 and 256, and a many-rows call (no overlap there).
+# whole key tile, D 64 and 256, calls of several decode blocks, and a many-rows call (no overlap
+# there).
 #        b  hq hkv  lq    nmax    d  sink local chunk topk qb
 ATTEND = [
     Case(3, 8, 2, 1, 300, 64, 16, 32, 16, 2, 1, lens=(40, 300, 129)),       # one with M = 0
@@ -595,6 +596,8 @@ ATTEND = [
     Case(1, 32, 8, 1, 40_000, 128, 64, 1024, 64, 32, 1),                    # one tile per split
     Case(2, 8, 2, 1, 300_000, 128, 24, 2048, 64, 16, 1, lens=(300_000, 7_000)),  # fused top-k
     Case(1, 64, 4, 1, 30_000, 128, 64, 4096, 64, 64, 1),                    # 16 rows, 2 tiles
+    Case(2, 4, 2, 5, 3000, 128, 16, 64, 16, 8, 2, lens=(3000, 1500)),       # 3 blocks of <= 4 rows
+    Case(1, 8, 1, 4, 2000, 64, 8, 64, 16, 4, 2),                            # 2 blocks of 16 rows
     Case(2, 8, 2, 40, 3000, 128, 16, 64, 16, 8, 16, lens=(3000, 1200)),     # many rows
 ]
 
