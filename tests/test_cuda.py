@@ -556,6 +556,18 @@ def captured(step):
     return graph, outputs
 
 
+def check_replays(graph, outputs, q, lens, eager):
+    """Replays a captured step of two sequences on new queries and lengths (20000 tokens at
+    most); after each replay its outputs equal eager()'s, bit for bit."""
+    for n0, n1, seed in ((20_000, 9_000, 1), (15_555, 19_999, 2)):
+        g = torch.Generator(device="cuda").manual_seed(seed)
+        q.copy_(torch.randn(q.shape, generator=g, device="cuda"))
+        lens.copy_(torch.tensor([n0, n1], dtype=torch.int32))
+        graph.replay()
+        for got, want in zip(outputs, eager(), strict=True):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("rep", ["bound", "max"])
 def test_cuda_graph_decode_step(rep):
     """select + attend captured once, replayed on new queries and longer caches."""
@@ -570,15 +582,7 @@ def test_cuda_graph_decode_step(rep):
         return reattention.gather_attention(q, k, v, idx, lens, inv_freq=inv_freq,
                                             backend="cuda", **kw)
 
-    graph, (out, lse) = captured(step)
-    for n0, n1, seed in ((20_000, 9_000, 1), (15_555, 19_999, 2)):
-        g = torch.Generator(device="cuda").manual_seed(seed)
-        q.copy_(torch.randn(q.shape, generator=g, device="cuda"))
-        lens.copy_(torch.tensor([n0, n1], dtype=torch.int32))
-        graph.replay()
-        want_out, want_lse = step()
-        torch.testing.assert_close(out, want_out, rtol=0, atol=0)
-        torch.testing.assert_close(lse, want_lse, rtol=0, atol=0)
+    check_replays(*captured(step), q, lens, step)
 
 
 # --------------------------------------------------------------------------- attend
@@ -642,22 +646,16 @@ def test_attend_paged_and_graph(mode, monkeypatch):
     def step():
         return torch.ops.reattention.attend(q, kp, vp, reps, lens, inv_freq, *args)
 
-    graph, (out, lse, idx) = captured(step)
     kw = dict(sink=case.sink, local=case.local, chunk=case.chunk, query_block=1)
-    for n0, n1, seed in ((20_000, 9_000, 1), (15_555, 19_999, 2)):
-        g = torch.Generator(device="cuda").manual_seed(seed)
-        q.copy_(torch.randn(q.shape, generator=g, device="cuda"))
-        lens.copy_(torch.tensor([n0, n1], dtype=torch.int32))
-        graph.replay()
-        want_idx = reattention.select_chunks(q, kp, lens, reps=reps, topk=case.topk,
-                                             rep="bound", backend="cuda", block_table=table,
-                                             **kw)
-        want, want_lse = reattention.gather_attention(q, kp, vp, want_idx, lens,
-                                                      inv_freq=inv_freq, backend="cuda",
-                                                      block_table=table, **kw)
-        torch.testing.assert_close(idx, want_idx, rtol=0, atol=0)
-        torch.testing.assert_close(out, want, rtol=0, atol=0)
-        torch.testing.assert_close(lse, want_lse, rtol=0, atol=0)
+
+    def two_ops():
+        idx = reattention.select_chunks(q, kp, lens, reps=reps, topk=case.topk, rep="bound",
+                                        backend="cuda", block_table=table, **kw)
+        out, lse = reattention.gather_attention(q, kp, vp, idx, lens, inv_freq=inv_freq,
+                                                backend="cuda", block_table=table, **kw)
+        return out, lse, idx
+
+    check_replays(*captured(step), q, lens, two_ops)
 
 
 def test_sanitizer_smoke():

@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <optional>
 #include <tuple>
 #include <type_traits>
 
@@ -263,7 +264,6 @@ struct AttnCall {
   k::AttnParams p{};
   ScalarType dtype = ScalarType::BFloat16;
   int64_t head_dim = 0;
-  bool sm90 = false;
   Tensor qv, kv, vv, freqs, lens, out, lse, o_part, lse_part, rope_table, k_rot;
 };
 
@@ -284,7 +284,6 @@ AttnCall prepare_attention(const Tensor& q, const Tensor& k_cache, const Tensor&
   AttnCall c;
   c.dtype = q.scalar_type();
   c.head_dim = d.d;
-  c.sm90 = sm90_device(q.get_device_index());
   c.qv = vector_ready(q);
   c.kv = vector_ready(k_cache);
   c.vv = vector_ready(v_cache);
@@ -352,7 +351,8 @@ AttnCall prepare_attention(const Tensor& q, const Tensor& k_cache, const Tensor&
   // Rotated K rows of the sm_90a many-rows kernel, in q's dtype: sized from static shapes
   // (the launcher runs groups of query blocks that fit it): at most 256 MiB unless a single
   // block needs more.
-  if (const int64_t k_rot_elems = k::prerot_elems(p, static_cast<int>(d.d), c.sm90);
+  if (const int64_t k_rot_elems =
+          k::prerot_elems(p, static_cast<int>(d.d), sm90_device(q.get_device_index()));
       k_rot_elems > 0) {
     c.k_rot = torch::stable::new_empty(q, {k_rot_elems});
     p.k_rot = c.k_rot.data_ptr();
@@ -404,20 +404,19 @@ std::tuple<Tensor, Tensor, Tensor> attend_cuda(
                        k::few_rows(sp.lq, sp.query_block, sp.hq / std::max(sp.hkv, 1)) &&
                        !(env != nullptr && std::string(env) == "0");
   const cudaStream_t stream = current_stream(q);
-  if (!overlap) {  // the two ops' sequence: the attention's workspaces follow the selection
-    launch_select(sc, stream);
-    const AttnCall ac = prepare_attention(q, k_cache, v_cache, cache_seqlens, sc.idx, inv_freq,
-                                          sink, local, chunk, query_block, scale, rope_scale,
-                                          rope_style, positions, block_table);
-    launch_attention(ac, stream, false);
-    return std::make_tuple(ac.out, ac.lse, sc.idx);
-  }
-  const AttnCall ac = prepare_attention(q, k_cache, v_cache, cache_seqlens, sc.idx, inv_freq,
-                                        sink, local, chunk, query_block, scale, rope_scale,
-                                        rope_style, positions, block_table);
+  auto prepare = [&] {
+    return prepare_attention(q, k_cache, v_cache, cache_seqlens, sc.idx, inv_freq, sink, local,
+                             chunk, query_block, scale, rope_scale, rope_style, positions,
+                             block_table);
+  };
+  // Overlapped, the attention's workspaces exist before the selection runs; otherwise they
+  // follow it, as in the two ops' sequence.
+  std::optional<AttnCall> ac;
+  if (overlap) ac = prepare();
   launch_select(sc, stream);
-  launch_attention(ac, stream, true);
-  return std::make_tuple(ac.out, ac.lse, sc.idx);
+  if (!ac) ac = prepare();
+  launch_attention(*ac, stream, overlap);
+  return std::make_tuple(ac->out, ac->lse, sc.idx);
 }
 
 }  // namespace

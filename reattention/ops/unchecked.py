@@ -42,14 +42,24 @@ def chunk_reps(k_cache: torch.Tensor, cache_seqlens: torch.Tensor,
     return reps
 
 
+def _reps_or_computed(k_cache: torch.Tensor, cache_seqlens: torch.Tensor,
+                      reps: torch.Tensor | None, *, sink: int, chunk: int, rep: str,
+                      backend: str, block_table: torch.Tensor | None) -> torch.Tensor | None:
+    """``reps`` as given, or, when None for "bound"/"mean", computed (:func:`chunk_reps`);
+    "max" needs none."""
+    if reps is None and rep != "max":
+        reps = chunk_reps(k_cache, cache_seqlens, sink=sink, chunk=chunk, rep=rep,
+                          backend=backend, block_table=block_table)
+    return reps
+
+
 def select_chunks(q: torch.Tensor, k_cache: torch.Tensor, cache_seqlens: torch.Tensor,
                   reps: torch.Tensor | None, *, sink: int, local: int, chunk: int, topk: int,
                   query_block: int, rep: str, backend: str,
                   block_table: torch.Tensor | None = None) -> torch.Tensor:
     """idx int32 [B, Hkv, n_blocks, topk]; "bound"/"mean" reps are computed when None."""
-    if reps is None and rep != "max":
-        reps = chunk_reps(k_cache, cache_seqlens, sink=sink, chunk=chunk, rep=rep,
-                          backend=backend, block_table=block_table)
+    reps = _reps_or_computed(k_cache, cache_seqlens, reps, sink=sink, chunk=chunk, rep=rep,
+                             backend=backend, block_table=block_table)
     if backend == "reference":
         return reference.select_chunks_ref(q, k_cache, reps, cache_seqlens, sink, local, chunk,
                                            topk, rep, query_block, block_table=block_table)
@@ -96,9 +106,8 @@ def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                     positions=positions, backend=backend,
                                     block_table=block_table)
         return out, lse, idx
-    if reps is None and rep != "max":
-        reps = chunk_reps(k_cache, cache_seqlens, sink=sink, chunk=chunk, rep=rep,
-                          backend=backend, block_table=block_table)
+    reps = _reps_or_computed(k_cache, cache_seqlens, reps, sink=sink, chunk=chunk, rep=rep,
+                             backend=backend, block_table=block_table)
     return torch.ops.reattention.attend(q, k_cache, v_cache, reps, cache_seqlens, inv_freq, sink,
                                         local, chunk, topk, rep, query_block, scale, rope_scale,
                                         rope_style, positions, block_table)
