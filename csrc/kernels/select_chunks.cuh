@@ -224,6 +224,72 @@ __device__ __forceinline__ void stage_query_rows(T* s_a, const SelectParams& p,
   }
 }
 
+// stage_query_rows's load and store of element id (< kRows * D / 8: 16 bytes `ch` of row r) as
+// two steps, for QueryRowsInRegs. stage_query_rows keeps its own loop: the sm_90a scoring
+// kernels' SASS changed with these helpers inlined there.
+template <typename T, int D>
+__device__ __forceinline__ uint4 load_query_chunk(const SelectParams& p, const ScoreTile& t,
+                                                  const T* q_base, int group, int id) {
+  const int r = id / (D / 8), ch = id % (D / 8);
+  const int gr = t.row0 + r < t.rows ? t.row0 + r : t.row0;
+  uint4 raw = make_uint4(0, 0, 0, 0);
+  if (gr < t.rows) {
+    const int head = t.h * group + gr % group, query = t.q0 + gr / group;
+    raw = *reinterpret_cast<const uint4*>(q_base + head * p.q_sh + query * p.q_sl + ch * 8);
+  }
+  return raw;
+}
+
+template <typename T, int D, RepMode kRep, typename Layout>
+__device__ __forceinline__ void store_query_chunk(T* s_a, int id, uint4 raw) {
+  const Layout at;
+  const int r = id / (D / 8), ch = id % (D / 8);
+  if constexpr (kRep == RepMode::kBound) {
+    const T* x = reinterpret_cast<const T*>(&raw);
+    uint4 neg, pos;
+    T* xn = reinterpret_cast<T*>(&neg);
+    T* xp = reinterpret_cast<T*>(&pos);
+    const T zero = Dtype<T>::from_float(0.f);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+      const bool negative = Dtype<T>::to_float(x[e]) < 0.f;
+      xn[e] = negative ? x[e] : zero;
+      xp[e] = negative ? zero : x[e];
+    }
+    *reinterpret_cast<uint4*>(s_a + at(r, ch * 8)) = neg;
+    *reinterpret_cast<uint4*>(s_a + at(r, D + ch * 8)) = pos;
+  } else {
+    *reinterpret_cast<uint4*>(s_a + at(r, ch * 8)) = raw;
+  }
+}
+
+// The A tile in two steps, its loads held in registers between them: the few-rows scoring
+// kernel of a short row loads its query rows before it issues the column copies, so that the
+// rows arrive first instead of behind the CTA's copies (the first mma waits for them).
+template <typename T, int D, RepMode kRep, int kRows, int kThreads>
+struct QueryRowsInRegs {
+  static constexpr int kIds = kRows * (D / 8);
+  static_assert(kIds % kThreads == 0, "whole rounds of 16-byte elements");
+  uint4 raw[kIds / kThreads];
+
+  __device__ __forceinline__ void load(const SelectParams& p, const ScoreTile& t) {
+    const int group = p.hq / p.hkv;
+    const T* q_base = static_cast<const T*>(p.q) + t.b * p.q_sb;
+#pragma unroll
+    for (int j = 0; j < kIds / kThreads; ++j) {
+      raw[j] = load_query_chunk<T, D>(p, t, q_base, group, threadIdx.x + j * kThreads);
+    }
+  }
+
+  __device__ __forceinline__ void store(T* s_a) const {
+#pragma unroll
+    for (int j = 0; j < kIds / kThreads; ++j) {
+      store_query_chunk<T, D, kRep, RowSwizzled<kRep == RepMode::kBound ? 2 * D : D>>(
+          s_a, threadIdx.x + j * kThreads, raw[j]);
+    }
+  }
+};
+
 // Writes the CTA's per-chunk maxima (call after a barrier): a plain store with one row tile
 // per block, else an atomicMax into the zeroed buffer.
 template <int kThreads>
@@ -667,9 +733,21 @@ __global__ void __launch_bounds__(kScoreThreads) chunk_scores_kernel(SelectParam
     cp_async_commit();
   };
 
+  // The first column tiles are in flight while A is built. When they are the whole range (a
+  // short row: the decode step at 32K and 128K tokens), the query rows go out before them, so
+  // that the first mma need not wait for them behind the CTA's last data (0.3 and 0.9 us per
+  // step at those lengths on the H200); a longer range streams through the ring and its copies
+  // lead (rows first cost the 1M step ~1 us; bench/NOTES.md "Round sixteen").
+  const bool rows_first = n_tiles < kStages;
+  QueryRowsInRegs<T, D, kRep, kBM, kScoreThreads> query;
+  if (rows_first) query.load(p, t);
 #pragma unroll 1
-  for (int s = 0; s < kStages - 1; ++s) load_tile(s, s);  // in flight while A is built
-  stage_query_rows<T, D, kRep, kBM, kScoreThreads>(s_a, p, t);
+  for (int s = 0; s < kStages - 1; ++s) load_tile(s, s);
+  if (rows_first) {
+    query.store(s_a);
+  } else {
+    stage_query_rows<T, D, kRep, kBM, kScoreThreads>(s_a, p, t);
+  }
   for (int i = tid; i < t.j1 - t.j0; i += kScoreThreads) s_best[i] = 0u;
   __syncthreads();
 
