@@ -177,8 +177,9 @@ struct SelRow {
 };
 
 // Copies the K and V rows of gathered keys [tile * kBN, tile * kBN + kBN) into the swizzled
-// tiles sk and sv (cp.async, one commit group; zero-filled past n_keys) and their cache tokens
-// into kpos (INT_MAX past n_keys). kThreads / kBN threads share a row and find its token
+// tiles sk and sv (cp.async, two commit groups: the K rows, then the V rows, so a warp can
+// rotate and score its keys while their values land; zero-filled past n_keys) and their cache
+// tokens into kpos (INT_MAX past n_keys). kThreads / kBN threads share a row and find its token
 // (gathered_row: chunk lookup, page) once; consecutive threads take consecutive 16-byte
 // chunks, so each copy instruction still covers whole 32-byte sectors.
 // With sel_row (the prologue's tiles; every thread calls it), the chunk ids come from its
@@ -205,13 +206,24 @@ __device__ __forceinline__ void load_decode_tile(T* sk, T* sv, int* kpos, const 
   // Rows r..r+3 of a quarter warp take their chunk pairs in different orders, so its
   // 16-byte writes land in 8 different bank groups.
   const int order = kPerRow == 2 && D / 8 >= 8 ? (r & 3) << 1 : 0;
+  if (sub == 0) kpos[r] = row.valid ? row.tok : INT_MAX;
 #pragma unroll
   for (int j = 0; j < D / 8 / kPerRow; ++j) {
     const int ch = (j * kPerRow + sub) ^ order;
     cp_async_16(sk + swz<D>(r, ch * 8), row.k + ch * 8, row.valid);
+  }
+  cp_async_commit();
+#pragma unroll
+  for (int j = 0; j < D / 8 / kPerRow; ++j) {
+    const int ch = (j * kPerRow + sub) ^ order;
     cp_async_16(sv + swz<D>(r, ch * 8), row.v + ch * 8, row.valid);
   }
-  if (sub == 0) kpos[r] = row.valid ? row.tok : INT_MAX;
+  cp_async_commit();
+}
+
+// Two empty copy groups: the place of a tile past the split's end.
+__device__ __forceinline__ void skip_decode_tile() {
+  cp_async_commit();
   cp_async_commit();
 }
 
@@ -372,16 +384,17 @@ __global__ void __launch_bounds__(kAttnThreads,
   const int t_begin = split * p.tiles_per_split;
   const int t_end = min(n_tiles, t_begin + p.tiles_per_split);
   // The first two tiles (one with one stage) are in flight while the Q rows are rotated.
-  // Every loop iteration then commits exactly one copy group (empty past the end), so with two
-  // stages "at most one group pending" always means the current tile has landed; with one, the
-  // loop waits for every group.
-  if (t_begin < t_end) load_tile(0, t_begin, &sel_row); else cp_async_commit();
-  if (stages == 2 && t_begin + 1 < t_end) load_tile(1, t_begin + 1, &sel_row);
-  else cp_async_commit();
+  // Every tile is two copy groups (K, then V; empty past the end), so at a tile's turn the
+  // groups of at most one later tile are younger: its K has landed when at most 2 * stages - 1
+  // groups are pending, its V at 2 * stages - 2.
+  if (t_begin < t_end) load_tile(0, t_begin, &sel_row); else skip_decode_tile();
+  if (stages == 2) {
+    if (t_begin + 1 < t_end) load_tile(1, t_begin + 1, &sel_row); else skip_decode_tile();
+  }
 
   // The Q rows [row0, row0 + kBM), rotated at their compact or original positions and rounded
   // once to T (rows at or past `rows` are zero), and each row's original position (-1:
-  // padding); the inverse frequencies, zero past R/2. All read past the first loop barrier.
+  // padding); the inverse frequencies, zero past R/2. All read past the barrier before the loop.
   if (tid < kHalf) s_invf[tid] = q_invf;
   if constexpr (kQInRegs) {
     // The raw pairs go to their places in s_q first (the loads have had the copies' time to
@@ -425,18 +438,27 @@ __global__ void __launch_bounds__(kAttnThreads,
                                                     rows, invf, nullptr, 0);
   }
 
-  // Fast RoPE: this thread's unit u (frequencies 8u..8u+7), first row r0 of every tile, row
-  // stride, and the stride's (cos, sin) per frequency (the stride is a power of two, so its
-  // fp32 angle stride * w is exact).
+  // The loop is warp-local: warp wn copies (load_decode_tile: two threads per row), rotates,
+  // scores and reads the values of keys [wn * kNW, wn * kNW + kNW) of every tile alone, so it
+  // waits only for its own copies and syncs only itself; the CTA meets once here (Q rows,
+  // positions, frequencies) and once before the epilogue.
+  static_assert(kWarpsN * 32 == kAttnThreads && 32 / (kAttnThreads / kBN) == kNW,
+                "each warp copies exactly the key rows it reads");
+  // Fast RoPE: this lane's unit u (frequencies 8u..8u+7), its first row r0 among the warp's
+  // keys of every tile, the row stride, and the stride's (cos, sin) per frequency (the stride
+  // is a power of two, so its fp32 angle stride * w is exact). Units <= D / 16 <= 32.
+  static_assert(D / 16 <= 32, "a warp holds every rotary unit");
   const int units = rope_units(p);
-  const int u = units ? tid & (units - 1) : 0;
-  const int r_stride = units ? kAttnThreads / units : kBN;
-  const int r0 = units ? tid / units : kBN;
+  const int u = units ? lane & (units - 1) : 0;
+  const int r_stride = units ? 32 / units : kNW;
+  const int r0 = wn * kNW + (units ? lane / units : kNW);
+  const int r_warp_end = wn * kNW + kNW;
   if (units && tid < p.half_rot) {  // tid < R/2 <= D/2: q_invf is inv_freq[tid]
     float sn, cs;
     sincosf(static_cast<float>(r_stride) * q_invf, &sn, &cs);
     s_step[tid] = make_float2(cs, sn);
   }
+  __syncthreads();
 
   // kT: o holds O^T (kMT tiles) and m_run[0], l_run[0] are row g's state.
   float o[kT ? kMT : kDT][4], m_run[2], l_run[2];
@@ -446,14 +468,14 @@ __global__ void __launch_bounds__(kAttnThreads,
 
   for (int tile = t_begin; tile < t_end; ++tile) {
     const int stage = (tile - t_begin) & (stages - 1);
-    if (stages == 1) cp_async_wait<0>(); else cp_async_wait<1>();
-    __syncthreads();
+    if (stages == 1) cp_async_wait<1>(); else cp_async_wait<3>();  // this tile's K rows
+    __syncwarp();
 
     T* sk = s_kv + stage * kBN * D;
     const T* sv = s_kv + (stages + stage) * kBN * D;
     const int* kpos = s_kpos + stage * kBN;
+    const int n_rows = min(r_warp_end, n_keys - tile * kBN);  // this warp's rows end
     if (units) {
-      const int n_rows = min(kBN, n_keys - tile * kBN);
       if (r0 < n_rows) {
         float co[8], si[8];  // (cos, sin) * rope_scale of row r's angles
         const float pos0 = static_cast<float>(tile * kBN + r0);
@@ -477,9 +499,8 @@ __global__ void __launch_bounds__(kAttnThreads,
         }
       }
     } else {
-      for (int r = warp; r < kBN; r += kAttnThreads / 32) {
+      for (int r = wn * kNW; r < n_rows; ++r) {
         const int key = tile * kBN + r;
-        if (key >= n_keys) break;
         const int pos = p.compact ? key : kpos[r];
         for (int i = lane; i < p.half_rot; i += 32) {
           int d0, d1;
@@ -493,22 +514,27 @@ __global__ void __launch_bounds__(kAttnThreads,
         }
       }
     }
-    __syncthreads();
+    __syncwarp();
 
     float s[kNT][4];
     if constexpr (kT) {
       warp_gemm_abt<T, D, kNT, 8>(s, s_q, 0, sk, wn * kNW, lane);
       online_softmax_tile_t(s, o, m_run[0], l_run[0], kpos + wn * kNW, s_qpos[g], p.scale_log2,
                             lane);
-      pv_tile_t<T, D>(o, s, sv, wn * kNW, lane);
     } else {
       warp_gemm_abt<T, D, kNT>(s, s_q, wm * 16, sk, wn * kNW, lane);
       const int qpos[2] = {s_qpos[ra], s_qpos[ra + 8]};
       online_softmax_tile(s, o, m_run, l_run, kpos + wn * kNW, qpos, p.scale_log2, t4);
+    }
+    if (stages == 1) cp_async_wait<0>(); else cp_async_wait<2>();  // this tile's V rows
+    __syncwarp();
+    if constexpr (kT) {
+      pv_tile_t<T, D>(o, s, sv, wn * kNW, lane);
+    } else {
       pv_tile<T, D>(o, s, sv, wn * kNW, lane);
     }
-    __syncthreads();  // every warp is done with this stage before it is refilled
-    if (tile + stages < t_end) load_tile(stage, tile + stages, nullptr); else cp_async_commit();
+    __syncwarp();  // the warp is done with its rows of this stage before it refills them
+    if (tile + stages < t_end) load_tile(stage, tile + stages, nullptr); else skip_decode_tile();
   }
 
   // overlap: the merge, launched as a programmatic dependent, may start once every CTA is
