@@ -4,13 +4,16 @@
 // keys). The warps sit side by side over a 64-key tile, each with its own online softmax
 // state; their (m, l, O) meet through shared memory at the end. K/V tiles go through two
 // cp.async stages, copied by two threads per key row so each row's cache token (the chunk
-// lookup and its division, the page lookup) is found once. Each key is rotated in place.
+// lookup and its division, the page lookup) is found once; the threads that copy a warp's 16
+// key rows are that warp's, and each tile's K and V rows are separate copy groups, so the tile
+// loop has no CTA barrier: a warp rotates and scores its keys once its own K rows have landed
+// and waits for its V rows only before P V. Each key is rotated in place.
 // RoPE is most of the work of this kernel (its S and P V are one m16 tile), so at compact
 // positions with 16-byte-aligned rotary units (R a multiple of 16, R/16 a power of two) a
 // thread owns 8 frequencies of a fixed set of rows: per tile it takes sincosf of its first
 // row's fp32 angle fl(pos * inv_freq), exactly as the prefill kernel and the reference do,
-// then reaches its next rows (a fixed stride apart) by multiplying with the stride's
-// (cos, sin). The angle of a stepped row is fl(pos0 * w) + stride * w instead of
+// then reaches its next rows (32 / units apart, within its warp's 16) by multiplying with the
+// stride's (cos, sin). The angle of a stepped row is fl(pos0 * w) + stride * w instead of
 // fl(pos * w): at most an ulp of the angle apart (5e-4 rad at 6K positions), far below the
 // rounding of the rotated key to 16 bits. Seeds are per tile, so a key's rotation does not
 // depend on the split plan (a call and its per-block calls, paged and contiguous caches
