@@ -210,18 +210,16 @@ __device__ __forceinline__ void load_decode_tile(T* sk, T* sv, int* kpos, const 
   // 16-byte writes land in 8 different bank groups.
   const int order = kPerRow == 2 && D / 8 >= 8 ? (r & 3) << 1 : 0;
   if (sub == 0) kpos[r] = row.valid ? row.tok : INT_MAX;
+  auto copy_group = [&](T* dst, const T* src) {  // this thread's chunks of row r, one group
 #pragma unroll
-  for (int j = 0; j < D / 8 / kPerRow; ++j) {
-    const int ch = (j * kPerRow + sub) ^ order;
-    cp_async_16(sk + swz<D>(r, ch * 8), row.k + ch * 8, row.valid);
-  }
-  cp_async_commit();
-#pragma unroll
-  for (int j = 0; j < D / 8 / kPerRow; ++j) {
-    const int ch = (j * kPerRow + sub) ^ order;
-    cp_async_16(sv + swz<D>(r, ch * 8), row.v + ch * 8, row.valid);
-  }
-  cp_async_commit();
+    for (int j = 0; j < D / 8 / kPerRow; ++j) {
+      const int ch = (j * kPerRow + sub) ^ order;
+      cp_async_16(dst + swz<D>(r, ch * 8), src + ch * 8, row.valid);
+    }
+    cp_async_commit();
+  };
+  copy_group(sk, row.k);
+  copy_group(sv, row.v);
 }
 
 // Two empty copy groups: the place of a tile past the split's end.
