@@ -1123,6 +1123,152 @@ __global__ void __launch_bounds__(kThreads) topk_kernel(SelectParams p, bool sta
       kTopkFilterCap);
 }
 
+// topk_short_kernel: the top-k of rows short enough to sit in registers (m <= 256 * kPer keys,
+// topk <= 32: the decode step below a few hundred thousand tokens), in three barriers of eight
+// warps. topk_kernel's phases are each a short loop behind a barrier of 32 warps, and its row
+// load waits for the length; on the decode step's critical path (between the scoring and the
+// selected attention tiles) that chain, not the work, sets its time. Here:
+//  1. Thread t loads keys [t * kPer, (t + 1) * kPer) of the row (up to n_cols, issued before the
+//     length arrives; keys at or past m count as 0, below every score) and takes their maximum:
+//     256 group maxima. Each warp sorts its 32 maxima (bitonic, descending) into shared memory.
+//  2. Every warp merges the eight sorted lists into the top 32 of all 256 (the elementwise max
+//     of a descending list and an ascending one holds the top of both, as a bitonic sequence:
+//     three rounds of merges) and reads B, the k-th largest group maximum. k groups have a key
+//     >= B, so B is at most the row's k-th largest key, as in block_topk's bound, with ~1.1 k
+//     candidates on iid scores instead of ~1.4 k.
+//  3. The keys >= B are compacted in position order (a scan of the per-thread counts), as
+//     (key << 32 | ~position) words, whose uint64 order is the selection order.
+//  4. One warp ranks them (each candidate counts the ones above it); ranks < k are the
+//     selection, and since the candidates are in position order a ballot gives each its slot.
+// Many exact ties (more than kTopkShortCap candidates) fall back to block_topk_radix over the
+// row, as block_topk does.
+constexpr int kTopkShortThreads = 256;
+constexpr int kTopkShortCap = 512;
+constexpr int kTopkShortMaxK = 32;
+
+// Bitonic merge of a bitonic sequence held one element per lane: descending (lane 0 largest)
+// or ascending.
+__device__ __forceinline__ uint32_t warp_bitonic_merge(uint32_t v, bool descending) {
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int stride = 16; stride > 0; stride >>= 1) {
+    const uint32_t o = __shfl_xor_sync(0xffffffffu, v, stride);
+    const bool lower = (lane & stride) == 0;
+    v = lower == descending ? max(v, o) : min(v, o);
+  }
+  return v;
+}
+
+template <int kPer>
+__global__ void __launch_bounds__(kTopkShortThreads) topk_short_kernel(SelectParams p) {
+  constexpr int kThreads = kTopkShortThreads, kWarps = kThreads / 32;
+  static_assert(kWarps == 8, "the merge of step 2 takes eight sorted lists");
+  __shared__ uint32_t s_lists[kWarps][32];
+  __shared__ int s_count[kWarps];
+  __shared__ uint64_t s_cand[kTopkShortCap];
+  __shared__ TopkSmem<kThreads> sm;
+  // The decode step's attention may start now (see chunk_scores_kernel).
+  grid_dependents_launch();
+  const int row = blockIdx.x;  // (b * hkv + h) * n_blocks + beta
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const uint32_t* src = p.scores + static_cast<int64_t>(row) * p.n_cols;
+  const int first = tid * kPer;
+  uint32_t key[kPer];
+#pragma unroll
+  for (int e = 0; e < kPer; ++e) key[e] = first + e < p.n_cols ? src[first + e] : 0u;
+
+  const int b = row / (p.hkv * p.n_blocks), beta = row % p.n_blocks;
+  const int m = static_cast<int>(
+      block_segments(p.seqlens[b], p.lq, p.query_block, beta, p.sink, p.local, p.chunk).n_mid);
+  const int k = min(p.topk, m);
+  int* out = p.idx + static_cast<int64_t>(row) * p.topk;
+  for (int i = k + tid; i < p.topk; i += kThreads) out[i] = -1;
+  if (k == 0) return;
+
+  // 1. Group maxima, sorted per warp.
+  uint32_t gmax = 0;
+#pragma unroll
+  for (int e = 0; e < kPer; ++e) {
+    if (first + e >= m) key[e] = 0u;
+    gmax = max(gmax, key[e]);
+  }
+#pragma unroll
+  for (int size = 2; size <= 32; size <<= 1) {
+#pragma unroll
+    for (int stride = size >> 1; stride > 0; stride >>= 1) {
+      const uint32_t o = __shfl_xor_sync(0xffffffffu, gmax, stride);
+      const bool lower = (lane & stride) == 0, descending = (lane & size) == 0;
+      gmax = lower == descending ? max(gmax, o) : min(gmax, o);
+    }
+  }
+  s_lists[warp][lane] = gmax;
+  __syncthreads();
+
+  // 2. The top 32 of the 256 maxima, in every warp: pairs of lists, then pairs of those.
+  uint32_t l[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    l[i] = warp_bitonic_merge(max(s_lists[2 * i][lane], s_lists[2 * i + 1][31 - lane]),
+                              (i & 1) == 0);
+  }
+  l[0] = warp_bitonic_merge(max(l[0], l[1]), true);
+  l[2] = warp_bitonic_merge(max(l[2], l[3]), false);
+  const uint32_t bound = __shfl_sync(0xffffffffu, warp_bitonic_merge(max(l[0], l[2]), true), k - 1);
+
+  // 3. The candidates (keys >= bound) in position order.
+  int mine = 0;
+#pragma unroll
+  for (int e = 0; e < kPer; ++e) mine += first + e < m && key[e] >= bound ? 1 : 0;
+  int incl = mine;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const int y = __shfl_up_sync(0xffffffffu, incl, o);
+    if (lane >= o) incl += y;
+  }
+  if (lane == 31) s_count[warp] = incl;
+  __syncthreads();
+  int slot = incl - mine, n = 0;
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) {
+    slot += w < warp ? s_count[w] : 0;
+    n += s_count[w];
+  }
+  if (n > kTopkShortCap) {  // many exact ties at the bound
+    block_topk_radix<kThreads>(
+        m, k, [&](int i) { return src[i]; }, [&](int rank, int i) { out[rank] = i; }, sm);
+    return;
+  }
+#pragma unroll
+  for (int e = 0; e < kPer; ++e) {
+    if (first + e < m && key[e] >= bound) {
+      s_cand[slot++] = (static_cast<uint64_t>(key[e]) << 32) | ~static_cast<uint32_t>(first + e);
+    }
+  }
+  __syncthreads();
+
+  // 4. Rank and emit, one warp, two candidates per lane per round.
+  if (warp != 0) return;
+  int written = 0;
+  for (int c0 = 0; c0 < n; c0 += 64) {
+    const int c1 = c0 + lane, c2 = c1 + 32;
+    const uint64_t me1 = c1 < n ? s_cand[c1] : ~0ull, me2 = c2 < n ? s_cand[c2] : ~0ull;
+    int above1 = 0, above2 = 0;
+#pragma unroll 4
+    for (int d = 0; d < n; ++d) {
+      const uint64_t x = s_cand[d];
+      above1 += x > me1 ? 1 : 0;
+      above2 += x > me2 ? 1 : 0;
+    }
+    const unsigned take1 = __ballot_sync(0xffffffffu, c1 < n && above1 < k);
+    const unsigned take2 = __ballot_sync(0xffffffffu, c2 < n && above2 < k);
+    const unsigned below = (1u << lane) - 1u;
+    if (take1 >> lane & 1u) out[written + __popc(take1 & below)] = static_cast<int>(~static_cast<uint32_t>(me1));
+    written += __popc(take1);
+    if (take2 >> lane & 1u) out[written + __popc(take2 & below)] = static_cast<int>(~static_cast<uint32_t>(me2));
+    written += __popc(take2);
+  }
+}
+
 // Launches a scoring kernel as one wave of equal CTAs: every (sequence, head, block, row tile)
 // is split into chunk ranges so that all CTAs fit on the GPU at once, with at least one column
 // tile each. A second, partly filled wave would leave most SMs idle at the end of a
@@ -1269,6 +1415,15 @@ cudaError_t launch_select_chunks(const SelectParams& p, RepMode rep, cudaStream_
         break;
     }
     if (err != cudaSuccess || fused) return err;
+  }
+  if (p.topk <= kTopkShortMaxK && p.n_cols <= kTopkShortThreads * 16) {
+    const dim3 grid(p.batch * p.hkv * p.n_blocks);
+    if (p.n_cols <= kTopkShortThreads * 8) {
+      topk_short_kernel<8><<<grid, kTopkShortThreads, 0, stream>>>(p);
+    } else {
+      topk_short_kernel<16><<<grid, kTopkShortThreads, 0, stream>>>(p);
+    }
+    return cudaGetLastError();
   }
   const bool stage_row = static_cast<int64_t>(p.n_cols) * 4 <= kTopkSmemRowBytes;
   constexpr int kCandBytes = kTopkFilterCap * static_cast<int>(sizeof(uint64_t));
