@@ -2,8 +2,10 @@
 
 The few-rows attention at GQA 4 (the O^T variant, one K/V stage: one key tile per split) and at
 GQA 4 with D 256, over caches long enough for ~100 splits merged by merge_splits_kernel, with
-bound selection, and a cache of ~4,600 middle chunks, whose selection fuses the top-k into the
-scoring kernel (fused_topk: counters, group words and the last CTA's selection); the first case
+bound selection; a cache of ~2,300 middle chunks, whose top-k (topk_short_kernel) is launched
+early, beside the scoring kernel; and a cache of ~4,600 middle chunks, whose selection fuses the
+top-k into the scoring kernel (fused_topk: counters, group words and the last CTA's selection).
+The first case
 is also checked against the reference on the CPU (its largest difference is printed). Shapes
 are small so that the sanitizer finishes in seconds.
 
@@ -20,6 +22,7 @@ def main() -> None:
     torch.manual_seed(0)
     for hq, hkv, d, n, local, check in ((32, 8, 128, 20000, 4096, True),
                                         (8, 2, 256, 40000, 20000, False),
+                                        (8, 2, 128, 150000, 4096, False),
                                         (8, 2, 128, 300000, 4096, False)):
         k = torch.randn(1, hkv, n, d, device="cuda", dtype=torch.bfloat16)
         v = torch.randn_like(k)

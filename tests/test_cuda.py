@@ -590,14 +590,17 @@ def test_cuda_graph_decode_step(rep):
 # attention starts beside the selection's last kernel and only the CTAs that read selected
 # chunks wait for it (REATTENTION_OVERLAP=0: one kernel after the other). Both ways must give
 # the two ops' results bit for bit: decode shapes with one and several key tiles per split,
-# sequences without middle chunks, the fused top-k (over 4096 chunks), a sink that is not a
-# whole key tile, D 64 and 256, calls of several decode blocks, and a many-rows call (no overlap
-# there).
+# sequences without middle chunks, the top-k launched early (1024 to 4096 chunks, rows of up to
+# 2048 and 4096 chunks, one sequence shorter than the other), the fused top-k (over 4096
+# chunks), a sink that is not a whole key tile, D 64 and 256, calls of several decode blocks,
+# and a many-rows call (no overlap there).
 #        b  hq hkv  lq    nmax    d  sink local chunk topk qb
 ATTEND = [
     Case(3, 8, 2, 1, 300, 64, 16, 32, 16, 2, 1, lens=(40, 300, 129)),       # one with M = 0
     Case(2, 8, 2, 1, 2000, 256, 16, 128, 32, 8, 1, lens=(2000, 1501)),      # D 256
     Case(1, 32, 8, 1, 40_000, 128, 64, 1024, 64, 32, 1),                    # one tile per split
+    Case(1, 32, 8, 1, 131_072, 128, 64, 4096, 64, 32, 1),                   # early top-k
+    Case(2, 8, 2, 1, 200_000, 128, 64, 4096, 64, 32, 1, lens=(200_000, 90_000)),  # early, 16/thread
     Case(2, 8, 2, 1, 300_000, 128, 24, 2048, 64, 16, 1, lens=(300_000, 7_000)),  # fused top-k
     Case(1, 64, 4, 1, 30_000, 128, 64, 4096, 64, 64, 1),                    # 16 rows, 2 tiles
     Case(2, 4, 2, 5, 3000, 128, 16, 64, 16, 8, 2, lens=(3000, 1500)),       # 3 blocks of <= 4 rows

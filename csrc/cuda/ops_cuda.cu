@@ -234,7 +234,7 @@ SelectCall prepare_select(const Tensor& q, const Tensor& k_cache, const std::opt
   return c;
 }
 
-void launch_select(const SelectCall& c, cudaStream_t stream) {
+void launch_select(const SelectCall& c, cudaStream_t stream, bool overlap = false) {
   const k::SelectParams& p = c.p;
   if (p.atomic) {
     check_launch(cudaMemsetAsync(p.scores, 0, c.scores.numel() * sizeof(uint32_t), stream),
@@ -242,7 +242,7 @@ void launch_select(const SelectCall& c, cudaStream_t stream) {
   }
   dispatch_kernel(c.dtype, c.head_dim, "select_chunks", [&](auto tag, auto dim) {
     using T = typename decltype(tag)::type;
-    check_launch(k::launch_select_chunks<T, decltype(dim)::value>(p, c.rep, stream),
+    check_launch(k::launch_select_chunks<T, decltype(dim)::value>(p, c.rep, stream, overlap),
                  "select_chunks");
   });
 }
@@ -413,7 +413,7 @@ std::tuple<Tensor, Tensor, Tensor> attend_cuda(
   // follow it, as in the two ops' sequence.
   std::optional<AttnCall> ac;
   if (overlap) ac = prepare();
-  launch_select(sc, stream);
+  launch_select(sc, stream, overlap);
   if (!ac) ac = prepare();
   launch_attention(*ac, stream, overlap);
   return std::make_tuple(ac->out, ac->lse, sc.idx);
