@@ -38,6 +38,8 @@
 //    (key, then lower index) and written ascending; more candidates than the CTA can rank
 //    (many exact ties) fall back to a radix select (4 passes of 8 bits) that finds the K-th
 //    largest key T, then keeps key > T and the lowest-index keys == T (ties go low).
+//    Rows of at most 4096 chunks with topk <= 32 (decode below ~260K tokens) take
+//    topk_short_kernel instead: the same order and output, the row held in registers.
 #pragma once
 
 #include <algorithm>
