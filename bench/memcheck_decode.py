@@ -5,9 +5,8 @@ GQA 4 with D 256, over caches long enough for ~100 splits merged by merge_splits
 bound selection; a cache of ~2,300 middle chunks, whose top-k (topk_short_kernel) is launched
 early, beside the scoring kernel; and a cache of ~4,600 middle chunks, whose selection fuses the
 top-k into the scoring kernel (fused_topk: counters, group words and the last CTA's selection).
-The first case
-is also checked against the reference on the CPU (its largest difference is printed). Shapes
-are small so that the sanitizer finishes in seconds.
+The first case is also checked against the reference on the CPU (its largest difference is
+printed). Shapes are small so that the sanitizer finishes in seconds.
 
 Usage: compute-sanitizer --tool memcheck python bench/memcheck_decode.py
 """
