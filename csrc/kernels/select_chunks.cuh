@@ -1158,12 +1158,14 @@ constexpr int kTopkShortMaxK = 32;
 // longer beside the attention's CTAs.
 constexpr int kTopkEarlyMinChunks = 1024;
 
-// Bitonic merge of a bitonic sequence held one element per lane: descending (lane 0 largest)
-// or ascending.
+// Bitonic merge of bitonic sequences held one element per lane, each 2 * kFirst lanes long:
+// descending (its first lane largest) or ascending. kFirst = 16 merges the whole warp; a sort is
+// merges of growing length with alternating directions.
+template <int kFirst = 16>
 __device__ __forceinline__ uint32_t warp_bitonic_merge(uint32_t v, bool descending) {
   const int lane = threadIdx.x & 31;
 #pragma unroll
-  for (int stride = 16; stride > 0; stride >>= 1) {
+  for (int stride = kFirst; stride > 0; stride >>= 1) {
     const uint32_t o = __shfl_xor_sync(0xffffffffu, v, stride);
     const bool lower = (lane & stride) == 0;
     v = lower == descending ? max(v, o) : min(v, o);
@@ -1209,16 +1211,11 @@ __global__ void __launch_bounds__(kTopkShortThreads) topk_short_kernel(SelectPar
     if (first + e >= m) key[e] = 0u;
     gmax = max(gmax, key[e]);
   }
-#pragma unroll
-  for (int size = 2; size <= 32; size <<= 1) {
-#pragma unroll
-    for (int stride = size >> 1; stride > 0; stride >>= 1) {
-      const uint32_t o = __shfl_xor_sync(0xffffffffu, gmax, stride);
-      const bool lower = (lane & stride) == 0, descending = (lane & size) == 0;
-      gmax = lower == descending ? max(gmax, o) : min(gmax, o);
-    }
-  }
-  s_lists[warp][lane] = gmax;
+  gmax = warp_bitonic_merge<1>(gmax, (lane & 2) == 0);
+  gmax = warp_bitonic_merge<2>(gmax, (lane & 4) == 0);
+  gmax = warp_bitonic_merge<4>(gmax, (lane & 8) == 0);
+  gmax = warp_bitonic_merge<8>(gmax, (lane & 16) == 0);
+  s_lists[warp][lane] = warp_bitonic_merge(gmax, true);
   __syncthreads();
 
   // 2. The top 32 of the 256 maxima, in every warp: pairs of lists, then pairs of those.
@@ -1416,8 +1413,8 @@ cudaError_t launch_select_chunks(const SelectParams& p, RepMode rep, cudaStream_
                                  bool overlap = false) {
   if (p.batch == 0 || p.hkv == 0) return cudaSuccess;
   bool fused = false;
+  const bool few = few_rows(p.lq, p.query_block, p.hq / p.hkv);
   if (p.n_cols > 0) {
-    const bool few = few_rows(p.lq, p.query_block, p.hq / p.hkv);
     cudaError_t err = cudaSuccess;
     switch (rep) {
       case RepMode::kMax:
@@ -1437,8 +1434,7 @@ cudaError_t launch_select_chunks(const SelectParams& p, RepMode rep, cudaStream_
   }
   if (p.topk <= kTopkShortMaxK && p.n_cols <= kTopkShortThreads * 16) {
     // Early only right behind the few-rows scoring kernel, which lets its dependents launch.
-    const bool early = overlap && p.n_cols >= kTopkEarlyMinChunks &&
-                       few_rows(p.lq, p.query_block, p.hq / p.hkv);
+    const bool early = overlap && p.n_cols >= kTopkEarlyMinChunks && few;
     auto kernel = p.n_cols <= kTopkShortThreads * 8 ? topk_short_kernel<8> : topk_short_kernel<16>;
     return launch_maybe_early(kernel, dim3(p.batch * p.hkv * p.n_blocks), dim3(kTopkShortThreads),
                               0, stream, early, p, early);
