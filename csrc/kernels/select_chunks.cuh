@@ -45,6 +45,7 @@
 #include <algorithm>
 
 #include "device_utils.cuh"
+#include "sm90_utils.cuh"
 
 namespace reattention::kernels {
 
@@ -91,18 +92,40 @@ constexpr int64_t kFusedMaxCandidates = 4096;
 // ~1.4 k expected at topk 32 on iid scores; more means many exact ties (radix fallback).
 constexpr int kFusedFilterCap = 256;
 
+// The fused top-k's part of `scores`, in uint32 words, for `rows` rows of `splits` chunk ranges:
+// one arrival counter per row, then each row's 2 * topk group words, then each row's candidate
+// keys (topk per range) followed by as many chunk ids. Every part and every row's part starts
+// on 16 bytes from the workspace's start (a fresh allocation, so 16-byte aligned), so that the
+// last CTA of a row can fetch its candidates and group words with bulk copies (fused_topk).
+struct FusedWorkspace {
+  int64_t groups_at, groups_stride;  // row r's group words at groups_at + r * groups_stride
+  int64_t cand_at, cand_stride;      // row r's candidate keys at cand_at + r * cand_stride,
+  int64_t ids_off;                   // their chunk ids ids_off words later
+  int64_t words;                     // the whole part
+};
+__host__ __device__ inline FusedWorkspace fused_workspace(int64_t rows, int topk, int64_t splits) {
+  const auto up4 = [](int64_t w) { return (w + 3) & ~int64_t{3}; };
+  FusedWorkspace w;
+  w.groups_at = up4(rows);
+  w.groups_stride = up4(2 * static_cast<int64_t>(topk));
+  w.cand_at = w.groups_at + rows * w.groups_stride;
+  w.ids_off = up4(splits * topk);
+  w.cand_stride = 2 * w.ids_off;
+  w.words = w.cand_at + rows * w.cand_stride;
+  return w;
+}
+
 // uint32 words of select_chunks' `scores` workspace (from static shapes only): the dense chunk
-// scores of every row, or, when the few-rows kernel may fuse the top-k (bound/mean), one
-// arrival counter and 2 * topk group words per row plus 2 * topk candidate words for each chunk
-// range of the row, of which there are at most ceil(n_cols / kScoreBlockN) (a range holds at
-// least one column tile).
+// scores of every row, or, when the few-rows kernel may fuse the top-k (bound/mean), the fused
+// top-k's part for the most chunk ranges a row can have, ceil(n_cols / kScoreBlockN) (a range
+// holds at least one column tile).
 inline int64_t select_workspace_words(const SelectParams& p, RepMode rep, int head_dim) {
   const int64_t rows = static_cast<int64_t>(p.batch) * p.hkv * p.n_blocks;
   const int64_t dense = rows * p.n_cols;
   if (rep == RepMode::kMax || !few_rows(p.lq, p.query_block, p.hq / p.hkv)) return dense;
   const int block_n = kScoreBlockN;
   const int64_t splits = (static_cast<int64_t>(p.n_cols) + block_n - 1) / block_n;
-  return std::max(dense, rows * (1 + 2 * static_cast<int64_t>(p.topk) * (1 + splits)));
+  return std::max(dense, fused_workspace(rows, p.topk, splits).words);
 }
 
 // Rows of the many-rows (GEMM) kernel's CTA tile: its A tile of block_m x vec_len elements
@@ -574,15 +597,21 @@ __device__ void block_topk(int m, int k, Load load, Emit emit, TopkSmem<kThreads
 //    topk candidates on iid scores with no pass over the candidates to find a bound. Candidate
 //    positions grow with chunk ids, so the tie rule and the ascending output carry over.
 // Many exact ties (more than kFusedFilterCap keys >= B) fall back to block_topk_radix. The
-// launcher fuses only for 2 topk <= kScoreThreads. Workspace p.scores: one zeroed arrival
-// counter per row, then G zeroed group words per row, then per row col_splits * topk keys and
-// as many chunk ids (select_workspace_words).
-// s_stage: shared scratch of kFusedMaxCandidates words (the scoring kernel's column stages,
-// idle by then) into which the last CTA copies the row's candidate keys once, so that
-// block_topk_above's passes read shared memory instead of waiting on L2. s_cand: kFusedFilterCap
-// words of 8 bytes (the A tile, idle too) for the group words, then the filtered candidates.
+// launcher fuses only for 2 topk <= kScoreThreads. Workspace p.scores: fused_workspace, whose
+// counters and group words the launcher zeroes.
+// The last CTA copies the row's candidates into shared memory once, so that block_topk_above's
+// passes read shared memory instead of waiting on L2: s_stage, the scoring kernel's column
+// stages (idle by then), gets the keys, and with kStageIds their chunk ids after them; s_cand,
+// kFusedFilterCap words of 8 bytes (the A tile, idle too), gets the group words, then the
+// filtered candidates. kStageIds (sm_90a, stages of at least 2 kFusedMaxCandidates words): keys,
+// ids and group words come by bulk copies of the copy engine, counted on an mbarrier in s_best
+// (idle too, and at least 32 words: a range holds a column tile), so the selection has no global
+// load left; on the H200 that took the 1M bound decode step from 52.2-52.6 to 51.1-51.7 us
+// (bench/NOTES.md "Round twenty-one"). Otherwise the keys come by L2 loads (__ldcg) and each
+// selected chunk's id by one more.
+template <bool kStageIds>
 __device__ __forceinline__ void fused_topk(const SelectParams& p, const ScoreTile& t,
-                                           const uint32_t* s_best, uint32_t* s_stage,
+                                           uint32_t* s_best, uint32_t* s_stage,
                                            uint64_t* s_cand) {
   __shared__ TopkSmem<kScoreThreads> sm;
   __shared__ bool s_last;
@@ -591,9 +620,10 @@ __device__ __forceinline__ void fused_topk(const SelectParams& p, const ScoreTil
   const int64_t n_rows = static_cast<int64_t>(p.batch) * p.hkv * p.n_blocks;
   const int groups = 2 * p.topk;
   const int n_cand = p.col_splits * p.topk;
-  uint32_t* row_groups = p.scores + n_rows + row * groups;
-  uint32_t* keys = p.scores + n_rows * (1 + groups) + row * 2 * n_cand;
-  int* ids = reinterpret_cast<int*>(keys + n_cand);
+  const FusedWorkspace ws = fused_workspace(n_rows, p.topk, p.col_splits);
+  uint32_t* row_groups = p.scores + ws.groups_at + row * ws.groups_stride;
+  uint32_t* keys = p.scores + ws.cand_at + row * ws.cand_stride;
+  int* ids = reinterpret_cast<int*>(keys + ws.ids_off);
   const int slot = blockIdx.x / (p.row_tiles * p.n_blocks);  // this CTA's chunk range
   const int mine = max(0, t.j1 - t.j0);
 
@@ -636,16 +666,41 @@ __device__ __forceinline__ void fused_topk(const SelectParams& p, const ScoreTil
   int* out = p.idx + row * p.topk;
   for (int i = k + tid; i < p.topk; i += kScoreThreads) out[i] = -1;
   if (k == 0) return;
-  // Other CTAs wrote the candidates and words: read them from L2 (__ldcg), never a stale L1
-  // line.
-  for (int i = tid; i < n_cand; i += kScoreThreads) s_stage[i] = __ldcg(keys + i);
-  if (tid < groups) s_groups[tid] = __ldcg(row_groups + tid);
+  // Other CTAs wrote the candidates and words: read them from L2 (bulk copies or __ldcg), never
+  // a stale L1 line.
+  const int* s_ids = reinterpret_cast<const int*>(s_stage + ws.ids_off);
+  if constexpr (kStageIds) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)  // else kStageIds is false
+    const uint32_t bar = static_cast<uint32_t>(__cvta_generic_to_shared(s_best));
+    if (tid == 0) {
+      mbar_init(bar, 1);
+      fence_mbarrier_init();
+    }
+    __syncthreads();
+    if (tid == 0) {
+      // The stages and the A tile were last used by generic code; the words were acquired
+      // above.
+      fence_proxy_async();
+      const uint32_t cand_bytes = static_cast<uint32_t>(ws.cand_stride * 4);
+      const uint32_t group_bytes = static_cast<uint32_t>(ws.groups_stride * 4);
+      mbar_arrive_expect_tx(bar, cand_bytes + group_bytes);
+      bulk_copy_g2s(static_cast<uint32_t>(__cvta_generic_to_shared(s_stage)), keys, cand_bytes,
+                    bar);
+      bulk_copy_g2s(static_cast<uint32_t>(__cvta_generic_to_shared(s_groups)), row_groups,
+                    group_bytes, bar);
+    }
+    mbar_wait(bar, 0);
+#endif
+  } else {
+    for (int i = tid; i < n_cand; i += kScoreThreads) s_stage[i] = __ldcg(keys + i);
+    if (tid < groups) s_groups[tid] = __ldcg(row_groups + tid);
+  }
   __syncthreads();
   // Real keys are never 0 (a NaN pattern), so the floor of 1 drops the padding when fewer than
   // topk groups hold a chunk (a short row): every real key still passes.
   const uint32_t final_bound = max(group_bound<kScoreThreads>(s_groups, groups, p.topk, sm), 1u);
   auto cand_key = [&](int i) { return s_stage[i]; };
-  auto select = [&](int rank, int i) { out[rank] = __ldcg(ids + i); };
+  auto select = [&](int rank, int i) { out[rank] = kStageIds ? s_ids[i] : __ldcg(ids + i); };
   if (block_topk_above<kScoreThreads>(n_cand, k, final_bound, cand_key, select, sm, s_cand,
                                       kFusedFilterCap) < 0) {
     block_topk_radix<kScoreThreads>(n_cand, k, cand_key, select, sm);
@@ -689,13 +744,20 @@ __global__ void __launch_bounds__(kScoreThreads) chunk_scores_kernel(SelectParam
   const ScoreTile t = score_tile(p, kBM, kTokens);
   static_assert(kStages * kBN * kVec * sizeof(T) >= kFusedMaxCandidates * sizeof(uint32_t),
                 "fused_topk stages the candidates in the column ring");
+  // fused_topk's bulk copies (sm_90a) stage the ids beside the keys when the ring holds both.
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  constexpr bool kStageIds =
+      kStages * kBN * kVec * sizeof(T) >= 2 * kFusedMaxCandidates * sizeof(uint32_t);
+#else
+  constexpr bool kStageIds = false;
+#endif
   static_assert(kBM * kVec * sizeof(T) >= kFusedFilterCap * sizeof(uint64_t),
                 "fused_topk keeps the filtered candidates in the A tile");
   uint32_t* s_stage = reinterpret_cast<uint32_t*>(s_b);
   uint64_t* s_cand = reinterpret_cast<uint64_t*>(s_a);
   if (t.empty()) {
     // Its slot still counts for the last CTA.
-    if (kMayFuse && p.fused) fused_topk(p, t, s_best, s_stage, s_cand);
+    if (kMayFuse && p.fused) fused_topk<kStageIds>(p, t, s_best, s_stage, s_cand);
     return;
   }
 
@@ -820,7 +882,7 @@ __global__ void __launch_bounds__(kScoreThreads) chunk_scores_kernel(SelectParam
   __syncthreads();
   if (kMayFuse && p.fused) {
     // The ring and the A tile are idle: every copy has landed and every mma has read them.
-    fused_topk(p, t, s_best, s_stage, s_cand);
+    fused_topk<kStageIds>(p, t, s_best, s_stage, s_cand);
   } else {
     store_chunk_maxima<kScoreThreads>(p, t, s_best);
   }
@@ -1353,9 +1415,9 @@ cudaError_t launch_scores_one_wave(Kernel kernel, const SelectParams& plan, int 
   p.col_splits = splits_of(p.chunks_per_cta);
   p.fused = fusable(p.chunks_per_cta);
   *fused = p.fused;
-  if (p.fused) {  // the arrival counters and the group words, 1 + 2 * topk per row
-    const size_t rows = static_cast<size_t>(p.batch) * p.hkv * p.n_blocks;
-    const size_t words = rows * (1 + 2 * static_cast<size_t>(p.topk));
+  if (p.fused) {  // the arrival counters and the group words
+    const int64_t rows = static_cast<int64_t>(p.batch) * p.hkv * p.n_blocks;
+    const size_t words = static_cast<size_t>(fused_workspace(rows, p.topk, p.col_splits).cand_at);
     if ((err = cudaMemsetAsync(p.scores, 0, words * sizeof(uint32_t), stream)) != cudaSuccess)
       return err;
   }

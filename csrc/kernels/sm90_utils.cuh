@@ -66,6 +66,12 @@ __device__ __forceinline__ void wgmma_wait() {
 __device__ __forceinline__ void fence_proxy_async_shared() {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 }
+// The same for every state space: this thread's generic-proxy accesses to shared and global
+// memory, and those it has acquired from other threads, before its later async-proxy ones (a
+// bulk copy of words that other CTAs stored, into shared memory that generic code used).
+__device__ __forceinline__ void fence_proxy_async() {
+  asm volatile("fence.proxy.async;\n" ::: "memory");
+}
 
 // Named barrier kId (1 .. 15; 0 is __syncthreads') of kCount threads (a multiple of 32), each
 // warp of a caller uniform: named_bar_sync waits for the barrier to complete, named_bar_arrive
