@@ -606,7 +606,7 @@ __device__ void block_topk(int m, int k, Load load, Emit emit, TopkSmem<kThreads
 // filtered candidates. kStageIds (sm_90a, stages of at least 2 kFusedMaxCandidates words): keys,
 // ids and group words come by bulk copies of the copy engine, counted on an mbarrier in s_best
 // (idle too, and at least 32 words: a range holds a column tile), so the selection has no global
-// load left; on the H200 that took the 1M bound decode step from 52.2-52.6 to 51.1-51.7 us
+// load left; on the H200 that took the 1M bound decode step from 52.2-52.6 to 51.0-51.7 us
 // (bench/NOTES.md "Round twenty-one"). Otherwise the keys come by L2 loads (__ldcg) and each
 // selected chunk's id by one more.
 template <bool kStageIds>
