@@ -40,17 +40,28 @@ DTYPE = torch.bfloat16
 E = 2  # bytes per element
 
 
-def header() -> dict:
+def commit_id() -> str:
+    """REATTENTION_COMMIT, else this checkout's short HEAD, marked "+dirty" when tracked files
+    differ from it: the figures then belong to a tree that no commit names (a try built on top of
+    main, or a copy of a newer tree beside an older .git)."""
     commit = os.environ.get("REATTENTION_COMMIT")
-    if not commit:
-        try:
-            commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"],
-                                             text=True, stderr=subprocess.DEVNULL).strip()
-        except (OSError, subprocess.CalledProcessError):
-            commit = "unknown"
+    if commit:
+        return commit
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
+                                         cwd=here, stderr=subprocess.DEVNULL).strip()
+        diff = subprocess.run(["git", "diff", "--quiet", "HEAD", "--"], cwd=here,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit + ("+dirty" if diff == 1 else "" if diff == 0 else "+unknown")
+
+
+def header() -> dict:
     import triton
     return dict(gpu=torch.cuda.get_device_name(), cuda=torch.version.cuda,
-                torch=torch.__version__, triton=triton.__version__, commit=commit,
+                torch=torch.__version__, triton=triton.__version__, commit=commit_id(),
                 python=sys.version.split()[0])
 
 
