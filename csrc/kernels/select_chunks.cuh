@@ -526,6 +526,38 @@ __device__ int block_topk_above(int m, int k, uint32_t bound, Load load, Emit em
   return kept;
 }
 
+// Rank and emit by one warp (every lane calls it): the top k (uint64 order) of the n candidate
+// words cand[0..n) (key << 32 | ~position, in ascending position order), two per lane per
+// round; each selected word's output slot is the number of selected words before it, so
+// emit(slot, position) sees the selection in ascending position order.
+template <typename Emit>
+__device__ __forceinline__ void warp_rank_emit(const uint64_t* cand, int n, int k, Emit emit) {
+  const int lane = threadIdx.x & 31;
+  int written = 0;
+  for (int c0 = 0; c0 < n; c0 += 64) {
+    const int c1 = c0 + lane, c2 = c1 + 32;
+    const uint64_t me1 = c1 < n ? cand[c1] : ~0ull, me2 = c2 < n ? cand[c2] : ~0ull;
+    int above1 = 0, above2 = 0;
+#pragma unroll 4
+    for (int d = 0; d < n; ++d) {
+      const uint64_t x = cand[d];
+      above1 += x > me1 ? 1 : 0;
+      above2 += x > me2 ? 1 : 0;
+    }
+    const unsigned take1 = __ballot_sync(0xffffffffu, c1 < n && above1 < k);
+    const unsigned take2 = __ballot_sync(0xffffffffu, c2 < n && above2 < k);
+    const unsigned below = (1u << lane) - 1u;
+    if (take1 >> lane & 1u) {
+      emit(written + __popc(take1 & below), static_cast<int>(~static_cast<uint32_t>(me1)));
+    }
+    written += __popc(take1);
+    if (take2 >> lane & 1u) {
+      emit(written + __popc(take2 & below), static_cast<int>(~static_cast<uint32_t>(me2)));
+    }
+    written += __popc(take2);
+  }
+}
+
 // Step 1 of block_topk and of fused_topk: each thread's largest key among load(i), i = tid,
 // tid + kThreads, ... < m (key 0, below every key, when it has none), then the maxima of the
 // `groups` groups of threads (thread t in group t % groups) stored as out[group] =
@@ -595,12 +627,16 @@ __device__ void block_topk(int m, int k, Load load, Emit emit, TopkSmem<kThreads
 //    it is kept. Late CTAs see a bound near the row's and keep few, often without ranking.
 //  - the last CTA reads the final words, group maxima of the whole row: its filter keeps ~1.4
 //    topk candidates on iid scores with no pass over the candidates to find a bound. Candidate
-//    positions grow with chunk ids, so the tie rule and the ascending output carry over.
+//    positions grow with chunk ids, so the tie rule and the ascending output carry over. The
+//    filter is one block scan (each thread counts, then writes, a contiguous run of positions,
+//    so the kept words stay in position order) and one warp ranks them (warp_rank_emit): two
+//    barriers, no atomics; on the H200 that took the 1M bound decode step from 50.4-50.6 to
+//    49.8-49.9 us in one lease (bench/NOTES.md "Round twenty-one", calls f and g).
 // Many exact ties (more than kFusedFilterCap keys >= B) fall back to block_topk_radix. The
 // launcher fuses only for 2 topk <= kScoreThreads. Workspace p.scores: fused_workspace, whose
 // counters and group words the launcher zeroes.
-// The last CTA copies the row's candidates into shared memory once, so that block_topk_above's
-// passes read shared memory instead of waiting on L2: s_stage, the scoring kernel's column
+// The last CTA copies the row's candidates into shared memory once, so that its filter and
+// rank read shared memory instead of waiting on L2: s_stage, the scoring kernel's column
 // stages (idle by then), gets the keys, and with kStageIds their chunk ids after them; s_cand,
 // kFusedFilterCap words of 8 bytes (the A tile, idle too), gets the group words, then the
 // filtered candidates. kStageIds (sm_90a, stages of at least 2 kFusedMaxCandidates words): keys,
@@ -653,7 +689,6 @@ __device__ __forceinline__ void fused_topk(const SelectParams& p, const ScoreTil
   __threadfence();
   __syncthreads();
   if (tid == 0) {
-    sm.count = 0;  // for the last CTA's filter
     s_last = atomicAdd(p.scores + row, 1u) == static_cast<uint32_t>(p.col_splits - 1);
   }
   __syncthreads();
@@ -701,10 +736,39 @@ __device__ __forceinline__ void fused_topk(const SelectParams& p, const ScoreTil
   const uint32_t final_bound = max(group_bound<kScoreThreads>(s_groups, groups, p.topk, sm), 1u);
   auto cand_key = [&](int i) { return s_stage[i]; };
   auto select = [&](int rank, int i) { out[rank] = kStageIds ? s_ids[i] : __ldcg(ids + i); };
-  if (block_topk_above<kScoreThreads>(n_cand, k, final_bound, cand_key, select, sm, s_cand,
-                                      kFusedFilterCap) < 0) {
-    block_topk_radix<kScoreThreads>(n_cand, k, cand_key, select, sm);
+  // Filter: the keys >= final_bound, compacted in position order by an exclusive scan of each
+  // thread's count over its contiguous run; then one warp ranks them.
+  const int lane = tid & 31, warp = tid >> 5;
+  const int per = (n_cand + kScoreThreads - 1) / kScoreThreads;
+  const int i0 = min(n_cand, tid * per), i1 = min(n_cand, i0 + per);
+  int mine_c = 0;
+  for (int i = i0; i < i1; ++i) mine_c += s_stage[i] >= final_bound ? 1 : 0;
+  int incl = mine_c;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const int y = __shfl_up_sync(0xffffffffu, incl, o);
+    if (lane >= o) incl += y;
   }
+  if (lane == 31) sm.warp[warp] = incl;
+  __syncthreads();
+  int at = incl - mine_c, n = 0;
+#pragma unroll
+  for (int w = 0; w < kScoreThreads / 32; ++w) {
+    at += w < warp ? sm.warp[w] : 0;
+    n += sm.warp[w];
+  }
+  if (n > kFusedFilterCap) {  // many exact ties at the bound
+    block_topk_radix<kScoreThreads>(n_cand, k, cand_key, select, sm);
+    return;
+  }
+  for (int i = i0; i < i1; ++i) {
+    const uint32_t key = s_stage[i];
+    if (key >= final_bound) {
+      s_cand[at++] = (static_cast<uint64_t>(key) << 32) | ~static_cast<uint32_t>(i);
+    }
+  }
+  __syncthreads();
+  if (warp == 0) warp_rank_emit(s_cand, n, k, select);
 }
 
 // One CTA: the m16 A tile, then column tiles of kScoreBlockN vectors through the cp.async ring
@@ -1322,27 +1386,9 @@ __global__ void __launch_bounds__(kTopkShortThreads) topk_short_kernel(SelectPar
   }
   __syncthreads();
 
-  // 4. Rank and emit, one warp, two candidates per lane per round.
+  // 4. Rank and emit, one warp.
   if (warp != 0) return;
-  int written = 0;
-  for (int c0 = 0; c0 < n; c0 += 64) {
-    const int c1 = c0 + lane, c2 = c1 + 32;
-    const uint64_t me1 = c1 < n ? s_cand[c1] : ~0ull, me2 = c2 < n ? s_cand[c2] : ~0ull;
-    int above1 = 0, above2 = 0;
-#pragma unroll 4
-    for (int d = 0; d < n; ++d) {
-      const uint64_t x = s_cand[d];
-      above1 += x > me1 ? 1 : 0;
-      above2 += x > me2 ? 1 : 0;
-    }
-    const unsigned take1 = __ballot_sync(0xffffffffu, c1 < n && above1 < k);
-    const unsigned take2 = __ballot_sync(0xffffffffu, c2 < n && above2 < k);
-    const unsigned below = (1u << lane) - 1u;
-    if (take1 >> lane & 1u) out[written + __popc(take1 & below)] = static_cast<int>(~static_cast<uint32_t>(me1));
-    written += __popc(take1);
-    if (take2 >> lane & 1u) out[written + __popc(take2 & below)] = static_cast<int>(~static_cast<uint32_t>(me2));
-    written += __popc(take2);
-  }
+  warp_rank_emit(s_cand, n, k, [&](int slot, int i) { out[slot] = i; });
 }
 
 // Launches a scoring kernel as one wave of equal CTAs: every (sequence, head, block, row tile)
