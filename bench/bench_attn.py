@@ -25,37 +25,19 @@ import argparse
 import json
 import math
 import os
-import subprocess
 import sys
 
 import torch
 import torch.nn.functional as F
 
 import reattention
+from provenance import commit_id  # this folder is on the path when a script runs from it
 from reattention import ops
 
 B, HQ, HKV, D = 1, 32, 8, 128
 SINK, CHUNK, TOPK, LOCAL, QB = 64, 64, 32, 4096, 128
 DTYPE = torch.bfloat16
 E = 2  # bytes per element
-
-
-def commit_id() -> str:
-    """REATTENTION_COMMIT, else this checkout's short HEAD, marked "+dirty" when tracked files
-    differ from it: the figures then belong to a tree that no commit names (a try built on top of
-    main, or a copy of a newer tree beside an older .git)."""
-    commit = os.environ.get("REATTENTION_COMMIT")
-    if commit:
-        return commit
-    here = os.path.dirname(os.path.abspath(__file__))
-    try:
-        commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
-                                         cwd=here, stderr=subprocess.DEVNULL).strip()
-        diff = subprocess.run(["git", "diff", "--quiet", "HEAD", "--"], cwd=here,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return commit + ("+dirty" if diff == 1 else "" if diff == 0 else "+unknown")
 
 
 def header() -> dict:

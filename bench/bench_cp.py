@@ -23,15 +23,16 @@ import dataclasses
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
 import torch
 import torch.distributed as dist
 
-import reattention
-from reattention.distributed import CPLayout, chunk_reps_cp, reattention_attn_cp
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # also when loaded by file
+import reattention  # noqa: E402
+from reattention.distributed import CPLayout, chunk_reps_cp, reattention_attn_cp  # noqa: E402
+from provenance import commit_id  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,15 +58,8 @@ TINY = Shapes(1, 4, 2, 64, 8, 16, 4, 64, 16, 40, (1500,), torch.float32)
 
 
 def header(device: torch.device, world: int, backend: str) -> dict:
-    commit = os.environ.get("REATTENTION_COMMIT")
-    if not commit:
-        try:
-            commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
-                                             stderr=subprocess.DEVNULL).strip()
-        except (OSError, subprocess.CalledProcessError):
-            commit = "unknown"
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    return dict(gpu=gpu, cuda=torch.version.cuda, torch=torch.__version__, commit=commit,
+    return dict(gpu=gpu, cuda=torch.version.cuda, torch=torch.__version__, commit=commit_id(),
                 python=sys.version.split()[0], world_size=world,
                 dist_backend=dist.get_backend() if dist.is_initialized() else None,
                 op_backend=backend)

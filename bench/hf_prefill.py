@@ -23,31 +23,24 @@ import json
 import os
 import platform
 import resource
-import subprocess
 import sys
 import time
 
 import torch
 import transformers
 
-import reattention
-from reattention import hf, ops
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # also when loaded by file
+import reattention  # noqa: E402
+from reattention import hf, ops  # noqa: E402
+from provenance import commit_id  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def header(device: torch.device) -> dict:
-    commit = os.environ.get("REATTENTION_COMMIT")
-    if not commit:
-        try:
-            commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
-                                             cwd=os.path.dirname(os.path.abspath(__file__)),
-                                             stderr=subprocess.DEVNULL).strip()
-        except (OSError, subprocess.CalledProcessError):
-            commit = "unknown"
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
     return dict(device=name or device.type, cuda=torch.version.cuda, torch=torch.__version__,
-                transformers=transformers.__version__, commit=commit,
+                transformers=transformers.__version__, commit=commit_id(),
                 python=sys.version.split()[0])
 
 
