@@ -350,6 +350,31 @@ __device__ __forceinline__ int block_prefix_count(bool flag, int* s_warp, int& t
   return before + __popc(ballot & ((1u << lane) - 1u));
 }
 
+// Exclusive prefix sum of v over the CTA in thread order (a warp scan, then the warps' totals
+// through s_warp, kThreads / 32 words); `total` gets the CTA's sum. lane and warp are the
+// caller's own (passing them keeps the callers' SASS as it was when each held this scan inline).
+// One barrier, after which s_warp is read: a caller rewrites it only past its own next barrier.
+template <int kThreads>
+__device__ __forceinline__ int block_exclusive_sum(int v, int lane, int warp, int* s_warp,
+                                                   int& total) {
+  int incl = v;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const int y = __shfl_up_sync(0xffffffffu, incl, o);
+    if (lane >= o) incl += y;
+  }
+  if (lane == 31) s_warp[warp] = incl;
+  __syncthreads();
+  int before = incl - v, sum = 0;
+#pragma unroll
+  for (int w = 0; w < kThreads / 32; ++w) {
+    before += w < warp ? s_warp[w] : 0;
+    sum += s_warp[w];
+  }
+  total = sum;
+  return before;
+}
+
 // Shared memory of block_topk. The filter's fields reuse the radix histogram's words, each in a
 // phase of its own between barriers, so that the fused top-k adds only `count` to the scoring
 // kernel, whose CTAs per SM are set by shared memory.
@@ -743,20 +768,8 @@ __device__ __forceinline__ void fused_topk(const SelectParams& p, const ScoreTil
   const int i0 = min(n_cand, tid * per), i1 = min(n_cand, i0 + per);
   int mine_c = 0;
   for (int i = i0; i < i1; ++i) mine_c += s_stage[i] >= final_bound ? 1 : 0;
-  int incl = mine_c;
-#pragma unroll
-  for (int o = 1; o < 32; o <<= 1) {
-    const int y = __shfl_up_sync(0xffffffffu, incl, o);
-    if (lane >= o) incl += y;
-  }
-  if (lane == 31) sm.warp[warp] = incl;
-  __syncthreads();
-  int at = incl - mine_c, n = 0;
-#pragma unroll
-  for (int w = 0; w < kScoreThreads / 32; ++w) {
-    at += w < warp ? sm.warp[w] : 0;
-    n += sm.warp[w];
-  }
+  int n;
+  int at = block_exclusive_sum<kScoreThreads>(mine_c, lane, warp, sm.warp, n);
   if (n > kFusedFilterCap) {  // many exact ties at the bound
     block_topk_radix<kScoreThreads>(n_cand, k, cand_key, select, sm);
     return;
@@ -1359,20 +1372,8 @@ __global__ void __launch_bounds__(kTopkShortThreads) topk_short_kernel(SelectPar
   int mine = 0;
 #pragma unroll
   for (int e = 0; e < kPer; ++e) mine += first + e < m && key[e] >= bound ? 1 : 0;
-  int incl = mine;
-#pragma unroll
-  for (int o = 1; o < 32; o <<= 1) {
-    const int y = __shfl_up_sync(0xffffffffu, incl, o);
-    if (lane >= o) incl += y;
-  }
-  if (lane == 31) s_count[warp] = incl;
-  __syncthreads();
-  int slot = incl - mine, n = 0;
-#pragma unroll
-  for (int w = 0; w < kWarps; ++w) {
-    slot += w < warp ? s_count[w] : 0;
-    n += s_count[w];
-  }
+  int n;
+  int slot = block_exclusive_sum<kThreads>(mine, lane, warp, s_count, n);
   if (n > kTopkShortCap) {  // many exact ties at the bound
     block_topk_radix<kThreads>(
         m, k, [&](int i) { return src[i]; }, [&](int rank, int i) { out[rank] = i; }, sm);
