@@ -3,15 +3,17 @@
 // A CTA owns (sequence b, kv head h, query block beta, a tile of rows, a split of the gathered
 // keys). Two kernels share gather_attention_common.cuh: the few-rows one for decode
 // (gather_attention_decode.cuh) and the many-rows one for prefill blocks
-// (gather_attention_prefill.cuh). Each query block has its own segments (contract v2), so a
-// block gathers at most scope() keys whatever Lq is. This header plans the row tiles and key
-// splits from static shapes only (that bound), so workspaces never depend on device data and
-// the decode step never syncs with the host, and launches the kernel, then merge_splits_kernel
-// when the keys are split.
+// (gather_attention_prefill.cuh; its sm_90a version and key pre-pass, in
+// gather_attention_prefill_sm90.cuh, build on it). Each query block has its own segments
+// (contract v2), so a block gathers at most scope() keys whatever Lq is. This header plans the
+// row tiles and key splits from static shapes only (that bound), so workspaces never depend on
+// device data and the decode step never syncs with the host, and launches the kernel (for many
+// rows, the sm_90a one where it is usable), then merge_splits_kernel when the keys are split.
 #pragma once
 
 #include "gather_attention_decode.cuh"
 #include "gather_attention_prefill.cuh"
+#include "gather_attention_prefill_sm90.cuh"
 
 namespace reattention::kernels {
 
@@ -51,6 +53,28 @@ inline void plan_attention(AttnParams& p, int head_dim, int num_sms, int smem_pe
   const int64_t per = (tiles_max + splits - 1) / splits;
   p.tiles_per_split = static_cast<int>(per < 1 ? 1 : per);
   p.num_splits = static_cast<int>(per < 1 ? 1 : (tiles_max + per - 1) / per);
+}
+
+// Launches the many-rows kernel on plan_attention's row tiles (kBM rows) and splits (the
+// o_part/lse_part workspace is sized by them; splits left without tiles write lse -inf, which
+// merge_splits_kernel weighs as zero): the sm_90a pre-pass and kernel where prefill_sm90_usable
+// says so and the op layer gave the rotated-K workspace (prerot_elems), else
+// gather_attention_prefill_kernel.
+template <typename T, int D>
+cudaError_t launch_prefill_attention(const AttnParams& p, cudaStream_t stream) {
+  int n_pos = 0;
+  cudaError_t err = launch_rope_table(p, &n_pos, stream);
+  if (err != cudaSuccess) return err;
+  bool sm90 = false;
+  if ((err = prefill_sm90_usable<T, D>(&sm90)) != cudaSuccess) return err;
+  if (sm90 && p.k_rot != nullptr) return launch_prefill_sm90<T, D>(p, n_pos, stream);
+  constexpr int smem = prefill_smem_bytes<D>();
+  auto kernel = gather_attention_prefill_kernel<T, D>;
+  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (err != cudaSuccess) return err;
+  const dim3 grid(p.n_blocks * p.row_tiles, p.hkv * p.num_splits, p.batch);
+  kernel<<<grid, kPrefillThreads, smem, stream>>>(p, p.rope_table, n_pos);
+  return cudaGetLastError();
 }
 
 // overlap (decode calls only, see launch_decode_attention): the attention runs beside the

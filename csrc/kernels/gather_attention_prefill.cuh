@@ -582,31 +582,3 @@ __global__ void __launch_bounds__(kPrefillThreads, PrefillShape<D>::kMinBlocks)
 }
 
 }  // namespace reattention::kernels
-
-#include "gather_attention_prefill_sm90.cuh"
-
-namespace reattention::kernels {
-
-// Launches the many-rows kernel on plan_attention's row tiles (kBM rows) and splits (the
-// o_part/lse_part workspace is sized by them; splits left without tiles write lse -inf, which
-// merge_splits_kernel weighs as zero): the sm_90a pre-pass and kernel where prefill_sm90_usable
-// says so and the op layer gave the rotated-K workspace (prerot_elems), else
-// gather_attention_prefill_kernel.
-template <typename T, int D>
-cudaError_t launch_prefill_attention(const AttnParams& p, cudaStream_t stream) {
-  int n_pos = 0;
-  cudaError_t err = launch_rope_table(p, &n_pos, stream);
-  if (err != cudaSuccess) return err;
-  bool sm90 = false;
-  if ((err = prefill_sm90_usable<T, D>(&sm90)) != cudaSuccess) return err;
-  if (sm90 && p.k_rot != nullptr) return launch_prefill_sm90<T, D>(p, n_pos, stream);
-  constexpr int smem = prefill_smem_bytes<D>();
-  auto kernel = gather_attention_prefill_kernel<T, D>;
-  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-  if (err != cudaSuccess) return err;
-  const dim3 grid(p.n_blocks * p.row_tiles, p.hkv * p.num_splits, p.batch);
-  kernel<<<grid, kPrefillThreads, smem, stream>>>(p, p.rope_table, n_pos);
-  return cudaGetLastError();
-}
-
-}  // namespace reattention::kernels

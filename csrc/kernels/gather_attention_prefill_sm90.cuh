@@ -119,6 +119,7 @@
 // prefill_sm90_usable never picks them there.
 #pragma once
 
+#include "gather_attention_prefill.cuh"
 #include "sm90_utils.cuh"
 
 namespace reattention::kernels {

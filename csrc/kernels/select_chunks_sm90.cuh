@@ -1,6 +1,7 @@
-// The many-rows chunk scoring GEMM on sm_90a: chunk_scores_gemm_kernel's work (select_chunks.cuh,
-// kernel 2) with Hopper's warpgroup MMA, wgmma.mma_async m64nNk16 (fp32 accumulate), which reads
-// both operands from shared memory: no ldmatrix, and one instruction per 64 x N x 16 product.
+// The many-rows chunk scoring GEMM on sm_90a: chunk_scores_gemm_kernel's work
+// (select_chunks_scores.cuh, kernel 2) with Hopper's warpgroup MMA, wgmma.mma_async m64nNk16
+// (fp32 accumulate), which reads both operands from shared memory: no ldmatrix, and one
+// instruction per 64 x N x 16 product.
 //
 // Two kernels, picked at compile time per instantiation by launch_chunk_scores_gemm through
 // WgmmaTile<kVec>::kWarpSpecialized (docs/design.md section 4):
@@ -73,11 +74,12 @@
 // a CTA barrier. In both kernels every column runs the same wgmma sequence over its vector in
 // the same k order wherever it falls, so bit-identical chunks still get bit-identical keys.
 //
-// Included by select_chunks.cuh after the sm80 GEMM kernel, whose helpers it uses. The bodies
-// are compiled for sm_90a only (__CUDA_ARCH_FEAT_SM90_ALL); elsewhere they trap, and the
-// launcher (sm90a_code_usable) never picks them there.
+// Built on select_chunks_scores.cuh (the sm80 GEMM kernel's helpers); select_chunks.cuh launches
+// it. The bodies are compiled for sm_90a only (__CUDA_ARCH_FEAT_SM90_ALL); elsewhere they trap,
+// and the launcher (sm90a_code_usable) never picks them there.
 #pragma once
 
+#include "select_chunks_scores.cuh"
 #include "sm90_utils.cuh"
 
 namespace reattention::kernels {
