@@ -207,48 +207,23 @@ struct ColumnRows {
   }
 };
 
-// Stages rows [row0, row0 + kRows) of the tile's query block as the A tile (kVec elements per
-// row, at Layout()(row, col); bound splits q by sign). Rows at or past `rows` repeat the tile's
-// first row (zeros if the tile has no row): a copy of a real row cannot change a max over rows,
-// so the epilogues need no row mask.
-template <typename T, int D, RepMode kRep, int kRows, int kThreads,
-          typename Layout = RowSwizzled<kRep == RepMode::kBound ? 2 * D : D>>
-__device__ __forceinline__ void stage_query_rows(T* s_a, const SelectParams& p,
-                                                 const ScoreTile& t) {
-  const Layout at;
-  const int group = p.hq / p.hkv;
-  const T* q_base = static_cast<const T*>(p.q) + t.b * p.q_sb;
-  for (int id = threadIdx.x; id < kRows * (D / 8); id += kThreads) {
-    const int r = id / (D / 8), ch = id % (D / 8);
-    const int gr = t.row0 + r < t.rows ? t.row0 + r : t.row0;
-    uint4 raw = make_uint4(0, 0, 0, 0);
-    if (gr < t.rows) {
-      const int head = t.h * group + gr % group, query = t.q0 + gr / group;
-      raw = *reinterpret_cast<const uint4*>(q_base + head * p.q_sh + query * p.q_sl + ch * 8);
-    }
-    if constexpr (kRep == RepMode::kBound) {
-      const T* x = reinterpret_cast<const T*>(&raw);
-      uint4 neg, pos;
-      T* xn = reinterpret_cast<T*>(&neg);
-      T* xp = reinterpret_cast<T*>(&pos);
-      const T zero = Dtype<T>::from_float(0.f);
+// The bound rep's A operand of 8 elements: neg = min(x, 0) and pos = max(x, 0), elementwise.
+template <typename T>
+__device__ __forceinline__ void split_by_sign(const uint4& raw, uint4& neg, uint4& pos) {
+  const T* x = reinterpret_cast<const T*>(&raw);
+  T* xn = reinterpret_cast<T*>(&neg);
+  T* xp = reinterpret_cast<T*>(&pos);
+  const T zero = Dtype<T>::from_float(0.f);
 #pragma unroll
-      for (int e = 0; e < 8; ++e) {
-        const bool negative = Dtype<T>::to_float(x[e]) < 0.f;
-        xn[e] = negative ? x[e] : zero;
-        xp[e] = negative ? zero : x[e];
-      }
-      *reinterpret_cast<uint4*>(s_a + at(r, ch * 8)) = neg;
-      *reinterpret_cast<uint4*>(s_a + at(r, D + ch * 8)) = pos;
-    } else {
-      *reinterpret_cast<uint4*>(s_a + at(r, ch * 8)) = raw;
-    }
+  for (int e = 0; e < 8; ++e) {
+    const bool negative = Dtype<T>::to_float(x[e]) < 0.f;
+    xn[e] = negative ? x[e] : zero;
+    xp[e] = negative ? zero : x[e];
   }
 }
 
-// stage_query_rows's load and store of element id (< kRows * D / 8: 16 bytes `ch` of row r) as
-// two steps, for QueryRowsInRegs. stage_query_rows keeps its own loop: the sm_90a scoring
-// kernels' SASS changed with these helpers inlined there.
+// Element id (< kRows * D / 8: 16 bytes `ch` of row r) of a tile's query rows, with the row
+// padding of stage_query_rows; q_base is sequence t.b's first query element.
 template <typename T, int D>
 __device__ __forceinline__ uint4 load_query_chunk(const SelectParams& p, const ScoreTile& t,
                                                   const T* q_base, int group, int id) {
@@ -262,22 +237,40 @@ __device__ __forceinline__ uint4 load_query_chunk(const SelectParams& p, const S
   return raw;
 }
 
+// Stages rows [row0, row0 + kRows) of the tile's query block as the A tile (kVec elements per
+// row, at Layout()(row, col); bound splits q by sign). Rows at or past `rows` repeat the tile's
+// first row (zeros if the tile has no row): a copy of a real row cannot change a max over rows,
+// so the epilogues need no row mask.
+template <typename T, int D, RepMode kRep, int kRows, int kThreads,
+          typename Layout = RowSwizzled<kRep == RepMode::kBound ? 2 * D : D>>
+__device__ __forceinline__ void stage_query_rows(T* s_a, const SelectParams& p,
+                                                 const ScoreTile& t) {
+  const Layout at;
+  const int group = p.hq / p.hkv;
+  const T* q_base = static_cast<const T*>(p.q) + t.b * p.q_sb;
+  for (int id = threadIdx.x; id < kRows * (D / 8); id += kThreads) {
+    const int r = id / (D / 8), ch = id % (D / 8);
+    const uint4 raw = load_query_chunk<T, D>(p, t, q_base, group, id);
+    if constexpr (kRep == RepMode::kBound) {
+      uint4 neg, pos;
+      split_by_sign<T>(raw, neg, pos);
+      *reinterpret_cast<uint4*>(s_a + at(r, ch * 8)) = neg;
+      *reinterpret_cast<uint4*>(s_a + at(r, D + ch * 8)) = pos;
+    } else {
+      *reinterpret_cast<uint4*>(s_a + at(r, ch * 8)) = raw;
+    }
+  }
+}
+
+// stage_query_rows's store of element id, for QueryRowsInRegs. stage_query_rows keeps its
+// stores inline: calling this helper there rescheduled most scoring kernels (sm_90a and sm_80).
 template <typename T, int D, RepMode kRep, typename Layout>
 __device__ __forceinline__ void store_query_chunk(T* s_a, int id, uint4 raw) {
   const Layout at;
   const int r = id / (D / 8), ch = id % (D / 8);
   if constexpr (kRep == RepMode::kBound) {
-    const T* x = reinterpret_cast<const T*>(&raw);
     uint4 neg, pos;
-    T* xn = reinterpret_cast<T*>(&neg);
-    T* xp = reinterpret_cast<T*>(&pos);
-    const T zero = Dtype<T>::from_float(0.f);
-#pragma unroll
-    for (int e = 0; e < 8; ++e) {
-      const bool negative = Dtype<T>::to_float(x[e]) < 0.f;
-      xn[e] = negative ? x[e] : zero;
-      xp[e] = negative ? zero : x[e];
-    }
+    split_by_sign<T>(raw, neg, pos);
     *reinterpret_cast<uint4*>(s_a + at(r, ch * 8)) = neg;
     *reinterpret_cast<uint4*>(s_a + at(r, D + ch * 8)) = pos;
   } else {
