@@ -6,6 +6,7 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 W=/tmp/wa; mkdir -p $W
 trap 'tar czf $OUT/r.tgz -C $W .' EXIT
 export REATTENTION_CUDA_ARCHS=90a PYTHONUNBUFFERED=1
+export REATTENTION_COMMIT=$(cat $ROOT/.devbuild/COMMIT)  # the tree: .devbuild has no .git of its own
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv > $W/env.txt
 for v in main tps2; do
   (cd $ROOT/.devbuild/$v && CMAKE_BUILD_PARALLEL_LEVEL=8 python setup.py build_ext --inplace > $W/build-$v.log 2>&1) &
