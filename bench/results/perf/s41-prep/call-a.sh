@@ -1,19 +1,9 @@
 #!/bin/bash
 # Next lease, call a: build HEAD (.devbuild/main) and tps2 (.devbuild/tps2); HEAD's whole suite;
 # tps2's decode tests and memcheck with two key tiles per split. Results in $OUT/r.tgz.
-T0=$SECONDS
-ROOT=$(cd "$(dirname "$0")/.." && pwd)
-W=/tmp/wa; mkdir -p $W
-trap 'tar czf $OUT/r.tgz -C $W .' EXIT
-export REATTENTION_CUDA_ARCHS=90a PYTHONUNBUFFERED=1
-export REATTENTION_COMMIT=$(cat $ROOT/.devbuild/COMMIT)  # the tree: .devbuild has no .git of its own
+source "$(dirname "$0")/lease.sh" wa
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv > $W/env.txt
-for v in main tps2; do
-  (cd $ROOT/.devbuild/$v && CMAKE_BUILD_PARALLEL_LEVEL=8 python setup.py build_ext --inplace > $W/build-$v.log 2>&1) &
-done
-wait
-for v in main tps2; do ls $ROOT/.devbuild/$v/reattention/*.so > /dev/null 2>&1 || { echo "build $v failed"; tail -30 $W/build-$v.log; exit 1; }; done
-echo "built at $((SECONDS-T0)) s" | tee -a $W/env.txt
+build_trees main tps2
 cd $ROOT/.devbuild/main
 OMP_NUM_THREADS=1 PYTHONPATH=$PWD REATTENTION_REQUIRE=cpu,cuda,triton timeout -s INT 300 python -m pytest tests -q -n 14 -p no:cacheprovider > $W/pytest-all.txt 2>&1
 echo "HEAD suite at $((SECONDS-T0)) s: $(grep -E 'passed|failed' $W/pytest-all.txt | tail -1)" | tee -a $W/env.txt

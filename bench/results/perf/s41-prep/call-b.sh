@@ -1,20 +1,8 @@
 #!/bin/bash
 # Next lease, call b: the decode step's A/B, main / tps2 switched off / tps2 with two tiles per
 # split, in the order main off tps2 tps2 off main (each a whole profile_step process).
-T0=$SECONDS
-ROOT=$(cd "$(dirname "$0")/.." && pwd)
-W=/tmp/wb; mkdir -p $W
-trap 'tar czf $OUT/r.tgz -C $W .' EXIT
-export PYTHONUNBUFFERED=1
-export REATTENTION_COMMIT=$(cat $ROOT/.devbuild/COMMIT)  # the tree: .devbuild has no .git of its own
-# The box keeps call a's in-place builds while it stays warm (and .devbuild is not carried
-# again); otherwise build here.
-export REATTENTION_CUDA_ARCHS=90a
-for t in main tps2; do
-  ls $ROOT/.devbuild/$t/reattention/_C_cuda*.so > /dev/null 2>&1 && continue
-  (cd $ROOT/.devbuild/$t && CMAKE_BUILD_PARALLEL_LEVEL=16 python setup.py build_ext --inplace > $W/build-$t.log 2>&1) || { tail -30 $W/build-$t.log; exit 1; }
-  echo "built $t at $((SECONDS-T0)) s"
-done
+source "$(dirname "$0")/lease.sh" wb
+build_trees main tps2
 i=0
 for v in main off tps2 tps2 off main; do
   i=$((i+1))

@@ -3,20 +3,8 @@
 # a haystack" again under contract v2 (they were measured under v1, with 240-query prefill
 # calls): 1x..128x, all methods, 11 depths x 20 prompts; then 1M tokens with bound reps; then
 # README's Hugging Face prefill row (bench/hf_prefill.py, 128K tokens), also last run under v1.
-T0=$SECONDS
-ROOT=$(cd "$(dirname "$0")/.." && pwd)
-W=/tmp/wc; mkdir -p $W
-trap 'tar czf $OUT/r.tgz -C $W .' EXIT
-export PYTHONUNBUFFERED=1
-export REATTENTION_COMMIT=$(cat $ROOT/.devbuild/COMMIT)  # the tree: .devbuild has no .git of its own
-# The box keeps call a's in-place builds while it stays warm (and .devbuild is not carried
-# again); otherwise build here.
-export REATTENTION_CUDA_ARCHS=90a
-for t in main; do
-  ls $ROOT/.devbuild/$t/reattention/_C_cuda*.so > /dev/null 2>&1 && continue
-  (cd $ROOT/.devbuild/$t && CMAKE_BUILD_PARALLEL_LEVEL=16 python setup.py build_ext --inplace > $W/build-$t.log 2>&1) || { tail -30 $W/build-$t.log; exit 1; }
-  echo "built $t at $((SECONDS-T0)) s"
-done
+source "$(dirname "$0")/lease.sh" wc
+build_trees main
 cd $ROOT/.devbuild/main
 plot() { python -c "import matplotlib" 2>/dev/null && echo "--plot $W/$1.png" || echo "--no-plot"; }
 PYTHONPATH=$PWD timeout 240 python -m reattention --device cuda --max-len 65536 --depths 11 \
