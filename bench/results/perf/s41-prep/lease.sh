@@ -1,5 +1,5 @@
-# Sourced by call-a.sh, call-b.sh and call-c.sh with a work folder's name: what every call
-# sets up. Results go to /tmp/$1, tarred into $OUT/r.tgz on exit (only 8 files come back).
+# Sourced with a work folder's name by call-a.sh to call-c.sh here (and by round twenty-three's
+# call-d.sh, bench/results/perf/s42-round23/): what every call sets up. Results go to /tmp/$1, tarred into $OUT/r.tgz on exit (only 8 files come back).
 T0=$SECONDS
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 W=/tmp/$1; mkdir -p $W
