@@ -1,10 +1,11 @@
 """Decode calls (one query per sequence) of the CUDA kernels, to run under compute-sanitizer.
 
-The few-rows attention at GQA 4 (the O^T variant, one K/V stage: one key tile per split) and at
-GQA 4 with D 256, over caches long enough for ~100 splits merged by merge_splits_kernel, with
-bound selection; a cache of ~2,300 middle chunks, whose top-k (topk_short_kernel) is launched
-early, beside the scoring kernel; and a cache of ~4,600 middle chunks, whose selection fuses the
-top-k into the scoring kernel (fused_topk: counters, group words and the last CTA's selection).
+The few-rows attention at GQA 4 (the O^T variant, one K/V stage, two key tiles per split below
+4096 middle chunks) and at GQA 4 with D 256, over caches long enough for ~50-100 splits merged
+by merge_splits_kernel, with bound selection; a cache of ~2,300 middle chunks, whose top-k
+(topk_short_kernel) is launched early, beside the scoring kernel; and a cache of ~4,600 middle
+chunks (one key tile per split), whose selection fuses the top-k into the scoring kernel
+(fused_topk: counters, group words and the last CTA's selection).
 The first case is also checked against the reference on the CPU (its largest difference is
 printed). Shapes are small so that the sanitizer finishes in seconds.
 

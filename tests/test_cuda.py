@@ -252,37 +252,46 @@ def test_gather_attention(case, dtype, style, positions, rope_scale):
 # Decode over ~2 * ceil(3 * SMs / 4) - 1 key tiles of 2 sequences and 2 kv heads, the last one
 # partial. GQA 16 (16 rows: the m16 kernel) gets splits of two key tiles (the m16 plan: about
 # three CTAs per SM), so every split's second stage, the stepped RoPE seeds of both tiles and
-# the merge of ~100 splits are checked; GQA 4 (the transposed kernel) gets one key tile per
-# split (its plan: up to 6 CTAs per SM) and a merge of ~200 splits. Shapes follow the device's
-# SM count so the plans land there. Both RoPE paths (16-byte units by stepping; R/2 = 24 per
-# element), both position modes, D 128 and 256.
-def decode_case(b: int, hq: int, hkv: int, d: int, n_keys: int, lens, rotary=None) -> Case:
+# the merge of ~100 splits are checked. GQA 4 (the transposed kernel, one K/V stage, up to 6
+# CTAs per SM) gets two key tiles per split where the middle is shorter than the fused top-k's
+# rows (fewer than 4096 chunks: the stage refilled after P V, ~100 splits), else one (a merge
+# of ~200 splits): `long_middle` puts Nmax past that. Shapes follow the device's SM count so
+# the plans land there. Both RoPE paths (16-byte units by stepping; R/2 = 24 per element), both
+# position modes, D 128 and 256.
+def decode_case(b: int, hq: int, hkv: int, d: int, n_keys: int, lens, rotary=None,
+                long_middle: bool = False) -> Case:
     """A decode Case (Lq 1) with sink 16, chunk 32, topk 8 and the local window that makes
-    gathered_keys_max = n_keys; Nmax 3000 tokens past the window. lens(nmax): the lengths."""
+    gathered_keys_max = n_keys; Nmax 3000 tokens past the window, or 4100 chunks (long_middle).
+    lens(nmax): the lengths."""
     sink, chunk, topk = 16, 32, 8
     local = n_keys - sink - topk * chunk - chunk
-    nmax = local + 3000
+    nmax = local + (sink + 4100 * chunk if long_middle else 3000)
     return Case(b, hq, hkv, 1, nmax, d, sink, local, chunk, topk, 1, lens=lens(nmax),
                 rotary=rotary)
 
 
-def two_tile_case(d: int, rotary: int | None, hq: int = 8) -> Case:
+def two_tile_case(d: int, rotary: int | None, hq: int = 8, long_middle: bool = False) -> Case:
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     splits = -(-3 * sms // 4)
     return decode_case(2, hq, 2, d, 64 * (2 * splits - 2) + 40,
-                       lambda nmax: (nmax, nmax - 1900), rotary)
+                       lambda nmax: (nmax, nmax - 1900), rotary, long_middle)
+
+
+# (d, rotary, hq, long_middle); the m16 plan (hq 32) does not depend on the middle's length.
+TWO_TILE_SHAPES = [(d, r, hq, False) for hq in (8, 32) for d, r in ((128, None), (128, 48),
+                                                                    (256, None))]
+TWO_TILE_SHAPES += [(d, r, 8, True) for d, r in ((128, None), (128, 48), (256, None))]
 
 
 @pytest.mark.parametrize("dtype,style,positions,rope_scale",
                          [(torch.bfloat16, *r) for r in ROPE] + [(torch.float16, *ROPE[0])],
                          ids=lambda x: str(x).replace("torch.", ""))
-@pytest.mark.parametrize("d,rotary,hq", [(128, None, 8), (128, 48, 8), (256, None, 8),
-                                         (128, None, 32), (128, 48, 32), (256, None, 32)],
-                         ids=str)
-def test_decode_two_tile_splits(d, rotary, hq, dtype, style, positions, rope_scale):
+@pytest.mark.parametrize("d,rotary,hq,long_middle", TWO_TILE_SHAPES, ids=str)
+def test_decode_two_tile_splits(d, rotary, hq, long_middle, dtype, style, positions, rope_scale):
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
-    check_cuda_attention(two_tile_case(d, rotary, hq), dtype, style, positions, rope_scale)
+    check_cuda_attention(two_tile_case(d, rotary, hq, long_middle), dtype, style, positions,
+                         rope_scale)
 
 
 # The transposed decode kernel (blocks of at most 8 rows) on its two-stage plan: 8 sequences x

@@ -25,8 +25,12 @@ namespace reattention::kernels {
 // (attn_t_ctas_per_sm: 6 at D 128 on an H200) need no more splits than key tiles: then every
 // split is one key tile (the kernel keeps one K/V stage), about that many CTAs per SM (the
 // decode step at batch 1). Otherwise it runs two stages on the three-per-SM plan.
+// pair_tiles: that one-stage plan gives every split two key tiles instead (half the CTAs, each
+// refilling its one stage after P V); the op layer asks for it where the decode top-k is never
+// fused (ops_cuda.cu, prepare_attention).
 // num_sms, smem_per_sm: the device's SMs and shared memory per SM (bytes).
-inline void plan_attention(AttnParams& p, int head_dim, int num_sms, int smem_per_sm) {
+inline void plan_attention(AttnParams& p, int head_dim, int num_sms, int smem_per_sm,
+                           bool pair_tiles = false) {
   const int group = p.hq / p.hkv;
   const bool decode = few_rows(p.lq, p.query_block, group);
   const bool transposed = decode && transposed_rows(p.lq, p.query_block, group);
@@ -44,8 +48,10 @@ inline void plan_attention(AttnParams& p, int head_dim, int num_sms, int smem_pe
   };
   if (transposed) {
     if (splits_for(attn_t_ctas_per_sm(head_dim, 1, smem_per_sm)) >= tiles_max) {
-      p.tiles_per_split = 1;
-      p.num_splits = static_cast<int>(tiles_max < 1 ? 1 : tiles_max);
+      p.tiles_per_split = pair_tiles ? 2 : 1;
+      p.num_splits = static_cast<int>(
+          tiles_max < 1 ? 1 : (tiles_max + p.tiles_per_split - 1) / p.tiles_per_split);
+      p.kv_stages = 1;
       return;
     }
   }
@@ -53,6 +59,7 @@ inline void plan_attention(AttnParams& p, int head_dim, int num_sms, int smem_pe
   const int64_t per = (tiles_max + splits - 1) / splits;
   p.tiles_per_split = static_cast<int>(per < 1 ? 1 : per);
   p.num_splits = static_cast<int>(per < 1 ? 1 : (tiles_max + per - 1) / per);
+  p.kv_stages = attn_stages(transposed, p.tiles_per_split);
 }
 
 // Launches the many-rows kernel on plan_attention's row tiles (kBM rows) and splits (the

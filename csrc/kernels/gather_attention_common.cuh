@@ -53,6 +53,7 @@ struct AttnParams {
   int row_tiles;          // row tiles per query block
   int num_splits;         // splits of the gathered keys
   int tiles_per_split;    // key tiles of BN per split
+  int kv_stages;          // K/V stages of the few-rows kernel (1: transposed only), by the plan
 };
 
 // Dims (d0, d1) rotated together by frequency i < R/2. Slots i in [R/2, D/2) name the

@@ -23,7 +23,8 @@
 // Blocks of at most 8 rows (GQA <= 8 at Lq 1) take the transposed variant (kT): an 8-row Q
 // tile and O^T accumulators (P V as V^T P^T, gather_attention_common.cuh), D/4 accumulator
 // floats per thread instead of D/2, so at D 128 it fits 80 registers and, with one K/V stage
-// when plan_attention gives every split one key tile, 6 CTAs per SM instead of 3. The m16
+// (plan_attention's decode plan of one or two key tiles per split), 6 CTAs per SM instead of
+// 3. The m16
 // variant keeps blocks of 9..16 rows.
 #pragma once
 
@@ -37,9 +38,11 @@ constexpr int kAttnThreads = 128;
 
 // The two variants of the kernel: the m16 one (a 16-row Q tile, two K/V stages) and the
 // transposed one (kT, blocks of at most 8 rows, gather_attention_common.cuh: an 8-row Q tile,
-// one K/V stage when each split is one key tile, plan_attention's usual decode plan, else two).
+// one K/V stage on plan_attention's usual decode plan of one or two key tiles per split, else
+// two).
 constexpr int kRowsT = 8;
 
+// The stages of plan_attention's three-per-SM plan.
 __host__ __device__ constexpr int attn_stages(bool t, int tiles_per_split) {
   return t && tiles_per_split == 1 ? 1 : 2;
 }
@@ -248,7 +251,7 @@ constexpr int decode_min_blocks() {
 }
 
 // kT: the transposed variant for blocks of at most 8 rows (O^T accumulators, an 8-row Q tile,
-// one or two K/V stages: `stages` is 1 when every split is one key tile, see plan_attention);
+// one or two K/V stages: p.kv_stages, see plan_attention);
 // otherwise the m16 variant (two stages) for up to 16 rows.
 template <typename T, int D, bool kT>
 __global__ void __launch_bounds__(kAttnThreads,
@@ -264,8 +267,7 @@ __global__ void __launch_bounds__(kAttnThreads,
   constexpr int kMT = D / 16;         // 16-row tiles of O^T (kT)
   constexpr int kOStride = attn_o_stride(D, kT);
   static_assert(kNW % 16 == 0, "each warp needs whole k16 steps of keys for PV");
-  // attn_stages, spelled out: as a call it changed the SASS of both variants.
-  const int stages = kT && p.tiles_per_split == 1 ? 1 : 2;
+  const int stages = kT ? p.kv_stages : 2;
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* s_q = reinterpret_cast<T*>(smem_raw);
@@ -620,14 +622,14 @@ __global__ void __launch_bounds__(kAttnThreads,
   }
 }
 
-// Blocks of at most 8 rows take the transposed kernel (one K/V stage when plan_attention made
-// every split one key tile), larger ones the m16 kernel.
+// Blocks of at most 8 rows take the transposed kernel (with plan_attention's p.kv_stages),
+// larger ones the m16 kernel.
 // overlap: launched as a programmatic dependent of the selection ahead of it (attend; idx must
 // hold exactly min(topk, M) chunks per block, as select_chunks writes it).
 template <typename T, int D>
 cudaError_t launch_decode_attention(const AttnParams& p, cudaStream_t stream, bool overlap) {
   const bool t = transposed_rows(p.lq, p.query_block, p.hq / p.hkv);
-  const int smem = attn_smem_bytes(D, t, attn_stages(t, p.tiles_per_split));
+  const int smem = attn_smem_bytes(D, t, t ? p.kv_stages : 2);
   auto kernel = t ? gather_attention_kernel<T, D, true> : gather_attention_kernel<T, D, false>;
   cudaError_t err =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
