@@ -251,9 +251,9 @@ constexpr int decode_min_blocks() {
 }
 
 // kT: the transposed variant for blocks of at most 8 rows (O^T accumulators, an 8-row Q tile,
-// one or two K/V stages: p.kv_stages, see plan_attention);
-// otherwise the m16 variant (two stages) for up to 16 rows.
-template <typename T, int D, bool kT>
+// kStages K/V stages: p.kv_stages, see plan_attention); otherwise the m16 variant (two stages)
+// for up to 16 rows.
+template <typename T, int D, bool kT, int kStages>
 __global__ void __launch_bounds__(kAttnThreads,
                                   kT ? attn_t_ctas_per_sm(D, 1, decode_smem_per_sm())
                                      : decode_min_blocks<D>())
@@ -267,7 +267,8 @@ __global__ void __launch_bounds__(kAttnThreads,
   constexpr int kMT = D / 16;         // 16-row tiles of O^T (kT)
   constexpr int kOStride = attn_o_stride(D, kT);
   static_assert(kNW % 16 == 0, "each warp needs whole k16 steps of keys for PV");
-  const int stages = kT ? p.kv_stages : 2;
+  static_assert(kStages == 2 || (kT && kStages == 1), "the m16 variant runs two stages");
+  constexpr int stages = kStages;
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* s_q = reinterpret_cast<T*>(smem_raw);
@@ -630,7 +631,9 @@ template <typename T, int D>
 cudaError_t launch_decode_attention(const AttnParams& p, cudaStream_t stream, bool overlap) {
   const bool t = transposed_rows(p.lq, p.query_block, p.hq / p.hkv);
   const int smem = attn_smem_bytes(D, t, t ? p.kv_stages : 2);
-  auto kernel = t ? gather_attention_kernel<T, D, true> : gather_attention_kernel<T, D, false>;
+  auto kernel = !t                  ? gather_attention_kernel<T, D, false, 2>
+                : p.kv_stages == 1 ? gather_attention_kernel<T, D, true, 1>
+                                   : gather_attention_kernel<T, D, true, 2>;
   cudaError_t err =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
