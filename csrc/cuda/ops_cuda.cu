@@ -334,11 +334,13 @@ AttnCall prepare_attention(const Tensor& q, const Tensor& k_cache, const Tensor&
   // Two key tiles per decode split where the selection's top-k is never fused: rows of fewer
   // than kFusedMinChunks middle chunks (below 266,305 tokens at Lq 1, sink 64, local 4096,
   // chunk 64). There the top-k is a short kernel of its own, and half as many attention CTAs
-  // end the step sooner: on the H200 (bf16, Hkv 8, topk 32) attend's 128K step with "mean"
-  // went from 25.4-25.6 to 24.6-24.8 us. Behind the fused top-k the selected tiles' CTAs run
-  // after the selection, on the critical path, and two tiles each cost the 1M step 5 us
-  // (bench/NOTES.md "Round twenty-three"). Static shapes decide, like the rest of the plan, so
-  // attend and the two ops plan alike and a caller's cache length never changes the split.
+  // end the step sooner: on the H200 (bf16, Hkv 8, topk 32) attend's step went from 25.7-25.8
+  // to 25.4 us (bound) and 25.5-25.6 to 24.8-24.9 us (mean) at 128K, and from 26.5-26.7 to
+  // 25.4-25.5 us (mean) at 256K. Behind the fused top-k the selected tiles' CTAs run after the
+  // selection, on the critical path, and two tiles each cost the 1M step 5 us (bench/NOTES.md
+  // "Round twenty-three", "Round twenty-four"). Static shapes decide, like the rest of the plan,
+  // so attend and the two ops plan alike, and the split never depends on cache_seqlens (it does
+  // on Nmax).
   const bool pair_tiles =
       max_middle_chunks(d.nmax, d.lq, p.query_block, sink, local, chunk) < k::kFusedMinChunks;
   k::plan_attention(p, static_cast<int>(d.d), sm_count(q.get_device_index()),
