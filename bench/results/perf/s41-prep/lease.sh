@@ -1,5 +1,6 @@
 # Sourced with a work folder's name by call-a.sh to call-c.sh here (and by round twenty-three's
-# call-d.sh, bench/results/perf/s42-round23/): what every call sets up. Results go to /tmp/$1, tarred into $OUT/r.tgz on exit (only 8 files come back).
+# call-d.sh and round twenty-four's calls, bench/results/perf/s42-round23/ and s43-round24/):
+# what every call sets up. Results go to /tmp/$1, tarred into $OUT/r.tgz on exit (only 8 files come back).
 T0=$SECONDS
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 W=/tmp/$1; mkdir -p $W
@@ -22,4 +23,20 @@ build_trees() {
       || { echo "build $t failed"; tail -30 $W/build-$t.log; exit 1; }
   done
   echo "built at $((SECONDS-T0)) s" | tee -a $W/env.txt
+}
+
+# bench_attn --quick over the lengths $1 (comma-separated) in each tree named after it, in that
+# order (an a b b a order is the caller's), each run labelled with its tree's COMMIT file; the
+# decode rows of cuda(bound) and cuda(mean) are echoed. Results: $W/q-<i>-<tree>*.
+quick_ab() {
+  local lengths=$1 v i=0
+  shift
+  for v in "$@"; do
+    i=$((i+1))
+    (cd $ROOT/.devbuild/$v && REATTENTION_COMMIT=$(cat $ROOT/.devbuild/$v/COMMIT) PYTHONPATH=$PWD \
+      timeout 90 python bench/bench_attn.py --backends cuda --quick --lengths $lengths \
+      --out $W/q-$i-$v > $W/q-$i-$v.log 2>&1)
+    echo "quick $i $v at $((SECONDS-T0)) s:"
+    grep -E '^\| decode' $W/q-$i-$v.log | grep -E 'sdpa|cuda\((bound|mean)\)'
+  done
 }

@@ -6,15 +6,7 @@
 source "$(dirname "$0")/lease.sh" wa
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv > $W/env.txt
 build_trees base new
-i=0
-for v in base new new base; do
-  i=$((i+1))
-  (cd $ROOT/.devbuild/$v && REATTENTION_COMMIT=$(cat $ROOT/.devbuild/$v/COMMIT) PYTHONPATH=$PWD \
-    timeout 90 python bench/bench_attn.py --backends cuda --quick \
-    --lengths 32768,131072,262144,1048576 --out $W/q-$i-$v > $W/q-$i-$v.log 2>&1)
-  echo "quick $i $v at $((SECONDS-T0)) s:"
-  grep -E '^\| decode' $W/q-$i-$v.log | grep -E 'sdpa|cuda\((bound|mean)\)'
-done
+quick_ab 32768,131072,262144,1048576 base new new base
 cd $ROOT/.devbuild/new
 ( PYTHONPATH=$PWD timeout 90 compute-sanitizer --tool memcheck python bench/memcheck_decode.py 2>&1 | tail -8 ) > $W/memcheck.log
 echo "memcheck at $((SECONDS-T0)) s: $(grep -i 'ERROR SUMMARY' $W/memcheck.log)" | tee -a $W/env.txt

@@ -5,15 +5,7 @@
 # 1M in the order new tmpl tmpl new; then tmpl's decode, attention and graph tests, memcheck.
 source "$(dirname "$0")/lease.sh" wc
 build_trees new tmpl
-i=0
-for v in new tmpl tmpl new; do
-  i=$((i+1))
-  (cd $ROOT/.devbuild/$v && REATTENTION_COMMIT=$(cat $ROOT/.devbuild/$v/COMMIT) PYTHONPATH=$PWD \
-    timeout 90 python bench/bench_attn.py --backends cuda --quick \
-    --lengths 32768,131072,262144,1048576 --out $W/q-$i-$v > $W/q-$i-$v.log 2>&1)
-  echo "quick $i $v at $((SECONDS-T0)) s:"
-  grep -E '^\| decode' $W/q-$i-$v.log | grep -E 'cuda\((bound|mean)\)'
-done
+quick_ab 32768,131072,262144,1048576 new tmpl tmpl new
 cd $ROOT/.devbuild/tmpl
 OMP_NUM_THREADS=1 PYTHONPATH=$PWD REATTENTION_REQUIRE=cpu,cuda,triton timeout -s INT 150 python -m pytest tests/test_cuda.py tests/test_gather_attention.py tests/test_paged.py -q -n 14 -p no:cacheprovider -k "attend or graph or decode or attention or long" > $W/pytest-tmpl.txt 2>&1
 echo "tmpl tests at $((SECONDS-T0)) s: $(grep -E 'passed|failed' $W/pytest-tmpl.txt | tail -1)" | tee -a $W/env.txt
