@@ -250,9 +250,13 @@ constexpr int decode_min_blocks() {
   return n < 1 ? 1 : n;
 }
 
-// kT: the transposed variant for blocks of at most 8 rows (O^T accumulators, an 8-row Q tile,
-// kStages K/V stages: p.kv_stages, see plan_attention); otherwise the m16 variant (two stages)
-// for up to 16 rows.
+// kT: the transposed variant for blocks of at most 8 rows (O^T accumulators, an 8-row Q tile);
+// otherwise the m16 variant for up to 16 rows. kStages: the K/V stages. The m16 variant runs 2;
+// the transposed one runs 1 (kStages 1: plan_attention's two key tiles per split) or, with
+// kStages 0, 1 or 2 told apart at run time (one stage when each split is one key tile, as on the
+// 1M step; two on the three-per-SM plan). Compiling the one-tile plan's single stage in too cut
+// 12% of its code but made the 1M step, whose one-tile CTAs end it after the selection, 0.3-0.7
+// us slower (bench/NOTES.md "Round twenty-four"), so that plan keeps kStages 0.
 template <typename T, int D, bool kT, int kStages>
 __global__ void __launch_bounds__(kAttnThreads,
                                   kT ? attn_t_ctas_per_sm(D, 1, decode_smem_per_sm())
@@ -267,8 +271,8 @@ __global__ void __launch_bounds__(kAttnThreads,
   constexpr int kMT = D / 16;         // 16-row tiles of O^T (kT)
   constexpr int kOStride = attn_o_stride(D, kT);
   static_assert(kNW % 16 == 0, "each warp needs whole k16 steps of keys for PV");
-  static_assert(kStages == 2 || (kT && kStages == 1), "the m16 variant runs two stages");
-  constexpr int stages = kStages;
+  static_assert(kStages == 2 || kT, "the m16 variant runs two stages");
+  const int stages = kStages > 0 ? kStages : p.tiles_per_split == 1 ? 1 : 2;
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* s_q = reinterpret_cast<T*>(smem_raw);
@@ -631,9 +635,12 @@ template <typename T, int D>
 cudaError_t launch_decode_attention(const AttnParams& p, cudaStream_t stream, bool overlap) {
   const bool t = transposed_rows(p.lq, p.query_block, p.hq / p.hkv);
   const int smem = attn_smem_bytes(D, t, t ? p.kv_stages : 2);
-  auto kernel = !t                  ? gather_attention_kernel<T, D, false, 2>
-                : p.kv_stages == 1 ? gather_attention_kernel<T, D, true, 1>
-                                   : gather_attention_kernel<T, D, true, 2>;
+  auto kernel = gather_attention_kernel<T, D, true, 0>;
+  if (!t) {
+    kernel = gather_attention_kernel<T, D, false, 2>;
+  } else if (p.kv_stages == 1 && p.tiles_per_split > 1) {
+    kernel = gather_attention_kernel<T, D, true, 1>;
+  }
   cudaError_t err =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
