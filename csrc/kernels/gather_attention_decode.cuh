@@ -24,8 +24,7 @@
 // tile and O^T accumulators (P V as V^T P^T, gather_attention_common.cuh), D/4 accumulator
 // floats per thread instead of D/2, so at D 128 it fits 80 registers and, with one K/V stage
 // (plan_attention's decode plan of one or two key tiles per split), 6 CTAs per SM instead of
-// 3. The m16
-// variant keeps blocks of 9..16 rows.
+// 3. The m16 variant keeps blocks of 9..16 rows.
 #pragma once
 
 #include <cstring>
