@@ -271,6 +271,8 @@ __global__ void __launch_bounds__(kAttnThreads,
   constexpr int kOStride = attn_o_stride(D, kT);
   static_assert(kNW % 16 == 0, "each warp needs whole k16 steps of keys for PV");
   static_assert(kStages == 2 || kT, "the m16 variant runs two stages");
+  // kStages 0: attn_stages spelled out (as a call it changed the SASS of both variants), which is
+  // p.kv_stages on the plans that launch it; reading p.kv_stages instead slowed the 1M step.
   const int stages = kStages > 0 ? kStages : p.tiles_per_split == 1 ? 1 : 2;
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -633,7 +635,7 @@ __global__ void __launch_bounds__(kAttnThreads,
 template <typename T, int D>
 cudaError_t launch_decode_attention(const AttnParams& p, cudaStream_t stream, bool overlap) {
   const bool t = transposed_rows(p.lq, p.query_block, p.hq / p.hkv);
-  const int smem = attn_smem_bytes(D, t, t ? p.kv_stages : 2);
+  const int smem = attn_smem_bytes(D, t, p.kv_stages);  // 2 on the m16 plans
   auto kernel = gather_attention_kernel<T, D, true, 0>;
   if (!t) {
     kernel = gather_attention_kernel<T, D, false, 2>;
