@@ -1,7 +1,8 @@
 #!/bin/bash
-# Session 46, call a: two decode-selection knobs at 1M against main, profile_step graph replays
-# (bound and mean), in the order main r1 r2 c3 m1 c4 c4 m1 c3 r2 r1 main. Trees: .devbuild/main (main's
-# HEAD) and .devbuild/try (branch try-rows: main + the knobs, off by default):
+# Session 46, call a: three decode-selection knobs at 1M against main, profile_step graph
+# replays (bound and mean), in the order main r1 r2 c3 m1 c4 c4 m1 c3 r2 r1 main. Trees:
+# .devbuild/main (main's HEAD) and .devbuild/try (branch try-rows: main + the knobs, off by
+# default):
 #  r1: REATTENTION_TRY_ROWS=1, the scoring's query rows loaded before its ring copies at every
 #      length (main does so only when the copies are the whole range: 32K, 128K);
 #  r2: REATTENTION_TRY_ROWS=2, the rows loaded and staged before any ring copy goes out;
