@@ -3,6 +3,8 @@
 # (try-atom): per-CTA stamps of the 1M step and two knobs of the fused top-k's global words
 # (1: read the group words, then red.max only the ones below this range's maxima, no returned
 # value; 2: each row's arrival counter on its own 128-byte line), A/B against main.
+# As it ran, the stamps line named $ROOT/stamps.py (not there: nothing ran; call b ran them), and
+# the profile_step echo cut each row at its first comma, so the rows came back only in the logs.
 source "$(dirname "$0")/lease.sh" wa
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv > $W/env.txt
 build_trees main try
