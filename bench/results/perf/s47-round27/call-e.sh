@@ -1,6 +1,7 @@
 #!/bin/bash
-# Session 47, call e: call c on an H200: finer stamps (the per-CTA ranking's parts, the attention's prologue and
-# first V tile, each CTA's SM) of the 1M and 128K steps, knobs off.
+# Session 47, call e: call c again, asked for on an H200 (an H100 came): finer stamps (the
+# per-CTA ranking's parts, the attention's prologue and first V tile, each CTA's SM) of the 1M
+# and 128K steps, knobs off.
 source "$(dirname "$0")/lease.sh" we
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv > $W/env.txt
 build_trees try
