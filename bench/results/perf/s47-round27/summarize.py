@@ -55,8 +55,9 @@ for key in z.files:
         # from slot 15 (SM id + 1) too: the smallest value is SM 0's.
         lo = min(scr[:, 15].min(), atr[:, 15].min())
         sm_s, sm_a = scr[:, 15] - lo, atr[:, 15] - lo
+        # A scoring CTA leaves after its arrival (s5), or after the selection (s10) if last.
         end = {}
-        for smid, t in zip(sm_s, sc[:, 10].clip(min=0) + np.maximum(sc[:, 5], 0) * (sc[:, 10] < 0)):
+        for smid, t in zip(sm_s, np.where(sc[:, 10] >= 0, sc[:, 10], sc[:, 5])):
             end[smid] = max(end.get(smid, 0), t)
         early = sum(1 for smid, t in zip(sm_a, at[:, 0]) if t < end.get(smid, 0) - 0.1)
         print("  attention CTAs entering an SM before its scoring CTAs left: %d of %d;"
