@@ -18,6 +18,8 @@
 //   the same order and output with the row held in registers (its steps are below).
 #pragma once
 
+#include <type_traits>
+
 #include "select_chunks_scores.cuh"
 #include "select_chunks_sm90.cuh"
 
@@ -272,13 +274,22 @@ cudaError_t launch_scores_one_wave(Kernel kernel, const SelectParams& plan, int 
 template <typename T, int D, RepMode kRep>
 cudaError_t launch_chunk_scores(const SelectParams& plan, bool* fused, cudaStream_t stream) {
   constexpr int kVec = kRep == RepMode::kBound ? 2 * D : D;
-  return launch_scores_one_wave(chunk_scores_kernel<T, D, kRep>, plan, kScoreThreads,
-                                score_smem_bytes<kVec, kFewRowsTile.block_m, kScoreBlockN,
-                                                 kScoreStages>(0),
-                                kScoreBlockN, kMaxChunksPerCta,
-                                kRep == RepMode::kMax ? plan.chunk : 1,
-                                /*may_fuse=*/kRep != RepMode::kMax, fused, stream,
-                                /*fill_sms=*/true);
+  auto launch = [&](auto stages) {
+    constexpr int kStages = decltype(stages)::value;
+    return launch_scores_one_wave(chunk_scores_kernel<T, D, kRep, kStages>, plan, kScoreThreads,
+                                  score_smem_bytes<kVec, kFewRowsTile.block_m, kScoreBlockN,
+                                                   kStages>(0),
+                                  kScoreBlockN, kMaxChunksPerCta,
+                                  kRep == RepMode::kMax ? plan.chunk : 1,
+                                  /*may_fuse=*/kRep != RepMode::kMax, fused, stream,
+                                  /*fill_sms=*/true);
+  };
+  // Long rows of reps (those the fused top-k may take) stream with score_stages_long_rows.
+  constexpr int kLong = kRep == RepMode::kMax ? kScoreStages : score_stages_long_rows<kVec>();
+  if constexpr (kLong != kScoreStages) {
+    if (plan.n_cols >= kFusedMinChunks) return launch(std::integral_constant<int, kLong>{});
+  }
+  return launch(std::integral_constant<int, kScoreStages>{});
 }
 
 // The many-rows scoring GEMM: on a device and build that run sm_90a code (sm90a_code_usable),

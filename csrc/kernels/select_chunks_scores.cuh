@@ -26,8 +26,9 @@
 // Two scoring kernels (select_chunks_sm90.cuh has the sm_90a version of the second, and
 // select_chunks.cuh the top-k kernels and the launchers):
 // 1. chunk_scores_kernel (few rows: decode, <= 16 rows): one m16 row tile, 4 warps side by side
-//    over 32-column tiles (8 columns each); memory-bound, so a 4-stage cp.async ring keeps 3
-//    tiles in flight per CTA and the launcher packs as many CTAs per SM as shared memory allows.
+//    over 32-column tiles (8 columns each); memory-bound, so a cp.async ring of 4 stages (3 on
+//    long rows of 16 KB tiles) keeps 3 (2) tiles in flight per CTA and the launcher packs as
+//    many CTAs per SM as shared memory allows.
 // 2. chunk_scores_gemm_kernel (many rows: prefill blocks, exact selection): 8 warps, a CTA tile
 //    of 128 rows x 256 columns (64 x 256 when a column holds 512 elements), warp tiles of
 //    64 rows x 64 (or 32) columns, so each k16 step issues 4 A and 4 (2) B ldmatrix.x4 for
@@ -71,11 +72,18 @@ constexpr int kMaxChunksPerCta = 2048;
 constexpr int kScoreThreads = 128;
 
 // Column tiles of the few-rows scoring kernel: kScoreBlockN vectors (8 per warp), streamed
-// through a ring of kScoreStages buffers with kScoreStages - 1 tiles in flight while one is
-// scored. At bound D 128 a tile is 16 KB: 48 KB in flight per CTA, and 3 CTAs per SM on the
-// H200 (the ring, the A tile and up to 2 KB of chunk maxima: 74 KB each).
+// through a ring of kStages buffers (a template parameter of chunk_scores_kernel) with
+// kStages - 1 tiles in flight while one is scored. At bound D 128 a tile is 16 KB. Rows of
+// reps long enough for the fused top-k (kFusedMinChunks chunks and more: the 1M step) take 3
+// buffers when the tile is 16 KB: 32 KB in flight per CTA and, at 3 CTAs per SM on the H200
+// (A tile, ring and up to 2 KB of chunk maxima: 58 KB each), 96 KB per SM. Against 4 buffers
+// (144 KB per SM) the 1M bound step's scoring kernel took 1.9-2.4 us less in every run, H200
+// and H100, and the step 0.6-0.9 us less on the H200, 0-1.5 us on H100s. Shorter rows keep 4,
+// with which the 128K step measured 0.1-0.5 us faster (bench/NOTES.md "Round twenty-eight").
 constexpr int kScoreBlockN = 32;
 constexpr int kScoreStages = 4;
+template <int kVec>
+constexpr int score_stages_long_rows() { return kVec == 256 ? 3 : kScoreStages; }
 
 // The fused decode top-k (fused_topk) runs for rows of at least kFusedMinChunks chunks with at
 // most kFusedMaxCandidates candidates (col_splits * topk; the last CTA's 128 threads then make
@@ -775,16 +783,16 @@ __device__ __forceinline__ void fused_topk(const SelectParams& p, const ScoreTil
 }
 
 // One CTA: the m16 A tile, then column tiles of kScoreBlockN vectors through the cp.async ring
-// (wait for tile t, refill the buffer that tile t - 1 used, score tile t), so kScoreStages - 1
+// (wait for tile t, refill the buffer that tile t - 1 used, score tile t), so kStages - 1
 // tiles are in flight while one is scored. Each warp owns 8 columns of a tile and runs the
 // k16 steps in order, two per B ldmatrix.x4; with vectors of at most 256 elements the A
 // fragments stay in registers (64 at 256), so a tile costs the warps its B reads only, else
 // each step reloads A from shared memory. Every column sees the same mma sequence as ever,
 // so the keys do not depend on the tile shape.
-template <typename T, int D, RepMode kRep>
+template <typename T, int D, RepMode kRep, int kStages>
 __global__ void __launch_bounds__(kScoreThreads) chunk_scores_kernel(SelectParams p) {
   constexpr int kVec = kRep == RepMode::kBound ? 2 * D : D;
-  constexpr int kBM = kFewRowsTile.block_m, kBN = kScoreBlockN, kStages = kScoreStages;
+  constexpr int kBM = kFewRowsTile.block_m, kBN = kScoreBlockN;
   constexpr int kWarps = kScoreThreads / 32;
   static_assert(kBN == 8 * kWarps, "each warp owns one n8 tile of the column tile");
   constexpr int kSteps = kVec / 16;  // k16 steps, taken in pairs
