@@ -40,3 +40,18 @@ quick_ab() {
     grep -E '^\| decode' $W/q-$i-$v.log | grep -E 'sdpa|cuda\((bound|mean)\)'
   done
 }
+
+# profile_step (graph replays, bound and mean) over the lengths $1 in each tree named after it,
+# in that order, the step times echoed one line per run: the A/B loop of the calls of rounds
+# twenty-seven and twenty-eight, which spelled it out. Results: $W/p-<i>-<tree>*.
+profile_ab() {
+  local lengths=$1 v i=0
+  shift
+  for v in "$@"; do
+    i=$((i+1))
+    (cd $ROOT/.devbuild/$v && PYTHONPATH=$PWD timeout 60 python bench/profile_step.py \
+      --backends cuda --reps bound,mean --lengths $lengths --out $W/p-$i-$v > $W/p-$i-$v.log 2>&1)
+    echo "p $i $v at $((SECONDS-T0)) s: $(grep 'graph:' $W/p-$i-$v.log \
+      | sed 's/.*N=\([0-9]*\) cuda decode (\(.*\)), graph: \([0-9.]*\) us.*/\1 \2 \3/' | tr '\n' ' ')"
+  done
+}

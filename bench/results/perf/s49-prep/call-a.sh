@@ -9,13 +9,7 @@
 source "$(dirname "$0")/lease.sh" wa
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv > $W/env.txt
 build_trees old new
-i=0
-for tree in old new new old; do
-  i=$((i+1))
-  (cd $ROOT/.devbuild/$tree && PYTHONPATH=$PWD timeout 60 python bench/profile_step.py \
-    --backends cuda --reps bound,mean --lengths 131072,1048576 --out $W/p-$i-$tree > $W/p-$i-$tree.log 2>&1)
-  echo "p $i $tree at $((SECONDS-T0)) s: $(grep 'graph:' $W/p-$i-$tree.log | sed 's/.*N=\([0-9]*\) cuda decode (\(.*\)), graph: \([0-9.]*\) us.*/\1 \2 \3/' | tr '\n' ' ')"
-done
+profile_ab 131072,1048576 old new new old
 cd $ROOT/.devbuild/new
 REATTENTION_COMMIT=$(cat COMMIT) PYTHONPATH=$PWD timeout 60 python bench/bench_attn.py --backends cuda --out $W/whole > $W/whole.log 2>&1
 echo "whole at $((SECONDS-T0)) s"
