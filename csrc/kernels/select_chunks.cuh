@@ -284,10 +284,11 @@ cudaError_t launch_chunk_scores(const SelectParams& plan, bool* fused, cudaStrea
                                   /*may_fuse=*/kRep != RepMode::kMax, fused, stream,
                                   /*fill_sms=*/true);
   };
-  // Long rows of reps (those the fused top-k may take) stream with score_stages_long_rows.
-  constexpr int kLong = kRep == RepMode::kMax ? kScoreStages : score_stages_long_rows<kVec>();
-  if constexpr (kLong != kScoreStages) {
-    if (plan.n_cols >= kFusedMinChunks) return launch(std::integral_constant<int, kLong>{});
+  // Long rows of reps (those the fused top-k may take) with 16 KB tiles: kScoreStagesLongRows.
+  if constexpr (kRep != RepMode::kMax && kVec == 256) {
+    if (plan.n_cols >= kFusedMinChunks) {
+      return launch(std::integral_constant<int, kScoreStagesLongRows>{});
+    }
   }
   return launch(std::integral_constant<int, kScoreStages>{});
 }

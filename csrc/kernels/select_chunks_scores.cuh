@@ -82,8 +82,7 @@ constexpr int kScoreThreads = 128;
 // with which the 128K step measured 0.1-0.5 us faster (bench/NOTES.md "Round twenty-eight").
 constexpr int kScoreBlockN = 32;
 constexpr int kScoreStages = 4;
-template <int kVec>
-constexpr int score_stages_long_rows() { return kVec == 256 ? 3 : kScoreStages; }
+constexpr int kScoreStagesLongRows = 3;  // long rows of reps with 16 KB tiles
 
 // The fused decode top-k (fused_topk) runs for rows of at least kFusedMinChunks chunks with at
 // most kFusedMaxCandidates candidates (col_splits * topk; the last CTA's 128 threads then make
