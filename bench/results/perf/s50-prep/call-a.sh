@@ -4,7 +4,7 @@
 #   rd: `rowdone` (7835954): behind the fused top-k, attend's CTAs of selected chunks wait for
 #       their own row's selection (a counter per row in the selection's workspace), not for the
 #       whole scoring grid; rd0 is the same build with REATTENTION_ROW_WAIT=0 (the grid wait);
-#   lf: `lastfast` (ccabe31, on rowdone): also, the scoring CTA that arrives last in a row
+#   lf: `lastfast` (d12f4df, on rowdone): also, the scoring CTA that arrives last in a row
 #       selects at once, its own range's keys taken from shared memory, without ranking and
 #       publishing them first.
 # profile_step at 128K and 1M in the order new rd lf rd0 rd0 lf rd new; then each branch's
