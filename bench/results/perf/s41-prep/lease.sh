@@ -43,15 +43,20 @@ quick_ab() {
 
 # profile_step (graph replays, bound and mean) over the lengths $1 in each tree named after it,
 # in that order, the step times echoed one line per run: the A/B loop of the calls of rounds
-# twenty-seven and twenty-eight, which spelled it out. Results: $W/p-<i>-<tree>*.
+# twenty-seven and twenty-eight, which spelled it out. A name may carry one environment
+# setting for its run, tree:VAR=value (the same build with a switch, e.g.
+# rd:REATTENTION_ROW_WAIT=0). A run without a step time (a tree that fails or hangs) ends the
+# call, with its log in r.tgz. Results: $W/p-<i>-<name, ':' and '=' as '-'>*.
 profile_ab() {
-  local lengths=$1 v i=0
+  local lengths=$1 v i=0 tree setting label
   shift
   for v in "$@"; do
-    i=$((i+1))
-    (cd $ROOT/.devbuild/$v && PYTHONPATH=$PWD timeout 60 python bench/profile_step.py \
-      --backends cuda --reps bound,mean --lengths $lengths --out $W/p-$i-$v > $W/p-$i-$v.log 2>&1)
-    echo "p $i $v at $((SECONDS-T0)) s: $(grep 'graph:' $W/p-$i-$v.log \
+    i=$((i+1)); tree=${v%%:*}; setting=; label=${v//[:=]/-}
+    [ "$tree" != "$v" ] && setting=${v#*:}
+    (cd $ROOT/.devbuild/$tree && env $setting PYTHONPATH=$PWD timeout 60 python bench/profile_step.py \
+      --backends cuda --reps bound,mean --lengths $lengths --out $W/p-$i-$label > $W/p-$i-$label.log 2>&1)
+    echo "p $i $v at $((SECONDS-T0)) s: $(grep 'graph:' $W/p-$i-$label.log \
       | sed 's/.*N=\([0-9]*\) cuda decode (\(.*\)), graph: \([0-9.]*\) us.*/\1 \2 \3/' | tr '\n' ' ')"
+    grep -q 'graph:' $W/p-$i-$label.log || { echo "p $i $v failed:"; tail -20 $W/p-$i-$label.log; exit 1; }
   done
 }

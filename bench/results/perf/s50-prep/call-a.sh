@@ -7,26 +7,17 @@
 #   lf: `lastfast` (d12f4df, on rowdone): also, the scoring CTA that arrives last in a row
 #       selects at once, its own range's keys taken from shared memory, without ranking and
 #       publishing them first.
-# profile_step at 128K and 1M in the order new rd lf rd0 rd0 lf rd new; then each branch's
-# memcheck of bench/memcheck_decode.py and its selection and attend GPU tests; then one whole
-# bench_attn run of main (README's table if the card is an H200). The winner's whole suite and
-# whole run are the next call's. Trees: .devbuild/new, .devbuild/rd, .devbuild/lf (git archive
+# profile_step at 128K and 1M in the order new rd lf rd0 rd0 lf rd new (lease.sh's profile_ab);
+# then each branch's memcheck of bench/memcheck_decode.py and its selection and attend GPU
+# tests; then one whole bench_attn run of main (README's table if the card is an H200). The
+# winner's whole suite and whole run are the next call's. Trees: .devbuild/new, .devbuild/rd, .devbuild/lf (git archive
 # of main, rowdone and lastfast, each without bench/results: the carry's 64 MiB); copy
 # bench/results/perf/s41-prep/lease.sh and this script into .devbuild and run
 # `bash .devbuild/call-a.sh` with carry [".devbuild"] (~8 min).
 source "$(dirname "$0")/lease.sh" wa
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv > $W/env.txt
 build_trees new rd lf
-i=0
-for v in new rd lf rd0 rd0 lf rd new; do
-  i=$((i+1)); t=${v%0}; rw=1; [ "$v" = rd0 ] && rw=0
-  (cd $ROOT/.devbuild/$t && REATTENTION_ROW_WAIT=$rw PYTHONPATH=$PWD timeout 60 python bench/profile_step.py \
-    --backends cuda --reps bound,mean --lengths 131072,1048576 --out $W/p-$i-$v > $W/p-$i-$v.log 2>&1)
-  echo "p $i $v at $((SECONDS-T0)) s: $(grep 'graph:' $W/p-$i-$v.log \
-    | sed 's/.*N=\([0-9]*\) cuda decode (\(.*\)), graph: \([0-9.]*\) us.*/\1 \2 \3/' | tr '\n' ' ')"
-  # A branch that hangs or fails ends the call here, with its log in r.tgz.
-  grep -q 'graph:' $W/p-$i-$v.log || { echo "p $i $v failed:"; tail -20 $W/p-$i-$v.log; exit 1; }
-done
+profile_ab 131072,1048576 new rd lf rd:REATTENTION_ROW_WAIT=0 rd:REATTENTION_ROW_WAIT=0 lf rd new
 for t in rd lf; do
   cd $ROOT/.devbuild/$t
   ( PYTHONPATH=$PWD timeout 50 compute-sanitizer --tool memcheck python bench/memcheck_decode.py 2>&1 | tail -8 ) > $W/memcheck-$t.log
