@@ -5,7 +5,8 @@
 # memcheck, the whole suite with every backend required, one whole bench_attn run. The rule: the
 # branch (rd or lf) with the lowest mean of its two 1M `bound` steps wins if that mean is at least
 # 0.3 us under new's and its 128K `bound` mean is not 0.3 us over new's; with no winner the whole
-# run is main's (new), for README's table, and no suite runs. ~8-9 min.
+# run is main's (new), for README's table, and no suite runs. ~8-9 min. It ran in session 50
+# (bench/results/perf/s50-round30/call-ab.sh, as it ran, with the glob before this fix).
 source "$(dirname "$0")/lease.sh" wab
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv > $W/env.txt
 build_trees new rd lf
@@ -13,8 +14,8 @@ profile_ab 131072,1048576 new rd lf rd:REATTENTION_ROW_WAIT=0 rd:REATTENTION_ROW
 win=$(python - "$W" <<'PY'
 import glob, json, re, statistics, sys
 steps = {}
-for f in glob.glob(sys.argv[1] + "/p-*-profile_step.json"):
-    label = re.match(r".*/p-\d+-(.*)-profile_step\.json", f).group(1)
+for f in glob.glob(sys.argv[1] + "/p-*/profile_step*.json"):  # profile_step writes a folder per run
+    label = re.match(r".*/p-\d+-([^/]*)/profile_step[^/]*\.json", f).group(1)
     for r in json.load(open(f))["rows"]:
         if r["what"] == "decode (bound), graph":
             steps.setdefault((label, r["n"]), []).append(r["us"])
