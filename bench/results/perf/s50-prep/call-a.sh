@@ -1,6 +1,6 @@
 #!/bin/bash
-# Prepared in session 49 (no device came) for the next lease, an H200 if one comes. Two tries on
-# the 1M step's selection tail against main, each a branch:
+# Prepared with round twenty-nine (bench/NOTES.md), when no device came, for the next lease, an
+# H200 if one comes. Two tries on the 1M step's selection tail against main, each a branch:
 #   rd: `rowdone` (7835954): behind the fused top-k, attend's CTAs of selected chunks wait for
 #       their own row's selection (a counter per row in the selection's workspace), not for the
 #       whole scoring grid; rd0 is the same build with REATTENTION_ROW_WAIT=0 (the grid wait);
