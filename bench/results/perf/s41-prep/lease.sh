@@ -60,3 +60,31 @@ profile_ab() {
     grep -q 'graph:' $W/p-$i-$label.log || { echo "p $i $v failed:"; tail -20 $W/p-$i-$label.log; exit 1; }
   done
 }
+
+# One whole bench_attn run (every row, the baselines in the same process) of the tree $1, labelled
+# with its COMMIT file, into $W/whole-$1*, its cuda rows and SDPA's echoed (round thirty-one's
+# call a; rounds twenty-six to thirty spelled it out).
+whole_run() {
+  (cd $ROOT/.devbuild/$1 && REATTENTION_COMMIT=$(cat COMMIT) PYTHONPATH=$PWD timeout 90 python \
+    bench/bench_attn.py --backends cuda --out $W/whole-$1 > $W/whole-$1.log 2>&1)
+  echo "whole $1 at $((SECONDS-T0)) s"
+  grep -E '^\| (decode|select|prefill|chunked)' $W/whole-$1.log \
+    | grep -E 'cuda\(bound|cuda\(mean|cuda\(max\)|sdpa'
+}
+
+# The whole suite of the tree $1 with every backend required, for at most $2 seconds (SIGINT, so
+# pytest still prints its summary), into $W/pytest-all.txt; then, unless $3 is "nosan", memcheck
+# and racecheck of bench/memcheck_decode.py (round thirty-one's calls; rounds twenty-four to
+# twenty-seven spelled it out).
+suite_run() {
+  (cd $ROOT/.devbuild/$1 && OMP_NUM_THREADS=1 PYTHONPATH=$PWD REATTENTION_REQUIRE=cpu,cuda,triton \
+    timeout -s INT $2 python -m pytest tests -q -n 14 -p no:cacheprovider > $W/pytest-all.txt 2>&1)
+  echo "suite $1 at $((SECONDS-T0)) s: $(grep -E 'passed|failed' $W/pytest-all.txt | tail -1)" \
+    | tee -a $W/env.txt
+  [ "$3" = nosan ] && return
+  (cd $ROOT/.devbuild/$1 && export PYTHONPATH=$PWD
+   timeout 50 compute-sanitizer --tool memcheck python bench/memcheck_decode.py 2>&1 | tail -8 > $W/memcheck.log
+   timeout 80 compute-sanitizer --tool racecheck python bench/memcheck_decode.py 2>&1 | tail -8 > $W/racecheck.log)
+  echo "sanitizers at $((SECONDS-T0)) s: $(grep -ih 'ERROR SUMMARY\|RACECHECK SUMMARY' \
+    $W/memcheck.log $W/racecheck.log | tr '\n' ' ')" | tee -a $W/env.txt
+}
