@@ -73,15 +73,14 @@ whole_run() {
 }
 
 # The whole suite of the tree $1 with every backend required, for at most $2 seconds (SIGINT, so
-# pytest still prints its summary), into $W/pytest-all.txt; then, unless $3 is "nosan", memcheck
-# and racecheck of bench/memcheck_decode.py (round thirty-one's calls; rounds twenty-four to
-# twenty-seven spelled it out).
+# pytest still prints its summary), into $W/pytest-all.txt; then memcheck and racecheck of
+# bench/memcheck_decode.py (round thirty-one's call a; rounds twenty-four to twenty-seven spelled
+# it out).
 suite_run() {
   (cd $ROOT/.devbuild/$1 && OMP_NUM_THREADS=1 PYTHONPATH=$PWD REATTENTION_REQUIRE=cpu,cuda,triton \
     timeout -s INT $2 python -m pytest tests -q -n 14 -p no:cacheprovider > $W/pytest-all.txt 2>&1)
   echo "suite $1 at $((SECONDS-T0)) s: $(grep -E 'passed|failed' $W/pytest-all.txt | tail -1)" \
     | tee -a $W/env.txt
-  [ "$3" = nosan ] && return
   (cd $ROOT/.devbuild/$1 && export PYTHONPATH=$PWD
    timeout 50 compute-sanitizer --tool memcheck python bench/memcheck_decode.py 2>&1 | tail -8 > $W/memcheck.log
    timeout 80 compute-sanitizer --tool racecheck python bench/memcheck_decode.py 2>&1 | tail -8 > $W/racecheck.log)
