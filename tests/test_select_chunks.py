@@ -131,3 +131,25 @@ def test_select_chunks_identical_chunks(lq, query_block, rep, backend):
                                         backend=backend)
         check_identical_chunks(idx, q, k, reps, copies, sink, local, chunk, topk, query_block,
                                rep)
+
+
+@pytest.mark.parametrize("n", [2, 64])
+@pytest.mark.parametrize("dtype,descending", [(torch.int64, True), (torch.int32, False)],
+                         ids=["int64-descending", "int32-ascending"])
+def test_triton_rank_sort_equals_tl_sort(n, dtype, descending):
+    """The top-k's sorts: the rank sort the interpreter runs returns tl.sort's tensor element
+    for element (and torch.sort's), with repeated values (the padding keys, the -1 slots)
+    among distinct ones, as the top-k kernels feed it."""
+    dev = device_for("triton")
+    g = torch.Generator().manual_seed(n)
+    big = 2 ** 62 if dtype == torch.int64 else 2 ** 31 - 1
+    x = torch.randint(-big, big, (n,), generator=g, dtype=dtype)
+    pad = -(2 ** 62) - 1 if dtype == torch.int64 else 2 ** 31 - 1
+    x[torch.randperm(n, generator=g)[: n // 2]] = pad
+    x = x.to(dev)
+    require("triton", x.float())
+    from triton_sort_case import sort_both_ways_kernel
+    ranked, library = torch.empty_like(x), torch.empty_like(x)
+    sort_both_ways_kernel[(1,)](x, ranked, library, N=n, DESCENDING=descending)
+    assert torch.equal(ranked, library), (ranked, library)
+    assert torch.equal(ranked.cpu(), torch.sort(x.cpu(), descending=descending).values)

@@ -53,6 +53,11 @@ _PAD_KEY = -(2 ** 62) - 1
 # spread over many programs, so rows longer than 512 keys first go through levels.
 _SEG_MIN = 512
 _FINAL_MIN = 512
+# The interpreter runs tl.sort's bitonic network as thousands of Python-level steps (the xor_sum
+# reduce inside it has no numpy path): 65-85% of a Triton selection test's time on the CPU.
+# There _sort ranks the keys instead, a few [N, N] numpy ops, and returns the same tensor.
+# Rows of more keys keep tl.sort: [N, N] would pass the interpreter's 2^20-element limit.
+_RANK_SORT_MAX = 1024
 
 
 @triton.jit
@@ -188,6 +193,26 @@ def _chunk_scores_kernel(q_ptr, k_ptr, reps_ptr, seqlens_ptr, scores_ptr,
 
 
 @triton.jit
+def _sort(x, N: tl.constexpr, DESCENDING: tl.constexpr, RANK_SORT: tl.constexpr):
+    # x: [N]. RANK_SORT (interpreter only): element i goes to slot rank_i, the number of
+    # elements that sort before it, ties taken in index order. Equal elements are equal values,
+    # so the output equals tl.sort's element for element. The GPU compiles only tl.sort.
+    if RANK_SORT:
+        i = tl.arange(0, N)
+        a = x[:, None]
+        b = x[None, :]
+        if DESCENDING:
+            ahead = (b > a) | ((b == a) & (i[None, :] < i[:, None]))
+        else:
+            ahead = (b < a) | ((b == a) & (i[None, :] < i[:, None]))
+        rank = tl.sum(ahead.to(tl.int32), axis=1)
+        out = tl.sum(tl.where(rank[:, None] == i[None, :], a, 0), axis=0)
+    else:
+        out = tl.sort(x, descending=DESCENDING)
+    return out
+
+
+@triton.jit
 def _load_keys(src_ptr, offs, valid, FROM_SCORES: tl.constexpr, PAD: tl.constexpr):
     # int64 sort keys: score order first, then the lower chunk index; padding sorts last.
     if FROM_SCORES:
@@ -203,14 +228,14 @@ def _load_keys(src_ptr, offs, valid, FROM_SCORES: tl.constexpr, PAD: tl.constexp
 @triton.jit
 def _topk_level_kernel(src_ptr, dst_ptr, src_len, n_segs,
                        FROM_SCORES: tl.constexpr, SEG: tl.constexpr, KP: tl.constexpr,
-                       PAD: tl.constexpr):
+                       PAD: tl.constexpr, RANK_SORT: tl.constexpr):
     pid = tl.program_id(0)
     seg = pid % n_segs
     row = pid // n_segs
     offs = seg * SEG + tl.arange(0, SEG)
     key = _load_keys(src_ptr + row.to(tl.int64) * src_len, offs, offs < src_len, FROM_SCORES,
                      PAD)
-    key = tl.sort(key, descending=True)
+    key = _sort(key, SEG, True, RANK_SORT)
     rank = tl.arange(0, SEG)
     tl.store(dst_ptr + row.to(tl.int64) * (n_segs * KP) + seg * KP + rank, key, mask=rank < KP)
 
@@ -218,7 +243,7 @@ def _topk_level_kernel(src_ptr, dst_ptr, src_len, n_segs,
 @triton.jit
 def _topk_final_kernel(src_ptr, seqlens_ptr, idx_ptr, src_len, rows_per_batch, n_blocks, lq,
                        query_block, sink, local, chunk, topk, FROM_SCORES: tl.constexpr,
-                       SEG: tl.constexpr, PAD: tl.constexpr):
+                       SEG: tl.constexpr, PAD: tl.constexpr, RANK_SORT: tl.constexpr):
     row = tl.program_id(0)  # (b, h, beta), beta fastest
     n = tl.load(seqlens_ptr + row // rows_per_batch)
     q_row0 = (row % n_blocks) * query_block
@@ -226,10 +251,10 @@ def _topk_final_kernel(src_ptr, seqlens_ptr, idx_ptr, src_len, rows_per_batch, n
     rank = tl.arange(0, SEG)
     key = _load_keys(src_ptr + row.to(tl.int64) * src_len, rank, rank < src_len, FROM_SCORES,
                      PAD)
-    key = tl.sort(key, descending=True)
+    key = _sort(key, SEG, True, RANK_SORT)
     j = (0x7FFFFFFF - (key & 0x7FFFFFFF)).to(tl.int32)
     j = tl.where(rank < k_eff, j, 0x7FFFFFFF)
-    j = tl.sort(j)
+    j = _sort(j, SEG, False, RANK_SORT)
     tl.store(idx_ptr + row.to(tl.int64) * topk + rank, tl.where(rank < k_eff, j, -1),
              mask=rank < topk)
 
@@ -335,14 +360,14 @@ def select_chunks_triton(q: torch.Tensor, k_cache: torch.Tensor, reps: Optional[
         dst = torch.empty((rows, n_segs * kp), dtype=torch.int64, device=q.device)
         wrap_triton(_topk_level_kernel)[(rows * n_segs,)](
             src, dst, length, n_segs, FROM_SCORES=from_scores, SEG=seg, KP=kp, PAD=_PAD_KEY,
-            num_warps=4)
+            RANK_SORT=not on_gpu and seg <= _RANK_SORT_MAX, num_warps=4)
         src, length, from_scores = dst, n_segs * kp, False
     final_seg = max(triton.next_power_of_2(length), kp)
     wrap_triton(_topk_final_kernel)[(rows,)](
         src, cache_seqlens, idx, length, hkv * n_blocks, n_blocks, lq, query_block, sink, local,
         chunk, topk,
         FROM_SCORES=from_scores, SEG=final_seg, PAD=_PAD_KEY,
-        num_warps=8 if final_seg >= 2048 else 4)
+        RANK_SORT=not on_gpu and final_seg <= _RANK_SORT_MAX, num_warps=8 if final_seg >= 2048 else 4)
     return idx
 
 
