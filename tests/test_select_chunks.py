@@ -141,14 +141,15 @@ def test_triton_rank_sort_equals_tl_sort(n, dtype, descending):
     for element (and torch.sort's), with repeated values (the padding keys, the -1 slots)
     among distinct ones, as the top-k kernels feed it."""
     dev = device_for("triton")
+    require("triton", torch.empty(n, device=dev))
+    from reattention.triton_kernels.select_chunks import _PAD_KEY
+    from triton_sort_case import sort_both_ways_kernel
     g = torch.Generator().manual_seed(n)
     big = 2 ** 62 if dtype == torch.int64 else 2 ** 31 - 1
     x = torch.randint(-big, big, (n,), generator=g, dtype=dtype)
-    pad = -(2 ** 62) - 1 if dtype == torch.int64 else 2 ** 31 - 1
+    pad = _PAD_KEY if dtype == torch.int64 else 2 ** 31 - 1
     x[torch.randperm(n, generator=g)[: n // 2]] = pad
     x = x.to(dev)
-    require("triton", x.float())
-    from triton_sort_case import sort_both_ways_kernel
     ranked, library = torch.empty_like(x), torch.empty_like(x)
     sort_both_ways_kernel[(1,)](x, ranked, library, N=n, DESCENDING=descending)
     assert torch.equal(ranked, library), (ranked, library)

@@ -201,10 +201,11 @@ def _sort(x, N: tl.constexpr, DESCENDING: tl.constexpr, RANK_SORT: tl.constexpr)
         i = tl.arange(0, N)
         a = x[:, None]
         b = x[None, :]
+        tie_before = (b == a) & (i[None, :] < i[:, None])
         if DESCENDING:
-            ahead = (b > a) | ((b == a) & (i[None, :] < i[:, None]))
+            ahead = (b > a) | tie_before
         else:
-            ahead = (b < a) | ((b == a) & (i[None, :] < i[:, None]))
+            ahead = (b < a) | tie_before
         rank = tl.sum(ahead.to(tl.int32), axis=1)
         out = tl.sum(tl.where(rank[:, None] == i[None, :], a, 0), axis=0)
     else:
